@@ -1,0 +1,238 @@
+"""Typed configuration: TOML file + ``SCREENER_*`` environment overrides.
+
+With no file at all the defaults run: an SQLite database and the
+``store/``, ``outbox/`` and ``tmp/`` folders under one data directory
+(``./screener-data`` unless ``SCREENER_DATA_DIR`` says otherwise).
+``deploy/screener.toml`` documents every key.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which key and why."""
+
+
+@dataclass
+class Destination:
+    """A DICOM node results are sent to (C-STORE SCU)."""
+
+    ae_title: str
+    host: str
+    port: int
+    name: str = ""
+
+
+@dataclass
+class Config:
+    """Effective configuration of one screener process.
+
+    Attributes
+    ----------
+    data_dir : pathlib.Path
+        Root of the database, store, outbox and temp folders.
+    ae_title, host, port : str, str, int
+        The SCP's own AE title and listening address.
+    allowed_calling_aes : list of str
+        Calling AE titles accepted; empty accepts any (logged).
+    quiet_seconds : float
+        A series is complete after this many seconds without a new instance.
+    min_free_mb : int
+        Below this much free disk space C-STORE answers 0xA700.
+    workers : int
+        Concurrent series jobs.
+    destinations : list of Destination
+        Where results go; empty writes them to ``outbox_dir``.
+    export_max_attempts, export_backoff_seconds, export_backoff_max_seconds
+        Retry policy of the exporter (exponential backoff).
+    tls_cert, tls_key, tls_ca : str
+        Optional TLS for the SCP (PEM paths); all empty = plain TCP.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda"`` for model inference.
+    contrast_adjust_hu : float
+        HU subtracted from L1 attenuation on contrast-enhanced CT before the
+        Pickhardt thresholds are applied (clinical-physics.md section 1).
+    log_level : str
+        structlog level name.
+    """
+
+    data_dir: Path = Path("screener-data")
+    ae_title: str = "SCREENER"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_calling_aes: list[str] = field(default_factory=list)
+    quiet_seconds: float = 30.0
+    min_free_mb: int = 500
+    workers: int = 1
+    destinations: list[Destination] = field(default_factory=list)
+    export_max_attempts: int = 50
+    export_backoff_seconds: float = 5.0
+    export_backoff_max_seconds: float = 600.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    device: str = "auto"
+    contrast_adjust_hu: float = 11.2
+    log_level: str = "info"
+
+    @property
+    def db_path(self) -> Path:
+        """SQLite database file."""
+        return self.data_dir / "screener.db"
+
+    @property
+    def store_dir(self) -> Path:
+        """Received instances, ``store/<study>/<series>/<sop>.dcm``."""
+        return self.data_dir / "store"
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Results written here when no destination is configured."""
+        return self.data_dir / "outbox"
+
+    @property
+    def results_dir(self) -> Path:
+        """Every SR / SC produced, kept for re-sending (``results/<series>/``)."""
+        return self.data_dir / "results"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Temporary files on the same file system as the store (atomic rename)."""
+        return self.data_dir / "tmp"
+
+    def ensure_dirs(self) -> None:
+        """Create the data directory tree."""
+        for d in (self.data_dir, self.store_dir, self.outbox_dir, self.results_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as a dict, safe to log (no secrets)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "tls_key" and v:
+                v = "<set>"
+            elif isinstance(v, Path):
+                v = str(v)
+            elif f.name == "destinations":
+                v = [f"{d.ae_title}@{d.host}:{d.port}" for d in v]
+            out[f.name] = v
+        return out
+
+
+_ENV_PREFIX = "SCREENER_"
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, Path):
+            return Path(value).expanduser()
+        if isinstance(default, list) and name == "allowed_calling_aes":
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        return str(value) if isinstance(default, str) else value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key {name!r}: cannot use {value!r} ({exc})") from exc
+
+
+def _parse_destination(item: Any, where: str) -> Destination:
+    if isinstance(item, str):  # "AE@host:port"
+        try:
+            ae, hostport = item.split("@", 1)
+            host, port = hostport.rsplit(":", 1)
+            return Destination(ae_title=ae, host=host, port=int(port))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: expected 'AE@host:port', got {item!r}") from exc
+    if not isinstance(item, dict) or not {"ae_title", "host", "port"} <= set(item):
+        raise ConfigError(f"{where}: each destination needs ae_title, host and port")
+    return Destination(ae_title=str(item["ae_title"]), host=str(item["host"]),
+                       port=int(item["port"]), name=str(item.get("name", "")))
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: dict[str, str] | None = None, **overrides: Any) -> Config:
+    """Build the effective configuration.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        TOML file (see ``deploy/screener.toml``); ``SCREENER_CONFIG`` is used
+        when not given; no file means defaults.
+    env : dict, optional
+        Environment to read ``SCREENER_*`` overrides from (default ``os.environ``).
+        ``SCREENER_DESTINATIONS`` takes ``AE@host:port`` items separated by commas.
+    **overrides
+        Highest-priority values (e.g. from command-line flags); ``None`` is ignored.
+
+    Returns
+    -------
+    Config
+
+    Raises
+    ------
+    ConfigError
+        Unknown keys, wrong types or a missing file, with the key named.
+    """
+    env = dict(os.environ if env is None else env)
+    cfg = Config()
+    known = {f.name: f for f in fields(Config)}
+    path = path or env.get(_ENV_PREFIX + "CONFIG")
+    values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing TOML file or omit it")
+        with p.open("rb") as fh:
+            try:
+                raw = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+        # sections are for readability only: [network] port = 11112 == port = 11112
+        for key, val in raw.items():
+            if key == "destinations":
+                values[key] = val
+            elif isinstance(val, dict):
+                values.update(val)
+            else:
+                values[key] = val
+    for key in known:
+        ev = env.get(_ENV_PREFIX + key.upper())
+        if ev is not None and ev != "":
+            values[key] = ev
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key, val in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
+        if key == "destinations":
+            items = val.split(",") if isinstance(val, str) else list(val)
+            setattr(cfg, key, [_parse_destination(x.strip() if isinstance(x, str) else x,
+                                                   f"destinations[{i}]")
+                               for i, x in enumerate(items) if x])
+        else:
+            setattr(cfg, key, _coerce(key, val, getattr(Config(), key)))
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"config key 'device' must be auto, cpu or cuda, not {cfg.device!r}")
+    if not 0 < cfg.port < 65536:
+        raise ConfigError(f"config key 'port' must be 1-65535, not {cfg.port}")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("TLS needs both tls_cert and tls_key (PEM files), or neither")
+    return cfg

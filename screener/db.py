@@ -1,0 +1,363 @@
+"""The screener's SQLite database (sqlite-utils): instances, series, jobs, results, exports.
+
+One :class:`Database` per process. SQLite in WAL mode with ``synchronous=FULL``:
+a row committed here survives a power cut, which is what lets the C-STORE
+handler answer success only after ``record_instance`` returned.
+
+Tables
+------
+instances   one row per stored SOP instance (never a duplicate)
+series      one row per series: counts, last arrival, source
+jobs        pending -> running -> done / skipped / failed, with reason / error
+decisions   per job, every protocol the router considered: accepted + reason
+findings    per job, one row per finding (JSON measurements, flags, geometry)
+results     per job, every DICOM object written (SR, SC), with what it supersedes
+exports     per result file and destination: pending / sent / failed, attempts, backoff
+rejections  every refused instance or association with its status and reason
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlite_utils
+
+JOB_STATES = ("pending", "running", "done", "skipped", "failed")
+
+
+def now() -> float:
+    """Current UNIX time (seconds)."""
+    return time.time()
+
+
+class Database:
+    """Thread-safe access to the screener database.
+
+    Parameters
+    ----------
+    path : path-like
+        SQLite file; created with its tables when missing.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0,
+                               isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        self._conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self.lock = threading.RLock()
+        self._create()
+
+    # ------------------------------------------------------------------ schema
+    def _create(self) -> None:
+        db = self.db
+        with self.lock:
+            if "instances" not in db.table_names():
+                db["instances"].create({
+                    "sop_instance_uid": str, "sop_class_uid": str, "study_uid": str,
+                    "series_uid": str, "path": str, "transfer_syntax": str,
+                    "calling_ae": str, "source": str, "received_at": float, "size": int,
+                }, pk="sop_instance_uid")
+                db["instances"].create_index(["series_uid"])
+            if "series" not in db.table_names():
+                db["series"].create({
+                    "series_uid": str, "study_uid": str, "modality": str,
+                    "accession_hash": str, "n_instances": int, "first_received_at": float,
+                    "last_received_at": float, "source": str, "processed_instances": int,
+                }, pk="series_uid")
+            if "jobs" not in db.table_names():
+                db["jobs"].create({
+                    "id": int, "series_uid": str, "study_uid": str, "status": str,
+                    "reason": str, "error": str, "n_instances": int, "created_at": float,
+                    "started_at": float, "finished_at": float, "attempts": int, "source": str,
+                }, pk="id")
+                db["jobs"].create_index(["series_uid"])
+                db["jobs"].create_index(["status"])
+            if "decisions" not in db.table_names():
+                db["decisions"].create({
+                    "id": int, "job_id": int, "series_uid": str, "protocol": str,
+                    "accepted": int, "reason": str,
+                }, pk="id")
+            if "findings" not in db.table_names():
+                db["findings"].create({
+                    "id": int, "job_id": int, "series_uid": str, "study_uid": str,
+                    "protocol": str, "site": str, "category": str, "data": str,
+                    "created_at": float,
+                }, pk="id")
+                db["findings"].create_index(["series_uid"])
+            if "results" not in db.table_names():
+                db["results"].create({
+                    "id": int, "job_id": int, "series_uid": str, "study_uid": str,
+                    "sop_instance_uid": str, "sop_class_uid": str, "kind": str, "path": str,
+                    "supersedes": str, "created_at": float,
+                }, pk="id")
+                db["results"].create_index(["series_uid"])
+            if "exports" not in db.table_names():
+                db["exports"].create({
+                    "id": int, "result_id": int, "path": str, "sop_instance_uid": str,
+                    "destination": str, "status": str, "attempts": int,
+                    "next_attempt_at": float, "last_error": str, "sent_at": float,
+                    "created_at": float,
+                }, pk="id")
+                db["exports"].create_index(["status"])
+            if "rejections" not in db.table_names():
+                db["rejections"].create({
+                    "id": int, "at": float, "sop_instance_uid": str, "calling_ae": str,
+                    "status": int, "reason": str,
+                }, pk="id")
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self.lock:
+            self._conn.close()
+
+    # --------------------------------------------------------------- instances
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        """Whether this SOP instance is already stored."""
+        with self.lock:
+            return bool(list(self.db.query(
+                "select 1 from instances where sop_instance_uid = ?", [sop_instance_uid])))
+
+    def record_instance(self, *, sop_instance_uid: str, sop_class_uid: str, study_uid: str,
+                        series_uid: str, path: str, transfer_syntax: str = "",
+                        calling_ae: str = "", source: str = "scp", modality: str = "",
+                        accession_hash: str = "", size: int = 0) -> bool:
+        """Record a durably stored instance and update its series.
+
+        Returns
+        -------
+        bool
+            ``True`` if the instance is new, ``False`` if it was already recorded.
+        """
+        t = now()
+        with self.lock:
+            with self._conn:  # one transaction
+                cur = self._conn.execute(
+                    "insert or ignore into instances (sop_instance_uid, sop_class_uid, study_uid,"
+                    " series_uid, path, transfer_syntax, calling_ae, source, received_at, size)"
+                    " values (?,?,?,?,?,?,?,?,?,?)",
+                    (sop_instance_uid, sop_class_uid, study_uid, series_uid, path,
+                     transfer_syntax, calling_ae, source, t, size))
+                new = cur.rowcount == 1
+                if new:
+                    self._conn.execute(
+                        "insert into series (series_uid, study_uid, modality, accession_hash,"
+                        " n_instances, first_received_at, last_received_at, source,"
+                        " processed_instances) values (?,?,?,?,1,?,?,?,0)"
+                        " on conflict(series_uid) do update set n_instances = n_instances + 1,"
+                        " last_received_at = excluded.last_received_at",
+                        (series_uid, study_uid, modality, accession_hash, t, t, source))
+        return new
+
+    def series_instances(self, series_uid: str) -> list[dict[str, Any]]:
+        """All recorded instances of a series."""
+        with self.lock:
+            return list(self.db.query(
+                "select * from instances where series_uid = ? order by received_at",
+                [series_uid]))
+
+    def get_series(self, series_uid: str) -> dict[str, Any] | None:
+        """The series row or ``None``."""
+        with self.lock:
+            rows = list(self.db.query("select * from series where series_uid = ?", [series_uid]))
+        return rows[0] if rows else None
+
+    def series_needing_jobs(self, quiet_seconds: float, at: float | None = None) -> list[dict[str, Any]]:
+        """Series quiet for ``quiet_seconds`` with instances not yet covered by a job."""
+        at = now() if at is None else at
+        with self.lock:
+            return list(self.db.query(
+                "select * from series where n_instances > processed_instances"
+                " and last_received_at <= ? and series_uid not in"
+                " (select series_uid from jobs where status in ('pending','running'))",
+                [at - quiet_seconds]))
+
+    # -------------------------------------------------------------------- jobs
+    def enqueue_job(self, series_uid: str, source: str = "scp") -> int:
+        """Queue a job for a series covering all its instances recorded so far."""
+        with self.lock:
+            with self._conn:
+                s = self.get_series(series_uid)
+                if s is None:
+                    raise KeyError(f"series {series_uid} is not recorded")
+                cur = self._conn.execute(
+                    "insert into jobs (series_uid, study_uid, status, reason, error, n_instances,"
+                    " created_at, attempts, source) values (?,?,'pending','','',?,?,0,?)",
+                    (series_uid, s["study_uid"], s["n_instances"], now(), source))
+                self._conn.execute("update series set processed_instances = ? where series_uid = ?",
+                                   (s["n_instances"], series_uid))
+                return int(cur.lastrowid)
+
+    def claim_job(self) -> dict[str, Any] | None:
+        """Move the oldest pending job to running and return it (``None`` if none)."""
+        with self.lock:
+            with self._conn:
+                rows = list(self.db.query(
+                    "select * from jobs where status = 'pending' order by id limit 1"))
+                if not rows:
+                    return None
+                job = rows[0]
+                self._conn.execute(
+                    "update jobs set status='running', started_at=?, attempts=attempts+1"
+                    " where id=?", (now(), job["id"]))
+                job["status"] = "running"
+                return job
+
+    def finish_job(self, job_id: int, status: str, reason: str = "", error: str = "") -> None:
+        """Set a job's final state: ``done``, ``skipped`` (with reason) or ``failed`` (with error)."""
+        if status not in ("done", "skipped", "failed"):
+            raise ValueError(f"final job status must be done, skipped or failed, not {status!r}")
+        with self.lock:
+            with self._conn:
+                self._conn.execute(
+                    "update jobs set status=?, reason=?, error=?, finished_at=? where id=?",
+                    (status, reason, error, now(), job_id))
+
+    def requeue_running_jobs(self) -> int:
+        """After a crash: jobs left ``running`` go back to ``pending``. Returns how many."""
+        with self.lock:
+            with self._conn:
+                cur = self._conn.execute("update jobs set status='pending' where status='running'")
+                return cur.rowcount
+
+    def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Jobs, optionally filtered by status."""
+        with self.lock:
+            if status:
+                return list(self.db.query("select * from jobs where status=? order by id", [status]))
+            return list(self.db.query("select * from jobs order by id"))
+
+    def last_job(self, series_uid: str) -> dict[str, Any] | None:
+        """The newest job of a series."""
+        with self.lock:
+            rows = list(self.db.query(
+                "select * from jobs where series_uid=? order by id desc limit 1", [series_uid]))
+        return rows[0] if rows else None
+
+    # --------------------------------------------------------- job outcomes
+    def record_decisions(self, job_id: int, series_uid: str,
+                         decisions: list[tuple[str, bool, str]]) -> None:
+        """Store the router's decisions ``(protocol, accepted, reason)``."""
+        with self.lock:
+            self.db["decisions"].insert_all(
+                [{"job_id": job_id, "series_uid": series_uid, "protocol": p,
+                  "accepted": int(a), "reason": r} for p, a, r in decisions])
+
+    def record_finding(self, job_id: int, series_uid: str, study_uid: str, protocol: str,
+                       site: str, category: str, data: dict[str, Any]) -> None:
+        """Store one finding; ``data`` is JSON-serialisable (measurements, flags, geometry)."""
+        with self.lock:
+            self.db["findings"].insert({
+                "job_id": job_id, "series_uid": series_uid, "study_uid": study_uid,
+                "protocol": protocol, "site": site, "category": category or "",
+                "data": json.dumps(data, default=float), "created_at": now()})
+
+    def record_result(self, job_id: int, series_uid: str, study_uid: str, sop_instance_uid: str,
+                      sop_class_uid: str, kind: str, path: str, supersedes: str = "") -> int:
+        """Store a written SR / SC; returns the result id."""
+        with self.lock:
+            return int(self.db["results"].insert({
+                "job_id": job_id, "series_uid": series_uid, "study_uid": study_uid,
+                "sop_instance_uid": sop_instance_uid, "sop_class_uid": sop_class_uid,
+                "kind": kind, "path": path, "supersedes": supersedes,
+                "created_at": now()}).last_pk)
+
+    def latest_sr(self, series_uid: str) -> dict[str, Any] | None:
+        """The newest SR result of a series (what a new SR supersedes)."""
+        with self.lock:
+            rows = list(self.db.query(
+                "select * from results where series_uid=? and kind='SR' order by id desc limit 1",
+                [series_uid]))
+        return rows[0] if rows else None
+
+    def findings(self, series_uid: str | None = None, latest_only: bool = True) -> list[dict[str, Any]]:
+        """Findings, newest job per series only unless ``latest_only`` is false."""
+        sql = "select f.* from findings f"
+        args: list[Any] = []
+        cond = []
+        if latest_only:
+            cond.append("f.job_id = (select max(f2.job_id) from findings f2"
+                        " where f2.series_uid = f.series_uid)")
+        if series_uid:
+            cond.append("f.series_uid = ?")
+            args.append(series_uid)
+        if cond:
+            sql += " where " + " and ".join(cond)
+        sql += " order by f.id"
+        with self.lock:
+            rows = list(self.db.query(sql, args))
+        for r in rows:
+            r["data"] = json.loads(r["data"])
+        return rows
+
+    # ----------------------------------------------------------------- exports
+    def queue_export(self, result_id: int, path: str, sop_instance_uid: str,
+                     destination: str) -> int:
+        """Queue one result file for one destination (``AE@host:port`` or ``outbox``)."""
+        with self.lock:
+            return int(self.db["exports"].insert({
+                "result_id": result_id, "path": path, "sop_instance_uid": sop_instance_uid,
+                "destination": destination, "status": "pending", "attempts": 0,
+                "next_attempt_at": now(), "last_error": "", "sent_at": None,
+                "created_at": now()}).last_pk)
+
+    def due_exports(self, at: float | None = None) -> list[dict[str, Any]]:
+        """Pending exports whose next attempt is due."""
+        at = now() if at is None else at
+        with self.lock:
+            return list(self.db.query(
+                "select * from exports where status='pending' and next_attempt_at <= ? order by id",
+                [at]))
+
+    def update_export(self, export_id: int, **values: Any) -> None:
+        """Update an export row (status, attempts, next_attempt_at, last_error, sent_at)."""
+        with self.lock:
+            self.db["exports"].update(export_id, values)
+
+    def exports(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Export rows, optionally filtered by status."""
+        with self.lock:
+            if status:
+                return list(self.db.query("select * from exports where status=? order by id", [status]))
+            return list(self.db.query("select * from exports order by id"))
+
+    # -------------------------------------------------------------- rejections
+    def record_rejection(self, *, sop_instance_uid: str, calling_ae: str, status: int,
+                         reason: str) -> None:
+        """Store a refused instance / association and its reason."""
+        with self.lock:
+            self.db["rejections"].insert({"at": now(), "sop_instance_uid": sop_instance_uid,
+                                          "calling_ae": calling_ae, "status": status,
+                                          "reason": reason})
+
+    def rejections(self) -> list[dict[str, Any]]:
+        """All rejections, oldest first."""
+        with self.lock:
+            return list(self.db.query("select * from rejections order by id"))
+
+    def counts(self) -> dict[str, Any]:
+        """Summary counts for ``screener status``."""
+        with self.lock:
+            def q(sql: str) -> dict[str, int]:
+                return {r[0]: r[1] for r in self._conn.execute(sql).fetchall()}
+            return {
+                "instances": self._conn.execute("select count(*) from instances").fetchone()[0],
+                "series": self._conn.execute("select count(*) from series").fetchone()[0],
+                "jobs": q("select status, count(*) from jobs group by status"),
+                "exports": q("select status, count(*) from exports group by status"),
+                "rejections": self._conn.execute("select count(*) from rejections").fetchone()[0],
+            }
+
+    def iter_table(self, name: str) -> Iterator[dict[str, Any]]:
+        """Rows of a table (for export / debugging)."""
+        with self.lock:
+            rows = list(self.db[name].rows)
+        yield from rows

@@ -1,0 +1,1 @@
+"""Training, virtual cohort and evaluation for the screener's models."""

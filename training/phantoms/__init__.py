@@ -1,0 +1,1 @@
+"""Virtual cohort: synthetic patients with physically consistent ground truth."""
