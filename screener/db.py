@@ -209,6 +209,7 @@ class Database:
                     "update jobs set status='running', started_at=?, attempts=attempts+1"
                     " where id=?", (now(), job["id"]))
                 job["status"] = "running"
+                job["attempts"] = int(job["attempts"] or 0) + 1
                 return job
 
     def finish_job(self, job_id: int, status: str, reason: str = "", error: str = "") -> None:

@@ -1,0 +1,100 @@
+"""``screener results``: export findings as CSV or JSON.
+
+One record per finding: study/series UIDs, protocol, site, category, flags,
+each measurement's name, value and unit, and for spine findings the
+vertebra's extent along the patient z axis and the ROI centre in patient
+coordinates (mm), so a result can be checked against an independent
+segmentation. Only the newest job of each series is exported unless
+``--all-versions``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from screener.config import ConfigError, load_config
+from screener.db import Database
+
+BASE_FIELDS = ["study_uid", "series_uid", "job_id", "protocol", "protocol_version", "site",
+               "category", "flags", "z_min_mm", "z_max_mm", "roi_center_x_mm",
+               "roi_center_y_mm", "roi_center_z_mm"]
+
+
+def finding_records(db: Database, series_uid: str | None = None,
+                    all_versions: bool = False) -> list[dict[str, Any]]:
+    """Findings as flat JSON-able records (see module docstring)."""
+    out = []
+    for row in db.findings(series_uid=series_uid, latest_only=not all_versions):
+        data = dict(row["data"])
+        rec: dict[str, Any] = {
+            "study_uid": row["study_uid"], "series_uid": row["series_uid"],
+            "job_id": row["job_id"], "protocol": row["protocol"],
+            "protocol_version": data.get("protocol_version", ""), "site": row["site"],
+            "category": row["category"], "flags": list(data.get("flags", [])),
+        }
+        extent = data.get("z_extent_mm") or [None, None]
+        rec["z_min_mm"], rec["z_max_mm"] = (extent + [None, None])[:2]
+        centre = data.get("roi_center_mm") or [None, None, None]
+        rec["roi_center_x_mm"], rec["roi_center_y_mm"], rec["roi_center_z_mm"] = \
+            (list(centre) + [None] * 3)[:3]
+        rec["measurements"] = [
+            {"name": m.get("name"), "value": m.get("value"), "unit": m.get("unit")}
+            for m in data.get("measurements", [])]
+        out.append(rec)
+    return out
+
+
+def to_csv(records: list[dict[str, Any]]) -> str:
+    """Flatten records to CSV: one row per finding, ``<measurement>`` and ``<measurement> unit`` columns."""
+    names: list[str] = []
+    for r in records:
+        for m in r["measurements"]:
+            if m["name"] not in names:
+                names.append(m["name"])
+    header = BASE_FIELDS + [c for n in names for c in (n, f"{n} unit")]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
+    w.writeheader()
+    for r in records:
+        row = {k: r.get(k) for k in BASE_FIELDS}
+        row["flags"] = "; ".join(r["flags"])
+        for m in r["measurements"]:
+            row[m["name"]] = m["value"]
+            row[f"{m['name']} unit"] = m["unit"]
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``screener results``."""
+    p = argparse.ArgumentParser(prog="screener results", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="TOML config")
+    p.add_argument("--data-dir", type=Path, help="data directory")
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--out", type=Path, help="write here instead of standard output")
+    p.add_argument("--series", help="only this SeriesInstanceUID")
+    p.add_argument("--all-versions", action="store_true",
+                   help="include findings of superseded runs")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, data_dir=args.data_dir)
+    except ConfigError as exc:
+        print(f"screener results: {exc}", file=sys.stderr)
+        return 2
+    if not cfg.db_path.exists():
+        print(f"screener results: no database at {cfg.db_path}; run 'screener serve' or "
+              "'screener replay' first, or pass --data-dir", file=sys.stderr)
+        return 2
+    db = Database(cfg.db_path)
+    recs = finding_records(db, args.series, args.all_versions)
+    text = to_csv(recs) if args.format == "csv" else json.dumps(recs, indent=2, default=float) + "\n"
+    if args.out:
+        args.out.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0

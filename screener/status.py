@@ -1,0 +1,63 @@
+"""``screener status``: queue, jobs, exports and rejections at a glance."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from screener.config import ConfigError, load_config
+from screener.db import Database
+
+
+def _age(t: float | None) -> str:
+    if not t:
+        return "-"
+    s = max(0.0, time.time() - t)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago"
+
+
+def render(db: Database, recent: int = 10) -> str:
+    """The status report as text."""
+    c = db.counts()
+    lines = [f"instances {c['instances']}   series {c['series']}   rejections {c['rejections']}",
+             "jobs     " + ("  ".join(f"{k} {v}" for k, v in sorted(c["jobs"].items())) or "none"),
+             "exports  " + ("  ".join(f"{k} {v}" for k, v in sorted(c["exports"].items())) or "none"),
+             "", f"last {recent} jobs:"]
+    for j in db.jobs()[-recent:]:
+        why = j["reason"] or j["error"] or ""
+        lines.append(f"  #{j['id']:<5} {j['status']:<8} {j['series_uid'][-24:]:<24} "
+                     f"n={j['n_instances']:<4} {_age(j['finished_at'] or j['created_at']):>9}  {why[:80]}")
+    pend = db.exports("pending") + db.exports("failed")
+    if pend:
+        lines += ["", "exports waiting or failed:"]
+        for e in pend[:recent]:
+            lines.append(f"  #{e['id']:<5} {e['status']:<8} -> {e['destination']:<28} "
+                         f"attempts {e['attempts']}  {e['last_error'][:60]}")
+    rej = db.rejections()[-recent:]
+    if rej:
+        lines += ["", "recent rejections:"]
+        for r in rej:
+            lines.append(f"  {_age(r['at']):>9}  0x{r['status']:04X}  {r['calling_ae']:<16} {r['reason'][:90]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``screener status``."""
+    p = argparse.ArgumentParser(prog="screener status", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="TOML config")
+    p.add_argument("--data-dir", type=Path, help="data directory")
+    p.add_argument("--json", action="store_true", help="machine-readable counts")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, data_dir=args.data_dir)
+    except ConfigError as exc:
+        print(f"screener status: {exc}", file=sys.stderr)
+        return 2
+    if not cfg.db_path.exists():
+        print(f"screener status: no database at {cfg.db_path} yet (nothing received)")
+        return 0
+    db = Database(cfg.db_path)
+    print(json.dumps(db.counts()) if args.json else render(db))
+    return 0
