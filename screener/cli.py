@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "results": ("screener.results", "main", "export findings as CSV or JSON"),
     "status": ("screener.status", "main", "show queue, jobs and exports"),
     "phantom": ("training.phantoms.cli", "main", "render a virtual cohort of synthetic patients"),
+    "train": ("training.cli", "train_main", "train a protocol's model from a recipe (TOML)"),
+    "evaluate": ("training.cli", "evaluate_main", "evaluate a model bundle: the paper's tables"),
 }
 
 
