@@ -1,0 +1,196 @@
+"""Findings: what a protocol measured, in a form every report writer understands.
+
+A :class:`Finding` is protocol-agnostic: the SR builder
+(:mod:`screener.reporting.sr`) turns any list of findings into TID 1500
+measurement groups, the SC writer burns :attr:`Finding.overlay` into a
+secondary capture, and :meth:`Finding.to_record` is what ``screener results``
+exports (CSV/JSON) and the database stores.
+
+Coded concepts are :class:`pydicom.sr.coding.Code` so that this module does
+not import highdicom.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydicom.sr.coding import Code
+
+
+@dataclass
+class Measurement:
+    """One numeric result (a TID 300 measurement in the SR).
+
+    Attributes
+    ----------
+    name : str
+        Human-readable name, also the CSV column, e.g. ``"L1 attenuation mean"``.
+    value : float
+        The value.
+    unit : str
+        UCUM code, e.g. ``"[hnsf'U]"``, ``"mg/cm3"``, ``"mm2"``.
+    concept : pydicom.sr.coding.Code
+        Coded concept name of the measurement in the SR.
+    unit_meaning : str
+        Code meaning of the unit (defaults to the UCUM code).
+    derivation : pydicom.sr.coding.Code, optional
+        E.g. SCT Mean / Standard Deviation.
+    method : pydicom.sr.coding.Code, optional
+        Measurement method concept.
+    """
+
+    name: str
+    value: float
+    unit: str
+    concept: Code
+    unit_meaning: str = ""
+    derivation: Code | None = None
+    method: Code | None = None
+
+    def unit_code(self) -> Code:
+        """The UCUM unit as a coded concept."""
+        return Code(self.unit, "UCUM", self.unit_meaning or self.unit)
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-able dict: ``name``, ``value``, ``unit`` and the concept's code."""
+        return {"name": self.name, "value": float(self.value), "unit": self.unit,
+                "code": [self.concept.value, self.concept.scheme_designator,
+                         self.concept.meaning]}
+
+
+@dataclass
+class RoiGeometry:
+    """A planar region of interest on one source image.
+
+    Attributes
+    ----------
+    source_sop_instance_uid, source_sop_class_uid : str
+        The image the ROI lies on.
+    polygon : numpy.ndarray
+        Closed polygon ``(N, 2)`` in DICOM SCOORD image coordinates
+        ``(column, row)``: the top-left corner of the top-left pixel is
+        ``(0, 0)``, so pixel ``[j, i]`` has its centre at ``(i + 0.5, j + 0.5)``.
+        First point == last point.
+    centre_mm : tuple of float
+        ROI centre in patient coordinates (LPS, mm).
+    area_mm2 : float
+        Area actually measured (pixel count x pixel area).
+    slice_index : int
+        Index of the source slice in the :class:`~screener.domain.Volume`.
+    frame_number : int, optional
+        1-based frame of a multi-frame (Enhanced CT) source image.
+    """
+
+    source_sop_instance_uid: str
+    source_sop_class_uid: str
+    polygon: np.ndarray
+    centre_mm: tuple[float, float, float]
+    area_mm2: float
+    slice_index: int = -1
+    frame_number: int | None = None
+
+
+@dataclass
+class Finding:
+    """A protocol's result for one anatomical site.
+
+    Attributes
+    ----------
+    protocol, protocol_version : str
+        Which protocol produced it (also the SR's algorithm identification).
+    site : str
+        Anatomical label, e.g. ``"L1"``.
+    site_code : pydicom.sr.coding.Code, optional
+        Coded finding site (SCT), e.g. L1 vertebra.
+    measurements : list of Measurement
+    category : str
+        Qualitative result, e.g. ``"likely osteoporosis"``; ``""`` when none.
+    category_code : pydicom.sr.coding.Code, optional
+        Coded value of ``category`` for the SR.
+    flags : list of str
+        Caveats a reader must see (contrast, kVp, ROI shrunk, ...).
+    roi : RoiGeometry, optional
+    z_extent_mm : tuple of float, optional
+        Inferior and superior patient z (mm) of the measured structure.
+    study_uid, series_uid : str
+    referenced_sop_instance_uids : list of str
+        All source images the measurement used (ROI slice first).
+    overlay : numpy.ndarray, optional
+        ``uint8 (rows, cols, 3)`` RGB image for a secondary capture.
+    details : dict
+        JSON-able extras (per-slice values, ROI radius, localizer confidence).
+    """
+
+    protocol: str
+    protocol_version: str
+    site: str
+    measurements: list[Measurement]
+    category: str = ""
+    category_code: Code | None = None
+    flags: list[str] = field(default_factory=list)
+    roi: RoiGeometry | None = None
+    z_extent_mm: tuple[float, float] | None = None
+    site_code: Code | None = None
+    study_uid: str = ""
+    series_uid: str = ""
+    referenced_sop_instance_uids: list[str] = field(default_factory=list)
+    overlay: np.ndarray | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def measurement(self, name: str) -> Measurement:
+        """Return the measurement called ``name``.
+
+        Raises
+        ------
+        KeyError
+            When the finding has no such measurement (the message lists them).
+        """
+        for m in self.measurements:
+            if m.name == name:
+                return m
+        raise KeyError(f"finding has no measurement {name!r}; it has "
+                       f"{', '.join(m.name for m in self.measurements)}")
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-able record, as stored in the database and exported by ``screener results``.
+
+        Keys: ``study_uid``, ``series_uid``, ``protocol``, ``protocol_version``,
+        ``site``, ``category``, ``flags``, ``measurements`` (``name``, ``value``,
+        ``unit``, ``code``), ``z_extent_mm`` (``[inferior, superior]`` or None),
+        ``roi_center_mm`` (``[x, y, z]`` or None), ``roi_area_mm2``,
+        ``roi_source_sop_instance_uid``, ``roi_source_frame_number``,
+        ``referenced_sop_instance_uids`` and ``details``.
+        """
+        roi = self.roi
+        return {
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "protocol": self.protocol,
+            "protocol_version": self.protocol_version,
+            "site": self.site,
+            "category": self.category,
+            "flags": list(self.flags),
+            "measurements": [m.to_record() for m in self.measurements],
+            "z_extent_mm": ([float(self.z_extent_mm[0]), float(self.z_extent_mm[1])]
+                            if self.z_extent_mm is not None else None),
+            "roi_center_mm": [float(v) for v in roi.centre_mm] if roi is not None else None,
+            "roi_area_mm2": float(roi.area_mm2) if roi is not None else None,
+            "roi_source_sop_instance_uid": roi.source_sop_instance_uid if roi is not None else None,
+            "roi_source_frame_number": roi.frame_number if roi is not None else None,
+            "referenced_sop_instance_uids": list(self.referenced_sop_instance_uids),
+            "details": _jsonable(self.details),
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays and tuples inside ``value`` to plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,204 @@
+"""The per-series pipeline: headers -> route -> load -> protocols -> SR + SC.
+
+:func:`process_series` is what the daemon's worker and ``screener replay``
+call for one series. It never raises for a property of the input: every
+outcome is a :class:`PipelineResult` whose ``status`` is ``"done"``
+(findings and outputs written), ``"skipped"`` (no protocol applies or the
+series is unusable, with the reason) or ``"failed"`` (an unexpected error,
+with its text). ``decisions`` has one ``(protocol, accepted, reason)`` per
+registered protocol, updated with what happened when it ran (a protocol
+that declines after loading, e.g. ``"L1 not in view"``, ends as refused).
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pydicom
+import structlog
+from pydicom.uid import generate_uid
+
+from screener.config import Config
+from screener.findings import Finding
+from screener.protocols.base import Protocol, ProtocolContext, ProtocolDeclined
+from screener.router import Router, summarize
+from screener.series import SeriesUnusable, load_volume, read_series_info
+
+if TYPE_CHECKING:  # pragma: no cover
+    from screener.domain import Volume
+
+log = structlog.get_logger(__name__)
+
+SR_SERIES_NUMBER = 901
+SC_SERIES_NUMBER = 902
+
+
+@dataclass
+class OutputObject:
+    """A DICOM object the pipeline wrote (to be recorded and exported)."""
+
+    kind: str  # "SR" | "SC"
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    supersedes: str = ""  # SOP Instance UID of the SR this one replaces
+
+
+@dataclass
+class PipelineResult:
+    """Outcome of :func:`process_series` (see module docstring)."""
+
+    status: str
+    reason: str
+    decisions: list[tuple[str, bool, str]] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    outputs: list[OutputObject] = field(default_factory=list)
+
+
+def output_series_uid(source_series_uid: str, kind: str) -> str:
+    """Deterministic UID of the SR / SC series derived from a source series.
+
+    Re-runs of the same series put their (superseding) outputs in the same
+    output series.
+    """
+    return generate_uid(entropy_srcs=[source_series_uid, "screener", kind])
+
+
+def _previous_sr(supersedes: str | Path | None) -> pydicom.Dataset | None:
+    if not supersedes:
+        return None
+    try:
+        return pydicom.dcmread(supersedes, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("superseded SR unreadable; the new SR will not reference it",
+                    path=str(supersedes), error=str(exc))
+        return None
+
+
+def process_series(paths: list[Path], *, config: Config, out_dir: Path,
+                   supersedes: str | Path | None = None,
+                   protocols: list[Protocol] | None = None) -> PipelineResult:
+    """Run the whole analysis of one series and write its SR and SC objects.
+
+    Parameters
+    ----------
+    paths : list of pathlib.Path
+        Instance files of one series.
+    config : Config
+        Effective configuration (``contrast_adjust_hu``, ...).
+    out_dir : pathlib.Path
+        Where ``<SOPInstanceUID>.dcm`` outputs are written (created if needed).
+    supersedes : path-like, optional
+        The previous SR of this series; the new SR lists it in
+        PredecessorDocumentsSequence and ``OutputObject.supersedes`` holds its UID.
+    protocols : list of Protocol, optional
+        Registered protocols (default :func:`screener.protocols.default_protocols`).
+
+    Returns
+    -------
+    PipelineResult
+    """
+    if protocols is None:
+        from screener.protocols import default_protocols
+        protocols = default_protocols()
+    names = [p.name for p in protocols]
+    try:
+        info = read_series_info([Path(p) for p in paths])
+    except SeriesUnusable as exc:
+        return PipelineResult("skipped", f"series unusable: {exc.reason}",
+                              [(n, False, f"series unusable: {exc.reason}") for n in names])
+    try:
+        routed = Router(protocols).route(info)
+    except ValueError as exc:  # duplicate protocol names: a configuration error
+        return PipelineResult("failed", str(exc), [(n, False, str(exc)) for n in names])
+    decisions = {p.name: (p.name, d.accepted, d.reason) for p, d in routed}
+    accepted = [p for p, d in routed if d.accepted]
+    if not accepted:
+        dl = list(decisions.values())
+        return PipelineResult("skipped", f"no protocol applies: {summarize(dl)}", dl)
+
+    volume: Volume | None = None
+    if any(p.needs_volume for p in accepted):
+        try:
+            volume = load_volume(info.paths)
+        except SeriesUnusable as exc:
+            for p in accepted:
+                if p.needs_volume:
+                    decisions[p.name] = (p.name, False, f"series unusable: {exc.reason}")
+            accepted = [p for p in accepted if not p.needs_volume]
+        except Exception as exc:  # noqa: BLE001
+            log.exception("loading failed", series_uid=info.series_uid)
+            return PipelineResult("failed", f"loading failed: {type(exc).__name__}: {exc}",
+                                  list(decisions.values()))
+
+    findings: list[Finding] = []
+    errors: list[str] = []
+    context = ProtocolContext(config=config, info=info)
+    for p in accepted:
+        try:
+            got = p.run(volume, context)  # type: ignore[arg-type]
+        except ProtocolDeclined as exc:
+            decisions[p.name] = (p.name, False, exc.reason)
+            continue
+        except Exception as exc:  # noqa: BLE001 - one protocol's bug must not hide the others
+            log.error("protocol failed", protocol=p.name, series_uid=info.series_uid,
+                      error=str(exc), traceback=traceback.format_exc())
+            decisions[p.name] = (p.name, False, f"error: {type(exc).__name__}: {exc}")
+            errors.append(f"{p.name}: {type(exc).__name__}: {exc}")
+            continue
+        for f in got:
+            f.study_uid = f.study_uid or info.study_uid
+            f.series_uid = f.series_uid or info.series_uid
+        findings.extend(got)
+        decisions[p.name] = (p.name, True, f"{decisions[p.name][2]}; {len(got)} finding(s)")
+    dl = list(decisions.values())
+    if not findings:
+        if errors:
+            return PipelineResult("failed", "; ".join(errors), dl)
+        return PipelineResult("skipped", f"no protocol applies: {summarize(dl)}", dl)
+
+    try:
+        outputs = _write_outputs(findings, volume, info.series_uid, Path(out_dir), supersedes)
+    except Exception as exc:  # noqa: BLE001
+        log.error("report writing failed", series_uid=info.series_uid, error=str(exc),
+                  traceback=traceback.format_exc())
+        return PipelineResult("failed", f"report writing failed: {type(exc).__name__}: {exc}",
+                              dl, findings)
+    reason = "; ".join(errors) if errors else ""
+    log.info("series done", series_uid=info.series_uid, findings=len(findings),
+             outputs=[o.kind for o in outputs])
+    return PipelineResult("done", reason, dl, findings, outputs)
+
+
+def _write_outputs(findings: list[Finding], volume: "Volume | None", series_uid: str,
+                   out_dir: Path, supersedes: str | Path | None) -> list[OutputObject]:
+    from screener.reporting.sc import SC_SOP_CLASS, build_sc, write_sc
+    from screener.reporting.sr import COMPREHENSIVE_SR, build_sr, write_sr
+
+    sources = list(volume.datasets) if volume is not None else []
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    previous = _previous_sr(supersedes)
+    instance_number = 1
+    if previous is not None:
+        instance_number = int(previous.get("InstanceNumber") or 0) + 1
+    needed = {u for f in findings for u in f.referenced_sop_instance_uids} | \
+        {f.roi.source_sop_instance_uid for f in findings if f.roi is not None}
+    sr = build_sr(findings, [by_uid[u] for u in by_uid if u in needed] or sources[:1],
+                  series_uid=output_series_uid(series_uid, "SR"),
+                  series_number=SR_SERIES_NUMBER, instance_number=instance_number,
+                  previous=previous)
+    outputs = [OutputObject("SR", write_sr(sr, out_dir), str(sr.SOPInstanceUID), COMPREHENSIVE_SR,
+                            str(previous.SOPInstanceUID) if previous is not None else "")]
+    for n, f in enumerate(findings, start=1):
+        if f.overlay is None or f.roi is None or f.roi.source_sop_instance_uid not in by_uid:
+            continue
+        sc = build_sc(f, by_uid[f.roi.source_sop_instance_uid],
+                      series_uid=output_series_uid(series_uid, "SC"),
+                      sop_instance_uid=generate_uid(),
+                      series_number=SC_SERIES_NUMBER,
+                      instance_number=(instance_number - 1) * max(len(findings), 1) + n)
+        outputs.append(OutputObject("SC", write_sc(sc, out_dir), str(sc.SOPInstanceUID),
+                                    SC_SOP_CLASS))
+    return outputs

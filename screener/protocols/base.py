@@ -1,0 +1,114 @@
+"""The protocol interface every analysis (classical or deep-learning) implements.
+
+A protocol is cheap to ask and expensive to run:
+
+* :meth:`Protocol.accepts` looks at headers only (:class:`~screener.series.SeriesInfo`)
+  and returns a :class:`Decision` with a reason either way;
+* :meth:`Protocol.run` gets the loaded :class:`~screener.domain.Volume` and a
+  :class:`ProtocolContext` and returns findings, or raises
+  :class:`ProtocolDeclined` when, after looking at the pixels, it cannot
+  measure (e.g. ``"L1 not in view"``) -- a first-class outcome, not an error.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from screener.config import Config
+    from screener.domain import Volume
+    from screener.findings import Finding
+    from screener.series import SeriesInfo
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a protocol applies to a series, and why (or why not)."""
+
+    accepted: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.accepted
+
+
+class ProtocolDeclined(Exception):
+    """Raised by :meth:`Protocol.run` when the protocol cannot measure this series.
+
+    ``reason`` is recorded as the protocol's decision, e.g. ``"L1 not in view"``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class ProtocolContext:
+    """What a protocol may need besides the volume."""
+
+    config: "Config"
+    info: "SeriesInfo"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Protocol(ABC):
+    """Base class of all protocols (see module docstring).
+
+    Class attributes
+    ----------------
+    name : str
+        Registry key, also the algorithm name in the SR.
+    version : str
+        Algorithm version written into every output.
+    accepts_derived : bool
+        Whether DERIVED / SECONDARY series reach :meth:`accepts` (default no).
+    needs_volume : bool
+        Whether :meth:`run` needs a :class:`~screener.domain.Volume` (CT
+        protocols) or works from files (radiographs, later).
+    """
+
+    name: str = "protocol"
+    version: str = "0.0.0"
+    accepts_derived: bool = False
+    needs_volume: bool = True
+
+    @abstractmethod
+    def accepts(self, info: "SeriesInfo") -> Decision:
+        """Decide from headers alone whether this protocol applies."""
+
+    @abstractmethod
+    def run(self, volume: "Volume", context: ProtocolContext) -> list["Finding"]:
+        """Measure; return findings or raise :class:`ProtocolDeclined`."""
+
+
+def axial_ct_decision(info: "SeriesInfo", *, min_slices: int = 10, max_thickness_mm: float = 6.0,
+                      min_coverage_mm: float = 20.0,
+                      excluded_body_parts: frozenset[str] = frozenset()) -> Decision:
+    """Common header checks for protocols that need an axial CT volume.
+
+    Returns a refusing :class:`Decision` naming the first failed check, or an
+    accepting one.
+    """
+    from screener.series import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
+
+    if info.modality != "CT":
+        return Decision(False, f"modality {info.modality or 'missing'} is not CT")
+    if info.sop_class_uid not in (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, ""):
+        return Decision(False, f"SOP class {info.sop_class_uid} is not a CT image")
+    if info.orientation is None:
+        return Decision(False, "no ImageOrientationPatient: geometry unknown")
+    if not info.is_axial:
+        return Decision(False, "not an axial series (slice normal > 10 degrees from patient z)")
+    if not info.is_multiframe and info.n_instances < min_slices:
+        return Decision(False, f"only {info.n_instances} slices (< {min_slices}): "
+                               "not a volume (scout or key images?)")
+    if info.slice_thickness is not None and info.slice_thickness > max_thickness_mm:
+        return Decision(False, f"slice thickness {info.slice_thickness:g} mm > "
+                               f"{max_thickness_mm:g} mm")
+    if not info.is_multiframe and info.z_coverage_mm < min_coverage_mm:
+        return Decision(False, f"z coverage {info.z_coverage_mm:.0f} mm < {min_coverage_mm:g} mm")
+    if info.body_part and info.body_part in excluded_body_parts:
+        return Decision(False, f"body part {info.body_part} cannot contain the lumbar spine")
+    return Decision(True, "axial CT volume")

@@ -1,0 +1,193 @@
+"""Secondary-capture overlays: the measured slice with the ROI and numbers burned in.
+
+An SC has no geometry (viewers cannot fuse it); it exists so that a reader
+sees, in any PACS viewer, where the ROI was and what was measured.
+It joins the source study (same Study Instance UID and patient module), says
+``BurnedInAnnotation YES``, references the CT slice in SourceImageSequence and
+describes the derivation (dicom-sr.md section 3).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from screener.findings import Finding
+
+#: bone window (level, width) used for the overlay
+BONE_WINDOW = (300.0, 1500.0)
+DISCLAIMER = "NOT FOR DIAGNOSTIC USE WITHOUT REVIEW"
+SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+#: CID 4031 body parts that are not paired (Laterality must then be absent)
+UNPAIRED_BODY_PARTS = frozenset({
+    "ABDOMEN", "ABDOMENPELVIS", "CHEST", "CHESTABDOMEN", "CHESTABDPELVIS", "PELVIS", "SPINE",
+    "CSPINE", "TSPINE", "LSPINE", "SSPINE", "CTSPINE", "TLSPINE", "LSSPINE", "COCCYX", "SACRUM",
+    "HEAD", "HEADNECK", "NECK", "SKULL", "BRAIN", "HEART", "WHOLEBODY", "THORAX", "LIVER",
+    "PANCREAS", "SPLEEN", "STOMACH", "BLADDER", "PROSTATE", "UTERUS", "AORTA", "ESOPHAGUS",
+    "COLON", "RECTUM", "NECKCHEST", "HEADNECKCHEST", "NECKCHESTABDOMEN", "NECKCHESTABDPELV"})
+
+_TYPE2_DEFAULTS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                   "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                   "ReferringPhysicianName")
+
+
+def fix_type2(ds: Dataset) -> Dataset:
+    """A copy of a source header with missing type-2 patient/study attributes set empty.
+
+    highdicom copies them from the reference and raises ``AttributeError``
+    when one is absent (dicom-sr.md section 6).
+    """
+    out = copy.deepcopy(ds)
+    for kw in _TYPE2_DEFAULTS:
+        if kw not in out or out[kw].value is None:
+            setattr(out, kw, "")
+    if not out.get("SOPClassUID") and hasattr(out, "file_meta"):
+        out.SOPClassUID = out.file_meta.get("MediaStorageSOPClassUID", "")
+    return out
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def render_overlay(hu: np.ndarray, polygon: np.ndarray | None, lines: Sequence[str],
+                   window: tuple[float, float] = BONE_WINDOW) -> np.ndarray:
+    """Window a HU slice and burn in the ROI outline and text.
+
+    Parameters
+    ----------
+    hu : numpy.ndarray
+        2-D HU image (rows, columns).
+    polygon : numpy.ndarray or None
+        ``(N, 2)`` closed polygon in SCOORD image coordinates (column, row).
+    lines : sequence of str
+        Text drawn top-left; the disclaimer is always added at the bottom.
+    window : (level, width)
+        Grey-scale window (default bone window L 300 / W 1500).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` RGB image ``(rows, columns, 3)``.
+    """
+    level, width = window
+    g = np.clip((np.asarray(hu, np.float32) - (level - width / 2.0)) / width, 0.0, 1.0)
+    grey = (g * 255.0 + 0.5).astype(np.uint8)
+    img = Image.fromarray(np.stack([grey] * 3, axis=-1), mode="RGB")
+    draw = ImageDraw.Draw(img)
+    rows, cols = grey.shape
+    if polygon is not None and len(polygon) >= 3:
+        pts = [(float(c), float(r)) for c, r in np.asarray(polygon, float)]
+        draw.line(pts, fill=(255, 255, 0), width=max(1, cols // 256))
+    size = max(9, min(18, cols // 32))
+    font = _font(size)
+    y = 4
+    for text in lines:
+        box = draw.textbbox((4, y), text, font=font)
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((4, y), text, fill=(255, 255, 0), font=font)
+        y = box[3] + 2
+    box = draw.textbbox((4, 0), DISCLAIMER, font=font)
+    yb = rows - (box[3] - box[1]) - 6
+    draw.rectangle((4, yb, box[2], yb + box[3] - box[1] + 2), fill=(0, 0, 0))
+    draw.text((4, yb - box[1]), DISCLAIMER, fill=(255, 80, 80), font=font)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _orientation_letters(vec: np.ndarray) -> str:
+    """Patient orientation code string of a direction (e.g. ``"L"``, ``"PF"``)."""
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))
+    out = ""
+    for axis in np.argsort(-np.abs(vec)):
+        if abs(vec[axis]) < 0.25:
+            break
+        out += letters[axis][0] if vec[axis] > 0 else letters[axis][1]
+    return out or "L"
+
+
+def build_sc(finding: Finding, source: Dataset, *, series_uid: str, sop_instance_uid: str,
+             series_number: int = 902, instance_number: int = 1,
+             manufacturer: str = "screener", software_version: str = "") -> Dataset:
+    """Build the secondary capture of one finding's overlay.
+
+    Parameters
+    ----------
+    finding : Finding
+        Must have ``overlay`` (uint8 RGB).
+    source : pydicom.dataset.Dataset
+        Header of the CT slice the overlay shows (the ROI slice).
+    series_uid, sop_instance_uid : str
+    series_number, instance_number : int
+    manufacturer, software_version : str
+
+    Returns
+    -------
+    highdicom.sc.SCImage
+
+    Raises
+    ------
+    ValueError
+        When the finding has no overlay or the overlay is not uint8 RGB.
+    """
+    import highdicom as hd
+
+    if finding.overlay is None:
+        raise ValueError(f"finding {finding.protocol}/{finding.site} has no overlay to capture")
+    pixels = np.ascontiguousarray(finding.overlay)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"overlay must be uint8 (rows, cols, 3), got {pixels.dtype} "
+                         f"{pixels.shape}")
+    ref = fix_type2(source)
+    iop = [float(v) for v in ref.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
+    orientation = (_orientation_letters(np.array(iop[:3])), _orientation_letters(np.array(iop[3:])))
+    spacing = ref.get("PixelSpacing")
+    kwargs = {}
+    if software_version:
+        kwargs["software_versions"] = software_version
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=series_uid,
+        series_number=series_number, sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number, manufacturer=manufacturer,
+        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
+        patient_orientation=orientation, transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description="Bone density screening (overlay)", **kwargs)
+    sc.BurnedInAnnotation = "YES"
+    src_item = Dataset()
+    src_item.ReferencedSOPClassUID = ref.SOPClassUID
+    src_item.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+    if finding.roi is not None and finding.roi.frame_number:
+        src_item.ReferencedFrameNumber = finding.roi.frame_number
+    sc.SourceImageSequence = [src_item]
+    sc.DerivationDescription = (
+        f"{finding.protocol} {finding.protocol_version}: {finding.site} slice in bone window "
+        f"(L {BONE_WINDOW[0]:g} / W {BONE_WINDOW[1]:g}) with ROI and results burned in; "
+        f"{DISCLAIMER.lower()}")[:1024]
+    if ref.get("BodyPartExamined"):
+        sc.BodyPartExamined = ref.BodyPartExamined
+        # Laterality (type 2C) must be absent for unpaired body parts and present otherwise;
+        # for non-standard terms (e.g. PARTIALBODY) pairing is unknown: present, empty
+        if str(ref.BodyPartExamined).upper() not in UNPAIRED_BODY_PARTS and "Laterality" not in sc:
+            sc.Laterality = ref.get("Laterality", "") or ""
+    sc.ImageComments = DISCLAIMER
+    for kw in ("StudyDescription", "IssuerOfPatientID"):  # study/patient IE consistency
+        if ref.get(kw) and kw not in sc:
+            setattr(sc, kw, ref.get(kw))
+    return sc
+
+
+def write_sc(sc: Dataset, out_dir: Path) -> Path:
+    """Write ``sc`` to ``out_dir/<SOPInstanceUID>.dcm``; returns the path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{sc.SOPInstanceUID}.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    return path

@@ -1,0 +1,239 @@
+"""Protocol l1_attenuation: ROI placement, statistics, categories, flags, declines."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from screener.config import Config
+from screener.domain import SpineLocalization
+from screener.pipeline import process_series
+from screener.protocols.base import ProtocolContext, ProtocolDeclined
+from screener.protocols.l1_attenuation import L1AttenuationProtocol, categorize, hu_per_mg
+from screener.series import load_volume, read_series_info
+from tests.ct_factory import copy_with_fresh_uids, make_ct_series
+
+FAST = dict(rows=192, cols=192, pixel_spacing=1.0, n_slices=30, z_start=-36.0)
+
+
+def run_l1(tmp_path: Path, config: Config | None = None, **kwargs):  # noqa: ANN003, ANN201
+    ct = make_ct_series(tmp_path, **{**FAST, **kwargs})
+    info = read_series_info(ct.paths)
+    vol = load_volume(ct.paths)
+    proto = L1AttenuationProtocol(localizer=ct.fake_localizer())
+    assert proto.accepts(info).accepted
+    (finding,) = proto.run(vol, ProtocolContext(config=config or Config(), info=info))
+    return ct, vol, finding
+
+
+def test_roi_on_synthetic_vertebra(tmp_path: Path) -> None:
+    ct, vol, f = run_l1(tmp_path, l1_hu=142.0, noise_sd=12.0, seed=5)
+    mean = f.measurement("L1 attenuation mean").value
+    assert mean == pytest.approx(142.0, abs=2.0)
+    assert f.measurement("L1 attenuation SD").value == pytest.approx(12.0, abs=1.5)
+    assert f.measurement("ROI area").value == pytest.approx(200.0, abs=20.0)
+    assert f.roi is not None and f.roi.area_mm2 == pytest.approx(200.0, abs=20.0)
+    # polygon closed, its shoelace area ~200 mm2 (1 mm pixels)
+    poly = f.roi.polygon
+    assert np.array_equal(poly[0], poly[-1])
+    x, y = poly[:-1, 0], poly[:-1, 1]
+    assert 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) == pytest.approx(200, rel=0.05)
+    # every polygon vertex lies inside the trabecular ellipse (inside the cortex), patient mm
+    px = x - 0.5 + (-(192 / 2) + 0.5)  # SCOORD -> index -> patient x (1 mm pixels)
+    py = y - 0.5 + (-(192 / 2) + 0.5)
+    rx, ry = ct.body_rx_mm - 1.5, ct.body_ry_mm - 1.5
+    assert np.all((px / rx) ** 2 + ((py - 35.0) / ry) ** 2 < 1.0)
+    # anterior/central: ROI centre is not posterior of the body centre (plexus side)
+    cx, cy, cz = f.roi.centre_mm
+    assert cy <= 35.0 + 1.0 and abs(cx) <= 2.0 and abs(cz) <= 1.5
+    # ~3 central slices pooled, all inside L1, the ROI slice referenced first
+    per = f.details["per_slice"]
+    assert len(per) == 3 and {p["slice_index"] for p in per} == {f.roi.slice_index - 1,
+                                                                 f.roi.slice_index,
+                                                                 f.roi.slice_index + 1}
+    assert f.referenced_sop_instance_uids[0] == f.roi.source_sop_instance_uid
+    assert len(f.referenced_sop_instance_uids) == 3
+    assert f.z_extent_mm == (-12.0, 12.0)
+    assert f.overlay is not None and f.overlay.shape == (192, 192, 3) and f.overlay.dtype == np.uint8
+    rec = f.to_record()
+    assert rec["roi_center_mm"] == [pytest.approx(v) for v in f.roi.centre_mm]
+    assert rec["z_extent_mm"] == [-12.0, 12.0] and rec["category"] == "indeterminate"
+    assert {m["name"]: m["unit"] for m in rec["measurements"]} == {
+        "L1 attenuation mean": "[hnsf'U]", "L1 attenuation SD": "[hnsf'U]",
+        "L1 vBMD estimate": "mg/cm3", "ROI area": "mm2"}
+
+
+def test_plexus_and_cortex_do_not_bias_the_mean(tmp_path: Path) -> None:
+    # very low trabecular HU: the plexus (20 HU) and cortex (600 HU) must stay out of the ROI
+    _, _, f = run_l1(tmp_path, l1_hu=60.0)
+    assert f.measurement("L1 attenuation mean").value == pytest.approx(60.0, abs=0.01)
+    assert f.measurement("L1 attenuation SD").value == pytest.approx(0.0, abs=0.01)
+
+
+@pytest.mark.parametrize("hu, category", [(110.0, "likely osteoporosis"), (110.1, "indeterminate"),
+                                          (159.9, "indeterminate"), (160.0, "likely normal"),
+                                          (-20.0, "likely osteoporosis"), (400.0, "likely normal")])
+def test_categorize_thresholds(hu: float, category: str) -> None:
+    assert categorize(hu) == category
+
+
+@pytest.mark.parametrize("l1_hu, category, risk", [(110, "likely osteoporosis", True),
+                                                   (111, "indeterminate", True),
+                                                   (135, "indeterminate", True),
+                                                   (136, "indeterminate", False),
+                                                   (159, "indeterminate", False),
+                                                   (160, "likely normal", False)])
+def test_categories_at_thresholds_end_to_end(tmp_path: Path, l1_hu: int, category: str,
+                                             risk: bool) -> None:
+    _, _, f = run_l1(tmp_path, l1_hu=float(l1_hu))
+    assert f.measurement("L1 attenuation mean").value == pytest.approx(l1_hu, abs=1e-6)
+    assert f.category == category
+    assert any("135 HU" in x for x in f.flags) is risk
+    assert f.measurement("L1 vBMD estimate").value == pytest.approx(l1_hu / 1.33, rel=1e-6)
+    assert not any(x.startswith(("contrast", "kVp")) for x in f.flags)
+
+
+def test_contrast_flag_adjusts_category_and_reports_both(tmp_path: Path) -> None:
+    cfg = Config(contrast_adjust_hu=11.2)
+    _, _, f = run_l1(tmp_path, config=cfg, l1_hu=120.0, contrast_agent="IOHEXOL")
+    assert f.measurement("L1 attenuation mean").value == pytest.approx(120.0)
+    assert f.measurement("L1 attenuation mean, contrast-adjusted").value == pytest.approx(108.8)
+    assert f.category == "likely osteoporosis"   # 108.8 <= 110, raw 120 would be indeterminate
+    (flag,) = [x for x in f.flags if x.startswith("contrast-enhanced")]
+    assert "~+11 HU higher (Pickhardt 2016)" in flag and "120.0 - 11.2 = 108.8 HU" in flag
+    assert f.measurement("L1 vBMD estimate").value == pytest.approx(108.8 / 1.33, rel=1e-6)
+
+
+def test_contrast_adjustment_follows_config(tmp_path: Path) -> None:
+    _, _, f = run_l1(tmp_path, config=Config(contrast_adjust_hu=0.0), l1_hu=120.0,
+                     contrast_agent="APPLIED")
+    assert f.category == "indeterminate"
+    assert f.measurement("L1 attenuation mean, contrast-adjusted").value == pytest.approx(120.0)
+
+
+@pytest.mark.parametrize("kvp, slope, phrase", [(100.0, 1.66, "kVp 100: thresholds assume 120 kVp"),
+                                                (140.0, 1.09, "kVp 140: thresholds assume 120 kVp"),
+                                                (None, 1.33, "kVp unknown")])
+def test_kvp_qualifies_category_and_corrects_vbmd(tmp_path: Path, kvp: float | None, slope: float,
+                                                  phrase: str) -> None:
+    _, _, f = run_l1(tmp_path, l1_hu=100.0, kvp=kvp)
+    assert any(phrase in x and "category qualified" in x for x in f.flags)
+    assert "148.1 HU at 100 kVp" in " ".join(f.flags)
+    assert f.details["category_qualifier"] in ("kVp 100", "kVp 140", "kVp unknown")
+    assert f.measurement("L1 vBMD estimate").value == pytest.approx(100.0 / slope, rel=1e-6)
+    assert hu_per_mg(120.0) == pytest.approx(1.33) and 1 / hu_per_mg(120.0) == pytest.approx(0.75, abs=0.01)
+
+
+def test_small_body_shrinks_roi_with_flag(tmp_path: Path) -> None:
+    _, _, f = run_l1(tmp_path, l1_hu=150.0, body_rx_mm=14.0, body_ry_mm=12.0)
+    area = f.measurement("ROI area").value
+    assert 80.0 <= area < 180.0
+    assert any(x.startswith("ROI shrunk to") for x in f.flags)
+    assert f.measurement("L1 attenuation mean").value == pytest.approx(150.0, abs=0.01)
+
+
+def test_flat_body_declines_roi_too_small(tmp_path: Path) -> None:
+    with pytest.raises(ProtocolDeclined, match="trabecular body too small for a 80 mm2 ROI"):
+        run_l1(tmp_path, body_rx_mm=24.0, body_ry_mm=8.0)
+
+
+def test_tiny_body_declines(tmp_path: Path) -> None:
+    with pytest.raises(ProtocolDeclined, match="could not outline the L1 vertebral body"):
+        run_l1(tmp_path, body_rx_mm=7.0, body_ry_mm=6.0)
+
+
+@pytest.mark.parametrize("dj, di", [(0.0, 0.0), (-8.0, 0.0), (6.0, 5.0), (0.0, -9.0)])
+def test_roi_robust_to_localizer_centroid_error(tmp_path: Path, dj: float, di: float) -> None:
+    """A centroid up to ~10 mm off (even on the cortex) still gives the same ROI mean."""
+    ct = make_ct_series(tmp_path, l1_hu=88.0, noise_sd=10.0, seed=4, **FAST)
+    loc = ct.localization
+    l1 = loc.vertebrae["L1"]
+    k, j, i = l1.centroid_index
+    moved = SpineLocalization({"L1": type(l1)(l1.label, l1.slice_range, l1.z_range_mm,
+                                              (k, j + dj, i + di), l1.centroid_mm, 0.9)}, "fake")
+    info, vol = read_series_info(ct.paths), load_volume(ct.paths)
+    (f,) = L1AttenuationProtocol(localizer=lambda v: moved).run(
+        vol, ProtocolContext(config=Config(), info=info))
+    assert f.measurement("L1 attenuation mean").value == pytest.approx(88.0, abs=2.0)
+    assert f.measurement("ROI area").value == pytest.approx(200.0, abs=20.0)
+
+
+def test_centroid_in_soft_tissue_declines(tmp_path: Path) -> None:
+    """A localizer centroid 30 mm anterior of the body must not yield a soft-tissue 'L1' value."""
+    ct = make_ct_series(tmp_path, l1_hu=150.0, **FAST)
+    l1 = ct.localization.vertebrae["L1"]
+    k, j, i = l1.centroid_index
+    wrong = SpineLocalization({"L1": type(l1)(l1.label, l1.slice_range, l1.z_range_mm,
+                                              (k, j - 30.0, i), l1.centroid_mm, 0.9)}, "fake")
+    info, vol = read_series_info(ct.paths), load_volume(ct.paths)
+    with pytest.raises(ProtocolDeclined, match="could not outline"):
+        L1AttenuationProtocol(localizer=lambda v: wrong).run(
+            vol, ProtocolContext(config=Config(), info=info))
+
+
+def test_localizer_without_l1_declines(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path, **FAST)
+    info, vol = read_series_info(ct.paths), load_volume(ct.paths)
+    proto = L1AttenuationProtocol(localizer=lambda v: SpineLocalization({}, "fake", None))
+    with pytest.raises(ProtocolDeclined) as exc:
+        proto.run(vol, ProtocolContext(config=Config(), info=info))
+    assert exc.value.reason == "L1 not in view"
+    res = process_series(ct.paths, config=Config(), out_dir=tmp_path / "out", protocols=[
+        L1AttenuationProtocol(localizer=lambda v: SpineLocalization(
+            {}, "fake", "L1 not in view: coverage ends at T12"))])
+    assert res.status == "skipped" and res.outputs == []
+    assert res.reason == "no protocol applies: l1_attenuation: L1 not in view: coverage ends at T12"
+    assert res.decisions == [("l1_attenuation", False, "L1 not in view: coverage ends at T12")]
+
+
+def test_real_ct_with_fresh_uids_is_declined_l1_not_in_view(real_ct_dir: Path, tmp_path: Path) -> None:
+    """Uses the real spine localizer (screener.localizer): the shared CT covers ~T11-T12 only."""
+    paths = copy_with_fresh_uids(real_ct_dir, tmp_path / "in")
+    res = process_series(paths, config=Config(), out_dir=tmp_path / "out")
+    assert res.status == "skipped"
+    assert "L1 not in view" in res.reason
+    assert res.decisions[0][0] == "l1_attenuation" and res.decisions[0][1] is False
+    assert "L1 not in view" in res.decisions[0][2]
+    assert res.findings == [] and res.outputs == []
+
+
+def test_osteoporotic_vertebra_with_faint_cortex(tmp_path: Path) -> None:
+    """Trabecular 55 HU inside a 1 mm, 400 HU cortex (next to 40 HU soft tissue), noisy."""
+    _, _, f = run_l1(tmp_path, l1_hu=55.0, cortex_hu=400.0, cortex_mm=1.0, noise_sd=15.0, seed=9)
+    assert f.measurement("L1 attenuation mean").value == pytest.approx(55.0, abs=2.0)
+    assert f.category == "likely osteoporosis"
+    assert f.measurement("ROI area").value == pytest.approx(200.0, abs=20.0)
+
+
+@pytest.mark.parametrize("index, profile", [(0, "siemens_ap_pv"), (1, "siemens_abd_native_thin"),
+                                            (3, "ge_lspine_bone"), (5, "philips_ap_arterial")])
+def test_virtual_cohort_l1_mean_matches_phantom_truth(tmp_path: Path, index: int, profile: str) -> None:
+    """Virtual-cohort CT (training.phantoms, realistic anatomy, noise, kernels) around L1 with the
+    true L1 centroid as localizer: the ROI mean is within 8 HU of the trabecular truth."""
+    from training.phantoms import anatomy, ct, physics, population, profiles
+    from training.phantoms.labels import trabecular_hu
+
+    patient = population.sample_population(index + 1, 7)[index]
+    prof = profiles.get_profile(profile)
+    scene = anatomy.build_scene(patient)
+    l1, t12, l2 = (scene.vertebra(v) for v in ("L1", "T12", "L2"))
+    paths = ct.write_series(ct.render_ct(scene, prof, seed=7, z_range=(
+        t12.centroid_mm[2] + 5.0, l2.centroid_mm[2] - 5.0)), tmp_path)
+    info, vol = read_series_info(paths), load_volume(paths)
+    truth = trabecular_hu(scene, "L1", physics.effective_energy(prof.kvp), prof.phase)
+    c = np.asarray(l1.centroid_mm, float)
+    # patient mm -> (k, j, i) index of the sorted volume
+    m = vol.direction * np.array([vol.spacing[2], vol.spacing[1], vol.spacing[0]])
+    i, j, k = np.linalg.solve(m, c - vol.origin)
+    z = vol.slice_positions()[:, 2]
+    ks = [q for q, zz in enumerate(z) if l1.z_range_mm[0] <= zz <= l1.z_range_mm[1]]
+    from screener.domain import VertebraLocation
+    loc = SpineLocalization({"L1": VertebraLocation("L1", (ks[0], ks[-1]), l1.z_range_mm,
+                                                    (k, j, i), tuple(c), 1.0)}, "truth")
+    (f,) = L1AttenuationProtocol(localizer=lambda v: loc).run(
+        vol, ProtocolContext(config=Config(), info=info))
+    assert f.measurement("L1 attenuation mean").value == pytest.approx(truth, abs=8.0)
+    assert f.measurement("ROI area").value == pytest.approx(200.0, abs=20.0)
+    assert (prof.kvp == 120) == (not any(x.startswith("kVp") for x in f.flags))
+    assert (prof.phase != "native") == any(x.startswith("contrast-enhanced") for x in f.flags)

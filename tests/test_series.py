@@ -1,0 +1,191 @@
+"""Series loading: sorting, rescale, geometry checks, decoding (screener.series)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import (ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless)
+
+from screener.series import SeriesUnusable, frame_number, load_volume, read_series_info
+from tests.ct_factory import copy_with_fresh_uids, make_ct_series, make_enhanced_ct
+
+SMALL = dict(rows=96, cols=96, pixel_spacing=3.4, n_slices=24)
+
+
+def expected_body_hu(z: float) -> float:
+    """Trabecular HU of the phantom column at patient z (see ct_factory levels)."""
+    if -12.0 <= z <= 12.0:
+        return 150.0
+    if 20.0 <= z <= 44.0:
+        return 190.0
+    if -44.0 <= z <= -20.0:
+        return 120.0
+    return 80.0  # disc
+
+
+def test_sorted_by_position_not_instance_number(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path, shuffle_instance_numbers=True, seed=3, **SMALL)
+    inst = [int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) for p in ct.paths]
+    assert inst != sorted(inst)  # the factory really shuffled them
+    vol = load_volume(list(reversed(ct.paths)))
+    z = vol.slice_positions()[:, 2]
+    assert np.all(np.diff(z) > 0)
+    np.testing.assert_allclose(z, sorted(ct.z_positions), atol=1e-3)
+    assert vol.spacing == pytest.approx((2.5, 3.4, 3.4))
+    assert vol.array.dtype == np.float32
+    # the pixel at the vertebral body centre follows the z of each slice
+    j = int(round((35.0 - (-(96 / 2) + 0.5) * 3.4) / 3.4))
+    i = 48
+    for k, zk in enumerate(z):
+        assert vol.array[k, j, i] == pytest.approx(expected_body_hu(zk), abs=0.5)
+    assert vol.array[0, 0, 0] == -1000.0  # rescale applied: air
+    assert [str(d.SOPInstanceUID) for d in vol.datasets] == [p.stem for p in vol.paths]
+    assert "PixelData" not in vol.datasets[0]
+
+
+@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless,
+                                RLELossless])
+def test_transfer_syntaxes_decode_to_same_hu(tmp_path: Path, ts: str) -> None:
+    ref = load_volume(make_ct_series(tmp_path / "ref", seed=1, noise_sd=15, **SMALL).paths)
+    ct = make_ct_series(tmp_path / "ts", seed=1, noise_sd=15, transfer_syntax=ts, **SMALL)
+    info = read_series_info(ct.paths)
+    assert info.transfer_syntaxes == [ts]
+    vol = load_volume(ct.paths)
+    np.testing.assert_array_equal(vol.array, ref.array)
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    (dict(drop_slices=[10]), "missing slices: gap of 5.00 mm"),
+    (dict(spacing_jitter={10: 0.6}), "uneven slice spacing"),
+    (dict(tilt_header_deg=15.0), "gantry tilt 15 degrees"),
+    (dict(shear_deg=10.0), "deviate 10.0 degrees from the slice normal"),
+    (dict(mixed_orientation_slice=5), "mixed orientations"),
+    (dict(mixed_size_slice=5), "mixed image sizes"),
+])
+def test_unusable_geometry_is_declined_with_reason(tmp_path: Path, kwargs: dict, phrase: str) -> None:
+    ct = make_ct_series(tmp_path, **SMALL, **kwargs)
+    with pytest.raises(SeriesUnusable) as exc:
+        load_volume(ct.paths)
+    assert phrase in exc.value.reason
+
+
+def test_duplicate_positions_and_mixed_series_declined(tmp_path: Path) -> None:
+    a = make_ct_series(tmp_path / "a", **SMALL)
+    b = make_ct_series(tmp_path / "b", **SMALL)
+    with pytest.raises(SeriesUnusable, match="2 different series"):
+        load_volume(a.paths + b.paths[:3])
+    assert read_series_info(a.paths + b.paths[:3]).mixed_series
+    dup = make_ct_series(tmp_path / "c", series_uid=a.series_uid, **SMALL)
+    with pytest.raises(SeriesUnusable, match="duplicate slice positions"):
+        load_volume(a.paths + dup.paths[:2])
+
+
+def test_enhanced_ct_frames_load_like_the_single_frame_series(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "sf", seed=6, noise_sd=10, **SMALL)
+    enh = make_enhanced_ct(ct.paths, tmp_path / "mf")
+    info = read_series_info([enh])
+    assert (info.n_instances, info.n_frames, info.is_multiframe) == (1, 24, True)
+    assert info.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2.1" and info.is_axial
+    assert info.z_coverage_mm == pytest.approx(23 * 2.5)
+    ref, vol = load_volume(ct.paths), load_volume([enh])
+    np.testing.assert_array_equal(vol.array, ref.array)
+    np.testing.assert_allclose(vol.slice_positions(), ref.slice_positions(), atol=1e-4)
+    assert vol.spacing == pytest.approx(ref.spacing)
+    # frames were stored superior first: the lowest slice is the last frame
+    assert [frame_number(d) for d in vol.datasets] == list(range(24, 0, -1))
+    assert {str(d.SOPInstanceUID) for d in vol.datasets} == {enh.stem}
+    assert frame_number(ref.datasets[0]) is None
+
+
+def test_enhanced_ct_without_positions_is_declined(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "sf", **SMALL)
+    enh = make_enhanced_ct(ct.paths, tmp_path / "mf")
+    ds = pydicom.dcmread(enh)
+    del ds.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence
+    ds.save_as(enh)
+    with pytest.raises(SeriesUnusable, match="frame 4 lacks Plane Position"):
+        load_volume([enh])
+
+
+def test_monochrome1_values_are_rescaled_hu_with_warning(tmp_path: Path) -> None:
+    m2 = load_volume(make_ct_series(tmp_path / "m2", seed=2, noise_sd=5, **SMALL).paths)
+    m1 = load_volume(make_ct_series(tmp_path / "m1", seed=2, noise_sd=5,
+                                    photometric="MONOCHROME1", **SMALL).paths)
+    np.testing.assert_array_equal(m1.array, m2.array)
+    assert any("MONOCHROME1" in w for w in m1.warnings)
+    assert not m2.warnings
+
+
+def test_undecodable_pixel_data_names_transfer_syntax_and_fix(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path, transfer_syntax=JPEG2000Lossless, **SMALL)
+    ds = pydicom.dcmread(ct.paths[4])
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])  # broken J2K codestream
+    ds.save_as(ct.paths[4])
+    with pytest.raises(SeriesUnusable) as exc:
+        load_volume(ct.paths)
+    assert "JPEG 2000" in exc.value.reason and "1.2.840.10008.1.2.4.90" in exc.value.reason
+    assert "pip install pylibjpeg-openjpeg" in exc.value.reason
+
+
+@pytest.mark.parametrize("data", [b"\x00" * 10, b"hello, not DICOM at all " * 20])
+def test_not_dicom_is_declined(tmp_path: Path, data: bytes) -> None:
+    bad = tmp_path / "x.dcm"
+    bad.write_bytes(data)
+    for fn in (load_volume, read_series_info):
+        with pytest.raises(SeriesUnusable, match=r"^x.dcm: not a (readable )?DICOM file"):
+            fn([bad])
+
+
+def test_truncated_file_is_declined(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path, **SMALL)
+    data = ct.paths[5].read_bytes()
+    ct.paths[5].write_bytes(data[: len(data) // 2])
+    assert read_series_info(ct.paths).n_instances == 24   # headers still readable
+    with pytest.raises(SeriesUnusable) as exc:
+        load_volume(ct.paths)
+    assert exc.value.reason.startswith(f"pixel data of {ct.paths[5].name} cannot be read")
+    assert "Explicit VR Little Endian" in exc.value.reason
+    assert "the file is truncated or damaged; resend the instance" in exc.value.reason
+
+
+def test_real_jpeg2000_ct_with_fresh_uids(real_ct_dir: Path, tmp_path: Path) -> None:
+    paths = copy_with_fresh_uids(real_ct_dir, tmp_path)
+    info = read_series_info(paths)
+    assert (info.modality, info.n_instances, info.kvp) == ("CT", 20, 120.0)
+    assert info.contrast_enhanced and info.contrast_agent == "APPLIED"
+    assert info.transfer_syntaxes == ["1.2.840.10008.1.2.4.90"]
+    assert info.is_axial and 36.0 <= info.z_coverage_mm <= 40.0
+    vol = load_volume(paths)
+    assert vol.array.shape == (20, 512, 512)
+    assert vol.spacing[0] == pytest.approx(2.0) and vol.spacing[1] == pytest.approx(0.9765625)
+    a = vol.array
+    assert a.min() == -1024.0                      # outside the reconstruction circle / air
+    assert 1000.0 < a.max() < 3100.0               # cortical bone / contrast, 12-bit range
+    body = a[(a > -200) & (a < 200)]
+    assert 0.0 < float(np.median(body)) < 100.0   # soft tissue around water
+    assert np.all(np.diff(vol.slice_positions()[:, 2]) > 0)
+
+
+def test_real_ct_as_published_has_no_uids(real_ct_dir: Path) -> None:
+    info = read_series_info(sorted(real_ct_dir.iterdir()))
+    assert info.study_uid == "" and info.series_uid == ""
+    assert info.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"  # from the file meta
+
+
+def test_scout_inside_the_axial_series_is_left_out(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ax", **SMALL)
+    scout = make_ct_series(tmp_path / "sc", series_uid=ct.series_uid, n_slices=1, rows=96, cols=96,
+                           pixel_spacing=3.4, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+                           orientation=(0, 1, 0, 0, 0, -1))
+    paths = scout.paths + ct.paths
+    info = read_series_info(paths)
+    assert info.n_instances == 24 and info.n_scouts_excluded == 1
+    assert info.image_type == ("ORIGINAL", "PRIMARY", "AXIAL") and info.is_axial
+    vol = load_volume(paths)
+    assert vol.array.shape[0] == 24
+    assert vol.warnings == ["1 localizer/scout image(s) in the series left out"]
+    only = read_series_info(scout.paths)
+    assert only.image_type[2] == "LOCALIZER" and only.n_instances == 1
