@@ -21,6 +21,7 @@ import json
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -114,6 +115,23 @@ class Database:
                     "status": int, "reason": str,
                 }, pk="id")
 
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One SQLite transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), rolled back on error.
+
+        The connection runs in autocommit mode (``isolation_level=None``), where
+        ``with conn:`` does *not* open a transaction; use this instead when
+        several statements must be atomic. Not re-entrant.
+        """
+        with self.lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
     def close(self) -> None:
         """Close the connection."""
         with self.lock:
@@ -125,6 +143,13 @@ class Database:
         with self.lock:
             return bool(list(self.db.query(
                 "select 1 from instances where sop_instance_uid = ?", [sop_instance_uid])))
+
+    def get_instance(self, sop_instance_uid: str) -> dict[str, Any] | None:
+        """The instance row (path, size, ...) or ``None``."""
+        with self.lock:
+            rows = list(self.db.query("select * from instances where sop_instance_uid = ?",
+                                      [sop_instance_uid]))
+        return rows[0] if rows else None
 
     def record_instance(self, *, sop_instance_uid: str, sop_class_uid: str, study_uid: str,
                         series_uid: str, path: str, transfer_syntax: str = "",
@@ -139,7 +164,7 @@ class Database:
         """
         t = now()
         with self.lock:
-            with self._conn:  # one transaction
+            with self.transaction():  # one transaction
                 cur = self._conn.execute(
                     "insert or ignore into instances (sop_instance_uid, sop_class_uid, study_uid,"
                     " series_uid, path, transfer_syntax, calling_ae, source, received_at, size)"
@@ -184,7 +209,7 @@ class Database:
     def enqueue_job(self, series_uid: str, source: str = "scp") -> int:
         """Queue a job for a series covering all its instances recorded so far."""
         with self.lock:
-            with self._conn:
+            with self.transaction():
                 s = self.get_series(series_uid)
                 if s is None:
                     raise KeyError(f"series {series_uid} is not recorded")
@@ -199,7 +224,7 @@ class Database:
     def claim_job(self) -> dict[str, Any] | None:
         """Move the oldest pending job to running and return it (``None`` if none)."""
         with self.lock:
-            with self._conn:
+            with self.transaction():
                 rows = list(self.db.query(
                     "select * from jobs where status = 'pending' order by id limit 1"))
                 if not rows:
@@ -217,7 +242,7 @@ class Database:
         if status not in ("done", "skipped", "failed"):
             raise ValueError(f"final job status must be done, skipped or failed, not {status!r}")
         with self.lock:
-            with self._conn:
+            with self.transaction():
                 self._conn.execute(
                     "update jobs set status=?, reason=?, error=?, finished_at=? where id=?",
                     (status, reason, error, now(), job_id))
@@ -225,7 +250,7 @@ class Database:
     def requeue_running_jobs(self) -> int:
         """After a crash: jobs left ``running`` go back to ``pending``. Returns how many."""
         with self.lock:
-            with self._conn:
+            with self.transaction():
                 cur = self._conn.execute("update jobs set status='pending' where status='running'")
                 return cur.rowcount
 
@@ -270,6 +295,84 @@ class Database:
                 "sop_instance_uid": sop_instance_uid, "sop_class_uid": sop_class_uid,
                 "kind": kind, "path": path, "supersedes": supersedes,
                 "created_at": now()}).last_pk)
+
+    def record_job_outcome(self, job_id: int, *, series_uid: str, study_uid: str, status: str,
+                           reason: str = "", error: str = "",
+                           decisions: list[tuple[str, bool, str]] = (),  # type: ignore[assignment]
+                           findings: list[dict[str, Any]] = (),  # type: ignore[assignment]
+                           results: list[dict[str, Any]] = (),  # type: ignore[assignment]
+                           destinations: list[str] = ()) -> list[int]:  # type: ignore[assignment]
+        """Record everything a job produced and its final state in ONE transaction.
+
+        A crash leaves either nothing (the job is re-run after restart) or all of
+        it (the job is done and is not re-run): never half a result.
+
+        Parameters
+        ----------
+        job_id : int
+        series_uid, study_uid : str
+        status : str
+            ``done``, ``skipped`` or ``failed``.
+        reason, error : str
+        decisions : list of (protocol, accepted, reason)
+        findings : list of dict
+            Each with keys ``protocol``, ``site``, ``category``, ``data`` (JSON-able).
+        results : list of dict
+            Each with keys ``sop_instance_uid``, ``sop_class_uid``, ``kind``, ``path``,
+            ``supersedes``.
+        destinations : list of str
+            Every result is queued for export to each (``AE@host:port`` or ``outbox``).
+
+        Returns
+        -------
+        list of int
+            The result ids, in the order of ``results``.
+        """
+        if status not in ("done", "skipped", "failed"):
+            raise ValueError(f"final job status must be done, skipped or failed, not {status!r}")
+        t = now()
+        ids: list[int] = []
+        with self.transaction() as c:
+            c.execute("delete from exports where result_id in"
+                      " (select id from results where job_id=?)", (job_id,))
+            for table in ("decisions", "findings", "results"):
+                c.execute(f"delete from {table} where job_id=?", (job_id,))
+            c.executemany("insert into decisions (job_id, series_uid, protocol, accepted, reason)"
+                          " values (?,?,?,?,?)",
+                          [(job_id, series_uid, p, int(a), r) for p, a, r in decisions])
+            c.executemany("insert into findings (job_id, series_uid, study_uid, protocol, site,"
+                          " category, data, created_at) values (?,?,?,?,?,?,?,?)",
+                          [(job_id, series_uid, study_uid, f.get("protocol", ""), f.get("site", ""),
+                            f.get("category") or "", json.dumps(f.get("data", {}), default=float), t)
+                           for f in findings])
+            for r in results:
+                cur = c.execute(
+                    "insert into results (job_id, series_uid, study_uid, sop_instance_uid,"
+                    " sop_class_uid, kind, path, supersedes, created_at) values (?,?,?,?,?,?,?,?,?)",
+                    (job_id, series_uid, study_uid, r["sop_instance_uid"], r["sop_class_uid"],
+                     r["kind"], str(r["path"]), r.get("supersedes", "") or "", t))
+                rid = int(cur.lastrowid)
+                ids.append(rid)
+                for d in destinations:
+                    c.execute("insert into exports (result_id, path, sop_instance_uid, destination,"
+                              " status, attempts, next_attempt_at, last_error, sent_at, created_at)"
+                              " values (?,?,?,?,'pending',0,?,'',NULL,?)",
+                              (rid, str(r["path"]), r["sop_instance_uid"], d, t, t))
+            c.execute("update jobs set status=?, reason=?, error=?, finished_at=? where id=?",
+                      (status, reason, error, t, job_id))
+        return ids
+
+    def get_result(self, result_id: int) -> dict[str, Any] | None:
+        """One result row or ``None``."""
+        with self.lock:
+            rows = list(self.db.query("select * from results where id=?", [result_id]))
+        return rows[0] if rows else None
+
+    def get_job(self, job_id: int) -> dict[str, Any] | None:
+        """One job row or ``None``."""
+        with self.lock:
+            rows = list(self.db.query("select * from jobs where id=?", [job_id]))
+        return rows[0] if rows else None
 
     def latest_sr(self, series_uid: str) -> dict[str, Any] | None:
         """The newest SR result of a series (what a new SR supersedes)."""

@@ -1,0 +1,123 @@
+"""Structured JSON logging (structlog) that never writes patient identifiers.
+
+Only :func:`configure_logging` (called by a ``main()``) sets up output; every
+module logs through ``structlog.get_logger(__name__)``. Log UIDs and
+:func:`accession_hash` values, never names, IDs or birth dates; the
+:func:`drop_phi` processor removes such keys anyway as a last line of defence.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from typing import Any, MutableMapping
+
+import structlog
+
+#: Keys (compared lower-case, without ``_``) that are dropped from every log event.
+PHI_KEYS = frozenset({
+    "patientname", "patientid", "patientbirthdate", "patientbirthtime", "patientsex",
+    "patientage", "patientaddress", "patienttelephonenumbers", "otherpatientids",
+    "otherpatientnames", "patientmothersbirthname", "accessionnumber", "accession",
+    "issuerofpatientid", "referringphysicianname", "institutionname", "name", "birthdate",
+})
+
+_DEFAULT_SALT = "screener-accession-v1"
+
+
+def accession_hash(value: str | None, salt: str | None = None) -> str:
+    """Return a short salted SHA-256 of an accession number, safe to log and store.
+
+    Parameters
+    ----------
+    value : str or None
+        The accession number; empty or ``None`` gives ``""``.
+    salt : str, optional
+        Site secret; defaults to ``SCREENER_HASH_SALT`` or a built-in constant.
+        Use a site-specific salt so hashes cannot be matched across sites.
+
+    Returns
+    -------
+    str
+        16 hexadecimal characters (64 bits), or ``""`` for an empty value.
+    """
+    value = (value or "").strip()
+    if not value:
+        return ""
+    salt = salt if salt is not None else os.environ.get("SCREENER_HASH_SALT", _DEFAULT_SALT)
+    return hashlib.sha256(f"{salt}\x00{value}".encode()).hexdigest()[:16]
+
+
+def drop_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+             ) -> MutableMapping[str, Any]:
+    """structlog processor: remove keys that name patient identifiers.
+
+    A key such as ``patient_name``, ``PatientName`` or ``PatientBirthDate`` is
+    replaced by nothing; the event records that something was dropped in
+    ``phi_dropped`` so the offending call site can be found and fixed.
+    """
+    dropped = [k for k in list(event_dict) if k.replace("_", "").lower() in PHI_KEYS]
+    for k in dropped:
+        del event_dict[k]
+    if dropped:
+        event_dict["phi_dropped"] = len(dropped)
+    return event_dict
+
+
+def configure_logging(level: str = "info", json: bool = True, stream: Any = None) -> None:
+    """Configure structlog (and stdlib ``logging``) for a screener process.
+
+    Parameters
+    ----------
+    level : str
+        ``debug``, ``info``, ``warning``, ``error`` or ``critical``.
+    json : bool
+        One JSON object per line (for journald / log shippers); ``False`` gives
+        human-readable console lines.
+    stream : file-like, optional
+        Where to write; default ``sys.stderr``.
+
+    Raises
+    ------
+    ValueError
+        Unknown level name.
+    """
+    name = str(level).strip().lower()
+    levels = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
+    if name not in levels:
+        raise ValueError(f"log level {level!r} is not one of debug, info, warning, error, critical")
+    stream = stream if stream is not None else sys.stderr
+    renderer: Any = (structlog.processors.JSONRenderer(sort_keys=False) if json
+                     else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            drop_phi,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(levels[name]),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries (pynetdicom, apscheduler) log through stdlib logging: keep them
+    # at WARNING at least — pynetdicom's debug output dumps whole datasets (PHI).
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_screener", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=renderer,
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.processors.add_log_level,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True), drop_phi]))
+    handler._screener = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(max(levels[name], logging.WARNING))
+    logging.captureWarnings(True)  # e.g. pydicom's warnings on malformed input, as JSON lines
+    for lib in ("pynetdicom", "apscheduler"):
+        logging.getLogger(lib).setLevel(max(levels[name], logging.WARNING))

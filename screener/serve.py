@@ -1,0 +1,117 @@
+"""``screener serve``: the daemon (SCP + completion + workers + exporter), wired in one place.
+
+Start-up: configure logging, log the redacted effective configuration, remove
+temp files of a crash, re-queue jobs a crash left ``running``, then start the
+SCP, the completion monitor, the worker pool and the exporter. SIGTERM or
+SIGINT stops accepting associations, lets a running job finish (up to
+``--stop-timeout`` seconds; an unfinished job is re-queued next start) and
+exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from typing import Sequence
+
+import structlog
+
+from screener import __version__
+from screener.completion import CompletionMonitor
+from screener.config import ConfigError, load_config
+from screener.db import Database
+from screener.export import Exporter
+from screener.ingest import start_scp
+from screener.logs import configure_logging
+from screener.storage import clean_tmp
+from screener.worker import WorkerPool
+
+log = structlog.get_logger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``screener serve`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="screener serve",
+        description="Receive DICOM studies (C-STORE SCP), screen completed series and send "
+                    "the results to PACS (or the outbox folder).")
+    p.add_argument("--config", help="TOML configuration (default: $SCREENER_CONFIG or built-in "
+                                    "defaults); see deploy/screener.toml")
+    p.add_argument("--port", type=int, help="listening port (overrides the config)")
+    p.add_argument("--ae-title", help="our AE title (overrides the config)")
+    p.add_argument("--data-dir", help="data directory: database, store, outbox (overrides the "
+                                      "config and $SCREENER_DATA_DIR)")
+    p.add_argument("--pipeline", default=None,
+                   help="alternative pipeline as 'module:function' (site plug-ins, tests); "
+                        "default screener.pipeline:process_series")
+    p.add_argument("--stop-timeout", type=float, default=60.0,
+                   help="seconds a running job may take to finish on SIGTERM (default 60)")
+    p.add_argument("--log-format", choices=("json", "console"), default="json",
+                   help="log line format on stderr (default json)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the daemon until SIGTERM / SIGINT; returns the exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments after ``serve``.
+
+    Returns
+    -------
+    int
+        0 after a clean stop, 2 for an invalid configuration.
+    """
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    try:
+        config = load_config(args.config, port=args.port, ae_title=args.ae_title,
+                             data_dir=args.data_dir)
+        configure_logging(config.log_level, json=args.log_format == "json")
+    except (ConfigError, ValueError) as exc:
+        configure_logging("info", json=args.log_format == "json")
+        log.error("invalid configuration", error=str(exc))
+        return 2
+    log.info("screener serve starting", version=__version__, config=config.redacted())
+    config.ensure_dirs()
+    clean_tmp(config.tmp_dir)
+    db = Database(config.db_path)
+    requeued = db.requeue_running_jobs()
+    if requeued:
+        log.warning("jobs interrupted by a previous stop were re-queued", jobs=requeued)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("stop requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    exporter = Exporter(db, config)
+    workers = WorkerPool(db, config, process=args.pipeline, on_finished=exporter.wake)
+    completion = CompletionMonitor(db, config, on_enqueue=workers.wake)
+    try:
+        scp = start_scp(config, db)
+    except (OSError, ValueError) as exc:
+        log.error("cannot start the DICOM listener", host=config.host, port=config.port,
+                  error=str(exc))
+        db.close()
+        return 1
+    exporter.start()
+    workers.start()
+    completion.start()
+    log.info("screener serve ready", ae_title=config.ae_title, port=scp.port)
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping: no new associations")
+    scp.stop()
+    completion.stop()
+    if not workers.stop(args.stop_timeout):
+        log.warning("a job was still running at stop; it will be re-queued at the next start")
+    exporter.stop()
+    db.close()
+    log.info("screener serve stopped")
+    return 0

