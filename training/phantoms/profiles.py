@@ -1,0 +1,133 @@
+"""CT scanner / protocol profiles of the virtual cohort.
+
+A profile fixes what varies between real acquisitions: vendor and model,
+tube voltage (hence effective energy), reconstruction kernel (in-plane blur
+and noise texture), noise level, slice thickness and spacing, pixel spacing
+/ field of view, body coverage and contrast phase. ``HELD_OUT`` profiles are
+never used for training splits: they stand for "a scanner the models have
+not seen".
+
+Noise figures are the standard deviation (HU) of water at the reference
+5 mm slice for an average-sized patient (clinical-physics.md section 4:
+abdomen, 5 mm, soft kernel ~8-15 HU); they scale as ``1/sqrt(thickness)``
+and with patient size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+#: body coverage: (z_top, z_bottom) relative to landmarks, resolved by the renderer
+COVERAGES: tuple[str, ...] = ("chest", "abdomen", "abdomen_pelvis", "lumbar_spine")
+PHASE_AGENT = {"native": "", "arterial": "IOPAMIDOL 370", "portal_venous": "IOHEXOL 350"}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """Reconstruction kernel: name on the header, blur (Gaussian sigma, mm) and noise correlation."""
+
+    name: str
+    sigma_mm: float
+    noise_sigma_px: float
+    noise_factor: float
+
+
+@dataclass(frozen=True)
+class ScannerProfile:
+    """One acquisition protocol.
+
+    Attributes
+    ----------
+    name : str
+        Profile key.
+    manufacturer, model : str
+        Header values (Manufacturer, ManufacturerModelName).
+    kvp : float
+        Tube voltage; the effective energy follows :func:`physics.effective_energy`.
+    kernel : Kernel
+    noise_hu : float
+        Water noise SD at 5 mm for an average patient with this kernel's ``noise_factor`` = 1.
+    slice_thickness, slice_spacing : float
+        mm (spacing < thickness = overlapping reconstruction).
+    pixel_spacing : float
+        mm (square pixels); ``rows = columns = matrix``.
+    matrix : int
+    coverage : str
+        One of :data:`COVERAGES`.
+    phase : str
+        ``"native"``, ``"arterial"`` or ``"portal_venous"``.
+    held_out : bool
+        True for a scanner reserved for external testing.
+    rescale_intercept : float
+        -1024 for most vendors; 0 or -1000 for some.
+    pixel_signed : bool
+        PixelRepresentation 1 (signed) or 0 (unsigned).
+    mas : float
+        Exposure (mAs) written to the header.
+    """
+
+    name: str
+    manufacturer: str
+    model: str
+    kvp: float
+    kernel: Kernel
+    noise_hu: float
+    slice_thickness: float
+    slice_spacing: float
+    pixel_spacing: float
+    matrix: int
+    coverage: str
+    phase: str = "native"
+    held_out: bool = False
+    rescale_intercept: float = -1024.0
+    pixel_signed: bool = True
+    mas: float = 200.0
+    station: str = "CT1"
+
+    def with_(self, **kw: object) -> "ScannerProfile":
+        """A copy with some fields replaced."""
+        return replace(self, **kw)  # type: ignore[arg-type]
+
+
+SOFT_SIEMENS = Kernel("B30f", 0.55, 0.9, 1.0)
+BONE_SIEMENS = Kernel("B70f", 0.28, 0.45, 2.6)
+STANDARD_GE = Kernel("STANDARD", 0.5, 0.85, 1.0)
+BONE_GE = Kernel("BONE", 0.3, 0.5, 2.4)
+SOFT_CANON = Kernel("FC08", 0.6, 1.0, 0.9)
+PHILIPS_B = Kernel("B", 0.5, 0.85, 1.0)
+PHILIPS_YB = Kernel("YB", 0.3, 0.55, 2.2)
+
+PROFILES: dict[str, ScannerProfile] = {p.name: p for p in [
+    ScannerProfile("siemens_ap_pv", "SIEMENS", "SOMATOM Definition Edge", 120, SOFT_SIEMENS, 11.0, 5.0, 5.0,
+                   0.78, 512, "abdomen_pelvis", "portal_venous", mas=180, rescale_intercept=-1024,
+                   pixel_signed=False),
+    ScannerProfile("siemens_abd_native_thin", "SIEMENS", "SOMATOM Force", 100, SOFT_SIEMENS, 10.0, 1.0, 1.0,
+                   0.70, 512, "abdomen", "native", mas=150, pixel_signed=False),
+    ScannerProfile("ge_ap_pv", "GE MEDICAL SYSTEMS", "Revolution CT", 120, STANDARD_GE, 12.0, 2.5, 2.5, 0.76,
+                   512, "abdomen_pelvis", "portal_venous", mas=220),
+    ScannerProfile("ge_lspine_bone", "GE MEDICAL SYSTEMS", "LightSpeed VCT", 140, BONE_GE, 9.0, 1.25, 1.25,
+                   0.39, 512, "lumbar_spine", "native", mas=300),
+    ScannerProfile("philips_chest", "Philips", "iCT 256", 120, PHILIPS_B, 13.0, 2.0, 1.0, 0.72, 512, "chest",
+                   "native", mas=120, rescale_intercept=-1000),
+    ScannerProfile("philips_ap_arterial", "Philips", "Brilliance 64", 100, PHILIPS_B, 12.0, 3.0, 3.0, 0.80,
+                   512, "abdomen_pelvis", "arterial", mas=200, rescale_intercept=-1024),
+    ScannerProfile("canon_ap_native", "CANON_MEC", "Aquilion ONE", 120, SOFT_CANON, 10.0, 5.0, 5.0, 0.74, 512,
+                   "abdomen_pelvis", "native", mas=200, pixel_signed=False),
+    ScannerProfile("siemens_lowkv_80", "SIEMENS", "SOMATOM go.Top", 80, SOFT_SIEMENS, 14.0, 3.0, 3.0, 0.74,
+                   512, "abdomen", "portal_venous", mas=250, pixel_signed=False),
+    # held-out scanner: vendor / kernel / kVp combination never used in training splits
+    ScannerProfile("heldout_fujifilm_135", "FUJIFILM Healthcare", "SCENARIA View", 135, Kernel("FC13", 0.42,
+                   0.7, 1.3), 11.0, 0.625, 0.625, 0.68, 512, "abdomen_pelvis", "native", held_out=True, mas=190,
+                   rescale_intercept=-1024),
+]}
+
+#: profiles used for training splits (not held out)
+TRAINING_PROFILES: tuple[str, ...] = tuple(k for k, v in PROFILES.items() if not v.held_out)
+HELD_OUT: tuple[str, ...] = tuple(k for k, v in PROFILES.items() if v.held_out)
+
+
+def get_profile(name: str) -> ScannerProfile:
+    """Look up a profile by name; the error lists the valid names."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown CT profile {name!r}; choose one of {sorted(PROFILES)}") from None
