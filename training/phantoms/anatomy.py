@@ -1069,7 +1069,9 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
               Ellipsoid(FT, gt, np.array([15.0, 17.0, 24.0]) * s - 1.4 * tcort),
               Ellipsoid(FT, lt, np.array([9.0, 9.0, 12.0]) * s - 1.4 * tcort))
         b.add(Segment(FM, B + u_dist * 75.0 * s, shaft_end, rs - 5.5 * tcort, rs * 0.95 - 5.5 * tcort))
-        b.add(Segment(FN, H, B + n_ax * 8.0, rn * 0.95 - 1.3 * tcort, rn * 1.1 - 1.4 * tcort),
+        # femoral-neck cortex ~1.8 mm (inferior 2-4 mm, superior thinner): ~2x the vertebral shell,
+        # which puts young-adult femoral-neck aBMD near the NHANES III mean (0.858 g/cm2)
+        b.add(Segment(FN, H, B + n_ax * 8.0, rn * 0.95 - 2.0 * tcort, rn * 1.1 - 2.2 * tcort),
               Ellipsoid(FN, H, np.array([rh - 1.4 * tcort] * 3)))
         heads[name] = (float(H[0]), float(H[1]), float(H[2]))
         necks[name] = {"head": H.tolist(), "base": B.tolist(), "axis": n_ax.tolist(), "radius": rn,

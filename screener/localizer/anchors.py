@@ -1,0 +1,236 @@
+"""Level anchors: rib articulation (T1-T12) and the sacrum (S1).
+
+Ribs
+    A rib articulates with its vertebra: its head lies against the
+    posterolateral corner of the body (T11 and T12 have single costal facets
+    on the body/pedicle and no costotransverse joint) and the rib then runs
+    laterally far beyond any transverse process. For each vertebra and side,
+    bone outside the vertebral core is labelled in 3-D inside a slab that
+    spans the body and extends 30 mm below it (the lower ribs descend);
+    a component counts as a rib of that vertebra when it has bone in the
+    posterolateral contact zone *at the vertebra's own levels* and reaches
+    at least ``RIB_REACH_MM`` from the canal. Rib shafts of higher ribs that
+    merely pass lateral to a lumbar vertebra never touch its contact zone, so
+    they are not counted. Known limits: a hypoplastic 12th rib shorter than
+    the reach threshold reads as rib-free (then T12 is taken for L1, as a
+    human reader counting ribs would also risk); a lumbar rib reads as a 13th
+    rib pair. Contrast-enhanced kidneys, bowel and vessels can exceed the bone
+    threshold; they are removed first as structures thicker than ~16 mm
+    in-plane (they survive an opening with an 8 mm disk; ribs do not).
+
+Sacrum
+    In the slices of S1, the bone connected to the vertebral body (the
+    sacral alae) is thick far lateral of the body on both sides; a lumbar
+    transverse process is thin.
+
+Pelvis
+    The iliac crests beside L4-L5 can lie against the vertebra like a rib.
+    Lateral bone exists at every level of the rib cage and again from the
+    iliac crests down, with a rib-free gap between (the tips of the 11th and
+    12th ribs end above the crests); rib-like hits at or below the crest of
+    such a bottom run are ignored.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from screener.localizer.column import BONE_HU, Column
+from screener.localizer.segments import Segment, ellipse_radius
+
+#: a rib reaches at least this far (mm) from the canal centre
+RIB_REACH_MM = 60.0
+#: a rib that leaves the coverage reaches at least this far (mm) from the canal centre
+RIB_LEAVING_REACH_MM = 42.0
+#: HU threshold of the rib search: rib cortex reads well above it, contrast-enhanced kidneys
+#: and vessels (150-250 HU in portal-venous phase) mostly below
+RIB_HU = 280.0
+#: structures that survive an opening with a disk of this radius (mm) are organs, not ribs
+THICK_MM = 8.0
+DEBUG = False
+#: rib heads lie within this distance (mm) of the body outline
+CONTACT_MM = 10.0
+#: how far (mm) below a vertebra its ribs are followed
+RIB_DESCENT_MM = 30.0
+#: the sacral alae are at least this thick (mm, antero-posterior) beside the S1 body
+ALA_AP_MM = 10.0
+
+
+def _disk(r: int) -> np.ndarray:
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return (yy ** 2 + xx ** 2) <= r ** 2
+
+
+def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
+                 spacing: tuple[float, float, float]) -> dict[str, float]:
+    """Rib articulation evidence for one vertebra.
+
+    Returns
+    -------
+    dict
+        ``{"right": r, "left": l}`` with the lateral reach (mm) of the longest
+        articulating rib on each side, 0 where none was found; plus
+        ``"leaving"`` when a rib-like structure articulates here but leaves the
+        coverage at its inferior end before it reaches ``RIB_REACH_MM`` (weak
+        evidence, used only to word a decline).
+    """
+    dz, dy, dx = spacing
+    nz, ny, nx = hu.shape
+    top = seg.hi
+    if seg.disc_above is not None:
+        top = min(nz - 1, seg.disc_above)
+    z0 = max(0, seg.lo - int(round(RIB_DESCENT_MM / dz)))
+    zs = [z for z in range(z0, top + 1) if col.valid[z]]
+    if not zs:
+        return {"right": 0.0, "left": 0.0}
+    zc = int(np.clip(np.round((seg.lo + seg.hi) / 2), 0, nz - 1))
+    cx0 = float(col.canal_x[zc])
+    half = int(round(130.0 / dx))
+    x0, x1 = max(0, int(cx0) - half), min(nx, int(cx0) + half + 1)
+    yb = int(np.nanmin(col.body_y[zs] - 60.0 / dy))
+    ye = int(np.nanmax(col.canal_y[zs] + 60.0 / dy))
+    y0, y1 = max(0, yb), min(ny, ye)
+    sub = (hu[zs[0]:zs[-1] + 1, y0:y1, x0:x1] > RIB_HU) & body[zs[0]:zs[-1] + 1, y0:y1, x0:x1]
+    contact = np.zeros_like(sub)
+    lateral = np.zeros(sub.shape, np.float32)
+    side = np.zeros(sub.shape, np.int8)
+    xx = np.arange(x0, x1)[None, :]
+    yy = np.arange(y0, y1)[:, None]
+    for n, z in enumerate(range(zs[0], zs[-1] + 1)):
+        if not col.valid[z]:
+            sub[n] = False
+            continue
+        by, bx, hd, hw = col.body_y[z], col.body_x[z], col.body_hd[z], col.body_hw[z]
+        rho = ellipse_radius((y1 - y0, x1 - x0), by - y0, bx - x0, hd, hw)
+        cyz, cxz, crz = col.canal_y[z], col.canal_x[z], col.canal_r[z]
+        canal = ((yy - cyz) ** 2 + (xx - cxz) ** 2) <= (crz + 1.0) ** 2
+        core = (rho <= 1.1) | canal
+        sub[n] &= ~core
+        lateral[n] = np.abs(xx - cxz) * dx + 0 * yy
+        side[n] = np.where(xx > cxz, 1, -1) + 0 * yy
+        if seg.lo <= z <= top:
+            contact[n] = ((rho > 1.1) & (rho <= 1.1 + CONTACT_MM / (hw * dx))
+                          & (yy >= by - 0.2 * hd) & (yy <= cyz + 0.5 * crz)
+                          & (np.abs(xx - bx) >= 0.5 * hw))
+    # contrast-enhanced organs (kidneys, bowel, vessels) can read above the bone threshold:
+    # they are thick, ribs and transverse processes are not
+    thick_r = max(1, int(round(THICK_MM / min(dy, dx))))
+    disk = _disk(thick_r)
+    margin = _disk(max(1, int(round(3.0 / min(dy, dx)))))
+    for n_ in range(sub.shape[0]):
+        if sub[n_].any():
+            thick = ndi.binary_opening(sub[n_], structure=disk)
+            if thick.any():
+                sub[n_] &= ~ndi.binary_dilation(thick, structure=margin)
+    lab, n = ndi.label(sub, structure=np.ones((3, 3, 3), bool))
+    out = {"right": 0.0, "left": 0.0}
+    if n == 0:
+        return out
+    touching = np.unique(lab[contact & sub])
+    touching = touching[touching > 0]
+    for comp in touching:
+        m = lab == comp
+        for s, name in ((1, "left"), (-1, "right")):
+            ms = m & (side == s)
+            touch = ms & contact
+            if not touch.any():
+                continue
+            reach = float(lateral[ms].max())
+            if DEBUG:
+                zt, yt, xt = np.nonzero(touch)
+                print("DBG", seg.lo, seg.hi, name, round(reach), "vol_cm3", round(ms.sum() * dz * dy * dx / 1000, 1),
+                      "max_area_mm2", round(ms.sum(axis=(1, 2)).max() * dy * dx), "contact z", zs[0] + zt.min(), zs[0] + zt.max(),
+                      "dy_canal_mm", np.round(np.percentile((yt + y0 - col.canal_y[zs[0] + zt]) * dy, [0, 50, 100]), 1),
+                      "rel_body", np.round(np.percentile((yt + y0 - col.body_y[zs[0] + zt]) / col.body_hd[zs[0] + zt], [0, 50, 100]), 2))
+            # ribs run far beyond any transverse process; a rib that is separate from the
+            # neural arch (articulating with the body only, as T11/T12 do) may also leave
+            # the coverage before it gets that far
+            # a rib that leaves the coverage at its inferior end before it gets far: it
+            # articulates well above the end of the coverage (a transverse process is level
+            # with its root) and is still lateral in the last slice
+            zt = np.nonzero(touch.any(axis=(1, 2)))[0]
+            leaves = (zs[0] == 0 and reach >= RIB_LEAVING_REACH_MM and zt.size > 0
+                      and (zs[0] + zt.min()) * dz >= 12.0
+                      and bool((lateral[0][ms[0]] >= 35.0).any()))
+            if reach >= RIB_REACH_MM:
+                out[name] = max(out[name], reach)
+            elif leaves:
+                out["leaving"] = max(out.get("leaving", 0.0), reach)
+    return out
+
+
+def sacral_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
+                    spacing: tuple[float, float, float]) -> float:
+    """Fraction of a vertebra's slices that look like S1 (thick alae on both sides).
+
+    In such a slice the bone connected to the vertebral body (holes filled)
+    is still thick (>= ``ALA_AP_MM`` antero-posterior) at ``max(30 mm, 1.5 x
+    body half-width)`` from the canal on both sides: sacral alae are; lumbar
+    transverse processes (~10 mm) and ribs are not.
+    """
+    dz, dy, dx = spacing
+    hits, total = 0, 0
+    for z in range(seg.lo, seg.hi + 1):
+        if not col.valid[z]:
+            continue
+        total += 1
+        bone = ndi.binary_fill_holes(ndi.binary_closing((hu[z] > BONE_HU) & body[z], iterations=1))
+        lab, n = ndi.label(bone)
+        rho = ellipse_radius(bone.shape, col.body_y[z], col.body_x[z], col.body_hd[z], col.body_hw[z])
+        ids = lab[(rho <= 1.0) & (lab > 0)]
+        if ids.size == 0:
+            continue
+        comp = lab == np.bincount(ids).argmax()
+        off = max(30.0, 1.5 * col.body_hw[z] * dx) / dx
+        ok = True
+        for sgn in (-1, 1):
+            xcol = int(round(col.canal_x[z] + sgn * off))
+            if not 0 <= xcol < comp.shape[1]:
+                ok = False
+                break
+            ys = np.nonzero(comp[:, xcol])[0]
+            if ys.size * dy < ALA_AP_MM:
+                ok = False
+                break
+        hits += ok
+    return hits / total if total else 0.0
+
+
+def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[float, float, float]) -> int | None:
+    """Working slice of the iliac crests, when the ilia are in view below a rib-free gap.
+
+    Lateral bone (beyond 50 mm from the canal on both sides, thin structures
+    and organs removed as in :func:`rib_evidence`) is present at every level
+    of the rib cage and again from the iliac crests down. The run of lateral
+    bone that reaches the inferior end of the coverage and is separated from
+    anything above by at least 15 mm without lateral bone is the pelvis.
+    Returns ``None`` when there is no such run (e.g. a chest CT whose rib
+    shafts reach the end of the coverage).
+    """
+    dz, dy, dx = spacing
+    nz = hu.shape[0]
+    present = np.zeros(nz, bool)
+    xs = np.arange(hu.shape[2])
+    for z in range(nz):
+        if not col.valid[z]:
+            continue
+        bone = (hu[z] > RIB_HU) & body[z]
+        lat = (xs - col.canal_x[z]) * dx
+        left = bone[:, lat >= 50.0].sum() * dy * dx
+        right = bone[:, lat <= -50.0].sum() * dy * dx
+        present[z] = min(left, right) >= 40.0
+    valid = np.nonzero(col.valid)[0]
+    if valid.size == 0 or not present[valid[0]]:
+        return None
+    z = valid[0]
+    while z + 1 <= valid[-1] and present[z + 1]:
+        z += 1
+    top = z
+    gap = 0
+    k = z + 1
+    while k <= valid[-1] and not present[k]:
+        gap += 1
+        k += 1
+    if gap * dz < 15.0 or k > valid[-1]:
+        return None
+    return int(top)
