@@ -246,7 +246,7 @@ def test_dxa_of_the_real_anatomy_shows_only_the_fat_error(scene):
 
 def test_areal_bmd_labels_are_physically_sensible(patients):
     """Young adults: L1-L4 ~1.0-1.1 g/cm2 (NHANES 2005-08 21-30 y: 1.06), femoral neck ~0.85
-    (NHANES III women 20-29: 0.858; the phantom measures ~0.77, its neck cortex is thin), total hip
+    (NHANES III women 20-29: 0.858; the phantom measures ~0.85 with a ~1.5 mm neck cortex), total hip
     above the neck (NHANES III: +0.08); women >= 70 have a lower femoral neck than young adults."""
     from training.phantoms.anatomy import build_scene
 

@@ -1064,14 +1064,15 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
                  Segment(FC, shaft_top, B + u_dist * 60.0 * s, 20.0 * s, rs),
                  Segment(FC, B + u_dist * 60.0 * s, shaft_end, rs, rs * 0.95)]
         b.add(*outer)
-        b.add(Segment(FT, shaft_top, B + u_dist * 60.0 * s, 20.0 * s - 2.5 * tcort, rs - 3.0 * tcort),
-              Ellipsoid(FT, B + u_dist * 8.0, np.array([24.0, 21.0, 28.0]) * s - 1.6 * tcort),
-              Ellipsoid(FT, gt, np.array([15.0, 17.0, 24.0]) * s - 1.4 * tcort),
-              Ellipsoid(FT, lt, np.array([9.0, 9.0, 12.0]) * s - 1.4 * tcort))
+        # intertrochanteric / trochanteric cortex thickened like the neck's (total hip > neck)
+        b.add(Segment(FT, shaft_top, B + u_dist * 60.0 * s, 20.0 * s - 3.5 * tcort, rs - 4.0 * tcort),
+              Ellipsoid(FT, B + u_dist * 8.0, np.array([24.0, 21.0, 28.0]) * s - 2.3 * tcort),
+              Ellipsoid(FT, gt, np.array([15.0, 17.0, 24.0]) * s - 2.0 * tcort),
+              Ellipsoid(FT, lt, np.array([9.0, 9.0, 12.0]) * s - 1.8 * tcort))
         b.add(Segment(FM, B + u_dist * 75.0 * s, shaft_end, rs - 5.5 * tcort, rs * 0.95 - 5.5 * tcort))
-        # femoral-neck cortex ~1.8 mm (inferior 2-4 mm, superior thinner): ~2x the vertebral shell,
+        # femoral-neck cortex ~1.5 mm (inferior 2-4 mm, superior thinner): ~1.8x the vertebral shell,
         # which puts young-adult femoral-neck aBMD near the NHANES III mean (0.858 g/cm2)
-        b.add(Segment(FN, H, B + n_ax * 8.0, rn * 0.95 - 2.0 * tcort, rn * 1.1 - 2.2 * tcort),
+        b.add(Segment(FN, H, B + n_ax * 8.0, rn * 0.95 - 1.7 * tcort, rn * 1.1 - 1.9 * tcort),
               Ellipsoid(FN, H, np.array([rh - 1.4 * tcort] * 3)))
         heads[name] = (float(H[0]), float(H[1]), float(H[2]))
         necks[name] = {"head": H.tolist(), "base": B.tolist(), "axis": n_ax.tolist(), "radius": rn,
