@@ -5,8 +5,10 @@ torch, and a broken optional piece cannot stop the others.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 #: sub-command -> (module, function, one-line help); each function takes argv (list of str)
@@ -19,6 +21,25 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("training.cli", "train_main", "train a protocol's model from a recipe (TOML)"),
     "evaluate": ("training.cli", "evaluate_main", "evaluate a model bundle: the paper's tables"),
 }
+
+
+def command_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser for ``screener NAME`` with the ``--config`` and ``--data-dir`` options."""
+    p = argparse.ArgumentParser(prog=f"screener {name}", description=description)
+    p.add_argument("--config", help="TOML config (default: SCREENER_CONFIG or built-in defaults)")
+    p.add_argument("--data-dir", type=Path, help="data directory (database, results, outbox)")
+    return p
+
+
+def command_config(name: str, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The effective :class:`~screener.config.Config` for parsed ``args``, or ``None`` after
+    printing the configuration error (the caller exits with status 2)."""
+    from screener.config import ConfigError, load_config
+    try:
+        return load_config(args.config, data_dir=args.data_dir)
+    except ConfigError as exc:
+        print(f"screener {name}: {exc}", file=sys.stderr)
+        return None
 
 
 def _usage() -> str:

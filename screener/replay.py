@@ -10,7 +10,6 @@ unusable, else 0.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections import defaultdict
@@ -24,7 +23,8 @@ import structlog
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
-from screener.config import Config, ConfigError, load_config
+from screener.cli import command_config, command_parser
+from screener.config import Config
 from screener.db import Database
 from screener.logs import accession_hash, configure_logging
 
@@ -200,18 +200,14 @@ def format_table(rows: list[dict[str, object]], unusable: list[tuple[Path, str]]
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``screener replay``."""
-    p = argparse.ArgumentParser(prog="screener replay", description=__doc__.splitlines()[0])
+    p = command_parser("replay", __doc__.splitlines()[0])
     p.add_argument("study_dir", type=Path, help="folder tree of DICOM files")
-    p.add_argument("--config", help="TOML config (default: SCREENER_CONFIG or built-in defaults)")
-    p.add_argument("--data-dir", type=Path, help="data directory (database, results, outbox)")
     p.add_argument("--workers", type=int, default=None, help="series processed in parallel")
     p.add_argument("--force", action="store_true", help="re-process series already done")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, data_dir=args.data_dir)
-    except ConfigError as exc:
-        print(f"screener replay: {exc}", file=sys.stderr)
+    cfg = command_config("replay", args)
+    if cfg is None:
         return 2
     configure_logging(cfg.log_level)
     if not args.study_dir.is_dir():

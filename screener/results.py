@@ -9,7 +9,6 @@ segmentation. Only the newest job of each series is exported unless
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -17,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from screener.config import ConfigError, load_config
+from screener.cli import command_config, command_parser
 from screener.db import Database
 
 BASE_FIELDS = ["study_uid", "series_uid", "job_id", "protocol", "protocol_version", "site",
@@ -72,19 +71,15 @@ def to_csv(records: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``screener results``."""
-    p = argparse.ArgumentParser(prog="screener results", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="TOML config")
-    p.add_argument("--data-dir", type=Path, help="data directory")
+    p = command_parser("results", __doc__.splitlines()[0])
     p.add_argument("--format", choices=("csv", "json"), default="csv")
     p.add_argument("--out", type=Path, help="write here instead of standard output")
     p.add_argument("--series", help="only this SeriesInstanceUID")
     p.add_argument("--all-versions", action="store_true",
                    help="include findings of superseded runs")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, data_dir=args.data_dir)
-    except ConfigError as exc:
-        print(f"screener results: {exc}", file=sys.stderr)
+    cfg = command_config("results", args)
+    if cfg is None:
         return 2
     if not cfg.db_path.exists():
         print(f"screener results: no database at {cfg.db_path}; run 'screener serve' or "

@@ -1,13 +1,10 @@
 """``screener status``: queue, jobs, exports and rejections at a glance."""
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-from screener.config import ConfigError, load_config
+from screener.cli import command_config, command_parser
 from screener.db import Database
 
 
@@ -45,15 +42,11 @@ def render(db: Database, recent: int = 10) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``screener status``."""
-    p = argparse.ArgumentParser(prog="screener status", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="TOML config")
-    p.add_argument("--data-dir", type=Path, help="data directory")
+    p = command_parser("status", __doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="machine-readable counts")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, data_dir=args.data_dir)
-    except ConfigError as exc:
-        print(f"screener status: {exc}", file=sys.stderr)
+    cfg = command_config("status", args)
+    if cfg is None:
         return 2
     if not cfg.db_path.exists():
         print(f"screener status: no database at {cfg.db_path} yet (nothing received)")
