@@ -47,7 +47,6 @@ RIB_LEAVING_REACH_MM = 42.0
 RIB_HU = 280.0
 #: structures that survive an opening with a disk of this radius (mm) are organs, not ribs
 THICK_MM = 8.0
-DEBUG = False
 #: rib heads lie within this distance (mm) of the body outline
 CONTACT_MM = 10.0
 #: how far (mm) below a vertebra its ribs are followed
@@ -136,15 +135,6 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
             if not touch.any():
                 continue
             reach = float(lateral[ms].max())
-            if DEBUG:
-                zt, yt, xt = np.nonzero(touch)
-                print("DBG", seg.lo, seg.hi, name, round(reach), "vol_cm3", round(ms.sum() * dz * dy * dx / 1000, 1),
-                      "max_area_mm2", round(ms.sum(axis=(1, 2)).max() * dy * dx), "contact z", zs[0] + zt.min(), zs[0] + zt.max(),
-                      "dy_canal_mm", np.round(np.percentile((yt + y0 - col.canal_y[zs[0] + zt]) * dy, [0, 50, 100]), 1),
-                      "rel_body", np.round(np.percentile((yt + y0 - col.body_y[zs[0] + zt]) / col.body_hd[zs[0] + zt], [0, 50, 100]), 2))
-            # ribs run far beyond any transverse process; a rib that is separate from the
-            # neural arch (articulating with the body only, as T11/T12 do) may also leave
-            # the coverage before it gets that far
             # a rib that leaves the coverage at its inferior end before it gets far: it
             # articulates well above the end of the coverage (a transverse process is level
             # with its root) and is still lateral in the last slice

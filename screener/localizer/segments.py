@@ -175,7 +175,9 @@ def _fill_gaps(discs: list[int], s: np.ndarray, core: np.ndarray, dz: float) -> 
     slices. A gap longer than 1.6 vertebral periods (median of the other gaps,
     or 36 mm) is split in its middle half where the disc score, a dip of the
     core HU or a very bright core (merged endplates, >= 250 HU) is best,
-    preferring the centre of the gap.
+    preferring the centre of the gap. Between a disc and the end of the
+    coverage (a partial vertebra is never longer than one period) a gap longer
+    than 1.3 periods is split only where a disc score or merged endplates show.
     """
     if not discs:
         return discs
@@ -190,9 +192,24 @@ def _fill_gaps(discs: list[int], s: np.ndarray, core: np.ndarray, dz: float) -> 
         # the ends of the coverage count as edges too (a partial vertebra beyond them)
         edges = [-1] + list(discs) + [n]
         for a, b in zip(edges[:-1], edges[1:]):
+            if a == -1 or b == n:
+                # a partial vertebra at the end of the coverage is never longer than one period;
+                # split only where a disc or merged endplates actually show
+                if (b - a) <= 1.3 * period or (b - a) * dz < 40.0:
+                    continue
+                half = int(round(0.5 * period))
+                seg = np.arange(a + 1, b - half + 1) if a == -1 else np.arange(a + half, b)
+                seg = seg[(seg >= 0) & (seg < n)]
+                if seg.size == 0:
+                    continue
+                ev = np.maximum(s[seg], 0.0) + 3.0 * (core[seg] >= 250.0)
+                ev[(s[seg] < MIN_DISC_SCORE) & (core[seg] < 250.0)] = 0.0
+                if ev.max() <= 0.0:
+                    continue
+                discs = sorted(discs + [int(seg[np.argmax(ev)])])
+                changed = True
+                break
             if (b - a) <= 1.6 * period or (b - a) * dz < 40.0:
-                continue
-            if (a == -1 or b == n) and (b - a) * dz < 55.0:
                 continue
             m0, m1 = max(0, a + int(round(0.25 * (b - a)))), min(n - 1, b - int(round(0.25 * (b - a))))
             if m1 < m0:
