@@ -47,6 +47,9 @@ import numpy as np
 __all__ = ["COLUMNS", "Manifest", "ManifestError", "ManifestRow", "read_manifest"]
 
 GRADES = ("normal", "osteopenia", "osteoporosis")
+#: column kinds with a fixed set of values: (allowed values, normalisation of the cell text)
+_CHOICES = {"grade": (GRADES, str.lower), "sex": (("M", "F"), str.upper),
+            "lat": (("L", "R"), str.upper)}
 #: column -> (kind, low, high)
 COLUMNS: dict[str, tuple[str, float | None, float | None]] = {
     "patient_id": ("str", None, None),
@@ -248,27 +251,16 @@ def read_manifest(
                     ok = False
                     continue
                 vals[col] = int(text)
-            elif kind == "grade":
-                g = text.lower()
-                if g not in GRADES:
-                    bad(i, col, f"{text!r} must be one of {', '.join(GRADES)}")
+            elif kind in _CHOICES:
+                choices, normalise = _CHOICES[kind]
+                value = normalise(text)
+                if value not in choices:
+                    allowed = (" or ".join(choices) if len(choices) == 2
+                               else "one of " + ", ".join(choices))
+                    bad(i, col, f"{text!r} must be {allowed}")
                     ok = False
                     continue
-                vals[col] = g
-            elif kind == "sex":
-                sx = text.upper()
-                if sx not in ("M", "F"):
-                    bad(i, col, f"{text!r} must be M or F")
-                    ok = False
-                    continue
-                vals[col] = sx
-            elif kind == "lat":
-                lt = text.upper()
-                if lt not in ("L", "R"):
-                    bad(i, col, f"{text!r} must be L or R")
-                    ok = False
-                    continue
-                vals[col] = lt
+                vals[col] = value
             elif kind == "paths":
                 parts = [s.strip() for s in text.split(";") if s.strip()]
                 resolved = tuple((Path(s) if Path(s).is_absolute() else (p.parent / s)) for s in parts)
