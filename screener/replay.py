@@ -159,7 +159,7 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
         todo.append(job_id)
 
     def _run(job_id: int) -> None:
-        job = next(j for j in db.jobs() if j["id"] == job_id)
+        job = db.get_job(job_id)
         run_job(job, db, config)
 
     bar = tqdm(total=len(todo), unit="series", disable=not progress, file=sys.stderr,
@@ -171,7 +171,7 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
             bar.update(1)
     bar.close()
     for job_id in todo:
-        job = next(j for j in db.jobs() if j["id"] == job_id)
+        job = db.get_job(job_id)
         rows[job["series_uid"]].update(status=job["status"],
                                        reason=job["reason"] or job["error"] or "")
     exporter = Exporter(db, config)
