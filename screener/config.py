@@ -19,6 +19,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+#: The bundles shipped with the project (``models/`` beside the ``screener`` package).
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and why."""
 
@@ -59,6 +63,11 @@ class Config:
         Optional TLS for the SCP (PEM paths); all empty = plain TCP.
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda"`` for model inference.
+    models_dir : pathlib.Path
+        Folder of the model bundles (``<models_dir>/<protocol>/``); default: the
+        ``models/`` folder shipped beside the package.
+    protocols : list of str
+        Protocols to run (default: all registered ones).
     contrast_adjust_hu : float
         HU subtracted from L1 attenuation on contrast-enhanced CT before the
         Pickhardt thresholds are applied (clinical-physics.md section 1).
@@ -82,6 +91,8 @@ class Config:
     tls_key: str = ""
     tls_ca: str = ""
     device: str = "auto"
+    models_dir: Path = DEFAULT_MODELS_DIR
+    protocols: list[str] = field(default_factory=list)
     contrast_adjust_hu: float = 11.2
     log_level: str = "info"
 
@@ -145,7 +156,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             return float(value)
         if isinstance(default, Path):
             return Path(value).expanduser()
-        if isinstance(default, list) and name == "allowed_calling_aes":
+        if isinstance(default, list) and name in ("allowed_calling_aes", "protocols"):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             return [str(v) for v in value]
@@ -231,6 +242,12 @@ def load_config(path: str | os.PathLike[str] | None = None,
             setattr(cfg, key, _coerce(key, val, getattr(Config(), key)))
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"config key 'device' must be auto, cpu or cuda, not {cfg.device!r}")
+    from screener.protocols import REGISTRY
+
+    unknown = [n for n in cfg.protocols if n not in REGISTRY]
+    if unknown:
+        raise ConfigError(f"config key 'protocols': unknown {', '.join(unknown)}; "
+                          f"registered: {', '.join(REGISTRY)}")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"config key 'port' must be 1-65535, not {cfg.port}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):

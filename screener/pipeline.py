@@ -24,7 +24,7 @@ from screener.config import Config
 from screener.findings import Finding
 from screener.protocols.base import Protocol, ProtocolContext, ProtocolDeclined
 from screener.router import Router, summarize
-from screener.series import SeriesUnusable, load_volume, read_series_info
+from screener.series import SeriesInfo, SeriesUnusable, load_volume, read_series_info
 
 if TYPE_CHECKING:  # pragma: no cover
     from screener.domain import Volume
@@ -102,7 +102,7 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
     """
     if protocols is None:
         from screener.protocols import default_protocols
-        protocols = default_protocols()
+        protocols = default_protocols(config.protocols)
     names = [p.name for p in protocols]
     try:
         info = read_series_info([Path(p) for p in paths])
@@ -160,7 +160,8 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
         return PipelineResult("skipped", f"no protocol applies: {summarize(dl)}", dl)
 
     try:
-        outputs = _write_outputs(findings, volume, info.series_uid, Path(out_dir), supersedes)
+        outputs = _write_outputs(findings, _source_headers(volume, info), info.series_uid,
+                                 Path(out_dir), supersedes)
     except Exception as exc:  # noqa: BLE001
         log.error("report writing failed", series_uid=info.series_uid, error=str(exc),
                   traceback=traceback.format_exc())
@@ -172,12 +173,18 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
     return PipelineResult("done", reason, dl, findings, outputs)
 
 
-def _write_outputs(findings: list[Finding], volume: "Volume | None", series_uid: str,
+def _source_headers(volume: "Volume | None", info: SeriesInfo) -> list[pydicom.Dataset]:
+    """Headers of the series' images: the volume's, or read from the files (radiographs)."""
+    if volume is not None:
+        return list(volume.datasets)
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in info.paths]
+
+
+def _write_outputs(findings: list[Finding], sources: list[pydicom.Dataset], series_uid: str,
                    out_dir: Path, supersedes: str | Path | None) -> list[OutputObject]:
     from screener.reporting.sc import SC_SOP_CLASS, build_sc, write_sc
     from screener.reporting.sr import COMPREHENSIVE_SR, build_sr, write_sr
 
-    sources = list(volume.datasets) if volume is not None else []
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     previous = _previous_sr(supersedes)
     instance_number = 1

@@ -111,6 +111,9 @@ class SeriesInfo:
         out (some scanners put the scout into the axial series).
     paths : list of pathlib.Path
         The files described (scouts excluded).
+    header : pydicom.dataset.Dataset or None
+        Header of the first instance (no pixel data), for protocols that need
+        more than the fields above (radiographs: ViewPosition, Laterality, ...).
     """
 
     study_uid: str = ""
@@ -132,6 +135,7 @@ class SeriesInfo:
     manufacturer: str = ""
     n_scouts_excluded: int = 0
     paths: list[Path] = field(default_factory=list)
+    header: Any = field(default=None, repr=False, compare=False)
 
     @property
     def z_coverage_mm(self) -> float:
@@ -271,6 +275,7 @@ def read_series_info(paths: Sequence[Path]) -> SeriesInfo:
         series_description=str(first.get("SeriesDescription", "") or ""),
         orientation=tuple(float(v) for v in iop) if iop is not None and len(iop) == 6 else None,
         n_instances=len(headers),
+        header=first,
         n_scouts_excluded=n_scouts,
         n_frames=n_frames,
         kvp=_float(first.get("KVP")),

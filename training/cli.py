@@ -34,12 +34,39 @@ import numpy as np
 
 from training.recipes import DataSpec, Recipe, RecipeError, load_recipe, recipe_from_dict
 
-__all__ = ["DATASET_FACTORIES", "DatasetFactory", "evaluate_main", "evaluation_tables", "train_main"]
+__all__ = ["CUSTOM_TRAINERS", "DATASET_FACTORIES", "DatasetFactory", "build_dataset", "dataset_cache_dir", "evaluate_main", "evaluation_tables", "train_main"]
 
 DatasetFactory = Callable[[Recipe], Any]  # -> training.trainer.ArrayDataset
 
-#: protocol -> dataset builder.  Empty for now: the protocols' builders register here.
-DATASET_FACTORIES: dict[str, DatasetFactory] = {}
+#: protocol -> dataset builder, as ``"module:function"`` (imported on first use) or a callable.
+#: Each builder lives in ``training/datasets/<protocol>.py``.
+DATASET_FACTORIES: dict[str, DatasetFactory | str] = {
+    "l1_axial": "training.datasets.l1_axial:build",
+    "femur_coronal": "training.datasets.femur_coronal:build",
+    "lumbar_sagittal": "training.datasets.lumbar_sagittal:build",
+    "hip_xray": "training.datasets.hip_xray:build",
+    "dxa_spine": "training.datasets.dxa_spine:build",
+}
+
+#: protocol -> its own training entry point (``"module:function"``), for protocols whose recipe
+#: is not a plain fold ensemble (the BMD-GAN of ``hip_xray``).  Called as ``fn(recipe, args)``
+#: and returns the exit status.
+CUSTOM_TRAINERS: dict[str, str] = {
+    "hip_xray": "training.hip_xray:train_recipe",
+}
+
+
+def _resolve(ref: Any) -> Any:
+    """Import ``"module:attr"`` references; return callables unchanged."""
+    if not isinstance(ref, str):
+        return ref
+    import importlib
+
+    module, _, attr = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise CliError(f"cannot load {ref}: {exc}") from exc
 
 PAPER_PROTOCOLS = ("l1_axial", "femur_coronal", "lumbar_sagittal", "dxa_spine", "hip_xray")
 
@@ -54,7 +81,55 @@ def _factory(protocol: str, factories: Mapping[str, DatasetFactory] | None) -> D
         known = ", ".join(sorted(table)) or "none yet"
         raise CliError(f"protocol {protocol!r} has no dataset builder yet (registered: {known}); "
                        "add one to training.cli.DATASET_FACTORIES")
-    return table[protocol]
+    return _resolve(table[protocol])
+
+
+def dataset_cache_dir() -> Path | None:
+    """Folder of cached cohort data sets (``SCREENER_DATASET_CACHE``; ``0`` disables caching).
+
+    Default ``~/.cache/screener/datasets``.
+    """
+    import os
+
+    env = os.environ.get("SCREENER_DATASET_CACHE", "")
+    if env == "0":
+        return None
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "screener" / "datasets"
+
+
+def build_dataset(recipe: Recipe, factories: Mapping[str, DatasetFactory] | None = None) -> Any:
+    """The recipe's data set from its protocol's builder, cached for cohort sources.
+
+    Rendering the virtual cohort is the slow part of ``screener train``; ``screener evaluate
+    --data test|holdout`` rebuilds the same samples, so a cohort data set is cached as
+    ``.npz`` keyed by the protocol, the ``[data]`` section and the builder's source code
+    (a changed builder never reads a stale cache).  Site manifests are never cached.
+    """
+    import hashlib
+    import inspect
+
+    from training.trainer import ArrayDataset
+
+    factory = _factory(recipe.protocol, factories)
+    cache = dataset_cache_dir() if recipe.data.source == "cohort" else None
+    if cache is None:
+        return factory(recipe)
+    try:
+        code = inspect.getsource(inspect.getmodule(factory))  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return factory(recipe)
+    key = hashlib.sha256(json.dumps([recipe.protocol, dataclasses.asdict(recipe.data), code],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = cache / f"{recipe.protocol}-{key}.npz"
+    if path.is_file():
+        print(f"data set from cache {path}", file=sys.stderr)
+        return ArrayDataset.load_npz(path)
+    ds = factory(recipe)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    ds.save_npz(tmp)
+    tmp.replace(path)
+    return ds
 
 
 def _holdout_mask(ds: Any, recipe: Recipe) -> np.ndarray | None:
@@ -151,8 +226,9 @@ def _train(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] | N
     from training.trainer import predict, train_folds
 
     recipe = load_recipe(args.recipe)
-    factory = _factory(recipe.protocol, factories)
-    ds = factory(recipe)
+    if factories is None and recipe.protocol in CUSTOM_TRAINERS:
+        return int(_resolve(CUSTOM_TRAINERS[recipe.protocol])(recipe, args))
+    ds = build_dataset(recipe, factories)
     plan = _plan(ds, recipe)
     out_root = Path(args.out)
     ckpt_dir = Path(args.checkpoints) if args.checkpoints else out_root / ".checkpoints" / f"{recipe.protocol}-{recipe.variant}"
@@ -276,10 +352,10 @@ def _evaluate(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] 
             raise CliError(f"{args.bundle}: the model card has no recipe; pass --data FILE.npz")
         if data.endswith(".csv"):
             r = dataclasses.replace(recipe, data=DataSpec(source="manifest", path=str(Path(data).resolve())))
-            ds = _factory(r.protocol, factories)(r)
+            ds = build_dataset(r, factories)
             label = Path(data).name
         else:
-            full = _factory(recipe.protocol, factories)(recipe)
+            full = build_dataset(recipe, factories)
             plan = _plan(full, recipe)
             idx = plan.test if data == "test" else plan.excluded
             if idx.size == 0:

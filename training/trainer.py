@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,7 @@ class ArrayDataset:
             arrays["strata"] = np.asarray(self.strata)
         for k, v in self.attributes.items():
             arrays[f"attr_{k}"] = np.asarray(v)
+        arrays["meta_json"] = np.asarray(json.dumps(self.meta, default=_json_default))
         np.savez_compressed(path, **arrays)
 
     @classmethod
@@ -150,8 +152,17 @@ class ArrayDataset:
                 extras=z["extras"] if "extras" in z.files else None,
                 strata=z["strata"] if "strata" in z.files else None,
                 attributes={k[5:]: z[k] for k in z.files if k.startswith("attr_")},
-                meta={"source": str(path)},
+                meta={**(json.loads(str(z["meta_json"])) if "meta_json" in z.files else {}),
+                      "source": str(path)},
             )
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -81,14 +81,6 @@ def hu_per_mg(kvp: float | None) -> float:
     return float(np.interp(k, xs, ys))
 
 
-def _default_localizer(volume: Volume) -> SpineLocalization:
-    try:
-        from screener.localizer import locate_spine
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise ProtocolDeclined(f"no spine localizer available ({exc})") from exc
-    return locate_spine(volume)
-
-
 def _disk(radius_px: tuple[float, float]) -> np.ndarray:
     ry, rx = radius_px
     ny, nx = int(np.ceil(ry)), int(np.ceil(rx))
@@ -119,7 +111,7 @@ class L1AttenuationProtocol(Protocol):
     def __init__(self, localizer: Localizer | None = None, *, roi_area_mm2: float = 200.0,
                  min_roi_area_mm2: float = 80.0, edge_margin_mm: float = 1.5,
                  slab_half_mm: float = 3.0) -> None:
-        self.localizer = localizer or _default_localizer
+        self.localizer = localizer
         self.roi_area_mm2 = roi_area_mm2
         self.min_roi_area_mm2 = min_roi_area_mm2
         self.edge_margin_mm = edge_margin_mm
@@ -139,7 +131,11 @@ class L1AttenuationProtocol(Protocol):
         """Measure L1; raises :class:`ProtocolDeclined` when L1 cannot be measured."""
         if not volume.is_axial:
             raise ProtocolDeclined("volume is not axial")
-        loc = self.localizer(volume)
+        if self.localizer is not None:
+            loc = self.localizer(volume)
+        else:  # shared with the other spine protocols of this series (one localizer run)
+            from screener.protocols.model import spine_localization
+            loc = spine_localization(volume, context)
         l1 = loc.get("L1")
         if l1 is None:
             reason = loc.reason or "L1 not in view"

@@ -24,6 +24,9 @@ ABMD_FEMUR = Code("24701-5", "LN", "DXA Femur [Mass/Area] Bone density")
 TSCORE_SPINE = Code("38267-1", "LN", "DXA Lumbar spine [T-score] Bone density")
 TSCORE_FEMUR = Code("38263-0", "LN", "DXA Femur [T-score] Bone density")
 ZSCORE = Code("121416", "DCM", "Z-Score of measurement")
+TBS = Code("TBS", SCHEME, "Trabecular bone score")
+YAM_PERCENT = Code("YAMPCT", SCHEME, "Percent of young adult mean BMD")
+PROBABILITY = Code("PROB", SCHEME, "Model probability")
 
 # --- derivations ------------------------------------------------------------
 MEAN = codes.SCT.Mean                                      # (SCT,373098007)
@@ -46,6 +49,9 @@ SITES: dict[str, Code] = {
     "L5": Code("49668003", "SCT", "L5 vertebra"),
     "lumbar spine": Code("122496007", "SCT", "Lumbar spine"),
     "femoral neck": Code("29627003", "SCT", "Structure of neck of femur"),
+    "right femoral neck": Code("29627003", "SCT", "Structure of neck of femur"),
+    "left femoral neck": Code("29627003", "SCT", "Structure of neck of femur"),
+    "proximal femur": Code("787184008", "SCT", "Structure of proximal end of femur"),
 }
 PROCEDURE_CT = codes.LN.CTUnspecifiedBodyRegion            # (LN,25045-6)
 PROCEDURE_BONE_DENSITY = Code("312681000", "SCT", "Bone density scan")
@@ -59,6 +65,8 @@ CATEGORIES: dict[str, Code] = {
     "osteoporosis": Code("64859006", "SCT", "Osteoporosis"),
     "osteopenia": Code("312894000", "SCT", "Osteopenia"),
     "normal": Code("17621005", "SCT", "Normal"),
+    "spine BMD unreliable": Code("DXAUNREL", SCHEME, "Spine DXA BMD unreliable (structural change)"),
+    "spine BMD usable": Code("DXAOK", SCHEME, "Spine DXA BMD not flagged as unreliable"),
 }
 INTENDED_USE = Code("INTUSE", SCHEME, "Intended use")
 NOT_FOR_DIAGNOSTIC_USE = Code("NODXREV", SCHEME, "Not for diagnostic use without review")

@@ -149,7 +149,7 @@ def build_sc(finding: Finding, source: Dataset, *, series_uid: str, sop_instance
     ref = fix_type2(source)
     iop = [float(v) for v in ref.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
     orientation = (_orientation_letters(np.array(iop[:3])), _orientation_letters(np.array(iop[3:])))
-    spacing = ref.get("PixelSpacing")
+    spacing = finding.details.get("overlay_pixel_spacing_mm") or ref.get("PixelSpacing")
     kwargs = {}
     if software_version:
         kwargs["software_versions"] = software_version
@@ -168,10 +168,11 @@ def build_sc(finding: Finding, source: Dataset, *, series_uid: str, sop_instance
     if finding.roi is not None and finding.roi.frame_number:
         src_item.ReferencedFrameNumber = finding.roi.frame_number
     sc.SourceImageSequence = [src_item]
+    described = finding.details.get("overlay_description") or (
+        f"{finding.site} slice in bone window (L {BONE_WINDOW[0]:g} / W {BONE_WINDOW[1]:g}) "
+        "with ROI and results burned in")
     sc.DerivationDescription = (
-        f"{finding.protocol} {finding.protocol_version}: {finding.site} slice in bone window "
-        f"(L {BONE_WINDOW[0]:g} / W {BONE_WINDOW[1]:g}) with ROI and results burned in; "
-        f"{DISCLAIMER.lower()}")[:1024]
+        f"{finding.protocol} {finding.protocol_version}: {described}; {DISCLAIMER.lower()}")[:1024]
     if ref.get("BodyPartExamined"):
         sc.BodyPartExamined = ref.BodyPartExamined
         # Laterality (type 2C) must be absent for unpaired body parts and present otherwise;

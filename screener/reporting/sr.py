@@ -67,8 +67,11 @@ def _group(finding: Finding, sources: dict[str, Dataset]
            ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | \
         hd.sr.MeasurementsAndQualitativeEvaluations:
     """One TID 1410 (with ROI) or TID 1501 (without) measurement group for ``finding``."""
+    params = [f"model bundle {finding.details['bundle_id']}"] if finding.details.get("bundle_id") else []
+    if finding.details.get("training_data"):
+        params.append(f"trained on: {finding.details['training_data']}"[:1024])
     algo = hd.sr.AlgorithmIdentification(name=f"screener {finding.protocol}",
-                                         version=finding.protocol_version)
+                                         version=finding.protocol_version, parameters=params or None)
     tracking = hd.sr.TrackingIdentifier(uid=generate_uid(),
                                         identifier=f"{finding.site} {finding.protocol}"[:64])
     sites = [hd.sr.FindingSite(anatomic_location=_cc(finding.site_code))] \

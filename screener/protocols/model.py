@@ -1,0 +1,99 @@
+"""Base of the deep-learning protocols: a :class:`Protocol` backed by a model bundle.
+
+The bundle lives in ``<config.models_dir>/<bundle_name>/`` (``screener train`` writes it,
+the project ships ones trained on the virtual cohort).  It is loaded once per process and
+device and kept; inference runs on the GPU when ``config.device`` is ``"auto"`` and CUDA is
+available.  A missing bundle is a recorded decline with the command that makes one, not a
+crash.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from screener.protocols.base import Protocol, ProtocolContext, ProtocolDeclined
+
+if TYPE_CHECKING:  # pragma: no cover
+    from screener.bundles import Bundle
+    from screener.domain import SpineLocalization, Volume
+
+__all__ = ["ModelProtocol", "model_details", "resolve_device", "spine_localization"]
+
+_CACHE: dict[tuple[str, str], "Bundle"] = {}
+_LOCK = threading.Lock()
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; other values unchanged."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class ModelProtocol(Protocol):
+    """A protocol whose estimate comes from a bundle (see module docstring).
+
+    Class attributes
+    ----------------
+    bundle_name : str
+        Folder of the bundle under ``config.models_dir``.
+    """
+
+    bundle_name: str = ""
+
+    def bundle_path(self, context: ProtocolContext) -> Path:
+        """Where this protocol's bundle is expected."""
+        return Path(context.config.models_dir) / (self.bundle_name or self.name)
+
+    def load_bundle(self, context: ProtocolContext) -> "Bundle":
+        """The loaded bundle (cached per path and device).
+
+        Raises
+        ------
+        ProtocolDeclined
+            When the bundle is not installed (the reason names the training command).
+        """
+        from screener.bundles import BundleError, load_bundle
+
+        path = self.bundle_path(context)
+        device = resolve_device(context.config.device)
+        key = (str(path.resolve()), device)
+        with _LOCK:
+            if key in _CACHE:
+                return _CACHE[key]
+            if not (path / "model_card.json").is_file():
+                raise ProtocolDeclined(
+                    f"model bundle {path} not installed: run screener train "
+                    f"training/recipes/{self.name}-cohort.toml --out {path.parent}")
+            try:
+                bundle = load_bundle(path, device)
+            except BundleError as exc:
+                raise ProtocolDeclined(f"model bundle {path} unusable: {exc}") from exc
+            if bundle.protocol != self.name:
+                raise ProtocolDeclined(f"model bundle {path} is for {bundle.protocol}, not {self.name}")
+            _CACHE[key] = bundle
+            return bundle
+
+
+def spine_localization(volume: "Volume", context: ProtocolContext) -> "SpineLocalization":
+    """Locate the spine once per series (cached in ``context.extras``) and return it."""
+    found = context.extras.get("spine_localization")
+    if found is None:
+        from screener.localizer import locate_spine
+
+        found = locate_spine(volume)
+        context.extras["spine_localization"] = found
+    return found
+
+
+def model_details(bundle: "Bundle") -> dict[str, Any]:
+    """What a finding records about the model that produced it."""
+    card = bundle.card
+    return {"bundle_id": bundle.bundle_id, "bundle_version": bundle.version,
+            "architecture": card.get("architecture", {}).get("name", ""),
+            "ensemble_size": len(bundle.models),
+            "training_data": str(card.get("training_data", "")),
+            "device": str(bundle.device)}
