@@ -282,6 +282,7 @@ def test_real_pipeline_sr_and_sc_reach_orthanc_and_late_instances_supersede(
     orthanc = Orthanc(tmp_path / "orthanc").start()
     d = Daemon(tmp_path / "d", env={
         "SCREENER_QUIET_SECONDS": "1", "SCREENER_ALLOWED_CALLING_AES": "TESTSCU",
+        "SCREENER_PROTOCOLS": "l1_attenuation",  # the model protocols: test_model_protocols_daemon
         "SCREENER_DESTINATIONS": f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"})
     try:
         d.start()

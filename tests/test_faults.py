@@ -148,7 +148,8 @@ def test_pacs_down_result_delivered_after_it_starts(tmp_path: Path) -> None:
 
 def test_shared_real_ct_refused_with_clear_status_then_received_with_fresh_uids(
         tmp_path: Path, real_ct_dir: Path) -> None:
-    d = Daemon(tmp_path / "d", env={"SCREENER_QUIET_SECONDS": "1"}).start()   # real pipeline
+    d = Daemon(tmp_path / "d", env={"SCREENER_QUIET_SECONDS": "1",    # real pipeline
+                                    "SCREENER_PROTOCOLS": "l1_attenuation"}).start()
     try:
         real = sorted(p for p in real_ct_dir.iterdir() if p.is_file())
         assert len(real) == 20

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +38,9 @@ def phantom_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
 
 
 def _cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, SCREENER_PROTOCOLS="l1_attenuation")  # model protocols: own tests
     return subprocess.run([sys.executable, "-m", "screener", *args, "--data-dir", str(data_dir)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_replay_processes_phantom_then_skips_then_force_supersedes(
