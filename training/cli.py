@@ -55,6 +55,12 @@ CUSTOM_TRAINERS: dict[str, str] = {
     "hip_xray": "training.hip_xray:train_recipe",
 }
 
+#: protocol -> step run on the written bundle after training (``fn(bundle_dir, device=...)``):
+#: ``dxa_spine`` matches its fracture threshold to the minimum-T-score sensitivity (Nissinen).
+POST_TRAIN: dict[str, str] = {
+    "dxa_spine": "training.datasets.dxa_spine:calibrate_fracture_threshold",
+}
+
 
 def _resolve(ref: Any) -> Any:
     """Import ``"module:attr"`` references; return callables unchanged."""
@@ -153,7 +159,8 @@ def _plan(ds: Any, recipe: Recipe) -> Any:
 
 def evaluation_tables(protocol: str, task: str, y_true: np.ndarray, y_pred: np.ndarray, *,
                       patient_ids: Sequence[Any] | None = None,
-                      outputs: Sequence[str] = ()) -> dict[str, list[dict[str, Any]]]:
+                      outputs: Sequence[str] = (),
+                      thresholds: Mapping[str, float] | None = None) -> dict[str, list[dict[str, Any]]]:
     """The paper's table(s) for a protocol, or task-generic metrics for any other protocol.
 
     Parameters
@@ -166,6 +173,8 @@ def evaluation_tables(protocol: str, task: str, y_true: np.ndarray, y_pred: np.n
     patient_ids : sequence, optional
     outputs : sequence of str
         Output names (``dxa_spine``: the task of each column).
+    thresholds : mapping, optional
+        ``dxa_spine``: task -> probability threshold (the bundle's calibrated fracture threshold).
 
     Returns
     -------
@@ -178,7 +187,8 @@ def evaluation_tables(protocol: str, task: str, y_true: np.ndarray, y_pred: np.n
     if protocol == "dxa_spine":
         t = np.asarray(y_true).reshape(len(y_true), -1)
         names = list(outputs) or ["scoliosis"]
-        return {f"dxa_spine {n}": M.paper_table("dxa_spine", t[:, j], y_pred[:, j], task=n)
+        return {f"dxa_spine {n}": M.paper_table("dxa_spine", t[:, j], y_pred[:, j], task=n,
+                                                threshold=(thresholds or {}).get(n))
                 for j, n in enumerate(names)}
     if protocol in ("l1_axial", "hip_xray"):
         return {protocol: M.paper_table(protocol, np.asarray(y_true).ravel(), y_pred[:, 0])}
@@ -289,6 +299,8 @@ def _train(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] | N
                                "profiles": list(recipe.data.profiles),
                                "holdout_profiles": list(recipe.data.holdout_profiles)}},
     )
+    if factories is None and recipe.protocol in POST_TRAIN:
+        _resolve(POST_TRAIN[recipe.protocol])(bundle_dir, device="cpu")
     for name, md in metrics["tables"].items():
         print(f"\n## {name}\n\n{md}")
     print(f"bundle written to {bundle_dir}")
@@ -366,6 +378,8 @@ def _evaluate(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] 
         raise CliError(f"--data {data!r}: give test, holdout, a .npz file or a manifest .csv")
     pred = bundle.predict(ds.images, ds.extras)
     names = bundle.output_names
+    calibrated = card.get("preprocessing", {}).get("fracture_threshold")
+    thresholds = {"fracture": float(calibrated)} if calibrated is not None else None
     units = list(card["outputs"].get("units", []))
     groups: list[tuple[str, np.ndarray]] = [(label, np.arange(len(ds)))]
     if args.by:
@@ -378,7 +392,8 @@ def _evaluate(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] 
     for glabel, idx in groups:
         try:
             tables = evaluation_tables(bundle.protocol, bundle.task, ds.targets[idx], pred[idx],
-                                       patient_ids=ds.patient_ids[idx], outputs=names)
+                                       patient_ids=ds.patient_ids[idx], outputs=names,
+                                       thresholds=thresholds)
         except ValueError as exc:
             print(f"{glabel}: no table ({exc})", file=sys.stderr)
             continue

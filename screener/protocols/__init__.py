@@ -20,7 +20,7 @@ REGISTRY: dict[str, str] = {
     # "femur_coronal": "screener.protocols.femur_coronal:FemurCoronalProtocol",  # LANDING
     # "lumbar_sagittal": "screener.protocols.lumbar_sagittal:LumbarSagittalProtocol",  # LANDING
     # "hip_xray": "screener.protocols.hip_xray:HipXrayProtocol",  # LANDING
-    # "dxa_spine": "screener.protocols.dxa_spine:DxaSpineProtocol",  # LANDING
+    "dxa_spine": "screener.protocols.dxa_spine:DxaSpineProtocol",
 }
 
 
