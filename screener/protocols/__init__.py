@@ -16,7 +16,7 @@ __all__ = ["REGISTRY", "Decision", "Protocol", "ProtocolContext", "ProtocolDecli
 #: Registered protocols in routing order: name -> "module:class".
 REGISTRY: dict[str, str] = {
     "l1_attenuation": "screener.protocols.l1_attenuation:L1AttenuationProtocol",
-    # "l1_axial": "screener.protocols.l1_axial:L1AxialProtocol",  # LANDING
+    "l1_axial": "screener.protocols.l1_axial:L1AxialProtocol",
     # "femur_coronal": "screener.protocols.femur_coronal:FemurCoronalProtocol",  # LANDING
     # "lumbar_sagittal": "screener.protocols.lumbar_sagittal:LumbarSagittalProtocol",  # LANDING
     # "hip_xray": "screener.protocols.hip_xray:HipXrayProtocol",  # LANDING
