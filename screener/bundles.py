@@ -71,17 +71,21 @@ class BundleError(ValueError):
 
 def _networks() -> dict[str, Callable[..., nn.Module]]:
     from screener.nets import HaClassifier, KangRegressor, NissinenCNN, ResNet50Regressor
+    from screener.nets.bmdgan import BMDGenerator, BMDRegressor
 
     return {
         "KangRegressor": KangRegressor,
         "HaClassifier": HaClassifier,
         "ResNet50Regressor": ResNet50Regressor,
         "NissinenCNN": NissinenCNN,
+        "BMDGenerator": BMDGenerator,
+        "BMDRegressor": BMDRegressor,
     }
 
 
 #: Names of the built-in networks (``screener.nets``); others are passed as ``networks=``.
-NETWORKS = ("KangRegressor", "HaClassifier", "ResNet50Regressor", "NissinenCNN")
+NETWORKS = ("KangRegressor", "HaClassifier", "ResNet50Regressor", "NissinenCNN", "BMDGenerator",
+            "BMDRegressor")
 
 
 def build_network(name: str, kwargs: Mapping[str, Any] | None = None,

@@ -19,7 +19,7 @@ REGISTRY: dict[str, str] = {
     "l1_axial": "screener.protocols.l1_axial:L1AxialProtocol",
     # "femur_coronal": "screener.protocols.femur_coronal:FemurCoronalProtocol",  # LANDING
     # "lumbar_sagittal": "screener.protocols.lumbar_sagittal:LumbarSagittalProtocol",  # LANDING
-    # "hip_xray": "screener.protocols.hip_xray:HipXrayProtocol",  # LANDING
+    "hip_xray": "screener.protocols.hip_xray:HipXrayProtocol",
     "dxa_spine": "screener.protocols.dxa_spine:DxaSpineProtocol",
 }
 

@@ -1,0 +1,175 @@
+"""hip_xray: preprocessing geometry, router, evaluation tables, and a tiny train -> bundle -> protocol run."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from screener.preprocess.hip_xray import preprocess_hip_radiograph
+from training.phantoms.population import make_patient
+from training.phantoms.projection_dicom import dx_dataset
+
+torch.set_num_threads(1)
+
+
+def _dx(image: np.ndarray, **extra: object):
+    ds = dx_dataset(make_patient(1, 0), 1, image.astype(np.uint16), imager_pixel_spacing_mm=0.5,
+                    magnification=1.25, sid_mm=1000.0, sod_mm=800.0, kvp=75.0, pose="supine", upright=False,
+                    window=(2048.0, 4096.0))
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def _dot_image(rows: int = 300, cols: int = 400, at: tuple[int, int] = (150, 80)) -> np.ndarray:
+    img = np.full((rows, cols), 1000, dtype=np.uint16)
+    img[at[0] - 2:at[0] + 3, at[1] - 2:at[1] + 3] = 4000
+    return img
+
+
+def _peak(a: np.ndarray) -> tuple[int, int]:
+    r, c = np.unravel_index(int(np.argmax(a)), a.shape)
+    return int(r), int(c)
+
+
+@pytest.mark.parametrize("orientation,dot,side", [
+    (None, (150, 80), "R"),            # standard view: image-left column is the patient's right hip
+    (None, (100, 330), "L"),           # image right = left hip (mirrored in the tensor)
+    (["R", "F"], (150, 80), "L"),      # columns towards the patient's right: image-left is the LEFT hip
+])
+def test_hip_pixel_maps_back_to_the_stored_radiograph(orientation, dot, side):
+    extra = {"PatientOrientation": orientation} if orientation else {}
+    ds = _dx(_dot_image(at=dot), **extra)
+    rad, hips = preprocess_hip_radiograph(ds, shape=(128, 64), pixel_mm=0.7)
+    assert set(hips) == {"R", "L"}
+    other = "L" if side == "R" else "R"
+    assert hips[side].image.max() > 0.9 and hips[other].image.max() < 0.5  # the dot is in the right half
+    r, c = _peak(hips[side].image)
+    pr, pc = hips[side].to_stored(np.array([r]), np.array([c]))
+    # one network pixel is ~2.5 stored pixels here; the mapped dot lies within 3 stored pixels
+    assert abs(pr[0] - dot[0]) <= 3.0 and abs(pc[0] - dot[1]) <= 3.0
+
+
+def test_left_hip_is_mirrored_like_the_right_and_unilateral_image_is_one_hip():
+    img = np.full((300, 400), 1000, dtype=np.uint16)
+    img[140:160, 20:40] = 4000    # patient's right, lateral edge (image left)
+    img[140:160, 360:380] = 4000  # patient's left, lateral edge (image right)
+    _, hips = preprocess_hip_radiograph(_dx(img), shape=(128, 64), pixel_mm=0.7)
+    # both lateral marks land on the tensor's left edge (left hip mirrored)
+    for side in ("R", "L"):
+        assert _peak(hips[side].image)[1] < 16
+    _, one = preprocess_hip_radiograph(_dx(img, ImageLaterality="L"), shape=(128, 64), pixel_mm=0.7)
+    assert list(one) == ["L"]
+
+
+def test_robustness_tables_pcc_by_pose_and_jpeg_equal_hand_computation():
+    from training.hip_xray import robustness_tables
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(0.8, 0.1, 40)
+    p = y + rng.normal(0, 0.03, 40)
+    pj = y + rng.normal(0, 0.06, 40)
+    poses = np.array(["supine", "standing"] * 20)
+    t = robustness_tables(y, {"m": p}, {"m": pj}, poses)
+    row = t["robustness"][0]
+    m = poses == "standing"
+    assert row["all"] == pytest.approx(np.corrcoef(y, p)[0, 1], abs=1e-12)
+    assert row["pose=standing"] == pytest.approx(np.corrcoef(y[m], p[m])[0, 1], abs=1e-12)
+    assert row["jpeg"] == pytest.approx(np.corrcoef(y, pj)[0, 1], abs=1e-12)
+    mae = next(r for r in t["comparison"] if r["metric"] == "MAE")
+    assert mae["value"] == pytest.approx(np.mean(np.abs(y - p)), abs=1e-12)
+
+
+def _info(path: Path):
+    from screener.series import read_series_info
+
+    return read_series_info([path])
+
+
+def test_router_accepts_ap_pelvis_and_declines_chest_lateral_and_ct(tmp_path):
+    from screener.protocols.hip_xray import HipXrayProtocol
+
+    proto = HipXrayProtocol()
+    cases = {"ap": {}, "chest": {"BodyPartExamined": "CHEST", "SeriesDescription": "PA chest",
+                                 "StudyDescription": "Chest", "ProtocolName": "Chest PA"},
+             "lateral": {"ViewPosition": "LL"}, "lateral_po": {"PatientOrientation": ["A", "F"]}}
+    out = {}
+    for name, extra in cases.items():
+        ds = _dx(_dot_image(), **extra)
+        f = tmp_path / f"{name}.dcm"
+        ds.save_as(f, enforce_file_format=True)
+        out[name] = proto.accepts(_info(f))
+    assert out["ap"].accepted, out["ap"].reason
+    assert not out["chest"].accepted and "chest" in out["chest"].reason
+    assert not out["lateral"].accepted and "lateral" in out["lateral"].reason
+    assert not out["lateral_po"].accepted and "lateral" in out["lateral_po"].reason
+
+
+def test_tiny_training_run_writes_a_bundle_the_protocol_reads(tmp_path):
+    """Render 5 + 1 patients, train every stage for one epoch, then run the protocol on a radiograph."""
+    from screener.config import Config
+    from screener.protocols.base import ProtocolContext
+    from screener.protocols.hip_xray import HipXrayProtocol
+    from training.datasets.hip_xray import render_sample
+    from training.hip_xray import load_aux, train_recipe
+    from training.recipes import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[1] / "training/recipes/hip_xray-cohort.toml")
+    net = dataclasses.replace(recipe.network, kwargs={
+        **recipe.network.kwargs, "width": 4, "ndf": 4, "dims": [8, 16], "heads": 2, "stage1_epochs": 1,
+        "stage2_epochs": 1, "stage3_frozen_epochs": 1})
+    opts = {**recipe.data.options, "shape": [64, 32], "n_holdout": 1, "ray_mm": 6.0, "dy_mm": 6.0, "detector_mm": 2.0}
+    recipe = dataclasses.replace(recipe, network=net, data=dataclasses.replace(recipe.data, n=5, options=opts),
+                                 training=dataclasses.replace(recipe.training, epochs=1, test_fraction=0.4,
+                                                              val_fraction=0.34))
+    args = argparse.Namespace(out=str(tmp_path / "models"), recipe="tiny.toml", device="cpu")
+    assert train_recipe(recipe, args) == 0
+    bundle_dir = tmp_path / "models" / "hip_xray"
+    gen, base, dec = load_aux(bundle_dir)
+    assert base is not None and dec["threshold_t"] > 0 and np.isfinite(dec["slope"])
+    assert sum(f.stat().st_size for f in bundle_dir.iterdir()) < 12 * 2 ** 20
+
+    from training.datasets.hip_xray import _options
+
+    sample = render_sample(recipe.data.seed, 0, "dx_pelvis_standard", "supine", _options(recipe))
+    f = tmp_path / "pelvis.dcm"
+    sample[0]["dataset"].save_as(f, enforce_file_format=True)
+    cfg = Config(models_dir=tmp_path / "models", device="cpu")
+    proto = HipXrayProtocol()
+    info = _info(f)
+    assert proto.accepts(info).accepted
+    findings = proto.run(None, ProtocolContext(config=cfg, info=info))
+    assert [x.site for x in findings] == ["right femoral neck", "left femoral neck"]
+    assert sum(x.overlay is not None for x in findings) == 1
+    ds = sample[0]["dataset"]
+    for x in findings:
+        bmd = x.measurement("right femoral neck BMD" if x.details["side"] == "R" else "left femoral neck BMD").value
+        t = x.measurements[1].value
+        assert t == pytest.approx((bmd - 0.858) / 0.120, abs=1e-9)
+        poly = x.roi.polygon
+        assert np.allclose(poly[0], poly[-1])
+        assert poly[:, 0].min() >= -1 and poly[:, 0].max() <= ds.Columns + 1
+        assert poly[:, 1].min() >= -1 and poly[:, 1].max() <= ds.Rows + 1
+    # right hip ROI on the image's left half, left hip ROI on the right half (standard AP view)
+    assert findings[0].roi.polygon[:, 0].mean() < ds.Columns / 2 < findings[1].roi.polygon[:, 0].mean()
+    ov = findings[0].overlay
+    assert ov.dtype == np.uint8 and ov.ndim == 3 and ov.shape[2] == 3
+
+
+def test_augmentation_shifts_radiograph_and_target_together():
+    from training.hip_xray import _augment
+
+    x = torch.zeros(3, 1, 32, 16)
+    x[:, :, 10, 5] = 1.0
+    y = x.clone() * 2.0
+    xa, ya = _augment(x, y, np.random.default_rng(3), intensity=0.0, shift_frac=0.2)
+    for i in range(3):
+        assert _peak(xa[i, 0].numpy()) == _peak(ya[i, 0].numpy())
+        assert float(ya[i].max()) == 2.0
+    assert any(_peak(xa[i, 0].numpy()) != (10, 5) for i in range(3))
+    xi, _ = _augment(x, None, np.random.default_rng(3), intensity=0.3, shift_frac=0.0)
+    assert float(xi.min()) >= 0.0 and float(xi.max()) <= 1.0 and not torch.equal(xi, x)

@@ -1,0 +1,499 @@
+"""``screener train training/recipes/hip_xray-*.toml``: BMD-GAN (Gu et al. 2023, seed ``004``).
+
+Called by ``screener train`` through :data:`training.cli.CUSTOM_TRAINERS` (the recipe is not a plain
+fold ensemble).  One run:
+
+1. data: :func:`training.datasets.hip_xray.build` and the same patient-level split as every protocol
+   (:func:`training.cli._plan`: test patients and the held-out radiograph profile out first; the
+   first fold's train / validation patients);
+2. **stage 1** -- generator ``G`` (:class:`screener.nets.bmdgan.BMDGenerator`, light HRNet encoder +
+   pix2pixHD decoder) against multi-scale conditional discriminators learns radiograph -> pelvis +
+   femur bone DRR with the paper's losses (LSGAN + 10 x feature matching + 100 x L1 + 1 x gradient
+   correlation), AdamW + SGDR (:func:`training.bmdgan.run_decomposition_stage`);
+3. **stage 2** -- hierarchical learning: ``G`` continues on the proximal-femur PF-DRR
+   (:func:`training.bmdgan.start_stage2`);
+4. **PF-DRR -> BMD** -- threshold ``t`` maximising the training-set PCC of the mean PF-DRR above
+   ``t`` with BMD, and the linear fit (:func:`training.bmdgan.tune_threshold`) on *predicted*
+   training PF-DRRs;
+5. **stage 3** -- ``R = {M_E, M_R}`` (:class:`screener.nets.bmdgan.BMDRegressor`) inherits the
+   encoder, trains the head with the encoder frozen, then end to end, on the distance-weighted L1
+   (eqs. 9-11); best validation MAE kept;
+6. **direct-regression baseline** -- the same ``BMDRegressor`` from random initialisation on the same
+   training patients, loss and total regression epochs (no decomposition): the paper's comparison;
+7. evaluation on the test patients and the held-out profile: the paper's table (PCC, ICC, MAE, SEE)
+   for decomposition + regression, PF-DRR linear fit and the direct baseline; PCC by pose and after
+   JPEG q50 recompression of the radiograph (:func:`robustness_tables`);
+8. the bundle ``<out>/hip_xray/`` (:func:`screener.bundles.save_bundle`) -- a documented variant:
+   ``weights.pt`` holds the stage-3 regressor (the bundle's prediction, what ``screener evaluate``
+   runs), ``decomposition.pt`` the stage-2 generator (PF-DRR for the overlay and the linear BMD),
+   ``baseline.pt`` the direct-regression baseline (evaluation only); all float16, same format.
+   The card's ``decomposition`` entry says so and holds ``t`` and the line.
+
+Recipe mapping
+--------------
+``[network] kwargs``: ``width``, ``blocks``, ``stages`` (encoder), ``ndf``, ``n_layers``,
+``num_scales`` (discriminators), ``dims``, ``depths``, ``heads`` (regression head),
+``stage1_epochs``, ``stage2_epochs``, ``stage3_frozen_epochs``, ``gan_lr``, ``intensity_aug`` (strength of the per-image gamma / contrast /
+brightness jitter of the radiograph, 0 = off).  ``[augmentation] shift_frac``: the same random shift of
+radiograph and target DRR (GAN stages) or of the radiograph (regression), edge-replicated.
+``[training] epochs``: stage-3 end-to-end epochs (the baseline trains ``stage3_frozen_epochs +
+epochs``); ``batch_size``; ``split``/``folds``/``val_fraction``/``test_fraction`` as usual.
+``[optimizer] lr``: the regression-head / baseline learning rate (end-to-end phase: ``lr / 5``,
+the paper's 6e-5 -> 8e-6 ratio is 7.5), ``weight_decay``.
+``[loss] name = "distance_weighted_l1"``, ``kwargs``: ``lambda_l1``, ``lambda_gc``, ``lambda_fm``,
+``gan_mode``.
+
+Evaluate the comparison and robustness tables of a trained bundle with
+``python -m training.hip_xray evaluate models/hip_xray --data test|holdout``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from screener.bundles import BUNDLE_FORMAT, InputSpec, load_bundle, save_bundle
+from screener.nets.bmdgan import BMDGenerator, BMDRegressor, MultiscaleDiscriminator
+from training import bmdgan as B
+from training import losses as L
+
+__all__ = ["NETWORKS", "evaluate_main", "load_aux", "predict_all", "robustness_tables", "train_recipe"]
+
+#: Networks of the bundle (pass as ``networks=`` to :func:`screener.bundles.load_bundle`).
+NETWORKS = {"BMDRegressor": BMDRegressor, "BMDGenerator": BMDGenerator}
+DECOMPOSITION_FILE = "decomposition.pt"
+BASELINE_FILE = "baseline.pt"
+PF_THRESHOLDS = np.round(np.arange(0.05, 1.51, 0.05), 3)
+
+_GEN_KEYS = ("width", "blocks", "stages")
+_HEAD_KEYS = ("dims", "depths", "heads")
+
+
+def _kw(recipe: Any) -> dict[str, Any]:
+    k = dict(recipe.network.kwargs or {})
+    known = set(_GEN_KEYS + _HEAD_KEYS + ("ndf", "n_layers", "num_scales", "stage1_epochs", "stage2_epochs",
+                                          "stage3_frozen_epochs", "gan_lr", "intensity_aug"))
+    unknown = sorted(set(k) - known)
+    if unknown:
+        raise ValueError(f"hip_xray: unknown [network] kwargs {unknown}; known: {sorted(known)}")
+    return k
+
+
+def _batches(x: np.ndarray, y: np.ndarray, batch: int, rng: np.random.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    order = rng.permutation(len(x))
+    return [(torch.from_numpy(x[order[i:i + batch]]), torch.from_numpy(y[order[i:i + batch]]))
+            for i in range(0, len(order), batch)]
+
+
+def _augment(xb: torch.Tensor, yb: torch.Tensor | None, rng: np.random.Generator, intensity: float,
+             shift_frac: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-image intensity jitter of the radiograph (gamma ``exp(U(-a, a))``, contrast ``1 + U(-a, a) / 2``,
+    brightness ``U(-a, a) / 4``; clipped to [0, 1]) and the same integer shift (edge-replicated) of the
+    radiograph and, when given, its target DRR."""
+    if intensity <= 0 and shift_frac <= 0:
+        return xb, yb
+    xb = xb.clone()
+    yb = None if yb is None else yb.clone()
+    h, w = xb.shape[-2:]
+    for i in range(len(xb)):
+        if intensity > 0:
+            g, c, b = rng.uniform(-intensity, intensity, 3)
+            xb[i] = (xb[i].clamp(0, 1) ** float(np.exp(g)) * (1 + c / 2) + b / 4).clamp(0, 1)
+        if shift_frac > 0:
+            dy = int(rng.integers(-int(shift_frac * h), int(shift_frac * h) + 1))
+            dx = int(rng.integers(-int(shift_frac * w), int(shift_frac * w) + 1))
+            if dy or dx:
+                xb[i] = _shift(xb[i], dy, dx)
+                if yb is not None:
+                    yb[i] = _shift(yb[i], dy, dx)
+    return xb, yb
+
+
+def _shift(a: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    h, w = a.shape[-2:]
+    rows = (torch.arange(h) - dy).clamp(0, h - 1)
+    cols = (torch.arange(w) - dx).clamp(0, w - 1)
+    return a[..., rows[:, None], cols[None, :]]
+
+
+class _Shuffled:
+    """Re-iterable batches, reshuffled (and augmented) every pass (seeded)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch: int, seed: int, intensity: float = 0.0,
+                 shift_frac: float = 0.0) -> None:
+        self.x, self.y, self.batch = x, y, batch
+        self.rng = np.random.default_rng(seed)
+        self.intensity, self.shift_frac = intensity, shift_frac
+
+    def __iter__(self):  # noqa: ANN204
+        return iter([_augment(xb, yb, self.rng, self.intensity, self.shift_frac)
+                     for xb, yb in _batches(self.x, self.y, self.batch, self.rng)])
+
+
+@torch.no_grad()
+def _run(model: nn.Module, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    model.eval()
+    outs = [model(torch.from_numpy(x[i:i + batch])).cpu().numpy() for i in range(0, len(x), batch)]
+    return np.concatenate(outs).astype(np.float64)
+
+
+def _fit_regressor(model: BMDRegressor, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray,
+                   phases: Sequence[tuple[str, int, float]], batch: int, weight_decay: float, seed: int,
+                   tag: str, intensity: float = 0.0, shift_frac: float = 0.0
+                   ) -> tuple[BMDRegressor, list[dict[str, float]]]:
+    """Train ``model`` through ``phases`` ((phase, epochs, lr)) on the distance-weighted L1; keep the
+    best-validation-MAE weights."""
+    weights = L.distance_weights(y_tr)
+    rng = np.random.default_rng(seed)
+    best, best_mae, history = copy.deepcopy(model.state_dict()), float("inf"), []
+    yt = torch.from_numpy(y_tr.astype(np.float32))
+    for phase, epochs, lr in phases:
+        if epochs <= 0:
+            continue
+        if phase == "scratch":
+            model.freeze_encoder(False)
+            opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        else:
+            opt = B.stage3_optimizer(model, phase, lr=lr, weight_decay=weight_decay)
+        for epoch in range(epochs):
+            t0 = time.time()
+            losses = []
+            order = rng.permutation(len(x_tr))
+            for i in range(0, len(order), batch):
+                b = order[i:i + batch]
+                if len(b) < 2:
+                    continue
+                xb, _ = _augment(torch.from_numpy(x_tr[b]), None, rng, intensity, shift_frac)
+                losses.append(B.regression_step(model, opt, xb, yt[b], weights[b]))
+            mae = float(np.mean(np.abs(_run(model, x_va) - y_va))) if len(x_va) else float(np.mean(losses))
+            if mae < best_mae:
+                best_mae, best = mae, copy.deepcopy(model.state_dict())
+            history.append({"phase": phase, "epoch": epoch, "loss": float(np.mean(losses)), "val_mae": mae})
+            print(f"hip_xray {tag} {phase} epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f} "
+                  f"val MAE {mae:.4f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+    model.load_state_dict(best)
+    model.freeze_encoder(False)
+    return model.eval(), history
+
+
+def _start_at_mean(model: BMDRegressor, mean: float) -> None:
+    """Zero the last layer's weights and set its bias to the training mean (start at the mean BMD)."""
+    nn.init.zeros_(model.head.fc.weight)
+    nn.init.constant_(model.head.fc.bias, mean)
+
+
+def _state16(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu().clone())
+            for k, v in model.state_dict().items()}
+
+
+def _save_aux(path: Path, model: nn.Module) -> None:
+    torch.save({"format": BUNDLE_FORMAT, "folds": [_state16(model)]}, path)
+
+
+def _load_aux(path: Path, model: nn.Module) -> nn.Module:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path}: not a {BUNDLE_FORMAT} weights file")
+    model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in blob["folds"][0].items()})
+    return model.eval()
+
+
+def load_aux(bundle_dir: str | Path) -> tuple[BMDGenerator, BMDRegressor | None, dict[str, Any]]:
+    """The stage-2 generator, the baseline regressor (``None`` if absent) and the card's
+    ``decomposition`` entry of a ``hip_xray`` bundle."""
+    p = Path(bundle_dir)
+    card = json.loads((p / "model_card.json").read_text(encoding="utf-8"))
+    dec = card.get("decomposition")
+    if not dec:
+        raise ValueError(f"{p}: model card has no 'decomposition' entry; not a hip_xray bundle")
+    gen = _load_aux(p / dec["file"], BMDGenerator(**dec["generator_kwargs"]))
+    base = None
+    if dec.get("baseline_file") and (p / dec["baseline_file"]).is_file():
+        base = _load_aux(p / dec["baseline_file"], BMDRegressor(**{k: tuple(v) if isinstance(v, list) else v
+                                                                     for k, v in card["architecture"]["kwargs"].items()}))
+    return gen, base, dec
+
+
+def predict_all(regressor: nn.Module, generator: nn.Module, baseline: nn.Module | None, dec: dict[str, Any],
+                images: np.ndarray) -> dict[str, np.ndarray]:
+    """BMD estimates of every method for ``(N, 1, H, W)`` inputs.
+
+    Returns
+    -------
+    dict
+        ``decomposition_regression`` (stage 3), ``pfdrr_linear`` (mean PF-DRR above ``t``, linear
+        fit) and ``direct_baseline`` (when given).
+    """
+    x = np.asarray(images, dtype=np.float32)
+    out = {"decomposition_regression": _run(regressor, x)}
+    pf = _run(generator, x)
+    feats = B.pfdrr_bmd_features(pf, dec["threshold_t"])
+    feats = np.where(np.isfinite(feats), feats, np.nanmean(feats))
+    out["pfdrr_linear"] = B.apply_linear_bmd(feats, dec["slope"], dec["intercept"])
+    if baseline is not None:
+        out["direct_baseline"] = _run(baseline, x)
+    return out
+
+
+def robustness_tables(y: np.ndarray, preds: dict[str, np.ndarray], pred_jpeg: dict[str, np.ndarray] | None,
+                      poses: np.ndarray | None) -> dict[str, list[dict[str, Any]]]:
+    """The comparison table (paper metrics per method) and the robustness table (PCC by pose and
+    after JPEG recompression).
+
+    Parameters
+    ----------
+    y : numpy.ndarray
+        Reference BMD.
+    preds, pred_jpeg : dict
+        Method -> estimate on the images as rendered / after JPEG recompression.
+    poses : numpy.ndarray, optional
+        Pose of each sample.
+
+    Returns
+    -------
+    dict
+        ``{"comparison": rows, "robustness": rows}``.
+    """
+    from training import metrics as M
+
+    comparison = []
+    for method, p in preds.items():
+        for row in M.paper_table("hip_xray", y, p):
+            comparison.append({"method": method, **row})
+    robust = []
+    for method, p in preds.items():
+        row: dict[str, Any] = {"method": method, "all": M.pearson_r(y, p)}
+        if poses is not None:
+            for pose in sorted(set(map(str, poses))):
+                m = np.asarray(poses).astype(str) == pose
+                row[f"pose={pose}"] = M.pearson_r(y[m], p[m]) if m.sum() >= 3 else float("nan")
+        if pred_jpeg is not None and method in pred_jpeg:
+            row["jpeg"] = M.pearson_r(y, pred_jpeg[method])
+        robust.append(row)
+    return {"comparison": comparison, "robustness": robust}
+
+
+def _md(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0].keys())
+    for r in rows[1:]:
+        keys += [k for k in r if k not in keys]
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "nan" if not np.isfinite(v) else f"{v:.3f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _evaluate_sets(ds: Any, plan: Any, regressor: nn.Module, generator: nn.Module, baseline: nn.Module | None,
+                   dec: dict[str, Any], holdout_label: str) -> tuple[dict[str, Any], dict[str, str]]:
+    rows: dict[str, Any] = {}
+    md: dict[str, str] = {}
+    for label, idx in (("test", plan.test), (holdout_label, plan.excluded)):
+        if idx.size < 3:
+            continue
+        sub = ds.subset(idx)
+        y = np.asarray(sub.targets, dtype=np.float64)
+        preds = predict_all(regressor, generator, baseline, dec, sub.images)
+        pj = predict_all(regressor, generator, baseline, dec, sub.attributes["image_jpeg"][:, None]) \
+            if "image_jpeg" in sub.attributes else None
+        t = robustness_tables(y, preds, pj, sub.attributes.get("pose"))
+        rows[label] = t
+        n = idx.size
+        md[f"hip_xray — {label} ({n} hips, synthetic): methods"] = _md(t["comparison"])
+        md[f"hip_xray — {label} ({n} hips, synthetic): PCC by pose and after JPEG q{dec.get('jpeg_quality', 50)}"] = _md(t["robustness"])
+    return rows, md
+
+
+def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
+    """Train the BMD-GAN pipeline of a ``hip_xray`` recipe and write the bundle (module docstring).
+
+    Parameters
+    ----------
+    recipe : training.recipes.Recipe
+    args : argparse.Namespace
+        From ``screener train`` (``out``, ``device``, ``recipe``).
+
+    Returns
+    -------
+    int
+        Exit status (0).
+    """
+    from training.cli import _plan
+    from training.datasets.hip_xray import build
+
+    t_start = time.time()
+    kw = _kw(recipe)
+    seed = int(recipe.seed)
+    torch.manual_seed(seed)
+    lk = dict(recipe.loss.kwargs or {})
+    weights = B.LossWeights(l1=float(lk.get("lambda_l1", B.LAMBDA_L1)), gc=float(lk.get("lambda_gc", B.LAMBDA_GC)),
+                            fm=float(lk.get("lambda_fm", B.LAMBDA_FM)))
+    gan_mode = str(lk.get("gan_mode", "lsgan"))
+
+    ds = build(recipe)
+    plan = _plan(ds, recipe)
+    fold = plan.folds[0]
+    t_data = time.time() - t_start
+    print(f"hip_xray ({recipe.variant}): {len(ds)} hips, {len(np.unique(ds.patient_ids))} patients; train {fold.train.size}, "
+          f"val {fold.val.size}, test {plan.test.size}, held-out profile {plan.excluded.size} "
+          f"(data {t_data:.0f} s)", file=sys.stderr)
+    x = ds.images.astype(np.float32)
+    y = np.asarray(ds.targets, dtype=np.float64)
+    bone = ds.attributes["bone_drr"][:, None].astype(np.float32)
+    pf = ds.attributes["pf_drr"][:, None].astype(np.float32)
+    tr, va = fold.train, fold.val
+    shape = tuple(int(s) for s in x.shape[2:])
+    batch = int(recipe.training.batch_size)
+    gen_kw = {k: int(kw[k]) for k in _GEN_KEYS if k in kw}
+    disc_kw = {"ndf": int(kw.get("ndf", 16)), "n_layers": int(kw.get("n_layers", 3)),
+               "num_scales": int(kw.get("num_scales", 3))}
+    head_kw = {k: (tuple(kw[k]) if isinstance(kw[k], list) else kw[k]) for k in _HEAD_KEYS if k in kw}
+    gan_lr = float(kw.get("gan_lr", B.PAPER_LR))
+    e1, e2 = int(kw.get("stage1_epochs", 10)), int(kw.get("stage2_epochs", 10))
+    e3a, e3b = int(kw.get("stage3_frozen_epochs", 5)), int(recipe.training.epochs)
+    lr, wd = float(recipe.optimizer.lr), float(recipe.optimizer.weight_decay)
+    aug = {"intensity": float(kw.get("intensity_aug", 0.0)), "shift_frac": float(recipe.augmentation.shift_frac)}
+
+    # stages 1 and 2 (hierarchical decomposition)
+    g1, d1 = BMDGenerator(**gen_kw), MultiscaleDiscriminator(2, **disc_kw)
+    t0 = time.time()
+    h1 = B.run_decomposition_stage(g1, d1, _Shuffled(x[tr], bone[tr], batch, seed + 1, **aug), e1, lr=gan_lr,
+                                   weights=weights, gan_mode=gan_mode, first_cycle_epochs=max(1, e1))
+    t1 = time.time() - t0
+    g2, d2 = B.start_stage2(g1, d1)
+    t0 = time.time()
+    h2 = B.run_decomposition_stage(g2, d2, _Shuffled(x[tr], pf[tr], batch, seed + 2, **aug), e2, lr=gan_lr,
+                                   weights=weights, gan_mode=gan_mode, first_cycle_epochs=max(1, e2))
+    t2 = time.time() - t0
+    print(f"hip_xray: stage 1 L1 {h1[-1]['l1']:.4f} ({t1:.0f} s), stage 2 L1 {h2[-1]['l1']:.4f} ({t2:.0f} s)",
+          file=sys.stderr)
+    # PF-DRR -> BMD on predicted training PF-DRRs
+    pf_pred = _run(g2, x[tr])
+    tun = B.tune_threshold(pf_pred, y[tr], PF_THRESHOLDS)
+    print(f"hip_xray: threshold t = {tun.threshold:g} (training PCC {np.nanmax(tun.pcc):.3f})", file=sys.stderr)
+
+    # stage 3 and the direct baseline
+    reg = BMDRegressor.from_generator(g2, shape, **head_kw)
+    _start_at_mean(reg, float(y[tr].mean()))
+    reg, h3 = _fit_regressor(reg, x[tr], y[tr], x[va], y[va],
+                             [("frozen_encoder", e3a, lr), ("end_to_end", e3b, lr / 5.0)], batch, wd, seed + 3,
+                             "stage3", **aug)
+    torch.manual_seed(seed + 4)
+    base = BMDRegressor(shape, **gen_kw, **head_kw)
+    _start_at_mean(base, float(y[tr].mean()))
+    base, hb = _fit_regressor(base, x[tr], y[tr], x[va], y[va], [("scratch", e3a + e3b, lr)], batch, wd,
+                              seed + 5, "baseline", **aug)
+    dec = {"file": DECOMPOSITION_FILE, "baseline_file": BASELINE_FILE, "generator_kwargs": gen_kw,
+           "threshold_t": tun.threshold, "slope": tun.slope, "intercept": tun.intercept,
+           "drr_units": "g/cm2 hydroxyapatite (drr_scale 1)",
+           "jpeg_quality": int(ds.meta.get("render", {}).get("jpeg_quality", 50)),
+           "holds": {"weights.pt": "stage-3 regressor R = {M_E, M_R} (BMDRegressor): the bundle's BMD",
+                     DECOMPOSITION_FILE: "stage-2 generator G (BMDGenerator): radiograph half -> PF-DRR",
+                     BASELINE_FILE: "direct-regression baseline (BMDRegressor from scratch), evaluation only"}}
+    hold_label = "holdout profile " + ",".join(recipe.data.holdout_profiles)
+    rows, md = _evaluate_sets(ds, plan, reg, g2, base, dec, hold_label)
+    wall = time.time() - t_start
+
+    from training.cli import evaluation_tables, _markdown
+
+    metrics: dict[str, Any] = {"split": plan.to_dict(), "tables": {}, "rows": {}, "comparison": rows,
+                               "wall_s": {"total": wall, "data": t_data, "stage1": t1, "stage2": t2},
+                               "history": {"stage1": h1[-1], "stage2": h2[-1], "stage3": h3, "baseline": hb},
+                               "threshold_pcc": {"t": tun.thresholds.tolist(), "pcc": tun.pcc.tolist()}}
+    for label, idx in (("test", plan.test), (hold_label, plan.excluded)):
+        if idx.size < 3:
+            continue
+        sub = ds.subset(idx)
+        pred = _run(reg, sub.images)[:, None]
+        tables = evaluation_tables("hip_xray", "regression", sub.targets, pred)
+        metrics["rows"][label] = tables
+        metrics["tables"].update(_markdown(tables, f"{label} ({idx.size} hips, synthetic)"))
+    metrics["tables"].update(md)
+    out_dir = Path(args.out) / "hip_xray"
+    b = recipe.bundle
+    spec = InputSpec(shape=(1, *shape), spacing_mm=(), window={}, extras=(), value_range=(0.0, 1.0))
+    arch_kw = {"input_shape": list(shape), **gen_kw, **{k: list(v) if isinstance(v, tuple) else v
+                                                       for k, v in head_kw.items()}}
+    save_bundle(
+        out_dir, protocol="hip_xray", models=[reg], architecture={"name": "BMDRegressor", "kwargs": arch_kw},
+        input_spec=spec, outputs=list(b.outputs) or ["femoral_neck_bmd"], units=list(b.units) or ["g/cm2"],
+        task="regression", preprocessing={**ds.meta.get("preprocessing", {}), **b.preprocessing},
+        t_score_reference={"mean": b.t_score_mean or 0.858, "sd": b.t_score_sd or 0.120,
+                           "source": b.t_score_reference or "NHANES III femoral neck, white women 20-29"},
+        recipe=recipe.to_dict(), command=f"screener train {args.recipe} --out {args.out}", seed=seed,
+        metrics=metrics, version=b.version, differences_from_paper=b.differences_from_paper,
+        extra={"decomposition": dec,
+               "data_source": {"source": recipe.data.source, "n": recipe.data.n, "seed": recipe.data.seed,
+                               "profiles": list(recipe.data.profiles),
+                               "holdout_profiles": list(recipe.data.holdout_profiles)}},
+    )
+    _save_aux(out_dir / DECOMPOSITION_FILE, g2)
+    _save_aux(out_dir / BASELINE_FILE, base)
+    append_files_section(out_dir, dec)
+    for name, text in metrics["tables"].items():
+        print(f"\n## {name}\n\n{text}")
+    print(f"bundle written to {out_dir} (wall {wall:.0f} s)")
+    return 0
+
+
+def append_files_section(bundle_dir: str | Path, dec: dict[str, Any]) -> None:
+    """Add the bundle's file list and the PF-DRR -> BMD line to its ``README.md`` (the standard card
+    does not know the two extra weight files)."""
+    lines = ["", "## Files (hip_xray bundle variant)", ""]
+    lines += [f"- `{name}`: {what}" for name, what in dec["holds"].items()]
+    lines += ["", f"PF-DRR -> BMD: BMD = {dec['slope']:.4f} x mean(PF-DRR >= t) + {dec['intercept']:.4f} g/cm2, "
+              f"t = {dec['threshold_t']:g} g/cm2 (training set).  All weights float16, format "
+              f"`{BUNDLE_FORMAT}`; the model card's `decomposition` entry holds the same.", ""]
+    readme = Path(bundle_dir) / "README.md"
+    readme.write_text(readme.read_text(encoding="utf-8").rstrip() + "\n" + "\n".join(lines), encoding="utf-8")
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.hip_xray evaluate BUNDLE --data test|holdout``: the paper table of the
+    bundle (as ``screener evaluate``) plus the method comparison and the robustness table."""
+    ap = argparse.ArgumentParser(prog="python -m training.hip_xray evaluate")
+    ap.add_argument("command", choices=["evaluate"])
+    ap.add_argument("bundle")
+    ap.add_argument("--data", default="test", choices=["test", "holdout"])
+    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    from training.cli import _plan
+    from training.datasets.hip_xray import build
+    from training.recipes import recipe_from_dict
+
+    bundle = load_bundle(args.bundle, "cpu", networks=NETWORKS)
+    recipe = recipe_from_dict(bundle.card["recipe"], where=f"{args.bundle}/model_card.json recipe")
+    gen, base, dec = load_aux(args.bundle)
+    ds = build(recipe)
+    plan = _plan(ds, recipe)
+    idx = plan.test if args.data == "test" else plan.excluded
+    if idx.size == 0:
+        print(f"the recipe has no {args.data} set", file=sys.stderr)
+        return 2
+    sub = ds.subset(idx)
+    y = np.asarray(sub.targets, dtype=np.float64)
+    preds = predict_all(bundle.models[0], gen, base, dec, sub.images)
+    pj = predict_all(bundle.models[0], gen, base, dec, sub.attributes["image_jpeg"][:, None])
+    t = robustness_tables(y, preds, pj, sub.attributes["pose"])
+    print(f"# {bundle.bundle_id} — {args.data} ({idx.size} hips, synthetic; not clinical accuracy)\n")
+    print("## methods\n\n" + _md(t["comparison"]) + "\n")
+    print(f"## PCC by pose and after JPEG q{dec.get('jpeg_quality', 50)}\n\n" + _md(t["robustness"]))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(evaluate_main())
