@@ -55,6 +55,13 @@ CUSTOM_TRAINERS: dict[str, str] = {
     "hip_xray": "training.hip_xray:train_recipe",
 }
 
+#: protocol -> extra tables printed by ``screener evaluate`` after the paper table
+#: (``fn(["evaluate", BUNDLE, "--data", DATA]) -> exit status``): ``hip_xray`` compares
+#: decomposition + regression with the PF-DRR fit and the direct baseline, by pose and after JPEG.
+EXTRA_EVALUATIONS: dict[str, str] = {
+    "hip_xray": "training.hip_xray:evaluate_main",
+}
+
 #: protocol -> step run on the written bundle after training (``fn(bundle_dir, device=...)``):
 #: ``dxa_spine`` matches its fracture threshold to the minimum-T-score sensitivity (Nissinen).
 POST_TRAIN: dict[str, str] = {
@@ -403,6 +410,11 @@ def _evaluate(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] 
     header = (f"# {bundle.bundle_id} evaluation\n\n{card.get('training_data', '')}. "
               "Numbers on synthetic data are not clinical accuracy.\n\n")
     print(header + text)
+    if factories is None and bundle.protocol in EXTRA_EVALUATIONS and data in ("test", "holdout"):
+        sys.stdout.flush()
+        status = _resolve(EXTRA_EVALUATIONS[bundle.protocol])(["evaluate", str(args.bundle), "--data", data])
+        if status:
+            return int(status)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
