@@ -202,7 +202,9 @@ def evaluation_tables(protocol: str, task: str, y_true: np.ndarray, y_pred: np.n
     if protocol == "femur_coronal":
         return {protocol: M.paper_table(protocol, y_true, y_pred)}
     if protocol == "lumbar_sagittal":
-        return {protocol: M.paper_table(protocol, y_true, y_pred, patient_ids=patient_ids)}
+        from training.phantoms.labels import YAM_L1L4  # the young-adult mean the labels use
+
+        return {protocol: M.paper_table(protocol, y_true, y_pred, patient_ids=patient_ids, yam=YAM_L1L4)}
     return {protocol: M.generic_table(task, y_true, y_pred, outputs=outputs or None)}
 
 
