@@ -17,7 +17,7 @@ __all__ = ["REGISTRY", "Decision", "Protocol", "ProtocolContext", "ProtocolDecli
 REGISTRY: dict[str, str] = {
     "l1_attenuation": "screener.protocols.l1_attenuation:L1AttenuationProtocol",
     "l1_axial": "screener.protocols.l1_axial:L1AxialProtocol",
-    # "femur_coronal": "screener.protocols.femur_coronal:FemurCoronalProtocol",  # LANDING
+    "femur_coronal": "screener.protocols.femur_coronal:FemurCoronalProtocol",
     "lumbar_sagittal": "screener.protocols.lumbar_sagittal:LumbarSagittalProtocol",
     "hip_xray": "screener.protocols.hip_xray:HipXrayProtocol",
     "dxa_spine": "screener.protocols.dxa_spine:DxaSpineProtocol",

@@ -1,0 +1,253 @@
+"""Protocol ``femur_coronal``: normal / osteopenia / osteoporosis from both femora on coronal CT.
+
+Ha et al. 2024 (seed 001): a 6-convolution CNN reads a 250 x 250 coronal crop of the proximal
+femur (window C 500 / W 2000) together with age, sex, height, weight and BMI, and outputs the
+three WHO classes of the DXA T-score.
+
+Steps
+-----
+1. Headers (:meth:`FemurCoronalProtocol.accepts`): an axial CT volume (``axial_ct_decision``)
+   of a body part that can contain the hips, covering at least 100 mm.
+2. :func:`screener.preprocess.femur_coronal.locate_femoral_heads` finds both femoral heads or the
+   protocol declines ``"femoral heads not in coverage"``; the demographics come from the DICOM
+   header (PatientAge, PatientSex, PatientSize, PatientWeight) and a missing one declines with
+   its name -- never defaulted.
+3. :func:`screener.preprocess.femur_coronal.volume_inputs` (the function the training builder
+   uses): per side a coronal crop through the femoral neck, windowed, pooled; right = channel 0,
+   left mirrored = channel 1.
+4. The bundle's fold ensemble gives the class probabilities (mean of the folds' softmax).
+5. Grad-CAM of the predicted class (mean over the folds) on the last convolution, drawn on both
+   crops side by side (patient right on the viewer's left, as radiologists view coronal CT).
+
+One finding (site ``proximal femur``): the three probabilities (%) as measurements and the
+predicted class as the category; the overlay is its secondary capture, the ROI the footprint of
+the two coronal crops on the axial slice through the femoral heads.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import structlog
+
+from screener import scores
+from screener.domain import Volume
+from screener.findings import Finding, RoiGeometry
+from screener.preprocess import femur_coronal as pp
+from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined, axial_ct_decision
+from screener.protocols.model import ModelProtocol, model_details
+from screener.reporting import codes
+from screener.series import SeriesInfo, frame_number
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["CLASSES", "FemurCoronalProtocol"]
+
+CLASSES = ("normal", "osteopenia", "osteoporosis")
+#: the crops reach from 115 mm above to 85 mm below the head centre; a shorter volume cannot hold a hip
+MIN_COVERAGE_MM = 100.0
+EXCLUDED_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "NECK", "CSPINE", "CHEST", "THORAX", "TSPINE",
+                                 "HEART", "BREAST", "HAND", "WRIST", "ELBOW", "SHOULDER", "ARM", "FOOT",
+                                 "ANKLE", "KNEE", "IAC", "ORBIT", "SINUS", "LSPINE"})
+
+
+def _uid(volume: Volume, k: int) -> str:
+    return str(volume.datasets[k].SOPInstanceUID) if volume.datasets else ""
+
+
+def _sop_class(volume: Volume, k: int) -> str:
+    if not volume.datasets:
+        return ""
+    ds = volume.datasets[k]
+    uid = str(ds.get("SOPClassUID", "") or "")
+    if not uid and hasattr(ds, "file_meta"):
+        uid = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    return uid
+
+
+class FemurCoronalProtocol(ModelProtocol):
+    """Ha et al. 2024 3-class grading from coronal femur crops + demographics (module docstring)."""
+
+    name = "femur_coronal"
+    version = "1.0.0"
+    bundle_name = "femur_coronal"
+
+    # ------------------------------------------------------------------ routing
+    def accepts(self, info: SeriesInfo) -> Decision:
+        """Axial CT volume (<= 6 mm slices) of a body part that can hold the hips, >= 100 mm long."""
+        d = axial_ct_decision(info, excluded_body_parts=frozenset())
+        if not d.accepted:
+            return d
+        if info.body_part and info.body_part.upper() in EXCLUDED_BODY_PARTS:
+            return Decision(False, f"body part {info.body_part} does not include the hips")
+        if not info.is_multiframe and info.z_coverage_mm < MIN_COVERAGE_MM:
+            return Decision(False, f"z coverage {info.z_coverage_mm:.0f} mm < {MIN_COVERAGE_MM:g} mm: "
+                                   "too short for the femoral head and neck crops")
+        return Decision(True, f"axial CT, {info.n_instances} slices, {info.z_coverage_mm:.0f} mm coverage")
+
+    # --------------------------------------------------------------- inference
+    @staticmethod
+    def inputs(volume: Volume) -> tuple[np.ndarray, np.ndarray, pp.PreprocessInfo, dict[str, Any]]:
+        """Network inputs exactly as the manifest builder computes them, or :class:`ProtocolDeclined`.
+
+        Returns
+        -------
+        image : numpy.ndarray
+            ``(2, 83, 83)`` float32.
+        demographics : numpy.ndarray
+            ``(5,)`` standardised.
+        info : PreprocessInfo
+        heads : dict
+            Femoral-head centres (patient mm).
+        """
+        try:
+            return pp.volume_inputs(volume)
+        except LookupError as exc:
+            raise ProtocolDeclined(str(exc.args[0]) if exc.args else "femoral heads not in coverage") from exc
+        except pp.MissingDemographics as exc:
+            raise ProtocolDeclined(str(exc)) from exc
+
+    def run(self, volume: Volume, context: ProtocolContext) -> list[Finding]:
+        """Grade the bone density of the proximal femora; raises :class:`ProtocolDeclined` when it cannot."""
+        import torch
+
+        from screener.explain import grad_cam
+
+        if not volume.is_axial:
+            raise ProtocolDeclined("volume is not axial")
+        t0 = time.perf_counter()
+        image, demo, pinfo, heads = self.inputs(volume)  # declines first: no femur / no demographics
+        t1 = time.perf_counter()
+        bundle = self.load_bundle(context)
+        t1b = time.perf_counter()
+        x = torch.from_numpy(image[None]).to(bundle.device)
+        e = torch.from_numpy(demo[None]).to(bundle.device)
+        bundle.input_spec.check(x, e)
+        with torch.no_grad():
+            folds = np.stack([torch.softmax(m(x, e), dim=1).double().cpu().numpy()[0] for m in bundle.models])
+        prob = folds.mean(axis=0)
+        k_cls = int(np.argmax(prob))
+        grade = CLASSES[k_cls]
+        t2 = time.perf_counter() - (t1b - t1)  # bundle loading (cached) is not model time
+        heat = grad_cam(bundle.models, x, e, class_index=k_cls)[0]  # (H, W) in the network frame
+        t3 = time.perf_counter() - (t1b - t1)
+
+        info = context.info
+        category, ccode = scores.grade_category(grade)
+        timing = {"preprocess": 1000 * (t1 - t0), "model": 1000 * (t2 - t1), "explain": 1000 * (t3 - t2)}
+        demo_raw = pp.header_demographics(volume.datasets[0])
+        roi, k_roi = self._roi(volume, pinfo, heads)
+        finding = Finding(
+            protocol=self.name, protocol_version=self.version, site="proximal femur",
+            site_code=codes.site_code("proximal femur"),
+            measurements=[scores.probability_measurement(f"P({c})", float(prob[j])) for j, c in enumerate(CLASSES)],
+            category=category, category_code=ccode, flags=self._flags(volume, info),
+            z_extent_mm=self._z_extent(heads),
+            study_uid=info.study_uid, series_uid=info.series_uid, roi=roi,
+            referenced_sop_instance_uids=[u for u in [roi.source_sop_instance_uid] if u],
+            details={**model_details(bundle), "who_grade": grade,
+                     "probabilities": {c: float(prob[j]) for j, c in enumerate(CLASSES)},
+                     "per_fold": {c: folds[:, j].tolist() for j, c in enumerate(CLASSES)},
+                     "femoral_heads_mm": {s: [float(v) for v in c] for s, c in heads.items()},
+                     "demographics": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in demo_raw.items()},
+                     "label_definition": str(bundle.card.get("t_score_reference", {}).get("source", "")),
+                     "preprocessing": pp.constants(), "localizer": "classical femoral-head sphere detection",
+                     "timing_ms": timing},
+        )
+        finding.overlay = self._overlay(pinfo, heat, prob, grade)
+        finding.details["overlay_description"] = (
+            f"Grad-CAM of the {grade} class (mean of {len(bundle.models)} fold models) on the coronal femur "
+            f"crops through the femoral necks, right femur left, left femur right, window C {pp.WINDOW_CENTER:g} / "
+            f"W {pp.WINDOW_WIDTH:g}")
+        finding.details["overlay_pixel_spacing_mm"] = [pp.CROP_SPACING_MM / 2.0, pp.CROP_SPACING_MM / 2.0]
+        log.info("femur_coronal measured", series_uid=info.series_uid, grade=grade,
+                 p=[round(float(p), 3) for p in prob], ms={k: round(v) for k, v in timing.items()})
+        return [finding]
+
+    # ----------------------------------------------------------------- helpers
+    @staticmethod
+    def _flags(volume: Volume, info: SeriesInfo) -> list[str]:
+        out = [scores.flag("WHO class is a deep-learning estimate from CT and demographics (Ha et al. 2024), "
+                           "not a DXA measurement; this bundle was trained on the synthetic virtual cohort")]
+        out += [scores.flag(w) for w in volume.warnings]
+        if not info.contrast_enhanced:
+            out.append(scores.flag("non-contrast CT: the paper trained on contrast-enhanced abdominal CT"))
+        if info.kvp is not None and not (80.0 <= info.kvp <= 140.0):
+            out.append(scores.flag(f"kVp {info.kvp:g} outside the paper's 80-140 kVp"))
+        return out
+
+    @staticmethod
+    def _z_extent(heads: dict[str, Any]) -> tuple[float, float]:
+        z = [float(c[2]) for c in heads.values()]
+        return (min(z) - pp.CROP_PX * pp.CROP_SPACING_MM + pp.ABOVE_MM, max(z) + pp.ABOVE_MM)
+
+    @staticmethod
+    def _slice_of(volume: Volume, point_mm: Any) -> int:
+        from screener.preprocess.sampling import VolumeSampler
+
+        k = float(VolumeSampler(volume).to_index(np.asarray(point_mm, dtype=np.float64))[0])
+        return int(np.clip(round(k), 0, volume.array.shape[0] - 1))
+
+    def _roi(self, volume: Volume, pinfo: pp.PreprocessInfo, heads: dict[str, Any]) -> tuple[RoiGeometry, int]:
+        """Footprint of both coronal crops (plane +- 2 mm) on the axial slice through the femoral heads."""
+        from screener.preprocess.sampling import VolumeSampler
+
+        sampler = VolumeSampler(volume)
+        c = np.mean([np.asarray(h, dtype=np.float64) for h in heads.values()], axis=0)
+        k = self._slice_of(volume, c)
+        z = float(volume.index_to_patient(k, 0, 0)[2])
+        xs = []
+        for side in pp.SIDES:
+            pl = pinfo.planes[side]
+            o, u = np.asarray(pl["origin"]), np.asarray(pl["u"])
+            xs += [o[0], o[0] + u[0] * (pp.CROP_PX - 1) * pp.CROP_SPACING_MM]
+        y = float(np.mean([pinfo.planes[s]["origin"][1] for s in pp.SIDES]))
+        x0, x1 = min(xs), max(xs)
+        corners = np.array([[x0, y - 2.0, z], [x1, y - 2.0, z], [x1, y + 2.0, z], [x0, y + 2.0, z]])
+        idx = sampler.to_index(corners)
+        rows, cols = volume.array.shape[1:]
+        pts = np.stack([np.clip(idx[:, 2] + 0.5, 0.0, cols), np.clip(idx[:, 1] + 0.5, 0.0, rows)], axis=1)
+        polygon = np.vstack([pts, pts[:1]])
+        _, dj, di = volume.spacing
+        px, py = polygon[:-1, 0], polygon[:-1, 1]
+        area_px = 0.5 * abs(float(np.dot(px, np.roll(py, 1)) - np.dot(py, np.roll(px, 1))))
+        roi = RoiGeometry(source_sop_instance_uid=_uid(volume, k), source_sop_class_uid=_sop_class(volume, k),
+                          polygon=polygon, centre_mm=(float(c[0]), y, z), area_mm2=area_px * dj * di,
+                          slice_index=k, frame_number=frame_number(volume.datasets[k]) if volume.datasets else None)
+        return roi, k
+
+    @staticmethod
+    def _overlay(pinfo: pp.PreprocessInfo, heat: np.ndarray, prob: np.ndarray, grade: str) -> np.ndarray:
+        """Right and left crops side by side (left un-mirrored) with Grad-CAM, labelled."""
+        from PIL import Image, ImageDraw
+        from scipy import ndimage
+
+        from screener.explain import fuse_overlay
+        from screener.reporting.sc import DISCLAIMER, _font
+
+        n = pp.CROP_PX
+        h = np.asarray(heat, dtype=np.float64)
+        h = ndimage.zoom(h, (n / h.shape[0], n / h.shape[1]), order=1)[:n, :n]
+        right = fuse_overlay(pinfo.windowed[0], h, vmin=0.0, vmax=1.0)
+        left = fuse_overlay(pinfo.windowed[1], h, vmin=0.0, vmax=1.0)[:, ::-1]
+        sep = np.zeros((n, 2, 3), np.uint8)
+        img = Image.fromarray(np.concatenate([right, sep, left], axis=1), mode="RGB")
+        img = img.resize((img.width * 2, img.height * 2), Image.BILINEAR)
+        draw = ImageDraw.Draw(img)
+        font = _font(14)
+        lines = [f"femur_coronal: {grade}",
+                 "  ".join(f"{c} {100 * p:.0f}%" for c, p in zip(CLASSES, prob))]
+        y = 4
+        for text in lines:
+            box = draw.textbbox((4, y), text, font=font)
+            draw.rectangle(box, fill=(0, 0, 0))
+            draw.text((4, y), text, fill=(255, 255, 0), font=font)
+            y = box[3] + 2
+        for text, x in (("R", img.width // 2 - 20), ("L", img.width - 16)):
+            draw.text((x, img.height // 2), text, fill=(255, 255, 255), font=font)
+        box = draw.textbbox((4, 0), DISCLAIMER, font=font)
+        yb = img.height - (box[3] - box[1]) - 6
+        draw.rectangle((4, yb, box[2], yb + box[3] - box[1] + 2), fill=(0, 0, 0))
+        draw.text((4, yb - box[1]), DISCLAIMER, fill=(255, 80, 80), font=font)
+        return np.asarray(img, dtype=np.uint8).copy()
