@@ -109,8 +109,9 @@ def test_router_accepts_ap_pelvis_and_declines_chest_lateral_and_ct(tmp_path):
     assert not out["lateral_po"].accepted and "lateral" in out["lateral_po"].reason
 
 
-def test_tiny_training_run_writes_a_bundle_the_protocol_reads(tmp_path):
+def test_tiny_training_run_writes_a_bundle_the_protocol_reads(tmp_path, monkeypatch):
     """Render 5 + 1 patients, train every stage for one epoch, then run the protocol on a radiograph."""
+    monkeypatch.setenv("SCREENER_DATASET_CACHE", str(tmp_path / "cache"))
     from screener.config import Config
     from screener.protocols.base import ProtocolContext
     from screener.protocols.hip_xray import HipXrayProtocol
@@ -173,3 +174,24 @@ def test_augmentation_shifts_radiograph_and_target_together():
     assert any(_peak(xa[i, 0].numpy()) != (10, 5) for i in range(3))
     xi, _ = _augment(x, None, np.random.default_rng(3), intensity=0.3, shift_frac=0.0)
     assert float(xi.min()) >= 0.0 and float(xi.max()) <= 1.0 and not torch.equal(xi, x)
+
+
+def test_frozen_stage3_on_cached_representation_trains_only_the_head():
+    """The frozen-encoder phase runs the head on the cached representation: same prediction as the
+    full network, encoder untouched, head fitted (training loss falls below the mean predictor's)."""
+    from screener.nets.bmdgan import BMDRegressor
+    from training.hip_xray import _features, _fit_regressor, _head_predict, _run, _start_at_mean
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (24, 1, 32, 16)).astype(np.float32)
+    y = 0.8 + 0.5 * (x[:, 0, 8:24, 4:12].mean(axis=(1, 2)) - 0.5)
+    model = BMDRegressor((32, 16), width=4, dims=(8, 16), depths=(1, 1), heads=2)
+    _start_at_mean(model, float(y.mean()))
+    assert np.allclose(_head_predict(model, _features(model, x)), _run(model, x), atol=1e-6)
+    enc0 = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    model, hist = _fit_regressor(model, x, y, x[:6], y[:6], [("frozen_encoder", 30, 3e-3)], 8, 0.0, 1, "test")
+    assert len(hist) == 30 and all(h["phase"] == "frozen_encoder" for h in hist)
+    assert all(torch.equal(v, enc0[k]) for k, v in model.encoder.state_dict().items())
+    assert hist[-1]["loss"] < 0.8 * hist[0]["loss"]
+    assert np.allclose(_head_predict(model, _features(model, x)), _run(model, x), atol=1e-6)

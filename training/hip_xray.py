@@ -16,10 +16,12 @@ fold ensemble).  One run:
    ``t`` with BMD, and the linear fit (:func:`training.bmdgan.tune_threshold`) on *predicted*
    training PF-DRRs;
 5. **stage 3** -- ``R = {M_E, M_R}`` (:class:`screener.nets.bmdgan.BMDRegressor`) inherits the
-   encoder, trains the head with the encoder frozen, then end to end, on the distance-weighted L1
-   (eqs. 9-11); best validation MAE kept;
+   encoder, trains the head with the encoder frozen (on the encoder's representation of the
+   training radiographs, computed once: many head epochs cost little), then end to end, on the
+   distance-weighted L1 (eqs. 9-11); best validation MAE kept;
 6. **direct-regression baseline** -- the same ``BMDRegressor`` from random initialisation on the same
-   training patients, loss and total regression epochs (no decomposition): the paper's comparison;
+   training patients and loss, ``baseline_epochs`` end-to-end epochs (default frozen + end-to-end
+   epochs of stage 3), no decomposition: the paper's comparison;
 7. evaluation on the test patients and the held-out profile: the paper's table (PCC, ICC, MAE, SEE)
    for decomposition + regression, PF-DRR linear fit and the direct baseline; PCC by pose and after
    JPEG q50 recompression of the radiograph (:func:`robustness_tables`);
@@ -33,9 +35,10 @@ Recipe mapping
 --------------
 ``[network] kwargs``: ``width``, ``blocks``, ``stages`` (encoder), ``ndf``, ``n_layers``,
 ``num_scales`` (discriminators), ``dims``, ``depths``, ``heads`` (regression head),
-``stage1_epochs``, ``stage2_epochs``, ``stage3_frozen_epochs``, ``gan_lr``, ``intensity_aug`` (strength of the per-image gamma / contrast /
+``stage1_epochs``, ``stage2_epochs``, ``stage3_frozen_epochs``, ``baseline_epochs``, ``gan_lr``, ``intensity_aug`` (strength of the per-image gamma / contrast /
 brightness jitter of the radiograph, 0 = off).  ``[augmentation] shift_frac``: the same random shift of
-radiograph and target DRR (GAN stages) or of the radiograph (regression), edge-replicated.
+radiograph and target DRR (GAN stages) or of the radiograph (end-to-end regression), edge-replicated;
+the frozen-encoder phase is never augmented.
 ``[training] epochs``: stage-3 end-to-end epochs (the baseline trains ``stage3_frozen_epochs +
 epochs``); ``batch_size``; ``split``/``folds``/``val_fraction``/``test_fraction`` as usual.
 ``[optimizer] lr``: the regression-head / baseline learning rate (end-to-end phase: ``lr / 5``,
@@ -80,7 +83,8 @@ _HEAD_KEYS = ("dims", "depths", "heads")
 def _kw(recipe: Any) -> dict[str, Any]:
     k = dict(recipe.network.kwargs or {})
     known = set(_GEN_KEYS + _HEAD_KEYS + ("ndf", "n_layers", "num_scales", "stage1_epochs", "stage2_epochs",
-                                          "stage3_frozen_epochs", "gan_lr", "intensity_aug"))
+                                          "stage3_frozen_epochs", "gan_lr", "intensity_aug",
+                                          "baseline_epochs"))
     unknown = sorted(set(k) - known)
     if unknown:
         raise ValueError(f"hip_xray: unknown [network] kwargs {unknown}; known: {sorted(known)}")
@@ -163,6 +167,12 @@ def _fit_regressor(model: BMDRegressor, x_tr: np.ndarray, y_tr: np.ndarray, x_va
             opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         else:
             opt = B.stage3_optimizer(model, phase, lr=lr, weight_decay=weight_decay)
+        if phase == "frozen_encoder":
+            # the encoder is fixed: its representation of the (un-augmented) training radiographs is
+            # computed once and only the head M_R trains (a fraction of the time)
+            best, best_mae = _fit_head_cached(model, opt, x_tr, yt, weights, x_va, y_va, epochs, batch, rng,
+                                              tag, history, best, best_mae)
+            continue
         for epoch in range(epochs):
             t0 = time.time()
             losses = []
@@ -182,6 +192,52 @@ def _fit_regressor(model: BMDRegressor, x_tr: np.ndarray, y_tr: np.ndarray, x_va
     model.load_state_dict(best)
     model.freeze_encoder(False)
     return model.eval(), history
+
+
+@torch.no_grad()
+def _features(model: BMDRegressor, x: np.ndarray, batch: int = 32) -> torch.Tensor:
+    model.eval()
+    if len(x) == 0:
+        return torch.zeros((0,))
+    return torch.cat([model.features(torch.from_numpy(x[i:i + batch])) for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def _head_predict(model: BMDRegressor, z: torch.Tensor, batch: int = 64) -> np.ndarray:
+    model.head.eval()
+    out = [model.head(z[i:i + batch]).reshape(len(z[i:i + batch]), -1)[:, 0] for i in range(0, len(z), batch)]
+    return torch.cat(out).double().numpy()
+
+
+def _fit_head_cached(model: BMDRegressor, opt: torch.optim.Optimizer, x_tr: np.ndarray, yt: torch.Tensor,
+                     weights: torch.Tensor, x_va: np.ndarray, y_va: np.ndarray, epochs: int, batch: int,
+                     rng: np.random.Generator, tag: str, history: list[dict[str, float]],
+                     best: dict[str, torch.Tensor], best_mae: float) -> tuple[dict[str, torch.Tensor], float]:
+    """Frozen-encoder phase of stage 3 on the cached encoder representation (no augmentation)."""
+    z_tr, z_va = _features(model, x_tr), _features(model, x_va)
+    for epoch in range(epochs):
+        t0 = time.time()
+        losses = []
+        order = rng.permutation(len(z_tr))
+        model.head.train()
+        for i in range(0, len(order), batch):
+            b = order[i:i + batch]
+            if len(b) < 2:
+                continue
+            opt.zero_grad(set_to_none=True)
+            pred = model.head(z_tr[b]).reshape(len(b), -1)[:, 0]
+            loss = L.distance_weighted_l1(pred, yt[b], weights[b])
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        mae = float(np.mean(np.abs(_head_predict(model, z_va) - y_va))) if len(z_va) else float(np.mean(losses))
+        if mae < best_mae:
+            best_mae, best = mae, copy.deepcopy(model.state_dict())
+        history.append({"phase": "frozen_encoder", "epoch": epoch, "loss": float(np.mean(losses)), "val_mae": mae})
+        if (epoch + 1) % 10 == 0 or epoch + 1 == epochs:
+            print(f"hip_xray {tag} frozen_encoder epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f} "
+                  f"val MAE {mae:.4f} ({time.time() - t0:.1f} s, cached representation)", file=sys.stderr)
+    return best, best_mae
 
 
 def _start_at_mean(model: BMDRegressor, mean: float) -> None:
@@ -333,8 +389,7 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     int
         Exit status (0).
     """
-    from training.cli import _plan
-    from training.datasets.hip_xray import build
+    from training.cli import _plan, build_dataset
 
     t_start = time.time()
     kw = _kw(recipe)
@@ -345,7 +400,7 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
                             fm=float(lk.get("lambda_fm", B.LAMBDA_FM)))
     gan_mode = str(lk.get("gan_mode", "lsgan"))
 
-    ds = build(recipe)
+    ds = build_dataset(recipe)  # training.datasets.hip_xray.build, cached like every cohort data set
     plan = _plan(ds, recipe)
     fold = plan.folds[0]
     t_data = time.time() - t_start
@@ -396,7 +451,8 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     torch.manual_seed(seed + 4)
     base = BMDRegressor(shape, **gen_kw, **head_kw)
     _start_at_mean(base, float(y[tr].mean()))
-    base, hb = _fit_regressor(base, x[tr], y[tr], x[va], y[va], [("scratch", e3a + e3b, lr)], batch, wd,
+    e_base = int(kw.get("baseline_epochs", e3a + e3b))
+    base, hb = _fit_regressor(base, x[tr], y[tr], x[va], y[va], [("scratch", e_base, lr)], batch, wd,
                               seed + 5, "baseline", **aug)
     dec = {"file": DECOMPOSITION_FILE, "baseline_file": BASELINE_FILE, "generator_kwargs": gen_kw,
            "threshold_t": tun.threshold, "slope": tun.slope, "intercept": tun.intercept,
@@ -471,14 +527,13 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("bundle")
     ap.add_argument("--data", default="test", choices=["test", "holdout"])
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from training.cli import _plan
-    from training.datasets.hip_xray import build
+    from training.cli import _plan, build_dataset
     from training.recipes import recipe_from_dict
 
     bundle = load_bundle(args.bundle, "cpu", networks=NETWORKS)
     recipe = recipe_from_dict(bundle.card["recipe"], where=f"{args.bundle}/model_card.json recipe")
     gen, base, dec = load_aux(args.bundle)
-    ds = build(recipe)
+    ds = build_dataset(recipe)
     plan = _plan(ds, recipe)
     idx = plan.test if args.data == "test" else plan.excluded
     if idx.size == 0:

@@ -17,6 +17,19 @@ in x.  HU are windowed and scaled to 0..1 (the paper exported JPEGs, i.e.
 windowed 8-bit images), once per window of :data:`WINDOWS` -- one channel
 each; the default is one bone window (trabecular contrast).
 
+Energy correction (a documented difference from the paper, which used 120 kVp
+only): bone HU grow with falling tube voltage (hydroxyapatite adds about
+2.17 HU per mg/cm^3 at 80 kVp, 1.33 at 120 and 1.16 at 140 kVp), so before
+windowing the slab HU are multiplied by :func:`energy_scale` of the series'
+kVp (``KVP`` header at inference, the scanner profile's kVp in the cohort):
+``HA HU-per-mg at 120 kVp / HA HU-per-mg at the series' kVp``.  Water (0 HU)
+is the fixed point; the result reads as a 120 kVp-equivalent image.  The
+HU-per-mg table :data:`HA_HU_PER_MG` is the virtual cohort's physics
+(NIST XCOM hydroxyapatite displacing water at the effective energy of each
+kVp: 47, 52, 61, 70, 75, 77, 80 keV at 70, 80, 100, 120, 135, 140, 150 kVp),
+interpolated log-linearly in kVp and held constant outside 70-150 kVp.  An
+unknown kVp counts as 120 (no correction).
+
 The output is ``(4, C, size, size)`` float32, one image per level (the
 network sees one vertebra per sample; the patient value is the mean of
 L1-L4).
@@ -30,8 +43,9 @@ import numpy as np
 
 from screener.preprocess.sampling import PlaneSource
 
-__all__ = ["LEVELS", "FOV_MM", "SIZE", "SLAB_MM", "SLAB_PLANES", "WINDOWS", "PreprocessError",
-           "PreprocessInfo", "constants", "sagittal_plane", "window", "preprocess"]
+__all__ = ["LEVELS", "FOV_MM", "SIZE", "SLAB_MM", "SLAB_PLANES", "WINDOWS", "ENERGY_CORRECTION",
+           "REFERENCE_KVP", "HA_HU_PER_MG", "PreprocessError", "PreprocessInfo", "constants", "energy_scale",
+           "sagittal_plane", "window", "preprocess"]
 
 #: levels, in the order of the output stack
 LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4")
@@ -46,6 +60,14 @@ SLAB_PLANES = 5
 #: windows (centre, width) HU, one input channel each; default one bone window (HU -100 .. 500).
 #: A second, soft-tissue window (40, 400) was tried on the cohort and did not help (val r 0.62 vs 0.65).
 WINDOWS: tuple[tuple[float, float], ...] = ((200.0, 600.0),)
+#: rescale HU to their 120 kVp equivalent before windowing (see module docstring)
+ENERGY_CORRECTION = True
+#: tube voltage the energy correction maps to (the paper's scanners)
+REFERENCE_KVP = 120.0
+#: kVp -> HU per mg/cm^3 of hydroxyapatite displacing water, at the effective energy of that kVp
+#: (copied from the virtual cohort's physics: training.phantoms.physics.ha_hu_per_mg(effective_energy(kvp)))
+HA_HU_PER_MG: dict[float, float] = {70.0: 2.58265, 80.0: 2.16755, 100.0: 1.62009, 120.0: 1.32942,
+                                    135.0: 1.20264, 140.0: 1.15690, 150.0: 1.09291}
 
 
 class PreprocessError(ValueError):
@@ -82,20 +104,58 @@ class PreprocessInfo:
         return asdict(self)
 
 
+def energy_scale(kvp: float | None) -> float:
+    """Factor that maps a series' bone HU to their :data:`REFERENCE_KVP` equivalent.
+
+    Parameters
+    ----------
+    kvp : float or None
+        Tube voltage of the series; ``None`` (unknown) counts as :data:`REFERENCE_KVP`.
+
+    Returns
+    -------
+    float
+        ``HA HU-per-mg at 120 kVp / HA HU-per-mg at kvp`` (0.61 at 80 kVp, 1.15 at 140 kVp);
+        log-linear in kVp between the :data:`HA_HU_PER_MG` points, constant outside them.
+
+    Raises
+    ------
+    PreprocessError
+        When ``kvp`` is not a positive finite number.
+    """
+    if kvp is None:
+        return 1.0
+    k = float(kvp)
+    if not np.isfinite(k) or k <= 0:
+        raise PreprocessError(f"kVp must be a positive number (got {kvp!r}); pass None when it is unknown")
+    xs = np.array(sorted(HA_HU_PER_MG))
+    ys = np.log([HA_HU_PER_MG[x] for x in xs])
+    ref = float(np.exp(np.interp(REFERENCE_KVP, xs, ys)))
+    return ref / float(np.exp(np.interp(k, xs, ys)))
+
+
 def constants(*, fov_mm: float = FOV_MM, size: int = SIZE, slab_mm: float = SLAB_MM,
-              slab_planes: int = SLAB_PLANES, windows: Sequence[Sequence[float]] = WINDOWS) -> dict[str, Any]:
+              slab_planes: int = SLAB_PLANES, windows: Sequence[Sequence[float]] = WINDOWS,
+              energy_correction: bool = ENERGY_CORRECTION) -> dict[str, Any]:
     """The preprocessing constants as written into the model card.
 
     Parameters
     ----------
-    fov_mm, size, slab_mm, slab_planes, windows
+    fov_mm, size, slab_mm, slab_planes, windows, energy_correction
         See the module docstring and :func:`preprocess`.
 
     Returns
     -------
     dict
     """
-    return {"levels": list(LEVELS), "fov_mm": float(fov_mm), "size": int(size),
+    energy: dict[str, Any] = {"energy_correction": bool(energy_correction)}
+    if energy_correction:
+        energy.update({
+            "reference_kvp": REFERENCE_KVP,
+            "ha_hu_per_mg": {f"{k:g}": v for k, v in HA_HU_PER_MG.items()},
+            "energy_rule": "HU x HA_HU_per_mg(120 kVp) / HA_HU_per_mg(series kVp) before windowing "
+                           "(log-linear in kVp, constant outside 70-150 kVp; unknown kVp = 120)"})
+    return {**energy, "levels": list(LEVELS), "fov_mm": float(fov_mm), "size": int(size),
             "pixel_mm": float(fov_mm) / int(size), "slab_mm": float(slab_mm),
             "slab_planes": int(slab_planes), "windows": [[float(c), float(w)] for c, w in windows],
             "scaling": "one channel per window (C, W): clip((HU - (C - W/2)) / W, 0, 1)",
@@ -160,7 +220,8 @@ def _centroids(geometry: Any) -> dict[str, tuple[float, float, float]]:
 
 def preprocess(source: PlaneSource, geometry: Any, *, fov_mm: float = FOV_MM, size: int = SIZE,
                slab_mm: float = SLAB_MM, slab_planes: int = SLAB_PLANES,
-               windows: Sequence[Sequence[float]] = WINDOWS) -> tuple[np.ndarray, PreprocessInfo]:
+               windows: Sequence[Sequence[float]] = WINDOWS, energy_correction: bool = ENERGY_CORRECTION,
+               kvp: float | None = None) -> tuple[np.ndarray, PreprocessInfo]:
     """Sagittal L1-L4 network inputs from a plane source.
 
     Parameters
@@ -178,6 +239,10 @@ def preprocess(source: PlaneSource, geometry: Any, *, fov_mm: float = FOV_MM, si
         Slab thickness across x and planes averaged (1 plane = a thin reformat).
     windows : sequence of (center, width)
         One output channel per HU window.
+    energy_correction : bool
+        Multiply the HU by :func:`energy_scale` of ``kvp`` before windowing.
+    kvp : float, optional
+        The series' tube voltage (``KVP``); ``None`` = unknown (treated as 120 kVp).
 
     Returns
     -------
@@ -197,6 +262,7 @@ def preprocess(source: PlaneSource, geometry: Any, *, fov_mm: float = FOV_MM, si
         raise PreprocessError(f"invalid preprocessing parameters: size {size} (>= 32), fov {fov_mm} mm (> 0), "
                               f"slab {slab_mm} mm (>= 0) with {slab_planes} plane(s) (>= 1)")
     cents = _centroids(geometry)
+    scale = energy_scale(kvp) if energy_correction else 1.0
     if slab_planes == 1:
         offsets = np.zeros(1)
     else:
@@ -214,12 +280,12 @@ def preprocess(source: PlaneSource, geometry: Any, *, fov_mm: float = FOV_MM, si
             acc += np.asarray(source(pl["origin"], pl["u"], pl["v"], pl["shape"], pl["spacing"]), dtype=np.float64)
         hu = (acc / len(offsets)).astype(np.float32)
         for c, (wc, ww) in enumerate(windows):
-            images[i, c] = window(hu, wc, ww)
+            images[i, c] = window(hu * np.float32(scale) if scale != 1.0 else hu, wc, ww)
         hu_mean[lv] = float(np.nanmean(hu[mid - r:mid + r, mid - r:mid + r]))
         centre = sagittal_plane(cents[lv], fov_mm=fov_mm, size=size)
         planes.append({k: (v.tolist() if isinstance(v, np.ndarray) else list(v)) for k, v in centre.items()})
     info = PreprocessInfo(levels=LEVELS, planes=planes, centroids_mm=cents,
                           constants=constants(fov_mm=fov_mm, size=size, slab_mm=slab_mm, slab_planes=slab_planes,
-                                              windows=windows),
+                                              windows=windows, energy_correction=energy_correction),
                           hu_mean=hu_mean)
     return images, info

@@ -7,7 +7,10 @@ Method (seed 002)
 2. :func:`screener.preprocess.lumbar_sagittal.preprocess` samples a 5 mm sagittal
    slab through each vertebral centroid (FOV / size from the bundle's card;
    the paper: 300 mm, 256 x 256), windowed to 0..1 -- the very function the
-   training data set was made with.
+   training data set was made with.  When the bundle's card says
+   ``energy_correction`` the HU are first rescaled to 120 kVp by the series'
+   ``KVP`` (hydroxyapatite HU-per-mg ratio; not in the paper, which used
+   120 kVp only).
 3. The bundle's fold ensemble (ResNet-50 regressor, outputs BMD g/cm^2 and
    TBS) estimates each vertebra; the patient value is the mean of L1-L4 (as in
    the paper).  T-score with the L1-L4 young-adult reference of the bundle
@@ -63,7 +66,9 @@ def preprocessing_options(card: dict[str, Any]) -> dict[str, Any]:
     p = card.get("preprocessing") or {}
     return {"fov_mm": float(p.get("fov_mm", pp.FOV_MM)), "size": int(p.get("size", pp.SIZE)),
             "slab_mm": float(p.get("slab_mm", pp.SLAB_MM)), "slab_planes": int(p.get("slab_planes", pp.SLAB_PLANES)),
-            "windows": tuple((float(c), float(w)) for c, w in p.get("windows", pp.WINDOWS))}
+            "windows": tuple((float(c), float(w)) for c, w in p.get("windows", pp.WINDOWS)),
+            # a card without the key predates the energy correction: its model saw uncorrected HU
+            "energy_correction": bool(p.get("energy_correction", False))}
 
 
 def jos_grade(yam_pct: float) -> str:
@@ -141,7 +146,7 @@ class LumbarSagittalProtocol(ModelProtocol):
         if options is None:
             options = preprocessing_options(self.load_bundle(context).card)
         try:
-            images, info = pp.preprocess(VolumeSampler(volume), loc, **options)
+            images, info = pp.preprocess(VolumeSampler(volume), loc, kvp=context.info.kvp, **options)
         except pp.PreprocessError as exc:
             raise ProtocolDeclined(str(exc)) from exc
         return images, info, loc

@@ -38,7 +38,7 @@ import numpy as np
 
 from screener.preprocess.hip_xray import hip_halves, preprocess_hip_radiograph
 
-__all__ = ["POSES", "XRAY_PROFILES", "build", "render_sample"]
+__all__ = ["POSES", "XRAY_PROFILES", "assemble", "build", "render_sample"]
 
 #: The paper's four poses (seed 004, section 4.2.4).
 POSES = ("supine", "standing", "abduction", "adduction")
@@ -156,6 +156,25 @@ def build(recipe: Any) -> Any:
         samples += render_sample(data.seed, index, prof, pose, opts)
         if (j + 1) % 20 == 0:
             print(f"hip_xray: rendered {j + 1}/{len(plan)} radiographs ({time.time() - t0:.0f} s)", file=sys.stderr)
+    return assemble(samples, opts)
+
+
+def assemble(samples: list[dict[str, Any]], opts: dict[str, Any]) -> Any:
+    """Per-hip samples of :func:`render_sample` -> :class:`training.trainer.ArrayDataset`.
+
+    Parameters
+    ----------
+    samples : list of dict
+        From :func:`render_sample`.
+    opts : dict
+        Parsed ``[data] options``.
+
+    Returns
+    -------
+    training.trainer.ArrayDataset
+    """
+    from training.trainer import ArrayDataset
+
     bmd = np.array([s["bmd"] for s in samples], dtype=np.float64)
     edges = np.quantile(bmd, [1 / 3, 2 / 3])
     return ArrayDataset(

@@ -27,8 +27,10 @@ Sources (``[data] source``)
     daemon protocol does.  The manifest has one BMD per study, so every vertebra
     gets the L1-L4 value (the paper used each vertebra's own DXA value).
 
-``[data] options``: ``fov_mm``, ``size``, ``slab_mm``, ``slab_planes``, ``windows`` (the
-preprocessing constants, written into the model card).
+``[data] options``: ``fov_mm``, ``size``, ``slab_mm``, ``slab_planes``, ``windows``,
+``energy_correction`` (the preprocessing constants, written into the model card).  With
+``energy_correction`` the HU are rescaled to 120 kVp by the kVp of the sample's series: the
+scanner profile's ``kvp`` in the cohort, the DICOM ``KVP`` of a manifest row (as in the daemon).
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ __all__ = ["OUTPUTS", "UNITS", "build", "build_cohort", "build_manifest", "phant
 
 OUTPUTS = ("bmd", "tbs")
 UNITS = ("g/cm2", "")
-_OPTION_KEYS = {"fov_mm", "size", "slab_mm", "slab_planes", "windows"}
+_OPTION_KEYS = {"fov_mm", "size", "slab_mm", "slab_planes", "windows", "energy_correction"}
 
 
 def _pp_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -57,7 +59,8 @@ def _pp_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {"fov_mm": float(options.get("fov_mm", pp.FOV_MM)), "size": int(options.get("size", pp.SIZE)),
             "slab_mm": float(options.get("slab_mm", pp.SLAB_MM)),
             "slab_planes": int(options.get("slab_planes", pp.SLAB_PLANES)),
-            "windows": tuple((float(c), float(w)) for c, w in options.get("windows", pp.WINDOWS))}
+            "windows": tuple((float(c), float(w)) for c, w in options.get("windows", pp.WINDOWS)),
+            "energy_correction": bool(options.get("energy_correction", pp.ENERGY_CORRECTION))}
 
 
 def spine_abmd(scene: Any) -> dict[str, float]:
@@ -145,7 +148,7 @@ def _profile_for(seed: int, index: int, names: Sequence[str]) -> str:
 def build_cohort(n: int, seed: int, profiles: Sequence[str], holdout_profiles: Sequence[str] = (), *,
                  fov_mm: float = pp.FOV_MM, size: int = pp.SIZE, slab_mm: float = pp.SLAB_MM,
                  slab_planes: int = pp.SLAB_PLANES, windows: Sequence[Sequence[float]] = pp.WINDOWS,
-                 progress: bool = False) -> Any:
+                 energy_correction: bool = pp.ENERGY_CORRECTION, progress: bool = False) -> Any:
     """Virtual-cohort data set (see module docstring).
 
     Parameters
@@ -155,8 +158,9 @@ def build_cohort(n: int, seed: int, profiles: Sequence[str], holdout_profiles: S
     profiles, holdout_profiles : sequence of str
         Scanner profiles (``training.phantoms.profiles``); each patient gets one of
         either list (the held-out ones are kept out of training by ``screener train``).
-    fov_mm, size, slab_mm, slab_planes, windows
-        Preprocessing constants (:mod:`screener.preprocess.lumbar_sagittal`).
+    fov_mm, size, slab_mm, slab_planes, windows, energy_correction
+        Preprocessing constants (:mod:`screener.preprocess.lumbar_sagittal`); the energy
+        correction uses each profile's kVp.
     progress : bool
         Print a line every 50 patients (stderr).
 
@@ -186,10 +190,11 @@ def build_cohort(n: int, seed: int, profiles: Sequence[str], holdout_profiles: S
         half = fov_mm / 2.0 + 10.0
         scene = build_scene(patient, z_window=(min(cz) - half, max(cz) + half))
         name = _profile_for(seed, i, names)
-        src = phantom_source(scene, get_profile(name), zlib.crc32(f"{seed}:{i}:{name}".encode()))
+        prof_obj = get_profile(name)
+        src = phantom_source(scene, prof_obj, zlib.crc32(f"{seed}:{i}:{name}".encode()))
         geom = {lv: verts[lv].centroid_mm for lv in pp.LEVELS}
         x, _ = pp.preprocess(src, geom, fov_mm=fov_mm, size=size, slab_mm=slab_mm, slab_planes=slab_planes,
-                             windows=windows)
+                             windows=windows, energy_correction=energy_correction, kvp=float(prof_obj.kvp))
         abmd = spine_abmd(full)
         tbs = tbs_score(full)
         g = jos_grade(100.0 * abmd["L1-L4"] / YAM_L1L4)
@@ -209,7 +214,7 @@ def build_cohort(n: int, seed: int, profiles: Sequence[str], holdout_profiles: S
         meta={"source": f"virtual cohort seed {seed}, {n} patients (synthetic)", "outputs": list(OUTPUTS),
               "units": list(UNITS),
               "preprocessing": pp.constants(fov_mm=fov_mm, size=size, slab_mm=slab_mm, slab_planes=slab_planes,
-                                            windows=windows),
+                                            windows=windows, energy_correction=energy_correction),
               "targets": "per-vertebra DXA-style aBMD (phantom truth) and the patient's TBS-like score"},
     )
 
@@ -227,15 +232,16 @@ def _series_files(paths: Sequence[Path]) -> list[Path]:
 
 def build_manifest(path: str | Path, *, fov_mm: float = pp.FOV_MM, size: int = pp.SIZE,
                    slab_mm: float = pp.SLAB_MM, slab_planes: int = pp.SLAB_PLANES,
-                   windows: Sequence[Sequence[float]] = pp.WINDOWS) -> Any:
+                   windows: Sequence[Sequence[float]] = pp.WINDOWS,
+                   energy_correction: bool = pp.ENERGY_CORRECTION) -> Any:
     """Site-manifest data set: each row's CT series, located and preprocessed as in the daemon.
 
     Parameters
     ----------
     path : path
         Manifest CSV with ``bmd`` (DXA L1-L4) and ``tbs`` filled on every row.
-    fov_mm, size, slab_mm, slab_planes, windows
-        Preprocessing constants.
+    fov_mm, size, slab_mm, slab_planes, windows, energy_correction
+        Preprocessing constants (the energy correction reads the series' ``KVP``).
 
     Returns
     -------
@@ -248,7 +254,7 @@ def build_manifest(path: str | Path, *, fov_mm: float = pp.FOV_MM, size: int = p
     """
     from screener.localizer import locate_spine
     from screener.preprocess.sampling import VolumeSampler
-    from screener.series import load_volume
+    from screener.series import load_volume, read_series_info
     from training.manifest import read_manifest
     from training.trainer import ArrayDataset
 
@@ -257,10 +263,13 @@ def build_manifest(path: str | Path, *, fov_mm: float = pp.FOV_MM, size: int = p
     problems: list[str] = []
     for row in man.rows:
         try:
-            vol = load_volume(_series_files(row.dicom_paths))
+            files = _series_files(row.dicom_paths)
+            vol = load_volume(files)
+            kvp = read_series_info(files).kvp
             loc = locate_spine(vol)
             x, _ = pp.preprocess(VolumeSampler(vol), loc, fov_mm=fov_mm, size=size, slab_mm=slab_mm,
-                                 slab_planes=slab_planes, windows=windows)
+                                 slab_planes=slab_planes, windows=windows, energy_correction=energy_correction,
+                                 kvp=kvp)
         except Exception as exc:  # noqa: BLE001 - reported per row, the row is skipped
             problems.append(f"{man.path} row {row.row}: skipped ({exc})")
             continue
@@ -280,7 +289,7 @@ def build_manifest(path: str | Path, *, fov_mm: float = pp.FOV_MM, size: int = p
         meta={"source": f"site manifest {Path(path).name}, {len(man.rows) - len(problems)} series",
               "outputs": list(OUTPUTS), "units": list(UNITS), "skipped_rows": problems,
               "preprocessing": pp.constants(fov_mm=fov_mm, size=size, slab_mm=slab_mm, slab_planes=slab_planes,
-                                            windows=windows),
+                                            windows=windows, energy_correction=energy_correction),
               "targets": "DXA L1-L4 BMD (every vertebra) and TBS of the manifest"},
     )
 
