@@ -65,6 +65,20 @@ class Volume:
         """Return the patient-space centre of each slice (``n_slices x 3``)."""
         return np.array([self.index_to_patient(k, 0, 0) for k in range(self.array.shape[0])])
 
+    def sop_instance_uid(self, k: int) -> str:
+        """SOPInstanceUID of slice ``k`` (``""`` when the volume has no headers)."""
+        return str(self.datasets[k].SOPInstanceUID) if self.datasets else ""
+
+    def sop_class_uid(self, k: int) -> str:
+        """SOPClassUID of slice ``k`` (from the file meta when the dataset lacks it; ``""`` without headers)."""
+        if not self.datasets:
+            return ""
+        ds = self.datasets[k]
+        uid = str(ds.get("SOPClassUID", "") or "")
+        if not uid and hasattr(ds, "file_meta"):
+            uid = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+        return uid
+
     @property
     def is_axial(self) -> bool:
         """True when the slice normal is within 10 degrees of the patient z axis."""

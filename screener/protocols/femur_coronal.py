@@ -52,20 +52,6 @@ EXCLUDED_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "NECK", "CSPINE", "CH
                                  "ANKLE", "KNEE", "IAC", "ORBIT", "SINUS", "LSPINE"})
 
 
-def _uid(volume: Volume, k: int) -> str:
-    return str(volume.datasets[k].SOPInstanceUID) if volume.datasets else ""
-
-
-def _sop_class(volume: Volume, k: int) -> str:
-    if not volume.datasets:
-        return ""
-    ds = volume.datasets[k]
-    uid = str(ds.get("SOPClassUID", "") or "")
-    if not uid and hasattr(ds, "file_meta"):
-        uid = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
-    return uid
-
-
 class FemurCoronalProtocol(ModelProtocol):
     """Ha et al. 2024 3-class grading from coronal femur crops + demographics (module docstring)."""
 
@@ -212,7 +198,7 @@ class FemurCoronalProtocol(ModelProtocol):
         _, dj, di = volume.spacing
         px, py = polygon[:-1, 0], polygon[:-1, 1]
         area_px = 0.5 * abs(float(np.dot(px, np.roll(py, 1)) - np.dot(py, np.roll(px, 1))))
-        roi = RoiGeometry(source_sop_instance_uid=_uid(volume, k), source_sop_class_uid=_sop_class(volume, k),
+        roi = RoiGeometry(source_sop_instance_uid=volume.sop_instance_uid(k), source_sop_class_uid=volume.sop_class_uid(k),
                           polygon=polygon, centre_mm=(float(c[0]), y, z), area_mm2=area_px * dj * di,
                           slice_index=k, frame_number=frame_number(volume.datasets[k]) if volume.datasets else None)
         return roi, k
@@ -224,7 +210,7 @@ class FemurCoronalProtocol(ModelProtocol):
         from scipy import ndimage
 
         from screener.explain import fuse_overlay
-        from screener.reporting.sc import DISCLAIMER, _font
+        from screener.reporting.sc import burn_text
 
         n = pp.CROP_PX
         h = np.asarray(heat, dtype=np.float64)
@@ -235,19 +221,9 @@ class FemurCoronalProtocol(ModelProtocol):
         img = Image.fromarray(np.concatenate([right, sep, left], axis=1), mode="RGB")
         img = img.resize((img.width * 2, img.height * 2), Image.BILINEAR)
         draw = ImageDraw.Draw(img)
-        font = _font(14)
         lines = [f"femur_coronal: {grade}",
                  "  ".join(f"{c} {100 * p:.0f}%" for c, p in zip(CLASSES, prob))]
-        y = 4
-        for text in lines:
-            box = draw.textbbox((4, y), text, font=font)
-            draw.rectangle(box, fill=(0, 0, 0))
-            draw.text((4, y), text, fill=(255, 255, 0), font=font)
-            y = box[3] + 2
+        font = burn_text(draw, lines, 14, img.height)
         for text, x in (("R", img.width // 2 - 20), ("L", img.width - 16)):
             draw.text((x, img.height // 2), text, fill=(255, 255, 255), font=font)
-        box = draw.textbbox((4, 0), DISCLAIMER, font=font)
-        yb = img.height - (box[3] - box[1]) - 6
-        draw.rectangle((4, yb, box[2], yb + box[3] - box[1] + 2), fill=(0, 0, 0))
-        draw.text((4, yb - box[1]), DISCLAIMER, fill=(255, 80, 80), font=font)
         return np.asarray(img, dtype=np.uint8).copy()

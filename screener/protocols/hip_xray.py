@@ -298,7 +298,7 @@ def render_hip_overlay(images: list[np.ndarray], pfdrrs: list[np.ndarray], sides
     from PIL import Image, ImageDraw
 
     from screener.explain import fuse_overlay
-    from screener.reporting.sc import DISCLAIMER, _font
+    from screener.reporting.sc import burn_text
 
     k = max(1, int(round(height / images[0].shape[0])))
     blocks = []
@@ -317,18 +317,8 @@ def render_hip_overlay(images: list[np.ndarray], pfdrrs: list[np.ndarray], sides
     body = np.repeat(np.repeat(body, k, axis=0), k, axis=1)
     img = Image.fromarray(np.ascontiguousarray(body), mode="RGB")
     draw = ImageDraw.Draw(img)
-    font = _font(max(10, min(16, body.shape[1] // 40)))
-    y = 4
     lines = [f"{'right' if s == 'R' else 'left'} femoral neck: BMD {b:.3f} g/cm2, T {t:.1f} ({g}); "
              f"PF-DRR fit {lin:.3f}" for s, b, t, g, lin in results]
     lines.append("BMD-GAN: radiograph -> PF-DRR (colour) -> BMD")
-    for text in lines:
-        box = draw.textbbox((4, y), text, font=font)
-        draw.rectangle(box, fill=(0, 0, 0))
-        draw.text((4, y), text, fill=(255, 255, 0), font=font)
-        y = box[3] + 2
-    box = draw.textbbox((4, 0), DISCLAIMER, font=font)
-    yb = body.shape[0] - (box[3] - box[1]) - 6
-    draw.rectangle((4, yb, box[2], yb + box[3] - box[1] + 2), fill=(0, 0, 0))
-    draw.text((4, yb - box[1]), DISCLAIMER, fill=(255, 80, 80), font=font)
+    burn_text(draw, lines, max(10, min(16, body.shape[1] // 40)), body.shape[0])
     return np.asarray(img, dtype=np.uint8).copy(), float(pixel_mm) / k

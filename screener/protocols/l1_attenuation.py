@@ -166,7 +166,7 @@ class L1AttenuationProtocol(Protocol):
                 continue
             slab.append(vals)
             per_slice.append({"slice_index": k,
-                              "sop_instance_uid": _uid(volume, k),
+                              "sop_instance_uid": volume.sop_instance_uid(k),
                               "frame_number": frame_number(volume.datasets[k])
                               if volume.datasets else None,
                               "mean_hu": float(vals.mean()), "sd_hu": float(vals.std())})
@@ -224,8 +224,8 @@ class L1AttenuationProtocol(Protocol):
 
         polygon = _circle_polygon(centre, radius_mm, (dj, di))
         centre_mm = volume.index_to_patient(k_mid, centre[0], centre[1])
-        roi = RoiGeometry(source_sop_instance_uid=_uid(volume, k_mid),
-                          source_sop_class_uid=_sop_class(volume, k_mid),
+        roi = RoiGeometry(source_sop_instance_uid=volume.sop_instance_uid(k_mid),
+                          source_sop_class_uid=volume.sop_class_uid(k_mid),
                           polygon=polygon, centre_mm=tuple(float(v) for v in centre_mm),
                           area_mm2=area_mm2, slice_index=k_mid,
                           frame_number=frame_number(volume.datasets[k_mid])
@@ -444,20 +444,6 @@ def _outline_mask(shape: tuple[int, int], centre: tuple[float, float], radii: np
     w = k - np.floor(k)
     rr = radii[k0] * (1 - w) + radii[k1] * w
     return np.hypot(x, y) < rr
-
-
-def _uid(volume: Volume, k: int) -> str:
-    return str(volume.datasets[k].SOPInstanceUID) if volume.datasets else ""
-
-
-def _sop_class(volume: Volume, k: int) -> str:
-    if not volume.datasets:
-        return ""
-    ds = volume.datasets[k]
-    uid = str(ds.get("SOPClassUID", "") or "")
-    if not uid and hasattr(ds, "file_meta"):
-        uid = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
-    return uid
 
 
 def _circle_polygon(centre: tuple[float, float], radius_mm: float,

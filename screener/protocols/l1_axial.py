@@ -116,7 +116,7 @@ class L1AxialProtocol(ModelProtocol):
         polygon = _crop_outline(volume, info, k_src)
         centre = np.asarray(info.crop_origins[0]) + 0.5 * (size - 1) * info.spacing_mm[0] * (
             np.asarray(info.u) + np.asarray(info.v))
-        roi = RoiGeometry(source_sop_instance_uid=_uid(volume, k_src), source_sop_class_uid=_sop_class(volume, k_src),
+        roi = RoiGeometry(source_sop_instance_uid=volume.sop_instance_uid(k_src), source_sop_class_uid=volume.sop_class_uid(k_src),
                           polygon=polygon, centre_mm=tuple(float(c) for c in centre),
                           area_mm2=float(fov * fov), slice_index=k_src,
                           frame_number=frame_number(volume.datasets[k_src]) if volume.datasets else None)
@@ -136,7 +136,7 @@ class L1AxialProtocol(ModelProtocol):
         details: dict[str, Any] = {
             **model_details(bundle),
             "bmd_per_fold": per_fold,
-            "bmd_per_slice": [{"z_mm": z, "bmd": float(b), "sop_instance_uid": _uid(volume, _nearest_slice(volume, z))}
+            "bmd_per_slice": [{"z_mm": z, "bmd": float(b), "sop_instance_uid": volume.sop_instance_uid(_nearest_slice(volume, z))}
                               for z, b in zip(info.z_samples, per_slice)],
             "t_score_reference": {"mean": mean, "sd": sd},
             "abnormal_t_below": ABNORMAL_T, "abnormal": bool(abnormal),
@@ -173,14 +173,6 @@ def _peak(heat: np.ndarray) -> list[float]:
     return [float(j) / heat.shape[0], float(i) / heat.shape[1]]
 
 
-def _uid(volume: Volume, k: int) -> str:
-    return str(volume.datasets[k].SOPInstanceUID) if volume.datasets else ""
-
-
-def _sop_class(volume: Volume, k: int) -> str:
-    return str(volume.datasets[k].SOPClassUID) if volume.datasets else ""
-
-
 def _nearest_slice(volume: Volume, z_mm: float) -> int:
     return int(np.argmin(np.abs(volume.slice_positions()[:, 2] - z_mm)))
 
@@ -211,7 +203,7 @@ def _overlay(volume: Volume, info: Any, ramp: np.ndarray, fov: float, bmd: float
 
     from screener.explain import fuse_overlay
     from screener.preprocess.sampling import VolumeSampler
-    from screener.reporting.sc import DISCLAIMER, _font
+    from screener.reporting.sc import burn_text
 
     n = OVERLAY_SIZE
     ps = fov / n
@@ -224,17 +216,7 @@ def _overlay(volume: Volume, info: Any, ramp: np.ndarray, fov: float, bmd: float
     rgb = fuse_overlay(hu, heat, alpha=0.4, vmin=-450.0, vmax=1050.0)
     img = Image.fromarray(rgb, mode="RGB")
     draw = ImageDraw.Draw(img)
-    font = _font(14)
     lines = [f"L1 BMD estimate {bmd:.3f} g/cm2", f"T-score {t:.1f} (Kang ref.): {grade}",
              f"Grad-RAMP, {n_models}-model ensemble"]
-    y = 4
-    for text in lines:
-        box = draw.textbbox((4, y), text, font=font)
-        draw.rectangle(box, fill=(0, 0, 0))
-        draw.text((4, y), text, fill=(255, 255, 0), font=font)
-        y = box[3] + 2
-    box = draw.textbbox((4, 0), DISCLAIMER, font=font)
-    yb = n - (box[3] - box[1]) - 6
-    draw.rectangle((4, yb, box[2], yb + box[3] - box[1] + 2), fill=(0, 0, 0))
-    draw.text((4, yb - box[1]), DISCLAIMER, fill=(255, 80, 80), font=font)
+    burn_text(draw, lines, 14, n)
     return np.asarray(img, dtype=np.uint8).copy()

@@ -80,20 +80,6 @@ def jos_grade(yam_pct: float) -> str:
     return "normal"
 
 
-def _uid(volume: Volume, k: int) -> str:
-    return str(volume.datasets[k].SOPInstanceUID) if volume.datasets else ""
-
-
-def _sop_class(volume: Volume, k: int) -> str:
-    if not volume.datasets:
-        return ""
-    ds = volume.datasets[k]
-    uid = str(ds.get("SOPClassUID", "") or "")
-    if not uid and hasattr(ds, "file_meta"):
-        uid = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
-    return uid
-
-
 class LumbarSagittalProtocol(ModelProtocol):
     """Yoshida et al. 2023 BMD / TBS from sagittal L1-L4 reformats (see module docstring)."""
 
@@ -190,7 +176,7 @@ class LumbarSagittalProtocol(ModelProtocol):
                 flags=list(common_flags),
                 z_extent_mm=(float(min(v.z_range_mm)), float(max(v.z_range_mm))),
                 study_uid=info.study_uid, series_uid=info.series_uid,
-                referenced_sop_instance_uids=[u for u in [_uid(volume, k)] if u],
+                referenced_sop_instance_uids=[u for u in [volume.sop_instance_uid(k)] if u],
                 details={**model_details(bundle), "level": lv,
                          "per_fold": {"bmd": folds[:, j, ib].tolist(), "tbs": folds[:, j, it].tolist()},
                          "centroid_mm": list(map(float, v.centroid_mm)),
@@ -296,7 +282,7 @@ class LumbarSagittalProtocol(ModelProtocol):
         _, dj, di = volume.spacing
         xs, ys = polygon[:-1, 0], polygon[:-1, 1]
         area_px = 0.5 * abs(float(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
-        roi = RoiGeometry(source_sop_instance_uid=_uid(volume, k), source_sop_class_uid=_sop_class(volume, k),
+        roi = RoiGeometry(source_sop_instance_uid=volume.sop_instance_uid(k), source_sop_class_uid=volume.sop_class_uid(k),
                           polygon=polygon, centre_mm=(float(c[0]), float(c[1]), z),
                           area_mm2=area_px * dj * di, slice_index=k,
                           frame_number=frame_number(volume.datasets[k]) if volume.datasets else None)

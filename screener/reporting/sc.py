@@ -88,7 +88,30 @@ def render_overlay(hu: np.ndarray, polygon: np.ndarray | None, lines: Sequence[s
     if polygon is not None and len(polygon) >= 3:
         pts = [(float(c), float(r)) for c, r in np.asarray(polygon, float)]
         draw.line(pts, fill=(255, 255, 0), width=max(1, cols // 256))
-    size = max(9, min(18, cols // 32))
+    burn_text(draw, lines, max(9, min(18, cols // 32)), rows)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def burn_text(draw: ImageDraw.ImageDraw, lines: Sequence[str], size: int, rows: int
+              ) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Burn ``lines`` top-left (yellow on black) and the disclaimer along the bottom.
+
+    Parameters
+    ----------
+    draw : PIL.ImageDraw.ImageDraw
+        Drawing context of the overlay image.
+    lines : sequence of str
+        Result lines, drawn from the top.
+    size : int
+        Font size (pixels).
+    rows : int
+        Image height: the disclaimer sits at its bottom.
+
+    Returns
+    -------
+    PIL.ImageFont
+        The font used, for further labels.
+    """
     font = _font(size)
     y = 4
     for text in lines:
@@ -100,7 +123,7 @@ def render_overlay(hu: np.ndarray, polygon: np.ndarray | None, lines: Sequence[s
     yb = rows - (box[3] - box[1]) - 6
     draw.rectangle((4, yb, box[2], yb + box[3] - box[1] + 2), fill=(0, 0, 0))
     draw.text((4, yb - box[1]), DISCLAIMER, fill=(255, 80, 80), font=font)
-    return np.asarray(img, dtype=np.uint8).copy()
+    return font
 
 
 def _orientation_letters(vec: np.ndarray) -> str:
