@@ -96,6 +96,8 @@ def test_router_accepts_ap_pelvis_and_declines_chest_lateral_and_ct(tmp_path):
     proto = HipXrayProtocol()
     cases = {"ap": {}, "chest": {"BodyPartExamined": "CHEST", "SeriesDescription": "PA chest",
                                  "StudyDescription": "Chest", "ProtocolName": "Chest PA"},
+             "chest_described_hip": {"BodyPartExamined": "CHEST", "SeriesDescription": "AP hip"},
+             "pelvis_described_chest": {"BodyPartExamined": "PELVIS", "StudyDescription": "Chest and pelvis"},
              "lateral": {"ViewPosition": "LL"}, "lateral_po": {"PatientOrientation": ["A", "F"]}}
     out = {}
     for name, extra in cases.items():
@@ -105,6 +107,9 @@ def test_router_accepts_ap_pelvis_and_declines_chest_lateral_and_ct(tmp_path):
         out[name] = proto.accepts(_info(f))
     assert out["ap"].accepted, out["ap"].reason
     assert not out["chest"].accepted and "chest" in out["chest"].reason
+    # the coded body part outranks the free-text description
+    assert not out["chest_described_hip"].accepted and "BodyPartExamined CHEST" in out["chest_described_hip"].reason
+    assert out["pelvis_described_chest"].accepted, out["pelvis_described_chest"].reason
     assert not out["lateral"].accepted and "lateral" in out["lateral"].reason
     assert not out["lateral_po"].accepted and "lateral" in out["lateral_po"].reason
 

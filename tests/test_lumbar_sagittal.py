@@ -90,7 +90,7 @@ def test_energy_correction_maps_bone_hu_to_120_kvp() -> None:
     assert pp.energy_scale(80.0) == pytest.approx(0.6133, abs=1e-4)
     assert pp.energy_scale(140.0) == pytest.approx(1.1491, abs=1e-4)
     assert pp.energy_scale(None) == 1.0 and pp.energy_scale(120.0) == pytest.approx(1.0)
-    with pytest.raises(pp.PreprocessError, match="positive"):
+    with pytest.raises(ValueError, match="positive"):
         pp.energy_scale(0.0)
 
     def source(origin, u, v, shape, spacing):  # trabecular bone, 326 HU at 80 kVp

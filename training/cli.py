@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -34,7 +35,8 @@ import numpy as np
 
 from training.recipes import DataSpec, Recipe, RecipeError, load_recipe, recipe_from_dict
 
-__all__ = ["CUSTOM_TRAINERS", "DATASET_FACTORIES", "DatasetFactory", "build_dataset", "dataset_cache_dir", "evaluate_main", "evaluation_tables", "train_main"]
+__all__ = ["CUSTOM_TRAINERS", "DATASET_FACTORIES", "DatasetFactory", "build_dataset", "dataset_cache_dir", "evaluate_main", "evaluation_tables",
+           "limit_torch_threads", "train_main"]
 
 DatasetFactory = Callable[[Recipe], Any]  # -> training.trainer.ArrayDataset
 
@@ -115,8 +117,10 @@ def build_dataset(recipe: Recipe, factories: Mapping[str, DatasetFactory] | None
 
     Rendering the virtual cohort is the slow part of ``screener train``; ``screener evaluate
     --data test|holdout`` rebuilds the same samples, so a cohort data set is cached as
-    ``.npz`` keyed by the protocol, the ``[data]`` section and the builder's source code
-    (a changed builder never reads a stale cache).  Site manifests are never cached.
+    ``.npz`` keyed by the protocol, the ``[data]`` section, the builder's source code and
+    the sources of the shared preprocessing (``screener/preprocess``) and the phantom
+    (``training/phantoms``), so a changed builder, preprocessing step or phantom never reads
+    a stale cache.  Site manifests are never cached.
     """
     import hashlib
     import inspect
@@ -131,6 +135,8 @@ def build_dataset(recipe: Recipe, factories: Mapping[str, DatasetFactory] | None
         code = inspect.getsource(inspect.getmodule(factory))  # type: ignore[arg-type]
     except (OSError, TypeError):
         return factory(recipe)
+    roots = [Path(__file__).resolve().parents[1] / "screener" / "preprocess", Path(__file__).resolve().parent / "phantoms"]
+    code += "".join(f.read_text() for root in roots for f in sorted(root.rglob("*.py")))
     key = hashlib.sha256(json.dumps([recipe.protocol, dataclasses.asdict(recipe.data), code],
                                     sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = cache / f"{recipe.protocol}-{key}.npz"
@@ -239,6 +245,24 @@ def _outputs(recipe: Recipe, ds: Any, n_out: int) -> tuple[list[str], list[str]]
     return names, units
 
 
+def limit_torch_threads() -> int:
+    """Cap torch's intra-op threads for training and evaluation; returns the number set.
+
+    The small networks here gain little from many threads, and on a shared 2-core machine
+    torch's default (one thread per core, spinning) made an epoch about 4x slower than one
+    thread.  ``SCREENER_TORCH_THREADS`` overrides the default of half the CPU cores (at least 1).
+    """
+    import torch
+
+    env = os.environ.get("SCREENER_TORCH_THREADS", "").strip()
+    try:
+        n = int(env) if env else max(1, (os.cpu_count() or 2) // 2)
+    except ValueError:
+        raise CliError(f"SCREENER_TORCH_THREADS must be a whole number of threads (got {env!r})") from None
+    torch.set_num_threads(max(1, n))
+    return max(1, n)
+
+
 def _train(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] | None,
            networks: Mapping[str, Callable[..., Any]] | None) -> int:
     from screener.bundles import InputSpec, build_network, save_bundle
@@ -345,6 +369,7 @@ def train_main(argv: Sequence[str] | None = None, *,
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        limit_torch_threads()
         return _train(args, dataset_factories, networks)
     except (CliError, RecipeError) as exc:
         print(f"screener train: {exc}", file=sys.stderr)
@@ -453,6 +478,7 @@ def evaluate_main(argv: Sequence[str] | None = None, *,
     from screener.bundles import BundleError
 
     try:
+        limit_torch_threads()
         return _evaluate(args, dataset_factories, networks)
     except (CliError, RecipeError, BundleError) as exc:
         print(f"screener evaluate: {exc}", file=sys.stderr)

@@ -18,17 +18,10 @@ windowed 8-bit images), once per window of :data:`WINDOWS` -- one channel
 each; the default is one bone window (trabecular contrast).
 
 Energy correction (a documented difference from the paper, which used 120 kVp
-only): bone HU grow with falling tube voltage (hydroxyapatite adds about
-2.17 HU per mg/cm^3 at 80 kVp, 1.33 at 120 and 1.16 at 140 kVp), so before
-windowing the slab HU are multiplied by :func:`energy_scale` of the series'
-kVp (``KVP`` header at inference, the scanner profile's kVp in the cohort):
-``HA HU-per-mg at 120 kVp / HA HU-per-mg at the series' kVp``.  Water (0 HU)
-is the fixed point; the result reads as a 120 kVp-equivalent image.  The
-HU-per-mg table :data:`HA_HU_PER_MG` is the virtual cohort's physics
-(NIST XCOM hydroxyapatite displacing water at the effective energy of each
-kVp: 47, 52, 61, 70, 75, 77, 80 keV at 70, 80, 100, 120, 135, 140, 150 kVp),
-interpolated log-linearly in kVp and held constant outside 70-150 kVp.  An
-unknown kVp counts as 120 (no correction).
+only): before windowing the slab HU are multiplied by
+:func:`screener.preprocess.energy.energy_scale` of the series' kVp (``KVP``
+header at inference, the scanner profile's kVp in the cohort), so bone reads
+as its 120 kVp equivalent (see :mod:`screener.preprocess.energy`).
 
 The output is ``(4, C, size, size)`` float32, one image per level (the
 network sees one vertebra per sample; the patient value is the mean of
@@ -41,6 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from screener.preprocess.energy import HA_HU_PER_MG, REFERENCE_KVP, energy_scale
 from screener.preprocess.sampling import PlaneSource
 
 __all__ = ["LEVELS", "FOV_MM", "SIZE", "SLAB_MM", "SLAB_PLANES", "WINDOWS", "ENERGY_CORRECTION",
@@ -62,14 +56,6 @@ SLAB_PLANES = 5
 WINDOWS: tuple[tuple[float, float], ...] = ((200.0, 600.0),)
 #: rescale HU to their 120 kVp equivalent before windowing (see module docstring)
 ENERGY_CORRECTION = True
-#: tube voltage the energy correction maps to (the paper's scanners)
-REFERENCE_KVP = 120.0
-#: kVp -> HU per mg/cm^3 of hydroxyapatite displacing water, at the effective energy of that kVp
-#: (copied from the virtual cohort's physics: training.phantoms.physics.ha_hu_per_mg(effective_energy(kvp)))
-HA_HU_PER_MG: dict[float, float] = {70.0: 2.58265, 80.0: 2.16755, 100.0: 1.62009, 120.0: 1.32942,
-                                    135.0: 1.20264, 140.0: 1.15690, 150.0: 1.09291}
-
-
 class PreprocessError(ValueError):
     """The geometry does not allow the sagittal inputs (e.g. a level is missing)."""
 
@@ -102,36 +88,6 @@ class PreprocessInfo:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return asdict(self)
-
-
-def energy_scale(kvp: float | None) -> float:
-    """Factor that maps a series' bone HU to their :data:`REFERENCE_KVP` equivalent.
-
-    Parameters
-    ----------
-    kvp : float or None
-        Tube voltage of the series; ``None`` (unknown) counts as :data:`REFERENCE_KVP`.
-
-    Returns
-    -------
-    float
-        ``HA HU-per-mg at 120 kVp / HA HU-per-mg at kvp`` (0.61 at 80 kVp, 1.15 at 140 kVp);
-        log-linear in kVp between the :data:`HA_HU_PER_MG` points, constant outside them.
-
-    Raises
-    ------
-    PreprocessError
-        When ``kvp`` is not a positive finite number.
-    """
-    if kvp is None:
-        return 1.0
-    k = float(kvp)
-    if not np.isfinite(k) or k <= 0:
-        raise PreprocessError(f"kVp must be a positive number (got {kvp!r}); pass None when it is unknown")
-    xs = np.array(sorted(HA_HU_PER_MG))
-    ys = np.log([HA_HU_PER_MG[x] for x in xs])
-    ref = float(np.exp(np.interp(REFERENCE_KVP, xs, ys)))
-    return ref / float(np.exp(np.interp(k, xs, ys)))
 
 
 def constants(*, fov_mm: float = FOV_MM, size: int = SIZE, slab_mm: float = SLAB_MM,
@@ -262,7 +218,10 @@ def preprocess(source: PlaneSource, geometry: Any, *, fov_mm: float = FOV_MM, si
         raise PreprocessError(f"invalid preprocessing parameters: size {size} (>= 32), fov {fov_mm} mm (> 0), "
                               f"slab {slab_mm} mm (>= 0) with {slab_planes} plane(s) (>= 1)")
     cents = _centroids(geometry)
-    scale = energy_scale(kvp) if energy_correction else 1.0
+    try:
+        scale = energy_scale(kvp) if energy_correction else 1.0
+    except ValueError as exc:
+        raise PreprocessError(str(exc)) from exc
     if slab_planes == 1:
         offsets = np.zeros(1)
     else:

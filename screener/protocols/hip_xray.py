@@ -84,6 +84,12 @@ def hip_decision(info: Any) -> Decision:
         return Decision(False, f"{photometric or 'unknown'} image: not a greyscale radiograph")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         return Decision(False, "multi-frame image: expected one radiograph")
+    body = (info.body_part or "").upper()
+    coded_other = next((w for w in OTHER_WORDS if w in body and w != "ABDOMEN"), "")
+    if coded_other and not any(w in body for w in HIP_WORDS):
+        # the coded body part outranks free-text descriptions (a chest film described "... hip")
+        return Decision(False, f"BodyPartExamined {body}: a {coded_other.lower()} radiograph, not a pelvis or hip "
+                               "radiograph")
     text = _text(info, ds)
     hip = any(w in text for w in HIP_WORDS)
     if not hip:

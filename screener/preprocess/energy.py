@@ -1,0 +1,58 @@
+"""Tube-voltage (kVp) correction of bone HU, shared by the CT protocols' preprocessing.
+
+Bone HU grow as the tube voltage falls: hydroxyapatite adds about 2.17 HU per
+mg/cm^3 at 80 kVp, 1.33 at 120 and 1.16 at 140 kVp.  A network trained on a
+mix of tube voltages therefore sees the same bone at different brightness.
+:func:`energy_scale` gives the factor that maps a series' HU to their
+:data:`REFERENCE_KVP` equivalent (water, 0 HU, is the fixed point):
+``HA HU-per-mg at 120 kVp / HA HU-per-mg at the series' kVp``.
+
+The HU-per-mg table :data:`HA_HU_PER_MG` is the virtual cohort's physics
+(NIST XCOM hydroxyapatite displacing water at the effective energy of each
+kVp: 47, 52, 61, 70, 75, 77, 80 keV at 70, 80, 100, 120, 135, 140, 150 kVp),
+interpolated log-linearly in kVp and held constant outside 70-150 kVp.  An
+unknown kVp counts as 120 (no correction).  This is a documented difference
+from the papers, whose scanners all ran at 120 kVp.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["REFERENCE_KVP", "HA_HU_PER_MG", "energy_scale"]
+
+#: tube voltage the energy correction maps to (the papers' scanners)
+REFERENCE_KVP = 120.0
+#: kVp -> HU per mg/cm^3 of hydroxyapatite displacing water, at the effective energy of that kVp
+#: (copied from the virtual cohort's physics: training.phantoms.physics.ha_hu_per_mg(effective_energy(kvp)))
+HA_HU_PER_MG: dict[float, float] = {70.0: 2.58265, 80.0: 2.16755, 100.0: 1.62009, 120.0: 1.32942,
+                                    135.0: 1.20264, 140.0: 1.15690, 150.0: 1.09291}
+
+
+def energy_scale(kvp: float | None) -> float:
+    """Factor that maps a series' bone HU to their :data:`REFERENCE_KVP` equivalent.
+
+    Parameters
+    ----------
+    kvp : float or None
+        Tube voltage of the series; ``None`` (unknown) counts as :data:`REFERENCE_KVP`.
+
+    Returns
+    -------
+    float
+        ``HA HU-per-mg at 120 kVp / HA HU-per-mg at kvp`` (0.61 at 80 kVp, 1.15 at 140 kVp);
+        log-linear in kVp between the :data:`HA_HU_PER_MG` points, constant outside them.
+
+    Raises
+    ------
+    ValueError
+        When ``kvp`` is not a positive finite number.
+    """
+    if kvp is None:
+        return 1.0
+    k = float(kvp)
+    if not np.isfinite(k) or k <= 0:
+        raise ValueError(f"kVp must be a positive number (got {kvp!r}); pass None when it is unknown")
+    xs = np.array(sorted(HA_HU_PER_MG))
+    ys = np.log([HA_HU_PER_MG[x] for x in xs])
+    ref = float(np.exp(np.interp(REFERENCE_KVP, xs, ys)))
+    return ref / float(np.exp(np.interp(k, xs, ys)))
