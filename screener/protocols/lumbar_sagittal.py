@@ -38,9 +38,9 @@ from screener.domain import Volume
 from screener.findings import Finding, RoiGeometry
 from screener.preprocess import lumbar_sagittal as pp
 from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined, axial_ct_decision
-from screener.protocols.model import ModelProtocol, model_details, spine_localization
+from screener.protocols.model import ModelProtocol, axial_rectangle_roi, model_details, spine_localization
 from screener.reporting import codes
-from screener.series import SeriesInfo, frame_number
+from screener.series import SeriesInfo
 
 log = structlog.get_logger(__name__)
 
@@ -275,17 +275,7 @@ class LumbarSagittalProtocol(ModelProtocol):
         half_y = pinfo.constants["fov_mm"] / 2.0
         corners = np.array([[c[0] - half_x, c[1] - half_y, z], [c[0] + half_x, c[1] - half_y, z],
                             [c[0] + half_x, c[1] + half_y, z], [c[0] - half_x, c[1] + half_y, z]])
-        idx = sampler.to_index(corners)
-        rows, cols = volume.array.shape[1:]
-        pts = np.stack([np.clip(idx[:, 2] + 0.5, 0.0, cols), np.clip(idx[:, 1] + 0.5, 0.0, rows)], axis=1)
-        polygon = np.vstack([pts, pts[:1]])
-        _, dj, di = volume.spacing
-        xs, ys = polygon[:-1, 0], polygon[:-1, 1]
-        area_px = 0.5 * abs(float(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
-        roi = RoiGeometry(source_sop_instance_uid=volume.sop_instance_uid(k), source_sop_class_uid=volume.sop_class_uid(k),
-                          polygon=polygon, centre_mm=(float(c[0]), float(c[1]), z),
-                          area_mm2=area_px * dj * di, slice_index=k,
-                          frame_number=frame_number(volume.datasets[k]) if volume.datasets else None)
+        roi = axial_rectangle_roi(volume, sampler, corners, k, (float(c[0]), float(c[1]), z))
         return roi, k
 
     @staticmethod

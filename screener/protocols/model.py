@@ -17,8 +17,9 @@ from screener.protocols.base import Protocol, ProtocolContext, ProtocolDeclined
 if TYPE_CHECKING:  # pragma: no cover
     from screener.bundles import Bundle
     from screener.domain import SpineLocalization, Volume
+    from screener.findings import RoiGeometry
 
-__all__ = ["ModelProtocol", "model_details", "resolve_device", "spine_localization"]
+__all__ = ["ModelProtocol", "axial_rectangle_roi", "model_details", "resolve_device", "spine_localization"]
 
 _CACHE: dict[tuple[str, str], "Bundle"] = {}
 _LOCK = threading.Lock()
@@ -87,6 +88,46 @@ def spine_localization(volume: "Volume", context: ProtocolContext) -> "SpineLoca
         found = locate_spine(volume)
         context.extras["spine_localization"] = found
     return found
+
+
+def axial_rectangle_roi(volume: "Volume", sampler: Any, corners_mm: Any, k: int,
+                        centre_mm: tuple[float, float, float]) -> "RoiGeometry":
+    """The SR region of a protocol's input drawn on axial slice ``k`` of the series.
+
+    Parameters
+    ----------
+    volume : screener.domain.Volume
+        The series.
+    sampler : screener.preprocess.sampling.VolumeSampler
+        Its sampler (patient mm -> voxel index).
+    corners_mm : array_like, shape (4, 3)
+        Corners of the region in patient mm, in drawing order, on slice ``k``.
+    k : int
+        Slice index the region is drawn on.
+    centre_mm : tuple of float
+        Centre of the region (patient mm), recorded with the ROI.
+
+    Returns
+    -------
+    screener.findings.RoiGeometry
+        Closed pixel polygon (column, row; clipped to the image), its area in mm^2 and the
+        slice's SOP instance / class UIDs and frame number.
+    """
+    import numpy as np
+
+    from screener.findings import RoiGeometry
+    from screener.series import frame_number
+
+    idx = sampler.to_index(np.asarray(corners_mm, dtype=float))
+    rows, cols = volume.array.shape[1:]
+    pts = np.stack([np.clip(idx[:, 2] + 0.5, 0.0, cols), np.clip(idx[:, 1] + 0.5, 0.0, rows)], axis=1)
+    polygon = np.vstack([pts, pts[:1]])
+    _, dj, di = volume.spacing
+    xs, ys = pts[:, 0], pts[:, 1]
+    area_px = 0.5 * abs(float(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
+    return RoiGeometry(source_sop_instance_uid=volume.sop_instance_uid(k), source_sop_class_uid=volume.sop_class_uid(k),
+                       polygon=polygon, centre_mm=tuple(float(v) for v in centre_mm), area_mm2=area_px * dj * di,
+                       slice_index=k, frame_number=frame_number(volume.datasets[k]) if volume.datasets else None)
 
 
 def model_details(bundle: "Bundle") -> dict[str, Any]:
