@@ -23,6 +23,7 @@ DXA image, and one secondary capture: the DXA image with the Grad-CAM map of the
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,16 +125,19 @@ class DxaSpineProtocol(ModelProtocol):
             raise ProtocolDeclined("no DXA image file in the series")
         bundle = self.load_bundle(context)
         path = Path(info.paths[0])
+        t0 = time.perf_counter()
         ds = pydicom.dcmread(path)
         try:
             inp = dxa_spine_input(ds)
         except RadiographError as exc:
             raise ProtocolDeclined(str(exc)) from exc
+        t1 = time.perf_counter()
         names = list(bundle.output_names)
         missing = [t for t in TASK_LABELS if t not in names]
         if missing:
             raise ProtocolDeclined(f"model bundle {bundle.path} lacks output(s) {missing}")
         probs = bundle.predict(inp.array[None])[0]
+        t2 = time.perf_counter()
         p = {t: float(np.clip(probs[names.index(t)], 0.0, 1.0)) for t in TASK_LABELS}
         thr, thr_source = self._thresholds(bundle)
         positive = {t: p[t] >= thr[t] for t in TASK_LABELS}
@@ -158,6 +162,7 @@ class DxaSpineProtocol(ModelProtocol):
 
         explained = max(TASK_LABELS, key=lambda t: p[t] / max(thr[t], 1e-6))
         overlay, spacing = render_dxa_overlay(bundle, inp, names.index(explained), p, thr, explained)
+        t3 = time.perf_counter()
         c0, r0, c1, r1 = inp.box_px
         polygon = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float64)
         sr_, sc_ = inp.source_spacing_mm
@@ -174,6 +179,7 @@ class DxaSpineProtocol(ModelProtocol):
             "overlay_description": (f"DXA spine image with the 150x150 model crop; Grad-CAM ({TASK_LABELS[explained]}) "
                                     "left, vanilla gradient right, resampled to 0.5 mm square pixels"),
             "overlay_pixel_spacing_mm": [spacing, spacing],
+            "timing_ms": {"preprocess": 1000 * (t1 - t0), "model": 1000 * (t2 - t1), "explain": 1000 * (t3 - t2)},
         }
         if positive["unreliable"]:
             details["statement"] = UNRELIABLE_STATEMENT
