@@ -10,7 +10,10 @@ A bundle is a folder ``models/<protocol>/`` holding
   units, T-score reference, training-data statement, recipe, command, seed,
   metrics, intended use, version, changelog and framework versions (after the
   MONAI bundle ``metadata.json`` and nnU-Net ``plans.json``: preprocessing
-  travels with the weights);
+  travels with the weights); optionally ``calibration``, a linear map of one
+  regression output (``{"kind": "linear", "output", "slope", "intercept",
+  ...}``, fitted by :mod:`training.calibration`) that :meth:`Bundle.predict`
+  applies to the ensemble mean;
 * ``README.md`` -- the same card for people, generated from the JSON.
 
 :func:`save_bundle` writes one, :func:`load_bundle` reads it back into a
@@ -219,13 +222,32 @@ class Bundle:
         return [str(n) for n in self.card["outputs"]["names"]]
 
     @property
+    def calibration(self) -> dict[str, Any] | None:
+        """The card's linear output calibration (``None`` when the card has none)."""
+        cal = self.card.get("calibration")
+        return dict(cal) if cal else None
+
+    def apply_calibration(self, outputs: np.ndarray) -> np.ndarray:
+        """The card's calibration applied to ``(B, n_outputs)`` ensemble outputs (a copy; unchanged without one).
+
+        ``calibrated = intercept + slope * output`` on the calibrated output column.
+        """
+        out = np.array(outputs, dtype=np.float64)
+        cal = self.calibration
+        if cal is None:
+            return out
+        j = self.output_names.index(str(cal["output"]))
+        out[:, j] = float(cal["intercept"]) + float(cal["slope"]) * out[:, j]
+        return out
+
+    @property
     def bundle_id(self) -> str:
         """``<protocol>@<version>`` (recorded with every finding)."""
         return f"{self.protocol}@{self.version}"
 
     def predict(self, images: np.ndarray | torch.Tensor, extras: np.ndarray | torch.Tensor | None = None,
-                batch_size: int = 16) -> np.ndarray:
-        """Ensemble estimate (mean of fold outputs, or of their probabilities).
+                batch_size: int = 16, calibrated: bool = True) -> np.ndarray:
+        """Ensemble estimate (mean of fold outputs, or of their probabilities), calibrated as the card says.
 
         Parameters
         ----------
@@ -234,6 +256,9 @@ class Bundle:
         extras : array, optional
             ``(B, E)`` second input when the spec names extras.
         batch_size : int
+        calibrated : bool
+            Apply the card's ``calibration`` (:meth:`apply_calibration`); a card without one
+            gives the plain ensemble mean either way.
 
         Returns
         -------
@@ -259,7 +284,8 @@ class Bundle:
                 o = torch.cat(parts)
                 acc = o if acc is None else acc + o
         assert acc is not None
-        return (acc / len(self.models)).numpy()
+        mean = (acc / len(self.models)).numpy()
+        return self.apply_calibration(mean) if calibrated else mean
 
 
 def _half_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -432,6 +458,13 @@ def render_readme(card: Mapping[str, Any]) -> str:
     if ref:
         lines.append(f"- T-score reference: mean {ref.get('mean')} g/cm², SD {ref.get('sd')}"
                      + (f" ({ref['source']})" if ref.get("source") else ""))
+    cal = card.get("calibration") or {}
+    if cal:
+        line = (f"- `{cal.get('output')}` = {cal.get('intercept'):+.5f} + {cal.get('slope'):.5f} x ensemble mean "
+                f"({cal.get('kind')}, {cal.get('fit')} fit, {cal.get('n')} samples)")
+        lines += ["", "## Output calibration", "", line, f"- Fitted on: {cal.get('fitted_on')}"]
+        for name, md in (cal.get("tables") or {}).items():
+            lines += ["", f"### {name}", "", str(md)]
     if card.get("differences_from_paper"):
         lines += ["", "## Differences from the paper", "", str(card["differences_from_paper"])]
     lines += ["", "## Provenance", ""]
@@ -454,6 +487,26 @@ def render_readme(card: Mapping[str, Any]) -> str:
     for v, msg in (card.get("changelog") or {}).items():
         lines.append(f"- {v}: {msg}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _check_calibration(card: Mapping[str, Any], card_path: Path) -> None:
+    """Raise :class:`BundleError` unless the card's optional ``calibration`` is a usable linear map."""
+    cal = card.get("calibration")
+    if not cal:
+        return
+    if not isinstance(cal, Mapping) or cal.get("kind") != "linear":
+        raise BundleError(f"{card_path}: calibration kind {cal.get('kind') if isinstance(cal, Mapping) else cal!r} "
+                          "is not supported (only 'linear'); refit with python -m training.calibration or remove it")
+    names = [str(n) for n in card["outputs"].get("names", [])]
+    if str(cal.get("output")) not in names:
+        raise BundleError(f"{card_path}: calibration output {cal.get('output')!r} is not one of the outputs {names}")
+    try:
+        slope, intercept = float(cal["slope"]), float(cal["intercept"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{card_path}: calibration needs numeric 'slope' and 'intercept' ({exc})") from exc
+    if not (np.isfinite(slope) and slope > 0 and np.isfinite(intercept)):
+        raise BundleError(f"{card_path}: calibration slope must be a positive number and the intercept finite "
+                          f"(got {slope}, {intercept})")
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu", *,
@@ -497,6 +550,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", *,
         if key not in card:
             raise BundleError(f"{card_path}: model card lacks {key!r}")
     spec = InputSpec.from_dict(card["input_spec"])
+    _check_calibration(card, card_path)
     if isinstance(device, str) and device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

@@ -61,6 +61,24 @@ def test_reference_prefers_slices_whose_neighbours_cut_the_body() -> None:
     assert info.z_reference == pytest.approx(8.0)
 
 
+def test_energy_correction_rescales_the_crop_not_the_slice_choice() -> None:
+    from screener.preprocess.energy import energy_scale
+
+    radius = lambda z: 0.0 if abs(z) > 11.0 else 14.0 - 0.15 * abs(z - 4.0)  # noqa: E731
+    geom = P.L1Geometry.from_grid((0.0, 0.0, 0.0), (-12.0, 12.0), spacing_mm=2.0)
+    off, i0 = P.preprocess(_ring_source(radius), geom, size=64, fov_mm=100.0, energy_correction=False, kvp=80.0)
+    unknown, _ = P.preprocess(_ring_source(radius), geom, size=64, fov_mm=100.0, energy_correction=True, kvp=None)
+    at120, _ = P.preprocess(_ring_source(radius), geom, size=64, fov_mm=100.0, energy_correction=True, kvp=120.0)
+    on, i1 = P.preprocess(_ring_source(radius), geom, size=64, fov_mm=100.0, energy_correction=True, kvp=80.0)
+    assert np.array_equal(off, unknown) and np.array_equal(off, at120)  # unknown kVp / 120 kVp: no change
+    assert i1.z_samples == i0.z_samples and i1.extras["energy_scale"] == pytest.approx(energy_scale(80.0))
+    c = 64 // 2 - int(P.CROP_POSTERIOR_MM / (100.0 / 64))
+    assert on[0, 0, c, 32] == pytest.approx((150.0 * energy_scale(80.0) + 200.0) / 1500.0, abs=1e-6)
+    assert P.energy_constants(True)["energy_correction"] and P.energy_constants(False) == {"energy_correction": False}
+    with pytest.raises(ValueError, match="kVp must be a positive"):
+        P.preprocess(_ring_source(radius), geom, size=32, fov_mm=100.0, energy_correction=True, kvp=-1.0)
+
+
 def test_no_enclosed_body_falls_back_to_the_centroid_slice() -> None:
     geom = P.L1Geometry.from_grid((0.0, 0.0, 1.0), (-6.0, 6.0), spacing_mm=3.0)
     _, info = P.preprocess(_ring_source(lambda z: 0.0), geom, size=32, fov_mm=100.0, n_neighbours=0)
@@ -96,6 +114,7 @@ def test_cohort_builder_n4_shapes_targets_profiles() -> None:
     truth = l1_abmd(anatomy.build_scene(population.make_patient(5, 0), z_window=(-60.0, 60.0)))
     assert ds.targets[:3] == pytest.approx([truth] * 3, rel=1e-6)
     assert ds.meta["preprocessing"]["size"] == 32 and ds.meta["outputs"] == ["bmd"]
+    assert ds.meta["preprocessing"]["energy_correction"] is True and ds.meta["preprocessing"]["reference_kvp"] == 120
     with pytest.raises(ValueError, match="input_size"):
         build(dataclasses.replace(r, network=dataclasses.replace(r.network, kwargs={"input_size": 64})))
 
@@ -107,8 +126,10 @@ def test_both_recipes_load() -> None:
     cohort = load_recipe(COHORT_RECIPE)
     assert paper.training.folds == 10 and paper.training.epochs == 150 and paper.training.batch_size == 15
     assert paper.network.kwargs["input_size"] == 256 and paper.loss.kwargs["delta"] == 0.1
-    assert cohort.bundle.version == "1.0.0" and cohort.bundle.t_score_mean == 0.9747
+    assert cohort.bundle.version == "1.1.0" and cohort.bundle.t_score_mean == 0.9747
     assert cohort.data.holdout_profiles == ("heldout_fujifilm_135",)
+    assert cohort.data.options["energy_correction"] is True
+    assert cohort.bundle.preprocessing["calibration"] in ("none", "linear")
 
 
 # ------------------------------------------------------------------------------ routing
@@ -145,7 +166,8 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     scene = anatomy.build_scene(p)
     top, bottom = scene.vertebra("T11").centroid_mm[2], scene.vertebra("L3").centroid_mm[2]
     folder = tmp_path_factory.mktemp("l1ax") / "ct"
-    paths = ct.write_series(ct.render_ct(scene, "canon_ap_native", seed=0, z_range=(top, bottom)), folder)
+    # an 80 kVp series, so that the energy correction (x0.61) is part of both paths
+    paths = ct.write_series(ct.render_ct(scene, "siemens_lowkv_80", seed=0, z_range=(top, bottom)), folder)
     return {"paths": paths, "folder": folder, "abmd": l1_abmd(scene), "patient": p.patient_id}
 
 
@@ -186,6 +208,7 @@ def test_manifest_and_protocol_give_identical_tensors_and_a_sane_estimate(render
     finally:
         Bundle.predict = orig  # type: ignore[method-assign]
     assert np.array_equal(seen[0], ds.images), "training (manifest) and inference tensors differ"
+    assert ctx.info.kvp == pytest.approx(80.0)
     assert ds.targets[0] == pytest.approx(rendered["abmd"], abs=1e-4)
 
     bmd = finding.measurement("L1 BMD estimate").value
@@ -200,3 +223,59 @@ def test_manifest_and_protocol_give_identical_tensors_and_a_sane_estimate(render
     assert np.array_equal(poly[0], poly[-1]) and len(poly) == 5
     assert finding.roi.source_sop_instance_uid == finding.referenced_sop_instance_uids[0]
     assert finding.category in ("normal", "osteopenia", "osteoporosis")
+    assert d["kvp"] == pytest.approx(80.0)
+    if card["preprocessing"].get("energy_correction"):
+        assert d["energy_scale"] == pytest.approx(0.6133, abs=1e-3)
+        assert any("rescaled to 120 kVp" in f for f in finding.flags)
+    if card.get("calibration"):  # the estimate is the calibrated ensemble mean, per fold alike
+        cal = card["calibration"]
+        assert d["calibration"]["slope"] == pytest.approx(cal["slope"])
+        assert bmd == pytest.approx(float(np.mean([s["bmd"] for s in d["bmd_per_slice"]])))
+        assert float(np.mean(d["bmd_per_fold"])) == pytest.approx(bmd, abs=1e-9)
+
+
+@pytest.mark.skipif(not (BUNDLE / "model_card.json").is_file(), reason="models/l1_axial not trained yet")
+def test_a_card_without_energy_correction_or_calibration_runs_without_them(rendered: dict[str, Any],
+                                                                            tmp_path: Path) -> None:
+    import shutil
+
+    from screener.bundles import Bundle
+    from screener.config import Config
+    from screener.localizer import locate_spine
+    from screener.preprocess.l1_axial import preprocess_volume
+    from screener.protocols.base import ProtocolContext
+    from screener.protocols.l1_axial import L1AxialProtocol
+    from screener.series import load_volume, read_series_info
+
+    old = tmp_path / "models" / "l1_axial"
+    shutil.copytree(BUNDLE, old)
+    card = json.loads((old / "model_card.json").read_text())
+    card["preprocessing"].pop("energy_correction", None)  # a round-2 card
+    card.pop("calibration", None)
+    (old / "model_card.json").write_text(json.dumps(card))
+
+    seen: list[np.ndarray] = []
+    raw: list[np.ndarray] = []
+    orig = Bundle.predict
+
+    def spy(self: Bundle, images: Any, extras: Any = None, batch_size: int = 16) -> np.ndarray:
+        seen.append(np.array(images))
+        out = orig(self, images, extras, batch_size)
+        raw.append(out)
+        return out
+
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, models_dir=str(tmp_path / "models"), device="cpu")
+    paths = rendered["paths"]
+    vol = load_volume(paths)
+    Bundle.predict = spy  # type: ignore[method-assign]
+    try:
+        (finding,) = L1AxialProtocol().run(vol, ProtocolContext(config=cfg, info=read_series_info(paths)))
+    finally:
+        Bundle.predict = orig  # type: ignore[method-assign]
+    expected, _ = preprocess_volume(vol, locate_spine(vol).get("L1"), size=card["input_spec"]["shape"][-1],
+                                    fov_mm=card["preprocessing"]["fov_mm"], energy_correction=False)
+    assert np.array_equal(seen[0], expected), "a card without energy_correction must see uncorrected HU"
+    d = finding.details
+    assert d["energy_scale"] == 1.0 and d["calibration"] is None
+    assert finding.measurement("L1 BMD estimate").value == pytest.approx(float(np.mean(raw[0][:, 0])))

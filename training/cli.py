@@ -65,9 +65,12 @@ EXTRA_EVALUATIONS: dict[str, str] = {
 }
 
 #: protocol -> step run on the written bundle after training (``fn(bundle_dir, device=...)``):
-#: ``dxa_spine`` matches its fracture threshold to the minimum-T-score sensitivity (Nissinen).
+#: ``dxa_spine`` matches its fracture threshold to the minimum-T-score sensitivity (Nissinen);
+#: ``l1_axial`` fits the linear calibration of its BMD on the validation predictions when the recipe
+#: asks for it (``[bundle] preprocessing = { calibration = "linear" }``, :mod:`training.calibration`).
 POST_TRAIN: dict[str, str] = {
     "dxa_spine": "training.datasets.dxa_spine:calibrate_fracture_threshold",
+    "l1_axial": "training.calibration:calibrate_bundle",
 }
 
 

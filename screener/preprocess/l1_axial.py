@@ -32,7 +32,14 @@ Here
    display), independent of the series' own orientation.  The crop is area-sampled
    (sampled at <= ``SAMPLE_MM`` and block-averaged), so the thin cortex is not
    aliased into a dotted ring.
-5. **Scaling**: HU clipped to ``[WINDOW_LO_HU, WINDOW_HI_HU]`` and mapped to
+5. **Energy correction** (``energy_correction``, a documented difference from
+   the paper, whose scanner ran at 120 kVp only): the crop's HU are multiplied
+   by :func:`screener.preprocess.energy.energy_scale` of the series' tube
+   voltage (``KVP`` header at inference, the scanner profile's kVp in the
+   cohort), so bone reads as its 120 kVp equivalent (water is the fixed
+   point; an unknown kVp counts as 120).  Only the network input is rescaled:
+   the slice choice (step 2) works on the series' own HU.
+6. **Scaling**: HU clipped to ``[WINDOW_LO_HU, WINDOW_HI_HU]`` and mapped to
    0-1 (a fixed window, so absolute attenuation survives; the authors' per-image
    min-max scaling would discard it).
 
@@ -50,10 +57,11 @@ import numpy as np
 from scipy import ndimage
 
 from screener.domain import VertebraLocation, Volume
+from screener.preprocess.energy import HA_HU_PER_MG, REFERENCE_KVP, energy_scale
 from screener.preprocess.sampling import PlaneSource
 
-__all__ = ["CONSTANTS", "L1Geometry", "PreprocessInfo", "geometry_from_volume", "preprocess",
-           "preprocess_volume", "trabecular_area"]
+__all__ = ["CONSTANTS", "ENERGY_CORRECTION", "L1Geometry", "PreprocessInfo", "energy_constants",
+           "geometry_from_volume", "preprocess", "preprocess_volume", "trabecular_area"]
 
 #: HU window mapped to 0-1 (centre 550, width 1500: fat to dense cortex).
 WINDOW_LO_HU = -200.0
@@ -77,6 +85,10 @@ MAX_BODY_AREA_MM2 = 3000.0
 N_NEIGHBOURS = 1
 #: An enclosed area above this multiple of the median over L1's slices is a leak (canal).
 LEAK_FACTOR = 1.3
+#: Default of the energy correction (rescale the crop's HU to their 120 kVp equivalent before
+#: windowing) where a recipe or model card does not say: off, as before it existed (a card without
+#: the ``energy_correction`` key runs without it); the cohort recipe turns it on.
+ENERGY_CORRECTION = False
 
 #: Constants written to the model card (``ds.meta["preprocessing"]``).
 CONSTANTS: dict[str, Any] = {
@@ -93,6 +105,31 @@ CONSTANTS: dict[str, Any] = {
 
 _U = (1.0, 0.0, 0.0)
 _V = (0.0, 1.0, 0.0)
+
+
+def energy_constants(energy_correction: bool) -> dict[str, Any]:
+    """The energy-correction entries of the model card's preprocessing constants.
+
+    Parameters
+    ----------
+    energy_correction : bool
+        Whether the crops were rescaled to 120 kVp equivalents.
+
+    Returns
+    -------
+    dict
+        ``{"energy_correction": bool}``, plus the reference kVp, the HU-per-mg table and the
+        rule when the correction is on.
+    """
+    out: dict[str, Any] = {"energy_correction": bool(energy_correction)}
+    if energy_correction:
+        out.update({
+            "reference_kvp": REFERENCE_KVP,
+            "ha_hu_per_mg": {f"{k:g}": v for k, v in HA_HU_PER_MG.items()},
+            "energy_rule": "crop HU x HA_HU_per_mg(120 kVp) / HA_HU_per_mg(series kVp) before windowing "
+                           "(log-linear in kVp, constant outside 70-150 kVp; unknown kVp = 120); "
+                           "slice choice on the series' own HU"})
+    return out
 
 
 @dataclass(frozen=True)
@@ -275,7 +312,8 @@ def _plane(source: PlaneSource, centre: Sequence[float], fov_mm: float, size: in
 
 
 def preprocess(source: PlaneSource, geometry: L1Geometry, *, size: int = SIZE, fov_mm: float = FOV_MM,
-               n_neighbours: int = N_NEIGHBOURS) -> tuple[np.ndarray, PreprocessInfo]:
+               n_neighbours: int = N_NEIGHBOURS, energy_correction: bool = ENERGY_CORRECTION,
+               kvp: float | None = None) -> tuple[np.ndarray, PreprocessInfo]:
     """Network inputs of one series: the reference L1 slice and its neighbours, cropped and scaled.
 
     Parameters
@@ -292,6 +330,11 @@ def preprocess(source: PlaneSource, geometry: L1Geometry, *, size: int = SIZE, f
         Crop side in mm.
     n_neighbours : int
         Slices taken on each side of the reference (0, 1 or 2 in the paper).
+    energy_correction : bool
+        Multiply the crops' HU by :func:`~screener.preprocess.energy.energy_scale` of ``kvp``
+        before windowing (the model card's ``energy_correction``).
+    kvp : float, optional
+        The series' tube voltage (``KVP``); ``None`` = unknown (treated as 120 kVp).
 
     Returns
     -------
@@ -299,9 +342,16 @@ def preprocess(source: PlaneSource, geometry: L1Geometry, *, size: int = SIZE, f
         ``float32 (S, 1, size, size)`` in [0, 1]; sample 0 is the reference,
         then its neighbours (nearest first, inferior before superior).
     info : PreprocessInfo
+        ``extras["energy_scale"]`` is the factor applied to the HU (1.0 without correction).
+
+    Raises
+    ------
+    ValueError
+        When the crop size or FOV is not positive, or ``kvp`` is not a positive number.
     """
     if size <= 0 or fov_mm <= 0:
         raise ValueError(f"crop size and FOV must be positive (got {size} px, {fov_mm} mm)")
+    scale = np.float32(energy_scale(kvp) if energy_correction else 1.0)
     cx, cy, cz = (float(c) for c in geometry.centroid_mm)
     zs = np.asarray(sorted(geometry.slice_z), dtype=np.float64)
     lo, hi = geometry.z_range_mm
@@ -339,18 +389,21 @@ def preprocess(source: PlaneSource, geometry: L1Geometry, *, size: int = SIZE, f
     factor = max(1, int(np.ceil(fov_mm / size / SAMPLE_MM - 1e-9)))
     for k in picks:
         img, o = _plane(source, (cx, centre_y, zs[k]), fov_mm, size, factor)
+        if scale != 1.0:
+            img = img * scale
         out.append(np.clip((img - WINDOW_LO_HU) / (WINDOW_HI_HU - WINDOW_LO_HU), 0.0, 1.0))
         origins.append(o)
     images = np.stack(out)[:, None].astype(np.float32)
     ps = fov_mm / size
     info = PreprocessInfo(z_reference=float(zs[ref]), z_samples=[float(zs[k]) for k in picks],
                           areas_mm2=areas, crop_origins=origins, spacing_mm=(ps, ps), shape=(size, size),
-                          fallback=fallback)
+                          fallback=fallback, extras={"energy_scale": float(scale)})
     return images, info
 
 
 def preprocess_volume(volume: Volume, l1: VertebraLocation, *, size: int = SIZE, fov_mm: float = FOV_MM,
-                      n_neighbours: int = N_NEIGHBOURS) -> tuple[np.ndarray, PreprocessInfo]:
+                      n_neighbours: int = N_NEIGHBOURS, energy_correction: bool = ENERGY_CORRECTION,
+                      kvp: float | None = None) -> tuple[np.ndarray, PreprocessInfo]:
     """The inference path (daemon protocol and site-manifest builder): :func:`preprocess` on a volume.
 
     Parameters
@@ -359,8 +412,10 @@ def preprocess_volume(volume: Volume, l1: VertebraLocation, *, size: int = SIZE,
         Axial CT volume (HU).
     l1 : VertebraLocation
         L1 from the spine localizer.
-    size, fov_mm, n_neighbours
+    size, fov_mm, n_neighbours, energy_correction
         As :func:`preprocess` (the bundle card's values).
+    kvp : float, optional
+        The series' ``KVP`` (for the energy correction).
 
     Returns
     -------
@@ -370,4 +425,4 @@ def preprocess_volume(volume: Volume, l1: VertebraLocation, *, size: int = SIZE,
     from screener.preprocess.sampling import VolumeSampler
 
     return preprocess(VolumeSampler(volume), geometry_from_volume(volume, l1), size=size, fov_mm=fov_mm,
-                      n_neighbours=n_neighbours)
+                      n_neighbours=n_neighbours, energy_correction=energy_correction, kvp=kvp)

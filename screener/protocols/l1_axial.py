@@ -7,10 +7,15 @@ Method
 2. :func:`screener.preprocess.l1_axial.preprocess_volume` picks the native
    slice with the largest enclosed L1 trabecular area, adds its nearest
    neighbour on each side, and crops/scales each as the bundle was trained
-   (constants from the bundle's model card).
+   (constants from the bundle's model card).  When the card says
+   ``energy_correction`` the crops' HU are first rescaled to 120 kVp by the
+   series' ``KVP`` (not in the paper, which used 120 kVp only; a card without
+   the key predates the correction and runs without it).
 3. The fold ensemble of :class:`screener.nets.KangRegressor` estimates the L1
-   aBMD (g/cm²) of each slice; the reported estimate is the mean over the
-   slices (every fold's and slice's value is in ``details``).
+   aBMD (g/cm²) of each slice, with the card's linear ``calibration`` (fitted
+   on the validation predictions) applied by :meth:`screener.bundles.Bundle.predict`;
+   the reported estimate is the mean over the slices (every fold's and
+   slice's value is in ``details``, calibrated alike).
 4. T-score with Kang's reference (0.9747 / 0.1185 g/cm², from the card);
    normal / abnormal at T −1.0 as in the paper, WHO grade as the category.
 5. Explanation: Grad-RAM and Grad-RAMP (Kang eqs. 2-3) of the reference slice,
@@ -46,7 +51,7 @@ class L1AxialProtocol(ModelProtocol):
     """Kang et al.'s L1 axial-slice BMD regressor (see module docstring)."""
 
     name = "l1_axial"
-    version = "1.0.0"
+    version = "1.1.0"
     bundle_name = "l1_axial"
 
     # ------------------------------------------------------------------ routing
@@ -83,17 +88,22 @@ class L1AxialProtocol(ModelProtocol):
         size = int(bundle.input_spec.shape[-1])
         fov = float(prep.get("fov_mm", 150.0))
         n_nb = int(prep.get("n_neighbours", 1))
+        # a card without the key predates the energy correction: its model saw uncorrected HU
+        energy = bool(prep.get("energy_correction", False))
+        kvp = context.info.kvp
 
         t0 = time.perf_counter()
         try:
-            images, info = preprocess_volume(volume, l1, size=size, fov_mm=fov, n_neighbours=n_nb)
+            images, info = preprocess_volume(volume, l1, size=size, fov_mm=fov, n_neighbours=n_nb,
+                                             energy_correction=energy, kvp=kvp)
         except ValueError as exc:
             raise ProtocolDeclined(f"L1 not in view: {exc}") from exc
         t1 = time.perf_counter()
         per_slice = bundle.predict(images)[:, 0]
         x = torch.as_tensor(images).to(bundle.device)
         with torch.no_grad():
-            per_fold = [float(m(x).double().mean()) for m in bundle.models]
+            raw_fold = np.array([[float(m(x).double().mean())] for m in bundle.models])
+        per_fold = [float(v) for v in bundle.apply_calibration(raw_fold)[:, 0]]
         bmd = float(np.mean(per_slice))
         t2 = time.perf_counter()
         ref = x[:1]
@@ -128,6 +138,13 @@ class L1AxialProtocol(ModelProtocol):
         flags.append(scores.flag(f"T-score from the model's BMD with Kang et al.'s reference "
                                  f"({mean:g} / {sd:g} g/cm2); {'abnormal' if abnormal else 'normal'} "
                                  f"at T {ABNORMAL_T:g} as in the paper"))
+        if kvp is None:
+            flags.append(scores.flag("kVp unknown: the paper used 120 kVp only"
+                                     + ("; no energy correction (treated as 120 kVp)" if energy else "")))
+        elif abs(kvp - 120.0) > 5.0:
+            flags.append(scores.flag(f"kVp {kvp:g}: the paper used 120 kVp only; "
+                                     + (f"HU rescaled to 120 kVp (x{info.extras.get('energy_scale', 1.0):.3f})"
+                                        if energy else "estimate less certain")))
         if info.fallback:
             flags.append(scores.flag("no slice enclosed an L1 trabecular body: the slice nearest the "
                                      "localizer's centroid was used"))
@@ -143,6 +160,9 @@ class L1AxialProtocol(ModelProtocol):
             "reference_slice_z_mm": info.z_reference,
             "trabecular_area_mm2": {f"{z:.2f}": a for z, a in info.areas_mm2.items()},
             "slice_fallback": info.fallback,
+            "kvp": kvp, "energy_scale": float(info.extras.get("energy_scale", 1.0)),
+            "calibration": ({k: bundle.calibration[k] for k in ("kind", "fit", "slope", "intercept")
+                             if k in bundle.calibration} if bundle.calibration else None),
             "explanation": {"burned_in": "Grad-RAMP", "grad_ram_peak_rc": _peak(ram),
                             "grad_ramp_peak_rc": _peak(ramp),
                             "feature_map_px": int(size // 32)},

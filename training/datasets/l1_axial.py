@@ -24,7 +24,11 @@ L1 aBMD (g/cm^2).
 
 ``[data] options``: ``size`` (crop pixels = the network's ``input_size``),
 ``fov_mm``, ``n_neighbours``, ``centroid_jitter_mm`` (cohort: SD of the
-localizer-like error added to the true centroid).
+localizer-like error added to the true centroid), ``energy_correction``
+(rescale the crops' HU to 120 kVp equivalents by the series' kVp: the scanner
+profile's ``kvp`` in the cohort, the DICOM ``KVP`` of a manifest row, as the
+daemon does; written into the model card's preprocessing constants; off
+when the recipe does not say, as in the recipes written before it existed).
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ __all__ = ["build", "build_cohort", "build_manifest", "cohort_sample", "l1_abmd"
 
 KANG_T = (0.9747, 0.1185)
 DEFAULT_OPTIONS: dict[str, Any] = {"size": P.SIZE, "fov_mm": P.FOV_MM, "n_neighbours": P.N_NEIGHBOURS,
-                                   "centroid_jitter_mm": 1.5}
+                                   "centroid_jitter_mm": 1.5, "energy_correction": P.ENERGY_CORRECTION}
 
 
 def options(recipe: Any) -> dict[str, Any]:
@@ -141,13 +145,15 @@ def cohort_sample(seed: int, index: int, profile_name: str, opts: dict[str, Any]
                                   phase_mm=float(rng.uniform(0.0, profile.slice_spacing)))
     src = _phantom_source(scene, profile, rng)
     images, info = P.preprocess(src, geom, size=int(opts["size"]), fov_mm=float(opts["fov_mm"]),
-                                n_neighbours=int(opts["n_neighbours"]))
+                                n_neighbours=int(opts["n_neighbours"]),
+                                energy_correction=bool(opts["energy_correction"]), kvp=float(profile.kvp))
     return images, abmd, info, patient
 
 
 def _meta(opts: dict[str, Any], source: str) -> dict[str, Any]:
     return {"outputs": ["bmd"], "units": ["g/cm2"], "source": source,
-            "preprocessing": {**P.CONSTANTS, "size": int(opts["size"]), "fov_mm": float(opts["fov_mm"]),
+            "preprocessing": {**P.CONSTANTS, **P.energy_constants(bool(opts["energy_correction"])),
+                              "size": int(opts["size"]), "fov_mm": float(opts["fov_mm"]),
                               "n_neighbours": int(opts["n_neighbours"]),
                               "spacing_mm": float(opts["fov_mm"]) / int(opts["size"])}}
 
@@ -198,7 +204,7 @@ def _series_files(paths: Sequence[Path]) -> list[Path]:
 def build_manifest(recipe: Any) -> ArrayDataset:
     """Site-manifest data set: each row's CT series through the daemon's inference path."""
     from screener.localizer import locate_spine
-    from screener.series import load_volume
+    from screener.series import load_volume, read_series_info
     from training.manifest import read_manifest
 
     opts = options(recipe)
@@ -207,12 +213,15 @@ def build_manifest(recipe: Any) -> ArrayDataset:
     problems: list[str] = []
     for row in man.rows:
         try:
-            vol = load_volume(_series_files(row.dicom_paths))
+            files = _series_files(row.dicom_paths)
+            vol = load_volume(files)
             l1 = locate_spine(vol).get("L1")
             if l1 is None:
                 raise ValueError("L1 not in view (spine localizer)")
             images, _ = P.preprocess_volume(vol, l1, size=int(opts["size"]), fov_mm=float(opts["fov_mm"]),
-                                            n_neighbours=int(opts["n_neighbours"]))
+                                            n_neighbours=int(opts["n_neighbours"]),
+                                            energy_correction=bool(opts["energy_correction"]),
+                                            kvp=read_series_info(files).kvp)
         except Exception as exc:  # noqa: BLE001 - reported per row below
             problems.append(f"{man.path} row {row.row}: {exc}")
             continue
