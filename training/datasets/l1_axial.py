@@ -42,7 +42,7 @@ import numpy as np
 from screener.preprocess import l1_axial as P
 from training.trainer import ArrayDataset
 
-__all__ = ["build", "build_cohort", "build_manifest", "cohort_sample", "l1_abmd", "options"]
+__all__ = ["build", "build_cohort", "build_manifest", "cohort_sample", "l1_abmd", "l1_dxa_status", "options"]
 
 KANG_T = (0.9747, 0.1185)
 DEFAULT_OPTIONS: dict[str, Any] = {"size": P.SIZE, "fov_mm": P.FOV_MM, "n_neighbours": P.N_NEIGHBOURS,
@@ -158,6 +158,19 @@ def _meta(opts: dict[str, Any], source: str) -> dict[str, Any]:
                               "spacing_mm": float(opts["fov_mm"]) / int(opts["size"])}}
 
 
+def l1_dxa_status(patient: Any) -> str:
+    """``"affected"`` when the patient's L1 DXA value is not a valid reference, else ``"valid"``.
+
+    ISCD practice excludes a vertebra with a fracture or marked degeneration from spine DXA
+    analysis: its areal BMD is raised by the collapsed or sclerotic bone.  The cohort's label
+    rule (``training.phantoms.labels.affected_levels``: fracture grade >= 1 or degeneration
+    >= 0.5) is applied to L1; the label is kept either way, and ``screener evaluate --by l1_dxa``
+    tabulates both groups.
+    """
+    bad = patient.fracture_grade.get("L1", 0) >= 1 or patient.degeneration_level.get("L1", 0.0) >= 0.5
+    return "affected" if bad else "valid"
+
+
 def build_cohort(recipe: Any, progress: bool = True) -> ArrayDataset:
     """Virtual-cohort data set of a recipe (see module docstring)."""
     opts = options(recipe)
@@ -167,7 +180,7 @@ def build_cohort(recipe: Any, progress: bool = True) -> ArrayDataset:
         from training.phantoms.profiles import TRAINING_PROFILES
 
         names = list(TRAINING_PROFILES)
-    imgs, tgts, pids, profs, roles = [], [], [], [], []
+    imgs, tgts, pids, profs, roles, l1_dxa = [], [], [], [], [], []
     t0 = time.time()
     for i in range(d.n):
         rng = np.random.default_rng([d.seed & 0xFFFFFFFF, i, 0x9F0])
@@ -179,6 +192,7 @@ def build_cohort(recipe: Any, progress: bool = True) -> ArrayDataset:
             pids.append(patient.patient_id)
             profs.append(prof)
             roles.append("reference" if s == 0 else "neighbour")
+            l1_dxa.append(l1_dxa_status(patient))
         if progress and (i + 1) % 25 == 0:
             el = time.time() - t0
             print(f"\rl1_axial cohort: {i + 1}/{d.n} patients ({el:.0f} s, ~{el / (i + 1) * (d.n - i - 1):.0f} s left)",
@@ -189,7 +203,8 @@ def build_cohort(recipe: Any, progress: bool = True) -> ArrayDataset:
     t = (targets - KANG_T[0]) / KANG_T[1]
     return ArrayDataset(images=np.stack(imgs), targets=targets, patient_ids=np.asarray(pids),
                         strata=(t < -1.0).astype(np.int64),
-                        attributes={"profile": np.asarray(profs), "slice": np.asarray(roles)},
+                        attributes={"profile": np.asarray(profs), "slice": np.asarray(roles),
+                                    "l1_dxa": np.asarray(l1_dxa)},
                         meta=_meta(opts, f"virtual cohort n={d.n} seed={d.seed}"))
 
 
