@@ -54,16 +54,27 @@ def test_locator_finds_both_heads_within_2mm(hip_ct, hip_volume) -> None:
         assert err < 2.0, (side, err)
 
 
-def test_manifest_builder_and_protocol_give_identical_tensors(tmp_path: Path, hip_ct, hip_volume) -> None:
+def test_manifest_builder_and_protocol_give_identical_tensors(tmp_path: Path, hip_ct) -> None:
+    import pydicom
+
     from training.datasets.femur_coronal import build
     from training.recipes import load_recipe
 
-    paths, _ = hip_ct
+    # the series rewritten with KVP 100, so that the energy correction (scale != 1) is on both paths
+    series = tmp_path / "series"
+    series.mkdir()
+    paths = []
+    for src in hip_ct[0]:
+        ds = pydicom.dcmread(src)
+        ds.KVP = 100
+        ds.save_as(series / src.name)
+        paths.append(series / src.name)
+    hip_volume = load_volume(paths)
     man = tmp_path / "manifest.csv"
     with man.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["patient_id", "dicom_path", "grade"])
-        w.writerow(["p1", str(paths[0].parent), "osteoporosis"])
+        w.writerow(["p1", str(series), "osteoporosis"])
     import dataclasses
 
     from training.recipes import DataSpec
@@ -71,7 +82,11 @@ def test_manifest_builder_and_protocol_give_identical_tensors(tmp_path: Path, hi
     recipe = load_recipe(REPO / "training" / "recipes" / "femur_coronal-cohort.toml")
     recipe = dataclasses.replace(recipe, data=DataSpec(source="manifest", path=str(man)))
     ds = build(recipe)
-    image, demo, _, _ = FemurCoronalProtocol.inputs(hip_volume)
+    assert ds.meta["preprocessing"]["energy_correction"] is True
+    info = read_series_info(paths)
+    assert info.kvp == 100.0
+    image, demo, pinfo, _ = FemurCoronalProtocol.inputs(hip_volume, kvp=info.kvp)
+    assert pinfo.energy_scale == pytest.approx(P.energy_scale(100.0)) and pinfo.energy_scale < 0.9
     assert ds.images.shape == (1, 2, P.INPUT_PX, P.INPUT_PX)
     assert np.array_equal(ds.images[0], image)
     assert np.array_equal(ds.extras[0], demo)
@@ -91,6 +106,47 @@ def test_phantom_source_looks_like_the_reformat(hip_ct, hip_volume) -> None:
     r = np.corrcoef(real.ravel(), synth.ravel())[0, 1]
     assert r > 0.93, r
     assert abs(float(real.mean() - synth.mean())) < 0.02
+
+
+def test_energy_correction_brings_80_kvp_to_120(hip_ct) -> None:
+    """The same phantom rendered at 80 and 120 kVp: closer tensors with the correction than without."""
+    from training.datasets.femur_coronal import PhantomCoronalSource
+    from training.phantoms.profiles import get_profile
+
+    _, scene = hip_ct
+    prof = get_profile("ge_ap_pv")
+    z_bottom = float(scene.femoral_heads["R"][2]) - 90.0
+
+    def tensor(kvp: float, correct: bool) -> np.ndarray:
+        src = PhantomCoronalSource(scene, prof.with_(kvp=kvp), 3, z_bottom)  # same noise / slice phase
+        img, info = P.preprocess(src, scene.femoral_heads, kvp=kvp, energy_correction=correct)
+        assert info.energy_scale == (P.energy_scale(kvp) if correct else 1.0)
+        return img
+
+    ref = tensor(120.0, True)
+    assert np.array_equal(ref, tensor(120.0, False))  # 120 kVp is the reference: no change
+    raw, corr = tensor(80.0, False), tensor(80.0, True)
+    err_raw, err_corr = float(np.abs(raw - ref).mean()), float(np.abs(corr - ref).mean())
+    assert err_corr < 0.5 * err_raw, (err_corr, err_raw)
+    # bone (bright pixels) is what the correction is for
+    bone = ref > 0.45
+    assert abs(float((corr - ref)[bone].mean())) < 0.5 * abs(float((raw - ref)[bone].mean()))
+
+
+def test_energy_correction_on_the_card_and_backward_compatible() -> None:
+    from screener.protocols.femur_coronal import preprocessing_options
+
+    c = P.constants()
+    assert c["energy_correction"] is True and c["reference_kvp"] == 120.0
+    assert P.constants(False) == {**{k: v for k, v in c.items() if k not in
+                                     ("energy_correction", "reference_kvp", "ha_hu_per_mg", "energy_rule")},
+                                  "energy_correction": False}
+    assert preprocessing_options({"preprocessing": c}) == {"energy_correction": True}
+    # a card written before the correction existed: its model saw uncorrected HU
+    old = {k: v for k, v in c.items() if k not in ("energy_correction", "reference_kvp", "ha_hu_per_mg", "energy_rule")}
+    assert preprocessing_options({"preprocessing": old}) == {"energy_correction": False}
+    assert preprocessing_options({}) == {"energy_correction": False}
+    assert P.energy_scale(None) == 1.0 and P.energy_scale(80.0) == pytest.approx(0.613, abs=0.002)
 
 
 def test_header_demographics_and_missing_ones(hip_volume) -> None:
@@ -140,6 +196,11 @@ def test_dataset_builder_cohort_shapes_and_targets() -> None:
     assert ds.images.min() >= 0.0 and ds.images.max() <= 1.0
     assert ds.targets.tolist() == [grade_index(t) for t in ds.attributes["t_score"]]
     assert set(ds.attributes["profile"]) <= set(recipe.data.profiles) | set(recipe.data.holdout_profiles)
+    # rendered kVp: drawn from kvp_range for the training profiles, the profile's own for the held-out one
+    lo, hi = recipe.data.options["kvp_range"]
+    for prof, kvp in zip(ds.attributes["profile"], ds.attributes["kvp"]):
+        assert (kvp == 135.0) if prof in recipe.data.holdout_profiles else (lo <= kvp <= hi)
+    assert ds.meta["preprocessing"]["energy_correction"] is True
     assert grade_index(-1.0) == 0 and grade_index(-1.01) == 1 and grade_index(-2.5) == 2
 
 
@@ -160,3 +221,4 @@ def test_shipped_bundle_grades_a_rendered_series(hip_ct, hip_volume) -> None:
     assert f.roi.source_sop_instance_uid in {str(d.SOPInstanceUID) for d in hip_volume.datasets}
     assert set(f.details["timing_ms"]) == {"preprocess", "model", "explain"}
     assert f.details["bundle_id"] == "femur_coronal@1.0.0"
+    assert f.details["kvp"] == 120.0 and f.details["energy_scale"] == 1.0

@@ -16,8 +16,13 @@ Steps (paper section 2.2, Fig. 2)
    ``u = -x`` so that both crops show the femur the same way round (lateral at column 0).
    Each crop is the mean of ``SLAB_PLANES`` parallel planes ``SLAB_STEP_MM`` apart (a ~3 mm
    coronal slab, the paper's 2-4 mm slice thickness).
-2. Window C 500 / W 2000 (paper eq. 3-4), scaled to [0, 1] (the paper's 0-255 / 255).
-3. ``POOL x POOL`` block mean (network input ``INPUT_PX``); right crop = channel 0, mirrored
+2. Energy correction (a documented difference from the paper, whose scans span 80-140 kVp
+   uncorrected): with ``energy_correction`` the slab HU are multiplied by
+   :func:`screener.preprocess.energy.energy_scale` of the series' kVp (``KVP`` header at
+   inference, the rendered tube voltage in the cohort), so bone reads as its 120 kVp
+   equivalent (water, 0 HU, is the fixed point).  Unknown kVp = 120 (no correction).
+3. Window C 500 / W 2000 (paper eq. 3-4), scaled to [0, 1] (the paper's 0-255 / 255).
+4. ``POOL x POOL`` block mean (network input ``INPUT_PX``); right crop = channel 0, mirrored
    left crop = channel 1.
 
 Demographics (age, sex, height, weight, BMI; :data:`screener.nets.ha.DEMOGRAPHICS` order, sex
@@ -33,13 +38,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from screener.preprocess.energy import HA_HU_PER_MG, REFERENCE_KVP, energy_scale
 from screener.preprocess.sampling import PlaneSource
 
 __all__ = [
-    "ABOVE_MM", "SLAB_PLANES", "SLAB_STEP_MM", "CROP_PX", "CROP_SPACING_MM", "DEMO_MEAN", "DEMO_SD", "INPUT_PX", "LATERAL_MM",
-    "NECK_Y_OFFSET_MM", "POOL", "SIDES", "WINDOW_CENTER", "WINDOW_WIDTH", "MissingDemographics",
-    "PreprocessInfo", "constants", "demographics_vector", "header_demographics", "locate_femoral_heads",
-    "plane_for", "preprocess", "volume_inputs", "window",
+    "ABOVE_MM", "SLAB_PLANES", "SLAB_STEP_MM", "CROP_PX", "CROP_SPACING_MM", "DEMO_MEAN", "DEMO_SD",
+    "ENERGY_CORRECTION", "INPUT_PX", "LATERAL_MM", "NECK_Y_OFFSET_MM", "POOL", "SIDES", "WINDOW_CENTER",
+    "WINDOW_WIDTH", "MissingDemographics", "PreprocessInfo", "constants", "demographics_vector", "energy_scale",
+    "header_demographics", "header_kvp", "locate_femoral_heads", "plane_for", "preprocess", "volume_inputs", "window",
 ]
 
 #: window of the paper (HU)
@@ -62,6 +68,9 @@ POOL = 3
 INPUT_PX = CROP_PX // POOL
 #: channel order
 SIDES = ("R", "L")
+#: rescale HU to their 120 kVp equivalent before windowing (see module docstring); a model card
+#: without ``energy_correction`` predates it and runs without it
+ENERGY_CORRECTION = True
 #: standardisation of (age y, sex 1=M/0=F, height cm, weight kg, BMI kg/m2)
 DEMO_MEAN = (55.0, 0.5, 169.0, 73.0, 25.5)
 DEMO_SD = (20.0, 0.5, 10.0, 15.0, 4.5)
@@ -87,17 +96,41 @@ class PreprocessInfo:
         ``(2, CROP_PX, CROP_PX)`` windowed crops in [0, 1] before pooling (same orientation as
         the network input: lateral at column 0 on both sides).
     hu_range : dict
-        Side -> (min, max) HU of the crop (a crop with no bone is suspicious).
+        Side -> (min, max) HU of the crop before the energy correction (a crop with no bone is
+        suspicious).
+    kvp : float or None
+        Tube voltage used by the energy correction (``None`` = unknown, taken as 120 kVp).
+    energy_scale : float
+        Factor applied to the HU (1.0 without the correction).
     """
 
     planes: dict[str, dict[str, Any]]
     windowed: np.ndarray
     hu_range: dict[str, tuple[float, float]] = field(default_factory=dict)
+    kvp: float | None = None
+    energy_scale: float = 1.0
 
 
-def constants() -> dict[str, Any]:
-    """The preprocessing constants, for the model card (``ds.meta["preprocessing"]``)."""
-    return {"window_center": WINDOW_CENTER, "window_width": WINDOW_WIDTH, "crop_px": CROP_PX,
+def constants(energy_correction: bool = ENERGY_CORRECTION) -> dict[str, Any]:
+    """The preprocessing constants, for the model card (``ds.meta["preprocessing"]``).
+
+    Parameters
+    ----------
+    energy_correction : bool
+        Whether the HU were rescaled to 120 kVp (:func:`preprocess`).
+
+    Returns
+    -------
+    dict
+    """
+    energy: dict[str, Any] = {"energy_correction": bool(energy_correction)}
+    if energy_correction:
+        energy.update({
+            "reference_kvp": REFERENCE_KVP,
+            "ha_hu_per_mg": {f"{k:g}": v for k, v in HA_HU_PER_MG.items()},
+            "energy_rule": "HU x HA_HU_per_mg(120 kVp) / HA_HU_per_mg(series kVp) before windowing "
+                           "(log-linear in kVp, constant outside 70-150 kVp; unknown kVp = 120)"})
+    return {**energy, "window_center": WINDOW_CENTER, "window_width": WINDOW_WIDTH, "crop_px": CROP_PX,
             "crop_spacing_mm": CROP_SPACING_MM, "head_below_top_mm": ABOVE_MM,
             "head_from_lateral_edge_mm": LATERAL_MM, "plane_y_offset_from_head_mm": NECK_Y_OFFSET_MM,
             "slab_planes": SLAB_PLANES, "slab_step_mm": SLAB_STEP_MM, "pool": POOL, "input_px": INPUT_PX, "channels": "0 = right femur, 1 = left femur mirrored",
@@ -136,8 +169,9 @@ def plane_for(side: str, head_mm: Sequence[float]) -> dict[str, Any]:
             "spacing": (CROP_SPACING_MM, CROP_SPACING_MM)}
 
 
-def preprocess(source: PlaneSource, heads: Mapping[str, Sequence[float]]) -> tuple[np.ndarray, PreprocessInfo]:
-    """Network input of one study: both femora, coronal, windowed, pooled.
+def preprocess(source: PlaneSource, heads: Mapping[str, Sequence[float]], *, kvp: float | None = None,
+               energy_correction: bool = ENERGY_CORRECTION) -> tuple[np.ndarray, PreprocessInfo]:
+    """Network input of one study: both femora, coronal, energy-corrected, windowed, pooled.
 
     Parameters
     ----------
@@ -145,6 +179,11 @@ def preprocess(source: PlaneSource, heads: Mapping[str, Sequence[float]]) -> tup
         ``source(origin, u, v, shape, spacing) -> HU`` (volume sampler or phantom renderer).
     heads : mapping
         ``{"R": (x, y, z), "L": (x, y, z)}`` femoral-head centres (patient mm).
+    kvp : float, optional
+        The series' tube voltage (``KVP``); ``None`` = unknown (taken as 120 kVp).
+    energy_correction : bool
+        Multiply the HU by :func:`~screener.preprocess.energy.energy_scale` of ``kvp`` before
+        windowing (the bundle card's ``preprocessing.energy_correction`` says which).
 
     Returns
     -------
@@ -155,6 +194,7 @@ def preprocess(source: PlaneSource, heads: Mapping[str, Sequence[float]]) -> tup
     missing = [s for s in SIDES if s not in heads]
     if missing:
         raise ValueError(f"femoral head(s) {', '.join(missing)} not given; both sides are needed")
+    scale = energy_scale(kvp) if energy_correction else 1.0
     planes: dict[str, dict[str, Any]] = {}
     crops = []
     ranges = {}
@@ -171,11 +211,33 @@ def preprocess(source: PlaneSource, heads: Mapping[str, Sequence[float]]) -> tup
         hu = (acc / SLAB_PLANES).astype(np.float32)
         planes[side] = pl
         ranges[side] = (float(hu.min()), float(hu.max()))
+        if scale != 1.0:
+            hu = (hu * np.float32(scale)).astype(np.float32)
         crops.append(window(hu))
     windowed = np.stack(crops)
     n = INPUT_PX * POOL
     pooled = windowed[:, :n, :n].reshape(2, INPUT_PX, POOL, INPUT_PX, POOL).mean(axis=(2, 4))
-    return pooled.astype(np.float32), PreprocessInfo(planes=planes, windowed=windowed, hu_range=ranges)
+    return pooled.astype(np.float32), PreprocessInfo(planes=planes, windowed=windowed, hu_range=ranges,
+                                                     kvp=None if kvp is None else float(kvp), energy_scale=scale)
+
+
+def header_kvp(ds: Any) -> float | None:
+    """Tube voltage (``KVP``) of a DICOM header, ``None`` when absent or not a positive number.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+
+    Returns
+    -------
+    float or None
+    """
+    val = getattr(ds, "KVP", None)
+    try:
+        k = float(val) if val is not None and str(val).strip() != "" else None
+    except (TypeError, ValueError):
+        return None
+    return k if k is not None and np.isfinite(k) and k > 0 else None
 
 
 def demographics_vector(age: float, sex: str, height_cm: float, weight_kg: float) -> np.ndarray:
@@ -260,13 +322,14 @@ def header_demographics(ds: Any) -> dict[str, Any]:
     return out
 
 
-def volume_inputs(volume: Any, heads: Mapping[str, Sequence[float]] | None = None
+def volume_inputs(volume: Any, heads: Mapping[str, Sequence[float]] | None = None, *,
+                  kvp: float | None = None, energy_correction: bool = ENERGY_CORRECTION
                   ) -> tuple[np.ndarray, np.ndarray, PreprocessInfo, dict[str, tuple[float, float, float]]]:
     """Network inputs of a CT volume, exactly as the daemon protocol computes them.
 
     Locates the femoral heads (unless given), samples the crops with a
-    :class:`~screener.preprocess.sampling.VolumeSampler` and reads the demographics from the
-    first image's header.  The site-manifest dataset builder calls this too, so training and
+    :class:`~screener.preprocess.sampling.VolumeSampler`, rescales the HU by the kVp (energy
+    correction) and reads the demographics from the first image's header.  The site-manifest dataset builder calls this too, so training and
     inference tensors are identical.
 
     Parameters
@@ -274,6 +337,11 @@ def volume_inputs(volume: Any, heads: Mapping[str, Sequence[float]] | None = Non
     volume : screener.domain.Volume
     heads : mapping, optional
         Precomputed :func:`locate_femoral_heads` result.
+    kvp : float, optional
+        Tube voltage for the energy correction; default the first image's ``KVP``
+        (:func:`header_kvp`, the value the daemon's series info carries).
+    energy_correction : bool
+        See :func:`preprocess`.
 
     Returns
     -------
@@ -303,7 +371,9 @@ def volume_inputs(volume: Any, heads: Mapping[str, Sequence[float]] | None = Non
         raise MissingDemographics("PatientAge", "the volume carries no DICOM header to read demographics from")
     d = header_demographics(volume.datasets[0])
     demo = demographics_vector(d["age"], d["sex"], d["height_cm"], d["weight_kg"])
-    image, info = preprocess(VolumeSampler(volume), heads)
+    if kvp is None:
+        kvp = header_kvp(volume.datasets[0])
+    image, info = preprocess(VolumeSampler(volume), heads, kvp=kvp, energy_correction=energy_correction)
     return image, demo, info, dict(heads)
 
 

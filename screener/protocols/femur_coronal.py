@@ -14,7 +14,10 @@ Steps
    its name -- never defaulted.
 3. :func:`screener.preprocess.femur_coronal.volume_inputs` (the function the training builder
    uses): per side a coronal crop through the femoral neck, windowed, pooled; right = channel 0,
-   left mirrored = channel 1.
+   left mirrored = channel 1.  When the bundle card's preprocessing says ``energy_correction``
+   the HU are first rescaled to 120 kVp by the series' ``KVP`` (hydroxyapatite HU-per-mg
+   ratio; not in the paper, whose scans span 80-140 kVp uncorrected); a card without the key
+   predates the correction and runs without it.
 4. The bundle's fold ensemble gives the class probabilities (mean of the folds' softmax).
 5. Grad-CAM of the predicted class (mean over the folds) on the last convolution, drawn on both
    crops side by side (patient right on the viewer's left, as radiologists view coronal CT).
@@ -42,7 +45,7 @@ from screener.series import SeriesInfo, frame_number
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["CLASSES", "FemurCoronalProtocol"]
+__all__ = ["CLASSES", "FemurCoronalProtocol", "preprocessing_options"]
 
 CLASSES = ("normal", "osteopenia", "osteoporosis")
 #: the crops reach from 115 mm above to 85 mm below the head centre; a shorter volume cannot hold a hip
@@ -50,6 +53,24 @@ MIN_COVERAGE_MM = 100.0
 EXCLUDED_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "NECK", "CSPINE", "CHEST", "THORAX", "TSPINE",
                                  "HEART", "BREAST", "HAND", "WRIST", "ELBOW", "SHOULDER", "ARM", "FOOT",
                                  "ANKLE", "KNEE", "IAC", "ORBIT", "SINUS", "LSPINE"})
+
+
+def preprocessing_options(card: dict[str, Any]) -> dict[str, Any]:
+    """``volume_inputs`` keyword arguments from a bundle card.
+
+    Parameters
+    ----------
+    card : dict
+        The bundle's model card.
+
+    Returns
+    -------
+    dict
+        ``energy_correction``: the card's value; ``False`` when the card predates the key (its
+        model saw uncorrected HU).
+    """
+    p = card.get("preprocessing") or {}
+    return {"energy_correction": bool(p.get("energy_correction", False))}
 
 
 class FemurCoronalProtocol(ModelProtocol):
@@ -74,8 +95,17 @@ class FemurCoronalProtocol(ModelProtocol):
 
     # --------------------------------------------------------------- inference
     @staticmethod
-    def inputs(volume: Volume) -> tuple[np.ndarray, np.ndarray, pp.PreprocessInfo, dict[str, Any]]:
+    def inputs(volume: Volume, kvp: float | None = None, energy_correction: bool = pp.ENERGY_CORRECTION
+               ) -> tuple[np.ndarray, np.ndarray, pp.PreprocessInfo, dict[str, Any]]:
         """Network inputs exactly as the manifest builder computes them, or :class:`ProtocolDeclined`.
+
+        Parameters
+        ----------
+        volume : Volume
+        kvp : float, optional
+            The series' tube voltage (``SeriesInfo.kvp``); default the first image's ``KVP``.
+        energy_correction : bool
+            Rescale the HU to 120 kVp (the bundle card says which; see :func:`preprocessing_options`).
 
         Returns
         -------
@@ -88,7 +118,7 @@ class FemurCoronalProtocol(ModelProtocol):
             Femoral-head centres (patient mm).
         """
         try:
-            return pp.volume_inputs(volume)
+            return pp.volume_inputs(volume, kvp=kvp, energy_correction=energy_correction)
         except LookupError as exc:
             raise ProtocolDeclined(str(exc.args[0]) if exc.args else "femoral heads not in coverage") from exc
         except pp.MissingDemographics as exc:
@@ -102,8 +132,13 @@ class FemurCoronalProtocol(ModelProtocol):
 
         if not volume.is_axial:
             raise ProtocolDeclined("volume is not axial")
+        try:  # the card says how the model's inputs were made; no bundle: decline after the inputs
+            options = preprocessing_options(self.load_bundle(context).card)
+        except ProtocolDeclined:
+            options = {"energy_correction": pp.ENERGY_CORRECTION}
         t0 = time.perf_counter()
-        image, demo, pinfo, heads = self.inputs(volume)  # declines first: no femur / no demographics
+        # declines first: no femur / no demographics
+        image, demo, pinfo, heads = self.inputs(volume, kvp=context.info.kvp, **options)
         t1 = time.perf_counter()
         bundle = self.load_bundle(context)
         t1b = time.perf_counter()
@@ -128,7 +163,7 @@ class FemurCoronalProtocol(ModelProtocol):
             protocol=self.name, protocol_version=self.version, site="proximal femur",
             site_code=codes.site_code("proximal femur"),
             measurements=[scores.probability_measurement(f"P({c})", float(prob[j])) for j, c in enumerate(CLASSES)],
-            category=category, category_code=ccode, flags=self._flags(volume, info),
+            category=category, category_code=ccode, flags=self._flags(volume, info, options["energy_correction"]),
             z_extent_mm=self._z_extent(heads),
             study_uid=info.study_uid, series_uid=info.series_uid, roi=roi,
             referenced_sop_instance_uids=[u for u in [roi.source_sop_instance_uid] if u],
@@ -138,7 +173,8 @@ class FemurCoronalProtocol(ModelProtocol):
                      "femoral_heads_mm": {s: [float(v) for v in c] for s, c in heads.items()},
                      "demographics": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in demo_raw.items()},
                      "label_definition": str(bundle.card.get("t_score_reference", {}).get("source", "")),
-                     "preprocessing": pp.constants(), "localizer": "classical femoral-head sphere detection",
+                     "preprocessing": pp.constants(options["energy_correction"]),
+                     "kvp": info.kvp, "energy_scale": round(float(pinfo.energy_scale), 4), "localizer": "classical femoral-head sphere detection",
                      "timing_ms": timing},
         )
         finding.overlay = self._overlay(pinfo, heat, prob, grade)
@@ -153,13 +189,16 @@ class FemurCoronalProtocol(ModelProtocol):
 
     # ----------------------------------------------------------------- helpers
     @staticmethod
-    def _flags(volume: Volume, info: SeriesInfo) -> list[str]:
+    def _flags(volume: Volume, info: SeriesInfo, energy_correction: bool = False) -> list[str]:
         out = [scores.flag("WHO class is a deep-learning estimate from CT and demographics (Ha et al. 2024), "
                            "not a DXA measurement; this bundle was trained on the synthetic virtual cohort")]
         out += [scores.flag(w) for w in volume.warnings]
         if not info.contrast_enhanced:
             out.append(scores.flag("non-contrast CT: the paper trained on contrast-enhanced abdominal CT"))
-        if info.kvp is not None and not (80.0 <= info.kvp <= 140.0):
+        if info.kvp is None:
+            if energy_correction:
+                out.append(scores.flag("kVp unknown: HU taken as 120 kVp (no energy correction); estimate less certain"))
+        elif not (80.0 <= info.kvp <= 140.0):
             out.append(scores.flag(f"kVp {info.kvp:g} outside the paper's 80-140 kVp"))
         return out
 

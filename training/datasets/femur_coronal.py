@@ -21,6 +21,12 @@ the images show.  ``"femoral_neck"`` and ``"total_hip"`` use one site.  Classes:
 ``[data] options.kvp_range = [low, high]``: each training-profile patient is rendered at a tube
 voltage drawn uniformly from the range (Ha et al.'s scans span 80-140 kVp); the held-out
 profiles keep their own kVp.
+
+``[data] options.energy_correction`` (default
+:data:`screener.preprocess.femur_coronal.ENERGY_CORRECTION`, written into the model card's
+preprocessing constants): the HU are rescaled to their 120 kVp equivalent by the tube voltage
+of the sample's series before windowing -- the rendered kVp in the cohort (attribute ``kvp``),
+the first image's ``KVP`` of a manifest row, as the daemon reads it.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ __all__ = ["CLASSES", "PhantomCoronalSource", "build", "cohort_sample", "grade_i
 CLASSES = ("normal", "osteopenia", "osteoporosis")
 #: bump when screener/preprocess/femur_coronal.py changes: the dataset cache of training/cli.py
 #: keys on this module's source only
-PREPROCESS_TAG = "crop250-0.8mm slab3x1mm pool3"
+PREPROCESS_TAG = "crop250-0.8mm slab3x1mm pool3 energy120"
 #: profiles whose coverage includes the femoral heads (abdomen-pelvis)
 HIP_PROFILES = ("siemens_ap_pv", "ge_ap_pv", "philips_ap_arterial", "canon_ap_native")
 LABELS = ("hip", "femoral_neck", "total_hip")
@@ -154,7 +160,8 @@ def _hip_t(scene: Any, label: str) -> float:
     return {"hip": min(t_fn, t_th), "femoral_neck": t_fn, "total_hip": t_th}[label]
 
 
-def cohort_sample(patient: Any, profile_name: str, seed: int, label: str = "hip", kvp: float | None = None
+def cohort_sample(patient: Any, profile_name: str, seed: int, label: str = "hip", kvp: float | None = None,
+                  energy_correction: bool = P.ENERGY_CORRECTION
                   ) -> tuple[np.ndarray, np.ndarray, float, dict[str, Any]]:
     """One virtual-cohort sample.
 
@@ -168,10 +175,13 @@ def cohort_sample(patient: Any, profile_name: str, seed: int, label: str = "hip"
         T-score site (module docstring).
     kvp : float, optional
         Tube voltage instead of the profile's (the cohort's kVp randomisation).
+    energy_correction : bool
+        Rescale the HU to 120 kVp by the rendered tube voltage (:func:`P.preprocess`).
 
     Returns
     -------
     image, demographics, t_score, info
+        ``info`` holds ``heads``, ``planes`` and the rendered ``kvp``.
     """
     from training.phantoms.anatomy import build_scene
     from training.phantoms.profiles import get_profile
@@ -185,14 +195,14 @@ def cohort_sample(patient: Any, profile_name: str, seed: int, label: str = "hip"
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, patient.index, 0xFE3])
     z_bottom = scene.landmarks["z_hip"] - 70.0 + float(rng.normal(0.0, 8.0))  # coverage_range's abdomen_pelvis
     src = PhantomCoronalSource(scene, prof, int(rng.integers(2**31)), z_bottom)
-    image, info = P.preprocess(src, scene.femoral_heads)
+    image, info = P.preprocess(src, scene.femoral_heads, kvp=float(prof.kvp), energy_correction=energy_correction)
     # demographics exactly as the DICOM header carries them
     age = float(min(int(patient.age), 999))
     height = float(f"{patient.height_cm / 100.0:.2f}") * 100.0
     weight = float(f"{patient.weight_kg:.1f}")
     demo = P.demographics_vector(age, patient.sex, height, weight)
     t = _hip_t(scene, label)
-    return image, demo, t, {"heads": scene.femoral_heads, "planes": info.planes}
+    return image, demo, t, {"heads": scene.femoral_heads, "planes": info.planes, "kvp": float(prof.kvp)}
 
 
 def _profiles(recipe: Any) -> tuple[list[str], list[str]]:
@@ -220,34 +230,36 @@ def _build_cohort(recipe: Any) -> Any:
     kvp_range = d.options.get("kvp_range")
     if kvp_range is not None and (len(kvp_range) != 2 or not 70.0 <= kvp_range[0] <= kvp_range[1] <= 150.0):
         raise ValueError(f"[data] options.kvp_range = {kvp_range!r}: give [low, high] kVp within 70-150")
+    energy = bool(d.options.get("energy_correction", P.ENERGY_CORRECTION))
     rng = np.random.default_rng([int(d.seed) & 0xFFFFFFFF, 0xFC0])
     rng_kvp = np.random.default_rng([int(d.seed) & 0xFFFFFFFF, 0xFC1])
     patients = sample_population(int(d.n), int(d.seed))
-    images, demos, ts, pids, profs = [], [], [], [], []
+    images, demos, ts, pids, profs, kvps = [], [], [], [], [], []
     show = bool(d.options.get("progress", True)) and len(patients) > 20
     for k, p in enumerate(patients):
         pname = str(names[int(rng.integers(len(names)))])
         kv = float(rng_kvp.uniform(*kvp_range)) if kvp_range is not None else None
         if pname in hold:
             kv = None  # the held-out scanner keeps its own kVp
-        img, demo, t, _ = cohort_sample(p, pname, int(d.seed), label, kvp=kv)
+        img, demo, t, info = cohort_sample(p, pname, int(d.seed), label, kvp=kv, energy_correction=energy)
         images.append(img)
         demos.append(demo)
         ts.append(t)
         pids.append(p.patient_id)
         profs.append(pname)
+        kvps.append(info["kvp"])
         if show and (k + 1) % max(1, len(patients) // 10) == 0:
             log.info("femur_coronal_dataset", rendered=k + 1, of=len(patients))
     t_arr = np.asarray(ts, dtype=np.float64)
     y = np.array([grade_index(t) for t in t_arr], dtype=np.int64)
     return ArrayDataset(
         images=np.stack(images), targets=y, patient_ids=np.asarray(pids), extras=np.stack(demos), strata=y,
-        attributes={"profile": np.asarray(profs), "t_score": t_arr},
-        meta=_meta(f"virtual cohort seed {d.seed}, n {d.n}, label {label} T-score (left hip, NHANES III)"))
+        attributes={"profile": np.asarray(profs), "t_score": t_arr, "kvp": np.asarray(kvps, dtype=np.float64)},
+        meta=_meta(f"virtual cohort seed {d.seed}, n {d.n}, label {label} T-score (left hip, NHANES III)", energy))
 
 
-def _meta(source: str) -> dict[str, Any]:
-    return {"preprocessing": P.constants(), "outputs": list(CLASSES), "units": ["", "", ""],
+def _meta(source: str, energy_correction: bool) -> dict[str, Any]:
+    return {"preprocessing": P.constants(energy_correction), "outputs": list(CLASSES), "units": ["", "", ""],
             "extras": ["age", "sex", "height", "weight", "bmi"],
             "spacing_mm": [P.CROP_SPACING_MM * P.POOL] * 2,
             "window": {"center": P.WINDOW_CENTER, "width": P.WINDOW_WIDTH}, "value_range": [0.0, 1.0],
@@ -270,11 +282,12 @@ def _build_manifest(recipe: Any) -> Any:
     from training.trainer import ArrayDataset
 
     man = read_manifest(recipe.data.path, require=("grade",))
+    energy = bool(recipe.data.options.get("energy_correction", P.ENERGY_CORRECTION))
     images, demos, ys, pids, profs, skipped = [], [], [], [], [], []
     for row in man.rows:
         vol = load_volume(_series_files(list(row.dicom_paths)))
         try:
-            img, demo, _, _ = P.volume_inputs(vol)
+            img, demo, _, _ = P.volume_inputs(vol, energy_correction=energy)  # kVp from the header
         except (LookupError, P.MissingDemographics) as exc:
             skipped.append(f"row {row.row}: {exc}")
             continue
@@ -290,7 +303,7 @@ def _build_manifest(recipe: Any) -> Any:
     y = np.asarray(ys, dtype=np.int64)
     return ArrayDataset(images=np.stack(images), targets=y, patient_ids=np.asarray(pids), extras=np.stack(demos),
                         strata=y, attributes={"profile": np.asarray(profs)},
-                        meta=_meta(f"site manifest {Path(man.path).name} ({len(images)} studies)"))
+                        meta=_meta(f"site manifest {Path(man.path).name} ({len(images)} studies)", energy))
 
 
 def build(recipe: Any) -> Any:
