@@ -39,9 +39,9 @@ from screener.domain import Volume
 from screener.findings import Finding, RoiGeometry
 from screener.preprocess import femur_coronal as pp
 from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined, axial_ct_decision
-from screener.protocols.model import ModelProtocol, model_details
+from screener.protocols.model import ModelProtocol, axial_rectangle_roi, model_details, nearest_slice
 from screener.reporting import codes
-from screener.series import SeriesInfo, frame_number
+from screener.series import SeriesInfo
 
 log = structlog.get_logger(__name__)
 
@@ -207,20 +207,13 @@ class FemurCoronalProtocol(ModelProtocol):
         z = [float(c[2]) for c in heads.values()]
         return (min(z) - pp.CROP_PX * pp.CROP_SPACING_MM + pp.ABOVE_MM, max(z) + pp.ABOVE_MM)
 
-    @staticmethod
-    def _slice_of(volume: Volume, point_mm: Any) -> int:
-        from screener.preprocess.sampling import VolumeSampler
-
-        k = float(VolumeSampler(volume).to_index(np.asarray(point_mm, dtype=np.float64))[0])
-        return int(np.clip(round(k), 0, volume.array.shape[0] - 1))
-
     def _roi(self, volume: Volume, pinfo: pp.PreprocessInfo, heads: dict[str, Any]) -> tuple[RoiGeometry, int]:
         """Footprint of both coronal crops (plane +- 2 mm) on the axial slice through the femoral heads."""
         from screener.preprocess.sampling import VolumeSampler
 
         sampler = VolumeSampler(volume)
         c = np.mean([np.asarray(h, dtype=np.float64) for h in heads.values()], axis=0)
-        k = self._slice_of(volume, c)
+        k = nearest_slice(volume, c)
         z = float(volume.index_to_patient(k, 0, 0)[2])
         xs = []
         for side in pp.SIDES:
@@ -230,16 +223,7 @@ class FemurCoronalProtocol(ModelProtocol):
         y = float(np.mean([pinfo.planes[s]["origin"][1] for s in pp.SIDES]))
         x0, x1 = min(xs), max(xs)
         corners = np.array([[x0, y - 2.0, z], [x1, y - 2.0, z], [x1, y + 2.0, z], [x0, y + 2.0, z]])
-        idx = sampler.to_index(corners)
-        rows, cols = volume.array.shape[1:]
-        pts = np.stack([np.clip(idx[:, 2] + 0.5, 0.0, cols), np.clip(idx[:, 1] + 0.5, 0.0, rows)], axis=1)
-        polygon = np.vstack([pts, pts[:1]])
-        _, dj, di = volume.spacing
-        px, py = polygon[:-1, 0], polygon[:-1, 1]
-        area_px = 0.5 * abs(float(np.dot(px, np.roll(py, 1)) - np.dot(py, np.roll(px, 1))))
-        roi = RoiGeometry(source_sop_instance_uid=volume.sop_instance_uid(k), source_sop_class_uid=volume.sop_class_uid(k),
-                          polygon=polygon, centre_mm=(float(c[0]), y, z), area_mm2=area_px * dj * di,
-                          slice_index=k, frame_number=frame_number(volume.datasets[k]) if volume.datasets else None)
+        roi = axial_rectangle_roi(volume, sampler, corners, k, (float(c[0]), y, z))
         return roi, k
 
     @staticmethod

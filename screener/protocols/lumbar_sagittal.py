@@ -38,7 +38,8 @@ from screener.domain import Volume
 from screener.findings import Finding, RoiGeometry
 from screener.preprocess import lumbar_sagittal as pp
 from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined, axial_ct_decision
-from screener.protocols.model import ModelProtocol, axial_rectangle_roi, model_details, spine_localization
+from screener.protocols.model import (ModelProtocol, axial_rectangle_roi, model_details, nearest_slice,
+                                      spine_localization)
 from screener.reporting import codes
 from screener.series import SeriesInfo
 
@@ -168,7 +169,7 @@ class LumbarSagittalProtocol(ModelProtocol):
         findings: list[Finding] = []
         for j, lv in enumerate(pp.LEVELS):
             v = loc.get(lv)
-            k = self._slice_of(volume, v.centroid_mm)
+            k = nearest_slice(volume, v.centroid_mm)
             f = Finding(
                 protocol=self.name, protocol_version=self.version, site=lv, site_code=codes.site_code(lv),
                 measurements=[scores.bmd_measurement(pred[j, ib], site=lv, name=f"{lv} BMD"),
@@ -255,13 +256,6 @@ class LumbarSagittalProtocol(ModelProtocol):
             out.append(scores.flag(f"level labels uncertain for {', '.join(low)} (localizer confidence < 0.7)"))
         return out
 
-    @staticmethod
-    def _slice_of(volume: Volume, point_mm: Any) -> int:
-        from screener.preprocess.sampling import VolumeSampler
-
-        k = float(VolumeSampler(volume).to_index(np.asarray(point_mm, dtype=np.float64))[0])
-        return int(np.clip(round(k), 0, volume.array.shape[0] - 1))
-
     def _roi(self, volume: Volume, pinfo: pp.PreprocessInfo) -> tuple[RoiGeometry, int]:
         """Footprint of the L1-L4 sagittal slabs on the axial slice nearest their mean centroid."""
         from screener.preprocess.sampling import VolumeSampler
@@ -269,7 +263,7 @@ class LumbarSagittalProtocol(ModelProtocol):
         sampler = VolumeSampler(volume)
         cents = np.array([pinfo.centroids_mm[lv] for lv in pp.LEVELS])
         c = cents.mean(axis=0)
-        k = self._slice_of(volume, c)
+        k = nearest_slice(volume, c)
         z = float(volume.index_to_patient(k, 0, 0)[2])
         half_x = max(pinfo.constants["slab_mm"], 1.0) / 2.0
         half_y = pinfo.constants["fov_mm"] / 2.0

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from screener.domain import SpineLocalization, Volume
     from screener.findings import RoiGeometry
 
-__all__ = ["ModelProtocol", "axial_rectangle_roi", "model_details", "resolve_device", "spine_localization"]
+__all__ = ["ModelProtocol", "axial_rectangle_roi", "model_details", "nearest_slice", "resolve_device", "spine_localization"]
 
 _CACHE: dict[tuple[str, str], "Bundle"] = {}
 _LOCK = threading.Lock()
@@ -88,6 +88,16 @@ def spine_localization(volume: "Volume", context: ProtocolContext) -> "SpineLoca
         found = locate_spine(volume)
         context.extras["spine_localization"] = found
     return found
+
+
+def nearest_slice(volume: "Volume", point_mm: Any) -> int:
+    """Index of the slice of ``volume`` nearest a patient-mm point (clipped to the series)."""
+    import numpy as np
+
+    from screener.preprocess.sampling import VolumeSampler
+
+    k = float(VolumeSampler(volume).to_index(np.asarray(point_mm, dtype=np.float64))[0])
+    return int(np.clip(round(k), 0, volume.array.shape[0] - 1))
 
 
 def axial_rectangle_roi(volume: "Volume", sampler: Any, corners_mm: Any, k: int,
