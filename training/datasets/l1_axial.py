@@ -28,7 +28,11 @@ localizer-like error added to the true centroid), ``energy_correction``
 (rescale the crops' HU to 120 kVp equivalents by the series' kVp: the scanner
 profile's ``kvp`` in the cohort, the DICOM ``KVP`` of a manifest row, as the
 daemon does; written into the model card's preprocessing constants; off
-when the recipe does not say, as in the recipes written before it existed).
+when the recipe does not say, as in the recipes written before it existed),
+``exclude_l1_affected`` (cohort: leave out patients whose L1 has no valid
+DXA reference under ISCD practice -- a fracture or marked degeneration, see
+:func:`l1_dxa_status` -- as a clinical CT + DXA data set would; their patient
+index is still drawn, so the other patients are unchanged).
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ __all__ = ["build", "build_cohort", "build_manifest", "cohort_sample", "l1_abmd"
 
 KANG_T = (0.9747, 0.1185)
 DEFAULT_OPTIONS: dict[str, Any] = {"size": P.SIZE, "fov_mm": P.FOV_MM, "n_neighbours": P.N_NEIGHBOURS,
-                                   "centroid_jitter_mm": 1.5, "energy_correction": P.ENERGY_CORRECTION}
+                                   "centroid_jitter_mm": 1.5, "energy_correction": P.ENERGY_CORRECTION,
+                                   "exclude_l1_affected": False}
 
 
 def options(recipe: Any) -> dict[str, Any]:
@@ -185,6 +190,11 @@ def build_cohort(recipe: Any, progress: bool = True) -> ArrayDataset:
     for i in range(d.n):
         rng = np.random.default_rng([d.seed & 0xFFFFFFFF, i, 0x9F0])
         prof = names[int(rng.integers(len(names)))]
+        if opts["exclude_l1_affected"]:
+            from training.phantoms.population import make_patient
+
+            if l1_dxa_status(make_patient(d.seed, i)) != "valid":
+                continue
         images, abmd, info, patient = cohort_sample(d.seed, i, prof, opts)
         for s in range(len(images)):
             imgs.append(images[s])
