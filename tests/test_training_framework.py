@@ -104,6 +104,7 @@ units = ["g/cm2"]
 t_score_mean = 0.9747
 t_score_sd = 0.1185
 t_score_reference = "Kang et al. 2023"
+changelog = { "0.0.1" = "toy release", "0.0.0" = "never shipped" }
 """
 
 
@@ -382,6 +383,7 @@ def test_train_bundle_evaluate_end_to_end(tmp_path: Path, capsys: pytest.Capture
     assert len(b.models) == 2 and all(not m.training for m in b.models)
     assert b.card["seed"] == 3 and "screener train" in b.card["command"]
     assert b.card["t_score_reference"]["mean"] == 0.9747
+    assert b.card["changelog"] == {"0.0.1": "toy release", "0.0.0": "never shipped"}
     rows = b.card["metrics"]["rows"]["test"]["l1_axial"]
     r_test = [r for r in rows if r["metric"] == "Pearson r"][0]["value"]
     assert r_test > 0.8, r_test  # brightness -> BMD is learnable in 12 epochs

@@ -330,7 +330,7 @@ def _train(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] | N
         t_score_reference=tref, recipe=recipe.to_dict(),
         command=f"screener train {args.recipe} --out {args.out}", seed=recipe.seed,
         metrics={**metrics, "loss_fit_fold0": loss_card}, version=b.version,
-        differences_from_paper=b.differences_from_paper,
+        differences_from_paper=b.differences_from_paper, changelog={str(k): str(v) for k, v in b.changelog.items()} or None,
         extra={"data_source": {"source": recipe.data.source, "n": recipe.data.n, "seed": recipe.data.seed,
                                "profiles": list(recipe.data.profiles),
                                "holdout_profiles": list(recipe.data.holdout_profiles)}},

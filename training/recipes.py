@@ -195,6 +195,8 @@ class BundleSpec:
         Further constants (crop size, FOV, scaling) for the card.
     differences_from_paper : str
         What this variant changes with respect to the paper.
+    changelog : dict
+        Version -> what changed (the card's changelog; default ``{version: "first release"}``).
     """
 
     version: str = "0.1.0"
@@ -208,6 +210,7 @@ class BundleSpec:
     window_width: float = 0.0
     preprocessing: dict[str, Any] = field(default_factory=dict)
     differences_from_paper: str = ""
+    changelog: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -435,6 +438,7 @@ def recipe_from_dict(doc: Mapping[str, Any], where: str = "recipe") -> Recipe:
         window_width=s.get("window_width", "float", 0.0, lo=0.0),
         preprocessing=s.get("preprocessing", "table", {}),
         differences_from_paper=s.get("differences_from_paper", "text", ""),
+        changelog=s.get("changelog", "table", {}),
     )
     s.done()
     if bundle.units and len(bundle.units) != len(bundle.outputs):
