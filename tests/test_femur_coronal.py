@@ -220,5 +220,5 @@ def test_shipped_bundle_grades_a_rendered_series(hip_ct, hip_volume) -> None:
     assert f.roi is not None and np.array_equal(f.roi.polygon[0], f.roi.polygon[-1])
     assert f.roi.source_sop_instance_uid in {str(d.SOPInstanceUID) for d in hip_volume.datasets}
     assert set(f.details["timing_ms"]) == {"preprocess", "model", "explain"}
-    assert f.details["bundle_id"] == "femur_coronal@1.0.0"
+    assert f.details["bundle_id"] == "femur_coronal@1.1.0"
     assert f.details["kvp"] == 120.0 and f.details["energy_scale"] == 1.0
