@@ -200,3 +200,23 @@ def test_frozen_stage3_on_cached_representation_trains_only_the_head():
     assert all(torch.equal(v, enc0[k]) for k, v in model.encoder.state_dict().items())
     assert hist[-1]["loss"] < 0.8 * hist[0]["loss"]
     assert np.allclose(_head_predict(model, _features(model, x)), _run(model, x), atol=1e-6)
+
+
+def test_parallel_rendering_gives_the_same_samples_as_one_process():
+    """``[data] options render_workers`` only speeds rendering up: every patient is seeded by its index."""
+    from training.datasets.hip_xray import build
+    from training.recipes import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[1] / "training/recipes/hip_xray-cohort.toml")
+    opts = {**recipe.data.options, "shape": [64, 32], "n_holdout": 1, "ray_mm": 6.0, "dy_mm": 6.0}
+
+    def run(workers: int):
+        data = dataclasses.replace(recipe.data, n=2, options={**opts, "render_workers": workers})
+        return build(dataclasses.replace(recipe, data=data))
+
+    one, two = run(1), run(2)
+    assert len(one) == len(two) == 6
+    assert np.array_equal(one.images, two.images) and np.array_equal(one.targets, two.targets)
+    assert list(one.patient_ids) == list(two.patient_ids)
+    for key in ("pf_drr", "bone_drr", "image_jpeg", "pose", "side", "profile"):
+        assert np.array_equal(one.attributes[key], two.attributes[key]), key

@@ -35,7 +35,8 @@ Recipe mapping
 --------------
 ``[network] kwargs``: ``width``, ``blocks``, ``stages`` (encoder), ``ndf``, ``n_layers``,
 ``num_scales`` (discriminators), ``dims``, ``depths``, ``heads`` (regression head),
-``stage1_epochs``, ``stage2_epochs``, ``stage3_frozen_epochs``, ``baseline_epochs``, ``gan_lr``, ``intensity_aug`` (strength of the per-image gamma / contrast /
+``stage1_epochs``, ``stage2_epochs``, ``stage3_frozen_epochs``, ``baseline_epochs``, ``baseline_lr`` (the
+direct baseline's learning rate, default ``[optimizer] lr``), ``gan_lr``, ``intensity_aug`` (strength of the per-image gamma / contrast /
 brightness jitter of the radiograph, 0 = off).  ``[augmentation] shift_frac``: the same random shift of
 radiograph and target DRR (GAN stages) or of the radiograph (end-to-end regression), edge-replicated;
 the frozen-encoder phase is never augmented.
@@ -84,7 +85,7 @@ def _kw(recipe: Any) -> dict[str, Any]:
     k = dict(recipe.network.kwargs or {})
     known = set(_GEN_KEYS + _HEAD_KEYS + ("ndf", "n_layers", "num_scales", "stage1_epochs", "stage2_epochs",
                                           "stage3_frozen_epochs", "gan_lr", "intensity_aug",
-                                          "baseline_epochs"))
+                                          "baseline_epochs", "baseline_lr"))
     unknown = sorted(set(k) - known)
     if unknown:
         raise ValueError(f"hip_xray: unknown [network] kwargs {unknown}; known: {sorted(known)}")
@@ -452,7 +453,8 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     base = BMDRegressor(shape, **gen_kw, **head_kw)
     _start_at_mean(base, float(y[tr].mean()))
     e_base = int(kw.get("baseline_epochs", e3a + e3b))
-    base, hb = _fit_regressor(base, x[tr], y[tr], x[va], y[va], [("scratch", e_base, lr)], batch, wd,
+    lr_base = float(kw.get("baseline_lr", lr))
+    base, hb = _fit_regressor(base, x[tr], y[tr], x[va], y[va], [("scratch", e_base, lr_base)], batch, wd,
                               seed + 5, "baseline", **aug)
     dec = {"file": DECOMPOSITION_FILE, "baseline_file": BASELINE_FILE, "generator_kwargs": gen_kw,
            "threshold_t": tun.threshold, "slope": tun.slope, "intercept": tun.intercept,

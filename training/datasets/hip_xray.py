@@ -23,7 +23,8 @@ scanner profiles: ``[data] profiles`` are trained on, ``holdout_profiles`` rende
 the paper's), ``pixel_mm`` (resampling before the split, default 0.7), ``detector_mm`` (rendered
 detector pitch, default 1.0), ``ray_mm`` / ``dy_mm`` (projector sampling, default 2.0 / 2.0),
 ``poses`` (list), ``n_holdout`` (patients of the held-out profiles, default ``n // 5``),
-``jpeg_quality`` (default 50).
+``jpeg_quality`` (default 50), ``render_workers`` (processes rendering patients in parallel, default 1;
+every patient is seeded by its index, so the samples do not depend on it).
 
 ``source = "manifest"`` is not supported (site radiographs have no paired CT DRRs): the builder
 says so.
@@ -55,7 +56,8 @@ DEFAULT_TRAINING = ("dx_pelvis_standard",)
 
 def _options(recipe: Any) -> dict[str, Any]:
     o = dict(recipe.data.options or {})
-    known = {"shape", "pixel_mm", "detector_mm", "ray_mm", "dy_mm", "poses", "n_holdout", "jpeg_quality"}
+    known = {"shape", "pixel_mm", "detector_mm", "ray_mm", "dy_mm", "poses", "n_holdout", "jpeg_quality",
+             "render_workers"}
     unknown = sorted(set(o) - known)
     if unknown:
         raise ValueError(f"hip_xray: unknown [data] options {unknown}; known: {sorted(known)}")
@@ -65,7 +67,8 @@ def _options(recipe: Any) -> dict[str, Any]:
     poses = tuple(o.get("poses", POSES))
     return {"shape": shape, "pixel_mm": float(o.get("pixel_mm", 0.7)), "detector_mm": float(o.get("detector_mm", 1.0)),
             "ray_mm": float(o.get("ray_mm", 2.0)), "dy_mm": float(o.get("dy_mm", 2.0)), "poses": poses,
-            "n_holdout": int(o.get("n_holdout", -1)), "jpeg_quality": int(o.get("jpeg_quality", 50))}
+            "n_holdout": int(o.get("n_holdout", -1)), "jpeg_quality": int(o.get("jpeg_quality", 50)),
+            "render_workers": max(1, int(o.get("render_workers", 1)))}
 
 
 def render_sample(seed: int, index: int, profile: str, pose: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
@@ -151,12 +154,33 @@ def build(recipe: Any) -> Any:
     plan += [(data.n + k, hold[k % len(hold)]) for k in range(n_hold)]
     samples: list[dict[str, Any]] = []
     t0 = time.time()
-    for j, (index, prof) in enumerate(plan):
-        pose = opts["poses"][index % len(opts["poses"])]
-        samples += render_sample(data.seed, index, prof, pose, opts)
+    jobs = [(data.seed, index, prof, opts["poses"][index % len(opts["poses"])], opts) for index, prof in plan]
+    workers = min(opts["render_workers"], max(1, len(jobs)))
+    if workers > 1:
+        import multiprocessing
+
+        # fork: the workers inherit the imported phantom modules; results come back in plan order
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for j, pair in enumerate(pool.imap(_render_job, jobs, chunksize=4)):
+                samples += pair
+                if (j + 1) % 20 == 0:
+                    print(f"hip_xray: rendered {j + 1}/{len(plan)} radiographs ({time.time() - t0:.0f} s, "
+                          f"{workers} processes)", file=sys.stderr)
+        return assemble(samples, opts)
+    for j, job in enumerate(jobs):
+        samples += render_sample(*job)
         if (j + 1) % 20 == 0:
             print(f"hip_xray: rendered {j + 1}/{len(plan)} radiographs ({time.time() - t0:.0f} s)", file=sys.stderr)
     return assemble(samples, opts)
+
+
+def _render_job(job: tuple[int, int, str, str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`render_sample` in a worker process, without the DICOM dataset (not needed by
+    :func:`assemble`, and costly to send back)."""
+    out = render_sample(*job)
+    for s in out:
+        s["dataset"] = None
+    return out
 
 
 def assemble(samples: list[dict[str, Any]], opts: dict[str, Any]) -> Any:
