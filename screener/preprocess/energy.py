@@ -16,9 +16,11 @@ from the papers, whose scanners all ran at 120 kVp.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-__all__ = ["REFERENCE_KVP", "HA_HU_PER_MG", "energy_scale"]
+__all__ = ["REFERENCE_KVP", "HA_HU_PER_MG", "energy_constants", "energy_scale"]
 
 #: tube voltage the energy correction maps to (the papers' scanners)
 REFERENCE_KVP = 120.0
@@ -56,3 +58,31 @@ def energy_scale(kvp: float | None) -> float:
     ys = np.log([HA_HU_PER_MG[x] for x in xs])
     ref = float(np.exp(np.interp(REFERENCE_KVP, xs, ys)))
     return ref / float(np.exp(np.interp(k, xs, ys)))
+
+
+def energy_constants(energy_correction: bool, *, subject: str = "HU", note: str = "") -> dict[str, Any]:
+    """The energy-correction entries of a model card's preprocessing constants.
+
+    Parameters
+    ----------
+    energy_correction : bool
+        Whether the inputs were rescaled to 120 kVp equivalents.
+    subject : str
+        What is rescaled, as the rule names it (e.g. ``"crop HU"``).
+    note : str
+        Appended to the rule after ``"; "`` (e.g. what is not rescaled).
+
+    Returns
+    -------
+    dict
+        ``{"energy_correction": bool}``, plus the reference kVp, the HU-per-mg table and the
+        rule when the correction is on.
+    """
+    out: dict[str, Any] = {"energy_correction": bool(energy_correction)}
+    if energy_correction:
+        rule = (f"{subject} x HA_HU_per_mg(120 kVp) / HA_HU_per_mg(series kVp) before windowing "
+                "(log-linear in kVp, constant outside 70-150 kVp; unknown kVp = 120)")
+        out.update({"reference_kvp": REFERENCE_KVP,
+                    "ha_hu_per_mg": {f"{k:g}": v for k, v in HA_HU_PER_MG.items()},
+                    "energy_rule": rule + (f"; {note}" if note else "")})
+    return out

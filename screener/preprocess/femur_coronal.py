@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from screener.preprocess.energy import HA_HU_PER_MG, REFERENCE_KVP, energy_scale
+from screener.preprocess.energy import energy_constants, energy_scale
 from screener.preprocess.sampling import PlaneSource
 
 __all__ = [
@@ -123,13 +123,7 @@ def constants(energy_correction: bool = ENERGY_CORRECTION) -> dict[str, Any]:
     -------
     dict
     """
-    energy: dict[str, Any] = {"energy_correction": bool(energy_correction)}
-    if energy_correction:
-        energy.update({
-            "reference_kvp": REFERENCE_KVP,
-            "ha_hu_per_mg": {f"{k:g}": v for k, v in HA_HU_PER_MG.items()},
-            "energy_rule": "HU x HA_HU_per_mg(120 kVp) / HA_HU_per_mg(series kVp) before windowing "
-                           "(log-linear in kVp, constant outside 70-150 kVp; unknown kVp = 120)"})
+    energy = energy_constants(energy_correction)
     return {**energy, "window_center": WINDOW_CENTER, "window_width": WINDOW_WIDTH, "crop_px": CROP_PX,
             "crop_spacing_mm": CROP_SPACING_MM, "head_below_top_mm": ABOVE_MM,
             "head_from_lateral_edge_mm": LATERAL_MM, "plane_y_offset_from_head_mm": NECK_Y_OFFSET_MM,

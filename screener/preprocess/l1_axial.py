@@ -57,7 +57,8 @@ import numpy as np
 from scipy import ndimage
 
 from screener.domain import VertebraLocation, Volume
-from screener.preprocess.energy import HA_HU_PER_MG, REFERENCE_KVP, energy_scale
+from screener.preprocess.energy import energy_scale
+from screener.preprocess.energy import energy_constants as _energy_constants
 from screener.preprocess.sampling import PlaneSource
 
 __all__ = ["CONSTANTS", "ENERGY_CORRECTION", "L1Geometry", "PreprocessInfo", "energy_constants",
@@ -121,15 +122,7 @@ def energy_constants(energy_correction: bool) -> dict[str, Any]:
         ``{"energy_correction": bool}``, plus the reference kVp, the HU-per-mg table and the
         rule when the correction is on.
     """
-    out: dict[str, Any] = {"energy_correction": bool(energy_correction)}
-    if energy_correction:
-        out.update({
-            "reference_kvp": REFERENCE_KVP,
-            "ha_hu_per_mg": {f"{k:g}": v for k, v in HA_HU_PER_MG.items()},
-            "energy_rule": "crop HU x HA_HU_per_mg(120 kVp) / HA_HU_per_mg(series kVp) before windowing "
-                           "(log-linear in kVp, constant outside 70-150 kVp; unknown kVp = 120); "
-                           "slice choice on the series' own HU"})
-    return out
+    return _energy_constants(energy_correction, subject="crop HU", note="slice choice on the series' own HU")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from screener.preprocess.energy import HA_HU_PER_MG, REFERENCE_KVP, energy_scale
+from screener.preprocess.energy import HA_HU_PER_MG, REFERENCE_KVP, energy_constants, energy_scale
 from screener.preprocess.sampling import PlaneSource
 
 __all__ = ["LEVELS", "FOV_MM", "SIZE", "SLAB_MM", "SLAB_PLANES", "WINDOWS", "ENERGY_CORRECTION",
@@ -104,13 +104,7 @@ def constants(*, fov_mm: float = FOV_MM, size: int = SIZE, slab_mm: float = SLAB
     -------
     dict
     """
-    energy: dict[str, Any] = {"energy_correction": bool(energy_correction)}
-    if energy_correction:
-        energy.update({
-            "reference_kvp": REFERENCE_KVP,
-            "ha_hu_per_mg": {f"{k:g}": v for k, v in HA_HU_PER_MG.items()},
-            "energy_rule": "HU x HA_HU_per_mg(120 kVp) / HA_HU_per_mg(series kVp) before windowing "
-                           "(log-linear in kVp, constant outside 70-150 kVp; unknown kVp = 120)"})
+    energy = energy_constants(energy_correction)
     return {**energy, "levels": list(LEVELS), "fov_mm": float(fov_mm), "size": int(size),
             "pixel_mm": float(fov_mm) / int(size), "slab_mm": float(slab_mm),
             "slab_planes": int(slab_planes), "windows": [[float(c), float(w)] for c, w in windows],
