@@ -495,6 +495,7 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
                            "source": b.t_score_reference or "NHANES III femoral neck, white women 20-29"},
         recipe=recipe.to_dict(), command=f"screener train {args.recipe} --out {args.out}", seed=seed,
         metrics=metrics, version=b.version, differences_from_paper=b.differences_from_paper,
+        changelog={str(k): str(v) for k, v in b.changelog.items()} or None,
         extra={"decomposition": dec,
                "data_source": {"source": recipe.data.source, "n": recipe.data.n, "seed": recipe.data.seed,
                                "profiles": list(recipe.data.profiles),
