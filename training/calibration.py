@@ -193,10 +193,7 @@ def calibrate_bundle(bundle_dir: str | Path, *, device: str = "cpu", dataset: An
                 "n_patients": len(np.unique(np.asarray(ds.patient_ids)[vi])),
                 "applied": f"{name} = intercept + slope x ensemble mean (screener.bundles.Bundle.predict)"})
 
-    def cal(p: np.ndarray) -> np.ndarray:
-        q = np.array(p, dtype=np.float64)
-        q[:, j] = apply_linear(rec, q[:, j])
-        return q
+    bundle.card["calibration"] = rec  # the tables below apply it exactly as Bundle.predict will
 
     groups = [("validation (out-of-fold, single models)", ds.targets[vi], pv, np.asarray(ds.patient_ids)[vi])]
     evals = [("test", plan.test)]
@@ -209,7 +206,7 @@ def calibrate_bundle(bundle_dir: str | Path, *, device: str = "cpu", dataset: An
                                                         batch_size=bs), sub.patient_ids))
     tables: dict[str, str] = {}
     for label, y, p, pid in groups:
-        for tag, q in (("uncalibrated", p), ("calibrated", cal(p))):
+        for tag, q in (("uncalibrated", p), ("calibrated", bundle.apply_calibration(p))):
             t = evaluation_tables(bundle.protocol, "regression", y, q, patient_ids=pid, outputs=names)
             tables.update(_markdown(t, f"{label}, {tag} ({len(y)} samples, synthetic)"))
     rec["tables"] = tables
