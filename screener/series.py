@@ -97,6 +97,7 @@ class SeriesInfo:
     n_frames : int
         Total frames (== n_instances for single-frame objects).
     kvp : float or None
+        Tube voltage (``KVP``); ``None`` when absent or not a positive number (:func:`header_kvp`).
     contrast_agent : str
         ContrastBolusAgent (empty when absent or empty).
     slice_thickness : float or None
@@ -219,6 +220,25 @@ def _float(value: Any) -> float | None:
         return None
 
 
+def header_kvp(ds: Any) -> float | None:
+    """Tube voltage (``KVP``) of a DICOM header, ``None`` when absent or not a positive number.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+
+    Returns
+    -------
+    float or None
+    """
+    val = getattr(ds, "KVP", None)
+    try:
+        k = float(val) if val is not None and str(val).strip() != "" else None
+    except (TypeError, ValueError):
+        return None
+    return k if k is not None and np.isfinite(k) and k > 0 else None
+
+
 def read_series_info(paths: Sequence[Path]) -> SeriesInfo:
     """Summarise a series from its headers only (no pixel decoding).
 
@@ -278,7 +298,7 @@ def read_series_info(paths: Sequence[Path]) -> SeriesInfo:
         header=first,
         n_scouts_excluded=n_scouts,
         n_frames=n_frames,
-        kvp=_float(first.get("KVP")),
+        kvp=header_kvp(first),
         contrast_agent=str(first.get("ContrastBolusAgent", "") or ""),
         slice_thickness=_float(first.get("SliceThickness")),
         z_range_mm=(min(zs), max(zs)) if zs else None,

@@ -189,3 +189,16 @@ def test_scout_inside_the_axial_series_is_left_out(tmp_path: Path) -> None:
     assert vol.warnings == ["1 localizer/scout image(s) in the series left out"]
     only = read_series_info(scout.paths)
     assert only.image_type[2] == "LOCALIZER" and only.n_instances == 1
+
+
+def test_kvp_is_a_positive_number_or_none() -> None:
+    from pydicom.dataset import Dataset
+
+    from screener.series import header_kvp
+
+    for raw, want in (("120", 120.0), (80, 80.0), ("", None), ("0", None), ("-100", None)):
+        ds = Dataset()
+        if raw != "":
+            ds.KVP = raw
+        assert header_kvp(ds) == want, raw
+    assert header_kvp(Dataset()) is None

@@ -45,7 +45,7 @@ __all__ = [
     "ABOVE_MM", "SLAB_PLANES", "SLAB_STEP_MM", "CROP_PX", "CROP_SPACING_MM", "DEMO_MEAN", "DEMO_SD",
     "ENERGY_CORRECTION", "INPUT_PX", "LATERAL_MM", "NECK_Y_OFFSET_MM", "POOL", "SIDES", "WINDOW_CENTER",
     "WINDOW_WIDTH", "MissingDemographics", "PreprocessInfo", "constants", "demographics_vector", "energy_scale",
-    "header_demographics", "header_kvp", "locate_femoral_heads", "plane_for", "preprocess", "volume_inputs", "window",
+    "header_demographics", "locate_femoral_heads", "plane_for", "preprocess", "volume_inputs", "window",
 ]
 
 #: window of the paper (HU)
@@ -215,25 +215,6 @@ def preprocess(source: PlaneSource, heads: Mapping[str, Sequence[float]], *, kvp
                                                      kvp=None if kvp is None else float(kvp), energy_scale=scale)
 
 
-def header_kvp(ds: Any) -> float | None:
-    """Tube voltage (``KVP``) of a DICOM header, ``None`` when absent or not a positive number.
-
-    Parameters
-    ----------
-    ds : pydicom.dataset.Dataset
-
-    Returns
-    -------
-    float or None
-    """
-    val = getattr(ds, "KVP", None)
-    try:
-        k = float(val) if val is not None and str(val).strip() != "" else None
-    except (TypeError, ValueError):
-        return None
-    return k if k is not None and np.isfinite(k) and k > 0 else None
-
-
 def demographics_vector(age: float, sex: str, height_cm: float, weight_kg: float) -> np.ndarray:
     """Standardised ``(5,)`` float32 demographics (age, sex, height, weight, BMI).
 
@@ -333,7 +314,7 @@ def volume_inputs(volume: Any, heads: Mapping[str, Sequence[float]] | None = Non
         Precomputed :func:`locate_femoral_heads` result.
     kvp : float, optional
         Tube voltage for the energy correction; default the first image's ``KVP``
-        (:func:`header_kvp`, the value the daemon's series info carries).
+        (:func:`screener.series.header_kvp`, the value the daemon's series info carries).
     energy_correction : bool
         See :func:`preprocess`.
 
@@ -366,6 +347,8 @@ def volume_inputs(volume: Any, heads: Mapping[str, Sequence[float]] | None = Non
     d = header_demographics(volume.datasets[0])
     demo = demographics_vector(d["age"], d["sex"], d["height_cm"], d["weight_kg"])
     if kvp is None:
+        from screener.series import header_kvp
+
         kvp = header_kvp(volume.datasets[0])
     image, info = preprocess(VolumeSampler(volume), heads, kvp=kvp, energy_correction=energy_correction)
     return image, demo, info, dict(heads)
