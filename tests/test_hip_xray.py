@@ -166,19 +166,24 @@ def test_tiny_training_run_writes_a_bundle_the_protocol_reads(tmp_path, monkeypa
     assert ov.dtype == np.uint8 and ov.ndim == 3 and ov.shape[2] == 3
 
 
-def test_augmentation_shifts_radiograph_and_target_together():
+def test_augmentation_moves_radiograph_and_target_together():
+    """One geometry for the radiograph and its target DRR; brightness / contrast on the radiograph only."""
     from training.hip_xray import _augment
+    from training.recipes import AugmentationSpec
 
     x = torch.zeros(3, 1, 32, 16)
-    x[:, :, 10, 5] = 1.0
+    x[:, :, 9:12, 4:7] = 1.0
     y = x.clone() * 2.0
-    xa, ya = _augment(x, y, np.random.default_rng(3), intensity=0.0, shift_frac=0.2)
-    for i in range(3):
-        assert _peak(xa[i, 0].numpy()) == _peak(ya[i, 0].numpy())
-        assert float(ya[i].max()) == 2.0
-    assert any(_peak(xa[i, 0].numpy()) != (10, 5) for i in range(3))
-    xi, _ = _augment(x, None, np.random.default_rng(3), intensity=0.3, shift_frac=0.0)
-    assert float(xi.min()) >= 0.0 and float(xi.max()) <= 1.0 and not torch.equal(xi, x)
+    geo = AugmentationSpec(rotation_deg=20.0, scale_frac=0.2, shift_frac=0.2, shear_deg=9.0)
+    xa, ya = _augment(x, y, torch.Generator().manual_seed(3), geo)
+    torch.testing.assert_close(ya, 2.0 * xa)  # same resampling grid
+    rows = torch.arange(32.0)[:, None]
+    moved = [abs(float((xa[i, 0] * rows).sum() / xa[i, 0].sum()) - 10.0) for i in range(3)]
+    assert max(moved) > 1.0
+    xr = torch.rand(3, 1, 32, 16)
+    xi, yi = _augment(xr, y, torch.Generator().manual_seed(3), AugmentationSpec(brightness=0.3, contrast=0.3))
+    assert float(xi.min()) >= 0.0 and float(xi.max()) <= 1.0 and not torch.equal(xi, xr)
+    torch.testing.assert_close(yi, y)  # the target keeps its g/cm2
 
 
 def test_frozen_stage3_on_cached_representation_trains_only_the_head():

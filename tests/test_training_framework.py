@@ -439,3 +439,27 @@ def test_paper_networks_train_with_extras_and_multitask_heads() -> None:
     assert res2.finished
     q = predict(nis, ds2, task="binary", device="cpu")
     assert q.shape == (n, 2) and float(q.min()) > 0 and float(q.max()) < 1
+
+
+def test_square_pixel_rotation_is_rigid_on_a_non_square_image() -> None:
+    """``square_pixels=True`` turns a disc on a 2:1 image into the same disc; normalised coordinates
+    stretch it, and zoom / shear change its moments as expected."""
+    rr, cc = torch.meshgrid(torch.arange(64.0), torch.arange(32.0), indexing="ij")
+    disc = (((rr - 31.5) ** 2 + (cc - 15.5) ** 2) <= 36.0).float()[None, None]
+
+    def moments(img: torch.Tensor) -> tuple[float, float, float]:
+        w = img[0, 0]
+        m = float(w.sum())
+        r0, c0 = float((w * rr).sum()) / m, float((w * cc).sum()) / m
+        return m, float((w * (rr - r0) ** 2).sum()) / m, float((w * (cc - c0) ** 2).sum()) / m
+
+    z = torch.zeros(1)
+    p = AugParams(torch.tensor([30.0]), torch.zeros(1, 2), z.bool(), z.bool())
+    m0, vr0, vc0 = moments(disc)
+    m1, vr1, vc1 = moments(apply_augmentation(disc, p, square_pixels=True))
+    assert abs(m1 - m0) / m0 < 0.03 and abs(vr1 - vc1) / vr0 < 0.05
+    _, vr2, vc2 = moments(apply_augmentation(disc, p))
+    assert abs(vr2 - vc2) / vr0 > 0.3  # normalised coordinates stretch a non-square image
+    zoom = AugParams(z, torch.zeros(1, 2), z.bool(), z.bool(), scale=torch.tensor([1.25]))
+    m3, _, _ = moments(apply_augmentation(disc, zoom, square_pixels=True))
+    assert abs(m3 / m0 - 1.25 ** 2) < 0.1

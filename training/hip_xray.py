@@ -36,10 +36,12 @@ Recipe mapping
 ``[network] kwargs``: ``width``, ``blocks``, ``stages`` (encoder), ``ndf``, ``n_layers``,
 ``num_scales`` (discriminators), ``dims``, ``depths``, ``heads`` (regression head),
 ``stage1_epochs``, ``stage2_epochs``, ``stage3_frozen_epochs``, ``baseline_epochs``, ``baseline_lr`` (the
-direct baseline's learning rate, default ``[optimizer] lr``), ``gan_lr``, ``intensity_aug`` (strength of the per-image gamma / contrast /
-brightness jitter of the radiograph, 0 = off).  ``[augmentation] shift_frac``: the same random shift of
-radiograph and target DRR (GAN stages) or of the radiograph (end-to-end regression), edge-replicated;
-the frozen-encoder phase is never augmented.
+direct baseline's learning rate, default ``[optimizer] lr``), ``gan_lr``.
+``[augmentation]`` (``rotation_deg``, ``scale_frac``, ``shear_deg``, ``shift_frac``, flips, ``brightness``,
+``contrast``; the paper's list, section 4.1): the same random geometry of radiograph and target DRR
+(GAN stages) or of the radiograph alone (end-to-end regression and the baseline), rigid in pixel
+units, radiograph edges replicated; brightness and contrast on the radiograph only; the
+frozen-encoder phase is never augmented.
 ``[training] epochs``: stage-3 end-to-end epochs (the baseline trains ``stage3_frozen_epochs +
 epochs``); ``batch_size``; ``split``/``folds``/``val_fraction``/``test_fraction`` as usual.
 ``[optimizer] lr``: the regression-head / baseline learning rate (end-to-end phase: ``lr / 5``,
@@ -68,6 +70,8 @@ from screener.bundles import BUNDLE_FORMAT, InputSpec, load_bundle, save_bundle
 from screener.nets.bmdgan import BMDGenerator, BMDRegressor, MultiscaleDiscriminator
 from training import bmdgan as B
 from training import losses as L
+from training.recipes import AugmentationSpec
+from training.trainer import apply_augmentation, sample_augmentation
 
 __all__ = ["NETWORKS", "evaluate_main", "load_aux", "predict_all", "robustness_tables", "train_recipe"]
 
@@ -84,8 +88,10 @@ _HEAD_KEYS = ("dims", "depths", "heads")
 def _kw(recipe: Any) -> dict[str, Any]:
     k = dict(recipe.network.kwargs or {})
     known = set(_GEN_KEYS + _HEAD_KEYS + ("ndf", "n_layers", "num_scales", "stage1_epochs", "stage2_epochs",
-                                          "stage3_frozen_epochs", "gan_lr", "intensity_aug",
-                                          "baseline_epochs", "baseline_lr"))
+                                          "stage3_frozen_epochs", "gan_lr", "baseline_epochs", "baseline_lr"))
+    if float(k.pop("intensity_aug", 0.0) or 0.0):
+        raise ValueError("hip_xray: [network] kwargs intensity_aug is gone; set [augmentation] brightness / "
+                         "contrast instead")
     unknown = sorted(set(k) - known)
     if unknown:
         raise ValueError(f"hip_xray: unknown [network] kwargs {unknown}; known: {sorted(known)}")
@@ -98,49 +104,32 @@ def _batches(x: np.ndarray, y: np.ndarray, batch: int, rng: np.random.Generator)
             for i in range(0, len(order), batch)]
 
 
-def _augment(xb: torch.Tensor, yb: torch.Tensor | None, rng: np.random.Generator, intensity: float,
-             shift_frac: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-image intensity jitter of the radiograph (gamma ``exp(U(-a, a))``, contrast ``1 + U(-a, a) / 2``,
-    brightness ``U(-a, a) / 4``; clipped to [0, 1]) and the same integer shift (edge-replicated) of the
-    radiograph and, when given, its target DRR."""
-    if intensity <= 0 and shift_frac <= 0:
+def _augment(xb: torch.Tensor, yb: torch.Tensor | None, gen: torch.Generator, spec: AugmentationSpec
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The recipe's ``[augmentation]`` of a radiograph batch and, when given, the same geometry of its
+    target DRRs (:func:`training.trainer.apply_augmentation`, rigid in pixel units on the non-square
+    hip; edges of the radiograph replicated, the DRR padded with zeros; brightness and contrast on
+    the radiograph only, clipped to ``[0, 1]``)."""
+    if not spec.enabled:
         return xb, yb
-    xb = xb.clone()
-    yb = None if yb is None else yb.clone()
-    h, w = xb.shape[-2:]
-    for i in range(len(xb)):
-        if intensity > 0:
-            g, c, b = rng.uniform(-intensity, intensity, 3)
-            xb[i] = (xb[i].clamp(0, 1) ** float(np.exp(g)) * (1 + c / 2) + b / 4).clamp(0, 1)
-        if shift_frac > 0:
-            dy = int(rng.integers(-int(shift_frac * h), int(shift_frac * h) + 1))
-            dx = int(rng.integers(-int(shift_frac * w), int(shift_frac * w) + 1))
-            if dy or dx:
-                xb[i] = _shift(xb[i], dy, dx)
-                if yb is not None:
-                    yb[i] = _shift(yb[i], dy, dx)
-    return xb, yb
-
-
-def _shift(a: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    h, w = a.shape[-2:]
-    rows = (torch.arange(h) - dy).clamp(0, h - 1)
-    cols = (torch.arange(w) - dx).clamp(0, w - 1)
-    return a[..., rows[:, None], cols[None, :]]
+    params = sample_augmentation(len(xb), spec, gen)
+    xa = apply_augmentation(xb, params, "border", square_pixels=True, value_range=(0.0, 1.0))
+    ya = None if yb is None else apply_augmentation(yb, params, "zeros", square_pixels=True, intensity=False)
+    return xa, ya
 
 
 class _Shuffled:
     """Re-iterable batches, reshuffled (and augmented) every pass (seeded)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch: int, seed: int, intensity: float = 0.0,
-                 shift_frac: float = 0.0) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch: int, seed: int,
+                 augmentation: AugmentationSpec | None = None) -> None:
         self.x, self.y, self.batch = x, y, batch
         self.rng = np.random.default_rng(seed)
-        self.intensity, self.shift_frac = intensity, shift_frac
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.spec = augmentation or AugmentationSpec()
 
     def __iter__(self):  # noqa: ANN204
-        return iter([_augment(xb, yb, self.rng, self.intensity, self.shift_frac)
-                     for xb, yb in _batches(self.x, self.y, self.batch, self.rng)])
+        return iter([_augment(xb, yb, self.gen, self.spec) for xb, yb in _batches(self.x, self.y, self.batch, self.rng)])
 
 
 @torch.no_grad()
@@ -152,12 +141,14 @@ def _run(model: nn.Module, x: np.ndarray, batch: int = 32) -> np.ndarray:
 
 def _fit_regressor(model: BMDRegressor, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray,
                    phases: Sequence[tuple[str, int, float]], batch: int, weight_decay: float, seed: int,
-                   tag: str, intensity: float = 0.0, shift_frac: float = 0.0
+                   tag: str, augmentation: AugmentationSpec | None = None
                    ) -> tuple[BMDRegressor, list[dict[str, float]]]:
     """Train ``model`` through ``phases`` ((phase, epochs, lr)) on the distance-weighted L1; keep the
     best-validation-MAE weights."""
     weights = L.distance_weights(y_tr)
     rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(int(seed))
+    spec = augmentation or AugmentationSpec()
     best, best_mae, history = copy.deepcopy(model.state_dict()), float("inf"), []
     yt = torch.from_numpy(y_tr.astype(np.float32))
     for phase, epochs, lr in phases:
@@ -182,7 +173,7 @@ def _fit_regressor(model: BMDRegressor, x_tr: np.ndarray, y_tr: np.ndarray, x_va
                 b = order[i:i + batch]
                 if len(b) < 2:
                     continue
-                xb, _ = _augment(torch.from_numpy(x_tr[b]), None, rng, intensity, shift_frac)
+                xb, _ = _augment(torch.from_numpy(x_tr[b]), None, gen, spec)
                 losses.append(B.regression_step(model, opt, xb, yt[b], weights[b]))
             mae = float(np.mean(np.abs(_run(model, x_va) - y_va))) if len(x_va) else float(np.mean(losses))
             if mae < best_mae:
@@ -423,17 +414,17 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     e1, e2 = int(kw.get("stage1_epochs", 10)), int(kw.get("stage2_epochs", 10))
     e3a, e3b = int(kw.get("stage3_frozen_epochs", 5)), int(recipe.training.epochs)
     lr, wd = float(recipe.optimizer.lr), float(recipe.optimizer.weight_decay)
-    aug = {"intensity": float(kw.get("intensity_aug", 0.0)), "shift_frac": float(recipe.augmentation.shift_frac)}
+    aug = recipe.augmentation
 
     # stages 1 and 2 (hierarchical decomposition)
     g1, d1 = BMDGenerator(**gen_kw), MultiscaleDiscriminator(2, **disc_kw)
     t0 = time.time()
-    h1 = B.run_decomposition_stage(g1, d1, _Shuffled(x[tr], bone[tr], batch, seed + 1, **aug), e1, lr=gan_lr,
+    h1 = B.run_decomposition_stage(g1, d1, _Shuffled(x[tr], bone[tr], batch, seed + 1, aug), e1, lr=gan_lr,
                                    weights=weights, gan_mode=gan_mode, first_cycle_epochs=max(1, e1))
     t1 = time.time() - t0
     g2, d2 = B.start_stage2(g1, d1)
     t0 = time.time()
-    h2 = B.run_decomposition_stage(g2, d2, _Shuffled(x[tr], pf[tr], batch, seed + 2, **aug), e2, lr=gan_lr,
+    h2 = B.run_decomposition_stage(g2, d2, _Shuffled(x[tr], pf[tr], batch, seed + 2, aug), e2, lr=gan_lr,
                                    weights=weights, gan_mode=gan_mode, first_cycle_epochs=max(1, e2))
     t2 = time.time() - t0
     print(f"hip_xray: stage 1 L1 {h1[-1]['l1']:.4f} ({t1:.0f} s), stage 2 L1 {h2[-1]['l1']:.4f} ({t2:.0f} s)",
@@ -448,14 +439,14 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     _start_at_mean(reg, float(y[tr].mean()))
     reg, h3 = _fit_regressor(reg, x[tr], y[tr], x[va], y[va],
                              [("frozen_encoder", e3a, lr), ("end_to_end", e3b, lr / 5.0)], batch, wd, seed + 3,
-                             "stage3", **aug)
+                             "stage3", aug)
     torch.manual_seed(seed + 4)
     base = BMDRegressor(shape, **gen_kw, **head_kw)
     _start_at_mean(base, float(y[tr].mean()))
     e_base = int(kw.get("baseline_epochs", e3a + e3b))
     lr_base = float(kw.get("baseline_lr", lr))
     base, hb = _fit_regressor(base, x[tr], y[tr], x[va], y[va], [("scratch", e_base, lr_base)], batch, wd,
-                              seed + 5, "baseline", **aug)
+                              seed + 5, "baseline", aug)
     dec = {"file": DECOMPOSITION_FILE, "baseline_file": BASELINE_FILE, "generator_kwargs": gen_kw,
            "threshold_t": tun.threshold, "slope": tun.slope, "intercept": tun.intercept,
            "drr_units": "g/cm2 hydroxyapatite (drr_scale 1)",

@@ -138,17 +138,23 @@ class TrainingSpec:
 
 @dataclass(frozen=True)
 class AugmentationSpec:
-    """``[augmentation]``: random rotation (degrees, +-), shift (fraction of the side, +-), flips."""
+    """``[augmentation]``: random rotation (degrees, +-), shift (fraction of the side, +-), flips,
+    scaling (fraction, +-), shear (degrees, +-), brightness and contrast (factor ``1 +- value``)."""
 
     rotation_deg: float = 0.0
     shift_frac: float = 0.0
     hflip_p: float = 0.0
     vflip_p: float = 0.0
+    scale_frac: float = 0.0
+    shear_deg: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
 
     @property
     def enabled(self) -> bool:
         """True when any augmentation is active."""
-        return bool(self.rotation_deg or self.shift_frac or self.hflip_p or self.vflip_p)
+        return bool(self.rotation_deg or self.shift_frac or self.hflip_p or self.vflip_p or self.scale_frac
+                    or self.shear_deg or self.brightness or self.contrast)
 
 
 @dataclass(frozen=True)
@@ -402,6 +408,10 @@ def recipe_from_dict(doc: Mapping[str, Any], where: str = "recipe") -> Recipe:
         shift_frac=s.get("shift_frac", "float", 0.0, lo=0.0, hi=0.5),
         hflip_p=s.get("hflip_p", "float", 0.0, lo=0.0, hi=1.0),
         vflip_p=s.get("vflip_p", "float", 0.0, lo=0.0, hi=1.0),
+        scale_frac=s.get("scale_frac", "float", 0.0, lo=0.0, hi=0.9),
+        shear_deg=s.get("shear_deg", "float", 0.0, lo=0.0, hi=45.0),
+        brightness=s.get("brightness", "float", 0.0, lo=0.0, hi=0.9),
+        contrast=s.get("contrast", "float", 0.0, lo=0.0, hi=0.9),
     )
     s.done()
 

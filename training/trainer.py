@@ -191,33 +191,58 @@ class AugParams:
         moves the content right (x) / down (y).
     hflip, vflip : torch.Tensor
         ``(B,)`` bool.
+    scale : torch.Tensor, optional
+        ``(B,)`` zoom factor (``> 1`` enlarges the content); ``None``: 1.
+    shear_deg : torch.Tensor, optional
+        ``(B,)`` horizontal shear angle, degrees; ``None``: 0.
+    brightness, contrast : torch.Tensor, optional
+        ``(B,)`` intensity factors: ``x * brightness``, then ``mean + (x - mean) * contrast``
+        (per image); ``None``: 1.
     """
 
     angle_deg: torch.Tensor
     shift: torch.Tensor
     hflip: torch.Tensor
     vflip: torch.Tensor
+    scale: torch.Tensor | None = None
+    shear_deg: torch.Tensor | None = None
+    brightness: torch.Tensor | None = None
+    contrast: torch.Tensor | None = None
 
 
 def sample_augmentation(n: int, spec: AugmentationSpec, generator: torch.Generator) -> AugParams:
     """Draw augmentation parameters for ``n`` samples from a CPU generator.
 
     Rotation is uniform in ``[-rotation_deg, rotation_deg]``, each shift
-    component uniform in ``[-shift_frac, shift_frac]``, flips Bernoulli(p).
-    The same number of draws is made whatever the spec, so the generator's
-    stream does not depend on which augmentations are on.
+    component uniform in ``[-shift_frac, shift_frac]``, flips Bernoulli(p), the zoom
+    factor uniform in ``1 +- scale_frac``.  The same number of draws is made whatever
+    these are, so the generator's stream does not depend on which of them are on.
+    Shear (``+- shear_deg``), brightness and contrast (factors ``1 +- value``) take
+    three more draws per sample, only when one of them is on.
     """
     u = torch.rand(n, 6, generator=generator, dtype=torch.float64)
+    extra: dict[str, torch.Tensor] = {}
+    if spec.scale_frac:
+        extra["scale"] = (1.0 + (2 * u[:, 5] - 1) * spec.scale_frac).float()
+    if spec.shear_deg or spec.brightness or spec.contrast:
+        v = 2 * torch.rand(n, 3, generator=generator, dtype=torch.float64) - 1
+        extra["shear_deg"] = (v[:, 0] * spec.shear_deg).float()
+        extra["brightness"] = (1.0 + v[:, 1] * spec.brightness).float()
+        extra["contrast"] = (1.0 + v[:, 2] * spec.contrast).float()
     return AugParams(
         angle_deg=((2 * u[:, 0] - 1) * spec.rotation_deg).float(),
         shift=((2 * u[:, 1:3] - 1) * spec.shift_frac).float(),
         hflip=u[:, 3] < spec.hflip_p,
         vflip=u[:, 4] < spec.vflip_p,
+        **extra,
     )
 
 
-def apply_augmentation(images: torch.Tensor, params: AugParams, padding_mode: str = "zeros") -> torch.Tensor:
-    """Flip, rotate and shift a batch ``(B, C, H, W)`` with bilinear resampling (on its device).
+def apply_augmentation(images: torch.Tensor, params: AugParams, padding_mode: str = "zeros", *,
+                       square_pixels: bool = False, intensity: bool = True,
+                       value_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """Flip, shear, rotate, zoom and shift a batch ``(B, C, H, W)`` with bilinear resampling
+    (on its device), then scale brightness and contrast.
 
     Parameters
     ----------
@@ -227,6 +252,14 @@ def apply_augmentation(images: torch.Tensor, params: AugParams, padding_mode: st
         From :func:`sample_augmentation` (CPU); moved to the batch's device.
     padding_mode : str
         ``grid_sample`` padding for pixels shifted in from outside (``"zeros"``).
+    square_pixels : bool
+        Rotate and shear in pixel units, so that a non-square image turns rigidly (the default
+        works in normalised coordinates, where a rotation of a non-square image also stretches it).
+    intensity : bool
+        Apply the brightness / contrast factors (``False`` for a target image that must follow the
+        geometry only).
+    value_range : tuple of float, optional
+        Clip the result to this range.
 
     Returns
     -------
@@ -237,19 +270,37 @@ def apply_augmentation(images: torch.Tensor, params: AugParams, padding_mode: st
     if params.angle_deg.shape[0] != b:
         raise ValueError(f"augmentation parameters for {params.angle_deg.shape[0]} samples, batch of {b}")
     dev, dt = images.device, images.dtype
+
+    def per_sample(t: torch.Tensor | None, default: float) -> torch.Tensor:
+        return torch.full((b,), default, device=dev) if t is None else t.to(device=dev, dtype=torch.float32)
+
     a = torch.deg2rad(params.angle_deg.to(device=dev, dtype=torch.float32))
     fx = torch.where(params.hflip.to(dev), -1.0, 1.0)
     fy = torch.where(params.vflip.to(dev), -1.0, 1.0)
     cos, sin = torch.cos(a), torch.sin(a)
-    # output pixel p samples the input at M p + t (normalised coordinates, align_corners=False)
+    # output pixel p samples the input at M p + t (normalised coordinates, align_corners=False);
+    # M = R(angle) Shear F / zoom
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    tan = torch.tan(torch.deg2rad(per_sample(params.shear_deg, 0.0)))
+    shear = torch.stack([torch.stack([torch.ones_like(tan), tan], -1),
+                         torch.stack([torch.zeros_like(tan), torch.ones_like(tan)], -1)], -2)
+    flip = torch.diag_embed(torch.stack([fx, fy], -1))
+    m = rot @ shear @ flip / per_sample(params.scale, 1.0)[:, None, None]
+    if square_pixels:
+        h, w = images.shape[-2:]
+        d = torch.tensor([w / 2.0, h / 2.0], device=dev)
+        m = m * d[None, None, :] / d[None, :, None]  # D^-1 M D, D = diag(W/2, H/2)
     theta = torch.zeros(b, 2, 3, device=dev, dtype=torch.float32)
-    theta[:, 0, 0] = cos * fx
-    theta[:, 0, 1] = -sin * fy
-    theta[:, 1, 0] = sin * fx
-    theta[:, 1, 1] = cos * fy
+    theta[:, :, :2] = m
     theta[:, :, 2] = -2.0 * params.shift.to(device=dev, dtype=torch.float32)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    if intensity and (params.brightness is not None or params.contrast is not None):
+        out = out * per_sample(params.brightness, 1.0)[:, None, None, None]
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = mean + (out - mean) * per_sample(params.contrast, 1.0)[:, None, None, None]
+    if value_range is not None:
+        out = out.clamp(float(value_range[0]), float(value_range[1]))
     return out.to(dt)
 
 
