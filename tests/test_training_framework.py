@@ -463,3 +463,20 @@ def test_square_pixel_rotation_is_rigid_on_a_non_square_image() -> None:
     zoom = AugParams(z, torch.zeros(1, 2), z.bool(), z.bool(), scale=torch.tensor([1.25]))
     m3, _, _ = moments(apply_augmentation(disc, zoom, square_pixels=True))
     assert abs(m3 / m0 - 1.25 ** 2) < 0.1
+
+
+def test_torch_threads_recipe_default_and_environment_override(monkeypatch) -> None:
+    """A recipe's ``[training] torch_threads`` sets the threads; ``SCREENER_TORCH_THREADS`` wins."""
+    from training.cli import CliError, limit_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("SCREENER_TORCH_THREADS", raising=False)
+        assert limit_torch_threads(3) == 3 and torch.get_num_threads() == 3
+        monkeypatch.setenv("SCREENER_TORCH_THREADS", "1")
+        assert limit_torch_threads(3) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("SCREENER_TORCH_THREADS", "two")
+        with pytest.raises(CliError, match="whole number"):
+            limit_torch_threads(3)
+    finally:
+        torch.set_num_threads(before)

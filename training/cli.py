@@ -248,18 +248,19 @@ def _outputs(recipe: Recipe, ds: Any, n_out: int) -> tuple[list[str], list[str]]
     return names, units
 
 
-def limit_torch_threads() -> int:
+def limit_torch_threads(default: int = 0) -> int:
     """Cap torch's intra-op threads for training and evaluation; returns the number set.
 
     The small networks here gain little from many threads, and on a shared 2-core machine
     torch's default (one thread per core, spinning) made an epoch about 4x slower than one
-    thread.  ``SCREENER_TORCH_THREADS`` overrides the default of half the CPU cores (at least 1).
+    thread.  ``SCREENER_TORCH_THREADS`` overrides ``default`` (a recipe's ``[training]
+    torch_threads``), and that overrides half the CPU cores (at least 1).
     """
     import torch
 
     env = os.environ.get("SCREENER_TORCH_THREADS", "").strip()
     try:
-        n = int(env) if env else max(1, (os.cpu_count() or 2) // 2)
+        n = int(env) if env else (int(default) if default > 0 else max(1, (os.cpu_count() or 2) // 2))
     except ValueError:
         raise CliError(f"SCREENER_TORCH_THREADS must be a whole number of threads (got {env!r})") from None
     torch.set_num_threads(max(1, n))
@@ -272,6 +273,8 @@ def _train(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] | N
     from training.trainer import predict, train_folds
 
     recipe = load_recipe(args.recipe)
+    if recipe.training.torch_threads:
+        limit_torch_threads(recipe.training.torch_threads)
     if factories is None and recipe.protocol in CUSTOM_TRAINERS:
         return int(_resolve(CUSTOM_TRAINERS[recipe.protocol])(recipe, args))
     ds = build_dataset(recipe, factories)

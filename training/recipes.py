@@ -121,6 +121,10 @@ class TrainingSpec:
     device : {"auto", "cpu", "cuda"}
     checkpoint_every : int
         Write the resumable checkpoint every this many epochs.
+    torch_threads : int
+        torch intra-op threads for this recipe (a recipe meant to run alone on the machine);
+        0 = the default of :func:`training.cli.limit_torch_threads`.  ``SCREENER_TORCH_THREADS``
+        overrides it.
     """
 
     epochs: int
@@ -134,6 +138,7 @@ class TrainingSpec:
     stratify: bool = True
     device: str = "auto"
     checkpoint_every: int = 1
+    torch_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -394,6 +399,7 @@ def recipe_from_dict(doc: Mapping[str, Any], where: str = "recipe") -> Recipe:
         stratify=s.get("stratify", "bool", True),
         device=s.get("device", "str", "auto", choices=DEVICES),
         checkpoint_every=s.get("checkpoint_every", "int", 1, lo=1),
+        torch_threads=s.get("torch_threads", "int", 0, lo=0, hi=256),
     )
     s.done()
     if training.split == "kfold" and training.folds < 2:
