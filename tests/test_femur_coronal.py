@@ -222,3 +222,21 @@ def test_shipped_bundle_grades_a_rendered_series(hip_ct, hip_volume) -> None:
     assert set(f.details["timing_ms"]) == {"preprocess", "model", "explain"}
     assert f.details["bundle_id"] == "femur_coronal@1.1.0"
     assert f.details["kvp"] == 120.0 and f.details["energy_scale"] == 1.0
+
+
+def test_bounding_box_distance_transform_equals_full_one():
+    """The locator's cropped distance transform is exactly scipy's on the whole array, also when the
+    mask touches the array's faces (no background is invented there)."""
+    from scipy import ndimage
+
+    from screener.preprocess.femur_coronal import _distance_in_bounding_box
+
+    rng = np.random.default_rng(7)
+    cases = [((40, 50, 60), (slice(5, 30), slice(10, 40), slice(0, 60))),
+             ((30, 30, 30), (slice(0, 30), slice(0, 30), slice(0, 30))),
+             ((20, 40, 30), (slice(3, 10), slice(30, 40), slice(2, 5)))]
+    for shape, box in cases:
+        m = np.zeros(shape, dtype=bool)
+        m[box] = rng.random(m[box].shape) > 0.2
+        np.testing.assert_array_equal(_distance_in_bounding_box(m), ndimage.distance_transform_edt(m))
+    assert not _distance_in_bounding_box(np.zeros((4, 4, 4), dtype=bool)).any()
