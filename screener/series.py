@@ -231,11 +231,7 @@ def header_kvp(ds: Any) -> float | None:
     -------
     float or None
     """
-    val = getattr(ds, "KVP", None)
-    try:
-        k = float(val) if val is not None and str(val).strip() != "" else None
-    except (TypeError, ValueError):
-        return None
+    k = _float(getattr(ds, "KVP", None))
     return k if k is not None and np.isfinite(k) and k > 0 else None
 
 

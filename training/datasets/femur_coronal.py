@@ -44,9 +44,6 @@ log = structlog.get_logger(__name__)
 __all__ = ["CLASSES", "PhantomCoronalSource", "build", "cohort_sample", "grade_index"]
 
 CLASSES = ("normal", "osteopenia", "osteoporosis")
-#: bump when screener/preprocess/femur_coronal.py changes: the dataset cache of training/cli.py
-#: keys on this module's source only
-PREPROCESS_TAG = "crop250-0.8mm slab3x1mm pool3 energy120"
 #: profiles whose coverage includes the femoral heads (abdomen-pelvis)
 HIP_PROFILES = ("siemens_ap_pv", "ge_ap_pv", "philips_ap_arterial", "canon_ap_native")
 LABELS = ("hip", "femoral_neck", "total_hip")
