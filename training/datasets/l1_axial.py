@@ -168,12 +168,13 @@ def l1_dxa_status(patient: Any) -> str:
 
     ISCD practice excludes a vertebra with a fracture or marked degeneration from spine DXA
     analysis: its areal BMD is raised by the collapsed or sclerotic bone.  The cohort's label
-    rule (``training.phantoms.labels.affected_levels``: fracture grade >= 1 or degeneration
-    >= 0.5) is applied to L1; the label is kept either way, and ``screener evaluate --by l1_dxa``
-    tabulates both groups.
+    rule (:func:`training.phantoms.labels.structurally_affected`: fracture grade >= 1 or
+    degeneration >= 0.5) is applied to L1; the label is kept either way, and ``screener evaluate
+    --by l1_dxa`` tabulates both groups.
     """
-    bad = patient.fracture_grade.get("L1", 0) >= 1 or patient.degeneration_level.get("L1", 0.0) >= 0.5
-    return "affected" if bad else "valid"
+    from training.phantoms.labels import structurally_affected
+
+    return "affected" if structurally_affected(patient, "L1") else "valid"
 
 
 def build_cohort(recipe: Any, progress: bool = True) -> ArrayDataset:

@@ -96,14 +96,19 @@ def tbs_score(scene: Scene) -> float:
     return float(np.clip(1.10 + 0.30 * p.texture + 0.0006 * (v - 120.0), 0.9, 1.6))
 
 
+def structurally_affected(patient: Any, level: str) -> bool:
+    """True when ``level`` of ``patient`` has a fracture (Genant grade >= 1) or marked degeneration
+    (>= 0.5): DXA of that vertebra measures the collapse or sclerosis, not bone density."""
+    return patient.fracture_grade.get(level, 0) >= 1 or patient.degeneration_level.get(level, 0.0) >= 0.5
+
+
 def affected_levels(scene: Scene) -> list[str]:
     """L1-L4 levels that make spine DXA unreliable (fracture, degeneration, scoliotic rotation)."""
     p = scene.patient
     out = []
     for lv in LUMBAR:
         rot = abs(scene.vertebra(lv).rotation_deg)
-        if p.fracture_grade.get(lv, 0) >= 1 or p.degeneration_level.get(lv, 0.0) >= 0.5 or (
-                p.scoliosis and rot >= 4.0):
+        if structurally_affected(p, lv) or (p.scoliosis and rot >= 4.0):
             out.append(lv)
     return out
 
