@@ -94,6 +94,27 @@ def test_generator_maps_a_paper_size_hip_to_a_drr_of_the_same_size():
         g(torch.rand(1, 1, 100, 50))
 
 
+def test_stem_stride_2_doubles_the_representation_and_the_regressor_follows():
+    torch.manual_seed(0)
+    g = BMDGenerator(width=4, stem_stride=2)
+    x = torch.rand(2, 1, *SMALL)
+    with torch.no_grad():
+        assert g.features(x).shape == (2, 16, SMALL[0] // 2, SMALL[1] // 2)  # 4 * width channels at 1/2
+        assert g(x).shape == (2, 1, *SMALL)  # one transposed convolution back to full size
+    assert len([m for m in g.decoder.up if isinstance(m, torch.nn.ConvTranspose2d)]) == 1
+    r = BMDRegressor.from_generator(g, SMALL, dims=(16, 32), depths=(1, 1), heads=2)
+    assert r.encoder.stem_stride == 2
+    assert all(torch.equal(a, b) for a, b in zip(g.encoder.state_dict().values(), r.encoder.state_dict().values()))
+    with torch.no_grad():
+        assert r(x).shape == (2,)
+    # the default stem keeps the module layout of released bundles (state-dict keys unchanged)
+    keys4 = set(BMDGenerator(width=4).state_dict())
+    assert "decoder.up.3.weight" in keys4 and "decoder.up.3.weight" not in g.state_dict()
+    assert set(g.state_dict()) < keys4
+    with pytest.raises(ValueError, match="stem_stride must be 2 or 4"):
+        BMDGenerator(width=4, stem_stride=8)
+
+
 def test_discriminator_returns_features_at_every_scale():
     _, d = _tiny_models()
     x, y = _pairs()
@@ -170,6 +191,23 @@ def test_run_stage_and_hierarchical_stage2_initialisation():
         next(g2.parameters()).add_(1.0)
     assert not torch.equal(next(g1.parameters()), next(g2.parameters()))  # independent copy
     assert B.STAGE_TARGETS == {1: "bone_drr", 2: "pf_drr"}
+
+
+def test_channels_last_stage_trains_the_same_networks():
+    x, y = _pairs(n=4)
+    runs = []
+    for cl in (False, True):
+        g, d = _tiny_models()
+        hist = B.run_decomposition_stage(g, d, [(x[:2], y[:2]), (x[2:], y[2:])], epochs=2, lr=1e-3,
+                                         channels_last=cl)
+        runs.append((g, hist))
+    (g0, h0), (g1, h1) = runs
+    # same arithmetic in another memory layout: the losses and weights agree to float32 rounding
+    assert h1[-1]["l1"] == pytest.approx(h0[-1]["l1"], rel=1e-3)
+    for a, b in zip(g0.parameters(), g1.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=5e-4)  # Adam: steps of ~1e-3
+    conv = next(m for m in g1.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()  # handed back in the default layout (bundles, stage 2 copy)
 
 
 def test_stage3_regressor_inherits_encoder_and_trains_on_weighted_l1():

@@ -81,14 +81,15 @@ DECOMPOSITION_FILE = "decomposition.pt"
 BASELINE_FILE = "baseline.pt"
 PF_THRESHOLDS = np.round(np.arange(0.05, 1.51, 0.05), 3)
 
-_GEN_KEYS = ("width", "blocks", "stages")
+_GEN_KEYS = ("width", "blocks", "stages", "stem_stride")
 _HEAD_KEYS = ("dims", "depths", "heads")
 
 
 def _kw(recipe: Any) -> dict[str, Any]:
     k = dict(recipe.network.kwargs or {})
     known = set(_GEN_KEYS + _HEAD_KEYS + ("ndf", "n_layers", "num_scales", "stage1_epochs", "stage2_epochs",
-                                          "stage3_frozen_epochs", "gan_lr", "baseline_epochs", "baseline_lr"))
+                                          "stage3_frozen_epochs", "gan_lr", "baseline_epochs", "baseline_lr",
+                                          "channels_last", "stage3_heads"))
     if float(k.pop("intensity_aug", 0.0) or 0.0):
         raise ValueError("hip_xray: [network] kwargs intensity_aug is gone; set [augmentation] brightness / "
                          "contrast instead")
@@ -271,7 +272,14 @@ def load_aux(bundle_dir: str | Path) -> tuple[BMDGenerator, BMDRegressor | None,
     return gen, base, dec
 
 
-def predict_all(regressor: nn.Module, generator: nn.Module, baseline: nn.Module | None, dec: dict[str, Any],
+def _run_heads(models: nn.Module | Sequence[nn.Module], x: np.ndarray) -> np.ndarray:
+    """Mean estimate of one stage-3 regressor or of an ensemble of them (as the bundle predicts)."""
+    heads = [models] if isinstance(models, nn.Module) else list(models)
+    return np.mean([_run(m, x) for m in heads], axis=0)
+
+
+def predict_all(regressor: nn.Module | Sequence[nn.Module], generator: nn.Module, baseline: nn.Module | None,
+                dec: dict[str, Any],
                 images: np.ndarray) -> dict[str, np.ndarray]:
     """BMD estimates of every method for ``(N, 1, H, W)`` inputs.
 
@@ -282,7 +290,7 @@ def predict_all(regressor: nn.Module, generator: nn.Module, baseline: nn.Module 
         fit) and ``direct_baseline`` (when given).
     """
     x = np.asarray(images, dtype=np.float32)
-    out = {"decomposition_regression": _run(regressor, x)}
+    out = {"decomposition_regression": _run_heads(regressor, x)}
     pf = _run(generator, x)
     feats = B.pfdrr_bmd_features(pf, dec["threshold_t"])
     feats = np.where(np.isfinite(feats), feats, np.nanmean(feats))
@@ -347,7 +355,7 @@ def _md(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _evaluate_sets(ds: Any, plan: Any, regressor: nn.Module, generator: nn.Module, baseline: nn.Module | None,
+def _evaluate_sets(ds: Any, plan: Any, regressor: nn.Module | Sequence[nn.Module], generator: nn.Module, baseline: nn.Module | None,
                    dec: dict[str, Any], holdout_label: str) -> tuple[dict[str, Any], dict[str, str]]:
     rows: dict[str, Any] = {}
     md: dict[str, str] = {}
@@ -415,17 +423,20 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     e3a, e3b = int(kw.get("stage3_frozen_epochs", 5)), int(recipe.training.epochs)
     lr, wd = float(recipe.optimizer.lr), float(recipe.optimizer.weight_decay)
     aug = recipe.augmentation
+    cl = bool(kw.get("channels_last", False))
 
     # stages 1 and 2 (hierarchical decomposition)
     g1, d1 = BMDGenerator(**gen_kw), MultiscaleDiscriminator(2, **disc_kw)
     t0 = time.time()
     h1 = B.run_decomposition_stage(g1, d1, _Shuffled(x[tr], bone[tr], batch, seed + 1, aug), e1, lr=gan_lr,
-                                   weights=weights, gan_mode=gan_mode, first_cycle_epochs=max(1, e1))
+                                   weights=weights, gan_mode=gan_mode, first_cycle_epochs=max(1, e1),
+                                   channels_last=cl)
     t1 = time.time() - t0
     g2, d2 = B.start_stage2(g1, d1)
     t0 = time.time()
     h2 = B.run_decomposition_stage(g2, d2, _Shuffled(x[tr], pf[tr], batch, seed + 2, aug), e2, lr=gan_lr,
-                                   weights=weights, gan_mode=gan_mode, first_cycle_epochs=max(1, e2))
+                                   weights=weights, gan_mode=gan_mode, first_cycle_epochs=max(1, e2),
+                                   channels_last=cl)
     t2 = time.time() - t0
     print(f"hip_xray: stage 1 L1 {h1[-1]['l1']:.4f} ({t1:.0f} s), stage 2 L1 {h2[-1]['l1']:.4f} ({t2:.0f} s)",
           file=sys.stderr)
@@ -435,11 +446,19 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     print(f"hip_xray: threshold t = {tun.threshold:g} (training PCC {np.nanmax(tun.pcc):.3f})", file=sys.stderr)
 
     # stage 3 and the direct baseline
-    reg = BMDRegressor.from_generator(g2, shape, **head_kw)
-    _start_at_mean(reg, float(y[tr].mean()))
-    reg, h3 = _fit_regressor(reg, x[tr], y[tr], x[va], y[va],
-                             [("frozen_encoder", e3a, lr), ("end_to_end", e3b, lr / 5.0)], batch, wd, seed + 3,
-                             "stage3", aug)
+    # stage 3: one regressor, or an ensemble of ``stage3_heads`` trained from the same encoder with
+    # other seeds (the bundle predicts their mean); head k > 0 draws from seed + 100 k
+    regs, h3 = [], []
+    for k in range(int(kw.get("stage3_heads", 1))):
+        if k:
+            torch.manual_seed(seed + 100 * k)
+        reg = BMDRegressor.from_generator(g2, shape, **head_kw)
+        _start_at_mean(reg, float(y[tr].mean()))
+        reg, hk = _fit_regressor(reg, x[tr], y[tr], x[va], y[va],
+                                 [("frozen_encoder", e3a, lr), ("end_to_end", e3b, lr / 5.0)], batch, wd,
+                                 seed + 3 + 100 * k, f"stage3 head {k + 1}" if k else "stage3", aug)
+        regs.append(reg)
+        h3.append(hk)
     torch.manual_seed(seed + 4)
     base = BMDRegressor(shape, **gen_kw, **head_kw)
     _start_at_mean(base, float(y[tr].mean()))
@@ -451,24 +470,27 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
            "threshold_t": tun.threshold, "slope": tun.slope, "intercept": tun.intercept,
            "drr_units": "g/cm2 hydroxyapatite (drr_scale 1)",
            "jpeg_quality": int(ds.meta.get("render", {}).get("jpeg_quality", 50)),
-           "holds": {"weights.pt": "stage-3 regressor R = {M_E, M_R} (BMDRegressor): the bundle's BMD",
+           "holds": {"weights.pt": "stage-3 regressor R = {M_E, M_R} (BMDRegressor): the bundle's BMD"
+                                   + (f" (an ensemble of {len(regs)} heads on the same encoder; their mean)"
+                                      if len(regs) > 1 else ""),
                      DECOMPOSITION_FILE: "stage-2 generator G (BMDGenerator): radiograph half -> PF-DRR",
                      BASELINE_FILE: "direct-regression baseline (BMDRegressor from scratch), evaluation only"}}
     hold_label = "holdout profile " + ",".join(recipe.data.holdout_profiles)
-    rows, md = _evaluate_sets(ds, plan, reg, g2, base, dec, hold_label)
+    rows, md = _evaluate_sets(ds, plan, regs, g2, base, dec, hold_label)
     wall = time.time() - t_start
 
     from training.cli import evaluation_tables, _markdown
 
     metrics: dict[str, Any] = {"split": plan.to_dict(), "tables": {}, "rows": {}, "comparison": rows,
                                "wall_s": {"total": wall, "data": t_data, "stage1": t1, "stage2": t2},
-                               "history": {"stage1": h1[-1], "stage2": h2[-1], "stage3": h3, "baseline": hb},
+                               "history": {"stage1": h1[-1], "stage2": h2[-1], "stage3": h3[0] if len(h3) == 1 else h3,
+                                           "baseline": hb},
                                "threshold_pcc": {"t": tun.thresholds.tolist(), "pcc": tun.pcc.tolist()}}
     for label, idx in (("test", plan.test), (hold_label, plan.excluded)):
         if idx.size < 3:
             continue
         sub = ds.subset(idx)
-        pred = _run(reg, sub.images)[:, None]
+        pred = _run_heads(regs, sub.images)[:, None]
         tables = evaluation_tables("hip_xray", "regression", sub.targets, pred)
         metrics["rows"][label] = tables
         metrics["tables"].update(_markdown(tables, f"{label} ({idx.size} hips, synthetic)"))
@@ -479,7 +501,7 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     arch_kw = {"input_shape": list(shape), **gen_kw, **{k: list(v) if isinstance(v, tuple) else v
                                                        for k, v in head_kw.items()}}
     save_bundle(
-        out_dir, protocol="hip_xray", models=[reg], architecture={"name": "BMDRegressor", "kwargs": arch_kw},
+        out_dir, protocol="hip_xray", models=regs, architecture={"name": "BMDRegressor", "kwargs": arch_kw},
         input_spec=spec, outputs=list(b.outputs) or ["femoral_neck_bmd"], units=list(b.units) or ["g/cm2"],
         task="regression", preprocessing={**ds.meta.get("preprocessing", {}), **b.preprocessing},
         t_score_reference={"mean": b.t_score_mean or 0.858, "sd": b.t_score_sd or 0.120,
@@ -535,8 +557,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         return 2
     sub = ds.subset(idx)
     y = np.asarray(sub.targets, dtype=np.float64)
-    preds = predict_all(bundle.models[0], gen, base, dec, sub.images)
-    pj = predict_all(bundle.models[0], gen, base, dec, sub.attributes["image_jpeg"][:, None])
+    preds = predict_all(bundle.models, gen, base, dec, sub.images)
+    pj = predict_all(bundle.models, gen, base, dec, sub.attributes["image_jpeg"][:, None])
     t = robustness_tables(y, preds, pj, sub.attributes["pose"])
     print(f"# {bundle.bundle_id} — {args.data} ({idx.size} hips, synthetic; not clinical accuracy)\n")
     print("## methods\n\n" + _md(t["comparison"]) + "\n")

@@ -145,9 +145,10 @@ class _Stage(nn.Module):
 
 
 class HRNetLiteEncoder(nn.Module):
-    """Encoder ``M_E``: high-resolution multi-branch backbone, output at 1/4 of the input.
+    """Encoder ``M_E``: high-resolution multi-branch backbone, output at 1/4 (or 1/2) of the input.
 
-    Stem: two stride-2 3x3 convolutions (1 -> 1/4).  Stage 2: branches at 1/4 and 1/8; stage 3:
+    Stem: two stride-2 3x3 convolutions (1 -> 1/4; ``stem_stride=2``: the second has stride 1 and
+    all resolutions below are doubled).  Stage 2: branches at 1/4 and 1/8; stage 3:
     1/4, 1/8, 1/16; each stage ``blocks`` residual blocks per branch then a full fusion.  Output
     (HRNetV2 representation head): all branches upsampled to 1/4, concatenated, 1x1 convolution to
     ``out_channels``.
@@ -164,16 +165,23 @@ class HRNetLiteEncoder(nn.Module):
         Number of 3-branch stages after the 2-branch one (HRNet repeats its modules).
     out_channels : int, optional
         Channels of the representation (default ``4 * width``).
+    stem_stride : int
+        Down-sampling of the stem, 4 (HRNet's, default) or 2: the second stem convolution keeps its
+        resolution, so every branch and the representation are twice as fine (for a small input,
+        where 1/4 leaves the femoral neck a few representation pixels wide).
     """
 
     def __init__(self, in_channels: int = 1, width: int = 16, blocks: int = 1, stages: int = 1,
-                 out_channels: int | None = None) -> None:
+                 out_channels: int | None = None, stem_stride: int = 4) -> None:
         super().__init__()
         if width < 1 or blocks < 1 or stages < 1:
             raise ValueError(f"width, blocks and stages must be >= 1 (got {width}, {blocks}, {stages})")
+        if stem_stride not in (2, 4):
+            raise ValueError(f"stem_stride must be 2 or 4 (got {stem_stride})")
         c1, c2, c3 = width, 2 * width, 4 * width
         self.out_channels = int(out_channels or 4 * width)
-        self.stem = nn.Sequential(_conv_gn_relu(in_channels, c1, 2), _conv_gn_relu(c1, c1, 2))
+        self.stem_stride = int(stem_stride)
+        self.stem = nn.Sequential(_conv_gn_relu(in_channels, c1, 2), _conv_gn_relu(c1, c1, stem_stride // 2))
         self.to_b2 = _conv_gn_relu(c1, c2, 2)
         self.stage2 = _Stage((c1, c2), blocks)
         self.to_b3 = _conv_gn_relu(c2, c3, 2)
@@ -212,17 +220,22 @@ class PixHDDecoder(nn.Module):
         Channels after the first upsampling (halved after the second, at least 8).
     out_channels : int
         DRR channels (1).
+    upsamplings : int
+        Transposed convolutions (2 for a 1/4 representation, 1 for 1/2: only the second, ``width / 2``
+        channels, is kept).
     """
 
-    def __init__(self, in_channels: int, width: int = 32, out_channels: int = 1) -> None:
+    def __init__(self, in_channels: int, width: int = 32, out_channels: int = 1, upsamplings: int = 2) -> None:
         super().__init__()
-        w2 = max(8, width // 2)
-        self.up = nn.Sequential(
-            nn.ConvTranspose2d(in_channels, width, 3, 2, 1, output_padding=1, bias=False),
-            group_norm(width), nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(width, w2, 3, 2, 1, output_padding=1, bias=False),
-            group_norm(w2), nn.ReLU(inplace=True),
-        )
+        if upsamplings not in (1, 2):
+            raise ValueError(f"upsamplings must be 1 or 2 (got {upsamplings})")
+        chans = [in_channels] + [width, max(8, width // 2)][2 - upsamplings:]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.ConvTranspose2d(cin, cout, 3, 2, 1, output_padding=1, bias=False),
+                       group_norm(cout), nn.ReLU(inplace=True)]
+        self.up = nn.Sequential(*layers)
+        w2 = chans[-1]
         self.out = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(w2, out_channels, 7))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -239,15 +252,16 @@ class BMDGenerator(nn.Module):
         Radiograph and DRR channels (1 and 1).
     width : int
         Width of the encoder's 1/4 branch (default 16: ~0.22 M parameters; HRFormer-B has ~50 M).
-    blocks, stages : int
-        Encoder depth (see :class:`HRNetLiteEncoder`).
+    blocks, stages, stem_stride : int
+        Encoder depth and stem (see :class:`HRNetLiteEncoder`); the decoder upsamples by ``stem_stride``.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, width: int = 16,
-                 blocks: int = 1, stages: int = 1) -> None:
+                 blocks: int = 1, stages: int = 1, stem_stride: int = 4) -> None:
         super().__init__()
-        self.encoder = HRNetLiteEncoder(in_channels, width, blocks, stages)
-        self.decoder = PixHDDecoder(self.encoder.out_channels, 2 * width, out_channels)
+        self.encoder = HRNetLiteEncoder(in_channels, width, blocks, stages, stem_stride=stem_stride)
+        self.decoder = PixHDDecoder(self.encoder.out_channels, 2 * width, out_channels,
+                                    upsamplings=stem_stride // 2)
 
     @property
     def target_layer(self) -> nn.Module:
@@ -255,7 +269,7 @@ class BMDGenerator(nn.Module):
         return self.encoder.target_layer
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The learned representation (1/4 resolution) that stage 3 regresses from."""
+        """The learned representation (1/``stem_stride`` resolution) that stage 3 regresses from."""
         return self.encoder(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -453,7 +467,7 @@ class BMDRegressor(nn.Module):
     ----------
     input_shape : tuple of int
         ``(H, W)`` of the radiograph (multiples of 16).
-    width, blocks, stages : int
+    width, blocks, stages, stem_stride : int
         Encoder hyper-parameters (must match the generator it inherits from).
     n_outputs : int
         Regressed values.
@@ -470,15 +484,16 @@ class BMDRegressor(nn.Module):
 
     def __init__(self, input_shape: tuple[int, int] = INPUT_SHAPE, width: int = 16, blocks: int = 1,
                  stages: int = 1, n_outputs: int = 1, dims: tuple[int, int] = (64, 128),
-                 depths: tuple[int, int] = (2, 1), heads: int = 4, in_channels: int = 1) -> None:
+                 depths: tuple[int, int] = (2, 1), heads: int = 4, in_channels: int = 1,
+                 stem_stride: int = 4) -> None:
         super().__init__()
         if input_shape[0] % 16 or input_shape[1] % 16:
             raise ValueError(f"input_shape must be multiples of 16, got {input_shape}")
         self.input_shape = tuple(input_shape)
         self.n_outputs = n_outputs
-        self.encoder = HRNetLiteEncoder(in_channels, width, blocks, stages)
+        self.encoder = HRNetLiteEncoder(in_channels, width, blocks, stages, stem_stride=stem_stride)
         self.head = RelativeTransformerHead(self.encoder.out_channels,
-                                            (input_shape[0] // 4, input_shape[1] // 4),
+                                            (input_shape[0] // stem_stride, input_shape[1] // stem_stride),
                                             dims, depths, heads, n_outputs)
 
     @classmethod
@@ -490,7 +505,8 @@ class BMDRegressor(nn.Module):
         blocks = len(enc.stage2.branches[0])
         stages = len(enc.stage3)
         in_ch = enc.stem[0][0].in_channels
-        model = cls(input_shape, width=width, blocks=blocks, stages=stages, in_channels=in_ch, **kwargs)  # type: ignore[arg-type]
+        model = cls(input_shape, width=width, blocks=blocks, stages=stages, in_channels=in_ch,  # type: ignore[arg-type]
+                    stem_stride=enc.stem_stride, **kwargs)
         model.encoder.load_state_dict(copy.deepcopy(enc.state_dict()))
         return model
 
