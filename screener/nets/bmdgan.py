@@ -443,11 +443,18 @@ class RelativeTransformerHead(nn.Module):
         Attention heads.
     n_outputs : int
         Regressed values (1: DXA-BMD; 2: DXA- and QCT-BMD).
+    pool : int
+        Average-pool the representation by this factor first (2 for a 1/2 representation, so the
+        head reads the paper's 1/4 grid and its attention costs what it does at 1/4).
     """
 
     def __init__(self, in_channels: int, rep_shape: tuple[int, int], dims: tuple[int, int] = (64, 128),
-                 depths: tuple[int, int] = (2, 1), heads: int = 4, n_outputs: int = 1) -> None:
+                 depths: tuple[int, int] = (2, 1), heads: int = 4, n_outputs: int = 1, pool: int = 1) -> None:
         super().__init__()
+        if pool < 1 or rep_shape[0] % pool or rep_shape[1] % pool:
+            raise ValueError(f"pool must be >= 1 and divide the representation {rep_shape} (got {pool})")
+        self.pool = int(pool)
+        rep_shape = (rep_shape[0] // pool, rep_shape[1] // pool)
         g1 = ((rep_shape[0] - 1) // 2 + 1, (rep_shape[1] - 1) // 2 + 1)
         g2 = ((g1[0] - 1) // 2 + 1, (g1[1] - 1) // 2 + 1)
         self.s3 = _TransformerStage(in_channels, dims[0], heads, depths[0], g1)
@@ -456,6 +463,8 @@ class RelativeTransformerHead(nn.Module):
         self.fc = nn.Linear(dims[1], n_outputs)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.pool > 1:
+            z = F.avg_pool2d(z, self.pool)
         z = self.s4(self.s3(z))
         return self.fc(self.norm(z.mean(dim=(2, 3))))
 
@@ -468,7 +477,8 @@ class BMDRegressor(nn.Module):
     input_shape : tuple of int
         ``(H, W)`` of the radiograph (multiples of 16).
     width, blocks, stages, stem_stride : int
-        Encoder hyper-parameters (must match the generator it inherits from).
+        Encoder hyper-parameters (must match the generator it inherits from); the head reads a 1/4
+        grid either way (a 1/2 representation is average-pooled 2 x 2 first).
     n_outputs : int
         Regressed values.
     dims, depths, heads :
@@ -494,7 +504,7 @@ class BMDRegressor(nn.Module):
         self.encoder = HRNetLiteEncoder(in_channels, width, blocks, stages, stem_stride=stem_stride)
         self.head = RelativeTransformerHead(self.encoder.out_channels,
                                             (input_shape[0] // stem_stride, input_shape[1] // stem_stride),
-                                            dims, depths, heads, n_outputs)
+                                            dims, depths, heads, n_outputs, pool=4 // stem_stride)
 
     @classmethod
     def from_generator(cls, generator: BMDGenerator, input_shape: tuple[int, int] = INPUT_SHAPE,
