@@ -142,10 +142,12 @@ def _run(model: nn.Module, x: np.ndarray, batch: int = 32) -> np.ndarray:
 
 def _fit_regressor(model: BMDRegressor, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray,
                    phases: Sequence[tuple[str, int, float]], batch: int, weight_decay: float, seed: int,
-                   tag: str, augmentation: AugmentationSpec | None = None
+                   tag: str, augmentation: AugmentationSpec | None = None, channels_last: bool = False
                    ) -> tuple[BMDRegressor, list[dict[str, float]]]:
     """Train ``model`` through ``phases`` ((phase, epochs, lr)) on the distance-weighted L1; keep the
-    best-validation-MAE weights."""
+    best-validation-MAE weights (``channels_last``: as in :func:`training.bmdgan.run_decomposition_stage`)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     weights = L.distance_weights(y_tr)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(seed))
@@ -175,13 +177,14 @@ def _fit_regressor(model: BMDRegressor, x_tr: np.ndarray, y_tr: np.ndarray, x_va
                 if len(b) < 2:
                     continue
                 xb, _ = _augment(torch.from_numpy(x_tr[b]), None, gen, spec)
-                losses.append(B.regression_step(model, opt, xb, yt[b], weights[b]))
+                losses.append(B.regression_step(model, opt, xb.contiguous(memory_format=fmt), yt[b], weights[b]))
             mae = float(np.mean(np.abs(_run(model, x_va) - y_va))) if len(x_va) else float(np.mean(losses))
             if mae < best_mae:
                 best_mae, best = mae, copy.deepcopy(model.state_dict())
             history.append({"phase": phase, "epoch": epoch, "loss": float(np.mean(losses)), "val_mae": mae})
             print(f"hip_xray {tag} {phase} epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f} "
                   f"val MAE {mae:.4f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+    model.to(memory_format=torch.contiguous_format)
     model.load_state_dict(best)
     model.freeze_encoder(False)
     return model.eval(), history
@@ -456,7 +459,8 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
         _start_at_mean(reg, float(y[tr].mean()))
         reg, hk = _fit_regressor(reg, x[tr], y[tr], x[va], y[va],
                                  [("frozen_encoder", e3a, lr), ("end_to_end", e3b, lr / 5.0)], batch, wd,
-                                 seed + 3 + 100 * k, f"stage3 head {k + 1}" if k else "stage3", aug)
+                                 seed + 3 + 100 * k, f"stage3 head {k + 1}" if k else "stage3", aug,
+                                 channels_last=cl)
         regs.append(reg)
         h3.append(hk)
     torch.manual_seed(seed + 4)
@@ -465,7 +469,7 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     e_base = int(kw.get("baseline_epochs", e3a + e3b))
     lr_base = float(kw.get("baseline_lr", lr))
     base, hb = _fit_regressor(base, x[tr], y[tr], x[va], y[va], [("scratch", e_base, lr_base)], batch, wd,
-                              seed + 5, "baseline", aug)
+                              seed + 5, "baseline", aug, channels_last=cl)
     dec = {"file": DECOMPOSITION_FILE, "baseline_file": BASELINE_FILE, "generator_kwargs": gen_kw,
            "threshold_t": tun.threshold, "slope": tun.slope, "intercept": tun.intercept,
            "drr_units": "g/cm2 hydroxyapatite (drr_scale 1)",
