@@ -127,7 +127,8 @@ def test_tiny_training_run_writes_a_bundle_the_protocol_reads(tmp_path, monkeypa
     recipe = load_recipe(Path(__file__).parents[1] / "training/recipes/hip_xray-cohort.toml")
     net = dataclasses.replace(recipe.network, kwargs={
         **recipe.network.kwargs, "width": 4, "ndf": 4, "dims": [8, 16], "heads": 2, "stage1_epochs": 1,
-        "stage2_epochs": 1, "stage3_frozen_epochs": 1, "stem_stride": 2, "stage3_heads": 2, "channels_last": True})
+        "stage2_epochs": 1, "stage3_frozen_epochs": 1, "stem_stride": 2, "stage3_heads": 2, "channels_last": True,
+        "baseline_stem_stride": 4})
     opts = {**recipe.data.options, "shape": [64, 32], "n_holdout": 1, "ray_mm": 6.0, "dy_mm": 6.0, "detector_mm": 2.0}
     recipe = dataclasses.replace(recipe, network=net, data=dataclasses.replace(recipe.data, n=5, options=opts),
                                  training=dataclasses.replace(recipe.training, epochs=1, test_fraction=0.4,
@@ -138,6 +139,7 @@ def test_tiny_training_run_writes_a_bundle_the_protocol_reads(tmp_path, monkeypa
     gen, base, dec = load_aux(bundle_dir)
     assert base is not None and dec["threshold_t"] > 0 and np.isfinite(dec["slope"])
     assert dec["generator_kwargs"]["stem_stride"] == 2 and gen.encoder.stem_stride == 2
+    assert base.encoder.stem_stride == 4 and dec["baseline_kwargs"] == {"stem_stride": 4}
     assert "ensemble of 2 heads" in dec["holds"]["weights.pt"]
     from screener.bundles import load_bundle
     from training.hip_xray import NETWORKS

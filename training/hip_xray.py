@@ -89,7 +89,7 @@ def _kw(recipe: Any) -> dict[str, Any]:
     k = dict(recipe.network.kwargs or {})
     known = set(_GEN_KEYS + _HEAD_KEYS + ("ndf", "n_layers", "num_scales", "stage1_epochs", "stage2_epochs",
                                           "stage3_frozen_epochs", "gan_lr", "baseline_epochs", "baseline_lr",
-                                          "channels_last", "stage3_heads"))
+                                          "channels_last", "stage3_heads", "baseline_stem_stride"))
     if float(k.pop("intensity_aug", 0.0) or 0.0):
         raise ValueError("hip_xray: [network] kwargs intensity_aug is gone; set [augmentation] brightness / "
                          "contrast instead")
@@ -270,8 +270,9 @@ def load_aux(bundle_dir: str | Path) -> tuple[BMDGenerator, BMDRegressor | None,
     gen = _load_aux(p / dec["file"], BMDGenerator(**dec["generator_kwargs"]))
     base = None
     if dec.get("baseline_file") and (p / dec["baseline_file"]).is_file():
+        kwargs = {**card["architecture"]["kwargs"], **dec.get("baseline_kwargs", {})}
         base = _load_aux(p / dec["baseline_file"], BMDRegressor(**{k: tuple(v) if isinstance(v, list) else v
-                                                                     for k, v in card["architecture"]["kwargs"].items()}))
+                                                                     for k, v in kwargs.items()}))
     return gen, base, dec
 
 
@@ -464,13 +465,17 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
         regs.append(reg)
         h3.append(hk)
     torch.manual_seed(seed + 4)
-    base = BMDRegressor(shape, **gen_kw, **head_kw)
+    # the baseline is the stage-3 regressor's architecture, but may keep HRNet's stride-4 stem
+    # (baseline_stem_stride): from random weights the stride-2 encoder learned less in the same epochs
+    base_kw = {**gen_kw, "stem_stride": int(kw.get("baseline_stem_stride", gen_kw.get("stem_stride", 4)))}
+    base = BMDRegressor(shape, **base_kw, **head_kw)
     _start_at_mean(base, float(y[tr].mean()))
     e_base = int(kw.get("baseline_epochs", e3a + e3b))
     lr_base = float(kw.get("baseline_lr", lr))
     base, hb = _fit_regressor(base, x[tr], y[tr], x[va], y[va], [("scratch", e_base, lr_base)], batch, wd,
                               seed + 5, "baseline", aug, channels_last=cl)
     dec = {"file": DECOMPOSITION_FILE, "baseline_file": BASELINE_FILE, "generator_kwargs": gen_kw,
+           "baseline_kwargs": {"stem_stride": base_kw["stem_stride"]},
            "threshold_t": tun.threshold, "slope": tun.slope, "intercept": tun.intercept,
            "drr_units": "g/cm2 hydroxyapatite (drr_scale 1)",
            "jpeg_quality": int(ds.meta.get("render", {}).get("jpeg_quality", 50)),
