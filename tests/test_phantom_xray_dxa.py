@@ -293,6 +293,22 @@ def test_hip_pose_moves_the_femur_but_keeps_its_mineral(scene):
     assert sup["bone_drr"].max() > 2.0 and sup["pose"]["name"] == "supine"
 
 
+def test_painting_from_the_femur_on_gives_the_femur_exactly(scene):
+    """``label_plane(from_structure=...)`` (the femur-only truth's fast path) labels every femur pixel
+    as the full painting does, and nothing else as femur, on a plane through the hip."""
+    h = np.asarray(scene.femoral_heads["L"], float)
+    args = (h + np.array([-60.0, 0.0, 40.0]), np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, -1.0]),
+            (140, 180), (1.0, 1.0))
+    ids = scene.structure_ids("femur_L")
+    full = scene.label_plane(*args, bone_only=True)
+    part = scene.label_plane(*args, bone_only=True, from_structure="femur_L")
+    femur = np.isin(full, ids)
+    assert femur.sum() > 1500  # the plane cuts head, neck and trochanter
+    assert np.array_equal(np.isin(part, ids), femur)
+    assert np.array_equal(part[femur], full[femur])
+    assert np.isin(full[~femur], scene.structure_ids("pelvis")).any()  # the full painting has more
+
+
 def _errors(path) -> list[str]:
     proc = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]

@@ -177,7 +177,7 @@ class Scene:
     waves: tuple[Arr, Arr, float] = field(default=(np.zeros((0, 3)), np.zeros(0), 0.0), repr=False)
     bone_start: int = 0
     _body_bounds: tuple[tuple[float, float], ...] = ((0, 0), (0, 0), (0, 0))
-    _tables: dict[str, dict[str, Arr]] = field(default_factory=dict, repr=False)
+    _tables: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ labels
     def _prims(self, table: bool, bone_only: bool = False) -> list[Prim]:
@@ -212,12 +212,15 @@ class Scene:
         return lab.reshape(shape)
 
     def label_plane(self, origin: Arr, u: Arr, v: Arr, shape: tuple[int, int],
-                    spacing: tuple[float, float], table: bool = False, bone_only: bool = False) -> Arr:
+                    spacing: tuple[float, float], table: bool = False, bone_only: bool = False,
+                    from_structure: str | None = None) -> Arr:
         """Tissue labels on a plane grid.
 
         Pixel ``[j, i]`` is at ``origin + i * spacing[1] * u + j * spacing[0] * v``
         (rows along ``v``, columns along ``u``; ``spacing = (row, column)`` as
-        DICOM PixelSpacing).
+        DICOM PixelSpacing).  ``from_structure`` paints only the primitives from the first one of
+        that structure on (later primitives overwrite earlier ones, so the structure's own pixels
+        and labels come out exactly as in the full painting; other pixels may read 0).
         """
         o = np.asarray(origin, float)
         u = np.asarray(u, float)
@@ -229,6 +232,9 @@ class Scene:
         # a primitive's window is the plane-projection of its bounding box (vectorised culling)
         prims = self._prims(table, bone_only)
         lo, hi = self._bbox_arrays(table, bone_only)
+        if from_structure is not None:
+            k0 = self._first_prim(from_structure, table, bone_only)
+            prims, lo, hi = prims[k0:], lo[k0:], hi[k0:]
         n = np.cross(u, v)
         c8 = np.stack([np.where(np.array(m, bool)[None, :], hi, lo) for m in
                        ((0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1))],
@@ -255,6 +261,15 @@ class Scene:
                 m = np.broadcast_to(m, (j1 - j0, i1 - i0))
             lab[j0:j1, i0:i1][m] = p.tissue
         return lab
+
+    def _first_prim(self, name: str, table: bool, bone_only: bool) -> int:
+        """Index (in :meth:`_prims` order) of the first primitive painting structure ``name``."""
+        key = f"first:{name}:{int(table)}:{int(bone_only)}"
+        if key not in self._tables:
+            ids = set(self.structure_ids(name).tolist())
+            hits = [k for k, p in enumerate(self._prims(table, bone_only)) if p.tissue in ids]
+            self._tables[key] = hits[0] if hits else len(self._prims(table, bone_only))
+        return self._tables[key]
 
     def _bbox_arrays(self, table: bool, bone_only: bool = False) -> tuple[Arr, Arr]:
         key = "bbox_b" if bone_only else ("bbox_t" if table else "bbox")

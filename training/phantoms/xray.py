@@ -417,13 +417,15 @@ class PosedSampler:
                 o_r = h + rot.T @ (p0 - h)
                 a_r, b_r = rot.T @ a0, rot.T @ b0
                 sub_shape = (j1 - j0, i1 - i0)
-                lab_r = scene.label_plane(o_r, a_r, b_r, sub_shape, spacing)
+                # painting from the femur's first primitive on gives its pixels exactly (a pixel's
+                # label is the last primitive holding it); densities only where they are kept
+                lab_r = scene.label_plane(o_r, a_r, b_r, sub_shape, spacing, from_structure=f"femur_{side}")
                 xr, yr, zr = plane_points(o_r, a_r, b_r, sub_shape, spacing)
                 in_new = np.isin(lab_r, ids)
                 keep = in_new & (zr >= h[2] - self.pf_length_mm)
                 if keep.any():
-                    ha = scene.densities_from_labels(lab_r, xr, yr, zr)["ha"]
-                    pf_ha[side][j0:j1, i0:i1] = np.where(keep, ha, 0.0)
+                    ha = scene.densities_from_labels(lab_r[keep], xr[keep], yr[keep], zr[keep])["ha"]
+                    pf_ha[side][j0:j1, i0:i1][keep] = ha
                 continue
             sub_old = lab[j0:j1, i0:i1]
             in_old = np.isin(sub_old, ids)
@@ -435,7 +437,7 @@ class PosedSampler:
                 o_r = h + rot.T @ (p0 - h)
                 a_r, b_r = rot.T @ a0, rot.T @ b0
                 sub_shape = (j1 - j0, i1 - i0)
-                lab_r = scene.label_plane(o_r, a_r, b_r, sub_shape, spacing)
+                lab_r = scene.label_plane(o_r, a_r, b_r, sub_shape, spacing, from_structure=f"femur_{side}")
                 in_new = np.isin(lab_r, ids)
                 xr, yr, zr = plane_points(o_r, a_r, b_r, sub_shape, spacing)
                 if self.materials or self.truth:
