@@ -1,6 +1,8 @@
 """BMD-GAN networks and training pieces (screener.nets.bmdgan, training.bmdgan), on tiny tensors."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -208,6 +210,35 @@ def test_channels_last_stage_trains_the_same_networks():
         torch.testing.assert_close(a, b, rtol=1e-2, atol=5e-4)  # Adam: steps of ~1e-3
     conv = next(m for m in g1.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous()  # handed back in the default layout (bundles, stage 2 copy)
+
+
+def test_update_ema_is_the_hand_average_with_warm_up():
+    model, avg = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        avg.weight.copy_(torch.tensor([[0.0, 0.0]]))
+    B.update_ema(avg, model, 0.9)
+    torch.testing.assert_close(avg.weight, torch.tensor([[0.1, 0.2]]))
+    # step 0 of the warm-up: decay min(0.9, 1 / 10) = 0.1, so the average jumps 90 % of the way
+    B.update_ema(avg, model, 0.9, step=0)
+    torch.testing.assert_close(avg.weight, torch.tensor([[0.91, 1.82]]))
+    with pytest.raises(ValueError, match="decay"):
+        B.update_ema(avg, model, 1.0)
+
+
+def test_run_stage_keeps_the_generator_average_when_asked():
+    g, d = _tiny_models()
+    x, y = _pairs(n=4)
+    start = [p.detach().clone() for p in g.parameters()]
+    ema = copy.deepcopy(g)
+    B.run_decomposition_stage(g, d, [(x[:2], y[:2]), (x[2:], y[2:])], epochs=2, lr=1e-3, ema=ema,
+                              ema_decay=0.5)
+    # 4 steps; warm-up decays min(0.5, (1 + k) / (10 + k)) = 0.1, 0.18, 0.25, 0.31: the average ends
+    # between the start and the trained weights, nearer the trained ones
+    moved = [float((p.detach() - p0).abs().sum()) for p, p0 in zip(g.parameters(), start)]
+    lag = [float((p.detach() - a.detach()).abs().sum()) for p, a in zip(g.parameters(), ema.parameters())]
+    assert sum(moved) > 0
+    assert 0 < sum(lag) < 0.5 * sum(moved)
 
 
 def test_stage3_regressor_inherits_encoder_and_trains_on_weighted_l1():

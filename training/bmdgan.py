@@ -331,7 +331,8 @@ def run_decomposition_stage(generator: nn.Module, discriminator: nn.Module,
                             batches: Any, epochs: int, *, lr: float = PAPER_LR,
                             weight_decay: float = PAPER_WEIGHT_DECAY, weights: LossWeights = LossWeights(),
                             gan_mode: str = "lsgan", device: str | torch.device = "cpu",
-                            first_cycle_epochs: int = 10, channels_last: bool = False) -> list[dict[str, float]]:
+                            first_cycle_epochs: int = 10, channels_last: bool = False,
+                            ema: nn.Module | None = None, ema_decay: float = 0.999) -> list[dict[str, float]]:
     """Train one decomposition stage: ``epochs`` passes over ``batches`` with AdamW + SGDR.
 
     Parameters
@@ -344,6 +345,11 @@ def run_decomposition_stage(generator: nn.Module, discriminator: nn.Module,
         Run the networks and batches in ``torch.channels_last`` memory format (the same arithmetic;
         about a fifth faster per step on a CPU's oneDNN convolutions); the networks are returned to
         the default format afterwards.
+    ema : torch.nn.Module, optional
+        A copy of ``generator`` that is kept as the exponential moving average of its weights
+        (:func:`update_ema` after every step, ``ema_decay``); the caller decides which to keep.
+    ema_decay : float
+        Per-step decay of the average.
 
     Returns
     -------
@@ -357,12 +363,18 @@ def run_decomposition_stage(generator: nn.Module, discriminator: nn.Module,
     opt_g, opt_d = make_optimizers(generator, discriminator, lr=lr, weight_decay=weight_decay)
     sch_g, sch_d = make_scheduler(opt_g, first_cycle_epochs), make_scheduler(opt_d, first_cycle_epochs)
     history: list[dict[str, float]] = []
+    steps = 0
+    if ema is not None:
+        ema.to(dev)
     for epoch in range(int(epochs)):
         sums: dict[str, float] = {}
         n = 0
         for x, y in batches:
             step = decomposition_step(generator, discriminator, opt_g, opt_d, x.to(dev, memory_format=fmt),
                                       y.to(dev, memory_format=fmt), weights=weights, gan_mode=gan_mode)
+            if ema is not None:
+                update_ema(ema, generator, ema_decay, steps)
+            steps += 1
             for k, v in step.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
@@ -377,6 +389,29 @@ def run_decomposition_stage(generator: nn.Module, discriminator: nn.Module,
     generator.to(memory_format=torch.contiguous_format)
     discriminator.to(memory_format=torch.contiguous_format)
     return history
+
+
+def update_ema(average: nn.Module, model: nn.Module, decay: float, step: int | None = None) -> None:
+    """Move ``average``'s weights toward ``model``'s: ``a <- d a + (1 - d) p`` (buffers are copied).
+
+    Parameters
+    ----------
+    average, model : torch.nn.Module
+        Same architecture; ``average`` starts as a copy of ``model``.
+    decay : float
+        ``d`` in [0, 1).
+    step : int, optional
+        Steps taken so far; when given the decay warms up as ``min(d, (1 + step) / (10 + step))`` so the
+        first steps do not drag the random start along.
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+    d = decay if step is None else min(decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for a, p in zip(average.parameters(), model.parameters(), strict=True):
+            a.lerp_(p.detach(), 1.0 - d)
+        for a, b in zip(average.buffers(), model.buffers(), strict=True):
+            a.copy_(b)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,9 @@ Recipe mapping
 ``[network] kwargs``: ``width``, ``blocks``, ``stages`` (encoder), ``ndf``, ``n_layers``,
 ``num_scales`` (discriminators), ``dims``, ``depths``, ``heads`` (regression head),
 ``stage1_epochs``, ``stage2_epochs``, ``stage3_frozen_epochs``, ``baseline_epochs``, ``baseline_lr`` (the
-direct baseline's learning rate, default ``[optimizer] lr``), ``gan_lr``.
+direct baseline's learning rate, default ``[optimizer] lr``), ``gan_lr``, ``ema_decay`` (stage 2 keeps an
+exponential moving average of the generator's weights with this per-step decay, and the average is the
+generator used and shipped; default none).
 ``[augmentation]`` (``rotation_deg``, ``scale_frac``, ``shear_deg``, ``shift_frac``, flips, ``brightness``,
 ``contrast``; the paper's list, section 4.1): the same random geometry of radiograph and target DRR
 (GAN stages) or of the radiograph alone (end-to-end regression and the baseline), rigid in pixel
@@ -89,7 +91,7 @@ def _kw(recipe: Any) -> dict[str, Any]:
     k = dict(recipe.network.kwargs or {})
     known = set(_GEN_KEYS + _HEAD_KEYS + ("ndf", "n_layers", "num_scales", "stage1_epochs", "stage2_epochs",
                                           "stage3_frozen_epochs", "gan_lr", "baseline_epochs", "baseline_lr",
-                                          "channels_last", "stage3_heads", "baseline_stem_stride"))
+                                          "channels_last", "stage3_heads", "baseline_stem_stride", "ema_decay"))
     if float(k.pop("intensity_aug", 0.0) or 0.0):
         raise ValueError("hip_xray: [network] kwargs intensity_aug is gone; set [augmentation] brightness / "
                          "contrast instead")
@@ -442,11 +444,17 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
                                    channels_last=cl)
     t1 = time.time() - t0
     g2, d2 = B.start_stage2(g1, d1)
+    # ema_decay: stage 2 keeps an exponential moving average of the generator's weights, and the
+    # average is the generator everything after stage 2 uses (and the bundle ships)
+    ema_decay = kw.get("ema_decay")
+    ema = copy.deepcopy(g2) if ema_decay is not None else None
     t0 = time.time()
     h2 = B.run_decomposition_stage(g2, d2, _Shuffled(x[tr], pf[tr], batch, seed + 2, aug), e2, lr=gan_lr,
                                    weights=weights, gan_mode=gan_mode, first_cycle_epochs=max(1, e2),
-                                   channels_last=cl)
+                                   channels_last=cl, ema=ema, ema_decay=float(ema_decay or 0.0))
     t2 = time.time() - t0
+    if ema is not None:
+        g2 = ema
     print(f"hip_xray: stage 1 L1 {h1[-1]['l1']:.4f} ({t1:.0f} s), stage 2 L1 {h2[-1]['l1']:.4f} ({t2:.0f} s)",
           file=sys.stderr)
     # PF-DRR -> BMD on predicted training PF-DRRs
