@@ -128,7 +128,7 @@ def test_tiny_training_run_writes_a_bundle_the_protocol_reads(tmp_path, monkeypa
     net = dataclasses.replace(recipe.network, kwargs={
         **recipe.network.kwargs, "width": 4, "ndf": 4, "dims": [8, 16], "heads": 2, "stage1_epochs": 1,
         "stage2_epochs": 1, "stage3_frozen_epochs": 1, "stem_stride": 2, "stage3_heads": 2, "channels_last": True,
-        "baseline_stem_stride": 4})
+        "baseline_stem_stride": 4, "ema_decay": 0.9})
     opts = {**recipe.data.options, "shape": [64, 32], "n_holdout": 1, "ray_mm": 6.0, "dy_mm": 6.0, "detector_mm": 2.0}
     recipe = dataclasses.replace(recipe, network=net, data=dataclasses.replace(recipe.data, n=5, options=opts),
                                  training=dataclasses.replace(recipe.training, epochs=1, test_fraction=0.4,
@@ -141,6 +141,7 @@ def test_tiny_training_run_writes_a_bundle_the_protocol_reads(tmp_path, monkeypa
     assert dec["generator_kwargs"]["stem_stride"] == 2 and gen.encoder.stem_stride == 2
     assert base.encoder.stem_stride == 4 and dec["baseline_kwargs"] == {"stem_stride": 4}
     assert "ensemble of 2 heads" in dec["holds"]["weights.pt"]
+    assert "moving average of its stage-2 weights, decay 0.9;" in dec["holds"]["decomposition.pt"]
     from screener.bundles import load_bundle
     from training.hip_xray import NETWORKS
 

@@ -495,7 +495,9 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
            "holds": {"weights.pt": "stage-3 regressor R = {M_E, M_R} (BMDRegressor): the bundle's BMD"
                                    + (f" (an ensemble of {len(regs)} heads on the same encoder; their mean)"
                                       if len(regs) > 1 else ""),
-                     DECOMPOSITION_FILE: "stage-2 generator G (BMDGenerator): radiograph half -> PF-DRR",
+                     DECOMPOSITION_FILE: "stage-2 generator G (BMDGenerator): radiograph half -> PF-DRR"
+                                         + (f" (exponential moving average of its stage-2 weights, decay {ema_decay:g}"
+                                            "; stage 3 starts from it)" if ema is not None else ""),
                      BASELINE_FILE: "direct-regression baseline (BMDRegressor from scratch), evaluation only"}}
     hold_label = "holdout profile " + ",".join(recipe.data.holdout_profiles)
     rows, md, estimates = _evaluate_sets(ds, plan, regs, g2, base, dec, hold_label)
