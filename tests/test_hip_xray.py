@@ -114,6 +114,17 @@ def test_router_accepts_ap_pelvis_and_declines_chest_lateral_and_ct(tmp_path):
     assert not out["lateral_po"].accepted and "lateral" in out["lateral_po"].reason
 
 
+def test_combined_estimate_weights_stage3_and_linear_by_hand():
+    from screener.protocols.hip_xray import combine_estimates
+
+    stage3, linear = np.array([0.80, 0.60, 0.70]), np.array([0.90, np.nan, 0.50])
+    # w = 0.25: 0.75 x 0.80 + 0.25 x 0.90 = 0.825; no linear estimate -> stage 3; 0.75 x 0.70 + 0.25 x 0.50
+    assert combine_estimates(stage3, linear, 0.25) == pytest.approx([0.825, 0.60, 0.65])
+    assert combine_estimates(stage3, linear, 0.0) == pytest.approx(stage3)
+    with pytest.raises(ValueError, match="linear_weight"):
+        combine_estimates(stage3, linear, 1.5)
+
+
 def test_tiny_training_run_writes_a_bundle_the_protocol_reads(tmp_path, monkeypatch):
     """Render 5 + 1 patients, train every stage for one epoch, then run the protocol on a radiograph."""
     monkeypatch.setenv("SCREENER_DATASET_CACHE", str(tmp_path / "cache"))
@@ -128,7 +139,7 @@ def test_tiny_training_run_writes_a_bundle_the_protocol_reads(tmp_path, monkeypa
     net = dataclasses.replace(recipe.network, kwargs={
         **recipe.network.kwargs, "width": 4, "ndf": 4, "dims": [8, 16], "heads": 2, "stage1_epochs": 1,
         "stage2_epochs": 1, "stage3_frozen_epochs": 1, "stem_stride": 2, "stage3_heads": 2, "channels_last": True,
-        "baseline_stem_stride": 4, "ema_decay": 0.9})
+        "baseline_stem_stride": 4, "ema_decay": 0.9, "linear_weight": 0.5})
     opts = {**recipe.data.options, "shape": [64, 32], "n_holdout": 1, "ray_mm": 6.0, "dy_mm": 6.0, "detector_mm": 2.0}
     recipe = dataclasses.replace(recipe, network=net, data=dataclasses.replace(recipe.data, n=5, options=opts),
                                  training=dataclasses.replace(recipe.training, epochs=1, test_fraction=0.4,
@@ -161,8 +172,11 @@ def test_tiny_training_run_writes_a_bundle_the_protocol_reads(tmp_path, monkeypa
     assert [x.site for x in findings] == ["right femoral neck", "left femoral neck"]
     assert sum(x.overlay is not None for x in findings) == 1
     ds = sample[0]["dataset"]
+    assert dec["linear_weight"] == 0.5
     for x in findings:
         bmd = x.measurement("right femoral neck BMD" if x.details["side"] == "R" else "left femoral neck BMD").value
+        parts = (x.details["bmd_regression_g_cm2"], x.details["bmd_pfdrr_linear_g_cm2"])
+        assert bmd == pytest.approx(0.5 * parts[0] + 0.5 * parts[1] if np.isfinite(parts[1]) else parts[0], abs=1e-9)
         t = x.measurements[1].value
         assert t == pytest.approx((bmd - 0.858) / 0.120, abs=1e-9)
         poly = x.roi.polygon

@@ -38,7 +38,8 @@ Recipe mapping
 ``stage1_epochs``, ``stage2_epochs``, ``stage3_frozen_epochs``, ``baseline_epochs``, ``baseline_lr`` (the
 direct baseline's learning rate, default ``[optimizer] lr``), ``gan_lr``, ``ema_decay`` (stage 2 keeps an
 exponential moving average of the generator's weights with this per-step decay, and the average is the
-generator used and shipped; default none).
+generator used and shipped; default none), ``linear_weight`` (w: the bundle's BMD is (1 - w) x stage 3 +
+w x the PF-DRR linear estimate, :func:`screener.protocols.hip_xray.combine_estimates`; default 0).
 ``[augmentation]`` (``rotation_deg``, ``scale_frac``, ``shear_deg``, ``shift_frac``, flips, ``brightness``,
 ``contrast``; the paper's list, section 4.1): the same random geometry of radiograph and target DRR
 (GAN stages) or of the radiograph alone (end-to-end regression and the baseline), rigid in pixel
@@ -70,6 +71,7 @@ from torch import nn
 
 from screener.bundles import BUNDLE_FORMAT, InputSpec, load_bundle, save_bundle
 from screener.nets.bmdgan import BMDGenerator, BMDRegressor, MultiscaleDiscriminator
+from screener.protocols.hip_xray import combine_estimates
 from training import bmdgan as B
 from training import losses as L
 from training.recipes import AugmentationSpec
@@ -91,7 +93,8 @@ def _kw(recipe: Any) -> dict[str, Any]:
     k = dict(recipe.network.kwargs or {})
     known = set(_GEN_KEYS + _HEAD_KEYS + ("ndf", "n_layers", "num_scales", "stage1_epochs", "stage2_epochs",
                                           "stage3_frozen_epochs", "gan_lr", "baseline_epochs", "baseline_lr",
-                                          "channels_last", "stage3_heads", "baseline_stem_stride", "ema_decay"))
+                                          "channels_last", "stage3_heads", "baseline_stem_stride", "ema_decay",
+                                          "linear_weight"))
     if float(k.pop("intensity_aug", 0.0) or 0.0):
         raise ValueError("hip_xray: [network] kwargs intensity_aug is gone; set [augmentation] brightness / "
                          "contrast instead")
@@ -292,13 +295,22 @@ def predict_all(regressor: nn.Module | Sequence[nn.Module], generator: nn.Module
     Returns
     -------
     dict
-        ``decomposition_regression`` (stage 3), ``pfdrr_linear`` (mean PF-DRR above ``t``, linear
-        fit) and ``direct_baseline`` (when given).
+        ``decomposition_regression`` (the bundle's estimate:
+        :func:`~screener.protocols.hip_xray.combine_estimates` of the stage-3 regression and the
+        PF-DRR linear estimate with the card's ``linear_weight``),
+        ``stage3_regression`` (only when that weight is not 0), ``pfdrr_linear`` (mean PF-DRR above
+        ``t``, linear fit) and ``direct_baseline`` (when given).
     """
     x = np.asarray(images, dtype=np.float32)
-    out = {"decomposition_regression": _run_heads(regressor, x)}
+    stage3 = _run_heads(regressor, x)
     pf = _run(generator, x)
     feats = B.pfdrr_bmd_features(pf, dec["threshold_t"])
+    linear = B.apply_linear_bmd(feats, dec["slope"], dec["intercept"])
+    w = float(dec.get("linear_weight", 0.0))
+    out = {"decomposition_regression": combine_estimates(stage3, linear, w)}
+    if w:
+        out["stage3_regression"] = stage3
+    # a hip with no PF-DRR pixel above t has no linear estimate: the method's column gets the mean feature
     feats = np.where(np.isfinite(feats), feats, np.nanmean(feats))
     out["pfdrr_linear"] = B.apply_linear_bmd(feats, dec["slope"], dec["intercept"])
     if baseline is not None:
@@ -435,6 +447,9 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     lr, wd = float(recipe.optimizer.lr), float(recipe.optimizer.weight_decay)
     aug = recipe.augmentation
     cl = bool(kw.get("channels_last", False))
+    w_lin = float(kw.get("linear_weight", 0.0))
+    if not 0.0 <= w_lin <= 1.0:
+        raise ValueError(f"hip_xray: [network] kwargs linear_weight must be in [0, 1], got {w_lin}")
 
     # stages 1 and 2 (hierarchical decomposition)
     g1, d1 = BMDGenerator(**gen_kw), MultiscaleDiscriminator(2, **disc_kw)
@@ -490,11 +505,13 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     dec = {"file": DECOMPOSITION_FILE, "baseline_file": BASELINE_FILE, "generator_kwargs": gen_kw,
            "baseline_kwargs": {"stem_stride": base_kw["stem_stride"]},
            "threshold_t": tun.threshold, "slope": tun.slope, "intercept": tun.intercept,
+           "linear_weight": w_lin,
            "drr_units": "g/cm2 hydroxyapatite (drr_scale 1)",
            "jpeg_quality": int(ds.meta.get("render", {}).get("jpeg_quality", 50)),
            "holds": {"weights.pt": "stage-3 regressor R = {M_E, M_R} (BMDRegressor): the bundle's BMD"
                                    + (f" (an ensemble of {len(regs)} heads on the same encoder; their mean)"
-                                      if len(regs) > 1 else ""),
+                                      if len(regs) > 1 else "")
+                                   + (" together with the PF-DRR linear estimate (linear_weight)" if w_lin else ""),
                      DECOMPOSITION_FILE: "stage-2 generator G (BMDGenerator): radiograph half -> PF-DRR"
                                          + (f" (exponential moving average of its stage-2 weights, decay {ema_decay:g}"
                                             "; stage 3 starts from it)" if ema is not None else ""),
@@ -553,6 +570,10 @@ def append_files_section(bundle_dir: str | Path, dec: dict[str, Any]) -> None:
     lines += ["", f"PF-DRR -> BMD: BMD = {dec['slope']:.4f} x mean(PF-DRR >= t) + {dec['intercept']:.4f} g/cm2, "
               f"t = {dec['threshold_t']:g} g/cm2 (training set).  All weights float16, format "
               f"`{BUNDLE_FORMAT}`; the model card's `decomposition` entry holds the same.", ""]
+    w = float(dec.get("linear_weight", 0.0))
+    if w:
+        lines += [f"Reported BMD = {1 - w:g} x stage-3 regression (`weights.pt`) + {w:g} x the PF-DRR linear "
+                  "estimate above (stage 3 alone where the decomposition finds no PF-DRR above t).", ""]
     readme = Path(bundle_dir) / "README.md"
     readme.write_text(readme.read_text(encoding="utf-8").rstrip() + "\n" + "\n".join(lines), encoding="utf-8")
 

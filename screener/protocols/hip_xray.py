@@ -12,7 +12,9 @@ Run (``needs_volume = False``: the file of ``context.info.paths`` is read):
    fitted to the bundle's input shape;
 2. the bundle's stage-3 regressor ``R = {M_E, M_R}`` gives the femoral-neck BMD of each hip; the
    stage-2 generator decomposes each hip into its proximal-femur DRR (PF-DRR), whose mean above the
-   threshold ``t`` gives a second, linear estimate that is reported beside it (``details``);
+   threshold ``t`` gives a second, linear estimate; the reported BMD is
+   ``(1 - w) * regression + w * linear`` with the card's ``linear_weight`` ``w``
+   (:func:`combine_estimates`; ``w = 0``: the regression alone), both parts in ``details``;
 3. one finding per hip: BMD (g/cm^2), T-score against NHANES III femoral neck (0.858 / 0.120) and
    the WHO grade; the ROI is the PF-DRR region (above ``t``) mapped back onto the radiograph;
 4. one overlay for the series (on the first hip's finding): the two radiograph halves as the
@@ -124,6 +126,26 @@ def hip_decision(info: Any) -> Decision:
                           f"({which})")
 
 
+def combine_estimates(stage3: np.ndarray, linear: np.ndarray, weight: float) -> np.ndarray:
+    """The bundle's BMD: ``(1 - weight) * stage3 + weight * linear``, the stage-3 value alone where
+    the linear estimate is missing (``nan``: the decomposition found no PF-DRR above ``t``).
+
+    Parameters
+    ----------
+    stage3, linear : numpy.ndarray
+        Stage-3 regression (mean of its heads) and PF-DRR linear estimates of the same hips.
+    weight : float
+        The card's ``decomposition.linear_weight`` in [0, 1] (0: stage 3 alone).
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"linear_weight must be in [0, 1], got {weight}")
+    stage3 = np.asarray(stage3, dtype=np.float64)
+    linear = np.asarray(linear, dtype=np.float64)
+    if weight == 0.0:
+        return stage3
+    return np.where(np.isfinite(linear), (1.0 - weight) * stage3 + weight * linear, stage3)
+
+
 class HipXrayProtocol(ModelProtocol):
     """Femoral-neck BMD, T-score and WHO grade per hip from an AP pelvis radiograph."""
 
@@ -219,6 +241,7 @@ class HipXrayProtocol(ModelProtocol):
             pf = gen(torch.from_numpy(x).to(bundle.device)).float().cpu().numpy()[:, 0]
         t2 = time.perf_counter()
         thr = float(dec["threshold_t"])
+        w_lin = float(dec.get("linear_weight", 0.0))
         ref = bundle.card.get("t_score_reference") or {}
         mean, sd = float(ref.get("mean") or NHANES_FN[0]), float(ref.get("sd") or NHANES_FN[1])
         uid, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
@@ -229,7 +252,8 @@ class HipXrayProtocol(ModelProtocol):
             hip = hips[side]
             mask = pf[i] >= thr
             linear = float(dec["slope"] * pf[i][mask].mean() + dec["intercept"]) if mask.any() else float("nan")
-            value = float(bmd[i])
+            stage3 = float(bmd[i])
+            value = float(combine_estimates(np.array([stage3]), np.array([linear]), w_lin)[0])
             t = t_score(value, mean, sd)
             grade = who_grade(t)
             category, category_code = grade_category(grade)
@@ -238,9 +262,9 @@ class HipXrayProtocol(ModelProtocol):
             if not mask.any():
                 flags.append(flag(f"the decomposition found no proximal femur (PF-DRR below t = {thr:g}): "
                                   "hip not in view or image atypical; do not use this estimate"))
-            elif abs(linear - value) > 0.1:
+            elif abs(linear - stage3) > 0.1:
                 flags.append(flag(f"the PF-DRR linear estimate ({linear:.3f} g/cm2) differs from the regression "
-                                  f"by {abs(linear - value):.3f} g/cm2: atypical image, review"))
+                                  f"by {abs(linear - stage3):.3f} g/cm2: atypical image, review"))
             rows, cols = np.nonzero(mask) if mask.any() else (np.array([0, shape[0] - 1]), np.array([0, shape[1] - 1]))
             r0, r1, c0, c1 = rows.min() - 0.5, rows.max() + 0.5, cols.min() - 0.5, cols.max() + 0.5
             pr, pc = hip.to_stored(np.array([r0, r0, r1, r1]), np.array([c0, c1, c1, c0]))
@@ -253,7 +277,7 @@ class HipXrayProtocol(ModelProtocol):
             site = f"{name} femoral neck"
             details: dict[str, Any] = {
                 **model_details(bundle), "side": side, "laterality": name,
-                "bmd_regression_g_cm2": value, "bmd_pfdrr_linear_g_cm2": linear,
+                "bmd_regression_g_cm2": stage3, "bmd_pfdrr_linear_g_cm2": linear, "bmd_linear_weight": w_lin,
                 "pfdrr_threshold_t": thr, "pfdrr_pixels_above_t": int(mask.sum()),
                 "t_score_reference": {"mean": mean, "sd": sd, "source": ref.get("source", "NHANES III femoral neck")},
                 "input_shape": list(shape), "input_pixel_mm": hip.pixel_mm,
