@@ -310,9 +310,9 @@ def predict_all(regressor: nn.Module | Sequence[nn.Module], generator: nn.Module
     out = {"decomposition_regression": combine_estimates(stage3, linear, w)}
     if w:
         out["stage3_regression"] = stage3
-    # a hip with no PF-DRR pixel above t has no linear estimate: the method's column gets the mean feature
-    feats = np.where(np.isfinite(feats), feats, np.nanmean(feats))
-    out["pfdrr_linear"] = B.apply_linear_bmd(feats, dec["slope"], dec["intercept"])
+    # a hip with no PF-DRR pixel above t has no linear estimate: the method's column gets the mean one
+    # (the line of the mean feature)
+    out["pfdrr_linear"] = np.where(np.isfinite(linear), linear, np.nanmean(linear))
     if baseline is not None:
         out["direct_baseline"] = _run(baseline, x)
     return out
