@@ -382,6 +382,21 @@ class PosedSampler:
         names = list(getattr(getattr(self.scene, "tissues", None), "names", []))
         return names.index("muscle") if "muscle" in names else 0
 
+    def _femur_window(self, side: str, p0: np.ndarray, a0: np.ndarray, b0: np.ndarray, shape: tuple[int, int],
+                      spacing: tuple[float, float]) -> tuple[np.ndarray, ...]:
+        """Labels, femur mask and scene points of a posed-plane window whose first pixel is the
+        untilted point ``p0`` (directions ``a0``, ``b0``), with ``side``'s femur rotated into its pose.
+
+        Painting from the femur's first primitive on gives its pixels exactly (a pixel's label is
+        the last primitive holding it); other pixels may read 0.
+        """
+        h, rot = self.heads[side], self.rot[side]
+        o_r = h + rot.T @ (p0 - h)
+        a_r, b_r = rot.T @ a0, rot.T @ b0
+        lab_r = self.scene.label_plane(o_r, a_r, b_r, shape, spacing, from_structure=f"femur_{side}")
+        xr, yr, zr = plane_points(o_r, a_r, b_r, shape, spacing)
+        return lab_r, np.isin(lab_r, self._ids(f"femur_{side}")), xr, yr, zr
+
     def plane(self, origin: np.ndarray, a: np.ndarray, b: np.ndarray, shape: tuple[int, int],
               spacing: tuple[float, float]) -> dict[str, np.ndarray]:
         """Sample a posed plane grid (see :func:`plane_points`); uses ``Scene.label_plane``."""
@@ -411,17 +426,12 @@ class PosedSampler:
             j0, j1, i0, i1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
             ids = self._ids(f"femur_{side}")
             rot = self.rot[side]
+            p0 = np.array([X[j0, i0], Y[j0, i0], Z[j0, i0]])
+            sub_shape = (j1 - j0, i1 - i0)
             if femur_only:
-                # only the proximal-femur truth is wanted: label just the (rotated) femur window
-                p0 = np.array([X[j0, i0], Y[j0, i0], Z[j0, i0]])
-                o_r = h + rot.T @ (p0 - h)
-                a_r, b_r = rot.T @ a0, rot.T @ b0
-                sub_shape = (j1 - j0, i1 - i0)
-                # painting from the femur's first primitive on gives its pixels exactly (a pixel's
-                # label is the last primitive holding it); densities only where they are kept
-                lab_r = scene.label_plane(o_r, a_r, b_r, sub_shape, spacing, from_structure=f"femur_{side}")
-                xr, yr, zr = plane_points(o_r, a_r, b_r, sub_shape, spacing)
-                in_new = np.isin(lab_r, ids)
+                # only the proximal-femur truth is wanted: label just the (rotated) femur window;
+                # densities only where they are kept
+                lab_r, in_new, xr, yr, zr = self._femur_window(side, p0, a0, b0, sub_shape, spacing)
                 keep = in_new & (zr >= h[2] - self.pf_length_mm)
                 if keep.any():
                     ha = scene.densities_from_labels(lab_r[keep], xr[keep], yr[keep], zr[keep])["ha"]
@@ -433,13 +443,7 @@ class PosedSampler:
                 in_new = in_old
                 zq = Z[j0:j1, i0:i1]
             else:
-                p0 = np.array([X[j0, i0], Y[j0, i0], Z[j0, i0]])
-                o_r = h + rot.T @ (p0 - h)
-                a_r, b_r = rot.T @ a0, rot.T @ b0
-                sub_shape = (j1 - j0, i1 - i0)
-                lab_r = scene.label_plane(o_r, a_r, b_r, sub_shape, spacing, from_structure=f"femur_{side}")
-                in_new = np.isin(lab_r, ids)
-                xr, yr, zr = plane_points(o_r, a_r, b_r, sub_shape, spacing)
+                lab_r, in_new, xr, yr, zr = self._femur_window(side, p0, a0, b0, sub_shape, spacing)
                 if self.materials or self.truth:
                     new_lab = sub_old.copy()
                     new_lab[in_old & ~in_new] = self._fill_label()
