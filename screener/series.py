@@ -6,9 +6,12 @@ spacing, gantry tilt, mixed orientations or sizes, multi-frame objects
 without per-frame geometry, undecodable pixel data) raises
 :class:`SeriesUnusable` whose message is the reason recorded for the job.
 
-Enhanced (multi-frame) CT is supported: each frame becomes a slice whose
-geometry comes from the functional groups; :func:`frame_number` tells which
-frame a slice header stands for. Localizer/scout images found inside an
+Enhanced CT and Legacy Converted Enhanced CT (multi-frame) are supported:
+each frame becomes a slice whose geometry comes from the functional groups,
+and whose KVP, contrast agent, slice thickness and gantry tilt come from the
+CT macros or the unassigned converted attributes
+(:func:`functional_group_value`); :func:`frame_number` tells which frame a
+slice header stands for. Localizer/scout images found inside an
 axial series are left out (with a warning).
 
 Conventions are those of :mod:`screener.domain`: slices sorted ascending
@@ -34,9 +37,13 @@ from screener.domain import Volume
 
 log = structlog.get_logger(__name__)
 
-#: SOP classes of single-frame and enhanced CT
+#: SOP classes of single-frame, Enhanced and Legacy Converted Enhanced CT
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+#: every CT image storage class a CT protocol can read (``""``: class unknown, judged by Modality)
+CT_IMAGE_STORAGE_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE,
+                            LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE)
 
 #: tolerances
 GAP_FACTOR = 1.5           # a step > 1.5 x median spacing is a missing slice
@@ -86,21 +93,27 @@ class SeriesInfo:
         ``Modality`` of the first instance, e.g. ``"CT"``.
     sop_class_uid : str
     image_type : tuple of str
-        Upper-case values of ImageType, e.g. ``("ORIGINAL", "PRIMARY", "AXIAL")``.
+        Upper-case values of ImageType, e.g. ``("ORIGINAL", "PRIMARY", "AXIAL")``
+        (multi-frame objects without ImageType: the first frame's FrameType).
     body_part : str
-        BodyPartExamined (upper case, may be empty).
+        BodyPartExamined (upper case, may be empty; multi-frame: also from Frame Anatomy,
+        :func:`header_body_part`).
     series_description : str
     orientation : tuple of float or None
-        ImageOrientationPatient of the first instance.
+        ImageOrientationPatient of the first instance (multi-frame: Plane Orientation group).
     n_instances : int
         Number of files.
     n_frames : int
         Total frames (== n_instances for single-frame objects).
     kvp : float or None
-        Tube voltage (``KVP``); ``None`` when absent or not a positive number (:func:`header_kvp`).
+        Tube voltage (``KVP``); ``None`` when absent or not a positive number (:func:`header_kvp`;
+        multi-frame: CT X-Ray Details or the unassigned converted attributes).
     contrast_agent : str
-        ContrastBolusAgent (empty when absent or empty).
+        ContrastBolusAgent (empty when absent or empty); for multi-frame objects
+        also from the unassigned groups or the Enhanced Contrast/Bolus module
+        (:func:`header_contrast_agent`).
     slice_thickness : float or None
+        SliceThickness (top level, else Pixel Measures of the first frame).
     z_range_mm : tuple of float or None
         Lowest and highest patient z of the slice positions.
     transfer_syntaxes : list of str
@@ -220,8 +233,69 @@ def _float(value: Any) -> float | None:
         return None
 
 
+#: functional-group sequences whose items carry plain (classic) attributes: the Legacy
+#: Converted "unassigned" groups and the CT-specific macros of Enhanced CT. Per-frame items
+#: are searched before the shared one.
+_ATTRIBUTE_GROUPS = ("UnassignedPerFrameConvertedAttributesSequence",
+                     "UnassignedSharedConvertedAttributesSequence",
+                     "CTXRayDetailsSequence", "CTAcquisitionDetailsSequence",
+                     "CTAcquisitionTypeSequence", "CTReconstructionSequence", "CTExposureSequence",
+                     "CTGeometrySequence", "CTPositionSequence", "CTTableDynamicsSequence",
+                     "PixelMeasuresSequence", "FrameVOILUTSequence",
+                     "CTImageFrameTypeSequence", "FrameAnatomySequence")
+
+
+def _group_items(ds: Any, frame: int = 0) -> list[Dataset]:
+    """Per-frame item ``frame`` then the shared item of a multi-frame header ([] if none)."""
+    items: list[Dataset] = []
+    try:
+        per = ds.get("PerFrameFunctionalGroupsSequence") or []
+        if len(per) > frame:
+            items.append(per[frame])
+        shared = ds.get("SharedFunctionalGroupsSequence") or []
+        if shared:
+            items.append(shared[0])
+    except (AttributeError, TypeError):
+        return []
+    return items
+
+
+def functional_group_value(ds: Any, keyword: str, frame: int = 0,
+                           groups: Sequence[str] = _ATTRIBUTE_GROUPS) -> Any:
+    """``keyword`` of a header: top level first, then the functional groups of frame ``frame``.
+
+    Enhanced CT keeps acquisition attributes in functional-group macros
+    (``KVP`` in CT X-Ray Details, ``SliceThickness`` in Pixel Measures, the
+    gantry tilt in CT Acquisition Details); Legacy Converted Enhanced CT keeps
+    what has no enhanced home in the Unassigned Per-Frame / Shared Converted
+    Attributes sequences. The per-frame item is searched before the shared one.
+
+    Returns
+    -------
+    The element's value, or ``None`` when it is nowhere (or empty).
+    """
+    try:
+        value = ds.get(keyword)
+    except (AttributeError, TypeError):
+        return None
+    if value not in (None, ""):
+        return value
+    for item in _group_items(ds, frame):
+        for kw in groups:
+            seq = item.get(kw)
+            if seq and keyword in seq[0]:
+                v = seq[0].get(keyword)
+                if v not in (None, ""):
+                    return v
+    return None
+
+
 def header_kvp(ds: Any) -> float | None:
     """Tube voltage (``KVP``) of a DICOM header, ``None`` when absent or not a positive number.
+
+    Looks at the top level, then (multi-frame objects) the first frame's
+    functional groups: CT X-Ray Details (Enhanced CT) and the unassigned
+    converted attributes (Legacy Converted Enhanced CT).
 
     Parameters
     ----------
@@ -232,7 +306,81 @@ def header_kvp(ds: Any) -> float | None:
     float or None
     """
     k = _float(getattr(ds, "KVP", None))
+    if k is None:
+        k = _float(functional_group_value(ds, "KVP"))
     return k if k is not None and np.isfinite(k) and k > 0 else None
+
+
+def header_contrast_agent(ds: Any, frame: int = 0) -> str:
+    """The contrast/bolus agent of a header (``""`` when none was given or administered).
+
+    Classic objects: ``ContrastBolusAgent``. Legacy Converted Enhanced CT may
+    hold it in the unassigned converted attributes. Enhanced CT describes it
+    in the Enhanced Contrast/Bolus module (ContrastBolusAgentSequence, coded:
+    the CodeMeaning is returned) and says per frame in the Contrast/Bolus
+    Usage functional group whether it was administered; an agent whose usage
+    says ``ContrastBolusAgentAdministered`` NO is not reported.
+    """
+    agent = functional_group_value(ds, "ContrastBolusAgent", frame)
+    if agent not in (None, ""):
+        return str(agent)
+    try:
+        agents = ds.get("ContrastBolusAgentSequence") or []
+    except (AttributeError, TypeError):
+        return ""
+    if not agents:
+        return ""
+    usage = None
+    for item in _group_items(ds, frame):
+        if item.get("ContrastBolusUsageSequence"):
+            usage = item.ContrastBolusUsageSequence
+            break
+    given: set[Any] | None = None
+    if usage is not None:
+        given = {_float(u.get("ContrastBolusAgentNumber")) for u in usage
+                 if str(u.get("ContrastBolusAgentAdministered", "") or "").upper() == "YES"}
+    names = []
+    for a in agents:
+        if given is not None and _float(a.get("ContrastBolusAgentNumber")) not in given:
+            continue
+        names.append(str(a.get("CodeMeaning", "") or a.get("CodeValue", "") or "agent (coded)"))
+    return "; ".join(n for n in names if n)
+
+
+_REGION_TO_BODY_PART: dict[tuple[str, str], str] | None = None
+
+
+def _body_part_of_region(code: Dataset) -> str:
+    """BodyPartExamined term of an AnatomicRegionSequence item (PS3.16 Annex L, reversed)."""
+    global _REGION_TO_BODY_PART
+    if _REGION_TO_BODY_PART is None:
+        table: dict[tuple[str, str], str] = {}
+        try:  # highdicom ships the standard's BodyPartExamined <-> SNOMED-CT table
+            from highdicom.legacy.sop import get_anatomic_region_map
+            for term, (item, _paired) in get_anatomic_region_map().items():
+                table.setdefault((str(item.CodingSchemeDesignator), str(item.CodeValue)), term)
+        except Exception:  # noqa: BLE001 - the code meaning is the fallback
+            pass
+        _REGION_TO_BODY_PART = table
+    key = (str(code.get("CodingSchemeDesignator", "") or ""), str(code.get("CodeValue", "") or ""))
+    if key in _REGION_TO_BODY_PART:
+        return _REGION_TO_BODY_PART[key]
+    return "".join(ch for ch in str(code.get("CodeMeaning", "") or "").upper() if ch.isalnum())
+
+
+def header_body_part(ds: Any) -> str:
+    """BodyPartExamined (upper case), else (Enhanced / Legacy Converted CT) the unassigned
+    attributes or the first frame's Frame Anatomy region mapped back to its BodyPartExamined term
+    (``""`` when none)."""
+    bp = functional_group_value(ds, "BodyPartExamined")
+    if bp not in (None, ""):
+        return str(bp).upper()
+    for item in _group_items(ds):
+        fa = item.get("FrameAnatomySequence")
+        if fa and fa[0].get("AnatomicRegionSequence"):
+            return _body_part_of_region(fa[0].AnatomicRegionSequence[0])
+    regions = ds.get("AnatomicRegionSequence") if hasattr(ds, "get") else None
+    return _body_part_of_region(regions[0]) if regions else ""
 
 
 def read_series_info(paths: Sequence[Path]) -> SeriesInfo:
@@ -273,12 +421,13 @@ def read_series_info(paths: Sequence[Path]) -> SeriesInfo:
                 zs.append(float(pps[0].ImagePositionPatient[2]))
     n_frames = sum(int(_float(h.get("NumberOfFrames")) or 1) for h in headers)
     iop = first.get("ImageOrientationPatient")
-    if iop is None and "SharedFunctionalGroupsSequence" in first:  # enhanced objects
-        try:
-            iop = first.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0] \
-                .ImageOrientationPatient
-        except (AttributeError, IndexError):
-            iop = None
+    if iop is None:  # enhanced objects: Plane Orientation (shared or first frame)
+        iop = functional_group_value(first, "ImageOrientationPatient",
+                                     groups=("PlaneOrientationSequence",))
+    image_type = first.get("ImageType") or functional_group_value(
+        first, "FrameType", groups=("CTImageFrameTypeSequence",)) or []
+    if isinstance(image_type, str):
+        image_type = [image_type]
     tsyntaxes = sorted({str(getattr(getattr(h, "file_meta", None), "TransferSyntaxUID", ""))
                         for h in headers})
     return SeriesInfo(
@@ -286,8 +435,8 @@ def read_series_info(paths: Sequence[Path]) -> SeriesInfo:
         series_uid=str(first.get("SeriesInstanceUID", "") or ""),
         modality=str(first.get("Modality", "") or "").upper(),
         sop_class_uid=_sop_class(first),
-        image_type=tuple(str(v).upper() for v in (first.get("ImageType") or [])),
-        body_part=str(first.get("BodyPartExamined", "") or "").upper(),
+        image_type=tuple(str(v).upper() for v in image_type),
+        body_part=header_body_part(first),
         series_description=str(first.get("SeriesDescription", "") or ""),
         orientation=tuple(float(v) for v in iop) if iop is not None and len(iop) == 6 else None,
         n_instances=len(headers),
@@ -295,8 +444,8 @@ def read_series_info(paths: Sequence[Path]) -> SeriesInfo:
         n_scouts_excluded=n_scouts,
         n_frames=n_frames,
         kvp=header_kvp(first),
-        contrast_agent=str(first.get("ContrastBolusAgent", "") or ""),
-        slice_thickness=_float(first.get("SliceThickness")),
+        contrast_agent=header_contrast_agent(first),
+        slice_thickness=_float(functional_group_value(first, "SliceThickness")),
         z_range_mm=(min(zs), max(zs)) if zs else None,
         transfer_syntaxes=[t for t in tsyntaxes if t],
         mixed_series=len(series_uids) > 1,
@@ -358,8 +507,13 @@ def _frame_headers(ds: Dataset, path: Path) -> list[Dataset]:
 
     Geometry and rescale come from the per-frame or shared functional groups
     (Plane Position, Plane Orientation, Pixel Measures, Pixel Value
-    Transformation, CT Acquisition Details for the gantry tilt); the top-level
-    attributes (UIDs, patient, study, NumberOfFrames) are copied.
+    Transformation); the top-level attributes (UIDs, patient, study,
+    NumberOfFrames) are copied; attributes a classic slice carries at its top
+    level are filled in from the frame's CT macros (CT X-Ray Details ``KVP``,
+    CT Acquisition Details ``GantryDetectorTilt``, ...) and the Legacy
+    Converted unassigned groups, and ``ContrastBolusAgent`` from the
+    Enhanced Contrast/Bolus module (:func:`header_contrast_agent`), so that a
+    frame header reads like the equivalent classic slice header.
 
     Raises
     ------
@@ -407,9 +561,25 @@ def _frame_headers(ds: Dataset, path: Path) -> list[Dataset]:
         if pvt is not None:
             fh.RescaleSlope = pvt.get("RescaleSlope", 1)
             fh.RescaleIntercept = pvt.get("RescaleIntercept", 0)
-        acq = group(item, "CTAcquisitionDetailsSequence")
-        if acq is not None and acq.get("GantryDetectorTilt") is not None:
-            fh.GantryDetectorTilt = acq.GantryDetectorTilt
+        # what a classic slice header carries at its top level, from the frame's groups:
+        # KVP (CT X-Ray Details / unassigned), GantryDetectorTilt (CT Acquisition Details),
+        # ConvolutionKernel, SpacingBetweenSlices, window, ... (per-frame item before shared)
+        for src in (item, shared):
+            for kw in _ATTRIBUTE_GROUPS:
+                seq = src.get(kw)
+                if not seq:
+                    continue
+                for elem in seq[0]:
+                    if elem.keyword and elem.keyword not in fh and elem.keyword not in _FG_SKIP:
+                        fh.add(elem)
+        if "ContrastBolusAgent" not in fh:
+            agent = header_contrast_agent(ds, f)
+            if agent:
+                fh.ContrastBolusAgent = agent
+        if "BodyPartExamined" not in fh:  # Legacy Converted: mapped into Frame Anatomy
+            body_part = header_body_part(fh) or header_body_part(ds)
+            if body_part:
+                fh.BodyPartExamined = body_part
         setattr(fh, FRAME_ATTR, f + 1)
         out.append(fh)
     return out

@@ -88,26 +88,34 @@ def axial_ct_decision(info: "SeriesInfo", *, min_slices: int = 10, max_thickness
                       excluded_body_parts: frozenset[str] = frozenset()) -> Decision:
     """Common header checks for protocols that need an axial CT volume.
 
-    Returns a refusing :class:`Decision` naming the first failed check, or an
-    accepting one.
+    Every CT image storage class is accepted (classic CT, Enhanced CT,
+    Legacy Converted Enhanced CT; :data:`screener.series.CT_IMAGE_STORAGE_CLASSES`);
+    a multi-frame object's frames count as slices. Returns a refusing
+    :class:`Decision` naming the first failed check, or an accepting one.
     """
-    from screener.series import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
+    from screener.series import CT_IMAGE_STORAGE_CLASSES
 
     if info.modality != "CT":
         return Decision(False, f"modality {info.modality or 'missing'} is not CT")
-    if info.sop_class_uid not in (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, ""):
-        return Decision(False, f"SOP class {info.sop_class_uid} is not a CT image")
+    if info.sop_class_uid not in (*CT_IMAGE_STORAGE_CLASSES, ""):
+        return Decision(False, f"SOP class {info.sop_class_uid} is not a CT image storage class "
+                               "(CT, Enhanced CT or Legacy Converted Enhanced CT)")
     if info.orientation is None:
         return Decision(False, "no ImageOrientationPatient: geometry unknown")
     if not info.is_axial:
         return Decision(False, "not an axial series (slice normal > 10 degrees from patient z)")
-    if not info.is_multiframe and info.n_instances < min_slices:
-        return Decision(False, f"only {info.n_instances} slices (< {min_slices}): "
+    # slices = frames: a multi-frame object is judged by its frames like a classic series
+    n_slices = max(info.n_frames, info.n_instances)
+    if n_slices < min_slices:
+        what = "frames" if info.is_multiframe else "slices"
+        return Decision(False, f"only {n_slices} {what} (< {min_slices}): "
                                "not a volume (scout or key images?)")
     if info.slice_thickness is not None and info.slice_thickness > max_thickness_mm:
         return Decision(False, f"slice thickness {info.slice_thickness:g} mm > "
                                f"{max_thickness_mm:g} mm")
-    if not info.is_multiframe and info.z_coverage_mm < min_coverage_mm:
+    # a multi-frame object without per-frame positions has no z range here; load_volume says why
+    if (not info.is_multiframe or info.z_range_mm is not None) \
+            and info.z_coverage_mm < min_coverage_mm:
         return Decision(False, f"z coverage {info.z_coverage_mm:.0f} mm < {min_coverage_mm:g} mm")
     if info.body_part and info.body_part in excluded_body_parts:
         return Decision(False, f"body part {info.body_part} cannot contain the lumbar spine")
