@@ -233,16 +233,16 @@ def _float(value: Any) -> float | None:
         return None
 
 
-#: functional-group sequences whose items carry plain (classic) attributes: the Legacy
-#: Converted "unassigned" groups and the CT-specific macros of Enhanced CT. Per-frame items
-#: are searched before the shared one.
-_ATTRIBUTE_GROUPS = ("UnassignedPerFrameConvertedAttributesSequence",
-                     "UnassignedSharedConvertedAttributesSequence",
-                     "CTXRayDetailsSequence", "CTAcquisitionDetailsSequence",
+#: functional-group sequences whose items carry plain (classic) attributes: the CT-specific
+#: macros of Enhanced CT, then the Legacy Converted "unassigned" groups. The per-frame item is
+#: searched before the shared one; within an item, the macros before the unassigned groups.
+_ATTRIBUTE_GROUPS = ("CTXRayDetailsSequence", "CTAcquisitionDetailsSequence",
                      "CTAcquisitionTypeSequence", "CTReconstructionSequence", "CTExposureSequence",
                      "CTGeometrySequence", "CTPositionSequence", "CTTableDynamicsSequence",
                      "PixelMeasuresSequence", "FrameVOILUTSequence",
-                     "CTImageFrameTypeSequence", "FrameAnatomySequence")
+                     "CTImageFrameTypeSequence", "FrameAnatomySequence",
+                     "UnassignedPerFrameConvertedAttributesSequence",
+                     "UnassignedSharedConvertedAttributesSequence")
 
 
 def _group_items(ds: Any, frame: int = 0) -> list[Dataset]:

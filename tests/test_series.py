@@ -202,3 +202,85 @@ def test_kvp_is_a_positive_number_or_none() -> None:
             ds.KVP = raw
         assert header_kvp(ds) == want, raw
     assert header_kvp(Dataset()) is None
+
+
+def _converted(tmp_path: Path, kind: str, n_slices: int = 24, **kwargs) -> tuple[list[Path], Path]:
+    """A small classic series and its Legacy Converted ("legacy") or Enhanced CT ("enhanced") file."""
+    from training.phantoms import enhanced
+
+    ct = make_ct_series(tmp_path / "sf", seed=4, noise_sd=10, **{**SMALL, "n_slices": n_slices},
+                        **kwargs)
+    src = [pydicom.dcmread(p) for p in ct.paths]
+    ds = enhanced.to_legacy_converted(src) if kind == "legacy" else enhanced.to_enhanced_ct(src)
+    return ct.paths, enhanced.write_multiframe(ds, tmp_path / kind)
+
+
+@pytest.mark.parametrize("kind", ["legacy", "enhanced"])
+def test_multiframe_ct_reads_kvp_agent_thickness_and_body_part_from_functional_groups(
+        tmp_path: Path, kind: str) -> None:
+    from screener.protocols.l1_attenuation import L1AttenuationProtocol
+    from screener.series import header_kvp
+
+    classic, mf = _converted(tmp_path, kind, kvp=100.0, contrast_agent="IOPAMIDOL")
+    hdr = pydicom.dcmread(mf, stop_before_pixels=True)
+    assert "KVP" not in hdr and "SliceThickness" not in hdr and "BodyPartExamined" not in hdr
+    assert header_kvp(hdr) == 100.0
+    ref, info = read_series_info(classic), read_series_info([mf])
+    assert (info.kvp, info.contrast_agent, info.slice_thickness, info.body_part) == \
+        (100.0, "IOPAMIDOL", 2.5, "ABDOMEN") == \
+        (ref.kvp, ref.contrast_agent, ref.slice_thickness, ref.body_part)
+    assert info.orientation == ref.orientation and info.n_frames == 24
+    assert L1AttenuationProtocol().accepts(info).accepted
+    vol = load_volume([mf])
+    assert {(float(d.KVP), d.ContrastBolusAgent, d.BodyPartExamined) for d in vol.datasets} == \
+        {(100.0, "IOPAMIDOL", "ABDOMEN")}
+    assert {header_kvp(d) for d in vol.datasets} == {100.0}
+
+
+def test_enhanced_contrast_usage_not_administered_is_no_agent(tmp_path: Path) -> None:
+    from screener.series import header_contrast_agent
+
+    _, mf = _converted(tmp_path, "enhanced", contrast_agent="IOPAMIDOL")
+    ds = pydicom.dcmread(mf, stop_before_pixels=True)
+    assert header_contrast_agent(ds) == "IOPAMIDOL"
+    use = ds.SharedFunctionalGroupsSequence[0].ContrastBolusUsageSequence[0]
+    use.ContrastBolusAgentAdministered = "NO"
+    assert header_contrast_agent(ds) == ""
+    del ds.SharedFunctionalGroupsSequence[0].ContrastBolusUsageSequence  # no usage: agent listed
+    assert header_contrast_agent(ds) == "IOPAMIDOL"
+    ds.save_as(mf)
+    assert read_series_info([mf]).contrast_enhanced
+
+
+def test_legacy_converted_kvp_per_frame_and_tilt_in_acquisition_details(tmp_path: Path) -> None:
+    """KVP in the per-frame unassigned group (it differed between slices) is read per frame;
+    a gantry tilt in CT Acquisition Details still declines the volume."""
+    from pydicom.dataset import Dataset
+
+    from screener.series import header_kvp
+
+    _, mf = _converted(tmp_path, "legacy")
+    ds = pydicom.dcmread(mf)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    del shared.UnassignedSharedConvertedAttributesSequence[0].KVP
+    for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        item.UnassignedPerFrameConvertedAttributesSequence[0].KVP = 100 if k % 2 else 140
+    ds.save_as(mf)
+    assert read_series_info([mf]).kvp == 140.0           # the first frame's, as for a classic series
+    assert [header_kvp(d) for d in load_volume([mf]).datasets][:2] == [100.0, 140.0]
+    acq = Dataset()
+    acq.GantryDetectorTilt = 12
+    shared.CTAcquisitionDetailsSequence = [acq]
+    ds.save_as(mf)
+    with pytest.raises(SeriesUnusable, match="gantry tilt 12 degrees"):
+        load_volume([mf])
+
+
+def test_few_frame_multiframe_ct_is_not_a_volume(tmp_path: Path) -> None:
+    from screener.protocols.base import axial_ct_decision
+
+    _, mf = _converted(tmp_path, "legacy", n_slices=5)
+    info = read_series_info([mf])
+    assert info.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2.2"
+    d = axial_ct_decision(info)
+    assert not d.accepted and d.reason.startswith("only 5 frames (< 10)")
