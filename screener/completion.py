@@ -8,6 +8,7 @@ make it eligible again: a new job runs and its SR supersedes the previous one.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import structlog
@@ -15,6 +16,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from screener.config import Config
 from screener.db import Database, now
+from screener.logs import FailureState
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +43,9 @@ class CompletionMonitor:
         self.interval = interval if interval is not None else min(5.0, max(0.2, config.quiet_seconds / 4))
         self.on_enqueue = on_enqueue
         self._scheduler: BackgroundScheduler | None = None
+        self.state = FailureState("completion check", base=self.interval, maximum=60.0,
+                                  logger=log)
+        self._retry_at = 0.0
 
     def check(self, at: float | None = None) -> list[int]:
         """Queue a job for every quiet series with unprocessed instances.
@@ -69,10 +74,16 @@ class CompletionMonitor:
         return queued
 
     def _tick(self) -> None:
+        """One scheduled check; while the database cannot be written (disk full) checks back
+        off and the failure is logged once, and once more when it recovers."""
+        if time.monotonic() < self._retry_at:
+            return
         try:
             self.check()
-        except Exception:  # noqa: BLE001 - keep the schedule alive, say why
-            log.exception("completion check failed")
+        except Exception as exc:  # noqa: BLE001 - keep the schedule alive, say why
+            self._retry_at = time.monotonic() + self.state.failed(exc)
+            return
+        self.state.ok()
 
     def start(self) -> None:
         """Run :meth:`check` every ``interval`` seconds in a background thread."""

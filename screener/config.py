@@ -48,7 +48,10 @@ class Config:
     ae_title, host, port : str, str, int
         The SCP's own AE title and listening address.
     allowed_calling_aes : list of str
-        Calling AE titles accepted; empty accepts any (logged).
+        Calling AE titles accepted. ``screener serve`` refuses to start with an
+        empty list unless ``allow_any_ae`` is set.
+    allow_any_ae : bool
+        Accept any calling AE title (``serve --allow-any-ae``); default off.
     quiet_seconds : float
         A series is complete after this many seconds without a new instance.
     min_free_mb : int
@@ -80,6 +83,7 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 11112
     allowed_calling_aes: list[str] = field(default_factory=list)
+    allow_any_ae: bool = False
     quiet_seconds: float = 30.0
     min_free_mb: int = 500
     workers: int = 1
@@ -122,9 +126,25 @@ class Config:
         return self.data_dir / "tmp"
 
     def ensure_dirs(self) -> None:
-        """Create the data directory tree."""
+        """Create the data directory tree, each folder private (0700) whatever the umask:
+        the store, results and outbox hold patient data."""
+        from screener.storage import make_private_dir
         for d in (self.data_dir, self.store_dir, self.outbox_dir, self.results_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            make_private_dir(d)
+
+    def check_access_policy(self) -> None:
+        """Refuse an SCP that would accept any sender by accident.
+
+        Raises
+        ------
+        ConfigError
+            ``allowed_calling_aes`` is empty and ``allow_any_ae`` is not set.
+        """
+        if not self.allowed_calling_aes and not self.allow_any_ae:
+            raise ConfigError(
+                "allowed_calling_aes is empty: list the AE titles that may send studies "
+                "(config key allowed_calling_aes or SCREENER_ALLOWED_CALLING_AES), or pass "
+                "--allow-any-ae to accept any sender")
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as a dict, safe to log (no secrets)."""

@@ -13,11 +13,18 @@ decisions   per job, every protocol the router considered: accepted + reason
 findings    per job, one row per finding (JSON measurements, flags, geometry)
 results     per job, every DICOM object written (SR, SC), with what it supersedes
 exports     per result file and destination: pending / sent / failed, attempts, backoff
-rejections  every refused instance or association with its status and reason
+rejections  every refused instance (and conflicting duplicate) with its status and reason
+ignored     instances of storage classes the screener does not process (answered 0x0000)
+rejected_associations  refused associations counted per calling AE and reason
+
+A refusal that cannot be written (database or disk full) is kept in memory and
+written with the next one that can, so every refusal is accounted for once
+space returns.
 """
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -52,7 +59,12 @@ class Database:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=30000")
+        try:  # findings and accession hashes are patient data: private, whatever the umask
+            os.chmod(self.path, 0o600)
+        except OSError:
+            pass
         self._conn = conn
+        self._unrecorded: list[dict[str, Any]] = []
         self.db = sqlite_utils.Database(conn)
         self.lock = threading.RLock()
         self._create()
@@ -114,6 +126,16 @@ class Database:
                     "id": int, "at": float, "sop_instance_uid": str, "calling_ae": str,
                     "status": int, "reason": str,
                 }, pk="id")
+            if "ignored" not in db.table_names():
+                db["ignored"].create({
+                    "sop_instance_uid": str, "sop_class_uid": str, "study_uid": str,
+                    "series_uid": str, "calling_ae": str, "at": float,
+                }, pk="sop_instance_uid")
+            if "rejected_associations" not in db.table_names():
+                db["rejected_associations"].create({
+                    "calling_ae": str, "reason": str, "count": int, "first_at": float,
+                    "last_at": float,
+                }, pk=("calling_ae", "reason"))
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -127,10 +149,14 @@ class Database:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # e.g. COMMIT failed: "database or disk is full"
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
                 raise
-            self._conn.execute("COMMIT")
 
     def close(self) -> None:
         """Close the connection."""
@@ -253,6 +279,13 @@ class Database:
             with self.transaction():
                 cur = self._conn.execute("update jobs set status='pending' where status='running'")
                 return cur.rowcount
+
+    def requeue_job(self, job_id: int) -> None:
+        """Put one ``running`` job back to ``pending`` (its outcome could not be recorded)."""
+        with self.lock:
+            with self.transaction():
+                self._conn.execute("update jobs set status='pending' where id=? and"
+                                   " status='running'", (job_id,))
 
     def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
         """Jobs, optionally filtered by status."""
@@ -435,17 +468,65 @@ class Database:
 
     # -------------------------------------------------------------- rejections
     def record_rejection(self, *, sop_instance_uid: str, calling_ae: str, status: int,
-                         reason: str) -> None:
-        """Store a refused instance / association and its reason."""
+                         reason: str) -> bool:
+        """Store a refused instance and its reason; never raises.
+
+        When the row cannot be written (e.g. "database or disk is full") it is
+        kept in memory and written before the next refusal that can be.
+
+        Returns
+        -------
+        bool
+            ``True`` when this and every earlier refusal are written.
+        """
+        row = {"at": now(), "sop_instance_uid": sop_instance_uid, "calling_ae": calling_ae,
+               "status": status, "reason": reason}
         with self.lock:
-            self.db["rejections"].insert({"at": now(), "sop_instance_uid": sop_instance_uid,
-                                          "calling_ae": calling_ae, "status": status,
-                                          "reason": reason})
+            self._unrecorded.append(row)
+            try:
+                with self.transaction() as conn:
+                    conn.executemany(
+                        "insert into rejections (at, sop_instance_uid, calling_ae, status, reason)"
+                        " values (:at, :sop_instance_uid, :calling_ae, :status, :reason)",
+                        self._unrecorded)
+            except sqlite3.Error:
+                return False
+            self._unrecorded = []
+        return True
+
+    def unrecorded_rejections(self) -> int:
+        """Refusals kept in memory because the database could not be written."""
+        with self.lock:
+            return len(self._unrecorded)
 
     def rejections(self) -> list[dict[str, Any]]:
         """All rejections, oldest first."""
         with self.lock:
             return list(self.db.query("select * from rejections order by id"))
+
+    def record_ignored(self, *, sop_instance_uid: str, sop_class_uid: str, study_uid: str,
+                       series_uid: str, calling_ae: str) -> None:
+        """Record an instance of a class the screener does not process (once per UID)."""
+        with self.lock:
+            self._conn.execute(
+                "insert or ignore into ignored (sop_instance_uid, sop_class_uid, study_uid,"
+                " series_uid, calling_ae, at) values (?,?,?,?,?,?)",
+                (sop_instance_uid, sop_class_uid, study_uid, series_uid, calling_ae, now()))
+
+    def add_rejected_associations(self, *, calling_ae: str, reason: str, count: int) -> None:
+        """Add ``count`` refused associations of one calling AE and reason."""
+        t = now()
+        with self.lock:
+            self._conn.execute(
+                "insert into rejected_associations (calling_ae, reason, count, first_at, last_at)"
+                " values (?,?,?,?,?) on conflict(calling_ae, reason) do update set"
+                " count = count + excluded.count, last_at = excluded.last_at",
+                (calling_ae, reason, count, t, t))
+
+    def rejected_associations(self) -> list[dict[str, Any]]:
+        """Refused associations per calling AE and reason, with their counts."""
+        with self.lock:
+            return list(self.db.query("select * from rejected_associations order by first_at"))
 
     def counts(self) -> dict[str, Any]:
         """Summary counts for ``screener status``."""
@@ -458,6 +539,9 @@ class Database:
                 "jobs": q("select status, count(*) from jobs group by status"),
                 "exports": q("select status, count(*) from exports group by status"),
                 "rejections": self._conn.execute("select count(*) from rejections").fetchone()[0],
+                "ignored": self._conn.execute("select count(*) from ignored").fetchone()[0],
+                "rejected_associations": self._conn.execute(
+                    "select coalesce(sum(count), 0) from rejected_associations").fetchone()[0],
             }
 
     def iter_table(self, name: str) -> Iterator[dict[str, Any]]:

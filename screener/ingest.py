@@ -5,31 +5,38 @@ sender waits for exactly this: check -> save durably -> record -> status.
 Success (0x0000) is returned only after the file is fsync'ed under its final
 name and its row is committed, so an acknowledged instance survives a crash.
 
+Every storage SOP class is accepted at negotiation (a PACS forwarding a whole
+study must not fail on our own SR or on an MR); instances of classes the
+screener does not process are answered 0x0000, not stored, and recorded in
+the ``ignored`` table. Image instances go through the validation layer
+(:mod:`screener.validation`, shared with ``screener replay``).
+
 Statuses (PS3.4 B.2.3) returned with an ``ErrorComment`` that says why:
 
 ======  ==================================================================
-0x0000  stored (or already stored: duplicates are kept once)
-0x0122  SOP class not an image class the screener accepts
+0x0000  stored; or already stored with identical content; or a class the
+        screener does not process (recorded as ignored, not stored)
 0xA700  out of resources: free disk below ``min_free_mb``
 0xA701  out of resources: the file could not be written
-0xA900  data set does not match the SOP class: Study / Series / SOP
-        Instance UID missing, or UIDs contradict the request
+0xA900  Study / Series / SOP Instance UID missing, or UIDs contradict the request
+0xB006  warning: this SOP Instance UID is already stored with different
+        content; the first version is kept, the conflict recorded
 0xC000  cannot understand: the data set cannot be parsed
-0xC001  cannot understand: pixel data missing, truncated or malformed
+0xC001  cannot understand: pixel data missing, truncated, too long or malformed
+0xC002  cannot understand: invalid UID, non-finite or zero rescale value
 ======  ==================================================================
 
-Decodability is judged cheaply from the pixel data framing (length of native
-data; encapsulated fragments with the codec's start and end markers) instead
-of decoding: decoding one 512x512 JPEG 2000 slice costs ~24 ms here, many
-times the ~3 ms the whole store takes. The series loader still declines
-undecodable series later, with a recorded reason.
+Associations: the calling AE title must be in ``allowed_calling_aes`` (unless
+``allow_any_ae``) and the called AE title must be our ``ae_title``; rejected
+associations are counted per calling AE and reason (``rejected_associations``
+table) and logged at most once per ``REJECTION_LOG_SECONDS`` per key.
 """
 from __future__ import annotations
 
 import errno
 import os
 import ssl
-import struct
+import threading
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,13 +44,12 @@ from typing import Any
 
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
-from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless,
                          JPEGLSNearLossless, RLELossless)
-from pynetdicom import (AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
-                        evt)
+from pynetdicom import (AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts,
+                        PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt)
 from pynetdicom import sop_class as sc
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -52,10 +58,16 @@ from screener.db import Database
 from screener.logs import accession_hash
 from screener.storage import (StorageError, encode_file_meta, free_mb, fsync_dir,
                               instance_path, write_atomic)
+from screener.validation import (STATUS_BAD_PIXEL_DATA, STATUS_CANNOT_PARSE,  # noqa: F401
+                                 STATUS_DATASET_MISMATCH, STATUS_DUPLICATE_CONFLICT,
+                                 STATUS_INVALID_VALUE, STATUS_OUT_OF_DISK,
+                                 STATUS_SOP_CLASS_NOT_SUPPORTED, STATUS_SUCCESS,
+                                 STATUS_WRITE_FAILED, Rejected, check_pixel_data, clean_uid,
+                                 validate_dataset)
 
 log = structlog.get_logger(__name__)
 
-#: Image storage SOP classes accepted (everything else is refused at negotiation).
+#: Image storage SOP classes the screener stores and processes.
 IMAGE_STORAGE_CLASSES: dict[str, str] = {
     sc.CTImageStorage: "CT",
     sc.EnhancedCTImageStorage: "Enhanced CT",
@@ -68,6 +80,11 @@ IMAGE_STORAGE_CLASSES: dict[str, str] = {
     sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage: "MF Grayscale Word SC",
 }
 
+#: Every storage SOP class pynetdicom knows: accepted, the ones above processed,
+#: the others answered 0x0000 and recorded as ignored.
+ALL_STORAGE_CLASSES: list[str] = sorted(
+    {str(c.abstract_syntax) for c in AllStoragePresentationContexts} | set(IMAGE_STORAGE_CLASSES))
+
 #: Transfer syntaxes accepted. pynetdicom picks, per presentation context, the first
 #: of these that the sender proposed. Uncompressed first, as most SCPs do: a sender
 #: that lists several syntaxes in ONE context (pynetdicom does) can always send
@@ -79,120 +96,13 @@ TRANSFER_SYNTAXES: list[str] = [
     JPEG2000, JPEGLSNearLossless, JPEGBaseline8Bit, JPEGExtended12Bit,
 ]
 
-_JPEG_FAMILY = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-                JPEGLSLossless, JPEGLSNearLossless}
-_J2K_FAMILY = {JPEG2000Lossless, JPEG2000}
-
-STATUS_SUCCESS = 0x0000
-STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-STATUS_OUT_OF_DISK = 0xA700
-STATUS_WRITE_FAILED = 0xA701
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_PARSE = 0xC000
-STATUS_BAD_PIXEL_DATA = 0xC001
-
-
-class Rejected(Exception):
-    """An instance refused with a DICOM status and a reason for the sender.
-
-    Parameters
-    ----------
-    status : int
-        The C-STORE failure status.
-    reason : str
-        Human-readable reason (sent as ErrorComment, truncated to 64 characters).
-    """
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def _frame_problem(frame: bytes, ts: str, index: int) -> str | None:
-    body = frame.rstrip(b"\x00")
-    where = f"frame {index + 1}"
-    if ts in _JPEG_FAMILY:
-        if not body.startswith(b"\xff\xd8"):
-            return f"{where}: JPEG stream lacks its SOI marker"
-        if not body.endswith(b"\xff\xd9"):
-            return f"{where}: JPEG stream lacks its EOI marker (truncated)"
-    elif ts in _J2K_FAMILY:
-        if not (body.startswith(b"\xff\x4f\xff\x51") or body[4:8] == b"jP  "):
-            return f"{where}: JPEG 2000 codestream lacks its SOC/SIZ markers"
-        if not body.endswith(b"\xff\xd9"):
-            return f"{where}: JPEG 2000 codestream lacks its EOC marker (truncated)"
-    elif ts == RLELossless:
-        if len(frame) < 64:
-            return f"{where}: RLE header shorter than 64 bytes"
-        header = struct.unpack("<16L", frame[:64])
-        n = header[0]
-        if not 1 <= n <= 15:
-            return f"{where}: RLE header gives {n} segments (1-15 allowed)"
-        offsets = header[1:n + 1]
-        if offsets[0] != 64 or list(offsets) != sorted(offsets) or offsets[-1] >= len(frame):
-            return f"{where}: RLE segment offsets inconsistent with the fragment length"
-    return None
-
-
-def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
-    """Check, without decoding, that an image's pixel data is present and well framed.
-
-    Parameters
-    ----------
-    ds : pydicom.dataset.Dataset
-        The received data set.
-    transfer_syntax : str
-        Its transfer syntax UID.
-
-    Raises
-    ------
-    Rejected
-        ``0xC001`` with the reason (missing, truncated or malformed pixel data).
-    """
-    try:
-        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-        bits = int(ds.get("BitsAllocated") or 0)
-        spp = int(ds.get("SamplesPerPixel") or 1)
-        frames = int(ds.get("NumberOfFrames") or 1)
-    except Exception as exc:  # noqa: BLE001 - bad VR / value in a received data set
-        raise Rejected(STATUS_BAD_PIXEL_DATA, f"image attributes unreadable: {exc}") from exc
-    if rows <= 0 or cols <= 0 or bits not in (1, 8, 16, 32, 64):
-        raise Rejected(STATUS_BAD_PIXEL_DATA,
-                       f"invalid image size: Rows {rows}, Columns {cols}, BitsAllocated {bits}")
-    if "PixelData" not in ds:
-        raise Rejected(STATUS_BAD_PIXEL_DATA, "no Pixel Data in an image instance")
-    try:
-        value = ds["PixelData"].value
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad data
-        raise Rejected(STATUS_BAD_PIXEL_DATA, f"Pixel Data unreadable: {exc}") from exc
-    if value is None or len(value) == 0:
-        raise Rejected(STATUS_BAD_PIXEL_DATA, "Pixel Data is empty")
-    ts = UID(transfer_syntax)
-    if not ts.is_compressed:
-        n_pixels = rows * cols * spp * frames
-        expected = (n_pixels + 7) // 8 if bits == 1 else n_pixels * bits // 8
-        if len(value) < expected:
-            raise Rejected(STATUS_BAD_PIXEL_DATA,
-                           f"Pixel Data truncated: {len(value)} of {expected} bytes")
-        return
-    try:
-        found = list(generate_frames(value, number_of_frames=frames))
-    except Exception as exc:  # noqa: BLE001
-        raise Rejected(STATUS_BAD_PIXEL_DATA,
-                       f"encapsulated Pixel Data malformed: {exc}") from exc
-    if len(found) < frames or any(len(f) == 0 for f in found):
-        raise Rejected(STATUS_BAD_PIXEL_DATA,
-                       f"encapsulated Pixel Data has {len(found)} of {frames} frames")
-    for i, frame in enumerate(found):
-        problem = _frame_problem(frame, ts, i)
-        if problem:
-            raise Rejected(STATUS_BAD_PIXEL_DATA, problem)
+#: Seconds between two log lines (and database updates) about rejected associations
+#: of the same calling AE and reason.
+REJECTION_LOG_SECONDS = 30.0
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    v = ds.get(keyword)
-    return str(v).strip().strip("\x00") if v else ""
+    return clean_uid(ds.get(keyword))
 
 
 def _failure(status: int, reason: str) -> Dataset:
@@ -207,21 +117,138 @@ def _stats(event: evt.Event) -> dict[str, Any]:
     assoc = event.assoc
     st = getattr(assoc, "_screener_stats", None)
     if st is None:
-        st = {"stored": 0, "duplicates": 0, "refused": 0, "bytes": 0, "studies": set(),
-              "series": set(), "started": time.monotonic()}
+        st = {"stored": 0, "duplicates": 0, "refused": 0, "ignored": 0, "conflicts": 0,
+              "bytes": 0, "studies": set(), "series": set(), "started": time.monotonic(),
+              "aborted": False}
         assoc._screener_stats = st  # type: ignore[attr-defined]
     return st
 
 
-def _already_stored(db: Database, sop_uid: str) -> bool:
-    """Recorded AND its file is in place with the recorded size (see :func:`handle_store`)."""
+_META_OFFSET = 128 + 4 + 12  # preamble, "DICM", (0002,0000) UL element
+
+
+def _stored_dataset_bytes(path: str) -> bytes | None:
+    """The data set of a stored file (after its File Meta), or ``None`` if unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_META_OFFSET)
+            if len(head) < _META_OFFSET or head[128:132] != b"DICM":
+                return None
+            group_length = int.from_bytes(head[-4:], "little")
+            fh.seek(_META_OFFSET + group_length)
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _existing(db: Database, sop_uid: str) -> dict[str, Any] | None:
+    """The recorded instance if its file is in place with the recorded size (else ``None``:
+    a power cut after the commit but before the folder fsync; the instance is written again)."""
     row = db.get_instance(sop_uid)
     if row is None:
-        return False
+        return None
     try:
-        return os.stat(row["path"]).st_size == int(row["size"] or 0)
+        return row if os.stat(row["path"]).st_size == int(row["size"] or 0) else None
     except OSError:
-        return False
+        return None
+
+
+def _duplicate_status(event: evt.Event, db: Database, row: dict[str, Any], ts: str,
+                      calling_ae: str) -> int | Dataset:
+    """Answer a SOP Instance UID already stored: 0x0000 when the content is identical, else
+    the 0xB006 warning with the conflict recorded and the first version kept."""
+    same = (row["transfer_syntax"] == ts
+            and _stored_dataset_bytes(row["path"]) == bytes(
+                event.encoded_dataset(include_meta=False)))
+    st = _stats(event)
+    if same:
+        st["duplicates"] += 1
+        log.info("duplicate instance acknowledged, not rewritten",
+                 sop_instance_uid=row["sop_instance_uid"], series_uid=row["series_uid"],
+                 calling_ae=calling_ae)
+        return STATUS_SUCCESS
+    st["conflicts"] += 1
+    reason = ("SOP Instance UID already stored with different content; first version kept"
+              if row["transfer_syntax"] == ts else
+              "SOP Instance UID already stored in another transfer syntax; first version kept")
+    log.warning("conflicting duplicate instance: first version kept",
+                sop_instance_uid=row["sop_instance_uid"], series_uid=row["series_uid"],
+                calling_ae=calling_ae, status=f"0x{STATUS_DUPLICATE_CONFLICT:04X}")
+    db.record_rejection(sop_instance_uid=row["sop_instance_uid"], calling_ae=calling_ae,
+                        status=STATUS_DUPLICATE_CONFLICT, reason=reason)
+    return _failure(STATUS_DUPLICATE_CONFLICT, reason)
+
+
+def _parse(event: evt.Event, ts: str, image: bool) -> tuple[Dataset, dict[str, str]]:
+    """Decode and validate the received data set (see :mod:`screener.validation`)."""
+    try:
+        ds = event.dataset
+    except Exception as exc:  # noqa: BLE001 - any parse error means "cannot understand"
+        raise Rejected(STATUS_CANNOT_PARSE,
+                       f"data set cannot be parsed: {type(exc).__name__}") from exc
+    return ds, validate_dataset(ds, ts, image=image)
+
+
+def _check_request(event: evt.Event, uids: dict[str, str], sop_class: str) -> None:
+    if uids["SOPInstanceUID"] != str(event.request.AffectedSOPInstanceUID or "").strip():
+        raise Rejected(STATUS_DATASET_MISMATCH,
+                       "SOPInstanceUID differs from the request's Affected SOP Instance")
+    if uids["SOPClassUID"] and uids["SOPClassUID"] != sop_class:
+        raise Rejected(STATUS_DATASET_MISMATCH,
+                       "SOPClassUID differs from the negotiated SOP class")
+
+
+def _ignore(event: evt.Event, db: Database, uids: dict[str, str], sop_class: str,
+            calling_ae: str) -> int:
+    """A storage class the screener does not process: recorded as ignored, answered 0x0000."""
+    db.record_ignored(sop_instance_uid=uids["SOPInstanceUID"], sop_class_uid=sop_class,
+                      study_uid=uids["StudyInstanceUID"], series_uid=uids["SeriesInstanceUID"],
+                      calling_ae=calling_ae)
+    _stats(event)["ignored"] += 1
+    log.info("instance of a class not processed: ignored", sop_class_uid=sop_class,
+             sop_instance_uid=uids["SOPInstanceUID"], calling_ae=calling_ae)
+    return STATUS_SUCCESS
+
+
+def _store(event: evt.Event, db: Database, config: Config, syncer: Executor | None,
+           ds: Dataset, uids: dict[str, str], ts: str, calling_ae: str) -> int:
+    """Write, fsync and record an accepted instance; returns 0x0000."""
+    sop_class = str(event.request.AffectedSOPClassUID or "")
+    study_uid, series_uid = uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
+    sop_uid = uids["SOPInstanceUID"]
+    path = instance_path(config.store_dir, study_uid, series_uid, sop_uid)
+    try:
+        meta = encode_file_meta(sop_class, sop_uid, ts, PYNETDICOM_IMPLEMENTATION_UID,
+                                PYNETDICOM_IMPLEMENTATION_VERSION, calling_ae)
+        size = write_atomic(path, (meta, event.encoded_dataset(include_meta=False)),
+                            config.tmp_dir, sync_dir=False)
+        dir_synced = (syncer.submit(fsync_dir, path.parent) if syncer is not None
+                      else _done(fsync_dir, path.parent))
+    except StorageError as exc:
+        status = STATUS_OUT_OF_DISK if exc.errno == errno.ENOSPC else STATUS_WRITE_FAILED
+        raise Rejected(status, f"cannot write the file: {exc.strerror}") from exc
+    try:
+        db.record_instance(sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+                           study_uid=study_uid, series_uid=series_uid, path=str(path),
+                           transfer_syntax=ts, calling_ae=calling_ae, source="scp",
+                           modality=str(ds.get("Modality") or ""),
+                           accession_hash=accession_hash(str(ds.get("AccessionNumber") or "")),
+                           size=size)
+    except Exception as exc:  # noqa: BLE001 - e.g. "database or disk is full"
+        raise Rejected(STATUS_OUT_OF_DISK if "full" in str(exc) else STATUS_WRITE_FAILED,
+                       f"cannot record the instance: {exc}") from exc
+    try:
+        dir_synced.result()
+    except OSError as exc:
+        raise Rejected(STATUS_WRITE_FAILED, f"cannot sync the folder: {exc.strerror}") from exc
+    st = _stats(event)
+    st["stored"] += 1
+    st["bytes"] += size
+    st["studies"].add(study_uid)
+    st["series"].add(series_uid)
+    log.debug("stored", sop_instance_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
+              transfer_syntax=ts, size=size, calling_ae=calling_ae)
+    return STATUS_SUCCESS
 
 
 def handle_store(event: evt.Event, db: Database, config: Config,
@@ -246,92 +273,33 @@ def handle_store(event: evt.Event, db: Database, config: Config,
     Returns
     -------
     int or pydicom.dataset.Dataset
-        ``0x0000`` or a status data set with ``ErrorComment``.
+        ``0x0000`` or a status data set with ``ErrorComment`` (see the module docstring).
     """
     calling_ae = str(event.assoc.requestor.ae_title).strip()
-    req = event.request
-    sop_class = str(req.AffectedSOPClassUID or "")
-    sop_instance = str(req.AffectedSOPInstanceUID or "").strip()
+    sop_class = str(event.request.AffectedSOPClassUID or "")
+    sop_instance = str(event.request.AffectedSOPInstanceUID or "").strip()
     try:
-        if sop_class not in IMAGE_STORAGE_CLASSES:
-            raise Rejected(STATUS_SOP_CLASS_NOT_SUPPORTED,
-                           f"SOP class {sop_class} is not an accepted image class")
-        free = free_mb(config.data_dir)
-        if free < config.min_free_mb:
-            raise Rejected(STATUS_OUT_OF_DISK,
-                           f"disk nearly full: {free:.0f} MB free, need {config.min_free_mb}")
+        image = sop_class in IMAGE_STORAGE_CLASSES
         ts = str(event.context.transfer_syntax)
-        try:
-            ds = event.dataset
-            study_uid = _uid(ds, "StudyInstanceUID")
-            series_uid = _uid(ds, "SeriesInstanceUID")
-            sop_uid = _uid(ds, "SOPInstanceUID")
-            ds_class = _uid(ds, "SOPClassUID")
-            modality = str(ds.get("Modality") or "")
-            acc = accession_hash(str(ds.get("AccessionNumber") or ""))
-        except Rejected:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any parse error means "cannot understand"
-            raise Rejected(STATUS_CANNOT_PARSE,
-                           f"data set cannot be parsed: {type(exc).__name__}") from exc
-        if not any(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                                     "SeriesInstanceUID")):
-            # pydicom reads a truncated stream or random bytes as an empty / alien data set
-            raise Rejected(STATUS_CANNOT_PARSE,
-                           "data set unreadable: truncated or not DICOM (no UIDs found)")
-        missing = [name for name, v in (("StudyInstanceUID", study_uid),
-                                        ("SeriesInstanceUID", series_uid),
-                                        ("SOPInstanceUID", sop_uid)) if not v]
-        if missing:
-            raise Rejected(STATUS_DATASET_MISMATCH, "missing " + ", ".join(missing))
-        if sop_uid != sop_instance:
-            raise Rejected(STATUS_DATASET_MISMATCH,
-                           "SOPInstanceUID differs from the request's Affected SOP Instance")
-        if ds_class and ds_class != sop_class:
-            raise Rejected(STATUS_DATASET_MISMATCH,
-                           "SOPClassUID differs from the negotiated SOP class")
-        if _already_stored(db, sop_uid):
-            _stats(event)["duplicates"] += 1
-            log.info("duplicate instance acknowledged, not rewritten", sop_instance_uid=sop_uid,
-                     series_uid=series_uid, calling_ae=calling_ae)
-            return STATUS_SUCCESS
-        check_pixel_data(ds, ts)
-        path = instance_path(config.store_dir, study_uid, series_uid, sop_uid)
-        try:
-            meta = encode_file_meta(sop_class, sop_uid, ts, PYNETDICOM_IMPLEMENTATION_UID,
-                                    PYNETDICOM_IMPLEMENTATION_VERSION, calling_ae)
-            size = write_atomic(path, (meta, event.encoded_dataset(include_meta=False)),
-                                config.tmp_dir, sync_dir=False)
-            dir_synced = (syncer.submit(fsync_dir, path.parent) if syncer is not None
-                          else _done(fsync_dir, path.parent))
-        except StorageError as exc:
-            status = STATUS_OUT_OF_DISK if exc.errno == errno.ENOSPC else STATUS_WRITE_FAILED
-            raise Rejected(status, f"cannot write the file: {exc.strerror}") from exc
-        db.record_instance(sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_uid=study_uid,
-                           series_uid=series_uid, path=str(path), transfer_syntax=ts,
-                           calling_ae=calling_ae, source="scp", modality=modality,
-                           accession_hash=acc, size=size)
-        try:
-            dir_synced.result()
-        except OSError as exc:
-            raise Rejected(STATUS_WRITE_FAILED, f"cannot sync the folder: {exc.strerror}") from exc
-        st = _stats(event)
-        st["stored"] += 1
-        st["bytes"] += size
-        st["studies"].add(study_uid)
-        st["series"].add(series_uid)
-        log.debug("stored", sop_instance_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
-                  transfer_syntax=ts, size=size, calling_ae=calling_ae)
-        return STATUS_SUCCESS
+        if image:
+            free = free_mb(config.data_dir)
+            if free < config.min_free_mb:
+                raise Rejected(STATUS_OUT_OF_DISK,
+                               f"disk nearly full: {free:.0f} MB free, need {config.min_free_mb}")
+        ds, uids = _parse(event, ts, image)
+        _check_request(event, uids, sop_class)
+        if not image:
+            return _ignore(event, db, uids, sop_class, calling_ae)
+        row = _existing(db, uids["SOPInstanceUID"])
+        if row is not None:
+            return _duplicate_status(event, db, row, ts, calling_ae)
+        return _store(event, db, config, syncer, ds, uids, ts, calling_ae)
     except Rejected as rej:
         _stats(event)["refused"] += 1
         log.warning("instance refused", sop_instance_uid=sop_instance, calling_ae=calling_ae,
                     status=f"0x{rej.status:04X}", reason=rej.reason)
-        try:
-            db.record_rejection(sop_instance_uid=sop_instance, calling_ae=calling_ae,
-                                status=rej.status, reason=rej.reason)
-        except Exception:  # noqa: BLE001 - the status must still go back
-            log.exception("could not record a rejection")
+        db.record_rejection(sop_instance_uid=sop_instance, calling_ae=calling_ae,
+                            status=rej.status, reason=rej.reason)
         return _failure(rej.status, rej.reason)
     except Exception as exc:  # noqa: BLE001 - never crash the association thread
         log.exception("C-STORE handler failed", sop_instance_uid=sop_instance)
@@ -349,14 +317,26 @@ def _done(fn: Any, *args: Any) -> Future[Any]:
 
 
 def handle_conn_close(event: evt.Event) -> None:
-    """``EVT_CONN_CLOSE``: one summary line per association that sent instances."""
+    """``EVT_CONN_CLOSE``: one summary line per association that sent instances or was
+    aborted (a warning then: the sender may not have finished)."""
     st = getattr(event.assoc, "_screener_stats", None)
     if not st:
         return
-    log.info("association closed", calling_ae=str(event.assoc.requestor.ae_title).strip(),
-             stored=st["stored"], duplicates=st["duplicates"], refused=st["refused"],
-             mbytes=round(st["bytes"] / 1e6, 1), study_uids=sorted(st["studies"])[:10],
-             series=len(st["series"]), seconds=round(time.monotonic() - st["started"], 2))
+    aborted = st["aborted"] or bool(getattr(event.assoc, "is_aborted", False))
+    fields = dict(calling_ae=str(event.assoc.requestor.ae_title).strip(),
+                  stored=st["stored"], duplicates=st["duplicates"], refused=st["refused"],
+                  ignored=st["ignored"], conflicts=st["conflicts"],
+                  mbytes=round(st["bytes"] / 1e6, 1), study_uids=sorted(st["studies"])[:10],
+                  series=len(st["series"]), seconds=round(time.monotonic() - st["started"], 2))
+    if aborted:
+        log.warning("association aborted", **fields)
+    else:
+        log.info("association closed", **fields)
+
+
+def handle_aborted(event: evt.Event) -> None:
+    """``EVT_ABORTED``: mark the association so its close is logged as an abort."""
+    _stats(event)["aborted"] = True
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -378,20 +358,78 @@ def handle_conn_open(event: evt.Event) -> None:
         dul._run_loop_delay = DUL_POLL_SECONDS
 
 
-def handle_rejected(event: evt.Event, db: Database, config: Config) -> None:
-    """``EVT_REJECTED``: log and record an association refused (unknown calling AE)."""
+class RejectionCounter:
+    """Counts rejected associations per (calling AE, reason); logs and records them rate-limited.
+
+    The first rejection of a key is logged and written at once; later ones are
+    counted in memory and logged / added to the ``rejected_associations`` table at
+    most once per ``interval`` seconds per key, and at :meth:`flush` (SCP stop).
+    A flood of rejected associations thus costs neither disk nor log lines.
+
+    Parameters
+    ----------
+    db : Database
+    interval : float
+        Seconds between two log lines / database updates of the same key.
+    """
+
+    def __init__(self, db: Database, interval: float = REJECTION_LOG_SECONDS) -> None:
+        self.db = db
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], int] = {}
+        self._last: dict[tuple[str, str], float] = {}
+
+    def add(self, calling_ae: str, reason: str, peer: str = "") -> None:
+        """Count one rejected association; log and record when due."""
+        key = (calling_ae, reason)
+        t = time.monotonic()
+        with self._lock:
+            self._pending[key] = self._pending.get(key, 0) + 1
+            last = self._last.get(key)
+            if last is not None and t - last < self.interval:
+                return
+            self._last[key] = t
+            n = self._pending.pop(key)
+        log.warning("association rejected", calling_ae=calling_ae, peer=peer, reason=reason,
+                    count=n, note=f"repeats are logged at most every {self.interval:g} s")
+        self._record(key, n)
+
+    def _record(self, key: tuple[str, str], n: int) -> None:
+        try:
+            self.db.add_rejected_associations(calling_ae=key[0], reason=key[1], count=n)
+        except Exception as exc:  # noqa: BLE001 - keep counting in memory, try again later
+            with self._lock:
+                self._pending[key] = self._pending.get(key, 0) + n
+            log.warning("could not record rejected associations", error=str(exc))
+
+    def flush(self) -> None:
+        """Log and record every count not yet recorded."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for key, n in pending.items():
+            log.warning("association rejected", calling_ae=key[0], reason=key[1], count=n)
+            self._record(key, n)
+
+
+def rejection_reason(event: evt.Event, config: Config) -> str:
+    """Why pynetdicom rejected an association, in words that say what to fix."""
     calling_ae = str(event.assoc.requestor.ae_title).strip()
-    address = event.assoc.requestor.address
-    if config.allowed_calling_aes and calling_ae not in config.allowed_calling_aes:
-        reason = (f"association rejected: calling AE title {calling_ae!r} is not in "
-                  "allowed_calling_aes")
-    else:
-        reason = "association rejected (too many associations, or a request we cannot serve)"
-    log.warning("association rejected", calling_ae=calling_ae, peer=address, reason=reason)
-    try:
-        db.record_rejection(sop_instance_uid="", calling_ae=calling_ae, status=0, reason=reason)
-    except Exception:  # noqa: BLE001
-        log.exception("could not record a rejected association")
+    primitive = getattr(event.assoc.requestor, "primitive", None)
+    called = str(getattr(primitive, "called_ae_title", "") or "").strip()
+    if not config.allow_any_ae and calling_ae not in config.allowed_calling_aes:
+        return (f"calling AE title {calling_ae!r} is not in allowed_calling_aes; "
+                "add it to the configuration if this node may send")
+    if called and called != config.ae_title.strip():
+        return f"called AE title {called!r} is not ours ({config.ae_title!r})"
+    return "too many associations, or a request we cannot serve"
+
+
+def handle_rejected(event: evt.Event, counter: RejectionCounter, config: Config) -> None:
+    """``EVT_REJECTED``: count (and, rate-limited, log and record) a refused association."""
+    calling_ae = str(event.assoc.requestor.ae_title).strip()
+    counter.add(calling_ae, rejection_reason(event, config),
+                peer=str(event.assoc.requestor.address))
 
 
 def ssl_context_from_config(config: Config) -> ssl.SSLContext | None:
@@ -417,17 +455,20 @@ def ssl_context_from_config(config: Config) -> ssl.SSLContext | None:
 
 
 def build_ae(config: Config) -> AE:
-    """The application entity with the accepted contexts and calling-AE allow-list."""
+    """The application entity: every storage class, verification, the AE title checks."""
     ae = AE(ae_title=config.ae_title)
-    for uid in IMAGE_STORAGE_CLASSES:
-        ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+    for uid in ALL_STORAGE_CLASSES:
+        syntaxes = TRANSFER_SYNTAXES if uid in IMAGE_STORAGE_CLASSES else (
+            TRANSFER_SYNTAXES + [t for t in ALL_TRANSFER_SYNTAXES if t not in TRANSFER_SYNTAXES])
+        ae.add_supported_context(uid, syntaxes)
     ae.add_supported_context(sc.Verification)
     ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from the sender
     ae.maximum_associations = 16
     ae.network_timeout = 60
     ae.dimse_timeout = 60
     ae.acse_timeout = 30
-    if config.allowed_calling_aes:
+    ae.require_called_aet = True
+    if not config.allow_any_ae:
         ae.require_calling_aet = list(config.allowed_calling_aes)
     return ae
 
@@ -439,6 +480,7 @@ class IngestServer:
     ae: AE
     server: ThreadedAssociationServer
     syncer: ThreadPoolExecutor
+    rejections: RejectionCounter
 
     @property
     def port(self) -> int:
@@ -450,6 +492,7 @@ class IngestServer:
         self.server.shutdown()
         self.ae.shutdown()
         self.syncer.shutdown(wait=True)
+        self.rejections.flush()
 
 
 def start_scp(config: Config, db: Database) -> IngestServer:
@@ -458,24 +501,34 @@ def start_scp(config: Config, db: Database) -> IngestServer:
     Parameters
     ----------
     config : Config
-        ``ae_title``, ``host``, ``port``, ``allowed_calling_aes``, TLS, ``min_free_mb``.
+        ``ae_title``, ``host``, ``port``, ``allowed_calling_aes`` / ``allow_any_ae``,
+        TLS, ``min_free_mb``.
     db : Database
 
     Returns
     -------
     IngestServer
+
+    Raises
+    ------
+    ValueError
+        ``allowed_calling_aes`` is empty and ``allow_any_ae`` is not set, or TLS
+        files are unusable.
     """
+    config.check_access_policy()
     config.ensure_dirs()
     ae = build_ae(config)
-    if not config.allowed_calling_aes:
-        log.warning("allowed_calling_aes is empty: any calling AE title is accepted")
+    if config.allow_any_ae:
+        log.warning("allow_any_ae is set: any calling AE title is accepted")
     syncer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="screener-fsync")
+    counter = RejectionCounter(db)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [db, config, syncer]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_CONN_OPEN, handle_conn_open),
         (evt.EVT_CONN_CLOSE, handle_conn_close),
-        (evt.EVT_REJECTED, handle_rejected, [db, config]),
+        (evt.EVT_ABORTED, handle_aborted),
+        (evt.EVT_REJECTED, handle_rejected, [counter, config]),
     ]
     try:
         server = ae.start_server((config.host, config.port), block=False,
@@ -483,9 +536,9 @@ def start_scp(config: Config, db: Database) -> IngestServer:
     except BaseException:
         syncer.shutdown(wait=False)
         raise
-    srv = IngestServer(ae=ae, server=server, syncer=syncer)
+    srv = IngestServer(ae=ae, server=server, syncer=syncer, rejections=counter)
     log.info("SCP listening", ae_title=config.ae_title, host=config.host, port=srv.port,
-             tls=bool(config.tls_cert), sop_classes=len(IMAGE_STORAGE_CLASSES),
-             transfer_syntaxes=len(TRANSFER_SYNTAXES))
+             tls=bool(config.tls_cert), sop_classes=len(ALL_STORAGE_CLASSES),
+             processed_classes=len(IMAGE_STORAGE_CLASSES),
+             allowed_calling_aes="any" if config.allow_any_ae else config.allowed_calling_aes)
     return srv
-

@@ -119,5 +119,59 @@ def configure_logging(level: str = "info", json: bool = True, stream: Any = None
     root.addHandler(handler)
     root.setLevel(max(levels[name], logging.WARNING))
     logging.captureWarnings(True)  # e.g. pydicom's warnings on malformed input, as JSON lines
+    # pydicom's value-validation warnings quote the value ("Invalid value for VR DA:
+    # '19411322'"): a birth date or name in the log. The validation layer and the report
+    # builder check what matters themselves, so these warnings are switched off.
+    import pydicom.config
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     for lib in ("pynetdicom", "apscheduler"):
         logging.getLogger(lib).setLevel(max(levels[name], logging.WARNING))
+
+
+class FailureState:
+    """Log a repeating failure once per state change, with a growing back-off.
+
+    A loop (completion check, job claim) calls :meth:`failed` when its step
+    raised and :meth:`ok` when it succeeded: the first failure is logged as an
+    error (message, no traceback), repeats are only counted, and the return to
+    health is logged once with how many attempts failed. :meth:`delay` is the
+    wait before the next attempt: ``base`` while healthy, doubling up to
+    ``maximum`` while failing.
+
+    Parameters
+    ----------
+    what : str
+        The step, e.g. ``"completion check"``.
+    base, maximum : float
+        Seconds.
+    logger : structlog logger, optional
+    """
+
+    def __init__(self, what: str, base: float = 1.0, maximum: float = 30.0,
+                 logger: Any = None) -> None:
+        self.what = what
+        self.base = base
+        self.maximum = maximum
+        self.failures = 0
+        self._log = logger or structlog.get_logger(__name__)
+
+    def failed(self, exc: BaseException) -> float:
+        """Count a failure (logged when it is the first); returns the back-off delay."""
+        self.failures += 1
+        if self.failures == 1:
+            self._log.error(f"{self.what} failing; retrying with back-off, logged again when "
+                            "it recovers", error=f"{type(exc).__name__}: {exc}",
+                            hint="free disk space" if "full" in str(exc) else None)
+        return self.delay()
+
+    def ok(self) -> None:
+        """Mark a success (logged when it ends a run of failures)."""
+        if self.failures:
+            self._log.warning(f"{self.what} recovered", failed_attempts=self.failures)
+        self.failures = 0
+
+    def delay(self) -> float:
+        """Seconds to wait before the next attempt."""
+        if not self.failures:
+            return self.base
+        return min(self.maximum, self.base * 2 ** min(self.failures, 16))

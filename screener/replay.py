@@ -18,15 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import pydicom
 import structlog
-from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
 from screener.cli import command_config, command_parser
 from screener.config import Config
 from screener.db import Database
 from screener.logs import accession_hash, configure_logging
+from screener.validation import Rejected, read_instance
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +48,13 @@ class ScanResult:
     series: dict[str, ScannedSeries]
     unusable: list[tuple[Path, str]]  # path, reason
     not_dicom: int = 0
+    not_dicom_paths: list[Path] = field(default_factory=list)
+    ignored: int = 0  # instances of classes the screener does not process (e.g. SR)
+
+
+#: Files with these suffixes (or none) are expected to be DICOM: when unreadable they are
+#: listed as unusable. Other files (README.txt, .jpg, ...) are only counted as not DICOM.
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima", ""})
 
 
 def iter_files(root: Path) -> Iterable[Path]:
@@ -59,41 +65,82 @@ def iter_files(root: Path) -> Iterable[Path]:
             yield Path(dirpath) / name
 
 
-def scan(root: Path) -> ScanResult:
-    """Read the headers of every file below ``root`` and group DICOM instances by series.
+def _looks_dicom(path: Path) -> bool:
+    """A file that should be DICOM: a DICOM-like suffix, or the ``DICM`` prefix at 128."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
 
-    Files that are not DICOM are counted, DICOM files lacking the UIDs that
-    identify them are listed as unusable with the reason, never dropped
-    silently.
+
+def _same_content(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
+def _scan_one(path: Path, found: ScanResult, seen: dict[str, Path]) -> None:
+    """Validate one file (:func:`screener.validation.read_instance`) and file it."""
+    from screener.ingest import IMAGE_STORAGE_CLASSES
+    if path.name.upper() == "DICOMDIR":
+        found.not_dicom += 1
+        found.not_dicom_paths.append(path)
+        return
+    try:
+        ds, uids, ts = read_instance(path, frozenset(IMAGE_STORAGE_CLASSES))
+    except Rejected as rej:
+        if _looks_dicom(path):
+            found.unusable.append((path, f"{rej.reason} (would be refused with "
+                                         f"0x{rej.status:04X})"))
+        else:
+            found.not_dicom += 1
+            found.not_dicom_paths.append(path)
+        return
+    if not uids["SOPClassUID"]:
+        found.unusable.append((path, "missing SOPClassUID: re-export it with its SOP Class"))
+        return
+    if uids["SOPClassUID"] not in IMAGE_STORAGE_CLASSES:
+        found.ignored += 1
+        return
+    sop = uids["SOPInstanceUID"]
+    if sop in seen:
+        if not _same_content(seen[sop], path):
+            found.unusable.append((path, f"SOP Instance UID already used by {seen[sop]} with "
+                                         "different content; the first file is kept"))
+        return
+    seen[sop] = path
+    s = found.series.setdefault(uids["SeriesInstanceUID"], ScannedSeries(
+        series_uid=uids["SeriesInstanceUID"], study_uid=uids["StudyInstanceUID"],
+        modality=str(ds.get("Modality", "") or ""),
+        accession_hash=accession_hash(str(ds.get("AccessionNumber", "") or ""))))
+    s.files.append((path.resolve(), sop, uids["SOPClassUID"], ts))
+
+
+def scan(root: Path) -> ScanResult:
+    """Validate every file below ``root`` and group DICOM instances by series.
+
+    Every file goes through the validation layer the SCP uses
+    (:mod:`screener.validation`): a file that should be DICOM (``.dcm`` or no
+    suffix, or the ``DICM`` prefix) but cannot be parsed, lacks or has invalid
+    UIDs, has bad pixel data or non-finite rescale values is listed as unusable
+    with the reason, never dropped silently. Other files are counted as not
+    DICOM; instances of classes the screener does not process are counted as
+    ignored; a second file with the same SOP Instance UID and different content
+    is unusable (the first is kept).
     """
-    series: dict[str, ScannedSeries] = {}
-    unusable: list[tuple[Path, str]] = []
-    not_dicom = 0
+    found = ScanResult(series={}, unusable=[])
+    seen: dict[str, Path] = {}
     for path in iter_files(root):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError):
-            not_dicom += 1
-            continue
-        if "SOPClassUID" not in ds and "PatientID" not in ds and "Modality" not in ds:
-            not_dicom += 1
-            continue
-        missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-                   if not str(ds.get(k, "") or "").strip()]
-        if missing:
-            unusable.append((path, f"missing {', '.join(missing)}: the instance cannot be "
-                                   "filed into a study/series; re-export it with its UIDs"))
-            continue
-        if not str(ds.get("SOPClassUID", "") or ""):
-            unusable.append((path, "missing SOPClassUID"))
-            continue
-        s = series.setdefault(str(ds.SeriesInstanceUID), ScannedSeries(
-            series_uid=str(ds.SeriesInstanceUID), study_uid=str(ds.StudyInstanceUID),
-            modality=str(ds.get("Modality", "")),
-            accession_hash=accession_hash(str(ds.get("AccessionNumber", "") or ""))))
-        ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-        s.files.append((path.resolve(), str(ds.SOPInstanceUID), str(ds.SOPClassUID), ts))
-    return ScanResult(series=series, unusable=unusable, not_dicom=not_dicom)
+            _scan_one(path, found, seen)
+        except Exception as exc:  # noqa: BLE001 - one odd file never stops a replay
+            found.unusable.append((path, f"cannot be read: {type(exc).__name__}: {exc}"))
+    return found
 
 
 def _record(db: Database, s: ScannedSeries) -> int:
@@ -140,7 +187,7 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
     db.requeue_running_jobs()
     found = scan(root)
     log.info("replay.scanned", root=str(root), series=len(found.series),
-             unusable=len(found.unusable), not_dicom=found.not_dicom)
+             unusable=len(found.unusable), not_dicom=found.not_dicom, ignored=found.ignored)
     todo: list[int] = []
     rows: dict[str, dict[str, object]] = {}
     for uid, s in found.series.items():
@@ -180,8 +227,25 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
     return list(rows.values()), found
 
 
-def format_table(rows: list[dict[str, object]], unusable: list[tuple[Path, str]]) -> str:
-    """The end-of-run summary as a plain-text table."""
+def format_table(rows: list[dict[str, object]], unusable: list[tuple[Path, str]],
+                 not_dicom: list[Path] | None = None, ignored: int = 0) -> str:
+    """The end-of-run summary as a plain-text table.
+
+    Parameters
+    ----------
+    rows : list of dict
+        One per series (see :func:`replay`).
+    unusable : list of (path, reason)
+        Files that should be DICOM but cannot be used; each is listed.
+    not_dicom : list of pathlib.Path, optional
+        Other files skipped (counted, the first five named).
+    ignored : int
+        Instances of classes the screener does not process.
+
+    Returns
+    -------
+    str
+    """
     out = [f"{'series':<28} {'mod':<4} {'n':>5}  {'status':<16} reason"]
     for r in rows:
         uid = str(r["series_uid"])
@@ -194,7 +258,13 @@ def format_table(rows: list[dict[str, object]], unusable: list[tuple[Path, str]]
     for r in rows:
         counts[str(r.get("status", ""))] += 1
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    out.append(f"{len(rows)} series: {summary or 'none'}; {len(unusable)} unusable files")
+    tail = f"{len(rows)} series: {summary or 'none'}; {len(unusable)} unusable files"
+    if not_dicom:
+        names = ", ".join(str(p) for p in not_dicom[:5]) + (", ..." if len(not_dicom) > 5 else "")
+        tail += f"; {len(not_dicom)} files not DICOM, skipped ({names})"
+    if ignored:
+        tail += f"; {ignored} instances of classes not processed (e.g. SR), ignored"
+    out.append(tail)
     return "\n".join(out)
 
 
@@ -215,6 +285,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows, found = replay(args.study_dir, cfg, workers=args.workers or cfg.workers,
                          force=args.force, progress=not args.no_progress)
-    print(format_table(rows, found.unusable))
+    print(format_table(rows, found.unusable, found.not_dicom_paths, found.ignored))
     failed = any(r.get("status") == "failed" for r in rows)
     return 1 if failed or found.unusable else 0

@@ -6,6 +6,10 @@ SCP, the completion monitor, the worker pool and the exporter. SIGTERM or
 SIGINT stops accepting associations, lets a running job finish (up to
 ``--stop-timeout`` seconds; an unfinished job is re-queued next start) and
 exits 0.
+
+Access is strict by default: the daemon refuses to start (exit 2) while
+``allowed_calling_aes`` is empty unless ``--allow-any-ae`` is given, and the
+called AE title must be ours (see deploy/README.md).
 """
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ae-title", help="our AE title (overrides the config)")
     p.add_argument("--data-dir", help="data directory: database, store, outbox (overrides the "
                                       "config and $SCREENER_DATA_DIR)")
+    p.add_argument("--allow-any-ae", action="store_true",
+                   help="accept associations from any calling AE title; without it "
+                        "allowed_calling_aes must list the senders (secure default)")
     p.add_argument("--pipeline", default=None,
                    help="alternative pipeline as 'module:function' (site plug-ins, tests); "
                         "default screener.pipeline:process_series")
@@ -62,13 +69,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        0 after a clean stop, 2 for an invalid configuration.
+        0 after a clean stop, 2 for an invalid configuration (including an empty
+        ``allowed_calling_aes`` without ``--allow-any-ae``), 1 when the listener
+        cannot start.
     """
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     try:
         config = load_config(args.config, port=args.port, ae_title=args.ae_title,
-                             data_dir=args.data_dir)
+                             data_dir=args.data_dir, allow_any_ae=args.allow_any_ae or None)
         configure_logging(config.log_level, json=args.log_format == "json")
+        config.check_access_policy()
     except (ConfigError, ValueError) as exc:
         configure_logging("info", json=args.log_format == "json")
         log.error("invalid configuration", error=str(exc))

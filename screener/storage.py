@@ -9,6 +9,10 @@ under the final name.
 
 Layout: ``store/<study>/<series>/<sop>.dcm`` with UIDs sanitised as
 pynetdicom's ``storescp`` does (anything but digits and dots becomes ``_``).
+
+Every file written here holds patient data: files are created 0600 and
+folders 0700 whatever the process umask (:func:`make_private_dir`,
+:func:`open_private`).
 """
 from __future__ import annotations
 
@@ -113,8 +117,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _makedirs_durable(path: Path) -> None:
-    """Create ``path`` and its missing parents, fsync'ing each new entry's parent."""
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) as 0700 folders whatever the umask.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``. An existing folder is set to 0700 too (a parent that already
+        existed is left as it is).
+    """
+    path = Path(path)
     missing = []
     p = path
     while not p.exists():
@@ -122,9 +142,45 @@ def _makedirs_durable(path: Path) -> None:
         p = p.parent
     for d in reversed(missing):
         try:
-            d.mkdir()
+            d.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            pass
+    os.chmod(path, PRIVATE_DIR_MODE)
+    for d in missing:
+        os.chmod(d, PRIVATE_DIR_MODE)
+    return path
+
+
+def open_private(path: Path) -> int:
+    """Open ``path`` for writing (created or truncated) as a 0600 file whatever the umask.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+
+    Returns
+    -------
+    int
+        The file descriptor (``os.fdopen`` it).
+    """
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    os.fchmod(fd, PRIVATE_FILE_MODE)
+    return fd
+
+
+def _makedirs_durable(path: Path) -> None:
+    """Create ``path`` and its missing parents (0700), fsync'ing each new entry's parent."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=PRIVATE_DIR_MODE)
         except FileExistsError:
             continue
+        os.chmod(d, PRIVATE_DIR_MODE)
         fsync_dir(d.parent)
 
 
@@ -164,6 +220,7 @@ def write_atomic(dest: Path, chunks: bytes | Iterable[bytes], tmp_dir: Path,
     try:
         _makedirs_durable(dest.parent)
         fd, tmp_path = tempfile.mkstemp(dir=str(tmp_dir), prefix=".rx-", suffix=".part")
+        os.fchmod(fd, PRIVATE_FILE_MODE)
         size = 0
         with os.fdopen(fd, "wb") as fh:
             for c in chunks:

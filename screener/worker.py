@@ -22,11 +22,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import pydicom
 import structlog
 
 from screener.config import Config
 from screener.db import Database
-from screener.storage import sanitise_uid
+from screener.logs import FailureState
+from screener.storage import make_private_dir, sanitise_uid
+from screener.validation import quantitative_problems
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +73,15 @@ def _finding_row(f: Any) -> dict[str, Any]:
             "category": str(getattr(f, "category", "") or ""), "data": data}
 
 
+def _not_quantitative(paths: list[Path]) -> list[str]:
+    """Why a CT series cannot be measured in HU (lossy, 8-bit), from its first header."""
+    try:
+        ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - the pipeline's loader reports unreadable files
+        return []
+    return quantitative_problems(ds)
+
+
 def run_job(job: dict[str, Any], db: Database, config: Config,
             process: ProcessFn | None = None) -> None:
     """Process one claimed job and record its outcome; never raises for pipeline errors.
@@ -106,10 +118,19 @@ def run_job(job: dict[str, Any], db: Database, config: Config,
             db.finish_job(job_id, "failed", error="no stored instance files for this series")
             log.error("job failed: no files", job_id=job_id, series_uid=series_uid)
             return
+        not_quantitative = _not_quantitative(paths)
+        if not_quantitative:
+            reason = (f"series not quantitative: {'; '.join(not_quantitative)}; send the "
+                      "original (lossless, 12/16-bit) series")
+            db.record_job_outcome(job_id, series_uid=series_uid, study_uid=study_uid,
+                                  status="skipped", reason=reason)
+            log.info("job finished", job_id=job_id, series_uid=series_uid, status="skipped",
+                     reason=reason, n_instances=len(paths))
+            return
         out_dir = config.results_dir / sanitise_uid(series_uid) / f"job-{job_id}"
         if out_dir.exists():  # leftovers of an attempt interrupted by a crash
             shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(out_dir)
         prev = db.latest_sr(series_uid)
         result = process(paths, config=config, out_dir=out_dir,
                          supersedes=prev["path"] if prev else None)
@@ -175,6 +196,9 @@ class WorkerPool:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._stuck: set[int] = set()
+        self._stuck_lock = threading.Lock()
+        self.state = FailureState("job queue", base=poll_interval, maximum=60.0, logger=log)
 
     def _get_process(self) -> ProcessFn:
         with self._resolve_lock:
@@ -187,13 +211,30 @@ class WorkerPool:
         """Make idle workers look for a job now."""
         self._wake.set()
 
+    def _claim(self) -> dict[str, Any] | None:
+        """Re-queue jobs whose outcome could not be recorded, then claim the next job.
+
+        While the database cannot be written (disk full) this backs off and the
+        failure is logged once, and once more when it recovers (:class:`FailureState`).
+        """
+        try:
+            with self._stuck_lock:
+                for job_id in list(self._stuck):
+                    self.db.requeue_job(job_id)
+                    self._stuck.remove(job_id)
+            job = self.db.claim_job()
+        except Exception as exc:  # noqa: BLE001 - e.g. "database or disk is full"
+            with self._stuck_lock:
+                delay = self.state.failed(exc)
+            self._stop.wait(delay)
+            return None
+        with self._stuck_lock:
+            self.state.ok()
+        return job
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                job = self.db.claim_job()
-            except Exception:  # noqa: BLE001
-                log.exception("cannot claim a job")
-                job = None
+            job = self._claim()
             if job is None:
                 self._wake.wait(self.poll_interval)
                 self._wake.clear()
@@ -208,8 +249,20 @@ class WorkerPool:
                                    error=f"pipeline unavailable: {type(exc).__name__}: {exc}")
                 continue
             run_job(job, self.db, self.config, process=process)
+            self._check_recorded(int(job["id"]))
             if self.on_finished:
                 self.on_finished(int(job["id"]))
+
+    def _check_recorded(self, job_id: int) -> None:
+        """A job still ``running`` after :func:`run_job` could not record its outcome (disk
+        full): it is re-queued as soon as the database can be written again."""
+        try:
+            row = self.db.get_job(job_id)
+        except Exception:  # noqa: BLE001
+            row = None
+        if row is None or row["status"] == "running":
+            with self._stuck_lock:
+                self._stuck.add(job_id)
 
     def start(self) -> None:
         """Start the worker threads."""

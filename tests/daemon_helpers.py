@@ -2,7 +2,8 @@
 
 - :func:`make_ct_series` writes a small synthetic axial CT series (any transfer syntax).
 - :func:`fresh_uid_copy` copies the shared real CT giving it fresh Study/Series/SOP UIDs.
-- :class:`Daemon` runs ``python -m screener serve`` on a free loopback port.
+- :class:`Daemon` runs ``python -m screener serve`` on a free loopback port, accepting the
+  calling AE title ``TESTSCU`` (override ``SCREENER_ALLOWED_CALLING_AES`` in ``env``).
 - :class:`Orthanc` runs ``/usr/sbin/Orthanc`` with a temp config (loopback DICOM + HTTP).
 - :func:`fake_process_series` is a stand-in pipeline that writes one valid Secondary
   Capture result per series (for networking tests that must not depend on the real one).
@@ -192,8 +193,11 @@ class Daemon:
         """Start it (and wait until it listens)."""
         self.port = self.port or free_port()
         env = dict(os.environ)
+        # secure by default: serve needs the senders listed (or --allow-any-ae); the test
+        # senders (storescu, echoscu, pynet_send) call as TESTSCU unless a test says otherwise
         env.update({"SCREENER_DATA_DIR": str(self.data_dir), "SCREENER_HOST": "127.0.0.1",
                     "SCREENER_PORT": str(self.port), "SCREENER_MIN_FREE_MB": "1",
+                    "SCREENER_ALLOWED_CALLING_AES": "TESTSCU",
                     "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
         env.update(self.env)
         self.data_dir.mkdir(parents=True, exist_ok=True)

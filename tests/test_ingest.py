@@ -191,8 +191,8 @@ def test_refusals_have_clear_statuses_and_are_recorded(tmp_path: Path,
     assert db.counts()["instances"] == 1
 
 
-def test_non_image_sop_classes_are_refused_at_negotiation(tmp_path: Path,
-                                                          scp: tuple[Config, Database]) -> None:
+def test_non_image_sop_classes_are_accepted_and_ignored(tmp_path: Path,
+                                                       scp: tuple[Config, Database]) -> None:
     cfg, db = scp
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = pydicom.uid.BasicTextSRStorage, generate_uid()
@@ -206,17 +206,18 @@ def test_non_image_sop_classes_are_refused_at_negotiation(tmp_path: Path,
     m.SOPClassUID = m.file_meta.MediaStorageSOPClassUID = pydicom.uid.MRImageStorage
     m.save_as(mr)
     res = pynet_send(cfg.port, [ct, sr, mr])
-    assert [r[0] for r in res] == [0, -1, -1]
-    assert "Basic Text SR Storage" in res[1][1] and "MR Image Storage" in res[2][1]
-    assert all("No presentation context" in r[1] for r in res[1:])
+    assert res == [(0, "")] * 3   # a PACS forwarding a whole study must not fail on them
     assert db.counts()["instances"] == 1
-    # alone, they get no association at all
-    assert pynet_send(cfg.port, [sr]) == [(-1, "association not established")]
+    ignored = {r["sop_instance_uid"]: r for r in db.iter_table("ignored")}
+    assert set(ignored) == {ds.SOPInstanceUID, m.SOPInstanceUID}
+    assert ignored[ds.SOPInstanceUID]["sop_class_uid"] == pydicom.uid.BasicTextSRStorage
+    assert pynet_send(cfg.port, [sr]) == [(0, "")]   # alone too
+    assert db.counts()["ignored"] == 2
 
 
 def test_low_disk_answers_a700(tmp_path: Path) -> None:
     cfg = load_config(env={}, data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(),
-                      min_free_mb=10 ** 9)
+                      min_free_mb=10 ** 9, allowed_calling_aes=["TESTSCU"])
     db = Database(cfg.db_path)
     srv = start_scp(cfg, db)
     try:
@@ -225,7 +226,7 @@ def test_low_disk_answers_a700(tmp_path: Path) -> None:
         srv.stop()
     assert status == 0xA700 and comment.startswith("disk nearly full:")
     assert db.counts() == {"instances": 0, "series": 0, "jobs": {}, "exports": {},
-                           "rejections": 1}
+                           "rejections": 1, "ignored": 0, "rejected_associations": 0}
 
 
 def test_unknown_calling_ae_is_rejected_and_recorded(tmp_path: Path,
@@ -233,9 +234,10 @@ def test_unknown_calling_ae_is_rejected_and_recorded(tmp_path: Path,
     cfg, db = scp
     files = make_ct_series(tmp_path / "in", 1)
     assert pynet_send(cfg.port, files, calling="INTRUDER") == [(-1, "association not established")]
-    wait_for(lambda: db.rejections(), 5, what="rejection row")
-    [r] = db.rejections()
+    wait_for(lambda: db.rejected_associations(), 5, what="rejected association row")
+    [r] = db.rejected_associations()
     assert r["calling_ae"] == "INTRUDER" and "not in allowed_calling_aes" in r["reason"]
+    assert r["count"] == 1 and db.rejections() == []
     assert db.counts()["instances"] == 0
 
 
@@ -316,8 +318,8 @@ def test_daemon_receives_study_from_storescu_echo_and_rejects_unknown_ae(tmp_pat
         assert all(Path(r["path"]).is_file() for r in rows)
         assert sorted({r["transfer_syntax"] for r in rows}) == sorted(
             {ExplicitVRLittleEndian, JPEG2000Lossless})
-        wait_for(lambda: db.rejections(), 5, what="rejection")
-        assert [r["calling_ae"] for r in db.rejections()] == ["EVIL"]
+        wait_for(lambda: db.rejected_associations(), 5, what="rejection")
+        assert [r["calling_ae"] for r in db.rejected_associations()] == ["EVIL"]
     finally:
         assert d.stop() == 0
     log = d.log()
@@ -344,7 +346,7 @@ def test_tls_scp_accepts_tls_clients_only(tmp_path: Path) -> None:
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
     cfg = load_config(env={}, data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(),
-                      tls_cert=str(cert), tls_key=str(key))
+                      tls_cert=str(cert), tls_key=str(key), allowed_calling_aes=["TLSSCU"])
     db = Database(cfg.db_path)
     srv = start_scp(cfg, db)
     try:
@@ -363,7 +365,8 @@ def test_tls_scp_accepts_tls_clients_only(tmp_path: Path) -> None:
         db.close()
     with pytest.raises(ValueError, match="TLS: cannot load"):
         start_scp(load_config(env={}, data_dir=tmp_path / "d2", host="127.0.0.1",
-                              port=free_port(), tls_cert=str(key), tls_key=str(cert)),
+                              port=free_port(), tls_cert=str(key), tls_key=str(cert),
+                              allow_any_ae=True),
                   Database(tmp_path / "x.db"))
 
 

@@ -9,12 +9,16 @@ describes the derivation (dicom-sr.md section 3).
 from __future__ import annotations
 
 import copy
+import datetime
+import os
+import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
 from screener.findings import Finding
@@ -37,13 +41,93 @@ _TYPE2_DEFAULTS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
                    "ReferringPhysicianName")
 
 
-def fix_type2(ds: Dataset) -> Dataset:
-    """A copy of a source header with missing type-2 patient/study attributes set empty.
+_AGE = re.compile(r"^\d{3}[DWMY]$")
+_DATE_KEYWORDS = ("PatientBirthDate", "StudyDate", "SeriesDate", "ContentDate", "AcquisitionDate")
+_TIME_KEYWORDS = ("StudyTime", "SeriesTime", "ContentTime", "AcquisitionTime", "PatientBirthTime")
 
-    highdicom copies them from the reference and raises ``AttributeError``
-    when one is absent (dicom-sr.md section 6).
+
+def _valid_date(text: str) -> bool:
+    try:
+        datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return False
+    return len(text) == 8 and text.isdigit()
+
+
+def _valid_time(text: str) -> bool:
+    m = re.match(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$", text)
+    if not m:
+        return False
+    hh, mm, ss = int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0)
+    return hh < 24 and mm < 60 and ss < 61
+
+
+def demographic_problems(ds: Dataset) -> dict[str, str]:
+    """Patient / study attributes of a source header that a report cannot carry as they are.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        A source image header.
+
+    Returns
+    -------
+    dict
+        keyword -> note (e.g. ``"PatientBirthDate left out: not a valid date"``); the
+        notes name the attribute, never its value (no PHI in reports' comments or logs).
+    """
+    out: dict[str, str] = {}
+    for kw in (*_DATE_KEYWORDS, *_TIME_KEYWORDS, "PatientSex", "PatientAge"):
+        try:
+            value = str(ds.get(kw, "") or "").strip()
+        except Exception:  # noqa: BLE001 - an unreadable value is left out too
+            out[kw] = f"{kw} left out: unreadable"
+            continue
+        if not value:
+            continue
+        if kw in _DATE_KEYWORDS and not _valid_date(value):
+            out[kw] = f"{kw} left out: not a valid date"
+        elif kw in _TIME_KEYWORDS and not _valid_time(value):
+            out[kw] = f"{kw} left out: not a valid time"
+        elif kw == "PatientSex" and value.upper() not in ("M", "F", "O"):
+            out[kw] = "PatientSex left out: not M, F or O"
+        elif kw == "PatientAge" and not _AGE.match(value):
+            out[kw] = "PatientAge left out: not nnnD/W/M/Y"
+    charsets = ds.get("SpecificCharacterSet")
+    if charsets is not None:
+        values = [str(v).strip() for v in
+                  (charsets if isinstance(charsets, (list, tuple, MultiValue)) else [charsets])]
+        if any(not v for v in values) or len(values) > 1 or not _known_charset(values[0]):
+            out["SpecificCharacterSet"] = ("SpecificCharacterSet re-encoded as ISO_IR 192 "
+                                           "(UTF-8)")
+    return out
+
+
+def _known_charset(value: str) -> bool:
+    from highdicom.enum import SpecificCharacterSetValues
+    return value in {v.value for v in SpecificCharacterSetValues}
+
+
+def fix_type2(ds: Dataset) -> Dataset:
+    """A copy of a source header that highdicom can build a report from.
+
+    Missing type-2 patient/study attributes are set empty (highdicom copies them
+    from the reference and raises ``AttributeError`` when one is absent,
+    dicom-sr.md section 6); invalid dates, times, sex and age are emptied or
+    removed (:func:`demographic_problems`); a character set highdicom refuses
+    (e.g. ``\\ISO 2022 IR 87`` with its empty first value) is replaced by
+    UTF-8 after decoding every text value.
     """
     out = copy.deepcopy(ds)
+    problems = demographic_problems(out)
+    if "SpecificCharacterSet" in problems:
+        out.decode()
+        out.SpecificCharacterSet = "ISO_IR 192"
+    for kw in problems:
+        if kw == "PatientAge" and kw in out:
+            del out[kw]
+        elif kw != "SpecificCharacterSet":
+            setattr(out, kw, "")
     for kw in _TYPE2_DEFAULTS:
         if kw not in out or out[kw].value is None:
             setattr(out, kw, "")
@@ -209,9 +293,28 @@ def build_sc(finding: Finding, source: Dataset, *, series_uid: str, sop_instance
     return sc
 
 
-def write_sc(sc: Dataset, out_dir: Path) -> Path:
-    """Write ``sc`` to ``out_dir/<SOPInstanceUID>.dcm``; returns the path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{sc.SOPInstanceUID}.dcm"
-    sc.save_as(path, enforce_file_format=True)
+def write_private(ds: Dataset, out_dir: Path) -> Path:
+    """Write ``ds`` to ``out_dir/<SOPInstanceUID>.dcm`` as a 0600 file in a 0700 folder
+    (whatever the umask: results carry the patient's name, ID and birth date).
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        An SR or SC with ``SOPInstanceUID`` and file meta.
+    out_dir : pathlib.Path
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    from screener.storage import make_private_dir, open_private
+    make_private_dir(out_dir)
+    path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+    with os.fdopen(open_private(path), "wb") as fh:
+        ds.save_as(fh, enforce_file_format=True)
     return path
+
+
+def write_sc(sc: Dataset, out_dir: Path) -> Path:
+    """Write ``sc`` to ``out_dir/<SOPInstanceUID>.dcm`` (0600, folder 0700); returns the path."""
+    return write_private(sc, out_dir)

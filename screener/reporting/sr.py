@@ -35,7 +35,7 @@ from pydicom.uid import generate_uid
 from screener import __version__
 from screener.findings import Finding
 from screener.reporting import codes
-from screener.reporting.sc import fix_type2
+from screener.reporting.sc import demographic_problems, fix_type2
 
 #: stable UID of the screener as an observer device (same for every report)
 DEVICE_UID = generate_uid(entropy_srcs=["screener", "observer-device", "v1"])
@@ -63,7 +63,7 @@ def _flag_codes(flags: Sequence[str]) -> list[Code]:
     return out
 
 
-def _group(finding: Finding, sources: dict[str, Dataset]
+def _group(finding: Finding, sources: dict[str, Dataset], notes: Sequence[str] = ()
            ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | \
         hd.sr.MeasurementsAndQualitativeEvaluations:
     """One TID 1410 (with ROI) or TID 1501 (without) measurement group for ``finding``."""
@@ -108,7 +108,7 @@ def _group(finding: Finding, sources: dict[str, Dataset]
                 for u in finding.referenced_sop_instance_uids if u in sources]
         group = hd.sr.MeasurementsAndQualitativeEvaluations(source_images=refs or None, **common)
     container = group[0]
-    for text in finding.flags:
+    for text in [*finding.flags, *(f"source header: {n}" for n in notes)]:
         container.ContentSequence.append(hd.sr.TextContentItem(
             name=pcodes.DCM.Comment, value=text[:1024],
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
@@ -151,6 +151,7 @@ def build_sr(findings: Sequence[Finding], sources: Sequence[Dataset], *,
     if not findings:
         raise ValueError("an SR needs at least one finding (TID 1500 requires a measurement group)")
     by_uid = {str(ds.SOPInstanceUID): fix_type2(ds) for ds in sources}
+    notes = sorted({n for ds in sources for n in demographic_problems(ds).values()})
     wanted: list[str] = []
     for f in findings:
         uids = ([f.roi.source_sop_instance_uid] if f.roi is not None else []) + \
@@ -177,7 +178,7 @@ def build_sr(findings: Sequence[Finding], sources: Sequence[Dataset], *,
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=[_cc(codes.PROCEDURE_CT), _cc(codes.PROCEDURE_BONE_DENSITY)],
-        imaging_measurements=[_group(f, by_uid) for f in findings],
+        imaging_measurements=[_group(f, by_uid, notes) for f in findings],
         referenced_images=evidence)
     kwargs = {}
     if institution_name:
@@ -197,8 +198,7 @@ def build_sr(findings: Sequence[Finding], sources: Sequence[Dataset], *,
 
 
 def write_sr(sr: Dataset, out_dir: Path) -> Path:
-    """Write ``sr`` to ``out_dir/<SOPInstanceUID>.dcm``; returns the path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{sr.SOPInstanceUID}.dcm"
-    sr.save_as(path, enforce_file_format=True)
-    return path
+    """Write ``sr`` to ``out_dir/<SOPInstanceUID>.dcm`` (0600, folder 0700: it holds the
+    patient's name and ID); returns the path."""
+    from screener.reporting.sc import write_private
+    return write_private(sr, out_dir)

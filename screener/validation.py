@@ -1,0 +1,400 @@
+"""One validation layer for every received or replayed instance.
+
+``screener serve`` (the C-STORE SCP) and ``screener replay`` both call
+:func:`validate_dataset` (replay through :func:`read_instance`), so an instance
+is judged the same way whichever door it came in by. Each problem becomes a
+:class:`Rejected` with a DICOM status (what the SCP answers) and a reason
+(what the sender or the replay table is told):
+
+======  ==================================================================
+0xA900  a Study / Series / SOP Instance UID or the SOP Class UID missing
+0xC000  the data set cannot be parsed (any pydicom failure: unknown VR,
+        bad length, truncated or not DICOM)
+0xC001  pixel data missing, empty, shorter or longer than Rows x Columns x
+        samples x frames say, or its encapsulation malformed
+0xC002  an invalid value: a UID that is not a UID (digits and dots, at most
+        64 characters), a RescaleSlope / RescaleIntercept that is not a
+        finite number, or a RescaleSlope of 0
+======  ==================================================================
+
+Decodability is judged cheaply from the pixel data framing (length of native
+data; encapsulated fragments with the codec's start and end markers) instead
+of decoding; the series loader still declines undecodable series later.
+
+:func:`quantitative_problems` says why a CT series cannot be measured in
+Hounsfield units (lossy compression, 8-bit pixel data) so that a job is
+declined for that reason instead of a later, misleading one.
+"""
+from __future__ import annotations
+
+import math
+import re
+import struct
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.tag import Tag
+from pydicom.uid import (UID, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit,
+                         JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
+                         RLELossless)
+
+STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_OUT_OF_DISK = 0xA700
+STATUS_WRITE_FAILED = 0xA701
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_DUPLICATE_CONFLICT = 0xB006
+STATUS_CANNOT_PARSE = 0xC000
+STATUS_BAD_PIXEL_DATA = 0xC001
+STATUS_INVALID_VALUE = 0xC002
+
+_JPEG_FAMILY = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+                JPEGLSLossless, JPEGLSNearLossless}
+_J2K_FAMILY = {JPEG2000Lossless, JPEG2000}
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+_RESCALE_TAGS = {0x00281053: "RescaleSlope", 0x00281052: "RescaleIntercept"}
+#: digits and dots, no empty component; leading zeros are tolerated (old modalities send them)
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+IDENTIFYING_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+#: CT storage classes (HU images): the quantitative check applies to these
+CT_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1",
+                        "1.2.840.10008.5.1.4.1.1.2.2"})
+
+
+class Rejected(Exception):
+    """An instance refused with a DICOM status and a reason for the sender.
+
+    Parameters
+    ----------
+    status : int
+        The C-STORE status.
+    reason : str
+        Human-readable reason (sent as ErrorComment, truncated to 64 characters).
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def clean_uid(value: object) -> str:
+    """A UID value as text without padding (``""`` when absent)."""
+    return str(value).strip().strip("\x00").strip() if value else ""
+
+
+def is_valid_uid(uid: str) -> bool:
+    """Whether ``uid`` is a usable UID: 1-64 characters of digits and dots, no empty part.
+
+    Parameters
+    ----------
+    uid : str
+        The UID without padding.
+
+    Returns
+    -------
+    bool
+    """
+    return 0 < len(uid) <= 64 and bool(_UID_RE.match(uid))
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text[:120]
+
+
+def _walk(ds: Dataset, depth: int = 0) -> None:
+    """Convert every element (raising what pydicom raises) and check rescale values."""
+    if depth > 16:
+        raise Rejected(STATUS_CANNOT_PARSE, "sequences nested deeper than 16 levels")
+    for tag in list(ds.keys()):
+        if int(tag) in _PIXEL_TAGS and depth == 0:
+            continue
+        try:
+            elem = ds[tag]
+            value = elem.value
+            items = list(value) if elem.VR == "SQ" and value is not None else None
+        except Exception as exc:  # noqa: BLE001 - every pydicom failure means "cannot parse"
+            raise Rejected(STATUS_CANNOT_PARSE,
+                           f"attribute {Tag(tag)} unreadable: {_short(exc)}") from exc
+        for item in items or ():
+            _walk(item, depth + 1)
+        name = _RESCALE_TAGS.get(int(tag))
+        if name and value not in (None, ""):
+            _check_rescale(name, value)
+
+
+def _check_rescale(name: str, value: object) -> None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise Rejected(STATUS_INVALID_VALUE, f"{name} is not a number") from exc
+    if not math.isfinite(number):
+        raise Rejected(STATUS_INVALID_VALUE, f"{name} is not finite ({number})")
+    if name == "RescaleSlope" and number == 0.0:
+        raise Rejected(STATUS_INVALID_VALUE, "RescaleSlope is 0")
+
+
+def check_identifiers(ds: Dataset) -> dict[str, str]:
+    """Check the UIDs that identify an instance.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+
+    Returns
+    -------
+    dict
+        ``StudyInstanceUID``, ``SeriesInstanceUID``, ``SOPInstanceUID`` and
+        ``SOPClassUID`` (``""`` when the class is absent) without padding.
+
+    Raises
+    ------
+    Rejected
+        ``0xC000`` nothing identifies a DICOM instance (random bytes, cut
+        files); ``0xA900`` an identifying UID is missing; ``0xC002`` a UID is
+        not a valid UID.
+    """
+    if not any(k in ds for k in (*IDENTIFYING_UIDS, "SOPClassUID")):
+        raise Rejected(STATUS_CANNOT_PARSE,
+                       "data set unreadable: truncated or not DICOM (no UIDs found)")
+    out = {k: clean_uid(ds.get(k)) for k in (*IDENTIFYING_UIDS, "SOPClassUID")}
+    missing = [k for k in IDENTIFYING_UIDS if not out[k]]
+    if missing:
+        raise Rejected(STATUS_DATASET_MISMATCH, "missing " + ", ".join(missing))
+    for k, v in out.items():
+        if v and not is_valid_uid(v):
+            raise Rejected(STATUS_INVALID_VALUE,
+                           f"{k} is not a valid UID (digits and dots, at most 64)")
+    return out
+
+
+def _expected_native_length(ds: Dataset, rows: int, cols: int, bits: int, spp: int,
+                            frames: int) -> int:
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        return rows * cols * frames * 2 * bits // 8
+    n_pixels = rows * cols * spp * frames
+    return (n_pixels + 7) // 8 if bits == 1 else n_pixels * bits // 8
+
+
+def _image_size(ds: Dataset) -> tuple[int, int, int, int, int]:
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        bits = int(ds.get("BitsAllocated") or 0)
+        spp = int(ds.get("SamplesPerPixel") or 1)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except Exception as exc:  # noqa: BLE001 - bad VR / value in a received data set
+        raise Rejected(STATUS_BAD_PIXEL_DATA, f"image attributes unreadable: {exc}") from exc
+    if rows <= 0 or cols <= 0 or bits not in (1, 8, 16, 32, 64) or spp <= 0 or frames <= 0:
+        raise Rejected(STATUS_BAD_PIXEL_DATA,
+                       f"invalid image size: Rows {rows}, Columns {cols}, BitsAllocated {bits}")
+    return rows, cols, bits, spp, frames
+
+
+def _frame_problem(frame: bytes, ts: str, index: int) -> str | None:
+    body = frame.rstrip(b"\x00")
+    where = f"frame {index + 1}"
+    if ts in _JPEG_FAMILY:
+        if not body.startswith(b"\xff\xd8"):
+            return f"{where}: JPEG stream lacks its SOI marker"
+        if not body.endswith(b"\xff\xd9"):
+            return f"{where}: JPEG stream lacks its EOI marker (truncated)"
+    elif ts in _J2K_FAMILY:
+        if not (body.startswith(b"\xff\x4f\xff\x51") or body[4:8] == b"jP  "):
+            return f"{where}: JPEG 2000 codestream lacks its SOC/SIZ markers"
+        if not body.endswith(b"\xff\xd9"):
+            return f"{where}: JPEG 2000 codestream lacks its EOC marker (truncated)"
+    elif ts == RLELossless:
+        if len(frame) < 64:
+            return f"{where}: RLE header shorter than 64 bytes"
+        header = struct.unpack("<16L", frame[:64])
+        n = header[0]
+        if not 1 <= n <= 15:
+            return f"{where}: RLE header gives {n} segments (1-15 allowed)"
+        offsets = header[1:n + 1]
+        if offsets[0] != 64 or list(offsets) != sorted(offsets) or offsets[-1] >= len(frame):
+            return f"{where}: RLE segment offsets inconsistent with the fragment length"
+    return None
+
+
+def _pixel_value(ds: Dataset) -> bytes | None:
+    try:
+        return ds["PixelData"].value
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad data
+        raise Rejected(STATUS_BAD_PIXEL_DATA, f"Pixel Data unreadable: {_short(exc)}") from exc
+
+
+def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
+    """Check, without decoding, that an image's pixel data is present and well framed.
+
+    Native pixel data must be exactly as long as Rows x Columns x samples x
+    frames x BitsAllocated / 8 say (plus one pad byte when that is odd).
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The received data set.
+    transfer_syntax : str
+        Its transfer syntax UID; ``""`` when unknown (then judged from the
+        encoding of the Pixel Data element).
+
+    Raises
+    ------
+    Rejected
+        ``0xC001`` with the reason (missing, truncated, too long or malformed pixel data).
+    """
+    rows, cols, bits, spp, frames = _image_size(ds)
+    if "PixelData" not in ds:
+        raise Rejected(STATUS_BAD_PIXEL_DATA, "no Pixel Data in an image instance")
+    raw = ds.get_item("PixelData")
+    length = getattr(raw, "length", None)
+    ts = UID(transfer_syntax) if transfer_syntax else None
+    compressed = ts.is_compressed if ts is not None else length == 0xFFFFFFFF
+    if not compressed and isinstance(length, int) and length != 0xFFFFFFFF \
+            and getattr(raw, "value", b"") is None:
+        size = length  # deferred read (replay): the length is enough
+    else:
+        value = _pixel_value(ds)
+        if value is None or len(value) == 0:
+            raise Rejected(STATUS_BAD_PIXEL_DATA, "Pixel Data is empty")
+        size = len(value)
+    if size == 0:
+        raise Rejected(STATUS_BAD_PIXEL_DATA, "Pixel Data is empty")
+    if not compressed:
+        expected = _expected_native_length(ds, rows, cols, bits, spp, frames)
+        if size < expected:
+            raise Rejected(STATUS_BAD_PIXEL_DATA, f"Pixel Data truncated: {size} of {expected} bytes")
+        if size > expected + (expected % 2):
+            raise Rejected(STATUS_BAD_PIXEL_DATA,
+                           f"Pixel Data too long: {size} bytes, image size says {expected}")
+        return
+    _check_encapsulated(value, str(ts or ""), frames)
+
+
+def _check_encapsulated(value: bytes, ts: str, frames: int) -> None:
+    try:
+        found = list(generate_frames(value, number_of_frames=frames))
+    except Exception as exc:  # noqa: BLE001
+        raise Rejected(STATUS_BAD_PIXEL_DATA,
+                       f"encapsulated Pixel Data malformed: {exc}") from exc
+    if len(found) < frames or any(len(f) == 0 for f in found):
+        raise Rejected(STATUS_BAD_PIXEL_DATA,
+                       f"encapsulated Pixel Data has {len(found)} of {frames} frames")
+    for i, frame in enumerate(found):
+        problem = _frame_problem(frame, ts, i)
+        if problem:
+            raise Rejected(STATUS_BAD_PIXEL_DATA, problem)
+
+
+def validate_dataset(ds: Dataset, transfer_syntax: str, *, image: bool = True) -> dict[str, str]:
+    """Validate one instance: parseable, identified by valid UIDs, sane image values.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The instance as received or read (pixel data may be deferred).
+    transfer_syntax : str
+        Its transfer syntax UID (``""`` when unknown).
+    image : bool
+        Check the pixel data too (an image class the screener processes).
+
+    Returns
+    -------
+    dict
+        The identifying UIDs (see :func:`check_identifiers`).
+
+    Raises
+    ------
+    Rejected
+        With the status and reason of the first problem found.
+    """
+    if not any(k in ds for k in (*IDENTIFYING_UIDS, "SOPClassUID")):
+        raise Rejected(STATUS_CANNOT_PARSE,
+                       "data set unreadable: truncated or not DICOM (no UIDs found)")
+    try:
+        _walk(ds)
+    except Rejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. a broken data set structure
+        raise Rejected(STATUS_CANNOT_PARSE, f"data set cannot be parsed: {_short(exc)}") from exc
+    uids = check_identifiers(ds)
+    if image:
+        check_pixel_data(ds, transfer_syntax)
+    return uids
+
+
+def read_instance(path: Path, image_classes: frozenset[str] | set[str] | None = None
+                  ) -> tuple[Dataset, dict[str, str], str]:
+    """Read and validate a file the way the SCP validates a received instance.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A DICOM file (Part 10, or a bare data set pydicom can read).
+    image_classes : set of str, optional
+        SOP classes whose pixel data is checked; default: every class with
+        Pixel Data.
+
+    Returns
+    -------
+    ds : pydicom.dataset.Dataset
+        The header (pixel data deferred).
+    uids : dict
+        The identifying UIDs (see :func:`check_identifiers`).
+    transfer_syntax : str
+        From the file meta, ``""`` when absent.
+
+    Raises
+    ------
+    Rejected
+        The file is empty, not DICOM, cut, or fails :func:`validate_dataset`.
+    """
+    try:
+        if path.stat().st_size == 0:
+            raise Rejected(STATUS_CANNOT_PARSE, "empty file (0 bytes)")
+        ds = pydicom.dcmread(path, defer_size=4096, force=True)
+    except Rejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - InvalidDicomError, EOFError, OSError, ...
+        raise Rejected(STATUS_CANNOT_PARSE, f"not a readable DICOM file: {_short(exc)}") from exc
+    meta = getattr(ds, "file_meta", None)
+    ts = clean_uid(meta.get("TransferSyntaxUID")) if meta is not None else ""
+    sop_class = clean_uid(ds.get("SOPClassUID")) if "SOPClassUID" in ds else ""
+    image = "PixelData" in ds if image_classes is None else sop_class in image_classes
+    uids = validate_dataset(ds, ts, image=image)
+    return ds, uids, ts
+
+
+def quantitative_problems(ds: Dataset) -> list[str]:
+    """Why a CT image cannot be measured in Hounsfield units; empty when it can.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        A header of the series (pixel data not needed).
+
+    Returns
+    -------
+    list of str
+        e.g. ``["lossy compressed (LossyImageCompression 01)", "8-bit pixel data"]``;
+        always empty for non-CT classes.
+    """
+    sop_class = clean_uid(ds.get("SOPClassUID"))
+    if sop_class not in CT_CLASSES and str(ds.get("Modality", "")).strip() != "CT":
+        return []
+    problems = []
+    if str(ds.get("LossyImageCompression", "")).strip() == "01":
+        problems.append("lossy compressed (LossyImageCompression 01)")
+    try:
+        stored = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    except (TypeError, ValueError):
+        stored = 16
+    if stored <= 8:
+        problems.append(f"{stored}-bit pixel data cannot hold Hounsfield units")
+    if problems:
+        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+        if image_type[:1] == ["DERIVED"]:
+            problems.append("a DERIVED image")
+    return problems
