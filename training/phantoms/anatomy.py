@@ -26,7 +26,33 @@ T6-T12 (T11 short, T12 floating), sacrum, ilium (wings as curved plates,
 acetabula), pubic and ischial rami, both femurs (head, neck at the patient's
 neck-shaft angle and anteversion, greater and lesser trochanters, shaft with
 thick cortex and fatty medulla). Dimensions follow clinical-physics.md
-section 5, scaled by the patient's size and varied per patient.
+section 5, scaled by the patient's size and varied per patient. Rib mineral
+and rib cortical thickness fall with the spine's vBMD and ``cortical_mm``
+(faint, thin ribs in osteoporotic patients).
+
+Anatomical variants (issue 14; the patient's fields, clinical-physics.md
+section 7), whose details come from their own stream
+``default_rng([anatomy_seed, 7919])`` so that the main stream, and every
+solid of a patient without variants, is unchanged:
+
+* ``t12_ribs="hypoplastic"``: each 12th rib still has its costovertebral
+  joint at the body but ends 15-40 mm lateral of the tubercle, with 55-70 %
+  of the radius and 45-70 % of the mineral; 30 % have it on one side only.
+* ``lumbar_rib``: a rudimentary 13th rib (15-45 mm, 25 % one-sided) that
+  starts ~1 mm beyond the tip of L1's transverse process (a pseudo-joint) and
+  never touches the vertebral body; L1 keeps its label and ``has_ribs``.
+* ``transitional="sacralised_l5"``: L5's transverse processes widen into alae
+  that reach the sacral ala and the ilium (Castellvi III, a/b = one/both sides).
+  ``"lumbarised_s1"``: S1 is a free lumbar-like vertebra (label ``"S1"``) with a
+  disc below it; the fused sacrum starts at S2 (``landmarks["z_sacrum_top"]``);
+  the pelvis (``landmarks["z_s1"]``, hips, ilia) stays where it was.
+* ``bone_islands``: a sphere of compact bone with its own label
+  ``<level>_bone_island`` (part of ``<level>_body``, not of ``<level>_trabecular``).
+* ``skeleton_scale``: every bone tissue's mineral x the factor (freed volume
+  filled with marrow, or soft tissue in compact bone); soft tissue untouched.
+
+:attr:`Scene.variants` summarises them and :meth:`Scene.level_truth` gives the
+per-vertebra truth a level localizer is scored against.
 """
 from __future__ import annotations
 
@@ -45,19 +71,19 @@ PHASES: tuple[str, ...] = ("native", "arterial", "portal_venous")
 
 # nominal vertebral dimensions (mm) for a size factor of 1
 _H = {"T6": 20.0, "T7": 20.5, "T8": 21.0, "T9": 21.5, "T10": 22.0, "T11": 23.0, "T12": 24.0,
-      "L1": 25.5, "L2": 26.5, "L3": 27.0, "L4": 27.0, "L5": 28.0}
+      "L1": 25.5, "L2": 26.5, "L3": 27.0, "L4": 27.0, "L5": 28.0, "S1": 24.0}
 _W = {"T6": 30.0, "T7": 31.0, "T8": 32.0, "T9": 33.0, "T10": 35.0, "T11": 37.0, "T12": 39.0,
-      "L1": 41.0, "L2": 44.0, "L3": 47.0, "L4": 49.0, "L5": 50.0}
+      "L1": 41.0, "L2": 44.0, "L3": 47.0, "L4": 49.0, "L5": 50.0, "S1": 48.0}
 _D = {"T6": 26.0, "T7": 27.0, "T8": 28.0, "T9": 29.0, "T10": 30.0, "T11": 31.0, "T12": 32.0,
-      "L1": 33.0, "L2": 34.0, "L3": 35.0, "L4": 35.0, "L5": 35.5}
+      "L1": 33.0, "L2": 34.0, "L3": 35.0, "L4": 35.0, "L5": 35.5, "S1": 34.0}
 #: disc height below each level (mm)
 _DISC = {"T6": 5.0, "T7": 5.0, "T8": 5.5, "T9": 5.5, "T10": 6.0, "T11": 6.5, "T12": 7.0,
-         "L1": 8.0, "L2": 9.0, "L3": 10.0, "L4": 11.0, "L5": 11.5}
+         "L1": 8.0, "L2": 9.0, "L3": 10.0, "L4": 11.0, "L5": 11.5, "S1": 6.0}
 #: pedicle radius and transverse-process length (mm)
 _PED = {"T6": 3.0, "T7": 3.0, "T8": 3.2, "T9": 3.3, "T10": 3.5, "T11": 3.8, "T12": 4.0,
-        "L1": 4.2, "L2": 4.6, "L3": 5.0, "L4": 5.5, "L5": 6.5}
+        "L1": 4.2, "L2": 4.6, "L3": 5.0, "L4": 5.5, "L5": 6.5, "S1": 6.0}
 _TP = {"T6": 24.0, "T7": 24.0, "T8": 23.0, "T9": 22.0, "T10": 20.0, "T11": 14.0, "T12": 10.0,
-       "L1": 18.0, "L2": 24.0, "L3": 30.0, "L4": 26.0, "L5": 24.0}
+       "L1": 18.0, "L2": 24.0, "L3": 30.0, "L4": 26.0, "L5": 24.0, "S1": 20.0}
 #: rib extent: azimuth of the anterior end (deg from posterior) and drop of the anterior end (mm)
 _RIB = {"T6": (175.0, 95.0), "T7": (172.0, 105.0), "T8": (165.0, 110.0), "T9": (155.0, 112.0),
         "T10": (140.0, 105.0), "T11": (100.0, 70.0), "T12": (62.0, 35.0)}
@@ -96,6 +122,14 @@ class VertebraTruth:
         Axial rotation (scoliosis).
     cortical_mm : float
         Cortical shell thickness as rendered.
+    rib_kind : str
+        ``"true"`` (rib with a costovertebral joint at the body), ``"hypoplastic"`` (a short,
+        thin, faint 12th rib, still jointed at the body), ``"lumbar"`` (a rudimentary rib on
+        L1 articulating with the transverse-process tip only) or ``"none"``.
+    rib_sides : tuple of str
+        Sides (``"R"``, ``"L"``) that carry the rib (one-sided hypoplastic / lumbar ribs).
+    sacral_like : bool
+        A sacralised L5 (alae reaching the sacrum / ilia).
     """
 
     label: str
@@ -109,6 +143,9 @@ class VertebraTruth:
     rotation_deg: float = 0.0
     cortical_mm: float = 1.0
     nominal_height_mm: float = 0.0
+    rib_kind: str = "none"
+    rib_sides: tuple[str, ...] = ()
+    sacral_like: bool = False
 
 
 class _Tissues:
@@ -178,6 +215,7 @@ class Scene:
     bone_start: int = 0
     _body_bounds: tuple[tuple[float, float], ...] = ((0, 0), (0, 0), (0, 0))
     _tables: dict[str, Any] = field(default_factory=dict, repr=False)
+    variants: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ labels
     def _prims(self, table: bool, bone_only: bool = False) -> list[Prim]:
@@ -408,8 +446,22 @@ class Scene:
         """Extent of the body (skin) in x, y, z (mm): ``((x0, x1), (y0, y1), (z0, z1))``."""
         return self._body_bounds
 
+    def level_truth(self) -> list[dict[str, Any]]:
+        """Truth for scoring a level localizer, superior to inferior (``all_vertebrae``).
+
+        One dict per vertebra with its **anatomical** label counted from the top (T6 ... T12,
+        L1 ... L5, then ``"S1"`` for a lumbarised S1, which is a free vertebra):
+        ``label``, ``z_range_mm`` (body, cortex included), ``centroid_mm``, ``has_ribs``,
+        ``rib_kind`` (``"true"``, ``"hypoplastic"``, ``"lumbar"``, ``"none"``), ``rib_sides``,
+        ``sacral_like`` (sacralised L5) and ``free`` (True: a mobile vertebra with a disc below,
+        i.e. not part of the fused sacrum). The variant summary is :attr:`variants`.
+        """
+        return [{"label": v.label, "z_range_mm": tuple(v.z_range_mm), "centroid_mm": tuple(v.centroid_mm),
+                 "has_ribs": v.has_ribs, "rib_kind": v.rib_kind, "rib_sides": tuple(v.rib_sides),
+                 "sacral_like": v.sacral_like, "free": True} for v in self.all_vertebrae]
+
     def vertebra(self, label: str) -> VertebraTruth:
-        """Truth of one level (T6 ... L5)."""
+        """Truth of one level (T6 ... L5, plus ``"S1"`` when it is a free lumbarised vertebra)."""
         for v in self.all_vertebrae:
             if v.label == label:
                 return v
@@ -454,6 +506,43 @@ class _Builder:
     def n_below(self, layer: int) -> int:
         """Number of primitives painted before ``layer``."""
         return sum(1 for lay, _, _ in self._seq if lay < layer)
+
+
+def _truncate(pts: Arr, radii: Arr, length: float) -> tuple[Arr, Arr]:
+    """A polyline (and its radii) cut at arc ``length`` from its first point (interpolated end)."""
+    seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+    cum = np.concatenate([[0.0], np.cumsum(seg)])
+    if length >= cum[-1]:
+        return pts, radii
+    j = int(np.searchsorted(cum, length, side="right"))  # cum[j-1] <= length < cum[j]
+    f = (length - cum[j - 1]) / max(seg[j - 1], 1e-9)
+    end = pts[j - 1] + f * (pts[j] - pts[j - 1])
+    r_end = radii[j - 1] + f * (radii[j] - radii[j - 1])
+    return np.vstack([pts[:j], end[None, :]]), np.concatenate([radii[:j], [r_end]])
+
+
+def _scale_skeleton(b: "_Builder", k: float, ff: float) -> None:
+    """Multiply the mineral (``ha``) of every bone tissue by ``k`` (the intervention of issue 14).
+
+    The volume the mineral frees (or takes) is marrow (fat + red marrow by ``ff``) in marrow
+    tissues and soft tissue in compact bone, as :func:`_marrow` does; soft tissue, cartilage and
+    the table are untouched. Trabecular vBMD (texture amplitude included) scales with ``k``.
+    """
+    pure = physics.PURE_DENSITY["ha"]
+    for i, tags in enumerate(b.t.tags):
+        comp = b.t.comp[i]
+        if "bone" not in tags or comp.get("ha", 0.0) <= 0.0:
+            continue
+        ha0 = comp["ha"]
+        dv = ha0 * (1.0 - k) / pure
+        comp["ha"] = ha0 * k
+        if b.t.group[i] == "marrow":
+            comp["fat"] = max(comp.get("fat", 0.0) + dv * ff * 0.93, 0.0)
+            comp["soft"] = max(comp.get("soft", 0.0) + dv * (1.0 - ff) * 1.03, 0.0)
+        else:
+            comp["soft"] = max(comp.get("soft", 0.0) + dv * 1.03, 0.0)
+    for lab, (v, f) in list(b.trab.items()):
+        b.trab[lab] = (v * k, f)
 
 
 def _spine_curve(p: Patient, s_grid: Arr) -> dict[str, Arr]:
@@ -539,6 +628,41 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
     ff = p.marrow_fat
     cort_ha = 0.85 + 0.15 * min(vbase["L1"] / 180.0, 1.3)
     post_ha = 0.10 + 0.9 * vbase["L1"] / 1000.0
+    vb_lv = dict(vbase)
+    vb_lv.setdefault("S1", vbase["L5"])
+    # ribs lose mineral and cortex with the spine (age and bone_z act through vBMD and cortical_mm)
+    rib_k = float(np.clip(0.70 + 0.30 * vbase["T12"] / (1.02 * 180.0), 0.70, 1.06))
+    rib_t = 1.3 * float(np.clip(p.cortical_mm, 0.5, 1.5))
+    rib_mar = 0.16 * float(np.clip(vbase["T12"] / (1.02 * 180.0), 0.25, 1.2))
+
+    # anatomical variants: details from their own stream (the main rng's draws are untouched)
+    trans = p.transitional
+    vrng = np.random.default_rng([int(p.anatomy_seed), 7919])
+    vd = vrng.random(12)
+    variants: dict[str, Any] = {"t12_ribs": p.t12_ribs, "lumbar_rib": bool(p.lumbar_rib), "transitional": trans,
+                                "skeleton_scale": float(p.skeleton_scale)}
+    hypo_len: dict[str, float] = {}
+    hypo_r, hypo_faint = 1.0, 1.0
+    if p.t12_ribs == "hypoplastic":
+        # length of the shaft lateral to the tubercle (transverse-process tip), mm; 30 % one side only
+        hypo_len = {"R": 15.0 + 25.0 * float(vd[2]), "L": 15.0 + 25.0 * float(vd[3])}
+        if vd[0] < 0.3:
+            hypo_len["R" if vd[1] < 0.5 else "L"] = 0.0
+        hypo_r = 0.55 + 0.15 * float(vd[4])
+        hypo_faint = 0.45 + 0.25 * float(vd[5])
+        variants.update(t12_rib_free_length_mm=dict(hypo_len), t12_rib_radius_factor=hypo_r,
+                        t12_rib_density_factor=hypo_faint)
+    lrib_len: dict[str, float] = {}
+    if p.lumbar_rib:
+        lrib_len = {"R": 15.0 + 30.0 * float(vd[6]), "L": 15.0 + 30.0 * float(vd[7])}
+        if vd[8] >= 0.75:
+            lrib_len["R" if vd[9] < 0.5 else "L"] = 0.0
+        variants["lumbar_rib_length_mm"] = dict(lrib_len)
+    sac_sides: tuple[str, ...] = ()
+    if trans == "sacralised_l5":
+        sac_sides = ("R", "L") if vd[10] < 0.6 else (("R",) if vd[11] < 0.5 else ("L",))
+        variants["sacralised_sides"] = sac_sides
+    sd_name = {-1.0: "R", 1.0: "L"}
 
     # ---------------------------------------------------------------- spine curve
     sg = np.arange(-420.0, 360.0, 1.0)
@@ -572,6 +696,14 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
         a, c = LEVELS[i + 1], LEVELS[i]
         pos[c] = pos[a] + (heights[a] / 2 + discs[c] + heights[c] / 2)
     s_s1 = pos["L5"] - heights["L5"] / 2 - discs["L5"]
+    levels_b = list(LEVELS)
+    s_sac = s_s1  # top of the fused sacrum
+    if trans == "lumbarised_s1":  # S1 stays a free vertebra with a (thin) disc below it
+        heights["S1"] = _H["S1"] * s
+        discs["S1"] = _DISC["S1"] * s
+        pos["S1"] = s_s1 - heights["S1"] / 2
+        s_sac = s_s1 - heights["S1"] - discs["S1"]
+        levels_b.append("S1")
 
     c_s1, t_s1, _ = at(s_s1)
     c_l1, _, _ = at(0.0)
@@ -842,15 +974,16 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
     verts: list[VertebraTruth] = []
     b.layer = 6
     deg = p.degeneration_level
-    for idx, lv in enumerate(LEVELS):
+    for idx, lv in enumerate(levels_b):
         c, tan, rot = at(pos[lv])
         R = frame_from_axis(tan, rot)
         h0 = _H[lv] * s
-        a = 0.5 * _W[lv] * s * rng.uniform(0.96, 1.04)
-        bb = 0.5 * _D[lv] * s * rng.uniform(0.96, 1.04)
+        r_lv = vrng if lv == "S1" else rng  # the extra S1 never shifts the main stream
+        a = 0.5 * _W[lv] * s * r_lv.uniform(0.96, 1.04)
+        bb = 0.5 * _D[lv] * s * r_lv.uniform(0.96, 1.04)
         loss = p.height_loss.get(lv, 0.0)
         shape = p.fracture_shape.get(lv, "none")
-        tc = p.cortical_mm * rng.uniform(0.9, 1.1)
+        tc = p.cortical_mm * r_lv.uniform(0.9, 1.1)
         t_end = tc * (1.0 + 0.5 * deg.get(lv, 0.0))
 
         def hfun(un: Arr, vn: Arr, h0: float = h0, loss: float = loss, shape: str = shape,
@@ -870,9 +1003,24 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
         tag = {lv, "spine", "bone"}
         CORT = T(f"{lv}_cortex", {"ha": cort_ha * (1.0 + 0.15 * deg.get(lv, 0.0)), "soft": 0.75}, "",
                  tag | {f"{lv}_body", "cortical"})
-        ha = vbase[lv] / 1000.0
+        ha = vb_lv[lv] / 1000.0
         TRAB = T(f"{lv}_trabecular", _marrow(ha, ff), "marrow", tag | {f"{lv}_body", "trabecular"})
-        b.trab[TRAB] = (vbase[lv], ff)
+        b.trab[TRAB] = (vb_lv[lv], ff)
+        islands = []
+        for isl in p.bone_islands:
+            if isl["level"] != lv:
+                continue
+            # its own label: ``<lv>_trabecular`` (hence the trabecular truth) never includes it
+            ISL = T(f"{lv}_bone_island", {"ha": float(isl["density"]), "soft": 0.8}, "",
+                    tag | {f"{lv}_body", f"{lv}_bone_island", "bone_island", "cortical"})
+            r_i = 0.5 * float(isl["diameter_mm"])
+            lim = np.array([a - tc, bb - tc, 0.5 * h0 * (1.0 - loss) - tc]) - r_i - 1.0
+            off = np.clip(np.asarray(isl["offset_mm"], float), -np.maximum(lim, 0.0), np.maximum(lim, 0.0))
+            ctr = c + R @ off
+            islands.append((ISL, ctr, r_i))
+            variants.setdefault("bone_islands", []).append(
+                {"level": lv, "centre_mm": tuple(float(q) for q in ctr), "offset_mm": tuple(float(q) for q in off),
+                 "diameter_mm": 2.0 * r_i, "density": float(isl["density"])})
         POST = T(f"{lv}_posterior", {"ha": post_ha, "soft": 0.95}, "", tag | {f"{lv}_posterior"})
         # truth
         thor_ = lv.startswith("T")
@@ -885,15 +1033,30 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
         h_ant = 2 * float(hfun(np.array(0.0), np.array(-1.0))[0])
         h_mid = 2 * float(hfun(np.array(0.0), np.array(0.0))[0])
         h_post = 2 * float(hfun(np.array(0.0), np.array(0.9))[0])
+        if thor_:
+            kind = "hypoplastic" if (lv == "T12" and hypo_len) else "true"
+            sides = tuple(k for k in ("R", "L") if hypo_len.get(k, 1.0) > 0.0) if kind == "hypoplastic" else ("R", "L")
+        elif lv == "L1" and any(v > 0 for v in lrib_len.values()):
+            kind, sides = "lumbar", tuple(k for k in ("R", "L") if lrib_len[k] > 0.0)
+        else:
+            kind, sides = "none", ()
         verts.append(VertebraTruth(label=lv, z_range_mm=(float(cz.min()), float(cz.max())),
                                    centroid_mm=(float(c[0]), float(c[1]), float(c[2])),
                                    body_height_mm=min(h_ant, h_mid, h_post), width_mm=2 * a, depth_mm=2 * bb,
-                                   has_ribs=thor_, axis=tuple(float(q) for q in R[:, 2]), rotation_deg=rot,
-                                   cortical_mm=tc, nominal_height_mm=h0))
+                                   has_ribs=bool(sides), axis=tuple(float(q) for q in R[:, 2]), rotation_deg=rot,
+                                   cortical_mm=tc, nominal_height_mm=h0, rib_kind=kind, rib_sides=sides,
+                                   sacral_like=bool(lv == "L5" and sac_sides)))
 
         if thor_ and lv in _RIB:
-            RIBC = T(f"{lv}_rib_cortex", {"ha": 0.85, "soft": 0.8}, "", {f"{lv}_rib", "ribs", "bone"})
-            RIBT = T(f"{lv}_rib_marrow", _marrow(0.16, ff), "marrow", {f"{lv}_rib", "ribs", "bone"})
+            fnt = hypo_faint if (lv == "T12" and hypo_len) else 1.0
+            RIBC = T(f"{lv}_rib_cortex", {"ha": 0.85 * rib_k * fnt, "soft": 0.8}, "", {f"{lv}_rib", "ribs", "bone"})
+            RIBT = T(f"{lv}_rib_marrow", _marrow(rib_mar * fnt, ff), "marrow", {f"{lv}_rib", "ribs", "bone"})
+        if lv == "L1" and lrib_len:
+            LRC = T("L1_rib_cortex", {"ha": 0.85 * rib_k, "soft": 0.8}, "",
+                    {"L1_rib", "lumbar_rib", "ribs", "bone"})
+            LRT = T("L1_rib_marrow", _marrow(rib_mar, ff), "marrow", {"L1_rib", "lumbar_rib", "ribs", "bone"})
+        if lv == "L5" and sac_sides:
+            ALA = T("L5_ala", {"ha": post_ha, "soft": 0.95}, "", tag | {"L5_posterior", "L5_ala", "sacral_ala"})
         reach = 130.0 if thor_ else 45.0  # ribs descend ~ 1-4 levels
         if not b.near(float(c[2]) - reach, float(c[2]) + 45.0):
             continue
@@ -915,6 +1078,8 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
         b.add(Prism(CORT, c, R, a, bb, hfun, n=2.4, posterior_flat=0.12))
         b.add(Prism(TRAB, c, R, a - tc, bb - tc, lambda un, vn, hf=hfun, te=t_end: hf(un, vn, shrink=te),
                     n=2.4, posterior_flat=0.12))
+        for ISL, ctr, r_i in islands:
+            b.add(Ellipsoid(ISL, ctr, np.full(3, r_i)))
         # posterior elements (local coordinates -> world)
         def W(u_: float, v_: float, w_: float, c: Arr = c, R: Arr = R) -> Arr:
             return c + R @ np.array([u_, v_, w_])
@@ -938,8 +1103,28 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
                 tp_end = W(sd * (pu + _TP[lv] * s), bb + 25.0 * s, 2.0)
                 b.add(Segment(POST, W(sd * pu, bb + 14.0 * s, 2.0), tp_end, 5.0 * s, 4.0 * s))
             else:
+                tp_root = W(sd * pu, bb + 13.0 * s, 0.0)
                 tp_end = W(sd * (pu + _TP[lv] * s), bb + 9.0 * s, 0.0)
-                b.add(Segment(POST, W(sd * pu, bb + 13.0 * s, 0.0), tp_end, 4.5 * s, 3.2 * s))
+                b.add(Segment(POST, tp_root, tp_end, 4.5 * s, 3.2 * s))
+                if lv == "L1" and lrib_len.get(sd_name[sd], 0.0) > 0.0:
+                    # lumbar rib: starts beyond the transverse-process tip (a pseudo-joint ~1 mm wide),
+                    # runs laterally, a little down and forward; no joint with the vertebral body
+                    tdir = (tp_end - tp_root) / max(float(np.linalg.norm(tp_end - tp_root)), 1e-6)
+                    r_lr = 3.4 * s
+                    st = tp_end + tdir * (3.2 * s + 1.0 + r_lr)
+                    ldir = np.array([sd * 0.86, -0.22, -0.46])
+                    ldir /= np.linalg.norm(ldir)
+                    L_ = lrib_len[sd_name[sd]]
+                    lpts = np.array([st, st + ldir * 0.5 * L_, st + ldir * L_ + np.array([0.0, -0.12 * L_, 0.0])])
+                    b.add(*b.chain(LRC, lpts, np.array([r_lr, 3.0 * s, 2.4 * s])))
+                    b.add(*b.chain(LRT, lpts, np.maximum(np.array([r_lr, 3.0 * s, 2.4 * s]) - rib_t, 0.6)))
+                if lv == "L5" and sd_name[sd] in sac_sides:
+                    # sacralised L5: the transverse process widens into an ala that reaches the sacral
+                    # ala and the ilium at the sacro-iliac joint (Castellvi type III on this side)
+                    c_top, _, _ = at(s_sac - 9.0 * s)
+                    tgt = np.array([c_top[0] + sd * (52.0 * s + 4.0), c_top[1] + 9.0 * s, c_top[2] + 8.0 * s])
+                    b.add(Segment(ALA, tp_root, tgt, 8.0 * s, 10.0 * s))
+                    b.add(Ellipsoid(ALA, tgt, np.array([15.0, 11.0, 9.0]) * s))
         # spinous process: a tall plate (three stacked capsules)
         if thor:
             sp_a, sp_b = W(0.0, bb + 24.0 * s, -2.0), W(0.0, bb + 52.0 * s, -28.0 * s)
@@ -977,8 +1162,14 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
                 rr = np.full(len(rp_), 4.6 * s)
                 rr[0] = 5.5 * s
                 rr[-1] = 3.8 * s
+                if lv == "T12" and hypo_len:
+                    free = hypo_len[sd_name[sd]]
+                    if free <= 0.0:
+                        continue  # one-sided hypoplasia: no rib on this side
+                    rp_, rr = _truncate(rp_, rr, float(np.linalg.norm(tub - head)) + free)
+                    rr = rr * hypo_r
                 b.add(*b.chain(RIBC, rp_, rr))
-                b.add(*b.chain(RIBT, rp_, rr - 1.3))
+                b.add(*b.chain(RIBT, rp_, np.maximum(rr - rib_t, 0.5)))
                 if az_end > 120.0:  # costal cartilage toward the sternum
                     end = rp_[-1]
                     tip = np.array([sd * 25.0 * s, end[1] + 4.0, end[2] + 35.0])
@@ -990,8 +1181,9 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
     b.trab[SAC_T] = (vbase["L5"] * 0.85, ff)
     sac_w = [52.0, 46.0, 36.0, 26.0, 17.0, 10.0]
     sac_d = [19.0, 16.0, 13.0, 10.0, 8.0, 6.0]
-    for k in range(6):
-        sk = s_s1 - 9.0 * s - k * 19.0 * s
+    k0 = 1 if trans == "lumbarised_s1" else 0  # lumbarised: S1 is free, the sacrum starts at S2
+    for k in range(k0, 6):
+        sk = s_sac - 9.0 * s - (k - k0) * 19.0 * s
         ck, tk, _ = at(sk)
         Rk = frame_from_axis(tk, 0.0)
         b.add(Prism(SAC_C, ck, Rk, sac_w[k] * s, sac_d[k] * s, 10.5 * s, n=2.6))
@@ -1095,6 +1287,10 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
                        "version_deg": version, "head_radius": rh,
                        "greater_trochanter": gt.tolist(), "lesser_trochanter": lt.tolist()}
 
+    # ---------------------------------------------------------------- skeleton attenuation intervention
+    k_sk = float(p.skeleton_scale)
+    if k_sk != 1.0:
+        _scale_skeleton(b, k_sk, ff)
     # ---------------------------------------------------------------- texture waves
     lam_lo = 2.2 + 1.5 * (1.0 - p.texture)
     lam_hi = 3.8 + 3.5 * (1.0 - p.texture)
@@ -1118,8 +1314,14 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
                              "y_table": y_table, "diaphragm_z": (zd_r, zd_l), "kidneys": kid_truth,
                              "subcutaneous_fat_mm": t_sc, "body_half_width_l1": float(np.interp(0.0, zs_, half_w)),
                              "body_depth_l1": float(np.interp(0.0, zs_, depth)),
-                             "body_centre_y_l1": yc_l1},
-                  prims=b.ordered(), table_prims=table, bone_start=b.n_below(5), tissues=b.t, trabecular=b.trab, waves=(kk, phi, amp))
+                             "body_centre_y_l1": yc_l1, "z_sacrum_top": float(at(s_sac)[0][2])},
+                  prims=b.ordered(), table_prims=table, bone_start=b.n_below(5), tissues=b.t, trabecular=b.trab, waves=(kk, phi, amp),
+                  variants=variants)
+    variants.setdefault("bone_islands", [])
+    variants["n_rib_pairs"] = 12 + int(any(v > 0 for v in lrib_len.values()))
+    variants["lowest_rib_level"] = "L1" if any(v > 0 for v in lrib_len.values()) else "T12"
+    variants["n_free_lumbar_type"] = 6 if trans == "lumbarised_s1" else 5
+    variants["castellvi"] = ("III" + ("b" if len(sac_sides) == 2 else "a")) if sac_sides else ""
     scene._body_bounds = ((-xb, xb), (float(np.min((cy - depth / 2)[2:])), float(np.max(back[2:]))),
                           body_bounds_z)
     return scene

@@ -24,7 +24,17 @@
   degeneration >= 0.5: osteophytes and sclerosis are rendered) or scoliotic
   rotation >= 4 deg.
 * localization truth: z-range of each vertebral body, L1 centroid, femoral
-  head centres (patient LPS mm, scene frame).
+  head centres (patient LPS mm, scene frame); :func:`level_truth` adds, for
+  scoring a level localizer, whether each vertebra bears ribs (true,
+  hypoplastic or lumbar ribs), a free lumbarised ``"S1"`` and the patient's
+  anatomical variants (``scene.variants``, issue 14).
+
+Bone islands and skeleton scale: :func:`trabecular_hu` is the composition of
+the ``<level>_trabecular`` tissue label. A bone island is painted with its own
+label (``<level>_bone_island``, part of ``<level>_body``), so its voxels are
+excluded from that truth by construction -- the truth is the HU an ROI that
+avoids the focus should read. ``Patient.skeleton_scale`` scales the mineral
+of every bone tissue when the scene is built, so the truth follows it.
 """
 from __future__ import annotations
 
@@ -83,10 +93,28 @@ def acr_category(vbmd: float) -> str:
 
 
 def trabecular_hu(scene: Scene, level: str, kev: float, phase: str = "native") -> float:
-    """Mean HU of a vertebra's trabecular bone (marrow + mineral, iodine for the phase)."""
+    """Mean HU of a vertebra's trabecular bone (marrow + mineral, iodine for the phase).
+
+    Excludes bone-island voxels (their own label) and follows ``patient.skeleton_scale``
+    (module docstring); ``level`` may be ``"S1"`` for a lumbarised (free) S1.
+    """
     tab = scene.composition(phase)
     lab = int(scene.structure_ids(f"{level}_trabecular")[0])
     return float(physics.hu({b: tab[b][lab] for b in physics.BASIS}, kev))
+
+
+def level_truth(scene: Scene) -> dict[str, Any]:
+    """Truth for scoring a level localizer (issue 14).
+
+    Returns ``{"levels": [...], "variants": {...}}``: ``levels`` is
+    :meth:`Scene.level_truth` (per vertebra, superior to inferior: anatomical ``label`` counted
+    from the top, ``z_range_mm``, ``centroid_mm``, ``has_ribs``, ``rib_kind``, ``rib_sides``,
+    ``sacral_like``, ``free``); ``variants`` is ``scene.variants`` (``t12_ribs``,
+    ``lumbar_rib``, ``transitional``, ``skeleton_scale``, ``bone_islands`` with their centres,
+    ``n_rib_pairs``, ``lowest_rib_level``, ``n_free_lumbar_type``, ``castellvi`` and the drawn
+    details such as ``t12_rib_free_length_mm``).
+    """
+    return {"levels": scene.level_truth(), "variants": dict(scene.variants)}
 
 
 def tbs_score(scene: Scene) -> float:
@@ -217,6 +245,12 @@ def patient_labels(scene: Scene, *, kev: float | None = None, phase: str = "nati
     for k in ("L1", "L2", "L3", "L4", "femoral_neck_R", "femoral_neck_L", "total_hip_R", "total_hip_L"):
         if k in abmd:
             row[f"abmd_{k}"] = float(abmd[k])
+    # anatomical variants (issue 14): columns for grouping cohort evaluations
+    row["transitional"] = p.transitional
+    row["t12_ribs"] = p.t12_ribs
+    row["lumbar_rib"] = p.lumbar_rib
+    row["bone_island_levels"] = "|".join(b["level"] for b in p.bone_islands)
+    row["skeleton_scale"] = p.skeleton_scale
     return row
 
 
@@ -228,8 +262,10 @@ def study_json(scene: Scene, row: dict[str, Any], study: dict[str, Any]) -> dict
         "labels": row,
         "vertebrae": [{"label": v.label, "z_range_mm": list(v.z_range_mm), "centroid_mm": list(v.centroid_mm),
                        "body_height_mm": v.body_height_mm, "width_mm": v.width_mm, "depth_mm": v.depth_mm,
-                       "has_ribs": v.has_ribs, "axis": list(v.axis), "rotation_deg": v.rotation_deg}
+                       "has_ribs": v.has_ribs, "axis": list(v.axis), "rotation_deg": v.rotation_deg,
+                       "rib_kind": v.rib_kind, "rib_sides": list(v.rib_sides), "sacral_like": v.sacral_like}
                       for v in scene.all_vertebrae],
+        "variants": scene.variants,
         "femoral_heads": {k: list(v) for k, v in scene.femoral_heads.items()},
         "femoral_necks": scene.femoral_necks,
         "study": study,

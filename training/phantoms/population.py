@@ -28,11 +28,29 @@ T-like score ``(vBMD_L1 - 180) / 28``; relative risks after Marshall et al.
 (age, BMI). ``P(fracture within 5 y) = 1 - exp(-5 lambda)``; the outcome is a
 Bernoulli draw of that probability. This gives ~4 % for a 68-year-old woman,
 matching the 3.9 % 5-year rate of seed 003's OSTPRE cohort.
+
+Anatomical variants (clinical-physics.md section 7; issue 14): drawn from an
+**independent** stream ``default_rng([seed, index, 7919])`` after every other
+field, so each older field of each patient is bit-identical to the cohort
+before variants existed; each can be forced by a :func:`make_patient` keyword.
+
+* ``transitional``: ``"sacralised_l5"`` 12.3 %, ``"lumbarised_s1"`` 4.0 %,
+  else ``"none"`` (Skeletal Radiol 2025, 551 whole-spine CTs).
+* ``t12_ribs``: ``"hypoplastic"`` 12.6 % overall, correlated with
+  sacralisation (35 % of sacralised patients, ~9.5 % of the others).
+* ``lumbar_rib`` (a 13th rib pair on L1's transverse processes): ~2 % overall,
+  correlated with lumbarisation (20 % of lumbarised patients, 1.25 % of others).
+* ``bone_islands``: ~5 % of patients carry one enostosis in T10-L5 (L1 weighted
+  3x): ``{"level", "offset_mm": (dx, dy, dz) from the trabecular centre in the
+  vertebra's own frame, "diameter_mm": 3-10, "density": HA g/cm3 (~cortical,
+  0.75-1.05)}``.
+* ``skeleton_scale`` (default 1.0, never drawn): multiplies every bone mineral
+  density of the scene (the "skeleton attenuation x 0.8 / x 0.6" intervention).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,6 +59,20 @@ LEVELS: tuple[str, ...] = ("T6", "T7", "T8", "T9", "T10", "T11", "T12", "L1", "L
 #: the levels of the issue's contract (T10..L5)
 CORE_LEVELS: tuple[str, ...] = ("T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5")
 LUMBAR: tuple[str, ...] = ("L1", "L2", "L3", "L4")
+#: fields drawn before anatomical variants existed (bit-identical to that cohort)
+VARIANT_FIELDS: tuple[str, ...] = ("t12_ribs", "lumbar_rib", "transitional", "bone_islands", "skeleton_scale")
+TRANSITIONAL: tuple[str, ...] = ("none", "sacralised_l5", "lumbarised_s1")
+T12_RIBS: tuple[str, ...] = ("normal", "hypoplastic")
+#: levels that can carry a bone island and their relative weights (L1 enriched)
+ISLAND_LEVELS: dict[str, float] = {"T10": 1.0, "T11": 1.0, "T12": 1.0, "L1": 3.0, "L2": 1.0, "L3": 1.0,
+                                   "L4": 1.0, "L5": 1.0}
+#: variant rates (clinical-physics.md section 7)
+P_SACRALISED, P_LUMBARISED = 0.123, 0.040
+P_HYPOPLASTIC_12 = 0.126
+P_HYPO_GIVEN_SACRAL = 0.35
+P_LUMBAR_RIB = 0.02
+P_LRIB_GIVEN_LUMBARISED = 0.20
+P_BONE_ISLAND = 0.05
 
 #: young-adult (age 25) L1 trabecular vBMD mean and between-person SD (mg/cm3)
 VBMD_YOUNG = {"F": 180.0, "M": 175.0}
@@ -105,6 +137,16 @@ class Patient:
         Seed of the anatomical details; body-size scale of the skeleton.
     arms_down : bool
         Arms lie beside the torso (in the CT field of view) instead of raised (~15 %).
+    t12_ribs : str
+        ``"normal"`` or ``"hypoplastic"`` (short, thin, faint 12th ribs, sometimes one side only).
+    lumbar_rib : bool
+        A rudimentary 13th rib pair on L1, articulating with L1's transverse-process tips.
+    transitional : str
+        ``"none"``, ``"sacralised_l5"`` or ``"lumbarised_s1"`` (:data:`TRANSITIONAL`).
+    bone_islands : list of dict
+        Enostoses (module docstring); empty for most patients.
+    skeleton_scale : float
+        Multiplier of every bone mineral density of the scene (1.0 = as drawn).
     """
 
     patient_id: str
@@ -135,6 +177,11 @@ class Patient:
     anatomy_seed: int = 0
     size_factor: float = 1.0
     arms_down: bool = False
+    t12_ribs: str = "normal"
+    lumbar_rib: bool = False
+    transitional: str = "none"
+    bone_islands: list[dict[str, Any]] = field(default_factory=list)
+    skeleton_scale: float = 1.0
 
     @property
     def bmi(self) -> float:
@@ -187,7 +234,9 @@ def fracture_hazard(age: float, sex: str, t_like: float, prior_fx: bool, bmi: fl
 
 
 def make_patient(seed: int, index: int, *, age: float | None = None, sex: str | None = None,
-                 vbmd_l1: float | None = None) -> Patient:
+                 vbmd_l1: float | None = None, t12_ribs: str | None = None, lumbar_rib: bool | None = None,
+                 transitional: str | None = None, bone_islands: Sequence[Any] | None = None,
+                 skeleton_scale: float = 1.0) -> Patient:
     """Draw patient ``index`` of the cohort ``seed``.
 
     Parameters
@@ -197,6 +246,10 @@ def make_patient(seed: int, index: int, *, age: float | None = None, sex: str | 
     age, sex, vbmd_l1 : optional
         Overrides (for tests and controlled sweeps); other fields stay consistent
         with them.
+    t12_ribs, lumbar_rib, transitional, bone_islands, skeleton_scale : optional
+        Force an anatomical variant (module docstring); ``bone_islands`` items are dicts
+        (keys ``level``, ``offset_mm``, ``diameter_mm``, ``density``) or tuples in that order;
+        ``[]`` forces none. No override changes any other field.
     """
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0x5C2EE7])
     a = float(rng.uniform(20.0, 90.0))
@@ -283,6 +336,21 @@ def make_patient(seed: int, index: int, *, age: float | None = None, sex: str | 
 
     anat_seed = int(rng.integers(0, 2**31 - 1))
     arms_down = bool(rng.random() < 0.15)  # arms beside the body in the CT field (drawn last)
+    var = draw_variants(seed, index)
+    if t12_ribs is not None:
+        if t12_ribs not in T12_RIBS:
+            raise ValueError(f"t12_ribs must be one of {T12_RIBS}, not {t12_ribs!r}")
+        var["t12_ribs"] = t12_ribs
+    if lumbar_rib is not None:
+        var["lumbar_rib"] = bool(lumbar_rib)
+    if transitional is not None:
+        if transitional not in TRANSITIONAL:
+            raise ValueError(f"transitional must be one of {TRANSITIONAL}, not {transitional!r}")
+        var["transitional"] = transitional
+    if bone_islands is not None:
+        var["bone_islands"] = [_island(b) for b in bone_islands]
+    if not float(skeleton_scale) > 0.0:
+        raise ValueError(f"skeleton_scale must be > 0, not {skeleton_scale!r}")
     return Patient(
         patient_id=f"VC{int(seed):04d}-{int(index):05d}", index=int(index), seed=int(seed),
         age=round(a, 2), sex=s, height_cm=round(height, 1), weight_kg=round(weight, 1),
@@ -291,7 +359,51 @@ def make_patient(seed: int, index: int, *, age: float | None = None, sex: str | 
         fracture_5y_prob=p5, height_loss=loss, fracture_shape=shapes, degeneration_level=deg_level,
         scoliosis_apex=apex, scoliosis_side=side, lordosis_deg=lordosis, bone_z=z,
         menopause_age=meno, anatomy_seed=anat_seed, size_factor=size, arms_down=arms_down,
+        t12_ribs=var["t12_ribs"], lumbar_rib=var["lumbar_rib"], transitional=var["transitional"],
+        bone_islands=var["bone_islands"], skeleton_scale=float(skeleton_scale),
     )
+
+
+def _island(b: Any) -> dict[str, Any]:
+    """A bone island as a plain dict (accepts the dict form or a ``(level, offset, diameter, density)`` tuple)."""
+    if isinstance(b, dict):
+        lev, off, dia, den = b["level"], b.get("offset_mm", (0.0, 0.0, 0.0)), b["diameter_mm"], b.get("density", 0.9)
+    else:
+        lev, off, dia = b[0], b[1], b[2]
+        den = b[3] if len(b) > 3 else 0.9
+    if lev not in LEVELS:
+        raise ValueError(f"bone island level {lev!r} is not one of {LEVELS}")
+    off = tuple(float(q) for q in off)
+    if len(off) != 3:
+        raise ValueError(f"bone island offset_mm must be (dx, dy, dz), not {off!r}")
+    return {"level": str(lev), "offset_mm": off, "diameter_mm": float(dia), "density": float(den)}
+
+
+def draw_variants(seed: int, index: int) -> dict[str, Any]:
+    """The anatomical variants of patient ``(seed, index)`` from their own stream (module docstring).
+
+    Every draw is made whatever the earlier outcomes, so the stream's use is fixed.
+    """
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 7919])
+    u_tr, u_hypo, u_lr, u_isl = rng.random(4)
+    lev_w = np.array(list(ISLAND_LEVELS.values()))
+    lev = list(ISLAND_LEVELS)[int(rng.choice(len(lev_w), p=lev_w / lev_w.sum()))]
+    off = (float(rng.uniform(-11.0, 11.0)), float(rng.uniform(-8.0, 8.0)), float(rng.uniform(-5.0, 5.0)))
+    dia = float(rng.uniform(3.0, 10.0))
+    den = float(rng.uniform(0.75, 1.05))
+    if u_tr < P_SACRALISED:
+        trans = "sacralised_l5"
+    elif u_tr < P_SACRALISED + P_LUMBARISED:
+        trans = "lumbarised_s1"
+    else:
+        trans = "none"
+    p_h = P_HYPO_GIVEN_SACRAL if trans == "sacralised_l5" else (
+        (P_HYPOPLASTIC_12 - P_SACRALISED * P_HYPO_GIVEN_SACRAL) / (1.0 - P_SACRALISED))
+    p_l = P_LRIB_GIVEN_LUMBARISED if trans == "lumbarised_s1" else (
+        (P_LUMBAR_RIB - P_LUMBARISED * P_LRIB_GIVEN_LUMBARISED) / (1.0 - P_LUMBARISED))
+    islands = [{"level": lev, "offset_mm": off, "diameter_mm": dia, "density": den}] if u_isl < P_BONE_ISLAND else []
+    return {"t12_ribs": "hypoplastic" if u_hypo < p_h else "normal", "lumbar_rib": bool(u_lr < p_l),
+            "transitional": trans, "bone_islands": islands}
 
 
 def genant_grade(height_loss: float) -> int:
