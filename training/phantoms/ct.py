@@ -9,6 +9,15 @@ thickness; the reconstruction kernel is a Gaussian in-plane blur; quantum
 noise is white Gaussian noise correlated by the kernel's noise filter and
 scaled to the profile's level, ``1 / sqrt(thickness)`` and patient size
 (``exp(0.095 / cm x (D - 30 cm))`` for water-equivalent diameter ``D``).
+Coarse-pixel profiles (``supersample`` > 1, e.g. the 3 mm pixels of
+``coarse_ap_native_3mm``) average ``supersample**2`` sub-pixel samples per
+pixel, so a 1 mm cortex or a 5 mm bone island is partial-volumed as on a real
+coarse reconstruction instead of aliased.
+
+Contrast: the profile's phase sets the iodine of the scene; ``render_ct(...,
+contrast_in_header=False)`` (or a profile with ``contrast_in_header=False``)
+keeps the enhancement but writes no ContrastBolusAgent / Route and no phase in
+the series description, as in archives that lack them.
 
 Determinism: every random draw comes from ``numpy.random.default_rng`` seeded
 with ``(seed, patient index)``; UIDs are ``2.25.<SHA-256 of (seed, patient,
@@ -172,6 +181,12 @@ def render_volume(scene: Scene, profile: ScannerProfile, seed: int,
         cy = 0.5 * (y0 + y1) + 12.0 + rng.normal(0, 6)
     ox, oy = cx - fov / 2 + ps / 2, cy - fov / 2 + ps / 2
     origin = np.array([ox, oy, 0.0])
+    ss = max(1, int(getattr(profile, "supersample", 1)))
+    if ss > 1:  # sub-pixel grid: pixel [j, i] is the mean of sub-pixels [j*ss:(j+1)*ss, i*ss:(i+1)*ss]
+        ps_f, N_f = ps / ss, N * ss
+        origin_f = np.array([ox - ps / 2 + ps_f / 2, oy - ps / 2 + ps_f / 2, 0.0])
+    else:
+        ps_f, N_f, origin_f = ps, N, origin
     u = np.array([1.0, 0.0, 0.0])
     v = np.array([0.0, 1.0, 0.0])
     n_sub = int(min(4, max(1, np.ceil(profile.slice_thickness / 1.3))))
@@ -191,9 +206,9 @@ def render_volume(scene: Scene, profile: ScannerProfile, seed: int,
         for off in offs:
             zk = round(float(z + off), 3)
             if zk not in cache:
-                o = origin.copy()
+                o = origin_f.copy()
                 o[2] = zk
-                cache[zk] = mu_plane(scene, o, u, v, (N, N), (ps, ps), kev, profile.phase, table=True)
+                cache[zk] = mu_plane(scene, o, u, v, (N_f, N_f), (ps_f, ps_f), kev, profile.phase, table=True)
             mu, lab = cache[zk]
             acc = mu.copy() if acc is None else acc + mu
             if lab_c is None or abs(off) < 1e-9 or (off == offs[len(offs) // 2]):
@@ -202,11 +217,13 @@ def render_volume(scene: Scene, profile: ScannerProfile, seed: int,
         for key in [q for q in cache if q > z + profile.slice_thickness]:
             del cache[key]
         mu = acc / n_sub
+        if ss > 1:
+            mu = mu.reshape(N, ss, N, ss).mean(axis=(1, 3))
         hu = 1000.0 * (mu - mw) / mw
         if sig_blur > 0.05:
             hu = ndimage.gaussian_filter(hu, sig_blur, mode="nearest")
         sd = (profile.noise_hu * profile.kernel.noise_factor * np.sqrt(5.0 / profile.slice_thickness)
-              * _size_factor(lab_c, table_ids, ps))
+              * _size_factor(lab_c, table_ids, ps_f))
         wn = rng.standard_normal((N, N)).astype(np.float32)
         if profile.kernel.noise_sigma_px > 0.05:
             wn = ndimage.gaussian_filter(wn, profile.kernel.noise_sigma_px)
@@ -239,7 +256,8 @@ def patient_study_header(scene: Scene, kind: str, seed: int) -> Dataset:
 
 
 def render_ct(scene: Scene, profile: ScannerProfile | str, seed: int,
-              z_range: tuple[float, float] | None = None, series_number: int = 2) -> list[Dataset]:
+              z_range: tuple[float, float] | None = None, series_number: int = 2,
+              contrast_in_header: bool | None = None) -> list[Dataset]:
     """Render an axial CT series as CT Image Storage datasets.
 
     Parameters
@@ -252,6 +270,9 @@ def render_ct(scene: Scene, profile: ScannerProfile | str, seed: int,
     z_range : tuple of float, optional
         ``(z_top, z_bottom)`` in patient mm instead of the profile's coverage.
     series_number : int
+    contrast_in_header : bool, optional
+        False: render the phase's enhancement but write no ContrastBolusAgent / Route and no
+        phase in SeriesDescription; None (default) follows ``profile.contrast_in_header``.
 
     Returns
     -------
@@ -272,7 +293,8 @@ def render_ct(scene: Scene, profile: ScannerProfile | str, seed: int,
         lo, hi, dtype, pad = -32768, 32767, np.int16, -2000
     else:
         lo, hi, dtype, pad = 0, 4095, np.uint16, 0
-    agent = PHASE_AGENT[prof.phase]
+    show_contrast = prof.contrast_in_header if contrast_in_header is None else bool(contrast_in_header)
+    agent = PHASE_AGENT[prof.phase] if show_contrast else ""
     kev = vol["kev"]
     ox, oy = vol["origin_xy"]
     N = prof.matrix
@@ -305,7 +327,8 @@ def render_ct(scene: Scene, profile: ScannerProfile | str, seed: int,
         ds.SeriesDescription = {
             "abdomen_pelvis": "Abdomen-Pelvis", "abdomen": "Abdomen", "chest": "Thorax",
             "lumbar_spine": "L-Spine"}[prof.coverage] + f" {prof.slice_thickness:g}mm {prof.kernel.name}" + (
-            "" if prof.phase == "native" else {"arterial": " arterial", "portal_venous": " PV"}[prof.phase])
+            "" if (prof.phase == "native" or not show_contrast)
+            else {"arterial": " arterial", "portal_venous": " PV"}[prof.phase])
         ds.ManufacturerModelName = prof.model
         for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
                     "PatientSize", "PatientWeight", "PatientIdentityRemoved", "PatientComments"):

@@ -7,6 +7,24 @@ and noise texture), noise level, slice thickness and spacing, pixel spacing
 never used for training splits: they stand for "a scanner the models have
 not seen".
 
+``LOCALIZER_PROFILES`` (``evaluation_only``, issue 14) are real-archive
+acquisitions for cohort evaluations of the localizer, the L1 ROI and contrast
+detection; they are in neither ``TRAINING_PROFILES`` nor ``HELD_OUT``, so no
+existing training split changes:
+
+* ``coarse_ap_native_3mm`` / ``coarse_ap_native_6mm``: abdomen-pelvis, native,
+  120 kVp, soft kernel, 3 / 6 mm slices at 3 / 6 mm spacing, 170 x 170 matrix of
+  ~2.94 mm pixels (FOV 500 mm), rendered with 3 x 3 in-plane supersampling so a
+  pixel is the mean over its area (``supersample``).
+* ``coarse_ap_pv_3mm_noagent``: the same at 3 mm, portal-venous, no contrast
+  attribute in the header.
+* ``chest_abd_arterial_noagent``: thorax to upper abdomen, arterial (aorta
+  ~370 HU), 0.7 mm pixels, 2.5 mm slices, no contrast attribute.
+
+``contrast_in_header=False`` renders the phase's iodine but leaves
+ContrastBolusAgent / Route out of the header and the phase out of the series
+description (archives often lack them).
+
 Noise figures are the standard deviation (HU) of water at the reference
 5 mm slice for an average-sized patient (clinical-physics.md section 4:
 abdomen, 5 mm, soft kernel ~8-15 HU); they scale as ``1/sqrt(thickness)``
@@ -63,6 +81,13 @@ class ScannerProfile:
         PixelRepresentation 1 (signed) or 0 (unsigned).
     mas : float
         Exposure (mAs) written to the header.
+    contrast_in_header : bool
+        Write ContrastBolusAgent / Route (and the phase in SeriesDescription) for an enhanced phase.
+    supersample : int
+        In-plane supersampling factor: each pixel is the mean of ``supersample**2`` sub-pixel
+        samples (partial volume of coarse pixels); 1 samples pixel centres.
+    evaluation_only : bool
+        Never used for training splits or held-out tests (:data:`LOCALIZER_PROFILES`).
     """
 
     name: str
@@ -82,6 +107,9 @@ class ScannerProfile:
     pixel_signed: bool = True
     mas: float = 200.0
     station: str = "CT1"
+    contrast_in_header: bool = True
+    supersample: int = 1
+    evaluation_only: bool = False
 
     def with_(self, **kw: object) -> "ScannerProfile":
         """A copy with some fields replaced."""
@@ -118,11 +146,26 @@ PROFILES: dict[str, ScannerProfile] = {p.name: p for p in [
     ScannerProfile("heldout_fujifilm_135", "FUJIFILM Healthcare", "SCENARIA View", 135, Kernel("FC13", 0.42,
                    0.7, 1.3), 11.0, 0.625, 0.625, 0.68, 512, "abdomen_pelvis", "native", held_out=True, mas=190,
                    rescale_intercept=-1024),
+    # evaluation-only archive acquisitions (issue 14): coarse pixels and slices, no contrast attribute
+    ScannerProfile("coarse_ap_native_3mm", "SIEMENS", "SOMATOM Emotion 16", 120, SOFT_SIEMENS, 9.0, 3.0, 3.0,
+                   2.94, 170, "abdomen_pelvis", "native", mas=160, pixel_signed=False, supersample=3,
+                   evaluation_only=True, station="CT4"),
+    ScannerProfile("coarse_ap_native_6mm", "SIEMENS", "SOMATOM Emotion 16", 120, SOFT_SIEMENS, 9.0, 6.0, 6.0,
+                   2.94, 170, "abdomen_pelvis", "native", mas=160, pixel_signed=False, supersample=3,
+                   evaluation_only=True, station="CT4"),
+    ScannerProfile("coarse_ap_pv_3mm_noagent", "GE MEDICAL SYSTEMS", "BrightSpeed", 120, STANDARD_GE, 9.0, 3.0,
+                   3.0, 2.94, 170, "abdomen_pelvis", "portal_venous", mas=180, supersample=3,
+                   contrast_in_header=False, evaluation_only=True, station="CT5"),
+    ScannerProfile("chest_abd_arterial_noagent", "TOSHIBA", "Aquilion Prime", 120, SOFT_CANON, 12.0, 2.5, 2.5,
+                   0.70, 512, "chest", "arterial", mas=180, contrast_in_header=False, evaluation_only=True,
+                   station="CT6"),
 ]}
 
-#: profiles used for training splits (not held out)
-TRAINING_PROFILES: tuple[str, ...] = tuple(k for k, v in PROFILES.items() if not v.held_out)
+#: profiles used for training splits (not held out, not evaluation-only)
+TRAINING_PROFILES: tuple[str, ...] = tuple(k for k, v in PROFILES.items() if not v.held_out and not v.evaluation_only)
 HELD_OUT: tuple[str, ...] = tuple(k for k, v in PROFILES.items() if v.held_out)
+#: evaluation-only archive acquisitions for the localizer / L1 ROI / contrast cohort checks (issue 14)
+LOCALIZER_PROFILES: tuple[str, ...] = tuple(k for k, v in PROFILES.items() if v.evaluation_only)
 
 
 def get_profile(name: str) -> ScannerProfile:
