@@ -43,7 +43,7 @@ before variants existed; each can be forced by a :func:`make_patient` keyword.
 * ``bone_islands``: ~5 % of patients carry one enostosis in T10-L5 (L1 weighted
   3x): ``{"level", "offset_mm": (dx, dy, dz) from the trabecular centre in the
   vertebra's own frame, "diameter_mm": 3-10, "density": HA g/cm3 (~cortical,
-  0.75-1.05)}``.
+  0.5-1.0, i.e. ~600-1450 HU at 120 kVp)}``.
 * ``skeleton_scale`` (default 1.0, never drawn): multiplies every bone mineral
   density of the scene (the "skeleton attenuation x 0.8 / x 0.6" intervention).
 """
@@ -390,7 +390,7 @@ def draw_variants(seed: int, index: int) -> dict[str, Any]:
     lev = list(ISLAND_LEVELS)[int(rng.choice(len(lev_w), p=lev_w / lev_w.sum()))]
     off = (float(rng.uniform(-11.0, 11.0)), float(rng.uniform(-8.0, 8.0)), float(rng.uniform(-5.0, 5.0)))
     dia = float(rng.uniform(3.0, 10.0))
-    den = float(rng.uniform(0.75, 1.05))
+    den = float(rng.uniform(0.5, 1.0))
     if u_tr < P_SACRALISED:
         trans = "sacralised_l5"
     elif u_tr < P_SACRALISED + P_LUMBARISED:
