@@ -323,6 +323,11 @@ def handle_conn_close(event: evt.Event) -> None:
     if not st:
         return
     aborted = st["aborted"] or bool(getattr(event.assoc, "is_aborted", False))
+    if not aborted and not getattr(event.assoc, "is_released", False):
+        try:  # the A-ABORT (or a dropped connection) may still wait in the DUL queue
+            aborted = bool(event.assoc.acse.is_aborted())
+        except Exception:  # noqa: BLE001 - best effort, logging only
+            aborted = False
     fields = dict(calling_ae=str(event.assoc.requestor.ae_title).strip(),
                   stored=st["stored"], duplicates=st["duplicates"], refused=st["refused"],
                   ignored=st["ignored"], conflicts=st["conflicts"],
@@ -488,7 +493,11 @@ class IngestServer:
         return int(self.server.server_address[1])
 
     def stop(self) -> None:
-        """Stop accepting and close the socket; associations in progress are aborted."""
+        """Stop accepting and close the socket; associations in progress are aborted.
+        A second call does nothing."""
+        if getattr(self, "_stopped", False):
+            return
+        self._stopped = True
         self.server.shutdown()
         self.ae.shutdown()
         self.syncer.shutdown(wait=True)
