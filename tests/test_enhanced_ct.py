@@ -222,3 +222,30 @@ def test_accept_reasons_count_the_frames_of_a_multiframe_object(cohort_ct) -> No
         for name, accepted, reason in _route(cohort_ct[kind]):
             if accepted:
                 assert f"{n} slices" in reason, (kind, name, reason)
+
+
+@pytest.mark.slow
+def test_every_protocol_finds_the_same_on_every_ct_class(tmp_path: Path) -> None:
+    """Abdomen-pelvis coverage (L1-L4 and the femoral heads, 3 mm arterial, 100 kVp): all
+    registered protocols through the pipeline give the classic series' findings (~3 min)."""
+    scene = anatomy.build_scene(population.sample_population(1, 14)[0])
+    classic = ct.write_series(ct.render_ct(scene, "philips_ap_arterial", seed=14),
+                              tmp_path / "classic")
+    src = [pydicom.dcmread(p) for p in classic]
+    files = {"classic": classic,
+             "legacy": [enhanced.write_multiframe(enhanced.to_legacy_converted(src),
+                                                  tmp_path / "legacy")],
+             "enhanced": [enhanced.write_multiframe(enhanced.to_enhanced_ct(src),
+                                                    tmp_path / "enhanced")]}
+    del src
+    got = {}
+    for kind, paths in files.items():
+        res = process_series(paths, config=Config(), out_dir=tmp_path / "out" / kind)
+        assert res.status == "done", (kind, res.reason)
+        got[kind] = ([(n, a) for n, a, _ in res.decisions],
+                     [(f.protocol, f.site, [(m.name, m.value, m.unit) for m in f.measurements],
+                       f.category, f.flags) for f in res.findings])
+    assert {p for p, _, _, _, _ in got["classic"][1]} == \
+        {"l1_attenuation", "l1_axial", "femur_coronal", "lumbar_sagittal"}
+    for kind in KINDS:
+        assert got[kind] == got["classic"], kind
