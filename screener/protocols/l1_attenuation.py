@@ -39,8 +39,8 @@ from typing import Callable
 
 import numpy as np
 import structlog
-from scipy import ndimage
 
+from screener import vertebral_body
 from screener.domain import SpineLocalization, Volume
 from screener.findings import Finding, Measurement, RoiGeometry
 from screener.protocols.base import Decision, Protocol, ProtocolContext, ProtocolDeclined, \
@@ -79,13 +79,6 @@ def hu_per_mg(kvp: float | None) -> float:
     k = 120.0 if kvp is None else float(kvp)
     xs, ys = zip(*HU_PER_MG)
     return float(np.interp(k, xs, ys))
-
-
-def _disk(radius_px: tuple[float, float]) -> np.ndarray:
-    ry, rx = radius_px
-    ny, nx = int(np.ceil(ry)), int(np.ceil(rx))
-    yy, xx = np.mgrid[-ny:ny + 1, -nx:nx + 1]
-    return (yy / max(ry, 1e-6)) ** 2 + (xx / max(rx, 1e-6)) ** 2 <= 1.0
 
 
 class L1AttenuationProtocol(Protocol):
@@ -140,40 +133,36 @@ class L1AttenuationProtocol(Protocol):
         if l1 is None:
             reason = loc.reason or "L1 not in view"
             raise ProtocolDeclined(reason if "L1" in reason else f"L1 not in view: {reason}")
-        n = volume.array.shape[0]
-        k_lo, k_hi = (max(0, int(l1.slice_range[0])), min(n - 1, int(l1.slice_range[1])))
-        k_mid = int(np.clip(round(float(l1.centroid_index[0])), k_lo, k_hi))
+        try:
+            seg = vertebral_body.segment_body(volume.array, volume.spacing, l1.centroid_index)
+            tr = vertebral_body.place_trabecular_roi(
+                volume.array, volume.spacing, seg, _anterior(volume),
+                edge_margin_mm=self.edge_margin_mm)
+        except vertebral_body.BodyNotFound as exc:
+            raise ProtocolDeclined(f"could not outline the L1 vertebral body: {exc.reason}") \
+                from None
         _, dj, di = volume.spacing
-        img = volume.array[k_mid].astype(np.float32)
-        smooth = ndimage.gaussian_filter(img, sigma=(1.0 / dj, 1.0 / di))
-        seed = (float(l1.centroid_index[1]), float(l1.centroid_index[2]))
-        sharp = ndimage.gaussian_filter(img, sigma=(0.5 / dj, 0.5 / di))
-        body, thr_hi, thr_lo = self._trabecular_outline(smooth, seed, (dj, di), sharp)
-
-        roi_mask, centre, radius_mm, shrunk = self._place_roi(body, volume, (dj, di))
-        # pooled statistics over the central slab
-        z = volume.slice_positions()
-        dz = abs(volume.spacing[0])
-        half = max(self.slab_half_mm, dz * 1.01)
-        slab, per_slice = [], []
-        for k in range(k_lo, k_hi + 1):
-            if abs(float((z[k] - z[k_mid]) @ volume.direction[:, 2])) > half:
-                continue
-            vals = volume.array[k][roi_mask]
-            sm = ndimage.gaussian_filter(volume.array[k], sigma=(1.0 / dj, 1.0 / di))[roi_mask]
-            outside = np.mean((sm >= thr_hi) | (sm <= thr_lo))
-            if k != k_mid and outside > 0.10:
-                continue
-            slab.append(vals)
-            per_slice.append({"slice_index": k,
-                              "sop_instance_uid": volume.sop_instance_uid(k),
-                              "frame_number": frame_number(volume.datasets[k])
+        rs, cs = seg.crop
+        rep = tr.slices[tr.representative]
+        if rep.area_mm2 < self.min_roi_area_mm2:
+            raise ProtocolDeclined(
+                f"L1 trabecular body too small for a {self.min_roi_area_mm2:.0f} mm2 ROI (largest "
+                f"ROI {max(s.area_mm2 for s in tr.slices):.0f} mm2 once the cortex margin, the "
+                "posterior quarter and any focal lesion are left out)")
+        k_mid = rep.slice_index
+        per_slice = []
+        for s in tr.slices:
+            vals = volume.array[s.slice_index, rs, cs][s.roi].astype(np.float64)
+            per_slice.append({"slice_index": s.slice_index,
+                              "sop_instance_uid": volume.sop_instance_uid(s.slice_index),
+                              "frame_number": frame_number(volume.datasets[s.slice_index])
                               if volume.datasets else None,
-                              "mean_hu": float(vals.mean()), "sd_hu": float(vals.std())})
-        pooled = np.concatenate(slab).astype(np.float64)
-        mean_hu, sd_hu = float(pooled.mean()), float(pooled.std(ddof=1)) if pooled.size > 1 else 0.0
-        area_mm2 = float(roi_mask.sum() * dj * di)
-
+                              "mean_hu": float(vals.mean()) if vals.size else None,
+                              "sd_hu": float(vals.std()) if vals.size else None,
+                              "roi_area_mm2": s.area_mm2,
+                              "excluded_fraction": float(s.excluded_fraction)})
+        mean_hu, sd_hu, median_hu = tr.mean_hu, tr.sd_hu, tr.median_hu
+        area_mm2 = rep.area_mm2
         info = context.info
         flags: list[str] = list(volume.warnings)
         measurements = [
@@ -216,14 +205,23 @@ class L1AttenuationProtocol(Protocol):
                      f"kVp {kvp_txt}), not a calibrated QCT measurement")
         measurements.append(Measurement("ROI area", area_mm2, codes.UNIT_MM2[0], codes.AREA,
                                         codes.UNIT_MM2[1]))
-        if shrunk:
-            flags.append(f"ROI shrunk to {area_mm2:.0f} mm2 (the trabecular body is too small "
-                         f"for {self.roi_area_mm2:.0f} mm2)")
+        if area_mm2 < self.roi_area_mm2:
+            flags.append(f"ROI {area_mm2:.0f} mm2 on the representative slice, below "
+                         f"{self.roi_area_mm2:.0f} mm2 (small trabecular body)")
+        if tr.foci:
+            desc = "; ".join(f"{f['kind']} focus {f['volume_mm3']:.0f} mm3, {f['delta_hu']:+.0f} HU "
+                             f"from the body's median, slice {f['slice_index']}" for f in tr.foci)
+            flags.append(f"focal lesion excluded from the L1 ROI (bone island, Schmorl node or "
+                         f"lytic focus): {desc}; {100 * tr.excluded_fraction:.1f} % of the ROI "
+                         "left out")
         if l1.confidence < 0.7:
             flags.append(f"L1 level label uncertain (localizer confidence {l1.confidence:.2f})")
 
-        polygon = _circle_polygon(centre, radius_mm, (dj, di))
-        centre_mm = volume.index_to_patient(k_mid, centre[0], centre[1])
+        roi_full = np.zeros(volume.array.shape[1:], bool)
+        roi_full[rs, cs] = rep.roi
+        polygon = vertebral_body.outline_polygon(roi_full)
+        jj, ii = np.nonzero(roi_full)
+        centre_mm = volume.index_to_patient(k_mid, float(jj.mean()), float(ii.mean()))
         roi = RoiGeometry(source_sop_instance_uid=volume.sop_instance_uid(k_mid),
                           source_sop_class_uid=volume.sop_class_uid(k_mid),
                           polygon=polygon, centre_mm=tuple(float(v) for v in centre_mm),
@@ -239,11 +237,21 @@ class L1AttenuationProtocol(Protocol):
             referenced_sop_instance_uids=[roi.source_sop_instance_uid] + [
                 p["sop_instance_uid"] for p in per_slice
                 if p["sop_instance_uid"] != roi.source_sop_instance_uid],
-            details={"per_slice": per_slice, "roi_radius_mm": radius_mm,
+            details={"per_slice": per_slice, "median_hu": median_hu,
+                     "slices_used": [p["slice_index"] for p in per_slice],
+                     "roi_area_mm2_per_slice": [p["roi_area_mm2"] for p in per_slice],
+                     "roi_volume_mm3": float(tr.values.size * dj * di * abs(volume.spacing[0])),
+                     "excluded_fraction": float(tr.excluded_fraction), "foci": tr.foci,
+                     "focus_excluded": bool(tr.foci),
+                     "body_slices": [seg.first_slice, seg.last_slice],
+                     "body_height_mm": seg.height_mm(abs(volume.spacing[0])),
+                     "trabecular_hu_estimate": seg.trabecular_hu,
                      "categorised_hu": cat_hu, "category_qualifier": qualifier,
-                     "hu_per_mg_cm3": slope, "cortex_threshold_hu": thr_hi,
+                     "hu_per_mg_cm3": slope, "cortex_threshold_hu": seg.cortex_threshold_hu,
+                     "closing_mm": seg.closing_mm, "segmentation_notes": seg.notes,
                      "localizer": loc.method, "localizer_confidence": l1.confidence,
-                     "pooling": "ROI pixels pooled over the central slices listed in per_slice"},
+                     "pooling": "ROI voxels (raw HU) pooled over the mid-L1 slices in per_slice; "
+                                "focal outliers excluded"},
         )
         finding.overlay = self._overlay(volume, k_mid, polygon, finding, mean_hu, sd_hu, cat_hu)
         log.info("l1 measured", series_uid=info.series_uid, mean_hu=round(mean_hu, 1),
@@ -251,108 +259,6 @@ class L1AttenuationProtocol(Protocol):
         return [finding]
 
     # -------------------------------------------------------------- internals
-    def _trabecular_outline(self, smooth: np.ndarray, seed: tuple[float, float],
-                            spacing: tuple[float, float],
-                            sharp: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
-        """Outline the trabecular vertebral body around ``seed`` (row, column) by ray casting.
-
-        From candidate centres on a 3 mm grid within 9 mm of the seed, 72 rays
-        are cast outwards; each stops where the 1 mm smoothed HU first rises to
-        the centre's trabecular value (median within 5 mm) + 100 HU, or falls
-        150 HU below it (soft tissue, fat, canal). A rise counts as cortex when
-        it peaks at >= 250 HU and >= centre + 150 HU within 3 mm (read on a
-        0.5 mm smoothed image so that a thin cortex keeps its contrast). Rays
-        that find no boundary within 35 mm leaked through a gap and take their
-        neighbours' radius; radii are median-filtered over 35 degrees. A
-        candidate's score is the fraction of rays ending on cortex minus 0.02
-        per mm of distance from the seed; it must reach 0.6 with an outline of
-        350-2500 mm^2. The winner is re-cast from its own centroid (up to 3
-        times). On the shared real CT, seeds up to ~15 mm off the body centre
-        gave the same ROI mean within 1 HU; seeds in soft tissue declined.
-
-        Returns
-        -------
-        body : numpy.ndarray
-            Boolean mask of the outlined trabecular body.
-        cortex_hu, low_hu : float
-            Body median + 100 HU and - 150 HU, used to drop neighbour slices
-            whose ROI hits endplate or disc.
-        """
-        dj, di = spacing
-        rows, cols = smooth.shape
-        if not (0 <= seed[0] < rows and 0 <= seed[1] < cols):
-            raise ProtocolDeclined("L1 centroid from the localizer lies outside the image")
-        best: tuple[float, tuple[float, float], np.ndarray] | None = None
-        offsets = [(a, b) for a in np.arange(-9.0, 9.01, 3.0) for b in np.arange(-9.0, 9.01, 3.0)
-                   if a * a + b * b <= 81.0 + 1e-6]
-        for oj, oi in offsets:
-            c = (seed[0] + oj / dj, seed[1] + oi / di)
-            got = _cast_outline(smooth, c, spacing, sharp)
-            if got is None or not _plausible_area(got[1]):
-                continue
-            score = got[0] - 0.02 * float(np.hypot(oj, oi))
-            if best is None or score > best[0] + 1e-9:
-                best = (score, c, got[1])
-        if best is None or best[0] < MIN_ENCLOSURE:
-            raise ProtocolDeclined("could not outline the L1 vertebral body around the localizer's "
-                                   "centroid (no region bounded by cortex within 9 mm)")
-        centre, radii = best[1], best[2]
-        for _ in range(3):  # re-cast from the outline's own centroid while that is sound
-            jj, ii = np.nonzero(_outline_mask(smooth.shape, centre, radii, spacing))
-            c = (float(jj.mean()), float(ii.mean()))
-            if np.hypot((c[0] - centre[0]) * dj, (c[1] - centre[1]) * di) < 0.5:
-                break
-            got = _cast_outline(smooth, c, spacing, sharp)
-            if got is None or got[0] < MIN_ENCLOSURE or not _plausible_area(got[1]):
-                break
-            centre, radii = c, got[2 - 1]
-        body = _outline_mask(smooth.shape, centre, radii, spacing)
-        t_body = float(np.median(smooth[body]))
-        return body, t_body + CORTEX_STEP_HU, t_body - DROP_STEP_HU
-
-    def _place_roi(self, body: np.ndarray, volume: Volume, spacing: tuple[float, float]
-                   ) -> tuple[np.ndarray, tuple[float, float], float, bool]:
-        """Circle of ``roi_area_mm2`` inside ``body`` (see module docstring, step 3).
-
-        Returns the ROI mask, its centre (row, column), radius (mm) and
-        whether it had to shrink.
-        """
-        dj, di = spacing
-        r_target = float(np.sqrt(self.roi_area_mm2 / np.pi))
-        # anterior direction in (row, column) mm space
-        ant = np.array([0.0, -1.0, 0.0])
-        a = np.array([ant @ volume.direction[:, 1], ant @ volume.direction[:, 0]])
-        a = a / (np.linalg.norm(a) or 1.0)
-        jj, ii = np.nonzero(body)
-        cj, ci = jj.mean() * dj, ii.mean() * di
-        proj = jj * dj * a[0] + ii * di * a[1]
-        ap_depth = float(proj.max() - proj.min())
-        tj, ti = cj + 0.10 * ap_depth * a[0], ci + 0.10 * ap_depth * a[1]
-        rows, cols = body.shape
-        gj, gi = np.mgrid[:rows, :cols]
-        # the posterior quarter of the body holds the basivertebral plexus: keep out
-        ant_offset = (gj * dj - cj) * a[0] + (gi * di - ci) * a[1]
-        allowed = body & (ant_offset >= -0.25 * ap_depth)
-        dist = ndimage.distance_transform_edt(allowed, sampling=(dj, di))
-        shrunk = False
-        feasible = dist >= r_target + self.edge_margin_mm
-        radius = r_target
-        if not feasible.any():
-            best = float(dist.max())
-            radius = best - self.edge_margin_mm
-            if np.pi * radius ** 2 < self.min_roi_area_mm2:
-                raise ProtocolDeclined(
-                    f"L1 trabecular body too small for a {self.min_roi_area_mm2:.0f} mm2 ROI "
-                    f"(largest inscribed radius {best:.1f} mm)")
-            feasible = dist >= best - 1e-6
-            shrunk = True
-        fj, fi = np.nonzero(feasible)
-        d2 = (fj * dj - tj) ** 2 + (fi * di - ti) ** 2
-        b = int(np.argmin(d2))
-        centre = (float(fj[b]), float(fi[b]))
-        roi = ((gj - centre[0]) * dj) ** 2 + ((gi - centre[1]) * di) ** 2 <= radius ** 2
-        return roi, centre, float(radius), shrunk
-
     def _overlay(self, volume: Volume, k: int, polygon: np.ndarray, finding: Finding,
                  mean_hu: float, sd_hu: float, cat_hu: float) -> np.ndarray | None:
         try:
@@ -369,89 +275,10 @@ class L1AttenuationProtocol(Protocol):
         return render_overlay(volume.array[k], polygon, lines)
 
 
-CORTEX_STEP_HU = 100.0   # a ray meets cortex where HU rises this much above the centre
-DROP_STEP_HU = 150.0     # ... or leaves bone where HU falls this much below it
-N_RAYS = 72
-CORTEX_MIN_HU = 250.0        # a cortex hit peaks at least this high (0.5 mm smoothed) ...
-CORTEX_PEAK_STEP_HU = 150.0  # ... and this much above the centre, within 3 mm of the hit
-RISE_MIN_HU = 0.0
-MIN_ENCLOSURE = 0.6          # fraction of rays that must end on cortex (minus distance penalty)
-CENTRE_RADIUS_MM = 5.0       # the centre's trabecular value: median within this radius
-
-
-def _cast_outline(smooth: np.ndarray, centre: tuple[float, float], spacing: tuple[float, float],
-                  sharp: np.ndarray | None = None, r_max_mm: float = 35.0
-                  ) -> tuple[float, np.ndarray, float] | None:
-    """Cast rays from ``centre``; returns (fraction of rays bounded, radii in mm, centre HU)."""
-    dj, di = spacing
-    rows, cols = smooth.shape
-    if not (2 <= centre[0] < rows - 2 and 2 <= centre[1] < cols - 2):
-        return None
-    jj, ii = np.ogrid[:rows, :cols]
-    near = ((jj - centre[0]) * dj) ** 2 + ((ii - centre[1]) * di) ** 2 <= CENTRE_RADIUS_MM ** 2
-    t_c = float(np.median(smooth[near]))
-    if not -30.0 <= t_c <= 700.0:
-        return None
-    theta = np.linspace(0.0, 2 * np.pi, N_RAYS, endpoint=False)
-    r = np.arange(1.0, r_max_mm + 1e-6, 0.5)
-    pj = centre[0] + np.outer(np.sin(theta), r) / dj
-    pi_ = centre[1] + np.outer(np.cos(theta), r) / di
-    vals = ndimage.map_coordinates(smooth, [pj, pi_], order=1, mode="nearest")
-    rise = vals >= max(t_c + CORTEX_STEP_HU, RISE_MIN_HU)
-    stop = rise | (vals <= t_c - DROP_STEP_HU)
-    stop[:, :2] = False  # ignore the first 2 mm (noise at the centre)
-    hit = stop.any(axis=1)
-    first = np.where(hit, stop.argmax(axis=1), len(r) - 1)
-    radii = r[first].astype(float)
-    # stopped by cortex (not soft tissue): the rise peaks at bone values within 3 mm
-    idx = np.clip(first[:, None] + np.arange(7)[None, :], 0, len(r) - 1)
-    pvals = vals if sharp is None else \
-        ndimage.map_coordinates(sharp, [pj, pi_], order=1, mode="nearest")
-    peak = pvals[np.arange(N_RAYS)[:, None], idx].max(axis=1)
-    cortex = hit & rise[np.arange(N_RAYS), first] & \
-        (peak >= max(t_c + CORTEX_PEAK_STEP_HU, CORTEX_MIN_HU))
-    if hit.sum() < N_RAYS // 2:
-        return float(cortex.mean()), radii, t_c
-    # leaked rays take the median radius of their bounded neighbours
-    good = np.flatnonzero(hit)
-    for k in np.flatnonzero(~hit):
-        d = np.abs((good - k + N_RAYS // 2) % N_RAYS - N_RAYS // 2)
-        radii[k] = float(np.median(radii[good[np.argsort(d)[:6]]]))
-    ext = np.concatenate([radii[-3:], radii, radii[:3]])
-    smooth_r = np.array([np.median(ext[k:k + 7]) for k in range(N_RAYS)])
-    return float(cortex.mean()), smooth_r, t_c
-
-
-def _plausible_area(radii: np.ndarray) -> bool:
-    """A trabecular L1 cross-section of 350-2500 mm^2 (canal and small vessels are smaller)."""
-    area = 0.5 * float(np.sum(radii ** 2)) * (2 * np.pi / len(radii))
-    return 350.0 <= area <= 2500.0
-
-
-def _outline_mask(shape: tuple[int, int], centre: tuple[float, float], radii: np.ndarray,
-                  spacing: tuple[float, float]) -> np.ndarray:
-    """Pixels inside the star-shaped outline ``radii`` (mm, one per ray) around ``centre``."""
-    dj, di = spacing
-    rows, cols = shape
-    jj, ii = np.mgrid[:rows, :cols]
-    y = (jj - centre[0]) * dj
-    x = (ii - centre[1]) * di
-    ang = np.mod(np.arctan2(y, x), 2 * np.pi)
-    step = 2 * np.pi / len(radii)
-    k = ang / step
-    k0 = np.floor(k).astype(int) % len(radii)
-    k1 = (k0 + 1) % len(radii)
-    w = k - np.floor(k)
-    rr = radii[k0] * (1 - w) + radii[k1] * w
-    return np.hypot(x, y) < rr
-
-
-def _circle_polygon(centre: tuple[float, float], radius_mm: float,
-                    spacing: tuple[float, float], n: int = 48) -> np.ndarray:
-    """Closed polygon (column, row) in SCOORD image coordinates (pixel centre = index + 0.5)."""
-    dj, di = spacing
-    t = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
-    cols = centre[1] + 0.5 + radius_mm / di * np.cos(t)
-    rows = centre[0] + 0.5 + radius_mm / dj * np.sin(t)
-    pts = np.stack([cols, rows], axis=1)
-    return np.vstack([pts, pts[:1]])
+def _anterior(volume: Volume) -> tuple[float, float]:
+    """Unit (row, column) vector of the slice plane pointing to the patient's anterior (-y)."""
+    ant = np.array([0.0, -1.0, 0.0])
+    d = np.asarray(volume.direction, float)
+    a = np.array([ant @ d[:, 1], ant @ d[:, 0]])
+    a = a / (np.linalg.norm(a) or 1.0)
+    return float(a[0]), float(a[1])
