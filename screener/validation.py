@@ -195,6 +195,8 @@ def _image_size(ds: Dataset) -> tuple[int, int, int, int, int]:
 
 def _frame_problem(frame: bytes, ts: str, index: int) -> str | None:
     body = frame.rstrip(b"\x00")
+    if body.endswith(b"\xff\xd9\xff"):  # one 0xFF pad byte to even length (real files have it)
+        body = body[:-1]
     where = f"frame {index + 1}"
     if ts in _JPEG_FAMILY:
         if not body.startswith(b"\xff\xd8"):
@@ -361,9 +363,11 @@ def read_instance(path: Path, image_classes: frozenset[str] | set[str] | None = 
         raise Rejected(STATUS_CANNOT_PARSE, f"not a readable DICOM file: {_short(exc)}") from exc
     meta = getattr(ds, "file_meta", None)
     ts = clean_uid(meta.get("TransferSyntaxUID")) if meta is not None else ""
-    sop_class = clean_uid(ds.get("SOPClassUID")) if "SOPClassUID" in ds else ""
-    image = "PixelData" in ds if image_classes is None else sop_class in image_classes
-    uids = validate_dataset(ds, ts, image=image)
+    uids = validate_dataset(ds, ts, image=False)
+    image = ("PixelData" in ds if image_classes is None
+             else uids["SOPClassUID"] in image_classes)
+    if image:
+        check_pixel_data(ds, ts)
     return ds, uids, ts
 
 

@@ -445,3 +445,23 @@ def test_replay_summary_names_skipped_non_dicom_files() -> None:
     text = format_table([], [], [Path("/x/readme.txt")], ignored=2)
     assert "1 files not DICOM, skipped (/x/readme.txt)" in text and "2 instances" in text
     assert structlog is not None
+
+
+# ---------------------------------------------------------------- fuzz findings (F1, F2)
+def test_fuzz_f1_wrong_vr_on_sop_class_is_listed_not_raised(tmp_path: Path) -> None:
+    [f] = make_ct_series(tmp_path / "in", 1)
+    _replace_bytes(f, b"\x08\x00\x16\x00UI", b"\x08\x00\x16\x00FD")
+    reason = _unusable(f.parent)[f.name]
+    assert "(0008,0016) unreadable" in reason and "0xC000" in reason
+
+
+def test_fuzz_f2_real_encapsulated_files_with_a_pad_byte_after_the_end_marker_are_valid(
+        ) -> None:
+    from screener.validation import read_instance
+    from tests.conftest import SHARED
+    files = sorted((SHARED / "data" / "real-public").glob("*.dcm"))
+    if not files:
+        pytest.fail(f"shared real-public files missing under {SHARED}")
+    for p in files:
+        _, uids, ts = read_instance(p, frozenset(IMAGE_STORAGE_CLASSES))
+        assert uids["SOPInstanceUID"] and ts
