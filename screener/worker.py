@@ -73,6 +73,19 @@ def _finding_row(f: Any) -> dict[str, Any]:
             "category": str(getattr(f, "category", "") or ""), "data": data}
 
 
+def _result_rows(result: Any, prev: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The ``results`` rows of a pipeline result (an SR supersedes the previous SR)."""
+    rows = []
+    for o in getattr(result, "outputs", []) or []:
+        supersedes = str(getattr(o, "supersedes", "") or "")
+        if not supersedes and prev and o.kind == "SR":
+            supersedes = str(prev["sop_instance_uid"])
+        rows.append({"sop_instance_uid": str(o.sop_instance_uid),
+                     "sop_class_uid": str(o.sop_class_uid), "kind": str(o.kind),
+                     "path": str(o.path), "supersedes": supersedes})
+    return rows
+
+
 def _not_quantitative(paths: list[Path]) -> list[str]:
     """Why a CT series cannot be measured in HU (lossy, 8-bit), from its first header."""
     try:
@@ -139,14 +152,7 @@ def run_job(job: dict[str, Any], db: Database, config: Config,
         if status not in ("done", "skipped", "failed"):
             reason = f"pipeline returned unknown status {status!r}; {reason}"
             status = "failed"
-        results = []
-        for o in getattr(result, "outputs", []) or []:
-            supersedes = str(getattr(o, "supersedes", "") or "")
-            if not supersedes and prev and o.kind == "SR":
-                supersedes = str(prev["sop_instance_uid"])
-            results.append({"sop_instance_uid": str(o.sop_instance_uid),
-                            "sop_class_uid": str(o.sop_class_uid), "kind": str(o.kind),
-                            "path": str(o.path), "supersedes": supersedes})
+        results = _result_rows(result, prev)
         ids = db.record_job_outcome(
             job_id, series_uid=series_uid, study_uid=study_uid, status=status,
             reason=reason, error=reason if status == "failed" else "",
