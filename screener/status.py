@@ -1,4 +1,4 @@
-"""``screener status``: queue, jobs, exports and rejections at a glance."""
+"""``screener status``: queue, jobs, exports, rejections and rejected associations at a glance."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,9 @@ def _age(t: float | None) -> str:
 def render(db: Database, recent: int = 10) -> str:
     """The status report as text."""
     c = db.counts()
-    lines = [f"instances {c['instances']}   series {c['series']}   rejections {c['rejections']}",
+    lines = [f"instances {c['instances']}   series {c['series']}   rejections {c['rejections']}"
+             f"   ignored {c.get('ignored', 0)}"
+             f"   rejected associations {c.get('rejected_associations', 0)}",
              "jobs     " + ("  ".join(f"{k} {v}" for k, v in sorted(c["jobs"].items())) or "none"),
              "exports  " + ("  ".join(f"{k} {v}" for k, v in sorted(c["exports"].items())) or "none"),
              "", f"last {recent} jobs:"]
@@ -37,6 +39,12 @@ def render(db: Database, recent: int = 10) -> str:
         lines += ["", "recent rejections:"]
         for r in rej:
             lines.append(f"  {_age(r['at']):>9}  0x{r['status']:04X}  {r['calling_ae']:<16} {r['reason'][:90]}")
+    assocs = db.rejected_associations()[-recent:]
+    if assocs:
+        lines += ["", "rejected associations (per calling AE and reason):"]
+        for a in assocs:
+            lines.append(f"  {_age(a['last_at']):>9}  x{a['count']:<6} {a['calling_ae']:<16} "
+                         f"{a['reason'][:90]}")
     return "\n".join(lines)
 
 
