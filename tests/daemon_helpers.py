@@ -251,6 +251,7 @@ class Orthanc:
     dicom_port: int = 0
     http_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    modalities: dict[str, list[Any]] = field(default_factory=dict)  # name -> [AET, host, port]
 
     def start(self) -> "Orthanc":
         """Start it (ports are kept across restarts) and wait until both ports answer."""
@@ -267,6 +268,7 @@ class Orthanc:
             "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
             "Plugins": [], "StableAge": 1, "ConcurrentJobs": 1, "HttpThreadsCount": 4,
             "DicomThreadsCount": 2, "LimitFindResults": 0, "SaveJobs": False,
+            "DicomModalities": self.modalities,
         }
         cfg_path = self.work_dir / "orthanc.json"
         cfg_path.write_text(json.dumps(cfg))
@@ -282,6 +284,13 @@ class Orthanc:
         """GET a REST resource (JSON)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
             return json.loads(r.read())
+
+    def post(self, path: str, body: Any) -> Any:
+        """POST a JSON body to a REST resource; returns the JSON answer."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}",
+                                     data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read() or b"null")
 
     def sop_instance_uids(self) -> set[str]:
         """SOP Instance UIDs of everything Orthanc has stored."""

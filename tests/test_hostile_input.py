@@ -399,6 +399,36 @@ def test_case12_every_storage_class_is_accepted_non_ours_ignored_and_recorded(
             "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.2.1"} <= classes
 
 
+@pytest.mark.network
+def test_case12_orthanc_forwards_a_study_holding_our_sr_and_every_ct_arrives(
+        tmp_path: Path) -> None:
+    from tests.daemon_helpers import Daemon, Orthanc, storescu
+    d = Daemon(tmp_path / "d", env={"SCREENER_ALLOWED_CALLING_AES": "ORTHANC,TESTSCU",
+                                    "SCREENER_QUIET_SECONDS": "3600"}).start()
+    orthanc = Orthanc(tmp_path / "orthanc",
+                      modalities={"screener": ["SCREENER", "127.0.0.1", d.port]}).start()
+    try:
+        ct = make_ct_series(tmp_path / "ct", 6)
+        sr = Dataset()
+        sr.SOPClassUID, sr.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.33", generate_uid()
+        ref = pydicom.dcmread(ct[0])
+        for kw in ("StudyInstanceUID", "PatientName", "PatientID"):
+            setattr(sr, kw, ref.get(kw))
+        sr.SeriesInstanceUID, sr.Modality = generate_uid(), "SR"
+        sr.file_meta = FileMetaDataset()
+        sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+        assert storescu(orthanc.dicom_port, [*ct, tmp_path / "sr.dcm"]).returncode == 0
+        [study] = orthanc.get("/studies")
+        orthanc.post("/modalities/screener/store", {"Resources": [study], "Synchronous": True})
+        db = d.db()
+        assert db.counts()["instances"] == 6 and db.counts()["ignored"] == 1
+        assert [r["sop_instance_uid"] for r in db.iter_table("ignored")] == [sr.SOPInstanceUID]
+    finally:
+        orthanc.stop()
+        assert d.stop() == 0
+
+
 # ---------------------------------------------------------------------- case 13
 def test_case13_lossy_8bit_ct_is_declined_for_that_reason_and_aborts_are_logged(
         tmp_path: Path, scp: tuple[Config, Database, Any]) -> None:
