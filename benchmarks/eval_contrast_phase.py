@@ -1,0 +1,131 @@
+"""Contrast phase from the image on the virtual cohort (issue 14 item 4; acceptance >= 95 % per profile).
+
+For every CT profile and every phase the phantom renders (native, arterial, portal venous)
+it renders ``--n`` cohort patients with that profile (the profile's pixel size, slice
+thickness, kVp, kernel and noise; z from the profile's coverage clipped to T10-L4, the part
+of the coverage :func:`screener.contrast.assess_contrast` reads), writes the DICOM series,
+reads it back with :func:`screener.series.read_series_info` / ``load_volume`` and runs
+``assess_contrast`` four ways:
+
+* ``img``: no ContrastBolusAgent, no localization (image alone, the spine found in the image);
+* ``img+loc``: no ContrastBolusAgent, the phantom's true vertebra centroids as localization;
+* ``hdr``: the rendered ContrastBolusAgent kept (arterial / portal venous) and no localization;
+* ``stale``: a stale ContrastBolusAgent ("IOHEXOL 350") on every series, no localization
+  (native series must come out native and flagged as a conflict).
+
+Prints accuracy per profile and per phase, the time per assessment, and the misses. Run
+from the project root::
+
+    python benchmarks/eval_contrast_phase.py --n 8 [--profiles a,b] [--seed 140]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from screener.contrast import assess_contrast  # noqa: E402
+from screener.domain import SpineLocalization, VertebraLocation  # noqa: E402
+from screener.series import load_volume, read_series_info  # noqa: E402
+from training.phantoms import anatomy, ct, population, profiles  # noqa: E402
+
+PHASES = ("native", "arterial", "portal_venous")
+MODES = ("img", "img+loc", "hdr", "stale")
+
+
+def truth_localization(scene: anatomy.Scene) -> SpineLocalization:
+    """The phantom's vertebra centroids as a (perfect) localizer result."""
+    verts = {}
+    for lv in ("T10", "T11", "T12", "L1", "L2", "L3", "L4"):
+        v = scene.vertebra(lv)
+        verts[lv] = VertebraLocation(lv, (0, 0), tuple(v.z_range_mm), (0.0, 0.0, 0.0), tuple(v.centroid_mm), 1.0)
+    return SpineLocalization(verts, "phantom truth")
+
+
+def z_range(scene: anatomy.Scene, prof: profiles.ScannerProfile, seed: int) -> tuple[float, float]:
+    rng = np.random.default_rng([seed, 0xC0])
+    top, bot = ct.coverage_range(scene, prof.coverage, rng)
+    t10, l4 = scene.vertebra("T10").centroid_mm[2], scene.vertebra("L4").centroid_mm[2]
+    return min(top, t10), max(bot, l4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=6, help="patients per profile and phase")
+    ap.add_argument("--seed", type=int, default=140)
+    ap.add_argument("--profiles", default=",".join(profiles.PROFILES))
+    args = ap.parse_args()
+    names = [p for p in args.profiles.split(",") if p]
+    patients = population.sample_population(args.n * len(PHASES) * len(names), args.seed)
+    hits: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    misses, times = [], []
+    i = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            base = profiles.get_profile(name)
+            for phase in PHASES:
+                prof = base.with_(phase=phase)
+                for _ in range(args.n):
+                    p = patients[i]
+                    i += 1
+                    scene = anatomy.build_scene(p)
+                    dss = ct.render_ct(scene, prof, seed=i, z_range=z_range(scene, prof, i))
+                    paths = ct.write_series(dss, Path(tmp) / f"{i}")
+                    info, vol = read_series_info(paths), load_volume(paths)
+                    loc = truth_localization(scene)
+                    runs = {
+                        "img": (None, dataclasses.replace(info, contrast_agent="")),
+                        "img+loc": (loc, dataclasses.replace(info, contrast_agent="")),
+                        "hdr": (None, info),
+                        "stale": (None, dataclasses.replace(info, contrast_agent="IOHEXOL 350")),
+                    }
+                    for mode, (lo, inf) in runs.items():
+                        t0 = time.perf_counter()
+                        a = assess_contrast(vol, lo, inf)
+                        times.append(time.perf_counter() - t0)
+                        ok = a.phase == phase
+                        if mode == "stale" and phase == "native":
+                            ok = ok and a.conflict is not None
+                        hits[(name, phase, mode)].append(int(ok))
+                        if not ok:
+                            misses.append((name, phase, mode, p.patient_id, vol.array.shape[0], a.phase,
+                                           a.source, {k: round(v, 2) for k, v in a.evidence.items()}))
+                    for f in paths:
+                        f.unlink()
+                print(f"  {name} {phase}: done ({vol.array.shape[0]} slices)", file=sys.stderr, flush=True)
+    print(f"\ncontrast phase from the image, virtual cohort: n = {args.n} per profile and phase "
+          f"(seed {args.seed})\n")
+    hdr = f"{'profile':24s} {'kVp':>4s} {'px/slice mm':>12s} " + " ".join(f"{m:>8s}" for m in MODES) + \
+        "   image-only by phase (nat/art/pv)"
+    print(hdr)
+    print("-" * len(hdr))
+    tot = defaultdict(list)
+    for name in names:
+        pr = profiles.get_profile(name)
+        cells = []
+        for m in MODES:
+            v = [x for ph in PHASES for x in hits[(name, ph, m)]]
+            tot[m] += v
+            cells.append(f"{100.0 * np.mean(v):7.1f}%")
+        by = "/".join(f"{sum(hits[(name, ph, 'img')])}" for ph in PHASES)
+        print(f"{name:24s} {pr.kvp:4.0f} {pr.pixel_spacing:5.2f}/{pr.slice_thickness:<5g}  " + " ".join(cells)
+              + f"   {by} of {args.n} each")
+    print(f"{'all':24s} {'':4s} {'':12s} " + " ".join(f"{100.0 * np.mean(tot[m]):7.1f}%" for m in MODES)
+          + f"   ({len(tot['img'])} CTs)")
+    print(f"\nassess_contrast: median {1000 * np.median(times):.0f} ms, max {1000 * np.max(times):.0f} ms")
+    if misses:
+        print("\nmisses:")
+        for m in misses:
+            print("  ", *m)
+
+
+if __name__ == "__main__":
+    main()
