@@ -101,8 +101,21 @@ def is_valid_uid(uid: str) -> bool:
 
 
 def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text[:120]
+    """The exception type, and its message only when it cannot quote a value.
+
+    pydicom's messages often quote the offending value (``Instead received
+    b'...'``, ``could not convert string to float: '...'``): when the element is a
+    patient's name or birth date that would put PHI into the log, the database
+    and the sender's ErrorComment. Messages with quotes are therefore reduced to
+    the type, except pydicom's "Unknown Value Representation 'XX' in tag ..."
+    (it quotes the VR, not the value).
+    """
+    msg = str(exc).replace("\n", " ")
+    if msg.startswith("Unknown Value Representation") and len(msg) < 100:
+        return f"{type(exc).__name__}: {msg}"
+    if not msg or any(q in msg for q in ("'", '"', "b'", "\\x")) or len(msg) > 100:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {msg}"
 
 
 def _walk(ds: Dataset, depth: int = 0) -> None:
@@ -117,8 +130,9 @@ def _walk(ds: Dataset, depth: int = 0) -> None:
             value = elem.value
             items = list(value) if elem.VR == "SQ" and value is not None else None
         except Exception as exc:  # noqa: BLE001 - every pydicom failure means "cannot parse"
+            vr = getattr(ds.get_item(tag), "VR", None)
             raise Rejected(STATUS_CANNOT_PARSE,
-                           f"attribute {Tag(tag)} unreadable: {_short(exc)}") from exc
+                           f"attribute {Tag(tag)} unreadable (VR {vr}): {_short(exc)}") from exc
         for item in items or ():
             _walk(item, depth + 1)
         name = _RESCALE_TAGS.get(int(tag))
@@ -186,7 +200,8 @@ def _image_size(ds: Dataset) -> tuple[int, int, int, int, int]:
         spp = int(ds.get("SamplesPerPixel") or 1)
         frames = int(ds.get("NumberOfFrames") or 1)
     except Exception as exc:  # noqa: BLE001 - bad VR / value in a received data set
-        raise Rejected(STATUS_BAD_PIXEL_DATA, f"image attributes unreadable: {exc}") from exc
+        raise Rejected(STATUS_BAD_PIXEL_DATA,
+                       f"image attributes unreadable: {_short(exc)}") from exc
     if rows <= 0 or cols <= 0 or bits not in (1, 8, 16, 32, 64) or spp <= 0 or frames <= 0:
         raise Rejected(STATUS_BAD_PIXEL_DATA,
                        f"invalid image size: Rows {rows}, Columns {cols}, BitsAllocated {bits}")

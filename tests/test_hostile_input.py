@@ -495,3 +495,15 @@ def test_fuzz_f2_real_encapsulated_files_with_a_pad_byte_after_the_end_marker_ar
     for p in files:
         _, uids, ts = read_instance(p, frozenset(IMAGE_STORAGE_CLASSES))
         assert uids["SOPInstanceUID"] and ts
+
+
+def test_reasons_never_quote_a_broken_value(tmp_path: Path,
+                                            scp: tuple[Config, Database, Any]) -> None:
+    cfg, db, _ = scp
+    [f] = make_ct_series(tmp_path / "in", 1)
+    _replace_bytes(f, b"\x10\x00\x10\x00PN", b"\x10\x00\x10\x00FD")  # PatientName read as FD
+    reason = _unusable(f.parent)[f.name]
+    [(status, comment)] = pynet_send(cfg.port, [f])
+    assert status == 0xC000 and comment.startswith("attribute (0010,0010) unreadable (VR FD)")
+    for text in (reason, comment, db.rejections()[0]["reason"]):
+        assert "Secret" not in text and "Testpatient" not in text, text
