@@ -143,14 +143,15 @@ def _texts(ds: Dataset) -> list[str]:
 def test_case03_invalid_birth_date_age_and_sex_are_left_out_of_the_reports(
         tmp_path: Path) -> None:
     res = _report_run(tmp_path, PatientBirthDate="19411322", PatientAge="71 years",
-                      PatientSex="female")
+                      PatientSex="female", StudyTime="25:61", ReferringPhysicianName="Dr\\Who")
     assert res.status == "done", res.reason
     assert [o.kind for o in res.outputs] == ["SR", "SC"]
     sr = pydicom.dcmread(res.outputs[0].path)
     assert sr.PatientBirthDate == "" and sr.PatientSex == "" and "PatientAge" not in sr
     text = " ".join(_texts(sr))
     assert "PatientBirthDate left out: not a valid date" in text
-    assert "19411322" not in text
+    assert "19411322" not in text and "ReferringPhysicianName had several values" in text
+    assert sr.StudyTime == "" and sr.ReferringPhysicianName == "Dr"
     sc = pydicom.dcmread(res.outputs[1].path)
     assert sc.PatientBirthDate == "" and sc.PatientName == sr.PatientName != ""
 

@@ -93,6 +93,14 @@ def demographic_problems(ds: Dataset) -> dict[str, str]:
             out[kw] = "PatientSex left out: not M, F or O"
         elif kw == "PatientAge" and not _AGE.match(value):
             out[kw] = "PatientAge left out: not nnnD/W/M/Y"
+    for kw in ("PatientName", "PatientID", "AccessionNumber", "StudyID", "ReferringPhysicianName"):
+        try:
+            value = ds.get(kw)
+        except Exception:  # noqa: BLE001
+            out[kw] = f"{kw} left out: unreadable"
+            continue
+        if isinstance(value, (list, tuple, MultiValue)):
+            out[kw] = f"{kw} had several values: the first is kept"
     charsets = ds.get("SpecificCharacterSet")
     if charsets is not None:
         values = [str(v).strip() for v in
@@ -123,9 +131,12 @@ def fix_type2(ds: Dataset) -> Dataset:
     if "SpecificCharacterSet" in problems:
         out.decode()
         out.SpecificCharacterSet = "ISO_IR 192"
-    for kw in problems:
+    for kw, note in problems.items():
         if kw == "PatientAge" and kw in out:
             del out[kw]
+        elif "several values" in note:
+            values = list(out[kw].value)
+            setattr(out, kw, values[0] if values else "")
         elif kw != "SpecificCharacterSet":
             setattr(out, kw, "")
     for kw in _TYPE2_DEFAULTS:
