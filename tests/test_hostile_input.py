@@ -508,3 +508,14 @@ def test_reasons_never_quote_a_broken_value(tmp_path: Path,
     assert status == 0xC000 and comment.startswith("attribute (0010,0010) unreadable (VR FD)")
     for text in (reason, comment, db.rejections()[0]["reason"]):
         assert "Secret" not in text and "Testpatient" not in text, text
+
+
+@pytest.mark.parametrize("tag,old,new,expect", [
+    (b"\x28\x00\x10\x00US", b"\x02\x00\x20\x00", b"\x03\x00\x20\x00\x00", "(0028,0010)"),
+])
+def test_binary_numbers_of_the_wrong_length_are_unusable(tmp_path: Path, tag: bytes, old: bytes,
+                                                new: bytes, expect: str) -> None:
+    [f] = make_ct_series(tmp_path / "in", 1, rows=32, cols=32)
+    _replace_bytes(f, tag + old, tag + new)
+    reason = _unusable(f.parent)[f.name]
+    assert expect in reason, reason
