@@ -282,6 +282,50 @@ def _frame_problem(frame: bytes, ts: str, index: int) -> str | None:
     return None
 
 
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+                          0xCE, 0xCF, 0xF7})  # JPEG SOFn and JPEG-LS SOF55
+
+
+def _jpeg_size(body: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG / JPEG-LS frame header, without decoding."""
+    i = 2
+    while i + 4 <= len(body):
+        if body[i] != 0xFF:
+            return None
+        marker = body[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(body[i + 2:i + 4], "big")
+        if marker in _SOF_MARKERS and i + 9 <= len(body):
+            return (int.from_bytes(body[i + 5:i + 7], "big"),
+                    int.from_bytes(body[i + 7:i + 9], "big"))
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def _j2k_size(body: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG 2000 SIZ marker segment, without decoding."""
+    at = body.find(b"\xff\x4f\xff\x51")
+    if at < 0 or at + 24 > len(body):
+        return None
+    siz = body[at + 4:at + 24]
+    xsiz, ysiz, xo, yo = struct.unpack(">4L", siz[4:20])
+    return ysiz - yo, xsiz - xo
+
+
+def _size_problem(frame: bytes, ts: str, rows: int, cols: int) -> str | None:
+    """The codestream's own image size, when it contradicts Rows / Columns."""
+    size = (_jpeg_size(frame) if ts in _JPEG_FAMILY else
+            _j2k_size(frame) if ts in _J2K_FAMILY else None)
+    if size is None or size[0] == 0 or size == (rows, cols):
+        return None
+    return (f"frame 1: the codestream is {size[1]} x {size[0]} (columns x rows), "
+            f"Columns / Rows say {cols} x {rows}")
+
+
 def _pixel_value(ds: Dataset) -> bytes | None:
     try:
         return ds["PixelData"].value
@@ -333,10 +377,10 @@ def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
             raise Rejected(STATUS_BAD_PIXEL_DATA,
                            f"Pixel Data too long: {size} bytes, image size says {expected}")
         return
-    _check_encapsulated(value, str(ts or ""), frames)
+    _check_encapsulated(value, str(ts or ""), frames, rows, cols)
 
 
-def _check_encapsulated(value: bytes, ts: str, frames: int) -> None:
+def _check_encapsulated(value: bytes, ts: str, frames: int, rows: int, cols: int) -> None:
     try:
         found = list(generate_frames(value, number_of_frames=frames))
     except Exception as exc:  # noqa: BLE001
@@ -349,6 +393,9 @@ def _check_encapsulated(value: bytes, ts: str, frames: int) -> None:
         problem = _frame_problem(frame, ts, i)
         if problem:
             raise Rejected(STATUS_BAD_PIXEL_DATA, problem)
+    problem = _size_problem(found[0], ts, rows, cols)
+    if problem:
+        raise Rejected(STATUS_BAD_PIXEL_DATA, problem)
 
 
 def validate_dataset(ds: Dataset, transfer_syntax: str, *, image: bool = True) -> dict[str, str]:

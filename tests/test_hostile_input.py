@@ -519,3 +519,21 @@ def test_binary_numbers_of_the_wrong_length_are_unusable(tmp_path: Path, tag: by
     _replace_bytes(f, tag + old, tag + new)
     reason = _unusable(f.parent)[f.name]
     assert expect in reason, reason
+
+
+def test_fuzz_f3_encapsulated_size_must_match_rows_and_columns(tmp_path: Path) -> None:
+    from tests.conftest import SHARED
+    src = SHARED / "data" / "real-public" / "tibia-cr-monochrome1-j2k.dcm"
+    if not src.is_file():
+        pytest.fail(f"shared real-public file missing: {src}")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, rows in (("ok.dcm", None), ("huge.dcm", 65535)):
+        ds = pydicom.dcmread(src)
+        if rows:
+            ds.Rows = rows
+        ds.save_as(folder / name)
+    reasons = _unusable(folder)
+    assert set(reasons) == {"huge.dcm"}
+    assert "the codestream is 1760 x 1760 (columns x rows), Columns / Rows say 1760 x 65535" \
+        in reasons["huge.dcm"], reasons
