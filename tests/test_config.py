@@ -129,3 +129,13 @@ def test_redacted_config_hides_the_tls_key() -> None:
 def test_serve_with_invalid_config_exits_2(tmp_path: Path) -> None:
     from screener.serve import main
     assert main(["--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_access_policy_needs_senders_or_an_explicit_allow_any() -> None:
+    with pytest.raises(ConfigError, match="allowed_calling_aes is empty.*--allow-any-ae"):
+        load_config(env={}).check_access_policy()
+    load_config(env={"SCREENER_ALLOWED_CALLING_AES": "MYPACS"}).check_access_policy()
+    cfg = load_config(env={"SCREENER_ALLOW_ANY_AE": "true"})
+    assert cfg.allow_any_ae is True
+    cfg.check_access_policy()
+    assert load_config(env={}, allow_any_ae=True).allow_any_ae is True
