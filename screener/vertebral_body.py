@@ -5,8 +5,9 @@ an HU array ``[k, j, i]`` (slice, row, column), its spacing and a seed.
 
 Method
 ------
-1. **Crop** a box of +-45 mm in-plane and +-32 mm along the slices around the
-   seed (the localizer's centroid); every step below works on the crop.
+1. **Crop** a box of +-40 mm in-plane and +-32 mm along the slices around the
+   seed (the localizer's centroid); every step below works on the crop. Pixels
+   finer than 0.75 mm are block-averaged for the outline (not for the ROI).
 2. **Adaptive cortex threshold.** The body's own trabecular level ``T`` (median
    HU of a 0.5 mm smoothed image near the seed, then inside the outline found)
    sets the cortex threshold ``T + max(100 HU, 5 x robust SD)``; a sweep of
@@ -21,9 +22,11 @@ Method
    is barrier inside it) are filled. At 3 mm pixels the 1-pixel cortex is
    enough: no HU peak is required, only enclosure.
 4. **Along the slices** the outline is followed from the seed slice up and
-   down while it overlaps the previous slice and keeps 40-170 % of its area;
-   an endplate (barrier over the whole cross-section) or a disc (no cortex
-   ring) ends the body. Thin slices are walked with a stride of ~2 mm.
+   down while it overlaps the previous slice, keeps 60-150 % of the median
+   area so far and a median HU within max(40 HU, 1 robust SD) of ``T``; an
+   endplate (barrier over the cross-section, or denser content), a disc (no
+   cortex ring, or less dense content) ends the body. Thin slices are walked
+   with a stride of ~2 mm.
 5. **ROI** (:func:`place_trabecular_roi`): the slices through the middle third
    of the body's height (``round(height / (3 x spacing))`` slices nearest the
    middle, at least one); on each, the outline eroded by ``edge_margin_mm`` plus
@@ -45,7 +48,9 @@ import numpy as np
 from scipy import ndimage
 
 #: crop half-sizes (mm) around the seed
-CROP_XY_MM = 45.0
+CROP_XY_MM = 40.0
+#: working pixel (mm): finer pixels are block-averaged to at least this for the outline
+WORK_PIXEL_MM = 0.75
 CROP_Z_MM = 32.0
 #: smoothing (Gaussian sigma, mm) of the image the barrier is thresholded on / outliers read on
 BARRIER_SIGMA_MM = 0.8
@@ -64,8 +69,13 @@ AREA_MIN_MM2 = 350.0
 AREA_MAX_MM2 = 3500.0
 #: the body must contain, or lie within this distance of, the seed (mm)
 SEED_TOL_MM = 10.0
-#: slice-to-slice area ratio that still continues the same body
+#: area ratio of overlapping regions to the previous slice's (region picking)
 AREA_RATIO = (0.4, 1.7)
+#: a further slice continues the body when its area is within this ratio of the median so far ...
+SLICE_AREA_RATIO = (0.6, 1.5)
+#: ... and its median HU within max(CONTENT_TOL_HU, CONTENT_TOL_SD x robust SD) of the body's
+CONTENT_TOL_HU = 40.0
+CONTENT_TOL_SD = 1.0
 #: longest body accepted along the slices (mm)
 MAX_HEIGHT_MM = 45.0
 #: fixed cortex thresholds swept only when the adaptive one finds no outline
@@ -105,7 +115,8 @@ class BodySegmentation:
     cortex_threshold_hu, low_threshold_hu : float
         Barrier thresholds used (``trabecular_hu + delta``, ``trabecular_hu - delta``).
     closing_mm : float
-        Closing radius that outlined the seed slice.
+        Closing radius that outlined the seed slice (0: outlined by rays, the
+        cortex enclosed nothing even closed).
     seed_slice : int
         Volume slice index the outline started from.
     stride : int
@@ -190,12 +201,23 @@ def _erode(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float]) -> 
     return ndimage.distance_transform_edt(mask, sampling=spacing) > radius_mm + 1e-6
 
 
+def _disk_se(radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:
+    nj, ni = int(radius_mm / spacing[0]), int(radius_mm / spacing[1])
+    yy, xx = np.mgrid[-nj:nj + 1, -ni:ni + 1]
+    return (yy * spacing[0]) ** 2 + (xx * spacing[1]) ** 2 <= radius_mm ** 2 + 1e-6
+
+
 def _close(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:
     """Binary closing by a disk of ``radius_mm`` (at least one pixel)."""
     r = max(radius_mm, max(spacing) * 1.01)
     pad = int(np.ceil(r / min(spacing))) + 1
     m = np.pad(mask, pad)
-    out = _erode(_dilate(m, r, spacing), r, spacing)
+    if r / min(spacing) <= 4.0:   # small disks: direct morphology is faster than two EDTs
+        se = _disk_se(r, spacing)
+        out = ndimage.binary_erosion(ndimage.binary_dilation(m, structure=se), structure=se,
+                                     border_value=1)
+    else:
+        out = _erode(_dilate(m, r, spacing), r, spacing)
     return out[pad:-pad, pad:-pad]
 
 
@@ -290,6 +312,7 @@ def outline_slice(smooth: np.ndarray, threshold: tuple[float, float], spacing: t
     Returns
     -------
     (mask, closing_mm) or None
+        ``closing_mm`` 0 when the ray outline (:func:`polar_outline`) was used.
     """
     raw = (smooth > threshold[1]) | (smooth < threshold[0])
     for r in closings:
@@ -298,7 +321,78 @@ def outline_slice(smooth: np.ndarray, threshold: tuple[float, float], spacing: t
         region = _pick_region(labels, n, target, spacing, ref_area)
         if region is not None:
             return region, float(r)
+    # a cortex too sparse to enclose anything (coarse pixels point-sampling a thin shell, wide
+    # gaps): the star-shaped outline of the first barrier pixel along rays from the centre
+    if isinstance(target, np.ndarray):
+        jj, ii = np.nonzero(target)
+        centres = [(float(jj.mean()), float(ii.mean()))]
+    else:
+        centres = [(target[0] + oj / spacing[0], target[1] + oi / spacing[1])
+                   for oj in (-6.0, -3.0, 0.0, 3.0, 6.0) for oi in (-6.0, -3.0, 0.0, 3.0, 6.0)
+                   if oj * oj + oi * oi <= 40.0]
+    best: tuple[float, np.ndarray] | None = None
+    for c in centres:
+        got = polar_outline(raw, c, spacing)
+        if got is None:
+            continue
+        frac, region = got
+        area = float(region.sum() * spacing[0] * spacing[1])
+        if not AREA_MIN_MM2 <= area <= AREA_MAX_MM2:
+            continue
+        if ref_area is not None and not AREA_RATIO[0] * ref_area <= area <= AREA_RATIO[1] * ref_area:
+            continue
+        if isinstance(target, np.ndarray) and (region & target).sum() < 0.5 * region.sum():
+            continue
+        if best is None or frac > best[0] + 1e-9:
+            best = (frac, region)
+    if best is not None:
+        return best[1], 0.0
     return None
+
+
+def polar_outline(barrier: np.ndarray, centre: tuple[float, float], spacing: tuple[float, float],
+                  n_rays: int = 72, r_max_mm: float = 32.0) -> tuple[float, np.ndarray] | None:
+    """Star-shaped region bounded by the first ``barrier`` pixel along rays from ``centre``.
+
+    Rays that meet no barrier within ``r_max_mm`` (gaps) or meet it much farther
+    than their neighbours (leaks to other structures) take the circular median
+    of their 9 neighbours. Needs >= 60 % of the rays bounded. Returns ``(fraction
+    of rays bounded, mask)`` or None.
+    """
+    rows, cols = barrier.shape
+    if not (0 <= centre[0] < rows and 0 <= centre[1] < cols):
+        return None
+    if barrier[int(round(centre[0])) % rows, int(round(centre[1])) % cols]:
+        return None
+    step = 0.25 * min(spacing)
+    r = np.arange(step, r_max_mm + 1e-6, step)
+    th = np.linspace(0.0, 2 * np.pi, n_rays, endpoint=False)
+    pj = np.rint(centre[0] + np.outer(np.sin(th), r) / spacing[0]).astype(int)
+    pi_ = np.rint(centre[1] + np.outer(np.cos(th), r) / spacing[1]).astype(int)
+    inside = (pj >= 0) & (pj < rows) & (pi_ >= 0) & (pi_ < cols)
+    hit = np.zeros(pj.shape, bool)
+    hit[inside] = barrier[pj[inside], pi_[inside]]
+    hit[:, r < 2.0] = False
+    any_hit = hit.any(axis=1)
+    frac = float(any_hit.mean())
+    if frac < 0.6:
+        return None
+    rad = np.where(any_hit, r[hit.argmax(axis=1)], np.nan)
+    ext = np.concatenate([rad[-4:], rad, rad[:4]])
+    win = np.lib.stride_tricks.sliding_window_view(ext, 9)
+    if not np.isfinite(win).any(axis=1).all():
+        return None
+    med = np.nanmedian(win, axis=1)
+    bad = ~np.isfinite(rad) | (rad > 1.25 * med)
+    rad[bad] = med[bad]
+    jj, ii = np.mgrid[:rows, :cols]
+    y = (jj - centre[0]) * spacing[0]
+    x = (ii - centre[1]) * spacing[1]
+    k = np.mod(np.arctan2(y, x), 2 * np.pi) / (2 * np.pi / n_rays)
+    k0 = np.floor(k).astype(int) % n_rays
+    w = k - np.floor(k)
+    rr = rad[k0] * (1 - w) + rad[(k0 + 1) % n_rays] * w
+    return frac, np.hypot(x, y) < rr
 
 
 # ------------------------------------------------------------------ segmentation
@@ -331,12 +425,29 @@ def segment_body(hu: np.ndarray, spacing: tuple[float, float, float],
         raise BodyNotFound("the localizer's L1 centroid lies outside the image")
     k0 = int(np.clip(round(sk), 0, n_k - 1))
     hj, hi_ = int(np.ceil(CROP_XY_MM / dj)), int(np.ceil(CROP_XY_MM / di))
-    rs = slice(max(0, int(sj) - hj), min(rows, int(sj) + hj + 1))
-    cs = slice(max(0, int(si) - hi_), min(cols, int(si) + hi_ + 1))
+    # fine pixels are block-averaged to a working grid of >= WORK_PIXEL_MM (speed, noise)
+    fj, fi = max(1, int(round(WORK_PIXEL_MM / dj))), max(1, int(round(WORK_PIXEL_MM / di)))
+    r0, c0 = max(0, int(sj) - hj), max(0, int(si) - hi_)
+    r1, c1 = min(rows, int(sj) + hj + 1), min(cols, int(si) + hi_ + 1)
+    r1, c1 = r0 + (r1 - r0) // fj * fj, c0 + (c1 - c0) // fi * fi
+    rs, cs = slice(r0, r1), slice(c0, c1)
     hk = int(np.ceil(CROP_Z_MM / dk))
     ks = range(max(0, k0 - hk), min(n_k, k0 + hk + 1))
+    nj, ni = (r1 - r0) // fj, (c1 - c0) // fi
+    dj, di = dj * fj, di * fi
     sp2 = (dj, di)
     sig = _sigma_px(BARRIER_SIGMA_MM, sp2)
+
+    def block(a: np.ndarray) -> np.ndarray:
+        if fj == 1 and fi == 1:
+            return a
+        return a.reshape(nj, fj, ni, fi).mean(axis=(1, 3))
+
+    def up(m: np.ndarray) -> np.ndarray:
+        if fj == 1 and fi == 1:
+            return m
+        return np.repeat(np.repeat(m, fj, axis=0), fi, axis=1)
+
     # along the slices: Gaussian weights of the neighbouring slices (thin slices only)
     sz = BARRIER_SIGMA_MM / dk
     m = int(np.ceil(3 * sz)) if sz > 0.3 else 0
@@ -346,7 +457,7 @@ def segment_body(hu: np.ndarray, spacing: tuple[float, float, float],
 
     def sm2(k: int) -> np.ndarray:
         if k not in cache2:
-            cache2[k] = ndimage.gaussian_filter(hu[k, rs, cs].astype(np.float32), sigma=sig)
+            cache2[k] = ndimage.gaussian_filter(block(hu[k, rs, cs].astype(np.float32)), sigma=sig)
         return cache2[k]
 
     def sm(k: int) -> np.ndarray:
@@ -356,9 +467,9 @@ def segment_body(hu: np.ndarray, spacing: tuple[float, float, float],
             cache[k] = sum(w * sm2(q) for w, q in ws) / tot
         return cache[k]
 
-    seed2 = (sj - rs.start, si - cs.start)
+    seed2 = ((sj - r0 + 0.5) / fj - 0.5, (si - c0 + 0.5) / fi - 0.5)
     # trabecular level near the seed, then the outline, then the level inside the outline
-    jj, ii = np.ogrid[:rs.stop - rs.start, :cs.stop - cs.start]
+    jj, ii = np.ogrid[:nj, :ni]
     near = ((jj - seed2[0]) * dj) ** 2 + ((ii - seed2[1]) * di) ** 2 <= 6.0 ** 2
     t0 = float(np.median(sm(k0)[near]))
     # the seed slice itself, else the nearest slices within 6 mm (a bad slice, the seed on an endplate)
@@ -374,14 +485,33 @@ def segment_body(hu: np.ndarray, spacing: tuple[float, float, float],
                            f"{SEED_TOL_MM:.0f} mm of the localizer's L1 centroid (it lies in soft "
                            "tissue, or the body's cortex is not visible)")
     mask0, t_body, thr, r_close = found
+    _, sd_body, _ = _threshold(sm(k_seed), mask0, sp2)
     area0 = float(mask0.sum() * dj * di)
+    areas = [area0]
+    closings = (r_close,) + tuple(c for c in CLOSING_MM if c > r_close) if r_close > 0 else CLOSING_MM
+    tol_hu = max(CONTENT_TOL_HU, CONTENT_TOL_SD * sd_body)
+
+    def follow(k: int, ref: np.ndarray) -> np.ndarray | None:
+        """The body on slice ``k`` continuing ``ref``: enclosed, of similar area and content."""
+        ref_area = float(np.median(areas))
+        got = outline_slice(sm(k), thr, sp2, ref, ref_area, closings=closings)
+        if got is None:
+            return None
+        region = got[0]
+        area = float(region.sum() * dj * di)
+        if not SLICE_AREA_RATIO[0] * ref_area <= area <= SLICE_AREA_RATIO[1] * ref_area:
+            return None   # an endplate, the disc or a neighbouring structure
+        if abs(float(np.median(sm(k)[region])) - t_body) > tol_hu:
+            return None   # endplate (denser) or disc (less dense) in the slice
+        return region
+
     masks = {k_seed: mask0}
     stride = max(1, int(np.floor(2.0 / dk + 1e-6)))
     ends = []
     notes: list[str] = []
     max_steps = int(MAX_HEIGHT_MM / dk)
     for direction in (1, -1):
-        prev, prev_area, k, last = mask0, area0, k_seed, k_seed
+        k, last = k_seed, k_seed
         while True:
             k = k + direction * stride
             if k < ks.start or k >= ks.stop:
@@ -389,28 +519,27 @@ def segment_body(hu: np.ndarray, spacing: tuple[float, float, float],
                 break
             if abs(k - k_seed) > max_steps:
                 break
-            got = outline_slice(sm(k), thr, sp2, prev, prev_area, closings=(r_close,) + tuple(
-                c for c in CLOSING_MM if c > r_close))
-            if got is None:
+            region = follow(k, masks[last])
+            if region is None:
                 break
-            prev, prev_area, last = got[0], float(got[0].sum() * dj * di), k
-            masks[k] = prev
+            masks[k], last = region, k
+            areas.append(float(region.sum() * dj * di))
         ends.append(last)
         # a stride > 1 leaves the last stride - 1 slices past the end unexamined: try them
-        if stride > 1:
-            for k in range(last + direction, last + direction * stride, direction):
-                if not ks.start <= k < ks.stop:
-                    break
-                got = outline_slice(sm(k), thr, sp2, masks[last], float(masks[last].sum() * dj * di),
-                                    closings=(r_close,) + tuple(c for c in CLOSING_MM if c > r_close))
-                if got is None:
-                    break
-                masks[k] = got[0]
-                ends[-1] = k
-    seg = BodySegmentation(masks=masks, first_slice=min(ends), last_slice=max(ends), crop=(rs, cs),
-                           trabecular_hu=t_body, cortex_threshold_hu=thr[1], low_threshold_hu=thr[0], closing_mm=r_close,
+        for k in range(last + direction, last + direction * stride, direction):
+            if not ks.start <= k < ks.stop:
+                break
+            region = follow(k, masks[ends[-1]])
+            if region is None:
+                break
+            masks[k], ends[-1] = region, k
+    seg = BodySegmentation(masks={k: up(m) for k, m in masks.items()}, first_slice=min(ends),
+                           last_slice=max(ends), crop=(rs, cs), trabecular_hu=t_body,
+                           cortex_threshold_hu=thr[1], low_threshold_hu=thr[0], closing_mm=r_close,
                            seed_slice=k_seed, stride=stride, notes=notes)
-    seg._smooth = sm  # type: ignore[attr-defined]  (slice-wise smoothed image, for the ROI step)
+    # outline of a further slice, for the ROI step (working grid, then native pixels)
+    seg._follow = follow  # type: ignore[attr-defined]
+    seg._work = (masks, up)  # type: ignore[attr-defined]
     return seg
 
 
@@ -471,14 +600,14 @@ def roi_slices(seg: BodySegmentation, slice_spacing: float) -> list[int]:
 def _mask_for(seg: BodySegmentation, k: int, spacing2: tuple[float, float]) -> np.ndarray | None:
     if k in seg.masks:
         return seg.masks[k]
-    near = min(seg.masks, key=lambda q: abs(q - k))
-    sm = seg._smooth  # type: ignore[attr-defined]
-    got = outline_slice(sm(k), (seg.low_threshold_hu, seg.cortex_threshold_hu), spacing2, seg.masks[near],
-                        float(seg.masks[near].sum() * spacing2[0] * spacing2[1]))
-    if got is None:
+    work, up = seg._work  # type: ignore[attr-defined]
+    near = min(work, key=lambda q: abs(q - k))
+    region = seg._follow(k, work[near])  # type: ignore[attr-defined]
+    if region is None:
         return None
-    seg.masks[k] = got[0]
-    return got[0]
+    work[k] = region
+    seg.masks[k] = up(region)
+    return seg.masks[k]
 
 
 def candidate_roi(body: np.ndarray, spacing: tuple[float, float], anterior: tuple[float, float],
