@@ -506,7 +506,15 @@ class Database:
 
     def record_ignored(self, *, sop_instance_uid: str, sop_class_uid: str, study_uid: str,
                        series_uid: str, calling_ae: str) -> None:
-        """Record an instance of a class the screener does not process (once per UID)."""
+        """Record an instance of a class the screener does not process (once per UID).
+
+        Parameters
+        ----------
+        sop_instance_uid, sop_class_uid, study_uid, series_uid : str
+            As received.
+        calling_ae : str
+            Who sent it.
+        """
         with self.lock:
             self._conn.execute(
                 "insert or ignore into ignored (sop_instance_uid, sop_class_uid, study_uid,"
@@ -514,7 +522,15 @@ class Database:
                 (sop_instance_uid, sop_class_uid, study_uid, series_uid, calling_ae, now()))
 
     def add_rejected_associations(self, *, calling_ae: str, reason: str, count: int) -> None:
-        """Add ``count`` refused associations of one calling AE and reason."""
+        """Add ``count`` refused associations of one calling AE and reason.
+
+        Parameters
+        ----------
+        calling_ae : str
+        reason : str
+            The same text for the same cause, so that counts add up in one row.
+        count : int
+        """
         t = now()
         with self.lock:
             self._conn.execute(

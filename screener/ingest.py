@@ -386,7 +386,17 @@ class RejectionCounter:
         self._last: dict[tuple[str, str], float] = {}
 
     def add(self, calling_ae: str, reason: str, peer: str = "") -> None:
-        """Count one rejected association; log and record when due."""
+        """Count one rejected association; log and record when due.
+
+        Parameters
+        ----------
+        calling_ae : str
+            The AE title the peer called from.
+        reason : str
+            Why it was rejected (see :func:`rejection_reason`).
+        peer : str
+            The peer's address, for the log line.
+        """
         key = (calling_ae, reason)
         t = time.monotonic()
         with self._lock:
@@ -418,7 +428,19 @@ class RejectionCounter:
 
 
 def rejection_reason(event: evt.Event, config: Config) -> str:
-    """Why pynetdicom rejected an association, in words that say what to fix."""
+    """Why pynetdicom rejected an association, in words that say what to fix.
+
+    Parameters
+    ----------
+    event : pynetdicom.events.Event
+        The ``EVT_REJECTED`` event.
+    config : Config
+        ``allowed_calling_aes``, ``allow_any_ae`` and ``ae_title``.
+
+    Returns
+    -------
+    str
+    """
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     primitive = getattr(event.assoc.requestor, "primitive", None)
     called = str(getattr(primitive, "called_ae_title", "") or "").strip()
@@ -431,7 +453,14 @@ def rejection_reason(event: evt.Event, config: Config) -> str:
 
 
 def handle_rejected(event: evt.Event, counter: RejectionCounter, config: Config) -> None:
-    """``EVT_REJECTED``: count (and, rate-limited, log and record) a refused association."""
+    """``EVT_REJECTED``: count (and, rate-limited, log and record) a refused association.
+
+    Parameters
+    ----------
+    event : pynetdicom.events.Event
+    counter : RejectionCounter
+    config : Config
+    """
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     counter.add(calling_ae, rejection_reason(event, config),
                 peer=str(event.assoc.requestor.address))

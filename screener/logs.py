@@ -156,7 +156,18 @@ class FailureState:
         self._log = logger or structlog.get_logger(__name__)
 
     def failed(self, exc: BaseException) -> float:
-        """Count a failure (logged when it is the first); returns the back-off delay."""
+        """Count a failure (logged when it is the first).
+
+        Parameters
+        ----------
+        exc : BaseException
+            What the step raised (its message is logged, without a traceback).
+
+        Returns
+        -------
+        float
+            Seconds to wait before the next attempt (:meth:`delay`).
+        """
         self.failures += 1
         if self.failures == 1:
             self._log.error(f"{self.what} failing; retrying with back-off, logged again when "
