@@ -12,7 +12,8 @@ port, provokes one phase and SIGKILLs it there:
   appears at the PACS peer (a DCMTK ``storescp`` on loopback that keeps every received copy:
   ``+uf``) or 0-80 ms after its job is recorded done.
 
-After every restart: every acknowledged instance is in the database and its file on disk.
+After every restart: every acknowledged instance is in the database and its file on disk with
+the data set bytes that were sent.
 At the end (all un-acknowledged files re-sent, queue drained): every sent file is stored; per
 series the jobs cover strictly growing instance sets (no job repeated over the same set) and
 the last covers the whole series; every done job has exactly one result; every result exactly
@@ -45,6 +46,11 @@ from tests.daemon_helpers import (Daemon, acknowledged_files, dcmtk_env, fake_pr
 pytestmark = pytest.mark.network
 
 CALLING_AE = "TESTSCU"
+
+
+def _dataset_part(raw: bytes) -> bytes:
+    """Bytes after the File Meta group (preamble + DICM + group 0002)."""
+    return raw[144 + int.from_bytes(raw[140:144], "little"):]
 
 
 def kill_pipeline(paths: list[Path], *, config: Any, out_dir: Path,
@@ -185,6 +191,8 @@ class KillRun:
                 row = db.get_instance(self.sop_of[f])
                 assert row is not None, f"acknowledged {f} not in the database"
                 assert Path(row["path"]).is_file(), f"acknowledged {f}: {row['path']} missing"
+                assert _dataset_part(Path(row["path"]).read_bytes()) == \
+                    _dataset_part(Path(f).read_bytes()), f"acknowledged {f}: stored bytes differ"
         finally:
             db.close()
         self.checks += 1
