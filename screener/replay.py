@@ -77,11 +77,19 @@ def _looks_dicom(path: Path) -> bool:
         return False
 
 
-def _same_content(a: Path, b: Path) -> bool:
+def _dataset_bytes(path: Path) -> bytes | None:
+    """A file's data set bytes (after the File Meta when it has one)."""
+    from screener.ingest import _stored_dataset_bytes
     try:
-        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+        return _stored_dataset_bytes(str(path)) or path.read_bytes()
     except OSError:
-        return False
+        return None
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    """Whether two files hold the same data set (their File Meta may differ)."""
+    first = _dataset_bytes(a)
+    return first is not None and first == _dataset_bytes(b)
 
 
 def _scan_one(path: Path, found: ScanResult, seen: dict[str, Path]) -> None:
@@ -143,15 +151,30 @@ def scan(root: Path) -> ScanResult:
     return found
 
 
-def _record(db: Database, s: ScannedSeries) -> int:
-    """Record a scanned series' instances; returns how many were new."""
+def _record(db: Database, s: ScannedSeries, found: ScanResult) -> int:
+    """Record a scanned series' instances; returns how many were new.
+
+    An instance whose SOP Instance UID is already recorded from another file with
+    different content is a conflict: the first version is kept, the file is listed
+    as unusable and the conflict recorded (as the SCP does with status 0xB006).
+    """
     new = 0
     for path, sop, cls, ts in s.files:
-        new += db.record_instance(
+        added = db.record_instance(
             sop_instance_uid=sop, sop_class_uid=cls, study_uid=s.study_uid,
             series_uid=s.series_uid, path=str(path), transfer_syntax=ts, calling_ae="",
             source="replay", modality=s.modality, accession_hash=s.accession_hash,
             size=path.stat().st_size)
+        new += added
+        if added:
+            continue
+        first = Path(str((db.get_instance(sop) or {}).get("path") or path))
+        if first != path and first.is_file() and not _same_content(first, path):
+            reason = (f"SOP Instance UID already recorded from {first} with different "
+                      "content; the first version is kept")
+            found.unusable.append((path, reason))
+            db.record_rejection(sop_instance_uid=sop, calling_ae="", status=0xB006,
+                                reason=reason)
     return new
 
 
@@ -191,7 +214,7 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
     todo: list[int] = []
     rows: dict[str, dict[str, object]] = {}
     for uid, s in found.series.items():
-        new = _record(db, s)
+        new = _record(db, s, found)
         last = db.last_job(uid)
         row = {"series_uid": uid, "modality": s.modality, "instances": len(s.files)}
         if last and not force and new == 0 and last["status"] in ("done", "skipped"):

@@ -537,3 +537,23 @@ def test_fuzz_f3_encapsulated_size_must_match_rows_and_columns(tmp_path: Path) -
     assert set(reasons) == {"huge.dcm"}
     assert "the codestream is 1760 x 1760 (columns x rows), Columns / Rows say 1760 x 65535" \
         in reasons["huge.dcm"], reasons
+
+
+def test_replay_of_a_uid_already_received_with_other_content_is_a_recorded_conflict(
+        tmp_path: Path, scp: tuple[Config, Database, Any]) -> None:
+    from screener.replay import replay
+    cfg, db, _ = scp
+    [f] = make_ct_series(tmp_path / "in", 1)
+    assert pynet_send(cfg.port, [f]) == [(0, "")]
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    (folder / "same.dcm").write_bytes(f.read_bytes())          # identical: nothing to say
+    rows, found = replay(folder, cfg, progress=False)
+    assert found.unusable == []
+    ds = pydicom.dcmread(f)
+    ds.PixelData = bytes(len(ds.PixelData))
+    ds.save_as(folder / "same.dcm")
+    rows, found = replay(folder, cfg, progress=False)
+    [(path, reason)] = found.unusable
+    assert path.name == "same.dcm" and "with different content; the first version" in reason
+    assert [r["status"] for r in Database(cfg.db_path).rejections()] == [0xB006]
