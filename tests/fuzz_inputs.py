@@ -524,3 +524,34 @@ def write_series_variants(folder: Path, seed: int, variants: list[tuple[str, str
                 paths.append(p)
             out.append((kind, series, paths))
     return out
+
+
+def write_radiograph_variants(folder: Path, seed: int, variants: list[tuple[str, str, Any]]
+                              ) -> list[tuple[str, str, list[Path]]]:
+    """One AP pelvis radiograph (DX) per variant with one bad demographic: through the
+    ``hip_xray`` model protocol a radiograph yields a finding, so its report is written."""
+    from training.phantoms import anatomy, population, xray
+    patient = population.sample_population(1, seed)[0]
+    scene = anatomy.build_scene(patient)
+    src, _ = xray.render_hip_xray(scene, seed, pixel_mm=2.0, ray_mm=4.0, dy_mm=4.0)
+    rng = np.random.default_rng(seed)
+
+    def uid() -> str:
+        return "2.25." + str(int.from_bytes(rng.bytes(15), "big"))
+
+    out = []
+    with lenient_pydicom():
+        for j, (kind, keyword, value) in enumerate(variants):
+            ds = copy.deepcopy(src)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = uid(), uid()
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid()
+            if keyword == "PatientName":
+                ds["PatientName"] = DataElement(0x00100010, "PN", value)
+            else:
+                setattr(ds, keyword, value)
+            d = folder / f"radiograph_{j:02d}_{kind}"
+            d.mkdir(parents=True, exist_ok=True)
+            p = d / "0001.dcm"
+            ds.save_as(p, enforce_file_format=True)
+            out.append((kind, str(ds.SeriesInstanceUID), [p]))
+    return out

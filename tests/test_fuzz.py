@@ -36,7 +36,7 @@ import pytest
 from tests.conftest import ROOT, SHARED
 from tests.daemon_helpers import Daemon, wait_for
 from tests.fuzz_inputs import (MUST_REFUSE, Base, FuzzInput, generate, load_bases, write_inputs,
-                               write_series_variants)
+                               write_radiograph_variants, write_series_variants)
 
 pytestmark = [pytest.mark.network, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -246,11 +246,15 @@ def _status_class(status: int) -> str:
 
 # -------------------------------------------------------------------------------- replay
 def run_replay(inputs: list[FuzzInput], folder: Path, data: Path,
-               series: list[tuple[str, str, list[Path]]]) -> Outcome:
-    """``screener replay`` over the replay files (and the whole bad-demographics series)."""
+               series: list[tuple[str, str, list[Path]]],
+               protocols: str | None = "l1_attenuation") -> Outcome:
+    """``screener replay`` over the replay files (and the whole bad-demographics series);
+    ``protocols=None`` runs every registered protocol (the model ones too)."""
     res = Outcome()
-    env = dict(os.environ, SCREENER_PROTOCOLS="l1_attenuation",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("SCREENER_PROTOCOLS", None)
+    if protocols:
+        env["SCREENER_PROTOCOLS"] = protocols
     run = subprocess.run([sys.executable, "-m", "screener", "replay", str(folder / "replay"),
                           "--no-progress", "--data-dir", str(data)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
@@ -344,13 +348,21 @@ def test_fuzz_quick(bases: list[Base], tmp_path: Path) -> None:
 @pytest.mark.fuzz
 @pytest.mark.slow
 def test_fuzz_full(bases: list[Base], tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """1,000 inputs (seed 2026) + 8 whole bad-demographics series through SCP and replay.
+    """1,000 inputs (seed 2026) + 8 whole bad-demographics series through SCP and replay, then
+    8 radiographs with the same bad demographics replayed through every protocol (hip_xray).
 
-    Only with ``pytest -m fuzz``. Runtime: ~85 s on the shared 2-core machine.
+    Only with ``pytest -m fuzz``. Runtime: ~2.5 min on the shared 2-core machine (1,000 inputs
+    ~100 s, radiographs ~50 s).
     """
     if "fuzz" not in (request.config.option.markexpr or ""):
         pytest.skip("the full fuzz set runs with: pytest -m fuzz tests/test_fuzz.py")
     _, scp, rep = _run(bases, tmp_path, 1000, 2026, 50, FULL_VARIANTS)
+    # radiographs with bad demographics through every protocol (hip_xray writes a report)
+    xr = write_radiograph_variants(tmp_path / "xr" / "replay", 11, FULL_VARIANTS)
+    xrep = run_replay([], tmp_path / "xr", tmp_path / "xr-data", xr, protocols=None)
+    print(f"radiographs, every protocol: {dict(xrep.counts)}\n{xrep.report()}")
     assert not scp.violations, scp.report()
     assert not rep.violations, rep.report()
-    assert not scp.strict and not rep.strict, scp.report() + "\n" + rep.report()
+    assert not xrep.violations, xrep.report()
+    assert not scp.strict and not rep.strict and not xrep.strict, \
+        scp.report() + "\n" + rep.report() + "\n" + xrep.report()
