@@ -277,6 +277,9 @@ def format_table(rows: list[dict[str, object]], unusable: list[tuple[Path, str]]
                    f"{str(r.get('status', '')):<16} {r.get('reason', '')}")
     for path, reason in unusable:
         out.append(f"unusable file {path}: {reason}")
+    if unusable:
+        out.append("unusable files were not processed: re-export them from their source system "
+                   "(or correct the attribute named) and replay the folder again")
     counts: dict[str, int] = defaultdict(int)
     for r in rows:
         counts[str(r.get("status", ""))] += 1
