@@ -4,24 +4,26 @@ Method (clinical-physics.md sections 1-2)
 -----------------------------------------
 1. A spine localizer (default :func:`screener.localizer.locate_spine`) finds
    L1; without it the protocol declines (``"L1 not in view"``).
-2. On the slice through the L1 centroid the trabecular body is outlined by
-   ray casting from candidate centres within 9 mm of the localizer's
-   centroid: 72 rays stop at the cortex (a rise of >= 100 HU over the
-   centre that peaks at >= 250 HU) or where HU drops >= 150 HU (soft tissue,
-   canal); rays leaking through cortical gaps take their neighbours' radius.
-   The outline with the most rays ending on cortex wins (>= 60 %, 350-2500
-   mm^2), otherwise the protocol declines rather than measure soft tissue.
-3. A circular ROI of 200 mm^2 (radius 8.0 mm) is placed inside that outline
-   at least 1.5 mm from its edge (the cortex) and out of the posterior quarter
-   of the body (basivertebral plexus), as close as possible to a point 10 %
-   of the body's AP depth anterior of its centroid (anterior / central
-   trabecular bone). When it does not fit, the largest circle that fits is
-   used (>= 80 mm^2) and flagged; smaller bodies decline.
-4. Mean and SD HU over the ROI pooled over the central slices: every slice of
-   L1 whose centre lies within max(3 mm, one slice spacing) of the ROI
-   slice (1.25 mm slices: 5 slices; 2.5-5 mm: 3). Per-slice means are in
-   ``details``. A neighbour slice is dropped when > 10 % of its ROI pixels
-   fall outside the trabecular HU range (endplate, disc).
+2. The L1 body is segmented in 3-D around the localizer's centroid
+   (:func:`screener.vertebral_body.segment_body`): the region enclosed by the
+   cortex, with thresholds adapted to the body's own trabecular HU (an
+   osteoporotic 20-100 HU body is found the same way as a dense one), gaps in
+   the cortex closed, a ray outline where a coarse (3 mm) pixel grid leaves the
+   cortex too sparse to enclose anything; it is followed slice by slice until
+   an endplate or disc ends it. 0.5-3 mm pixels, 0.6-6 mm slices.
+3. The trabecular ROI (:func:`screener.vertebral_body.place_trabecular_roi`)
+   lies on the slices through the middle third of the body's height (one
+   slice at 6 mm, ~3 at 2.5 mm, ~8 at 1 mm), on each the body eroded 1.5 mm
+   (+ half a pixel) from the cortex, without the posterior quarter of its depth
+   (basivertebral vein); its voxels far from the ROI median (robust z > 3.5 on a
+   0.8 mm smoothed image, >= 60 HU) are outliers, and outlier groups of
+   >= 4 mm^3 are focal lesions (bone island, Schmorl node, lytic focus) left out
+   with a 2 mm margin and flagged.
+4. Mean, SD and median HU over the ROI voxels of all those slices (raw HU);
+   ``details`` lists the slices used, the per-slice means and ROI areas, the
+   excluded fraction and any focus. ``ROI area`` and the SR polyline are the
+   ROI on the representative (middle) slice; a body whose ROI there is under
+   80 mm^2 declines, under 200 mm^2 is flagged (``ROI shrunk``).
 5. Category from the Pickhardt thresholds on the categorised value (raw mean,
    minus ``config.contrast_adjust_hu`` on contrast-enhanced CT): <= 110 HU
    likely osteoporosis, >= 160 HU likely normal, between indeterminate;
@@ -30,6 +32,9 @@ Method (clinical-physics.md sections 1-2)
    hydroxyapatite), 1.33 at 120 kVp (~70 keV, i.e. 0.75 x HU), 1.66 at 100
    and 1.09 at 140 kVp, interpolated in kVp and clamped outside 100-140;
    a phantomless estimate, flagged as such.
+
+Declines say why in plain words: L1 not in view, no region enclosed by cortex
+near the localizer's centroid, too little trabecular bone for an ROI.
 
 Demographics are never used, so none is ever defaulted.
 """
@@ -89,26 +94,24 @@ class L1AttenuationProtocol(Protocol):
     localizer : callable, optional
         ``Volume -> SpineLocalization``; default :func:`screener.localizer.locate_spine`.
     roi_area_mm2 : float
-        Target ROI area (200 mm^2).
+        ROI area (mm^2, representative slice) under which the ROI is flagged as
+        shrunk (a small body).
     min_roi_area_mm2 : float
-        Smallest acceptable ROI when the body is small (flagged).
+        Smallest acceptable ROI on the representative slice; below it, decline.
     edge_margin_mm : float
-        Minimum distance of the ROI from the trabecular outline (cortex).
-    slab_half_mm : float
-        Half-thickness of the slab of central slices averaged.
+        Minimum distance of the ROI from the trabecular outline (inner cortex
+        edge), plus half a pixel.
     """
 
     name = "l1_attenuation"
-    version = "0.1.0"
+    version = "0.2.0"
 
     def __init__(self, localizer: Localizer | None = None, *, roi_area_mm2: float = 200.0,
-                 min_roi_area_mm2: float = 80.0, edge_margin_mm: float = 1.5,
-                 slab_half_mm: float = 3.0) -> None:
+                 min_roi_area_mm2: float = 80.0, edge_margin_mm: float = 1.5) -> None:
         self.localizer = localizer
         self.roi_area_mm2 = roi_area_mm2
         self.min_roi_area_mm2 = min_roi_area_mm2
         self.edge_margin_mm = edge_margin_mm
-        self.slab_half_mm = slab_half_mm
 
     # ------------------------------------------------------------------ routing
     def accepts(self, info: SeriesInfo) -> Decision:
@@ -143,12 +146,15 @@ class L1AttenuationProtocol(Protocol):
                 from None
         _, dj, di = volume.spacing
         rs, cs = seg.crop
-        rep = tr.slices[tr.representative]
-        if rep.area_mm2 < self.min_roi_area_mm2:
+        big = [q for q, s in enumerate(tr.slices) if s.area_mm2 >= self.min_roi_area_mm2]
+        if not big:
             raise ProtocolDeclined(
                 f"L1 trabecular body too small for a {self.min_roi_area_mm2:.0f} mm2 ROI (largest "
                 f"ROI {max(s.area_mm2 for s in tr.slices):.0f} mm2 once the cortex margin, the "
                 "posterior quarter and any focal lesion are left out)")
+        # the representative slice (SR polyline, overlay): nearest mid-body among those with an ROI
+        mid = 0.5 * (seg.first_slice + seg.last_slice)
+        rep = tr.slices[min(big, key=lambda q: (abs(tr.slices[q].slice_index - mid), q))]
         k_mid = rep.slice_index
         per_slice = []
         for s in tr.slices:
@@ -206,11 +212,13 @@ class L1AttenuationProtocol(Protocol):
         measurements.append(Measurement("ROI area", area_mm2, codes.UNIT_MM2[0], codes.AREA,
                                         codes.UNIT_MM2[1]))
         if area_mm2 < self.roi_area_mm2:
-            flags.append(f"ROI {area_mm2:.0f} mm2 on the representative slice, below "
+            flags.append(f"ROI shrunk to {area_mm2:.0f} mm2 on the representative slice, below "
                          f"{self.roi_area_mm2:.0f} mm2 (small trabecular body)")
         if tr.foci:
-            desc = "; ".join(f"{f['kind']} focus {f['volume_mm3']:.0f} mm3, {f['delta_hu']:+.0f} HU "
-                             f"from the body's median, slice {f['slice_index']}" for f in tr.foci)
+            # (worded so that no number is followed by "HU": the SR codes flags by their text)
+            desc = "; ".join(f"{f['kind']} focus of {f['volume_mm3']:.0f} mm3 on slice "
+                             f"{f['slice_index']} ({f['delta_hu']:+.0f} from the body's median)"
+                             for f in tr.foci)
             flags.append(f"focal lesion excluded from the L1 ROI (bone island, Schmorl node or "
                          f"lytic focus): {desc}; {100 * tr.excluded_fraction:.1f} % of the ROI "
                          "left out")
