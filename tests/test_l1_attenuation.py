@@ -251,3 +251,50 @@ def test_virtual_cohort_l1_mean_matches_phantom_truth(tmp_path: Path, index: int
     assert 400.0 <= f.measurement("ROI area").value <= 1400.0
     assert (prof.kvp == 120) == (not any(x.startswith("kVp") for x in f.flags))
     assert (prof.phase != "native") == any(x.startswith("contrast-enhanced") for x in f.flags)
+
+
+def test_focal_outliers_find_a_dense_focus_and_not_noise() -> None:
+    """Robust z (median/MAD) on the smoothed trabecular voxels: a 6 mm, +300 HU sphere is one dense
+    focus, excluded with its margin; noise alone gives no focus."""
+    from scipy import ndimage
+
+    from screener.vertebral_body import focal_outliers
+
+    rng = np.random.default_rng(0)
+    sp = (1.0, 0.8, 0.8)
+    img = rng.normal(150.0, 25.0, (12, 60, 60)).astype(np.float32)
+    cand = np.zeros(img.shape, bool)
+    cand[1:-1, 5:-5, 5:-5] = True
+    sm = ndimage.gaussian_filter(img, sigma=(0.8, 1.0, 1.0))
+    excluded, foci, med, sd = focal_outliers(sm, cand, sp)
+    assert foci == [] and excluded.mean() < 0.001 and med == pytest.approx(150.0, abs=2.0)
+    kk, jj, ii = np.mgrid[:12, :60, :60]
+    ball = ((kk - 6) * sp[0]) ** 2 + ((jj - 30) * sp[1]) ** 2 + ((ii - 30) * sp[2]) ** 2 <= 9.0
+    img[ball] += 300.0
+    sm = ndimage.gaussian_filter(img, sigma=(0.8, 1.0, 1.0))
+    excluded, foci, _, _ = focal_outliers(sm, cand, sp)
+    assert len(foci) == 1 and foci[0]["kind"] == "dense" and foci[0]["delta_hu"] > 100.0
+    assert excluded[ball].all()                      # the focus and its 2 mm margin are out
+    assert excluded.sum() < 8 * ball.sum()           # (3 mm radius + halo + 2 mm)^3
+
+
+def test_bone_island_in_synthetic_l1_is_excluded_and_flagged(tmp_path: Path) -> None:
+    """A 6 mm, 900 HU sphere in mid-L1 of the synthetic series: same mean as without it, flagged."""
+    ct = make_ct_series(tmp_path, l1_hu=95.0, noise_sd=10.0, seed=2, **FAST)
+    info, vol = read_series_info(ct.paths), load_volume(ct.paths)
+    proto = L1AttenuationProtocol(localizer=ct.fake_localizer())
+    ctx = ProtocolContext(config=Config(), info=info)
+    (f0,) = proto.run(vol, ctx)
+    k, j, i = ct.localization.vertebrae["L1"].centroid_index
+    kk, jj, ii = np.mgrid[:vol.array.shape[0], :vol.array.shape[1], :vol.array.shape[2]]
+    dk, dj, di = vol.spacing
+    ball = ((kk - k) * dk) ** 2 + ((jj - (j - 5.0)) * dj) ** 2 + ((ii - (i + 3.0)) * di) ** 2 <= 9.0
+    vol.array[ball] = 900.0
+    (f,) = proto.run(vol, ctx)
+    assert f.measurement("L1 attenuation mean").value == pytest.approx(95.0, abs=1.5)
+    assert f.measurement("L1 attenuation mean").value == pytest.approx(
+        f0.measurement("L1 attenuation mean").value, abs=1.0)
+    assert f.details["focus_excluded"] and not f0.details["focus_excluded"]
+    assert 0.0 < f.details["excluded_fraction"] < 0.25 and f0.details["excluded_fraction"] < 0.01
+    (flag,) = [x for x in f.flags if x.startswith("focal lesion excluded")]
+    assert "dense focus" in flag
