@@ -557,3 +557,16 @@ def test_replay_of_a_uid_already_received_with_other_content_is_a_recorded_confl
     [(path, reason)] = found.unusable
     assert path.name == "same.dcm" and "with different content; the first version" in reason
     assert [r["status"] for r in Database(cfg.db_path).rejections()] == [0xB006]
+
+
+@pytest.mark.network
+def test_case08_allow_any_ae_is_explicit_and_said_at_start(tmp_path: Path) -> None:
+    from tests.daemon_helpers import Daemon, echoscu
+    d = Daemon(tmp_path / "d", env={"SCREENER_ALLOWED_CALLING_AES": ""},
+               args=["--allow-any-ae"]).start()
+    try:
+        assert echoscu(d.port, calling="ANYONE").returncode == 0
+        assert echoscu(d.port, calling="ANYONE", called="OTHER").returncode != 0
+    finally:
+        assert d.stop() == 0
+    assert "allow_any_ae is set: any calling AE title is accepted" in d.log()
