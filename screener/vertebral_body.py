@@ -8,23 +8,28 @@ Method
 1. **Crop** a box of +-40 mm in-plane and +-32 mm along the slices around the
    seed (the localizer's centroid); every step below works on the crop. Pixels
    finer than 0.75 mm are block-averaged for the outline (not for the ROI).
-2. **Adaptive cortex threshold.** The body's own trabecular level ``T`` (median
-   HU of a 0.5 mm smoothed image near the seed, then inside the outline found)
-   sets the cortex threshold ``T + max(100 HU, 5 x robust SD)``; a sweep of
-   fixed levels is only a fallback to find a first outline. Nothing assumes
-   young, dense bone: a 50 HU body inside a faint cortex is outlined the same
+2. **Adaptive thresholds.** The body's own trabecular level ``T`` (median of
+   a 0.8 mm smoothed image within 6 mm of the seed, then inside the outline
+   found, re-estimated until stable) sets the barrier: above
+   ``T + max(100 HU, 3 robust SD)`` (cortex, endplate, bone island) or below
+   ``T - max(150 HU, 3 robust SD)`` (fat, canal, air). A sweep of fixed cortex
+   levels is only a fallback to find a first outline, and an outline whose
+   inside is not homogeneous (robust SD > 110 HU) is not bone. Nothing assumes
+   young, dense bone: a 20-100 HU body in a faint cortex is outlined the same
    way as a 300 HU one.
-3. **Outline per slice.** Pixels above the threshold (cortex, bone islands,
-   endplates) form a barrier; it is closed morphologically (1.5, 3 then 4.5 mm,
-   at least one pixel: gaps such as the basivertebral foramen), and the
-   enclosed region (a hole of the barrier) nearest the seed, within 10 mm of
-   it, of 350-3500 mm^2 (the spinal canal is smaller), is the trabecular body; its own holes (a bone island
-   is barrier inside it) are filled. At 3 mm pixels the 1-pixel cortex is
-   enough: no HU peak is required, only enclosure.
+3. **Outline per slice.** The barrier is closed morphologically (1.5, 3, 4.5,
+   6 then 8 mm, at least one pixel: gaps such as the basivertebral foramen),
+   and the enclosed region (a hole of the barrier) containing the seed, else
+   the nearest within 10 mm, of 350-3500 mm^2 (the spinal canal is smaller) is
+   the trabecular body; its own holes (a bone island, a low focus) are filled.
+   When no closing encloses anything (3 mm pixels point-sampling a 1 mm
+   cortex leave it a dotted line) the first barrier pixel along 72 rays from
+   the seed outlines it (:func:`polar_outline`; gaps take their neighbours'
+   radius). No cortical HU peak is required, only enclosure.
 4. **Along the slices** the outline is followed from the seed slice up and
    down while it overlaps the previous slice, keeps 60-150 % of the median
    area so far and a median HU within max(40 HU, 1 robust SD) of ``T``; an
-   endplate (barrier over the cross-section, or denser content), a disc (no
+   endplate (barrier over the cross-section, or denser content) or a disc (no
    cortex ring, or less dense content) ends the body. Thin slices are walked
    with a stride of ~2 mm.
 5. **ROI** (:func:`place_trabecular_roi`): the slices through the middle third
@@ -34,8 +39,8 @@ Method
    the body's antero-posterior depth (basivertebral vein).
 6. **Focal lesions** (:func:`focal_outliers`): ROI voxels whose 0.8 mm smoothed
    HU lies more than ``max(3.5 robust SD, 60 HU)`` from the ROI median (robust
-   SD = 1.4826 x MAD) are outliers; a 3-D connected group of them >= 4 mm^3 (or
-   a whole voxel of a coarse scan) is a focus (bone island, Schmorl node, lytic
+   SD = 1.4826 x MAD) are outliers; a 3-D connected group of them >= 4 mm^3 (one
+   voxel of a coarse scan can be) is a focus (bone island, Schmorl node, lytic
    focus) and is excluded with a 2 mm margin (its partial-volume halo). Isolated
    outlier voxels are excluded too but raise no flag.
 """
@@ -564,7 +569,7 @@ def _first_outline(smooth: np.ndarray, t0: float, spacing: tuple[float, float],
     thresholds ``T`` implies until they are stable. Returns ``(mask, T,
     (low, high), closing_mm)``.
     """
-    cands = [(t0 - DROP_MIN_HU, t0 + DELTA_MIN_HU)] + [(-2000.0, s) for s in SWEEP_HU if s > t0 - 50.0]
+    cands = [(t0 - DROP_MIN_HU, t0 + DELTA_MIN_HU)] + [(-2000.0, s) for s in SWEEP_HU]
     for thr in cands:
         got = outline_slice(smooth, thr, spacing, seed)
         if got is None:
@@ -679,7 +684,7 @@ def focal_outliers(smooth: np.ndarray, candidate: np.ndarray, spacing: tuple[flo
         for q in range(1, n + 1):
             comp = lab == q
             vol = float(comp.sum() * vox)
-            if vol < max(focus_min_mm3, 0.99 * vox) or (comp.sum() == 1 and vox < focus_min_mm3):
+            if vol < focus_min_mm3:   # (one voxel of a coarse scan is already a focus)
                 continue
             d = float(np.median(dev[comp]))
             ks = np.nonzero(comp)[0]
