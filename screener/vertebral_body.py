@@ -34,7 +34,8 @@ Method
    with a stride of ~2 mm.
 5. **ROI** (:func:`place_trabecular_roi`): the slices through the middle third
    of the body's height (``round(height / (3 x spacing))`` slices nearest the
-   middle, at least one); on each, the outline eroded by ``edge_margin_mm`` plus
+   middle, at least one), more (within the middle 60 %) only while the ROI
+   holds < 2500 mm^3 (coarse pixels); on each, the outline eroded by ``edge_margin_mm`` plus
    half a pixel (cortex and its partial volume), minus the posterior quarter of
    the body's antero-posterior depth (basivertebral vein).
 6. **Focal lesions** (:func:`focal_outliers`): ROI voxels whose 0.8 mm smoothed
@@ -83,8 +84,14 @@ CONTENT_TOL_HU = 40.0
 CONTENT_TOL_SD = 1.0
 #: longest body accepted along the slices (mm)
 MAX_HEIGHT_MM = 45.0
+#: a ray outline may hold at most this fraction of barrier pixels
+POLAR_MAX_BARRIER = 0.1
 #: fixed cortex thresholds swept only when the adaptive one finds no outline
 SWEEP_HU = (150.0, 200.0, 250.0, 300.0, 400.0, 500.0, 650.0)
+#: the ROI slab grows beyond the middle third (up to +-30 % of the height around the middle)
+#: while the ROI volume is below this (coarse scans: few voxels, texture sampling error)
+ROI_TARGET_MM3 = 2500.0
+SLAB_MAX_FRACTION = 0.3
 #: outlier rule and focus definition
 OUTLIER_Z = 3.5
 OUTLIER_MIN_HU = 60.0
@@ -341,6 +348,8 @@ def outline_slice(smooth: np.ndarray, threshold: tuple[float, float], spacing: t
         if got is None:
             continue
         frac, region = got
+        if raw[region].mean() > POLAR_MAX_BARRIER:
+            continue   # the star cuts through cortex: not a body outline (too flat, or a leak)
         area = float(region.sum() * spacing[0] * spacing[1])
         if not AREA_MIN_MM2 <= area <= AREA_MAX_MM2:
             continue
@@ -355,19 +364,29 @@ def outline_slice(smooth: np.ndarray, threshold: tuple[float, float], spacing: t
     return None
 
 
+def _circular_median(rad: np.ndarray, window: int) -> np.ndarray | None:
+    """Median of each ray's ``window`` neighbours (NaN ignored); None where a window is all NaN."""
+    h = window // 2
+    ext = np.concatenate([rad[-h:], rad, rad[:h]])
+    win = np.lib.stride_tricks.sliding_window_view(ext, window)
+    if not np.isfinite(win).any(axis=1).all():
+        return None
+    return np.nanmedian(win, axis=1)
+
+
 def polar_outline(barrier: np.ndarray, centre: tuple[float, float], spacing: tuple[float, float],
                   n_rays: int = 72, r_max_mm: float = 32.0) -> tuple[float, np.ndarray] | None:
     """Star-shaped region bounded by the first ``barrier`` pixel along rays from ``centre``.
 
-    Rays that meet no barrier within ``r_max_mm`` (gaps) or meet it much farther
-    than their neighbours (leaks to other structures) take the circular median
-    of their 9 neighbours. Needs >= 60 % of the rays bounded. Returns ``(fraction
-    of rays bounded, mask)`` or None.
+    Along each ray the entry into the barrier nearest its neighbours' radius
+    is the edge (a focus inside the body is passed over); rays that meet no
+    barrier within ``r_max_mm`` (gaps) or still end far from their neighbours
+    (leaks to other structures) take the circular median of their 9 neighbours.
+    Needs >= 60 % of the rays bounded. Returns ``(fraction of rays bounded,
+    mask)`` or None.
     """
     rows, cols = barrier.shape
     if not (0 <= centre[0] < rows and 0 <= centre[1] < cols):
-        return None
-    if barrier[int(round(centre[0])) % rows, int(round(centre[1])) % cols]:
         return None
     step = 0.25 * min(spacing)
     r = np.arange(step, r_max_mm + 1e-6, step)
@@ -377,18 +396,32 @@ def polar_outline(barrier: np.ndarray, centre: tuple[float, float], spacing: tup
     inside = (pj >= 0) & (pj < rows) & (pi_ >= 0) & (pi_ < cols)
     hit = np.zeros(pj.shape, bool)
     hit[inside] = barrier[pj[inside], pi_[inside]]
-    hit[:, r < 2.0] = False
-    any_hit = hit.any(axis=1)
+    # every entry into the barrier along a ray (beyond 2 mm; a focus around the centre is no
+    # entry) is a candidate edge: the first one unless the ray meets a focus (bone island) or a
+    # stray pixel before the cortex -- then the entry nearest its neighbours' radius
+    starts = hit & ~np.concatenate([np.zeros((n_rays, 1), bool), hit[:, :-1]], axis=1)
+    starts[:, r < 2.0] = False
+    any_hit = starts.any(axis=1)
     frac = float(any_hit.mean())
     if frac < 0.6:
         return None
-    rad = np.where(any_hit, r[hit.argmax(axis=1)], np.nan)
-    ext = np.concatenate([rad[-4:], rad, rad[:4]])
-    win = np.lib.stride_tricks.sliding_window_view(ext, 9)
-    if not np.isfinite(win).any(axis=1).all():
+    rad = np.where(any_hit, r[starts.argmax(axis=1)], np.nan)
+    for it in range(4):
+        # first reference: the median over all rays (a focus near the centre can fill a whole
+        # window of neighbours); then the neighbours' median of the entries picked
+        med = np.full(n_rays, float(np.nanmedian(rad))) if it == 0 else _circular_median(rad, 9)
+        if med is None:
+            return None
+        cand = np.where(starts, r[None, :], np.inf)
+        pick = np.abs(cand - med[:, None]).argmin(axis=1)
+        new = np.where(any_hit, r[pick], np.nan)
+        if np.array_equal(new, rad, equal_nan=True):
+            break
+        rad = new
+    med = _circular_median(rad, 9)
+    if med is None:
         return None
-    med = np.nanmedian(win, axis=1)
-    bad = ~np.isfinite(rad) | (rad > 1.25 * med)
+    bad = ~np.isfinite(rad) | (rad > 1.25 * med) | (rad < 0.75 * med)
     rad[bad] = med[bad]
     jj, ii = np.mgrid[:rows, :cols]
     y = (jj - centre[0]) * spacing[0]
@@ -723,20 +756,31 @@ def place_trabecular_roi(hu: np.ndarray, spacing: tuple[float, float, float], se
     """
     dk, dj, di = (abs(float(s)) for s in spacing)
     rs, cs = seg.crop
-    ks = [k for k in roi_slices(seg, dk)]
-    bodies, cands, raws, smooths, used = [], [], [], [], []
-    sig = _sigma_px(OUTLIER_SIGMA_MM, (dj, di))
-    for k in ks:
+    core = set(roi_slices(seg, dk))
+    mid = 0.5 * (seg.first_slice + seg.last_slice)
+    half = SLAB_MAX_FRACTION * seg.height_mm(dk)
+    order = sorted(range(seg.first_slice, seg.last_slice + 1), key=lambda k: (abs(k - mid), k))
+    picked: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    volume = 0.0
+    for k in order:
+        # the middle third; beyond it (up to the middle 60 %) only while the ROI is small
+        if k not in core and (volume >= ROI_TARGET_MM3 or abs(k - mid) * dk > half + 1e-6):
+            continue
         body = _mask_for(seg, k, (dj, di))
         if body is None:
             continue
         cand = candidate_roi(body, (dj, di), anterior, edge_margin_mm, posterior_fraction)
         if not cand.any():
             continue
+        picked[k] = (body, cand)
+        volume += float(cand.sum() * dj * di * dk)
+    bodies, cands, raws, smooths, used = [], [], [], [], []
+    sig = _sigma_px(OUTLIER_SIGMA_MM, (dj, di))
+    for k in sorted(picked):
         raw = hu[k, rs, cs].astype(np.float32)
         used.append(k)
-        bodies.append(body)
-        cands.append(cand)
+        bodies.append(picked[k][0])
+        cands.append(picked[k][1])
         raws.append(raw)
         smooths.append(ndimage.gaussian_filter(raw, sigma=sig))
     if not used:

@@ -92,16 +92,36 @@ def test_bone_island_in_mid_l1_is_excluded_and_flagged(tmp_path: Path, island_hu
     assert len(d["slices_used"]) >= 2
 
 
-def test_three_mm_pixels(tmp_path: Path) -> None:
-    """3 mm pixels (matrix 170): the cortex is one pixel, sparse where it is point-sampled."""
+@pytest.mark.parametrize("supersample", [3, 1])
+def test_three_mm_pixels(tmp_path: Path, supersample: int) -> None:
+    """3 mm pixels (matrix 170): the cortex is one pixel; a real reconstruction averages each pixel
+    over its area (supersample 3), point sampling (1) leaves the cortex a dotted line."""
     from training.phantoms import profiles
 
-    prof = profiles.get_profile("siemens_ap_pv").with_(pixel_spacing=3.0, matrix=170)
+    prof = profiles.get_profile("siemens_ap_pv").with_(pixel_spacing=3.0, matrix=170,
+                                                       supersample=supersample)
     vol, info, loc, truth, _ = _case(tmp_path, prof, _patient(3))
     assert vol.spacing[1] == pytest.approx(3.0)
     f = _run(vol, info, loc)
     assert f.measurement("L1 attenuation mean").value == pytest.approx(truth, abs=5.0)
     assert f.measurement("ROI area").value >= 200.0
+
+
+@pytest.mark.parametrize("index", [1, 4])
+def test_the_real_scan_case_3_mm_pixels_3_mm_slices_and_a_300_hu_island(tmp_path: Path,
+                                                                       index: int) -> None:
+    """The scan of issue 14: 3 mm pixels and slices, a ~5 mm, ~300 HU bone island in mid-L1, where
+    the one-slice ray caster declined. Measured, the focus flagged, within 5 HU."""
+    from benchmarks.eval_l1_roi import insert_island
+    from training.phantoms import profiles
+
+    vol, info, loc, truth, scene = _case(tmp_path, profiles.get_profile("coarse_ap_native_3mm"),
+                                         _patient(index))
+    insert_island(vol, scene, diameter_mm=5.0, hu=300.0, anterior_mm=2.0, lateral_mm=0.0)
+    f = _run(vol, info, loc)
+    assert f.measurement("L1 attenuation mean").value == pytest.approx(truth, abs=5.0)
+    assert f.details["focus_excluded"] is True
+    assert any(x.startswith("focal lesion excluded") for x in f.flags)
 
 
 def test_six_mm_slices(tmp_path: Path) -> None:
