@@ -3,7 +3,8 @@
 For every CT profile and every phase the phantom renders (native, arterial, portal venous)
 it renders ``--n`` cohort patients with that profile (the profile's pixel size, slice
 thickness, kVp, kernel and noise; z from the profile's coverage clipped to T10-L4, the part
-of the coverage :func:`screener.contrast.assess_contrast` reads), writes the DICOM series,
+of the coverage :func:`screener.contrast.assess_contrast` reads; ``--full-coverage`` renders
+all of it), writes the DICOM series,
 reads it back with :func:`screener.series.read_series_info` / ``load_volume`` and runs
 ``assess_contrast`` four ways:
 
@@ -50,9 +51,13 @@ def truth_localization(scene: anatomy.Scene) -> SpineLocalization:
     return SpineLocalization(verts, "phantom truth")
 
 
-def z_range(scene: anatomy.Scene, prof: profiles.ScannerProfile, seed: int) -> tuple[float, float]:
+def z_range(scene: anatomy.Scene, prof: profiles.ScannerProfile, seed: int,
+            full: bool = False) -> tuple[float, float]:
+    """The profile's coverage; clipped to T10-L4 unless ``full``."""
     rng = np.random.default_rng([seed, 0xC0])
     top, bot = ct.coverage_range(scene, prof.coverage, rng)
+    if full:
+        return top, bot
     t10, l4 = scene.vertebra("T10").centroid_mm[2], scene.vertebra("L4").centroid_mm[2]
     return min(top, t10), max(bot, l4)
 
@@ -62,6 +67,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=6, help="patients per profile and phase")
     ap.add_argument("--seed", type=int, default=140)
     ap.add_argument("--profiles", default=",".join(profiles.PROFILES))
+    ap.add_argument("--full-coverage", action="store_true",
+                    help="render the profile's whole coverage (default: clipped to T10-L4)")
     args = ap.parse_args()
     names = [p for p in args.profiles.split(",") if p]
     patients = population.sample_population(args.n * len(PHASES) * len(names), args.seed)
@@ -77,7 +84,7 @@ def main() -> None:
                     p = patients[i]
                     i += 1
                     scene = anatomy.build_scene(p)
-                    dss = ct.render_ct(scene, prof, seed=i, z_range=z_range(scene, prof, i))
+                    dss = ct.render_ct(scene, prof, seed=i, z_range=z_range(scene, prof, i, args.full_coverage))
                     paths = ct.write_series(dss, Path(tmp) / f"{i}")
                     info, vol = read_series_info(paths), load_volume(paths)
                     loc = truth_localization(scene)
@@ -90,7 +97,7 @@ def main() -> None:
                     for mode, (lo, inf) in runs.items():
                         t0 = time.perf_counter()
                         a = assess_contrast(vol, lo, inf)
-                        times.append(time.perf_counter() - t0)
+                        times.append((time.perf_counter() - t0, name, mode, vol.array.shape[0]))
                         ok = a.phase == phase
                         if mode == "stale" and phase == "native":
                             ok = ok and a.conflict is not None
@@ -102,8 +109,8 @@ def main() -> None:
                         f.unlink()
                 print(f"  {name} {phase}: done ({vol.array.shape[0]} slices)", file=sys.stderr, flush=True)
     print(f"\ncontrast phase from the image, virtual cohort: n = {args.n} per profile and phase "
-          f"(seed {args.seed})\n")
-    hdr = f"{'profile':24s} {'kVp':>4s} {'px/slice mm':>12s} " + " ".join(f"{m:>8s}" for m in MODES) + \
+          f"(seed {args.seed}; z: {'full coverage' if args.full_coverage else 'coverage clipped to T10-L4'})\n")
+    hdr = f"{'profile':28s} {'kVp':>4s} {'px/slice mm':>12s} " + " ".join(f"{m:>8s}" for m in MODES) + \
         "   image-only by phase (nat/art/pv)"
     print(hdr)
     print("-" * len(hdr))
@@ -116,11 +123,15 @@ def main() -> None:
             tot[m] += v
             cells.append(f"{100.0 * np.mean(v):7.1f}%")
         by = "/".join(f"{sum(hits[(name, ph, 'img')])}" for ph in PHASES)
-        print(f"{name:24s} {pr.kvp:4.0f} {pr.pixel_spacing:5.2f}/{pr.slice_thickness:<5g}  " + " ".join(cells)
+        print(f"{name:28s} {pr.kvp:4.0f} {pr.pixel_spacing:5.2f}/{pr.slice_thickness:<5g}  " + " ".join(cells)
               + f"   {by} of {args.n} each")
-    print(f"{'all':24s} {'':4s} {'':12s} " + " ".join(f"{100.0 * np.mean(tot[m]):7.1f}%" for m in MODES)
+    print(f"{'all':28s} {'':4s} {'':12s} " + " ".join(f"{100.0 * np.mean(tot[m]):7.1f}%" for m in MODES)
           + f"   ({len(tot['img'])} CTs)")
-    print(f"\nassess_contrast: median {1000 * np.median(times):.0f} ms, max {1000 * np.max(times):.0f} ms")
+    ts = np.array([t[0] for t in times])
+    slow = max(times)
+    print(f"\nassess_contrast: median {1000 * np.median(ts):.0f} ms, "
+          f"95th percentile {1000 * np.percentile(ts, 95):.0f} ms, "
+          f"max {1000 * slow[0]:.0f} ms ({slow[1]}, {slow[2]}, {slow[3]} slices; 2 shared cores)")
     if misses:
         print("\nmisses:")
         for m in misses:

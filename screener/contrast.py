@@ -9,7 +9,9 @@ thoraco-lumbar junction, downsampled to ~1.5 mm pixels:
   maximum of the distance transform (the localizer's centroid, when given,
   fixes the level and the search area);
 * the **aorta**: the brightest uniform disc (4 mm radius, low SD) anterior /
-  anterior-left of the vertebral body, outside it;
+  anterior-left of the vertebral body, outside it, that is a round vessel (an edge
+  5-18 mm out where the surroundings are darker, no brighter rim inside it);
+  slices where it is are preferred, and the median over slices is taken;
 * the **IVC**: the brightest uniform disc 15-50 mm to the patient's right of
   the aorta, at its depth (L1-L3: infrahepatic or retro-hepatic IVC);
 * the **kidneys**: enhancing parenchyma lateral to the spine (cortex = 90th,
@@ -20,13 +22,17 @@ iodine reads ~1.7x at 80 kVp, ~1.3x at 100 kVp, ~0.8x at 140 kVp):
 
 * enhanced when the aorta is ``>= 45 HU`` above native blood (~45 HU) at
   120 kVp equivalent (native blood 35-60 HU; any IV contrast phase > 120 HU);
-* arterial when the IVC has taken up less than half of the aorta's
-  enhancement (``(IVC - 45) / (aorta - 45) < 0.5``: arterial ~0.1-0.3,
-  portal venous / nephrographic ~0.8-1.1); without an IVC reading an aorta
-  above ~260 HU (120 kVp) means arterial;
-* delayed (excretory) when aorta and IVC are alike but only mildly enhanced
-  (< ~125 HU at 120 kVp) and the kidneys hold excreted contrast far brighter
-  than the aorta;
+* arterial when the IVC has taken up less than 40 % of the aorta's
+  enhancement (``(IVC - 45) / (aorta - 45) < 0.4``: arterial ~0.1-0.3,
+  portal venous / nephrographic ~0.5-1.1: the retro-hepatic IVC of the real
+  portal-venous CT in ``../shared/data`` reads 0.55, mixing with unenhanced
+  blood from the legs); a very bright aorta (> ~245 HU at 120 kVp) adds to the
+  arterial side; without an IVC reading an aorta above ~305 HU (120 kVp)
+  means arterial;
+* delayed when aorta and IVC are alike but only mildly enhanced (< ~125 HU at
+  120 kVp) and the renal parenchyma reads brighter than the aorta (nephrographic
+  / excretory); the virtual cohort renders no delayed phase, so this rule is
+  untested there;
 * ``unknown`` when no vertebral body / aorta could be found.
 
 The header (``ContrastBolusAgent``) is combined with the image: an image
@@ -67,7 +73,7 @@ DELAYED_ENHANCEMENT_HU = PORTAL_VENOUS_ENHANCEMENT_HU
 _NATIVE_BLOOD_HU = 45.0
 _ENHANCED_MIN = 45.0     # aorta enhancement (120 kVp equivalent) above which a scan is enhanced
 _NATIVE_MAX = 25.0       # ... below which it is native; in between the kidneys decide
-_ARTERIAL_RATIO = 0.5    # IVC / aorta enhancement ratio below which the phase is arterial
+_ARTERIAL_RATIO = 0.4    # IVC / aorta enhancement ratio below which the phase is arterial
 _ARTERIAL_AORTA = 260.0  # aorta enhancement (120 kVp eq.) that alone means arterial
 _NEGATIVE_AGENT = re.compile(r"^\s*(none|no|n|0|-+|nil|no contrast|without|non[- ]?contrast|unenhanced|"
                              r"native|nativ)\s*$", re.I)
@@ -220,7 +226,7 @@ def _spine(s: _Slice, prior_xy: tuple[float, float] | None) -> tuple[float, floa
     lab, n = ndimage.label(body)
     if n == 0:
         return None
-    sizes = ndimage.sum(body, lab, range(1, n + 1))
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     body = ndimage.binary_fill_holes(lab == (1 + int(np.argmax(sizes))))
     if body.sum() * px * px < 5000:  # < 50 cm^2: no trunk
         return None
@@ -335,7 +341,7 @@ def _best_disc(s: _Slice, win: np.ndarray, mean: np.ndarray, validate: bool,
 
 
 def _vessels(s: _Slice, spine: tuple[float, float, float], mean: np.ndarray, sd: np.ndarray,
-             noise: float) -> tuple[float | None, float | None, bool]:
+             noise: float, fk: float = 1.0) -> tuple[float | None, float | None, bool]:
     """Aorta and IVC HU on one slice (``None`` when not found) and whether the aorta is a round vessel."""
     cx, cy, rb = spine
     dx = s.x - cx
@@ -344,7 +350,8 @@ def _vessels(s: _Slice, spine: tuple[float, float, float], mean: np.ndarray, sd:
     outside = dist > rb + 2.5
     front = cy - rb  # anterior surface of the body (anterior = -y)
     win_a = (dx > -20.0) & (dx < 45.0) & (s.y > front - 40.0) & (s.y < cy) & outside & uniform
-    win_a &= (mean > -30.0) & (mean < 1200.0)
+    # blood reads at most ~550 HU at 120 kVp even at the arterial peak: brighter is bone
+    win_a &= (mean > -30.0) & (mean < _NATIVE_BLOOD_HU + 500.0 * fk)
     a = _best_disc(s, win_a, mean, validate=True)
     if a is None:
         return None, None, False
@@ -364,20 +371,26 @@ def _kidneys(s: _Slice, spine: tuple[float, float, float], aorta: float) -> tupl
     cx, cy, _ = spine
     ad = np.abs(s.x - cx)
     win = (ad > 35.0) & (ad < 115.0) & (s.y > cy - 45.0) & (s.y < cy + 65.0)
-    m = win & (s.hu > 100.0) & (s.hu < max(1.25 * aorta + 50.0, 250.0))  # parenchyma, not bone
+    rows, cols = np.nonzero(win)
+    if rows.size == 0:
+        return None
+    crop = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    win, hu = win[crop], s.hu[crop]
+    m = win & (hu > 100.0) & (hu < max(1.25 * aorta + 50.0, 250.0))  # parenchyma, not bone
     m = ndimage.binary_opening(m, iterations=max(1, int(round(3.0 / s.px))))
     lab, n = ndimage.label(m)
     if n == 0:
         return None
-    sizes = ndimage.sum(m, lab, range(1, n + 1)) * s.px * s.px
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:] * s.px * s.px
     keep = [i + 1 for i, a in enumerate(sizes) if a >= 250.0]
     if not keep:
         return None
-    vals = s.hu[np.isin(lab, keep)]
+    vals = hu[np.isin(lab, keep)]
     return float(np.percentile(vals, 90)), float(np.percentile(vals, 20)), float(np.percentile(vals, 99))
 
 
-def _pick_slices(volume: Volume, localization: SpineLocalization | None) -> list[tuple[int, tuple[float, float] | None]]:
+def _pick_slices(volume: Volume,
+                 localization: SpineLocalization | None) -> list[tuple[int, tuple[float, float] | None]]:
     n = volume.array.shape[0]
     zs = np.array([volume.index_to_patient(k, 0, 0)[2] for k in (0, n - 1)])
     dz = (zs[1] - zs[0]) / max(n - 1, 1)
@@ -397,11 +410,28 @@ def _pick_slices(volume: Volume, localization: SpineLocalization | None) -> list
                     out.append((k, (float(v.centroid_mm[0]), float(v.centroid_mm[1]))))
         if out:
             return out
-    m = min(n, 10)
-    lo, hi = int(0.08 * (n - 1)), int(round(0.92 * (n - 1)))
-    for k in np.unique(np.linspace(lo, hi, m).round().astype(int)):
-        out.append((int(k), None))
+    # no localization: 10 slices over the upper 4-70 % of the coverage (superior = +z), where the
+    # aorta runs beside the spine on chest, abdomen, abdomen-pelvis and lumbar coverages (the
+    # pelvis below the aortic bifurcation is left out)
+    top_first = zs[-1] < zs[0]
+    ks = np.unique(np.linspace(0.04 * (n - 1), 0.70 * (n - 1), min(n, 10)).round().astype(int))
+    for k in ks:
+        out.append((int(k) if top_first else int(n - 1 - k), None))
     return out
+
+
+def _consensus(values: list[float], valid: list[bool]) -> list[int]:
+    """Indices of the largest group of similar readings (within 30 HU or 20 % of one of them):
+    the aorta is one tube, a slice that read bone (an endplate) or bowel instead stands apart.
+    A reading where the aorta was a round, darker-surrounded vessel counts 1.5, others 1; ties
+    go to the tighter group."""
+    if len(values) < 3:
+        return list(range(len(values)))
+    v = np.asarray(values, float)
+    w = np.where(np.asarray(valid, bool), 1.5, 1.0)
+    groups = [np.nonzero(np.abs(v - x) <= max(30.0, 0.2 * abs(x)))[0] for x in v]
+    best = max(groups, key=lambda g: (float(w[g].sum()), -float(np.std(v[g]))))
+    return [int(i) for i in best]
 
 
 def _image_reading(volume: Volume, localization: SpineLocalization | None,
@@ -424,7 +454,7 @@ def _image_reading(volume: Volume, localization: SpineLocalization | None,
         if spine is None:
             continue
         mean, sd = _local_stats(s.hu, 4.0 / s.px)
-        a, v, valid = _vessels(s, spine, mean, sd, _noise(s.hu, sd))
+        a, v, valid = _vessels(s, spine, mean, sd, _noise(s.hu, sd), fk)
         if a is None:
             continue
         aortas.append(a)
@@ -433,9 +463,9 @@ def _image_reading(volume: Volume, localization: SpineLocalization | None,
         kr = _kidneys(s, spine, a)
         if kr is not None:
             kid.append(kr)
-    if any(valids):  # slices where the aorta was a round, darker-surrounded vessel
-        aortas = [a for a, ok in zip(aortas, valids) if ok]
-        ivcs = [v for v, ok in zip(ivcs, valids) if ok]
+    keep = _consensus(aortas, valids)
+    aortas = [aortas[i] for i in keep]
+    ivcs = [ivcs[i] for i in keep]
     ivcs_ok = [(v, a) for v, a in zip(ivcs, aortas) if np.isfinite(v)]
     ivcs = [v for v, _ in ivcs_ok]
     ratios = [(v - _NATIVE_BLOOD_HU) / max(a - _NATIVE_BLOOD_HU, 1.0) for v, a in ivcs_ok]
