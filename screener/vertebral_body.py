@@ -48,7 +48,7 @@ Method
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -123,7 +123,7 @@ class BodySegmentation:
     crop : tuple of slice
         ``(rows, columns)`` slices of the crop in the volume's slice plane.
     trabecular_hu : float
-        Median 0.5 mm smoothed HU inside the outline on the seed slice.
+        ``T``: median 0.8 mm smoothed HU inside the outline on the seed slice.
     cortex_threshold_hu, low_threshold_hu : float
         Barrier thresholds used (``trabecular_hu + delta``, ``trabecular_hu - delta``).
     closing_mm : float
@@ -135,6 +135,11 @@ class BodySegmentation:
         Slice stride of the walk along the body.
     notes : list of str
         Observations worth reporting (e.g. the body reached the crop).
+    follow : callable
+        ``(k, previous working-grid mask) -> working-grid mask or None``: the
+        outline of a further slice (used for ROI slices the walk skipped).
+    work_masks : dict of int to numpy.ndarray
+        The masks on the working grid; ``upsample`` maps one to crop pixels.
     """
 
     masks: dict[int, np.ndarray]
@@ -148,6 +153,9 @@ class BodySegmentation:
     seed_slice: int
     stride: int
     notes: list[str] = field(default_factory=list)
+    follow: Callable[[int, np.ndarray], np.ndarray | None] | None = field(default=None, repr=False)
+    work_masks: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    upsample: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     def height_mm(self, slice_spacing: float) -> float:
         """Body height along the slices (number of body slices x spacing)."""
@@ -156,7 +164,12 @@ class BodySegmentation:
 
 @dataclass
 class RoiSlice:
-    """The ROI on one slice (crop coordinates)."""
+    """The ROI on one slice (crop coordinates).
+
+    ``candidate``: the eroded body without its posterior quarter; ``roi``: the
+    candidate without outliers and foci; ``area_mm2`` of ``roi``;
+    ``excluded_fraction`` of ``candidate`` left out.
+    """
 
     slice_index: int
     candidate: np.ndarray
@@ -184,6 +197,8 @@ class TrabecularRoi:
         ``delta_hu`` (its median minus the ROI median), ``slice_index`` (centre).
     representative : int
         Position in ``slices`` of the slice nearest the body's middle.
+    robust_sd_hu, median_all_hu : float
+        Robust SD and median of the smoothed candidate voxels (the outlier rule's).
     """
 
     slices: list[RoiSlice]
@@ -574,10 +589,8 @@ def segment_body(hu: np.ndarray, spacing: tuple[float, float, float],
     seg = BodySegmentation(masks={k: up(m) for k, m in masks.items()}, first_slice=min(ends),
                            last_slice=max(ends), crop=(rs, cs), trabecular_hu=t_body,
                            cortex_threshold_hu=thr[1], low_threshold_hu=thr[0], closing_mm=r_close,
-                           seed_slice=k_seed, stride=stride, notes=notes)
-    # outline of a further slice, for the ROI step (working grid, then native pixels)
-    seg._follow = follow  # type: ignore[attr-defined]
-    seg._work = (masks, up)  # type: ignore[attr-defined]
+                           seed_slice=k_seed, stride=stride, notes=notes, follow=follow,
+                           work_masks=masks, upsample=up)
     return seg
 
 
@@ -638,13 +651,14 @@ def roi_slices(seg: BodySegmentation, slice_spacing: float) -> list[int]:
 def _mask_for(seg: BodySegmentation, k: int, spacing2: tuple[float, float]) -> np.ndarray | None:
     if k in seg.masks:
         return seg.masks[k]
-    work, up = seg._work  # type: ignore[attr-defined]
-    near = min(work, key=lambda q: abs(q - k))
-    region = seg._follow(k, work[near])  # type: ignore[attr-defined]
+    if seg.follow is None or seg.upsample is None or not seg.work_masks:
+        return None
+    near = min(seg.work_masks, key=lambda q: abs(q - k))
+    region = seg.follow(k, seg.work_masks[near])
     if region is None:
         return None
-    work[k] = region
-    seg.masks[k] = up(region)
+    seg.work_masks[k] = region
+    seg.masks[k] = seg.upsample(region)
     return seg.masks[k]
 
 
