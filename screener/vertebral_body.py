@@ -18,7 +18,9 @@ Method
    young, dense bone: a 20-100 HU body in a faint cortex is outlined the same
    way as a 300 HU one.
 3. **Outline per slice.** The barrier is closed morphologically (1.5, 3, 4.5,
-   6 then 8 mm, at least one pixel: gaps such as the basivertebral foramen),
+   6 then 8 mm, at least one pixel: gaps such as the basivertebral foramen;
+   free-standing blobs < 80 mm^2 such as a bone island are left out of the
+   closing first, so that it cannot weld them to the cortex),
    and the enclosed region (a hole of the barrier) containing the seed, else
    the nearest within 10 mm, of 350-3500 mm^2 (the spinal canal is smaller) is
    the trabecular body; its own holes (a bone island, a low focus) are filled.
@@ -84,6 +86,8 @@ CONTENT_TOL_HU = 40.0
 CONTENT_TOL_SD = 1.0
 #: longest body accepted along the slices (mm)
 MAX_HEIGHT_MM = 45.0
+#: free-standing barrier blobs smaller than this (mm^2) are left out of the closing first
+BLOB_MAX_MM2 = 80.0
 #: a ray outline may hold at most this fraction of barrier pixels
 POLAR_MAX_BARRIER = 0.1
 #: fixed cortex thresholds swept only when the adaptive one finds no outline
@@ -342,12 +346,21 @@ def outline_slice(smooth: np.ndarray, threshold: tuple[float, float], spacing: t
         ``closing_mm`` 0 when the ray outline (:func:`polar_outline`) was used.
     """
     raw = (smooth > threshold[1]) | (smooth < threshold[0])
+    # small free-standing barrier blobs (a bone island, a low focus inside the body) must not be
+    # closed onto the cortex and cut the body in two: each closing is tried without them first
+    # (they are inside the region found and filled with it), then with them (a dotted cortex)
+    lab, n = ndimage.label(raw)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1) * spacing[0] * spacing[1]
+    small = np.flatnonzero(sizes < BLOB_MAX_MM2)
+    small = small[small > 0]
+    variants = [raw & ~np.isin(lab, small), raw] if small.size else [raw]
     for r in closings:
-        barrier = _close(raw, r, spacing)
-        labels, n = enclosed_regions(barrier)
-        region = _pick_region(labels, n, target, spacing, ref_area)
-        if region is not None:
-            return region, float(r)
+        for bar in variants:
+            barrier = _close(bar, r, spacing)
+            labels, n_h = enclosed_regions(barrier)
+            region = _pick_region(labels, n_h, target, spacing, ref_area)
+            if region is not None:
+                return region, float(r)
     # a cortex too sparse to enclose anything (coarse pixels point-sampling a thin shell, wide
     # gaps): the star-shaped outline of the first barrier pixel along rays from the centre
     if isinstance(target, np.ndarray):
