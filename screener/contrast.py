@@ -1,17 +1,22 @@
 """Contrast enhancement and phase of a CT, read from the image (and the header).
 
 Archives often lack ``ContrastBolusAgent`` (or keep a stale one), so the
-screener looks at the blood itself, on a few axial slices around the
-thoraco-lumbar junction, downsampled to ~1.5 mm pixels:
+screener looks at the blood itself, on a few axial slices downsampled to
+~1.5 mm pixels: with a localization, mid-body and upper-body slices of T12-L3
+(8 at most); without one, 10 slices over the upper 4-70 % of the coverage:
 
-* the **spine**: the vertebral body is the largest bone region (cortex ring
-  filled) near the midline, posterior half of the body; its centre is the
-  maximum of the distance transform (the localizer's centroid, when given,
-  fixes the level and the search area);
-* the **aorta**: the brightest uniform disc (4 mm radius, low SD) anterior /
-  anterior-left of the vertebral body, outside it, that is a round vessel (an edge
-  5-18 mm out where the surroundings are darker, no brighter rim inside it);
-  slices where it is are preferred, and the median over slices is taken;
+* the **spine**: the vertebral body is the largest bone region (cortex
+  > 220 HU closed and filled, else > 150 HU) near the midline in the posterior
+  part of the trunk (or within 22 mm of the localizer's centroid); its centre is
+  the maximum of the distance transform; a candidate needs a cortex brighter
+  than its interior or a heterogeneous (trabecular) interior, which a
+  contrast-filled vessel or organ lacks;
+* the **aorta**: the brightest uniform disc (4 mm radius, low SD, below ~545 HU
+  at 120 kVp) anterior / anterior-left of the vertebral body, outside it,
+  preferably a round vessel (an edge 5-18 mm out where the surroundings are
+  darker, no brighter rim inside it); the slice readings are pooled by
+  consensus (the largest group of similar readings: a slice that read an
+  endplate or bowel stands apart) and their median taken;
 * the **IVC**: the brightest uniform disc 15-50 mm to the patient's right of
   the aorta, at its depth (L1-L3: infrahepatic or retro-hepatic IVC);
 * the **kidneys**: enhancing parenchyma lateral to the spine (cortex = 90th,
@@ -47,9 +52,12 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import structlog
 from scipy import ndimage
 
 from screener.domain import SpineLocalization, Volume
+
+log = structlog.get_logger(__name__)
 
 __all__ = ["ContrastAssessment", "assess_contrast", "trabecular_enhancement_hu", "PHASES",
            "PORTAL_VENOUS_ENHANCEMENT_HU", "ARTERIAL_ENHANCEMENT_HU", "DELAYED_ENHANCEMENT_HU"]
@@ -60,14 +68,13 @@ PHASES = ("native", "arterial", "portal_venous", "delayed", "unknown")
 #: (Pickhardt et al., Osteoporos Int 2016;27:147-152, n = 157 paired scans; the screener's
 #: ``config.contrast_adjust_hu``).
 PORTAL_VENOUS_ENHANCEMENT_HU = 11.2
-#: Arterial phase: less iodine has reached the marrow. Grunewald et al. (ECR 2024, n = 288,
-#: non-contrast / late arterial / portal venous of the same patients) measured +14.4 HU late
-#: arterial vs +25.7 HU portal venous at L1, a ratio of 0.56; scaled to Pickhardt's portal
-#: venous value: 11.2 x 14.4 / 25.7 = 6.3 HU (within the ~5-8 HU range reported for arterial
-#: phases).
+#: Arterial phase: less iodine has reached the marrow. Grunewald et al. (ECR abstract, n = 288,
+#: non-contrast / late arterial / portal venous DECT of the same patients; clinical-physics.md
+#: section 1) measured +14.4 HU late arterial vs +25.7 HU portal venous at L1, a ratio of 0.56;
+#: scaled to Pickhardt's portal venous value: 11.2 x 14.4 / 25.7 = 6.3 HU.
 ARTERIAL_ENHANCEMENT_HU = round(PORTAL_VENOUS_ENHANCEMENT_HU * 14.4 / 25.7, 1)
-#: Delayed / excretory phase: CT urography at L1 (Acta Radiol 2025, n = 210) excretory
-#: 126.2 vs pre-contrast 114.9 HU = +11.3 HU, i.e. the portal venous value.
+#: Delayed / excretory phase: CT urography at L1 (Acta Radiol 2025, doi 10.1177/02841851251322928,
+#: n = 210) excretory 126.2 vs pre-contrast 114.9 HU = +11.3 HU, i.e. the portal venous value.
 DELAYED_ENHANCEMENT_HU = PORTAL_VENOUS_ENHANCEMENT_HU
 
 _NATIVE_BLOOD_HU = 45.0
@@ -486,6 +493,8 @@ def _image_reading(volume: Volume, localization: SpineLocalization | None,
     ratio = None
     if ivcs:
         ev["ivc_hu"] = round(float(np.median(ivcs)), 1)
+        # without a localization some slices lie above the IVC's entry into the liver or in
+        # the liver's dome, where the right-hand window reads liver: lean to the upper readings
         ratio = float(np.percentile(ratios, 75)) if localization is None else float(np.median(ratios))
         ev["ivc_aorta_ratio"] = round(ratio, 3)
     # enhanced or native
@@ -522,8 +531,8 @@ def assess_contrast(volume: Volume, localization: SpineLocalization | None,
     volume : Volume
         Axial CT in HU.
     localization : SpineLocalization or None
-        Vertebra centroids (the search starts at T12-L3); without it slices spread over
-        the volume are searched for the vertebral body.
+        Vertebra centroids (slices through T12-L3 are read); without it 10 slices over the
+        upper 70 % of the coverage are searched for the vertebral body.
     info : SeriesInfo or None
         Header summary (``contrast_agent``, ``kvp``); without it the first slice's header is read.
 
@@ -537,9 +546,8 @@ def assess_contrast(volume: Volume, localization: SpineLocalization | None,
     try:
         phase, conf, ev = _image_reading(volume, localization, _header_kvp(volume, info))
     except Exception as exc:  # noqa: BLE001 - a reading failure must not stop the protocol
+        log.warning("contrast from the image failed", error=repr(exc))
         phase, conf, ev = "unknown", 0.0, {}
-        ev["error"] = float("nan")
-        _ = exc
     img_known = phase != "unknown"
     img_enh = phase not in ("native", "unknown")
     conflict = None
