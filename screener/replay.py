@@ -50,6 +50,7 @@ class ScanResult:
     not_dicom: int = 0
     not_dicom_paths: list[Path] = field(default_factory=list)
     ignored: int = 0  # instances of classes the screener does not process (e.g. SR)
+    duplicates: list[Path] = field(default_factory=list)  # identical to an earlier file
 
 
 #: Files with these suffixes (or none) are expected to be DICOM: when unreadable they are
@@ -117,7 +118,9 @@ def _scan_one(path: Path, found: ScanResult, seen: dict[str, Path]) -> None:
         return
     sop = uids["SOPInstanceUID"]
     if sop in seen:
-        if not _same_content(seen[sop], path):
+        if _same_content(seen[sop], path):
+            found.duplicates.append(path)
+        else:
             found.unusable.append((path, f"SOP Instance UID already used by {seen[sop]} with "
                                          "different content; the first file is kept"))
         return
@@ -210,7 +213,8 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
     db.requeue_running_jobs()
     found = scan(root)
     log.info("replay.scanned", root=str(root), series=len(found.series),
-             unusable=len(found.unusable), not_dicom=found.not_dicom, ignored=found.ignored)
+             unusable=len(found.unusable), not_dicom=found.not_dicom, ignored=found.ignored,
+             duplicates=len(found.duplicates))
     todo: list[int] = []
     rows: dict[str, dict[str, object]] = {}
     for uid, s in found.series.items():
@@ -251,7 +255,8 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
 
 
 def format_table(rows: list[dict[str, object]], unusable: list[tuple[Path, str]],
-                 not_dicom: list[Path] | None = None, ignored: int = 0) -> str:
+                 not_dicom: list[Path] | None = None, ignored: int = 0,
+                 duplicates: list[Path] | None = None) -> str:
     """The end-of-run summary as a plain-text table.
 
     Parameters
@@ -264,6 +269,8 @@ def format_table(rows: list[dict[str, object]], unusable: list[tuple[Path, str]]
         Other files skipped (counted, the first five named).
     ignored : int
         Instances of classes the screener does not process.
+    duplicates : list of pathlib.Path, optional
+        Files identical to an earlier one (same SOP Instance UID and data set), skipped.
 
     Returns
     -------
@@ -290,6 +297,10 @@ def format_table(rows: list[dict[str, object]], unusable: list[tuple[Path, str]]
         tail += f"; {len(not_dicom)} files not DICOM, skipped ({names})"
     if ignored:
         tail += f"; {ignored} instances of classes not processed (e.g. SR), ignored"
+    if duplicates:
+        names = ", ".join(str(p) for p in duplicates[:5]) + (", ..." if len(duplicates) > 5 else "")
+        tail += (f"; {len(duplicates)} duplicate files (identical to an earlier one), "
+                 f"skipped ({names})")
     out.append(tail)
     return "\n".join(out)
 
@@ -311,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows, found = replay(args.study_dir, cfg, workers=args.workers or cfg.workers,
                          force=args.force, progress=not args.no_progress)
-    print(format_table(rows, found.unusable, found.not_dicom_paths, found.ignored))
+    print(format_table(rows, found.unusable, found.not_dicom_paths, found.ignored,
+                       found.duplicates))
     failed = any(r.get("status") == "failed" for r in rows)
     return 1 if failed or found.unusable else 0

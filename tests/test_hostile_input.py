@@ -475,6 +475,16 @@ def test_case13_lossy_8bit_ct_is_declined_for_that_reason_and_aborts_are_logged(
 def test_replay_summary_names_skipped_non_dicom_files() -> None:
     text = format_table([], [], [Path("/x/readme.txt")], ignored=2)
     assert "1 files not DICOM, skipped (/x/readme.txt)" in text and "2 instances" in text
+
+
+def test_fuzz_f5_replay_counts_an_identical_duplicate_file(tmp_path: Path) -> None:
+    [f] = make_ct_series(tmp_path / "in", 1)
+    (f.parent / "copy.dcm").write_bytes(f.read_bytes())
+    found = scan(f.parent)
+    assert found.unusable == [] and [p.name for p in found.duplicates] == ["ct0000.dcm"]
+    text = format_table([], found.unusable, found.not_dicom_paths, found.ignored,
+                        found.duplicates)
+    assert "1 duplicate files (identical to an earlier one), skipped" in text
     assert structlog is not None
 
 
