@@ -372,7 +372,8 @@ def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
     if not compressed:
         expected = _expected_native_length(ds, rows, cols, bits, spp, frames)
         if size < expected:
-            raise Rejected(STATUS_BAD_PIXEL_DATA, f"Pixel Data truncated: {size} of {expected} bytes")
+            raise Rejected(STATUS_BAD_PIXEL_DATA,
+                           f"Pixel Data truncated: {size} of {expected} bytes")
         if size > expected + (expected % 2):
             raise Rejected(STATUS_BAD_PIXEL_DATA,
                            f"Pixel Data too long: {size} bytes, image size says {expected}")
