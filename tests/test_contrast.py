@@ -133,10 +133,10 @@ def test_fast_on_a_300_slice_ct(cohort: dict) -> None:
     big = dataclasses.replace(vol, array=np.repeat(vol.array, reps, axis=0)[:300],
                               spacing=(vol.spacing[0] / reps, vol.spacing[1], vol.spacing[2]), datasets=[], paths=[])
     best = np.inf
-    for _ in range(2):
-        t0 = time.perf_counter()
+    for _ in range(3):  # CPU time of this process: the test machine's cores are shared
+        t0 = time.process_time()
         a = assess_contrast(big, None, info)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     assert a.phase == "arterial"
     assert best < 1.0, best
 
