@@ -20,7 +20,8 @@ Method
 3. **Outline per slice.** The barrier is closed morphologically (1.5, 3, 4.5,
    6 then 8 mm, at least one pixel: gaps such as the basivertebral foramen;
    free-standing blobs < 80 mm^2 such as a bone island are left out of the
-   closing first, so that it cannot weld them to the cortex),
+   closing first, so that it cannot weld them to the cortex, unless they then
+   lie on the region's edge: a cortical fragment),
    and the enclosed region (a hole of the barrier) containing the seed, else
    the nearest within 10 mm, of 350-3500 mm^2 (the spinal canal is smaller) is
    the trabecular body; its own holes (a bone island, a low focus) are filled.
@@ -88,6 +89,8 @@ CONTENT_TOL_SD = 1.0
 MAX_HEIGHT_MM = 45.0
 #: free-standing barrier blobs smaller than this (mm^2) are left out of the closing first
 BLOB_MAX_MM2 = 80.0
+#: ... and must then lie at least this deep (mm) inside the region found
+BLOB_EDGE_MM = 2.5
 #: a ray outline may hold at most this fraction of barrier pixels
 POLAR_MAX_BARRIER = 0.1
 #: fixed cortex thresholds swept only when the adaptive one finds no outline
@@ -353,14 +356,22 @@ def outline_slice(smooth: np.ndarray, threshold: tuple[float, float], spacing: t
     sizes = np.bincount(lab.ravel(), minlength=n + 1) * spacing[0] * spacing[1]
     small = np.flatnonzero(sizes < BLOB_MAX_MM2)
     small = small[small > 0]
-    variants = [raw & ~np.isin(lab, small), raw] if small.size else [raw]
+    blobs = np.isin(lab, small) if small.size else None
+    variants = [raw & ~blobs, raw] if blobs is not None else [raw]
     for r in closings:
-        for bar in variants:
+        for q, bar in enumerate(variants):
             barrier = _close(bar, r, spacing)
             labels, n_h = enclosed_regions(barrier)
             region = _pick_region(labels, n_h, target, spacing, ref_area)
-            if region is not None:
-                return region, float(r)
+            if region is None:
+                continue
+            if q == 0 and blobs is not None and (region & blobs).any():
+                # a blob left out must lie well inside the region (a focus), not on its edge (a
+                # fragment of a gapped cortex the region then leaks through)
+                depth = ndimage.distance_transform_edt(region, sampling=spacing)
+                if depth[region & blobs].min() < BLOB_EDGE_MM:
+                    continue
+            return region, float(r)
     # a cortex too sparse to enclose anything (coarse pixels point-sampling a thin shell, wide
     # gaps): the star-shaped outline of the first barrier pixel along rays from the centre
     if isinstance(target, np.ndarray):
