@@ -42,6 +42,13 @@ from screener.localizer.segments import Segment, ellipse_radius
 RIB_REACH_MM = 60.0
 #: a rib that leaves the coverage reaches at least this far (mm) from the canal centre
 RIB_LEAVING_REACH_MM = 42.0
+#: HU threshold (x bone scale) of the short-rib search: faint, thin 12th ribs read far below
+#: cortical bone at a ~2 mm grid
+SHORT_RIB_HU = 150.0
+#: a short rib reaches at least this far (mm) from the canal centre ...
+SHORT_RIB_MIN_MM = 40.0
+#: ... and this much further than the bone attached to the vertebra below
+SHORT_RIB_MARGIN_MM = 6.0
 #: HU threshold of the rib search: rib cortex reads well above it, contrast-enhanced kidneys
 #: and vessels (150-250 HU in portal-venous phase) mostly below
 RIB_HU = 280.0
@@ -55,14 +62,30 @@ RIB_DESCENT_MM = 30.0
 ALA_AP_MM = 10.0
 
 
+#: no bone threshold of the localizer falls below this (HU): enhancing organs and muscle stay out
+MIN_BONE_HU = 100.0
+
+
+def rib_hu(scale: float = 1.0) -> float:
+    """Rib threshold for a skeleton of density ``scale`` (:func:`~screener.localizer.column.bone_scale`)."""
+    return max(RIB_HU * scale, 1.3 * MIN_BONE_HU)
+
+
 def _disk(r: int) -> np.ndarray:
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     return (yy ** 2 + xx ** 2) <= r ** 2
 
 
 def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
-                 spacing: tuple[float, float, float]) -> dict[str, float]:
+                 spacing: tuple[float, float, float], scale: float = 1.0, *,
+                 hu_threshold: float | None = None, min_reach_mm: float | None = None
+                 ) -> dict[str, float]:
     """Rib articulation evidence for one vertebra.
+
+    ``hu_threshold`` and ``min_reach_mm`` default to :func:`rib_hu` of
+    ``scale`` and :data:`RIB_REACH_MM`; :func:`lateral_reach` lowers both to
+    measure how far any bone attached to the vertebra reaches (short ribs and
+    transverse processes alike).
 
     Returns
     -------
@@ -89,7 +112,9 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
     yb = int(np.nanmin(col.body_y[zs] - 60.0 / dy))
     ye = int(np.nanmax(col.canal_y[zs] + 60.0 / dy))
     y0, y1 = max(0, yb), min(ny, ye)
-    sub = (hu[zs[0]:zs[-1] + 1, y0:y1, x0:x1] > RIB_HU) & body[zs[0]:zs[-1] + 1, y0:y1, x0:x1]
+    thr = rib_hu(scale) if hu_threshold is None else hu_threshold
+    reach_min = RIB_REACH_MM if min_reach_mm is None else min_reach_mm
+    sub = (hu[zs[0]:zs[-1] + 1, y0:y1, x0:x1] > thr) & body[zs[0]:zs[-1] + 1, y0:y1, x0:x1]
     contact = np.zeros_like(sub)
     lateral = np.zeros(sub.shape, np.float32)
     side = np.zeros(sub.shape, np.int8)
@@ -142,15 +167,43 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
             leaves = (zs[0] == 0 and reach >= RIB_LEAVING_REACH_MM and zt.size > 0
                       and (zs[0] + zt.min()) * dz >= 12.0
                       and bool((lateral[0][ms[0]] >= 35.0).any()))
-            if reach >= RIB_REACH_MM:
+            if reach >= reach_min:
                 out[name] = max(out[name], reach)
             elif leaves:
                 out["leaving"] = max(out.get("leaving", 0.0), reach)
     return out
 
 
+def lateral_reach(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
+                  spacing: tuple[float, float, float], scale: float = 1.0) -> dict[str, float]:
+    """How far (mm from the canal) bone attached to one vertebra reaches, per side.
+
+    The search of :func:`rib_evidence` at a low threshold (:data:`SHORT_RIB_HU`
+    x ``scale``, never below :data:`MIN_BONE_HU`) and without a minimum reach:
+    a transverse process, a short, thin or faint (hypoplastic) 12th rib and a
+    lumbar rib all show up here. Lumbar transverse processes lengthen from L1
+    to L3, so a vertebra whose attached bone reaches clearly further than the
+    vertebra below it carries a short rib (:func:`short_rib_sides`).
+    """
+    thr = max(SHORT_RIB_HU * scale, MIN_BONE_HU + 20.0)
+    return rib_evidence(hu, body, col, seg, spacing, scale, hu_threshold=thr, min_reach_mm=0.0)
+
+
+def short_rib_sides(reach: dict[str, float], reach_below: dict[str, float]) -> list[str]:
+    """Sides on which a vertebra carries a short rib (see :func:`lateral_reach`).
+
+    A side counts when its attached bone reaches at least
+    :data:`SHORT_RIB_MIN_MM` from the canal and at least
+    :data:`SHORT_RIB_MARGIN_MM` further than the same side of the vertebra
+    below (whose transverse process, in a lumbar spine, is the longer one).
+    """
+    return [side for side in ("right", "left")
+            if reach.get(side, 0.0) >= SHORT_RIB_MIN_MM
+            and reach.get(side, 0.0) >= reach_below.get(side, 0.0) + SHORT_RIB_MARGIN_MM]
+
+
 def sacral_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
-                    spacing: tuple[float, float, float]) -> float:
+                    spacing: tuple[float, float, float], scale: float = 1.0) -> float:
     """Fraction of a vertebra's slices that look like S1 (thick alae on both sides).
 
     In such a slice the bone connected to the vertebral body (holes filled)
@@ -164,7 +217,8 @@ def sacral_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
         if not col.valid[z]:
             continue
         total += 1
-        bone = ndi.binary_fill_holes(ndi.binary_closing((hu[z] > BONE_HU) & body[z], iterations=1))
+        bone = ndi.binary_fill_holes(ndi.binary_closing((hu[z] > max(BONE_HU * scale, MIN_BONE_HU))
+                                                         & body[z], iterations=1))
         lab, n = ndi.label(bone)
         rho = ellipse_radius(bone.shape, col.body_y[z], col.body_x[z], col.body_hd[z], col.body_hw[z])
         ids = lab[(rho <= 1.0) & (lab > 0)]
@@ -186,7 +240,8 @@ def sacral_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
     return hits / total if total else 0.0
 
 
-def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[float, float, float]) -> int | None:
+def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[float, float, float],
+               scale: float = 1.0) -> int | None:
     """Working slice of the iliac crests, when the ilia are in view below a rib-free gap.
 
     Lateral bone (beyond 50 mm from the canal on both sides, thin structures
@@ -204,7 +259,7 @@ def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[flo
     for z in range(nz):
         if not col.valid[z]:
             continue
-        bone = (hu[z] > RIB_HU) & body[z]
+        bone = (hu[z] > rib_hu(scale)) & body[z]
         lat = (xs - col.canal_x[z]) * dx
         left = bone[:, lat >= 50.0].sum() * dy * dx
         right = bone[:, lat <= -50.0].sum() * dy * dx

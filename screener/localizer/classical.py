@@ -11,16 +11,25 @@ Pipeline (all on a ~2 mm working grid, :mod:`screener.localizer.grid`):
    of the body footprint (cortical ring band + core) dips at every disc even in
    osteoporotic bodies; prominent minima with spacing priors are the discs.
 3. **Levels** (:mod:`~screener.localizer.anchors`): rib articulation per
-   vertebra and side; the lowest vertebra of the rib-bearing run from the top
-   is T12 and the next one below is L1. The sacrum (body-connected bone
-   reaching the ilia on both sides) gives S1; L5 is the vertebra above it and
-   L1 four above that. Agreement of both anchors gives high confidence; one
-   anchor a lower one; disagreement (transitional vertebra, 11 or 13 rib
-   pairs) the rib-based label with a low confidence and a warning.
+   vertebra and side; the lowest vertebra of the long-rib run from the top
+   is T12 unless the vertebra below it carries a short rib (bone attached to
+   it reaching clearly further than the transverse processes of the vertebra
+   below: a short, thin, faint or one-sided hypoplastic 12th rib), and the
+   next one below T12 is L1. The sacrum (body-connected bone reaching the
+   ilia on both sides) gives S1; L5 is the vertebra above it and L1 four
+   above that. Agreement of both anchors gives high confidence; one anchor a
+   lower one; disagreement the rib-based label with a low confidence and the
+   transitional anatomy named (sacralised L5, lumbarised S1, lumbar rib).
 4. **Output**: for every labelled complete vertebra its slice range, z range,
    and the centroid of the trabecular body (body ellipse eroded to 60 %, HU
    below 450 to avoid sclerotic endplates and cortex), in source indices and
    patient mm.
+
+Bone thresholds follow the skeleton's own density
+(:func:`~screener.localizer.column.find_column_adaptive` lowers the column's
+threshold until the canal is tracked; :func:`~screener.localizer.column.bone_scale`
+scales every later threshold): an osteoporotic skeleton whose cortex and
+ribs read 40 % lower is searched with thresholds 40 % lower.
 
 Declines with a reason containing "L1 not in view" when no column is found,
 when no anchor is visible, or when L1 lies outside the coverage or is only
@@ -32,21 +41,25 @@ the cortical ring band), osteoporotic bodies (ring band instead of trabecular
 HU), slice thickness 0.6-5 mm (z-binning to >= 1.5 mm, spacing priors in mm),
 any in-plane orientation / feet-first (reoriented to LPS), mild scoliosis
 (canal tracked per 8 mm slab). Verified on one real CT (the shared 40 mm
-upper-abdomen series) and the virtual cohort only. NOT verified on real
-scans: oblique L5-S1 discs with strong lordosis, hypoplastic 12th ribs and
-lumbar ribs, bridging osteophytes / DISH (fused discs), metal (spinal
-fixation), severe scoliosis with rotation, vertebra plana, prone scans.
+upper-abdomen series) and the virtual cohort only (hypoplastic 12th ribs,
+lumbar ribs, sacralised L5 / lumbarised S1 and low-density skeletons are
+rendered there: ``benchmarks/eval_localizer.py``). NOT verified on real
+scans: oblique L5-S1 discs with strong lordosis, bridging osteophytes / DISH
+(fused discs), metal (spinal fixation), severe scoliosis with rotation,
+vertebra plana, prone scans; counting from T1 is not implemented (the
+cohort's spine starts at T6).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import structlog
 
 from screener.domain import SpineLocalization, Volume, VertebraLocation
-from screener.localizer.anchors import RIB_REACH_MM, pelvis_top, rib_evidence, sacral_evidence
-from screener.localizer.column import body_masks, find_column
+from screener.localizer.anchors import (RIB_REACH_MM, lateral_reach, pelvis_top, rib_evidence,
+                                       sacral_evidence, short_rib_sides)
+from screener.localizer.column import BONE_HU, body_masks, bone_scale, find_column_adaptive
 from screener.localizer.grid import GeometryError, WorkGrid, make_grid
 from screener.localizer.segments import (
     Segment,
@@ -62,10 +75,14 @@ METHOD = "classical"
 NOT_IN_VIEW = "L1 not in view"
 #: fraction of a vertebra's slices that must look sacral (alae reaching the ilia)
 SACRAL_MIN = 0.4
+#: plausible body height of L1 (mm, endplate to endplate): a grade-3 fracture to a tall L1
+L1_HEIGHT_MM = (10.0, 42.0)
 
 _THORACIC = [f"T{i}" for i in range(1, 13)]
 _LUMBAR = [f"L{i}" for i in range(1, 6)]
 _ORDER = _THORACIC + _LUMBAR + ["S1"]  # superior -> inferior
+#: lateral reach of the bone attached to a segment, by index (None when not measurable)
+Reach = Callable[[int], "dict[str, float] | None"]
 
 
 class ClassicalLocalizer:
@@ -105,33 +122,45 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
     hu, spacing = grid.hu, grid.spacing
     dz = spacing[0]
     body = body_masks(hu)
-    col = find_column(hu, body, spacing)
+    col = find_column_adaptive(hu, body, spacing)
     details: dict[str, Any] = {"grid_spacing_mm": [round(s, 3) for s in spacing]}
     if not col.valid.any():
         return _decline("no vertebral column found", details)
     zv = np.nonzero(col.valid)[0]
     details["column_z_mm"] = [round(grid.z_mm(zv[0]), 1), round(grid.z_mm(zv[-1]), 1)]
-    prof = core_profile(hu, col)
-    discs = find_discs(prof, dz)
-    segs = split_segments(prof, discs, col.valid, dz)
+    # every bone threshold below follows this skeleton's own density (never a fixed HU that
+    # only young bone passes)
+    scale = min(bone_scale(hu, col), col.bone_hu / BONE_HU)
+    details["bone_scale"] = round(scale, 3)
+    details["column_bone_hu"] = col.bone_hu
+    prof = core_profile(hu, col, scale)
+    discs = find_discs(prof, dz, scale)
+    segs = split_segments(prof, discs, col.valid, dz, scale)
     # ribs first (not in the pelvis: the iliac crests lie beside L4-L5 like ribs), then the
     # sacrum among the lowest rib-free vertebrae
-    crest = pelvis_top(hu, body, col, spacing)
+    crest = pelvis_top(hu, body, col, spacing, scale)
     if crest is not None:
         details["iliac_crest_z_mm"] = round(grid.z_mm(crest), 1)
     for s in segs:
         in_pelvis = crest is not None and s.lo <= crest + int(round(10.0 / dz))
-        s.ribs = {"right": 0.0, "left": 0.0} if in_pelvis else rib_evidence(hu, body, col, s, spacing)
+        s.ribs = {"right": 0.0, "left": 0.0} if in_pelvis else rib_evidence(hu, body, col, s, spacing, scale)
     for s in segs[:3]:
         if not _rib_bearing(s):
-            s.sacral = sacral_evidence(hu, body, col, s, spacing)
+            s.sacral = sacral_evidence(hu, body, col, s, spacing, scale)
     details["segments"] = [
         {"z_mm": [round(grid.z_mm(s.lo - 0.5), 1), round(grid.z_mm(s.hi + 0.5), 1)],
          "complete": s.complete, "ribs_mm": {k: round(v, 1) for k, v in s.ribs.items()},
          "sacral": round(s.sacral, 2)} for s in segs]
     if not segs:
         return _decline("no vertebral bodies separated along the column", details)
-    labels, conf, anchor_info = _assign_levels(segs)
+    pelvic = {i for i, sg in enumerate(segs) if crest is not None and sg.lo <= crest + int(round(10.0 / dz))}
+
+    def reach(i: int) -> dict[str, float] | None:
+        if not 0 <= i < len(segs) or i in pelvic:
+            return None
+        return lateral_reach(hu, body, col, segs[i], spacing, scale)
+
+    labels, conf, anchor_info = _assign_levels(segs, reach)
     details.update(anchor_info)
     found: dict[str, VertebraLocation] = {}
     for i, s in enumerate(segs):
@@ -147,6 +176,13 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
         if l1 and not segs[l1[0]].complete:
             why = "L1 is only partly covered"
         return _decline(why, details, found)
+    l1_seg = next(segs[i] for i, lab in labels.items() if lab == "L1")
+    l1_mm = (l1_seg.hi - l1_seg.lo + 1) * dz
+    if not L1_HEIGHT_MM[0] <= l1_mm <= L1_HEIGHT_MM[1]:
+        # two bodies merged (a disc not seen) or a body split in two: every label would be off
+        return _decline(f"the vertebra numbered L1 is {l1_mm:.0f} mm tall, outside "
+                        f"{L1_HEIGHT_MM[0]:.0f}-{L1_HEIGHT_MM[1]:.0f} mm: its discs were not both found, "
+                        "so the levels cannot be numbered with confidence", details)
     log.info("spine_localized", l1_z_mm=found["L1"].z_range_mm, confidence=round(conf, 2),
              anchors=anchor_info.get("anchors"))
     return SpineLocalization(found, METHOD, None, details)
@@ -164,48 +200,114 @@ def _rib_weight(s: Segment) -> float:
     return 0.6 if reach > 0.0 else 0.0
 
 
-def _assign_levels(segs: list[Segment]) -> tuple[dict[int, str], float, dict[str, Any]]:
-    """Label segment indices (ascending z) from the rib and sacral anchors."""
-    info: dict[str, Any] = {}
+def _long_rib_t12(segs: list[Segment], info: dict[str, Any]) -> int | None:
+    """Index of the lowest vertebra of the long-rib block from the top (T12 if no rib is short).
+
+    Walk down from the top-most rib-bearing vertebra through the rib-bearing
+    block. A single rib-free vertebra inside the block (a missed rib pair) is
+    bridged when strong ribs lie on both sides of it; two rib-free vertebrae
+    end the block, so rib-like hits further down (iliac crest beside L4-L5, a
+    long transverse process) are ignored.
+    """
     n = len(segs)
     ribbed = [_rib_bearing(s) for s in segs]
-    # T12 from ribs: walk down from the top-most rib-bearing vertebra through the rib-bearing
-    # block. A single rib-free vertebra inside the block (a missed rib pair) is bridged when
-    # strong ribs lie on both sides of it; two rib-free vertebrae end the block, so rib-like
-    # hits further down (iliac crest beside L4-L5, a long transverse process) are ignored.
-    t12 = None
-    if any(ribbed):
-        strong = [_rib_weight(s) >= 1.0 and (s.ribs.get("left", 0.0) > 0 and s.ribs.get("right", 0.0) > 0) for s in segs]
-        i = max(k for k in range(n) if ribbed[k])
-        bridged = 0
-        while True:
-            if i - 1 >= 0 and ribbed[i - 1]:
-                i -= 1
-            elif i - 2 >= 0 and not ribbed[i - 1] and strong[i - 2] and strong[i]:
-                i -= 2
-                bridged += 1
-            else:
-                break
-        lower_hits = sum(ribbed[:max(0, i - 1)])
-        if i > 0:
-            t12 = i
-            info["rib_anchor"] = {"T12_segment": i, "both_sides": segs[i].ribs.get("left", 0.0) > 0 and segs[i].ribs.get("right", 0.0) > 0,
-                                  "bridged_gaps": bridged, "ignored_lower_hits": int(lower_hits)}
+    if not any(ribbed):
+        return None
+    strong = [_rib_weight(s) >= 1.0 and (s.ribs.get("left", 0.0) > 0 and s.ribs.get("right", 0.0) > 0)
+              for s in segs]
+    i = max(k for k in range(n) if ribbed[k])
+    bridged = 0
+    while True:
+        if i - 1 >= 0 and ribbed[i - 1]:
+            i -= 1
+        elif i - 2 >= 0 and not ribbed[i - 1] and strong[i - 2] and strong[i]:
+            i -= 2
+            bridged += 1
         else:
-            info["decline"] = "coverage ends at T12 (no rib-free vertebra below the last rib-bearing one)"
-    # S1 from the sacrum: the highest of the lowest sacral-looking segments (below rib-free ones)
-    s1 = None
-    first = next((k for k in range(min(n, 3)) if segs[k].sacral >= SACRAL_MIN and not ribbed[k]), None)
-    if first is not None:
-        s1 = first
-        while s1 + 1 < n and segs[s1 + 1].sacral >= SACRAL_MIN and not ribbed[s1 + 1]:
-            s1 += 1
-    if s1 is not None and s1 + 1 < n:
+            break
+    lower_hits = sum(ribbed[:max(0, i - 1)])
+    if i == 0:
+        info["decline"] = "coverage ends at T12 (no rib-free vertebra below the last rib-bearing one)"
+        return None
+    info["rib_anchor"] = {"T12_segment": i, "both_sides": segs[i].ribs.get("left", 0.0) > 0
+                          and segs[i].ribs.get("right", 0.0) > 0,
+                          "bridged_gaps": bridged, "ignored_lower_hits": int(lower_hits)}
+    return i
+
+
+def _sacral_s1(segs: list[Segment]) -> int | None:
+    """Index of S1 from the sacrum: the highest of the lowest sacral-looking, rib-free segments.
+
+    A sacralised L5 (its transverse processes fused to the sacrum as alae)
+    looks sacral too, so the sacral count then names L5 "S1" and puts L1 one
+    vertebra too high; :func:`_combine_anchors` resolves that with the ribs.
+    """
+    n = len(segs)
+    first = next((k for k in range(min(n, 3)) if segs[k].sacral >= SACRAL_MIN and not _rib_bearing(segs[k])),
+                 None)
+    if first is None:
+        return None
+    s1 = first
+    while s1 + 1 < n and segs[s1 + 1].sacral >= SACRAL_MIN and not _rib_bearing(segs[s1 + 1]):
+        s1 += 1
+    return s1 if s1 + 1 < n else None
+
+
+def _short_rib(t12: int, l1_sac: int | None, reach: Reach, info: dict[str, Any]) -> int:
+    """Move T12 down one vertebra when the vertebra below the long ribs carries a short rib.
+
+    A hypoplastic 12th rib (short, thin, faint, often one-sided: 12.6 % of
+    patients) reads as rib-free to the long-rib search, which would then name
+    T12 "L1". A short rib on the vertebra below the last long rib is either
+    that hypoplastic 12th rib or a lumbar rib on L1 (13 rib pairs, ~1.5 %):
+    the sacral count decides when it agrees with one of the two; without it
+    the far more common hypoplastic 12th rib is assumed, with a warning.
+    """
+    below, below2 = reach(t12 - 1), reach(t12 - 2)
+    if below is None or below2 is None:
+        return t12
+    sides = short_rib_sides(below, below2)
+    info["short_rib_check"] = {"reach_mm": {k: round(v, 1) for k, v in below.items() if k in ("left", "right")},
+                               "reach_below_mm": {k: round(v, 1) for k, v in below2.items()
+                                                  if k in ("left", "right")},
+                               "short_rib_sides": sides}
+    if not sides:
+        return t12
+    if l1_sac is not None and l1_sac == t12 - 1:
+        info["transitional"] = ("short rib on the first lumbar vertebra (lumbar rib, 13 rib pairs); "
+                                "the sacral count agrees")
+        info["lumbar_rib"] = sides
+        return t12
+    info["short_12th_rib"] = sides
+    if l1_sac is None or l1_sac != t12 - 2:
+        info["warning_short_rib"] = ("short rib below the last long rib taken as a hypoplastic 12th rib "
+                                     "(it could be a lumbar rib)")
+    return t12 - 1
+
+
+def _assign_levels(segs: list[Segment], reach: Reach | None = None
+                   ) -> tuple[dict[int, str], float, dict[str, Any]]:
+    """Label segment indices (ascending z) from the rib and sacral anchors.
+
+    ``reach(i)`` gives the lateral reach of the bone attached to segment ``i``
+    (:func:`~screener.localizer.anchors.lateral_reach`, ``None`` when unknown);
+    with it a short (hypoplastic) 12th rib is recognised (:func:`_short_rib`).
+    """
+    info: dict[str, Any] = {}
+    n = len(segs)
+    t12 = _long_rib_t12(segs, info)
+    s1 = _sacral_s1(segs)
+    if s1 is not None:
         info["sacral_anchor"] = {"S1_segment": s1}
-    else:
-        s1 = None
-    l1_rib = t12 - 1 if t12 is not None else None
     l1_sac = s1 + 5 if s1 is not None else None
+    if t12 is not None and reach is not None:
+        t12 = _short_rib(t12, l1_sac, reach, info)
+        if t12 == 0:
+            info["decline"] = "coverage ends at T12 (its short rib is the lowest rib)"
+            t12 = None
+        elif "rib_anchor" in info and info["rib_anchor"]["T12_segment"] != t12:
+            info["rib_anchor"].update(T12_segment=t12, both_sides=len(info["short_12th_rib"]) == 2)
+    l1_rib = t12 - 1 if t12 is not None else None
     anchors = []
     if l1_rib is not None:
         anchors.append("ribs")
@@ -221,19 +323,9 @@ def _assign_levels(segs: list[Segment]) -> tuple[dict[int, str], float, dict[str
             info["decline"] = ("no level anchor in coverage (no rib-bearing vertebra with a rib-free one "
                                "below it, no sacrum)")
         return {}, 0.0, info
-    if l1_rib is not None and l1_sac is not None:
-        if l1_rib == l1_sac:
-            l1, conf = l1_rib, 0.95
-        else:
-            l1, conf = l1_rib, 0.5
-            info["warning"] = (f"rib count and sacral count disagree by {l1_sac - l1_rib} level(s): "
-                               "transitional vertebra or 11/13 rib pairs; labelled from the ribs")
-    elif l1_rib is not None:
-        l1 = l1_rib
-        conf = 0.85 if info["rib_anchor"]["both_sides"] else 0.75
-        conf -= 0.1 * info["rib_anchor"]["bridged_gaps"] + 0.05 * min(2, info["rib_anchor"]["ignored_lower_hits"])
-    else:
-        l1, conf = l1_sac, 0.7
+    l1, conf = _combine_anchors(l1_rib, l1_sac, info)
+    if conf <= 0.05:
+        return {}, 0.0, info
     # label every segment from L1's index: index l1 + k is k levels above L1
     labels: dict[int, str] = {}
     pos_l1 = _ORDER.index("L1")
@@ -249,6 +341,54 @@ def _assign_levels(segs: list[Segment]) -> tuple[dict[int, str], float, dict[str
     height = (s.hi - s.lo + 1)
     info["l1_height_slices"] = int(height)
     return labels, float(np.clip(conf, 0.05, 0.99)), info
+
+
+def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any]) -> tuple[int, float]:
+    """L1's segment index and the labelling confidence from the two anchors.
+
+    Agreement gives high confidence, one anchor a lower one. When they
+    disagree by one level the likelier anatomy decides (rates of
+    clinical-physics.md section 7), with a low confidence and the
+    transitional anatomy named in ``info["transitional"]``:
+
+    * the sacral count puts L1 one vertebra *lower* than the ribs: a 12th rib
+      pair too short or faint to be seen (hypoplastic 12th ribs, 12.6 %) is
+      likelier than a lumbarised S1 (4.0 %): the sacral count is used;
+    * the sacral count puts L1 one vertebra *higher*: a sacralised L5
+      (12.3 %) is likelier than a lumbar rib (1.5 %): the rib count is used.
+
+    A disagreement of two or more levels is not resolved (``l1 = None`` is
+    never returned; the caller declines on ``info["decline"]``).
+    """
+    short = "short_12th_rib" in info or "lumbar_rib" in info
+    if l1_rib is not None and l1_sac is not None:
+        if l1_rib == l1_sac:
+            return l1_rib, (0.9 if short else 0.95)
+        d = l1_sac - l1_rib
+        if abs(d) >= 2:
+            info["decline"] = (f"rib count and sacral count disagree by {abs(d)} levels: "
+                               "the levels cannot be numbered with confidence")
+            info["warning"] = info["decline"]
+            return l1_rib, 0.05
+        if d < 0 and not short:
+            info.setdefault("transitional", "12th rib pair not seen (hypoplastic 12th ribs) or lumbarised S1")
+            info["warning"] = ("rib count and sacral count disagree by one level: labelled from the sacrum "
+                               "(a hypoplastic 12th rib pair is three times as common as a lumbarised S1)")
+            return l1_sac, 0.5
+        info.setdefault("transitional", "sacralised L5 (4 free lumbar vertebrae above the sacrum)" if d > 0
+                        else "lumbarised S1 (6 free lumbar-type vertebrae above the sacrum)")
+        info["warning"] = (f"rib count and sacral count disagree by one level ({info['transitional']}): "
+                           "labelled from the ribs")
+        return l1_rib, 0.5
+    if l1_rib is not None:
+        ra = info.get("rib_anchor", {})
+        conf = 0.85 if ra.get("both_sides") else 0.75
+        conf -= 0.1 * ra.get("bridged_gaps", 0) + 0.05 * min(2, ra.get("ignored_lower_hits", 0))
+        if "warning_short_rib" in info:
+            conf -= 0.15
+        return l1_rib, conf
+    assert l1_sac is not None
+    return l1_sac, (0.5 if "transitional" in info else 0.7)
 
 
 def _vertebra_location(grid: WorkGrid, col, s: Segment, label: str, conf: float) -> VertebraLocation:

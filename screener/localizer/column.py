@@ -23,6 +23,13 @@ from scipy import ndimage as ndi
 
 #: HU above which a voxel of the working grid counts as bone
 BONE_HU = 180.0
+#: bone thresholds tried in turn when the column is not tracked (low-density skeletons)
+BONE_HU_LADDER: tuple[float, ...] = (BONE_HU, 150.0, 125.0, 105.0)
+#: 90th percentile HU of the cortical band of a vertebral body (working grid) below which the
+#: thresholds start to fall (adults of the cohort read 480-640 HU; the shared real CT 510)
+REFERENCE_RING_HU = 460.0
+#: the lowest bone scale used (thresholds never fall to soft tissue)
+MIN_BONE_SCALE = 0.4
 #: slab length (mm) used to close the neural arch around the canal
 SLAB_MM = 30.0
 #: step (mm) between slab centres
@@ -48,6 +55,7 @@ class Column:
     body_hw: np.ndarray
     body_hd: np.ndarray
     slabs: list[dict]
+    bone_hu: float = BONE_HU
 
 
 def body_masks(hu: np.ndarray) -> np.ndarray:
@@ -164,7 +172,7 @@ def _body_geometry(Uf: np.ndarray, cand: dict, dy: float, dx: float) -> tuple[fl
 
 
 def _extend(hu: np.ndarray, valid: np.ndarray, arrays: dict[str, np.ndarray], dz: float, dy: float,
-            dx: float) -> None:
+            dx: float, bone_hu: float = BONE_HU) -> None:
     """Carry the column past its tracked ends while bone stays in the body footprint.
 
     The canal is not always a closed hole (e.g. the lower sacrum, or a canal
@@ -183,7 +191,7 @@ def _extend(hu: np.ndarray, valid: np.ndarray, arrays: dict[str, np.ndarray], dz
             hd, hw = arrays["hd"][ref] / dy, arrays["hw"][ref] / dx
             y0, y1 = int(max(0, by - hd)), int(by + hd) + 1
             x0, x1 = int(max(0, bx - hw)), int(bx + hw) + 1
-            if (hu[z, y0:y1, x0:x1] > BONE_HU).mean() < 0.25:
+            if (hu[z, y0:y1, x0:x1] > bone_hu).mean() < 0.25:
                 misses += 1
                 if misses * dz >= 10.0:
                     break
@@ -203,7 +211,8 @@ def _extend(hu: np.ndarray, valid: np.ndarray, arrays: dict[str, np.ndarray], dz
             misses -= 1
 
 
-def find_column(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, float]) -> Column:
+def find_column(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, float],
+                bone_hu: float = BONE_HU) -> Column:
     """Track the spinal canal and vertebral body through the working grid.
 
     Parameters
@@ -214,6 +223,9 @@ def find_column(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, f
         Body mask from :func:`body_masks`.
     spacing : tuple of float
         ``(dz, dy, dx)`` mm.
+    bone_hu : float
+        HU above which a voxel counts as bone (:func:`find_column_adaptive`
+        lowers it for low-density skeletons).
 
     Returns
     -------
@@ -221,7 +233,7 @@ def find_column(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, f
     """
     dz, dy, dx = spacing
     nz = hu.shape[0]
-    bone = (hu > BONE_HU) & body
+    bone = (hu > bone_hu) & body
     half = max(1, int(round(SLAB_MM / dz / 2.0)))
     step = max(1, int(round(STEP_MM / dz)))
     centres = list(range(min(half, nz // 2), max(nz - half, nz // 2 + 1), step))
@@ -267,7 +279,57 @@ def find_column(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, f
         for k in arrays:
             arrays[k][lo:hi + 1] = np.interp(zz, zs, [s[k] for s in keep])
         valid[lo:hi + 1] = True
-        _extend(hu, valid, arrays, dz, dy, dx)
+        _extend(hu, valid, arrays, dz, dy, dx, bone_hu)
     return Column(valid=valid, canal_y=arrays["cy"], canal_x=arrays["cx"], canal_r=arrays["r"],
                   body_y=arrays["by"], body_x=arrays["bx"], body_hw=arrays["hw"] / dx,
-                  body_hd=arrays["hd"] / dy, slabs=keep)
+                  body_hd=arrays["hd"] / dy, slabs=keep, bone_hu=float(bone_hu))
+
+
+def find_column_adaptive(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, float]
+                         ) -> Column:
+    """:func:`find_column` with the bone threshold lowered until the column is tracked.
+
+    A severely osteoporotic skeleton can read below :data:`BONE_HU` even in
+    its cortex and posterior elements: the bone union then never closes the
+    canal. The thresholds of :data:`BONE_HU_LADDER` are tried from the
+    highest; the first whose column covers at least 85 % of the slices (or,
+    failing that, the one covering most slices, the higher threshold on a tie)
+    is kept. Its threshold is :attr:`Column.bone_hu`.
+    """
+    best: Column | None = None
+    nz = hu.shape[0]
+    for thr in BONE_HU_LADDER:
+        col = find_column(hu, body, spacing, bone_hu=thr)
+        if best is None or col.valid.sum() > best.valid.sum() + max(2, 0.05 * nz):
+            best = col
+        if best.valid.sum() >= 0.85 * nz:
+            break
+    assert best is not None
+    return best
+
+
+def bone_scale(hu: np.ndarray, col: Column) -> float:
+    """How dense this skeleton is relative to an average adult one (0.35-1.0).
+
+    The 90th percentile of HU in the outer band of the vertebral-body ellipse
+    (where the cortical ring lies), median over the column, divided by
+    :data:`REFERENCE_RING_HU` (the value below which the defaults start to
+    fall; 1.0 above it). Every bone threshold of the localizer that follows is
+    multiplied by it, so a thin, faint skeleton is searched with thresholds in
+    proportion to its own bone; it is never raised above the defaults.
+    """
+    from screener.localizer.segments import ellipse_radius
+
+    vals = []
+    for z in np.nonzero(col.valid)[0]:
+        by, bx, hd, hw = col.body_y[z], col.body_x[z], col.body_hd[z], col.body_hw[z]
+        y0, y1 = int(max(0, by - hd - 1)), int(min(hu.shape[1], by + hd + 2))
+        x0, x1 = int(max(0, bx - hw - 1)), int(min(hu.shape[2], bx + hw + 2))
+        win = hu[z, y0:y1, x0:x1]
+        rho = ellipse_radius(win.shape, by - y0, bx - x0, hd, hw)
+        band = (rho >= 0.6) & (rho <= 1.05)
+        if band.sum() >= 4:
+            vals.append(float(np.percentile(win[band], 90)))
+    if not vals:
+        return 1.0
+    return float(np.clip(np.median(vals) / REFERENCE_RING_HU, MIN_BONE_SCALE, 1.0))

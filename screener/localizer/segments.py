@@ -20,6 +20,22 @@ from scipy import ndimage as ndi
 from screener.localizer.column import Column
 
 MIN_DISC_SPACING_MM = 18.0
+#: below this bone scale a trabecular core may read darker than a disc (see :func:`disc_score`)
+DARK_BODY_SCALE = 0.85
+#: disc tissue (annulus / nucleus) reads about this, whatever the skeleton's density (HU) ...
+DISC_HU = 80.0
+#: ... within this much
+DISC_HU_TOL = 30.0
+#: a bony endplate's core reads at least this much above the trabecular bodies (HU)
+ENDPLATE_LIFT_HU = 120.0
+#: slices at least this thick (mm) are split by :func:`_discs_by_spacing`
+THICK_SLICE_MM = 5.5
+#: shortest and longest vertebral period, body + disc (mm): a grade-3 fracture to a large L5
+PERIOD_MM = (16.0, 44.0)
+#: a disc in a chain earns its score minus this
+DISC_SCORE_OFFSET = 0.25
+#: cost per unit |log| of the ratio of successive periods
+PERIOD_CHANGE_PENALTY = 1.0
 #: smallest disc score (core dip of 30 HU, or a band drop of 0.075 bone fraction) for a disc
 MIN_DISC_SCORE = 0.3
 
@@ -49,7 +65,7 @@ def ellipse_radius(shape: tuple[int, int], by: float, bx: float, hd: float, hw: 
     return np.sqrt(((yy - by) / hd) ** 2 + ((xx - bx) / hw) ** 2)
 
 
-def core_profile(hu: np.ndarray, col: Column) -> np.ndarray:
+def core_profile(hu: np.ndarray, col: Column, scale: float = 1.0) -> np.ndarray:
     """Per-slice profiles of the body footprint, shape ``(2, n_slices)`` (NaN outside the column).
 
     Row 0: median HU of the central half of the footprint: trabecular bone in
@@ -57,6 +73,8 @@ def core_profile(hu: np.ndarray, col: Column) -> np.ndarray:
     osteophyte rim around degenerated discs. Row 1: soft bone fraction
     (0 at 120 HU, 1 at 370 HU) of the outer band where the cortical ring lies:
     low at a disc even when an osteoporotic body reads no higher than the disc.
+    ``scale`` (:func:`~screener.localizer.column.bone_scale`) multiplies both
+    band limits for a low-density skeleton.
     """
     nz = hu.shape[0]
     prof = np.full((2, nz), np.nan)
@@ -71,7 +89,7 @@ def core_profile(hu: np.ndarray, col: Column) -> np.ndarray:
         if core.sum() < 4 or band.sum() < 4:
             continue
         prof[0, z] = float(np.median(win[core]))
-        prof[1, z] = float(np.clip((win[band] - 120.0) / 250.0, 0.0, 1.0).mean())
+        prof[1, z] = float(np.clip((win[band] - 120.0 * scale) / (250.0 * scale), 0.0, 1.0).mean())
     return prof
 
 
@@ -108,42 +126,92 @@ def sandwich(p: np.ndarray, dz: float, edge_max: float = np.inf) -> np.ndarray:
     return out
 
 
-def disc_score(prof: np.ndarray, dz: float) -> np.ndarray:
+def disc_score(prof: np.ndarray, dz: float, scale: float = 1.0) -> np.ndarray:
     """Disc likelihood per slice from both profiles of :func:`core_profile`.
 
     The larger of the core sandwich depth (per 100 HU) and the band sandwich
     depth (per 0.25 bone fraction); the band term is dropped where a slice
     within 10 mm has a core at least 40 HU darker (the disc is there, this is
-    a short body). NaN-free over the column's extent.
+    a short body). NaN-free over the column's extent. HU depths are per
+    ``100 x scale`` HU (``scale``: :func:`~screener.localizer.column.bone_scale`).
     """
     out = []
-    for row, scale in ((0, 100.0), (1, 0.25)):
+    for row, unit in ((0, 100.0 * scale), (1, 0.25)):
         p = prof[row].copy()
         med = float(np.nanmedian(p))
         p[~np.isfinite(p)] = med
         if 0.8 / dz >= 0.5:
             p = ndi.gaussian_filter1d(p, 0.8 / dz, mode="nearest")
-        edge_max = med - 30.0 if row == 0 else 0.5 * med
-        out.append(sandwich(p, dz, edge_max) / scale)
+        edge_max = med - 30.0 * scale if row == 0 else 0.5 * med
+        out.append(sandwich(p, dz, edge_max) / unit)
         if row == 0:
             core = p
     # a band dip with a clearly darker core slice within 10 mm is the middle of a short
-    # body between two discs, not a disc
+    # body between two discs, not a disc -- unless the ring has (almost) no bone left there:
+    # in an osteoporotic spine the trabecular core reads darker than the disc itself, and
+    # only the missing cortical ring marks the disc
     w2 = max(1, int(round(10.0 / dz)))
     n = core.size
-    darker = np.array([core[max(0, z - w2):z + w2 + 1].min() < core[z] - 40.0 for z in range(n)])
-    band = np.where(darker, 0.0, out[1])
-    return np.maximum(out[0], band)
+    ring = prof[1].copy()
+    ring[~np.isfinite(ring)] = np.nanmedian(ring)
+    no_ring = ring < 0.35 * float(np.nanmedian(ring))
+    darker = np.array([core[max(0, z - w2):z + w2 + 1].min() < core[z] - 40.0 * scale for z in range(n)])
+    band = np.where(darker & ~no_ring, 0.0, out[1])
+    core_term = out[0]
+    if scale < DARK_BODY_SCALE:
+        # low-density bodies read darker than disc tissue: between two bright endplates a
+        # body's core dips like a disc does (at thick slices both are one or two slices), so
+        # the core dip counts only where the cortical ring is weak too; the disc itself reads
+        # as disc tissue (a soft-tissue value that does not fall with the skeleton's density),
+        # above the dark bodies around it
+        core_term = np.where(ring >= 0.6 * float(np.nanmedian(ring)), 0.0, core_term)
+        return np.maximum(np.maximum(core_term, band), _disc_tissue_score(prof[0], dz))
+    return np.maximum(core_term, band)
 
 
-def find_discs(prof: np.ndarray, dz: float) -> list[int]:
-    """Working slices of the intervertebral discs (ascending)."""
+def _disc_tissue_score(core: np.ndarray, dz: float) -> np.ndarray:
+    """Disc likelihood of each slice of a low-density spine from the core HU alone.
+
+    A slice scores when its core reads as disc tissue (:data:`DISC_HU`, within
+    :data:`DISC_HU_TOL`), at least 15 HU above the darkest core within 10 mm
+    on both sides (the trabecular bodies) and next to a bony endplate (a core
+    :data:`ENDPLATE_LIFT_HU` above those bodies within 8 mm); up to 2 for a
+    perfect match.
+    """
+    c = core.copy()
+    c[~np.isfinite(c)] = np.nanmedian(c)
+    n = c.size
+    w = max(1, int(round(10.0 / dz)))
+    we = max(1, int(np.floor(8.0 / dz)))
+    out = np.zeros(n)
+    for z in range(n):
+        left = c[max(0, z - w):z]
+        right = c[z + 1:z + 1 + w]
+        if not left.size or not right.size:
+            continue
+        lift = min(c[z] - left.min(), c[z] - right.min())
+        if lift < 15.0:
+            continue
+        # a disc lies against a bony endplate: a bright core within 8 mm on at least one side
+        near = c[max(0, z - we):z + we + 1]
+        if near.max() < min(left.min(), right.min()) + ENDPLATE_LIFT_HU:
+            continue
+        out[z] = 2.0 * max(0.0, 1.0 - abs(c[z] - DISC_HU) / DISC_HU_TOL)
+    return out
+
+
+def find_discs(prof: np.ndarray, dz: float, scale: float = 1.0) -> list[int]:
+    """Working slices of the intervertebral discs (ascending); ``scale`` as in :func:`disc_score`."""
     valid = np.isfinite(prof[0])
     if valid.sum() < 3:
         return []
     idx = np.nonzero(valid)[0]
     lo, hi = int(idx[0]), int(idx[-1])
-    s = disc_score(prof[:, lo:hi + 1], dz)
+    s = disc_score(prof[:, lo:hi + 1], dz, scale)
+    if dz >= THICK_SLICE_MM:
+        dp = _discs_by_spacing(s, dz)
+        if dp is not None:
+            return [d + lo for d in dp]
     min_gap = max(1, int(round(MIN_DISC_SPACING_MM / dz)))
     order = np.argsort(-s)
     chosen: list[int] = []
@@ -155,7 +223,7 @@ def find_discs(prof: np.ndarray, dz: float) -> list[int]:
     if not chosen:
         return []
     discs = sorted(c for c in chosen if s[c] >= MIN_DISC_SCORE)
-    discs = _fill_gaps(discs, s, prof[0, lo:hi + 1], dz)
+    discs = _fill_gaps(discs, s, prof[0, lo:hi + 1], dz, scale)
     # two "discs" much closer than the typical period: the weaker one is a dip inside a body
     while len(discs) >= 3:
         gaps = np.diff(discs)
@@ -168,7 +236,62 @@ def find_discs(prof: np.ndarray, dz: float) -> list[int]:
     return [d + lo for d in discs]
 
 
-def _fill_gaps(discs: list[int], s: np.ndarray, core: np.ndarray, dz: float) -> list[int]:
+def _discs_by_spacing(s: np.ndarray, dz: float) -> list[int] | None:
+    """Discs of a thick-slice column as the best-scoring chain that a spine can have.
+
+    With slices of :data:`THICK_SLICE_MM` or more a disc spans one or two
+    slices and noise or a basivertebral dip can look like one. Candidates are
+    the local maxima of the disc score; a chain of discs is scored by the sum
+    of ``score - DISC_SCORE_OFFSET`` over its discs, minus
+    :data:`PERIOD_CHANGE_PENALTY` per unit of ``|log|`` of the ratio of
+    successive vertebral periods, subject to every period (and the partial
+    vertebrae at both ends of the coverage) lying within
+    :data:`PERIOD_MM`. The best chain (dynamic programming over pairs of
+    consecutive discs) is returned; ``None`` when no chain fits (a column
+    shorter than one vertebra, say).
+    """
+    n = s.size
+    cand = [z for z in range(n) if np.isfinite(s[z]) and s[z] >= (s[z - 1] if z > 0 else -np.inf)
+            and s[z] >= (s[z + 1] if z + 1 < n else -np.inf)]
+    if not cand:
+        return None
+    pmin, pmax = PERIOD_MM
+    reward = {c: float(s[c]) - DISC_SCORE_OFFSET for c in cand}
+    # best[(i, j)]: best chain score whose last two discs are cand i < j (i = -1: j is the first)
+    best: dict[tuple[int, int], float] = {}
+    back: dict[tuple[int, int], tuple[int, int] | None] = {}
+    for j, cj in enumerate(cand):
+        if (cj + 0.5) * dz <= pmax:
+            best[(-1, j)] = reward[cj]
+            back[(-1, j)] = None
+    for k, ck in enumerate(cand):
+        for (i, j), val in list(best.items()):
+            if j >= k:
+                continue
+            gap = (ck - cand[j]) * dz
+            if not pmin <= gap <= pmax:
+                continue
+            pen = 0.0
+            if i >= 0:
+                pen = PERIOD_CHANGE_PENALTY * abs(np.log(gap / ((cand[j] - cand[i]) * dz)))
+            v = val + reward[ck] - pen
+            if v > best.get((j, k), -np.inf):
+                best[(j, k)] = v
+                back[(j, k)] = (i, j)
+    ends = [(v, key) for key, v in best.items() if (n - 0.5 - cand[key[1]]) * dz <= pmax]
+    if not ends:
+        return None
+    _, key = max(ends)
+    chain = []
+    cur: tuple[int, int] | None = key
+    while cur is not None:
+        chain.append(cand[cur[1]])
+        cur = back[cur]
+    return sorted(chain)
+
+
+def _fill_gaps(discs: list[int], s: np.ndarray, core: np.ndarray, dz: float, scale: float = 1.0
+               ) -> list[int]:
     """Split gaps between discs that are too long for one vertebra.
 
     With thick slices a thin disc can hide between two bright endplate
@@ -182,6 +305,7 @@ def _fill_gaps(discs: list[int], s: np.ndarray, core: np.ndarray, dz: float) -> 
     if not discs:
         return discs
     core = np.where(np.isfinite(core), core, np.nanmedian(core))
+    merged = 250.0 * scale  # merged bony endplates
     n = core.size
     changed = True
     while changed:
@@ -202,8 +326,8 @@ def _fill_gaps(discs: list[int], s: np.ndarray, core: np.ndarray, dz: float) -> 
                 seg = seg[(seg >= 0) & (seg < n)]
                 if seg.size == 0:
                     continue
-                ev = np.maximum(s[seg], 0.0) + 3.0 * (core[seg] >= 250.0)
-                ev[(s[seg] < MIN_DISC_SCORE) & (core[seg] < 250.0)] = 0.0
+                ev = np.maximum(s[seg], 0.0) + 3.0 * (core[seg] >= merged)
+                ev[(s[seg] < MIN_DISC_SCORE) & (core[seg] < merged)] = 0.0
                 if ev.max() <= 0.0:
                     continue
                 discs = sorted(discs + [int(seg[np.argmax(ev)])])
@@ -217,8 +341,8 @@ def _fill_gaps(discs: list[int], s: np.ndarray, core: np.ndarray, dz: float) -> 
             seg = np.arange(m0, m1 + 1)
             mid = (a + b) / 2.0
             med = float(np.median(core[max(0, a):min(n, b)]))
-            cand = (np.maximum(s[seg], 0.0) + np.maximum(0.0, (med - core[seg]) / 100.0)
-                    + (core[seg] >= 250.0) - 0.5 * np.abs(seg - mid) / (0.25 * (b - a)))
+            cand = (np.maximum(s[seg], 0.0) + np.maximum(0.0, (med - core[seg]) / (100.0 * scale))
+                    + (core[seg] >= merged) - 0.5 * np.abs(seg - mid) / (0.25 * (b - a)))
             z = int(seg[np.argmax(cand)])
             discs = sorted(discs + [z])
             changed = True
@@ -239,14 +363,15 @@ def disc_extent(score: np.ndarray, z: int, dz: float) -> tuple[int, int]:
     return a, b
 
 
-def split_segments(prof: np.ndarray, discs: list[int], valid: np.ndarray, dz: float) -> list[Segment]:
+def split_segments(prof: np.ndarray, discs: list[int], valid: np.ndarray, dz: float, scale: float = 1.0
+                   ) -> list[Segment]:
     """Vertebral bodies between consecutive discs, plus partial ones at the coverage ends."""
     idx = np.nonzero(valid)[0]
     if idx.size == 0:
         return []
     lo, hi = int(idx[0]), int(idx[-1])
     score = np.zeros(valid.size)
-    score[lo:hi + 1] = disc_score(prof[:, lo:hi + 1], dz)
+    score[lo:hi + 1] = disc_score(prof[:, lo:hi + 1], dz, scale)
     ext = {z: disc_extent(score, z, dz) for z in discs}
     segs = []
     edges: list[tuple[int | None, int]] = [(None, lo)] + [(z, z) for z in discs] + [(None, hi)]
