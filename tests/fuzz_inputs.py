@@ -21,6 +21,9 @@ cut_preamble         a file cut inside its 128-byte preamble / ``DICM`` prefix
 duplicate_conflict   an earlier good instance's SOP Instance UID with different pixel data
 bad_charset          SpecificCharacterSet with an empty first value, unknown terms, bad bytes
 bad_date             invalid PatientBirthDate / StudyDate / PatientAge / PatientSex
+bad_numbers          NumberOfFrames, BitsAllocated, SamplesPerPixel, PixelRepresentation,
+                     HighBit, PixelSpacing, ImagePositionPatient / Orientation, SliceThickness
+                     zero, negative, NaN, inf or absurd
 ==================== ==========================================================================
 
 Each :class:`FuzzInput` carries the bytes of the file as replay sees it and the bytes the SCU
@@ -49,7 +52,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pydicom
 from pydicom import config as pdconfig
-from pydicom.dataelem import DataElement
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.tag import BaseTag
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -60,7 +65,7 @@ KINDS: dict[str, float] = {   # kind -> relative weight
     "good": 16, "byte_flip": 7, "truncation": 6, "wrong_vr": 7, "huge_dims": 5,
     "long_pixel": 5, "bad_transfer_syntax": 6, "bad_uid": 7, "nan_rescale": 5, "empty": 4,
     "random_bytes": 5, "cut_preamble": 4, "duplicate_conflict": 5, "bad_charset": 6,
-    "bad_date": 6,
+    "bad_date": 6, "bad_numbers": 6,
 }
 
 #: Kinds whose expectation is "refused" (issue 17: the validation layer must refuse them).
@@ -226,6 +231,23 @@ _BAD_CHARSETS: list[Any] = [["", "ISO 2022 IR 87"], ["", "ISO 2022 IR 149"], "IS
                             ["ISO_IR 100", "", "ISO 2022 IR 13"], "ISO_IR 192"]
 _WRONG_VRS = [b"CR", b"EI", b"XX", b"\x00\x00", b"UN", b"SQ", b"US", b"FD", b"OB", b"UT",
               b"DA", b"UI", b"AT"]
+
+
+_BAD_NUMBERS: list[tuple[str, str, Any]] = [
+    ("NumberOfFrames", "IS", "0"), ("NumberOfFrames", "IS", "-1"), ("NumberOfFrames", "IS", "abc"),
+    ("NumberOfFrames", "IS", "1000000"), ("NumberOfFrames", "IS", "2"),
+    ("BitsAllocated", "US", 0), ("BitsAllocated", "US", 7), ("BitsAllocated", "US", 33),
+    ("BitsAllocated", "US", 8), ("BitsStored", "US", 40), ("HighBit", "US", 40),
+    ("SamplesPerPixel", "US", 0), ("SamplesPerPixel", "US", 3), ("PixelRepresentation", "US", 5),
+    ("PixelSpacing", "DS", ["0", "0"]), ("PixelSpacing", "DS", ["-1", "-1"]),
+    ("PixelSpacing", "DS", ["nan", "nan"]), ("PixelSpacing", "DS", ["inf", "1"]),
+    ("PixelSpacing", "DS", ["1"]), ("ImagePositionPatient", "DS", ["nan", "0", "0"]),
+    ("ImagePositionPatient", "DS", ["0", "0", "inf"]), ("ImagePositionPatient", "DS", ["1", "2"]),
+    ("ImageOrientationPatient", "DS", ["0"] * 6),
+    ("ImageOrientationPatient", "DS", ["nan", "0", "0", "0", "1", "0"]),
+    ("SliceThickness", "DS", "nan"), ("SliceThickness", "DS", "-5"),
+    ("ImagerPixelSpacing", "DS", ["0", "0"]), ("KVP", "DS", "inf"),
+]
 
 
 class _Gen:
@@ -441,6 +463,18 @@ class _Gen:
             value = _BAD_DATES[int(self.rng.integers(len(_BAD_DATES)))]
         setattr(ds, which, value)
         return self.make(i, "bad_date", base, ds, detail=f"{which} {value!r}")
+
+    def bad_numbers(self, i: int) -> FuzzInput:
+        base = self.pick(self.bases)
+        ds = self.fresh(base)
+        keyword, vr, value = _BAD_NUMBERS[int(self.rng.integers(len(_BAD_NUMBERS)))]
+        tag = tag_for_keyword(keyword)
+        if vr == "US":
+            raw = struct.pack("<H", value)
+        else:   # raw text, so pydicom never converts (or refuses) the value
+            raw = _pad("\\".join(value) if isinstance(value, list) else value, b" ")
+        ds._dict[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, len(raw), raw, 0, False, True)
+        return self.make(i, "bad_numbers", base, ds, detail=f"{keyword} {value!r}")
 
 
 def generate(n: int, seed: int, bases: list[Base], series_per_source: int = 2) -> list[FuzzInput]:

@@ -273,6 +273,9 @@ def run_replay(inputs: list[FuzzInput], folder: Path, data: Path,
     from screener.db import Database
     db = Database(data / "screener.db")
     recorded = {Path(r["path"]).name: r for r in db.iter_table("instances")}
+    recorded_bytes = {_dataset_part(i.file_bytes) for i in inputs if i.name in recorded
+                      and len(i.file_bytes) > 144}
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
     jobs = {}
     for j in db.jobs():
         jobs[j["series_uid"]] = j
@@ -294,6 +297,8 @@ def run_replay(inputs: list[FuzzInput], folder: Path, data: Path,
             res.counts["listed unusable"] += 1
             if not listed[inp.name].strip():
                 res.violations.append(f"{tag}: listed unusable without a reason")
+        elif _dataset_part(inp.file_bytes) in recorded_bytes and "duplicate" in summary:
+            res.counts["identical duplicate, counted"] += 1
         else:
             res.counts["neither recorded nor listed"] += 1
             res.violations.append(f"{tag}: neither recorded nor listed (silently dropped)")
