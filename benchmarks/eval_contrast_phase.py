@@ -2,7 +2,7 @@
 
 For every CT profile and every phase the phantom renders (native, arterial, portal venous)
 it renders ``--n`` cohort patients with that profile (the profile's pixel size, slice
-thickness, kVp, kernel and noise; z from the profile's coverage clipped to T10-L4, the part
+thickness, kVp, kernel and noise; z from the profile's coverage clipped to T11-L3, the part
 of the coverage :func:`screener.contrast.assess_contrast` reads; ``--full-coverage`` renders
 all of it), writes the DICOM series,
 reads it back with :func:`screener.series.read_series_info` / ``load_volume`` and runs
@@ -53,13 +53,13 @@ def truth_localization(scene: anatomy.Scene) -> SpineLocalization:
 
 def z_range(scene: anatomy.Scene, prof: profiles.ScannerProfile, seed: int,
             full: bool = False) -> tuple[float, float]:
-    """The profile's coverage; clipped to T10-L4 unless ``full``."""
+    """The profile's coverage; clipped to T11-L3 unless ``full``."""
     rng = np.random.default_rng([seed, 0xC0])
     top, bot = ct.coverage_range(scene, prof.coverage, rng)
     if full:
         return top, bot
-    t10, l4 = scene.vertebra("T10").centroid_mm[2], scene.vertebra("L4").centroid_mm[2]
-    return min(top, t10), max(bot, l4)
+    t11, l3 = scene.vertebra("T11").centroid_mm[2], scene.vertebra("L3").centroid_mm[2]
+    return min(top, t11), max(bot, l3)
 
 
 def main() -> None:
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=140)
     ap.add_argument("--profiles", default=",".join(profiles.PROFILES))
     ap.add_argument("--full-coverage", action="store_true",
-                    help="render the profile's whole coverage (default: clipped to T10-L4)")
+                    help="render the profile's whole coverage (default: clipped to T11-L3)")
     args = ap.parse_args()
     names = [p for p in args.profiles.split(",") if p]
     patients = population.sample_population(args.n * len(PHASES) * len(names), args.seed)
@@ -109,7 +109,7 @@ def main() -> None:
                         f.unlink()
                 print(f"  {name} {phase}: done ({vol.array.shape[0]} slices)", file=sys.stderr, flush=True)
     print(f"\ncontrast phase from the image, virtual cohort: n = {args.n} per profile and phase "
-          f"(seed {args.seed}; z: {'full coverage' if args.full_coverage else 'coverage clipped to T10-L4'})\n")
+          f"(seed {args.seed}; z: {'full coverage' if args.full_coverage else 'coverage clipped to T11-L3'})\n")
     hdr = f"{'profile':28s} {'kVp':>4s} {'px/slice mm':>12s} " + " ".join(f"{m:>8s}" for m in MODES) + \
         "   image-only by phase (nat/art/pv)"
     print(hdr)
