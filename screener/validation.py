@@ -36,6 +36,7 @@ import pydicom
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.encaps import generate_frames
 from pydicom.tag import Tag
 from pydicom.uid import (UID, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit,
@@ -56,7 +57,13 @@ _JPEG_FAMILY = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessS
                 JPEGLSLossless, JPEGLSNearLossless}
 _J2K_FAMILY = {JPEG2000Lossless, JPEG2000}
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
-_RESCALE_TAGS = {0x00281053: "RescaleSlope", 0x00281052: "RescaleIntercept"}
+#: numbers the pipeline computes with: each value must be a finite number (at any depth,
+#: so the functional groups of enhanced images are checked too)
+_RESCALE_TAGS = {0x00281053: "RescaleSlope", 0x00281052: "RescaleIntercept",
+                 0x00200032: "ImagePositionPatient", 0x00200037: "ImageOrientationPatient",
+                 0x00280030: "PixelSpacing", 0x00181164: "ImagerPixelSpacing",
+                 0x00180050: "SliceThickness", 0x00180088: "SpacingBetweenSlices",
+                 0x00180060: "KVP", 0x00201041: "SliceLocation"}
 _NUMBER_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "AT": 4, "SV": 8,
                  "UV": 8, "OW": 2, "OF": 4, "OD": 8, "OL": 4, "OV": 8, "OB": 1, "UN": 1}
 _DS_BYTES = re.compile(rb"^ *[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)? *\x00?$")
@@ -187,13 +194,17 @@ def _walk(ds: Dataset, depth: int = 0) -> None:
 
 
 def _check_rescale(name: str, value: object) -> None:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise Rejected(STATUS_INVALID_VALUE, f"{name} is not a number") from exc
-    if not math.isfinite(number):
-        raise Rejected(STATUS_INVALID_VALUE, f"{name} is not finite ({number})")
-    if name == "RescaleSlope" and number == 0.0:
+    """Every value of a rescale / geometry attribute must be a finite number (the
+    reason names the attribute, never the value)."""
+    items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    for item in items:
+        try:
+            number = float(item)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise Rejected(STATUS_INVALID_VALUE, f"{name} is not a number") from exc
+        if not math.isfinite(number):
+            raise Rejected(STATUS_INVALID_VALUE, f"{name} is not finite ({number})")
+    if name == "RescaleSlope" and items and float(items[0]) == 0.0:  # type: ignore[arg-type]
         raise Rejected(STATUS_INVALID_VALUE, "RescaleSlope is 0")
 
 

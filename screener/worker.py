@@ -19,6 +19,7 @@ import importlib
 import shutil
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -165,11 +166,14 @@ def run_job(job: dict[str, Any], db: Database, config: Config,
                  seconds=round(time.perf_counter() - t0, 2))
     except Exception as exc:  # noqa: BLE001 - a job failure must never stop the daemon
         error = f"{type(exc).__name__}: {exc}"
-        log.exception("job failed", job_id=job_id, series_uid=series_uid, error=error)
+        # one line for the operator; the traceback (for a developer) only at debug level
+        log.error("job failed", job_id=job_id, series_uid=series_uid, error=error)
+        log.debug("job failure traceback", job_id=job_id, traceback=traceback.format_exc())
         try:
             db.finish_job(job_id, "failed", error=error[:2000])
-        except Exception:  # noqa: BLE001
-            log.exception("could not record the job failure", job_id=job_id)
+        except Exception as rec:  # noqa: BLE001 - e.g. disk full: re-queued by the pool
+            log.error("could not record the job failure", job_id=job_id,
+                      error=f"{type(rec).__name__}: {rec}")
 
 
 class WorkerPool:
@@ -250,7 +254,8 @@ class WorkerPool:
             try:
                 process = self._get_process()
             except Exception as exc:  # noqa: BLE001 - e.g. the pipeline cannot be imported
-                log.exception("pipeline unavailable", job_id=job["id"])
+                log.error("pipeline unavailable", job_id=job["id"],
+                          error=f"{type(exc).__name__}: {exc}")
                 self.db.finish_job(job["id"], "failed",
                                    error=f"pipeline unavailable: {type(exc).__name__}: {exc}")
                 continue

@@ -580,3 +580,24 @@ def test_case08_allow_any_ae_is_explicit_and_said_at_start(tmp_path: Path) -> No
     finally:
         assert d.stop() == 0
     assert "allow_any_ae is set: any calling AE title is accepted" in d.log()
+
+
+@pytest.mark.parametrize("keyword,value,reason", [
+    ("ImagePositionPatient", b"-100.0\\-100.0\\1.00\x8c", "ImagePositionPatient is not a number"),
+    ("PixelSpacing", b"nan\\1.5 ", "PixelSpacing is not finite (nan)"),
+])
+def test_fuzz_f6_geometry_that_is_not_a_finite_number_is_refused(
+        tmp_path: Path, scp: tuple[Config, Database, Any], keyword: str, value: bytes,
+        reason: str) -> None:
+    cfg, db, _ = scp
+    [f] = make_ct_series(tmp_path / "in", 1)
+    tag = {"ImagePositionPatient": b"\x20\x00\x32\x00DS", "PixelSpacing": b"\x28\x00\x30\x00DS"}
+    raw = f.read_bytes()
+    at = raw.index(tag[keyword])
+    old_len = int.from_bytes(raw[at + 6:at + 8], "little")
+    value += b" " * (len(value) % 2)
+    f.write_bytes(raw[:at + 6] + len(value).to_bytes(2, "little") + value
+                  + raw[at + 8 + old_len:])
+    assert pynet_send(cfg.port, [f]) == [(0xC002, reason)]
+    assert reason in _unusable(f.parent)[f.name]
+    assert db.counts()["instances"] == 0
