@@ -23,7 +23,7 @@ Statuses (PS3.4 B.2.3) returned with an ``ErrorComment`` that says why:
         content; the first version is kept, the conflict recorded
 0xC000  cannot understand: the data set cannot be parsed
 0xC001  cannot understand: pixel data missing, truncated, too long or malformed
-0xC002  cannot understand: invalid UID, non-finite or zero rescale value
+0xC002  cannot understand: invalid UID, non-finite rescale / geometry number
 ======  ==================================================================
 
 Associations: the calling AE title must be in ``allowed_calling_aes`` (unless

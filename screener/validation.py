@@ -13,8 +13,10 @@ is judged the same way whichever door it came in by. Each problem becomes a
 0xC001  pixel data missing, empty, shorter or longer than Rows x Columns x
         samples x frames say, or its encapsulation malformed
 0xC002  an invalid value: a UID that is not a UID (digits and dots, at most
-        64 characters), a RescaleSlope / RescaleIntercept that is not a
-        finite number, or a RescaleSlope of 0
+        64 characters; a leading zero in a component is tolerated), a
+        rescale or geometry number the pipeline computes with that is not a
+        finite number (RescaleSlope / Intercept, ImagePositionPatient,
+        PixelSpacing, SliceThickness, KVP, ...), or a RescaleSlope of 0
 ======  ==================================================================
 
 Decodability is judged cheaply from the pixel data framing (length of native
