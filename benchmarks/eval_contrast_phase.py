@@ -107,7 +107,9 @@ def main() -> None:
                                            a.source, {k: round(v, 2) for k, v in a.evidence.items()}))
                     for f in paths:
                         f.unlink()
-                print(f"  {name} {phase}: done ({vol.array.shape[0]} slices)", file=sys.stderr, flush=True)
+                print(f"  {name} {phase}: done ({vol.array.shape[0]} slices) "
+                      + " ".join(f"{m} {sum(hits[(name, phase, m)])}/{args.n}" for m in MODES),
+                      file=sys.stderr, flush=True)
     print(f"\ncontrast phase from the image, virtual cohort: n = {args.n} per profile and phase "
           f"(seed {args.seed}; z: {'full coverage' if args.full_coverage else 'coverage clipped to T11-L3'})\n")
     hdr = f"{'profile':28s} {'kVp':>4s} {'px/slice mm':>12s} " + " ".join(f"{m:>8s}" for m in MODES) + \
