@@ -342,8 +342,8 @@ FULL_VARIANTS = QUICK_VARIANTS + [
 def test_fuzz_quick(bases: list[Base], tmp_path: Path) -> None:
     """150 fixed-seed inputs (every kind) + 2 whole bad-demographics series, SCP and replay.
 
-    Runtime: ~30 s on the shared 2-core machine (bases + generation 4 s, serve + 6 batches +
-    2 whole series + jobs 12 s, replay with the 2 whole series 12 s).
+    Runtime: 30-40 s on the shared 2-core machine (bases + generation 4 s, serve + 6 batches
+    + 2 whole series + jobs ~15 s, replay with the 2 whole series ~15 s).
     """
     _, scp, rep = _run(bases, tmp_path, 150, 17, 25, QUICK_VARIANTS)
     assert not scp.violations, scp.report()
@@ -357,8 +357,8 @@ def test_fuzz_full(bases: list[Base], tmp_path: Path, request: pytest.FixtureReq
     """1,000 inputs (seed 2026) + 8 whole bad-demographics series through SCP and replay, then
     8 radiographs with the same bad demographics replayed through every protocol (hip_xray).
 
-    Only with ``pytest -m fuzz``. Runtime: ~2.5 min on the shared 2-core machine (1,000 inputs
-    ~100 s, radiographs ~50 s).
+    Only with ``pytest -m fuzz``. Runtime: ~3 min on the shared 2-core machine (1,000 inputs
+    ~2 min, radiographs ~50 s).
     """
     if "fuzz" not in (request.config.option.markexpr or ""):
         pytest.skip("the full fuzz set runs with: pytest -m fuzz tests/test_fuzz.py")
