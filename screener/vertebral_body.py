@@ -43,9 +43,10 @@ Method
    the body's antero-posterior depth (basivertebral vein).
 6. **Focal lesions** (:func:`focal_outliers`): ROI voxels whose 0.8 mm smoothed
    HU lies more than ``max(3.5 robust SD, 60 HU)`` from the ROI median (robust
-   SD = 1.4826 x MAD) are outliers; a 3-D connected group of them >= 4 mm^3 (one
-   voxel of a coarse scan can be) is a focus (bone island, Schmorl node, lytic
-   focus) and is excluded with a 2 mm margin (its partial-volume halo). Isolated
+   SD = 1.4826 x MAD) are outliers; a 3-D connected group of >= 2 of them and
+   >= 15 mm^3 is excluded with a 2 mm margin (its partial-volume halo), and is
+   a focus (bone island, Schmorl node, lytic focus; flagged) unless it touches
+   the ROI's rim (cortex partial volume, a leak into fat or canal). Isolated
    outlier voxels are excluded too but raise no flag.
 """
 from __future__ import annotations
@@ -102,7 +103,7 @@ SLAB_MAX_FRACTION = 0.3
 #: outlier rule and focus definition
 OUTLIER_Z = 3.5
 OUTLIER_MIN_HU = 60.0
-FOCUS_MIN_MM3 = 4.0
+FOCUS_MIN_MM3 = 15.0
 FOCUS_MARGIN_MM = 2.0
 
 
@@ -734,9 +735,10 @@ def focal_outliers(smooth: np.ndarray, candidate: np.ndarray, spacing: tuple[flo
     Returns
     -------
     excluded : numpy.ndarray
-        Boolean stack: voxels to leave out (outliers, foci and their margin).
+        Boolean stack: voxels to leave out (outliers, outlier groups and their margin).
     foci : list of dict
-        ``kind``, ``volume_mm3``, ``delta_hu``, ``stack_index`` of each focus.
+        ``kind``, ``volume_mm3``, ``delta_hu``, ``stack_index`` of each focus
+        (an outlier group clear of the ROI's rim).
     median, sd : float
         Median and robust SD of the candidate voxels.
     """
@@ -752,16 +754,23 @@ def focal_outliers(smooth: np.ndarray, candidate: np.ndarray, spacing: tuple[flo
         vox = float(np.prod(spacing))
         lab, n = ndimage.label(out, structure=np.ones((3, 3, 3), bool))
         focus = np.zeros_like(out)
+        # the candidate's rim (one pixel in-plane): a group touching it is the cortex's partial
+        # volume or a leak into fat / canal at the ROI's edge -- excluded, but not called a focus
+        rim = candidate & ~ndimage.binary_erosion(candidate, structure=np.array(
+            [[[0, 0, 0], [0, 1, 0], [0, 0, 0]], [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
+             [[0, 0, 0], [0, 1, 0], [0, 0, 0]]], bool), border_value=1)
         for q in range(1, n + 1):
             comp = lab == q
             vol = float(comp.sum() * vox)
-            if vol < focus_min_mm3:   # (one voxel of a coarse scan is already a focus)
+            if vol < focus_min_mm3 or comp.sum() < 2:
+                continue
+            focus |= comp
+            if (comp & rim).any():
                 continue
             d = float(np.median(dev[comp]))
             ks = np.nonzero(comp)[0]
             foci.append({"kind": "dense" if d > 0 else "low", "volume_mm3": round(vol, 1),
                          "delta_hu": round(d, 1), "stack_index": int(np.median(ks))})
-            focus |= comp
         if focus.any():
             dist = ndimage.distance_transform_edt(~focus, sampling=spacing)
             excluded |= dist <= margin_mm + 1e-6
