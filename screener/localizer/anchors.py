@@ -49,6 +49,10 @@ SHORT_RIB_HU = 150.0
 SHORT_RIB_MIN_MM = 40.0
 #: ... and this much further than the bone attached to the vertebra below
 SHORT_RIB_MARGIN_MM = 6.0
+#: lateral distance (mm from the canal) beyond which the course of attached bone is measured ...
+POSTERIOR_FROM_MM = 25.0
+#: ... a rib's lateral part runs at least this far (mm) behind the canal centre
+SHORT_RIB_POSTERIOR_MM = 15.0
 #: HU threshold of the rib search: rib cortex reads well above it, contrast-enhanced kidneys
 #: and vessels (150-250 HU in portal-venous phase) mostly below
 RIB_HU = 280.0
@@ -117,6 +121,7 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
     sub = (hu[zs[0]:zs[-1] + 1, y0:y1, x0:x1] > thr) & body[zs[0]:zs[-1] + 1, y0:y1, x0:x1]
     contact = np.zeros_like(sub)
     lateral = np.zeros(sub.shape, np.float32)
+    posterior = np.zeros(sub.shape, np.float32)
     side = np.zeros(sub.shape, np.int8)
     xx = np.arange(x0, x1)[None, :]
     yy = np.arange(y0, y1)[:, None]
@@ -131,6 +136,7 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
         core = (rho <= 1.1) | canal
         sub[n] &= ~core
         lateral[n] = np.abs(xx - cxz) * dx + 0 * yy
+        posterior[n] = (yy - cyz) * dy + 0 * xx
         side[n] = np.where(xx > cxz, 1, -1) + 0 * yy
         if seg.lo <= z <= top:
             contact[n] = ((rho > 1.1) & (rho <= 1.1 + CONTACT_MM / (hw * dx))
@@ -169,6 +175,10 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
                       and bool((lateral[0][ms[0]] >= 35.0).any()))
             if reach >= reach_min:
                 out[name] = max(out[name], reach)
+                far = ms & (lateral >= POSTERIOR_FROM_MM)
+                if far.any():  # how far behind the canal the lateral part runs (a rib's course)
+                    out[f"{name}_posterior"] = max(out.get(f"{name}_posterior", 0.0),
+                                                   float(posterior[far].max()))
             elif leaves:
                 out["leaving"] = max(out.get("leaving", 0.0), reach)
     return out
@@ -195,11 +205,23 @@ def short_rib_sides(reach: dict[str, float], reach_below: dict[str, float]) -> l
     A side counts when its attached bone reaches at least
     :data:`SHORT_RIB_MIN_MM` from the canal and at least
     :data:`SHORT_RIB_MARGIN_MM` further than the same side of the vertebra
-    below (whose transverse process, in a lumbar spine, is the longer one).
+    below (whose transverse process, in a lumbar spine, is the longer one), or
+    when its lateral part (beyond :data:`POSTERIOR_FROM_MM`) runs at least
+    :data:`SHORT_RIB_POSTERIOR_MM` behind the canal centre and 10 mm further
+    back than the vertebra below's (a rib's posterolateral course; lumbar
+    transverse processes project laterally at the level of the canal).
     """
-    return [side for side in ("right", "left")
-            if reach.get(side, 0.0) >= SHORT_RIB_MIN_MM
-            and reach.get(side, 0.0) >= reach_below.get(side, 0.0) + SHORT_RIB_MARGIN_MM]
+    out = []
+    for side in ("right", "left"):
+        r, rb = reach.get(side, 0.0), reach_below.get(side, 0.0)
+        p, pb = reach.get(f"{side}_posterior", -np.inf), reach_below.get(f"{side}_posterior", 0.0)
+        longer = r >= SHORT_RIB_MIN_MM and r >= rb + SHORT_RIB_MARGIN_MM
+        # a rib runs posterolaterally from its costovertebral joint; a transverse process
+        # projects laterally at the level of the canal
+        backward = r >= POSTERIOR_FROM_MM + 8.0 and p >= SHORT_RIB_POSTERIOR_MM and p >= pb + 10.0
+        if longer or backward:
+            out.append(side)
+    return out
 
 
 def sacral_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,

@@ -59,7 +59,7 @@ import structlog
 from screener.domain import SpineLocalization, Volume, VertebraLocation
 from screener.localizer.anchors import (RIB_REACH_MM, lateral_reach, pelvis_top, rib_evidence,
                                        sacral_evidence, short_rib_sides)
-from screener.localizer.column import BONE_HU, body_masks, bone_scale, find_column_adaptive
+from screener.localizer.column import body_masks, bone_scale, find_column_adaptive
 from screener.localizer.grid import GeometryError, WorkGrid, make_grid
 from screener.localizer.segments import (
     Segment,
@@ -75,8 +75,10 @@ METHOD = "classical"
 NOT_IN_VIEW = "L1 not in view"
 #: fraction of a vertebra's slices that must look sacral (alae reaching the ilia)
 SACRAL_MIN = 0.4
+#: a counted lumbar body shorter than this fraction of the tallest looks split (see _regular_between)
+SPLIT_RATIO = 0.7
 #: plausible body height of L1 (mm, endplate to endplate): a grade-3 fracture to a tall L1
-L1_HEIGHT_MM = (10.0, 42.0)
+L1_HEIGHT_MM = (10.0, 38.0)
 
 _THORACIC = [f"T{i}" for i in range(1, 13)]
 _LUMBAR = [f"L{i}" for i in range(1, 6)]
@@ -130,7 +132,7 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
     details["column_z_mm"] = [round(grid.z_mm(zv[0]), 1), round(grid.z_mm(zv[-1]), 1)]
     # every bone threshold below follows this skeleton's own density (never a fixed HU that
     # only young bone passes)
-    scale = min(bone_scale(hu, col), col.bone_hu / BONE_HU)
+    scale = bone_scale(hu, col)
     details["bone_scale"] = round(scale, 3)
     details["column_bone_hu"] = col.bone_hu
     prof = core_profile(hu, col, scale)
@@ -267,9 +269,8 @@ def _short_rib(t12: int, l1_sac: int | None, reach: Reach, info: dict[str, Any])
     if below is None or below2 is None:
         return t12
     sides = short_rib_sides(below, below2)
-    info["short_rib_check"] = {"reach_mm": {k: round(v, 1) for k, v in below.items() if k in ("left", "right")},
-                               "reach_below_mm": {k: round(v, 1) for k, v in below2.items()
-                                                  if k in ("left", "right")},
+    info["short_rib_check"] = {"reach_mm": {k: round(v, 1) for k, v in below.items()},
+                               "reach_below_mm": {k: round(v, 1) for k, v in below2.items()},
                                "short_rib_sides": sides}
     if not sides:
         return t12
@@ -323,6 +324,8 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None
             info["decline"] = ("no level anchor in coverage (no rib-bearing vertebra with a rib-free one "
                                "below it, no sacrum)")
         return {}, 0.0, info
+    if l1_rib is not None and l1_sac is not None and l1_sac < l1_rib:
+        info["lumbar_split_regular"] = _regular_between(segs, l1_sac - 3, l1_rib - 1)
     l1, conf = _combine_anchors(l1_rib, l1_sac, info)
     if conf <= 0.05:
         return {}, 0.0, info
@@ -343,6 +346,17 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None
     return labels, float(np.clip(conf, 0.05, 0.99)), info
 
 
+def _regular_between(segs: list[Segment], lo: int, hi: int) -> bool:
+    """Whether the bodies between segment ``lo`` and ``hi`` (inclusive) look like single vertebrae.
+
+    Each must be at least :data:`SPLIT_RATIO` as tall as the tallest of them:
+    a lumbar body split in two by a false disc leaves two short pieces.
+    """
+    lo = max(0, lo)
+    heights = [segs[i].hi - segs[i].lo + 1 for i in range(lo, min(hi, len(segs) - 1) + 1) if segs[i].complete]
+    return bool(heights) and min(heights) >= SPLIT_RATIO * max(heights)
+
+
 def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any]) -> tuple[int, float]:
     """L1's segment index and the labelling confidence from the two anchors.
 
@@ -353,7 +367,9 @@ def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any
 
     * the sacral count puts L1 one vertebra *lower* than the ribs: a 12th rib
       pair too short or faint to be seen (hypoplastic 12th ribs, 12.6 %) is
-      likelier than a lumbarised S1 (4.0 %): the sacral count is used;
+      likelier than a lumbarised S1 (4.0 %): the sacral count is used, if the
+      bodies it counted look like vertebrae (``info["lumbar_split_regular"]``,
+      :func:`_regular_between`: a tall body split in two also adds a level);
     * the sacral count puts L1 one vertebra *higher*: a sacralised L5
       (12.3 %) is likelier than a lumbar rib (1.5 %): the rib count is used.
 
@@ -370,7 +386,7 @@ def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any
                                "the levels cannot be numbered with confidence")
             info["warning"] = info["decline"]
             return l1_rib, 0.05
-        if d < 0 and not short:
+        if d < 0 and not short and info.get("lumbar_split_regular", False):
             info.setdefault("transitional", "12th rib pair not seen (hypoplastic 12th ribs) or lumbarised S1")
             info["warning"] = ("rib count and sacral count disagree by one level: labelled from the sacrum "
                                "(a hypoplastic 12th rib pair is three times as common as a lumbarised S1)")

@@ -292,18 +292,20 @@ def find_column_adaptive(hu: np.ndarray, body: np.ndarray, spacing: tuple[float,
     A severely osteoporotic skeleton can read below :data:`BONE_HU` even in
     its cortex and posterior elements: the bone union then never closes the
     canal. The thresholds of :data:`BONE_HU_LADDER` are tried from the
-    highest; the first whose column covers at least 85 % of the slices (or,
-    failing that, the one covering most slices, the higher threshold on a tie)
-    is kept. Its threshold is :attr:`Column.bone_hu`.
+    highest; the first whose column spans at least ``min(120 mm, 60 % of the
+    coverage)`` is kept (failing that, the one spanning most). Its threshold
+    is :attr:`Column.bone_hu`.
     """
-    best: Column | None = None
+    dz = spacing[0]
     nz = hu.shape[0]
+    enough = min(120.0, 0.6 * nz * dz)
+    best: Column | None = None
     for thr in BONE_HU_LADDER:
         col = find_column(hu, body, spacing, bone_hu=thr)
-        if best is None or col.valid.sum() > best.valid.sum() + max(2, 0.05 * nz):
+        if col.valid.sum() * dz >= enough:
+            return col
+        if best is None or col.valid.sum() > best.valid.sum():
             best = col
-        if best.valid.sum() >= 0.85 * nz:
-            break
     assert best is not None
     return best
 
