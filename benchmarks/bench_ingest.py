@@ -132,7 +132,8 @@ def run_screener(files: list[Path], ts_flag: str, work: Path) -> float:
     shutil.rmtree(data, ignore_errors=True)
     env = dict(os.environ, SCREENER_DATA_DIR=str(data), SCREENER_PORT=str(port),
                SCREENER_HOST="127.0.0.1", SCREENER_QUIET_SECONDS="100000",
-               SCREENER_MIN_FREE_MB="1", SCREENER_LOG_LEVEL="warning",
+               SCREENER_MIN_FREE_MB="1", SCREENER_ALLOWED_CALLING_AES="BENCH",
+               SCREENER_LOG_LEVEL="warning",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "screener", "serve"], env=env, cwd=str(ROOT),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

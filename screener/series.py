@@ -290,6 +290,18 @@ def functional_group_value(ds: Any, keyword: str, frame: int = 0,
     return None
 
 
+def _number(value: Any, keyword: str, path: Path) -> float:
+    """``float(value)``, or :class:`SeriesUnusable` naming the file and attribute (not the value)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise SeriesUnusable(f"{path.name}: {keyword} is not a number; fix or remove this "
+                             "instance") from None
+    if not np.isfinite(out):
+        raise SeriesUnusable(f"{path.name}: {keyword} is not finite; fix or remove this instance")
+    return out
+
+
 def header_kvp(ds: Any) -> float | None:
     """Tube voltage (``KVP``) of a DICOM header, ``None`` when absent or not a positive number.
 
@@ -411,14 +423,20 @@ def read_series_info(paths: Sequence[Path]) -> SeriesInfo:
     first = headers[0]
     series_uids = {str(h.get("SeriesInstanceUID", "") or "") for h in headers}
     zs: list[float] = []
-    for h in headers:
-        ipp = h.get("ImagePositionPatient")
-        if ipp is not None and len(ipp) == 3:
-            zs.append(float(ipp[2]))
-        for item in h.get("PerFrameFunctionalGroupsSequence") or []:  # Enhanced CT
-            pps = item.get("PlanePositionSequence")
-            if pps and pps[0].get("ImagePositionPatient") is not None:
-                zs.append(float(pps[0].ImagePositionPatient[2]))
+    for h, path in zip(headers, paths):
+        try:  # pydicom converts DS values on access: a malformed one raises there
+            ipp = h.get("ImagePositionPatient")
+            if ipp is not None and len(ipp) == 3:
+                zs.append(_number(ipp[2], "ImagePositionPatient", path))
+            for item in h.get("PerFrameFunctionalGroupsSequence") or []:  # Enhanced CT
+                pps = item.get("PlanePositionSequence")
+                if pps and pps[0].get("ImagePositionPatient") is not None:
+                    zs.append(_number(pps[0].ImagePositionPatient[2], "ImagePositionPatient", path))
+        except SeriesUnusable:
+            raise
+        except (TypeError, ValueError):
+            raise SeriesUnusable(f"{path.name}: ImagePositionPatient is not a number; fix or remove "
+                                 "this instance") from None
     n_frames = sum(int(_float(h.get("NumberOfFrames")) or 1) for h in headers)
     iop = first.get("ImageOrientationPatient")
     if iop is None:  # enhanced objects: Plane Orientation (shared or first frame)
@@ -667,17 +685,25 @@ def load_volume(paths: Sequence[Path]) -> Volume:
             expanded_p.append(p)
             sources.append((h, None))
     headers, paths = expanded_h, expanded_p
-    _check_geometry(headers, paths)
-
-    iop = np.array([float(v) for v in headers[0].ImageOrientationPatient])
-    row_dir, col_dir = iop[:3], iop[3:]
-    row_dir = row_dir / np.linalg.norm(row_dir)
-    col_dir = col_dir / np.linalg.norm(col_dir)
-    normal = np.cross(row_dir, col_dir)
-    if np.linalg.norm(normal) < 0.5 or abs(float(row_dir @ col_dir)) > 0.01:
-        raise SeriesUnusable("ImageOrientationPatient is not orthonormal")
-    normal /= np.linalg.norm(normal)
-    pos = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    try:
+        _check_geometry(headers, paths)
+        iop = np.array([float(v) for v in headers[0].ImageOrientationPatient])
+        row_dir, col_dir = iop[:3], iop[3:]
+        row_dir = row_dir / np.linalg.norm(row_dir)
+        col_dir = col_dir / np.linalg.norm(col_dir)
+        normal = np.cross(row_dir, col_dir)
+        if np.linalg.norm(normal) < 0.5 or abs(float(row_dir @ col_dir)) > 0.01:
+            raise SeriesUnusable("ImageOrientationPatient is not orthonormal")
+        normal /= np.linalg.norm(normal)
+        pos = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    except SeriesUnusable:
+        raise
+    except (TypeError, ValueError) as exc:
+        # a geometry value that is not a number (the ingest validation refuses these; files
+        # placed in the store by hand may still carry one)
+        raise SeriesUnusable("a geometry attribute (ImagePositionPatient, ImageOrientationPatient, "
+                             "PixelSpacing) is not a number; fix or remove the offending instance"
+                             ) from exc
     proj = pos @ normal
     order = np.argsort(proj, kind="stable")
     pos, proj = pos[order], proj[order]

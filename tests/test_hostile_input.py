@@ -601,3 +601,23 @@ def test_fuzz_f6_geometry_that_is_not_a_finite_number_is_refused(
     assert pynet_send(cfg.port, [f]) == [(0xC002, reason)]
     assert reason in _unusable(f.parent)[f.name]
     assert db.counts()["instances"] == 0
+
+
+def test_a_non_numeric_position_in_a_stored_slice_is_an_unusable_series_not_a_failed_job(tmp_path: Path) -> None:
+    """Fuzz finding F6 (b): a slice placed in the store with a non-numeric ImagePositionPatient (the
+    ingest validation refuses such instances) makes the series unusable with a reason naming the
+    attribute, not a failed job with a ValueError."""
+    from screener.series import SeriesUnusable, load_volume, read_series_info
+    from tests.ct_factory import make_ct_series
+
+    paths = make_ct_series(tmp_path / "s", n_slices=12).paths
+    ds = pydicom.dcmread(paths[3])
+    ds.ImagePositionPatient = ["-253.904", "-264.646", "1.2501"]
+    ds.save_as(paths[3])
+    raw = paths[3].read_bytes()
+    assert raw.count(b"\\1.2501") == 1
+    paths[3].write_bytes(raw.replace(b"\\1.2501", b"\\1.25x1"))  # a flipped byte, as the fuzz wrote it
+    with pytest.raises(SeriesUnusable, match="ImagePositionPatient is not a number"):
+        read_series_info(paths)
+    with pytest.raises(SeriesUnusable, match="geometry attribute"):
+        load_volume(paths)
