@@ -13,10 +13,13 @@ screener looks at the blood itself, on a few axial slices downsampled to
   contrast-filled vessel or organ lacks;
 * the **aorta**: the brightest uniform disc (4 mm radius, low SD, below ~545 HU
   at 120 kVp) anterior / anterior-left of the vertebral body, outside it,
-  preferably a round vessel (an edge 5-18 mm out where the surroundings are
+  preferably a round vessel (an edge 6.5-18 mm out where the surroundings are
   darker, no brighter rim inside it); the slice readings are pooled by
   consensus (the largest group of similar readings: a slice that read an
-  endplate or bowel stands apart) and their median taken;
+  endplate or bowel stands apart) and their median taken; when no slice shows a
+  round vessel (a native aorta amid soft tissue) only an aorta above ~195 HU
+  (120 kVp) counts as enhanced; the thresholds rise by 3 SD of a disc's mean on
+  a noisy scan;
 * the **IVC**: the brightest uniform disc 15-50 mm to the patient's right of
   the aorta, at its depth (L1-L3: infrahepatic or retro-hepatic IVC);
 * the **kidneys**: enhancing parenchyma lateral to the spine (cortex = 90th,
@@ -316,7 +319,7 @@ def _vessel_radius(s: _Slice, r: int, c: int, m: float) -> float | None:
         if med > m + max(60.0, 0.3 * abs(m)):
             return None  # a bright rim: bone
         if med < m - delta:
-            return rad if 5.0 <= rad <= 18.0 else None
+            return rad if 6.5 <= rad <= 18.0 else None
         rad += step
     return None
 
@@ -341,8 +344,15 @@ def _best_disc(s: _Slice, win: np.ndarray, mean: np.ndarray, validate: bool,
             first = (val, (r, c), False)
         if not validate:
             return first
-        if _vessel_radius(s, r, c, val) is not None:
-            return val, (r, c), True
+        rad = _vessel_radius(s, r, c, val)
+        if rad is not None:
+            # read the vessel over most of its lumen: a 4 mm disc picked as the brightest of many
+            # reads the noise's upper tail on a noisy scan
+            big = min(max(4.0, 0.75 * rad), 10.0)
+            w2 = int(np.ceil(big / s.px)) + 1
+            sl2 = (slice(max(0, r - w2), r + w2 + 1), slice(max(0, c - w2), c + w2 + 1))
+            d2 = np.hypot(s.x[sl2] - s.x[r, c], s.y[sl2] - s.y[r, c])
+            return float(np.median(s.hu[sl2][d2 <= big])), (r, c), True
         m[sl][d < 8.0] = -np.inf
     return first
 
@@ -354,7 +364,8 @@ def _vessels(s: _Slice, spine: tuple[float, float, float], mean: np.ndarray, sd:
     dx = s.x - cx
     dist = np.hypot(dx, s.y - cy)
     uniform = sd < (1.3 * noise + 10.0 + 0.04 * np.abs(mean))
-    outside = dist > rb + 2.5
+    # rb is the half-depth; the body is ~1.25x as wide, its anterolateral corners reach ~1.25 rb
+    outside = dist > 1.3 * rb + 3.0
     front = cy - rb  # anterior surface of the body (anterior = -y)
     win_a = (dx > -20.0) & (dx < 45.0) & (s.y > front - 40.0) & (s.y < cy) & outside & uniform
     # blood reads at most ~550 HU at 120 kVp even at the arterial peak: brighter is bone
@@ -452,6 +463,7 @@ def _image_reading(volume: Volume, localization: SpineLocalization | None,
     aortas: list[float] = []
     ivcs: list[float] = []
     kid: list[tuple[float, float, float]] = []
+    noises: list[float] = []
     valids: list[bool] = []
     for k, prior in _pick_slices(volume, localization):
         s = _downsample(volume, k)
@@ -461,7 +473,12 @@ def _image_reading(volume: Volume, localization: SpineLocalization | None,
         if spine is None:
             continue
         mean, sd = _local_stats(s.hu, 4.0 / s.px)
-        a, v, valid = _vessels(s, spine, mean, sd, _noise(s.hu, sd), fk)
+        noise = _noise(s.hu, sd)
+        # SD of a 4 mm disc's mean: the brightest of many discs reads ~3 of these high
+        soft = (s.hu > -50) & (s.hu < 120)
+        pix_sd = float(np.median(sd[soft])) if soft.sum() >= 50 else noise
+        noises.append(pix_sd / np.sqrt(max(np.pi * (4.0 / s.px) ** 2, 1.0)))
+        a, v, valid = _vessels(s, spine, mean, sd, noise, fk)
         if a is None:
             continue
         aortas.append(a)
@@ -471,6 +488,7 @@ def _image_reading(volume: Volume, localization: SpineLocalization | None,
         if kr is not None:
             kid.append(kr)
     keep = _consensus(aortas, valids)
+    n_round = sum(valids[i] for i in keep)
     aortas = [aortas[i] for i in keep]
     ivcs = [ivcs[i] for i in keep]
     ivcs_ok = [(v, a) for v, a in zip(ivcs, aortas) if np.isfinite(v)]
@@ -498,11 +516,16 @@ def _image_reading(volume: Volume, localization: SpineLocalization | None,
         ratio = float(np.percentile(ratios, 75)) if localization is None else float(np.median(ratios))
         ev["ivc_aorta_ratio"] = round(ratio, 3)
     # enhanced or native
-    if enh < _NATIVE_MAX or (enh < _ENHANCED_MIN and (kid_cortex is None or
-                                                        (kid_cortex - _NATIVE_BLOOD_HU) / fk < 80.0)):
-        conf = float(np.clip(0.6 + (_ENHANCED_MIN - enh) / 50.0, 0.5, 0.99))
+    # on a noisy scan the brightest disc of a native scan reads high: raise the bar by 3 SD
+    bias = 3.0 * float(np.median(noises)) / fk if noises else 0.0
+    ev["disc_noise_hu"] = round(float(np.median(noises)), 1) if noises else 0.0
+    lo_t, hi_t = _NATIVE_MAX + bias, _ENHANCED_MIN + bias
+    if n_round == 0:  # no round vessel anywhere (a native aorta amid soft tissue): only a bright reading counts
+        lo_t, hi_t = max(lo_t, 150.0), max(hi_t, 150.0)
+    if enh < lo_t or (enh < hi_t and (kid_cortex is None or (kid_cortex - _NATIVE_BLOOD_HU) / fk < 80.0)):
+        conf = float(np.clip(0.6 + (hi_t - enh) / 50.0, 0.5, 0.99))
         return "native", conf, ev
-    p_enh = float(np.clip(0.6 + (enh - _ENHANCED_MIN) / 60.0, 0.5, 0.99))
+    p_enh = float(np.clip(0.6 + (enh - hi_t) / 60.0, 0.5, 0.99))
     if ratio is not None:
         margin = (_ARTERIAL_RATIO - ratio) / 0.25
         # the aorta's absolute enhancement adds a little evidence
