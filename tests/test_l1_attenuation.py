@@ -105,22 +105,54 @@ def test_categories_at_thresholds_end_to_end(tmp_path: Path, l1_hu: int, categor
     assert not any(x.startswith(("contrast", "kVp")) for x in f.flags)
 
 
-def test_contrast_flag_adjusts_category_and_reports_both(tmp_path: Path) -> None:
+def _phase(monkeypatch: pytest.MonkeyPatch, phase: str, source: str = "image and header") -> None:
+    """Make the image-based contrast reading return ``phase`` (the synthetic series has no vessels)."""
+    from screener import contrast
+
+    def fake(volume, localization, info):  # noqa: ANN001, ANN202
+        return contrast.ContrastAssessment(phase, phase != "native", source, 0.9, {"aorta_hu": 180.0},
+                                           str(getattr(info, "contrast_agent", "") or ""))
+    monkeypatch.setattr(contrast, "assess_contrast", fake)
+
+
+def test_contrast_flag_adjusts_category_and_reports_both(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    _phase(monkeypatch, "portal_venous")
     cfg = Config(contrast_adjust_hu=11.2)
     _, _, f = run_l1(tmp_path, config=cfg, l1_hu=120.0, contrast_agent="IOHEXOL")
     assert f.measurement("L1 attenuation mean").value == pytest.approx(120.0)
     assert f.measurement("L1 attenuation mean, contrast-adjusted").value == pytest.approx(108.8)
     assert f.category == "likely osteoporosis"   # 108.8 <= 110, raw 120 would be indeterminate
     (flag,) = [x for x in f.flags if x.startswith("contrast-enhanced")]
-    assert "~+11 HU higher (Pickhardt 2016)" in flag and "120.0 - 11.2 = 108.8 HU" in flag
+    assert "IOHEXOL, portal-venous phase from the image and header" in flag
+    assert "120.0 - 11.2 = 108.8 HU" in flag
     assert f.measurement("L1 vBMD estimate").value == pytest.approx(108.8 / 1.33, rel=1e-6)
+    assert f.details["contrast"]["phase"] == "portal_venous"
 
 
-def test_contrast_adjustment_follows_config(tmp_path: Path) -> None:
+def test_arterial_phase_from_the_image_adjusts_less(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arterial: less iodine has reached the marrow (0.56 of the portal-venous enhancement)."""
+    _phase(monkeypatch, "arterial", source="image")
+    _, _, f = run_l1(tmp_path, l1_hu=120.0)  # no ContrastBolusAgent in the header
+    assert f.measurement("L1 attenuation mean, contrast-adjusted").value == pytest.approx(120.0 - 6.3)
+    (flag,) = [x for x in f.flags if x.startswith("contrast-enhanced")]
+    assert "arterial phase from the image" in flag
+
+
+def test_contrast_adjustment_follows_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _phase(monkeypatch, "portal_venous")
     _, _, f = run_l1(tmp_path, config=Config(contrast_adjust_hu=0.0), l1_hu=120.0,
                      contrast_agent="APPLIED")
     assert f.category == "indeterminate"
     assert f.measurement("L1 attenuation mean, contrast-adjusted").value == pytest.approx(120.0)
+
+
+def test_a_header_the_image_contradicts_is_flagged_and_not_applied(tmp_path: Path) -> None:
+    """The synthetic series' blood reads 40 HU: a ContrastBolusAgent in its header is stale."""
+    _, _, f = run_l1(tmp_path, l1_hu=120.0, contrast_agent="IOHEXOL")
+    assert not any(x.startswith("contrast-enhanced") for x in f.flags)
+    assert any(x.startswith("header and image disagree about contrast") for x in f.flags)
+    assert f.category == "indeterminate"
 
 
 @pytest.mark.parametrize("kvp, slope, phrase", [(100.0, 1.66, "kVp 100: thresholds assume 120 kVp"),

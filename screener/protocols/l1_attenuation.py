@@ -24,8 +24,13 @@ Method (clinical-physics.md sections 1-2)
    excluded fraction and any focus. ``ROI area`` and the SR polyline are the
    ROI on the representative (middle) slice; a body whose ROI there is under
    80 mm^2 declines, under 200 mm^2 is flagged (``ROI shrunk``).
-5. Category from the Pickhardt thresholds on the categorised value (raw mean,
-   minus ``config.contrast_adjust_hu`` on contrast-enhanced CT): <= 110 HU
+5. Contrast from the image and the header
+   (:func:`screener.contrast.assess_contrast`: aorta, IVC and kidneys beside
+   the localised spine); the categorised value is the raw mean minus the
+   phase's enhancement (portal-venous and delayed ``config.contrast_adjust_hu``,
+   11.2 HU; arterial 0.56 of it, 6.3 HU), flagged with the phase and where it
+   was read; a header that contradicts the image is flagged too.
+   Category from the Pickhardt thresholds on the categorised value: <= 110 HU
    likely osteoporosis, >= 160 HU likely normal, between indeterminate;
    <= 135 HU adds the risk flag. Non-120 kVp qualifies the category (flag).
 6. vBMD estimate (mg/cm^3) = categorised HU / (HU per mg/cm^3 of
@@ -45,7 +50,7 @@ from typing import Callable
 import numpy as np
 import structlog
 
-from screener import vertebral_body
+from screener import contrast, vertebral_body
 from screener.domain import SpineLocalization, Volume
 from screener.findings import Finding, Measurement, RoiGeometry
 from screener.protocols.base import Decision, Protocol, ProtocolContext, ProtocolDeclined, \
@@ -178,15 +183,23 @@ class L1AttenuationProtocol(Protocol):
                         codes.UNIT_HU[1], derivation=codes.STANDARD_DEVIATION),
         ]
         cat_hu = mean_hu
-        if info.contrast_enhanced:
-            adj = float(context.config.contrast_adjust_hu)
+        # contrast from the image (aorta, IVC, kidneys beside the localised spine), checked
+        # against the header: archives often lack ContrastBolusAgent
+        ca = contrast.assess_contrast(volume, loc, info)
+        if ca.enhanced:
+            # config.contrast_adjust_hu is the portal-venous value; other phases scale with it
+            adj = round(ca.trabecular_adjustment_hu * float(context.config.contrast_adjust_hu)
+                        / contrast.PORTAL_VENOUS_ENHANCEMENT_HU, 1)
             cat_hu = mean_hu - adj
-            flags.append(f"contrast-enhanced ({info.contrast_agent.strip()}): L1 reads ~+11 HU "
-                         f"higher (Pickhardt 2016); category uses {mean_hu:.1f} - {adj:g} = "
-                         f"{cat_hu:.1f} HU")
+            agent = f"{ca.header_agent.strip()}, " if ca.header_agent.strip() else ""
+            flags.append(f"contrast-enhanced ({agent}{ca.phase.replace('_', '-')} phase from the "
+                         f"{ca.source}): L1 reads ~{adj:g} higher in this phase; category uses "
+                         f"{mean_hu:.1f} - {adj:g} = {cat_hu:.1f} HU")
             measurements.append(Measurement("L1 attenuation mean, contrast-adjusted", cat_hu,
                                             codes.UNIT_HU[0], codes.HU_ADJUSTED, codes.UNIT_HU[1],
                                             derivation=codes.MEAN))
+        if ca.conflict:
+            flags.append(f"header and image disagree about contrast: {ca.conflict}")
         category = categorize(cat_hu)
         qualifier = ""
         if info.kvp is None:
@@ -206,7 +219,7 @@ class L1AttenuationProtocol(Protocol):
         kvp_txt = f"{info.kvp:g}" if info.kvp is not None else "unknown (120 assumed)"
         if info.kvp is not None and not HU_PER_MG[0][0] <= info.kvp <= HU_PER_MG[-1][0]:
             kvp_txt += f", outside the {HU_PER_MG[0][0]:g}-{HU_PER_MG[-1][0]:g} kVp table: clamped"
-        source = "contrast-adjusted HU" if info.contrast_enhanced else "HU"
+        source = "contrast-adjusted HU" if ca.enhanced else "HU"
         flags.append(f"vBMD is an estimate: {1 / slope:.2f} mg/cm3 per {source} (hydroxyapatite, "
                      f"kVp {kvp_txt}), not a calibrated QCT measurement")
         measurements.append(Measurement("ROI area", area_mm2, codes.UNIT_MM2[0], codes.AREA,
@@ -223,7 +236,9 @@ class L1AttenuationProtocol(Protocol):
                          f"lytic focus): {desc}; {100 * tr.excluded_fraction:.1f} % of the ROI "
                          "left out")
         if l1.confidence < 0.7:
-            flags.append(f"L1 level label uncertain (localizer confidence {l1.confidence:.2f})")
+            why = loc.details.get("transitional")
+            flags.append(f"L1 level label uncertain (localizer confidence {l1.confidence:.2f}"
+                         + (f"; {why}" if why else "") + ")")
 
         roi_full = np.zeros(volume.array.shape[1:], bool)
         roi_full[rs, cs] = rep.roi
@@ -258,6 +273,11 @@ class L1AttenuationProtocol(Protocol):
                      "hu_per_mg_cm3": slope, "cortex_threshold_hu": seg.cortex_threshold_hu,
                      "closing_mm": seg.closing_mm, "segmentation_notes": seg.notes,
                      "localizer": loc.method, "localizer_confidence": l1.confidence,
+                     "localizer_transitional": loc.details.get("transitional"),
+                     "contrast": {"phase": ca.phase, "enhanced": ca.enhanced, "source": ca.source,
+                                  "confidence": ca.confidence, "evidence": ca.evidence,
+                                  "header_agent": ca.header_agent, "conflict": ca.conflict,
+                                  "adjustment_hu": cat_hu - mean_hu},
                      "pooling": "ROI voxels (raw HU) pooled over the mid-L1 slices in per_slice; "
                                 "focal outliers excluded"},
         )
