@@ -197,11 +197,20 @@ class Exporter:
         self._wake.set()
 
     def _loop(self) -> None:
+        failing: str | None = None  # the error of the failing passes, logged once per change
         while not self._stop.is_set():
             try:
                 self.run_once()
-            except Exception:  # noqa: BLE001 - keep exporting; say why
-                log.exception("export pass failed")
+                if failing is not None:
+                    log.info("export passes recovered", previous_error=failing)
+                    failing = None
+            except Exception as exc:  # noqa: BLE001 - keep exporting; say why, once per state
+                err = f"{type(exc).__name__}: {exc}"
+                if err != failing:
+                    log.error("export pass failed; retrying every pass, logged again when the error "
+                              "changes or clears", error=err)
+                    failing = err
+                log.debug("export pass failed", exc_info=True)
             self._wake.wait(self.interval)
             self._wake.clear()
 

@@ -163,8 +163,9 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
         outputs = _write_outputs(findings, _source_headers(volume, info), info.series_uid,
                                  Path(out_dir), supersedes)
     except Exception as exc:  # noqa: BLE001
-        log.error("report writing failed", series_uid=info.series_uid, error=str(exc),
-                  traceback=traceback.format_exc())
+        log.error("report writing failed", series_uid=info.series_uid,
+                  error=f"{type(exc).__name__}: {exc}")
+        log.debug("report writing failed", series_uid=info.series_uid, traceback=traceback.format_exc())
         return PipelineResult("failed", f"report writing failed: {type(exc).__name__}: {exc}",
                               dl, findings)
     reason = "; ".join(errors) if errors else ""

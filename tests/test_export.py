@@ -326,3 +326,30 @@ def test_real_pipeline_sr_and_sc_reach_orthanc_and_late_instances_supersede(
     finally:
         assert d.stop() == 0
         orthanc.stop()
+
+
+def test_a_failing_export_pass_is_logged_once_per_state_change(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk or a broken database fails every pass: one error line (no traceback) when it
+    starts, one when it clears, not one per pass."""
+    from structlog.testing import capture_logs
+
+    db = Database(tmp_path / "db.sqlite")
+    ex = Exporter(db, Config(data_dir=tmp_path), interval=0.01)
+    calls = {"n": 0}
+
+    def flaky() -> dict:
+        calls["n"] += 1
+        if calls["n"] <= 5:
+            raise OSError(28, "No space left on device")
+        if calls["n"] >= 8:
+            ex._stop.set()
+        return {}
+
+    monkeypatch.setattr(ex, "run_once", flaky)
+    with capture_logs() as logs:
+        ex._loop()
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert len(errors) == 1 and "No space left on device" in errors[0]["error"]
+    assert "exc_info" not in errors[0] and "traceback" not in errors[0]
+    assert [e["event"] for e in logs if e["log_level"] == "info"] == ["export passes recovered"]
