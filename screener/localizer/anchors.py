@@ -47,8 +47,10 @@ RIB_LEAVING_REACH_MM = 42.0
 SHORT_RIB_HU = 150.0
 #: a short rib reaches at least this far (mm) from the canal centre ...
 SHORT_RIB_MIN_MM = 40.0
-#: ... and this much further than the bone attached to the vertebra below
+#: ... and this much further than the bone attached to the vertebra below ...
 SHORT_RIB_MARGIN_MM = 6.0
+#: ... but no further than this (mm): beyond, the low threshold has joined a long rib passing by
+SHORT_RIB_MAX_MM = 75.0
 #: lateral distance (mm from the canal) beyond which the course of attached bone is measured ...
 POSTERIOR_FROM_MM = 25.0
 #: ... a rib's lateral part runs at least this far (mm) behind the canal centre
@@ -68,11 +70,20 @@ ALA_AP_MM = 10.0
 
 #: no bone threshold of the localizer falls below this (HU): enhancing organs and muscle stay out
 MIN_BONE_HU = 100.0
+#: the long-rib threshold falls with the skeleton's density to this fraction at most ...
+MIN_RIB_SCALE = 0.55
+#: ... and the sacral-ala threshold to this (lower, noise and soft tissue join the body laterally)
+MIN_SACRAL_SCALE = 0.65
 
 
 def rib_hu(scale: float = 1.0) -> float:
-    """Rib threshold for a skeleton of density ``scale`` (:func:`~screener.localizer.column.bone_scale`)."""
-    return max(RIB_HU * scale, 1.3 * MIN_BONE_HU)
+    """Rib threshold for a skeleton of density ``scale`` (:func:`~screener.localizer.column.bone_scale`).
+
+    It falls with the skeleton down to :data:`MIN_RIB_SCALE` of the default: lower, the shafts of
+    the ribs above descend beside L1 and L2 and touch them (read as ribs of those vertebrae);
+    fainter ribs are left to :func:`lateral_reach`.
+    """
+    return max(RIB_HU * max(scale, MIN_RIB_SCALE), 1.3 * MIN_BONE_HU)
 
 
 def _disk(r: int) -> np.ndarray:
@@ -209,12 +220,15 @@ def short_rib_sides(reach: dict[str, float], reach_below: dict[str, float]) -> l
     when its lateral part (beyond :data:`POSTERIOR_FROM_MM`) runs at least
     :data:`SHORT_RIB_POSTERIOR_MM` behind the canal centre and 10 mm further
     back than the vertebra below's (a rib's posterolateral course; lumbar
-    transverse processes project laterally at the level of the canal).
+    transverse processes project laterally at the level of the canal). Bone
+    reaching beyond :data:`SHORT_RIB_MAX_MM` is a long rib passing by.
     """
     out = []
     for side in ("right", "left"):
         r, rb = reach.get(side, 0.0), reach_below.get(side, 0.0)
         p, pb = reach.get(f"{side}_posterior", -np.inf), reach_below.get(f"{side}_posterior", 0.0)
+        if r > SHORT_RIB_MAX_MM:  # attached to a long rib passing by, not a short rib of its own
+            continue
         longer = r >= SHORT_RIB_MIN_MM and r >= rb + SHORT_RIB_MARGIN_MM
         # a rib runs posterolaterally from its costovertebral joint; a transverse process
         # projects laterally at the level of the canal
@@ -239,7 +253,7 @@ def sacral_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
         if not col.valid[z]:
             continue
         total += 1
-        bone = ndi.binary_fill_holes(ndi.binary_closing((hu[z] > max(BONE_HU * scale, MIN_BONE_HU))
+        bone = ndi.binary_fill_holes(ndi.binary_closing((hu[z] > BONE_HU * max(scale, MIN_SACRAL_SCALE))
                                                          & body[z], iterations=1))
         lab, n = ndi.label(bone)
         rho = ellipse_radius(bone.shape, col.body_y[z], col.body_x[z], col.body_hd[z], col.body_hw[z])

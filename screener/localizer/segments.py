@@ -20,10 +20,9 @@ from scipy import ndimage as ndi
 from screener.localizer.column import Column
 
 MIN_DISC_SPACING_MM = 18.0
-#: below this bone scale, or with a median core below DARK_CORE_HU (HU), a trabecular core may
-#: read darker than a disc (see :func:`disc_score`)
-DARK_BODY_SCALE = 0.85
-DARK_CORE_HU = 110.0
+#: with a median core below this (HU) a trabecular core may read darker than a disc
+#: (see :func:`disc_score`)
+DARK_CORE_HU = 90.0
 #: disc tissue (annulus / nucleus) reads about this, whatever the skeleton's density (HU) ...
 DISC_HU = 80.0
 #: ... within this much
@@ -160,7 +159,7 @@ def disc_score(prof: np.ndarray, dz: float, scale: float = 1.0) -> np.ndarray:
     darker = np.array([core[max(0, z - w2):z + w2 + 1].min() < core[z] - 40.0 * scale for z in range(n)])
     band = np.where(darker & ~no_ring, 0.0, out[1])
     core_term = out[0]
-    if scale < DARK_BODY_SCALE or float(np.nanmedian(prof[0])) < DARK_CORE_HU:
+    if float(np.nanmedian(prof[0])) < DARK_CORE_HU:
         # low-density bodies read darker than disc tissue: between two bright endplates a
         # body's core dips like a disc does (at thick slices both are one or two slices), so
         # the core dip counts only where the cortical ring is weak too; the disc itself reads
