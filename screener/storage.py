@@ -135,19 +135,8 @@ def make_private_dir(path: Path) -> Path:
         existed is left as it is).
     """
     path = Path(path)
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=PRIVATE_DIR_MODE)
-        except FileExistsError:
-            pass
+    _create_private(path, durable=False)
     os.chmod(path, PRIVATE_DIR_MODE)
-    for d in missing:
-        os.chmod(d, PRIVATE_DIR_MODE)
     return path
 
 
@@ -170,6 +159,15 @@ def open_private(path: Path) -> int:
 
 def _makedirs_durable(path: Path) -> None:
     """Create ``path`` and its missing parents (0700), fsync'ing each new entry's parent."""
+    _create_private(path, durable=True)
+
+
+def _create_private(path: Path, durable: bool) -> None:
+    """Create the missing folders of ``path`` as 0700 (umask ignored), parents first.
+
+    With ``durable`` each new entry's parent folder is fsync'ed, so the folder
+    survives a crash before a file in it is acknowledged.
+    """
     missing = []
     p = path
     while not p.exists():
@@ -181,7 +179,8 @@ def _makedirs_durable(path: Path) -> None:
         except FileExistsError:
             continue
         os.chmod(d, PRIVATE_DIR_MODE)
-        fsync_dir(d.parent)
+        if durable:
+            fsync_dir(d.parent)
 
 
 def write_atomic(dest: Path, chunks: bytes | Iterable[bytes], tmp_dir: Path,

@@ -47,8 +47,17 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineResult,
     root = tmp_path_factory.mktemp("report")
     ct = make_ct_series(root / "in", l1_hu=97.0, noise_sd=8.0, seed=11, kvp=100.0,
                         contrast_agent="IOPAMIDOL", **FAST)
-    res = process_series(ct.paths, config=Config(), out_dir=root / "job-1",
-                         protocols=[L1AttenuationProtocol(localizer=ct.fake_localizer())])
+    from screener import contrast
+
+    def portal_venous(volume, localization, info):  # noqa: ANN001, ANN202
+        # the synthetic series has no vessels: the header's phase stands (the SR carries the
+        # contrast-adjusted mean and its flag)
+        return contrast.ContrastAssessment("portal_venous", True, "header (image inconclusive)", 0.6,
+                                           {}, "IOPAMIDOL")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(contrast, "assess_contrast", portal_venous)
+        res = process_series(ct.paths, config=Config(), out_dir=root / "job-1",
+                             protocols=[L1AttenuationProtocol(localizer=ct.fake_localizer())])
     return res, ct, root
 
 
