@@ -164,6 +164,11 @@ class SeriesInfo:
         return bool(self.contrast_agent.strip())
 
     @property
+    def n_slices(self) -> int:
+        """Image slices: frames of a multi-frame object, else instances."""
+        return self.n_frames if self.is_multiframe else self.n_instances
+
+    @property
     def is_multiframe(self) -> bool:
         """True when any instance holds more than one frame."""
         return self.n_frames > self.n_instances

@@ -212,10 +212,6 @@ def test_every_protocol_decides_alike_on_every_ct_class(cohort_ct) -> None:  # n
             [(n, a, norm(r)) for n, a, r in classic], kind
 
 
-@pytest.mark.xfail(strict=True, reason="the CT protocols' accept reasons count files "
-                   "(SeriesInfo.n_instances), so a multi-frame object reads 'axial CT, 1 slices'; "
-                   "they should say info.n_frames (screener/protocols/{l1_attenuation,l1_axial,"
-                   "femur_coronal,lumbar_sagittal}.py accepts())")
 def test_accept_reasons_count_the_frames_of_a_multiframe_object(cohort_ct) -> None:  # noqa: ANN001
     n = len(cohort_ct["classic"])
     for kind in KINDS:

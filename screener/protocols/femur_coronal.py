@@ -91,7 +91,7 @@ class FemurCoronalProtocol(ModelProtocol):
         if not info.is_multiframe and info.z_coverage_mm < MIN_COVERAGE_MM:
             return Decision(False, f"z coverage {info.z_coverage_mm:.0f} mm < {MIN_COVERAGE_MM:g} mm: "
                                    "too short for the femoral head and neck crops")
-        return Decision(True, f"axial CT, {info.n_instances} slices, {info.z_coverage_mm:.0f} mm coverage")
+        return Decision(True, f"axial CT, {info.n_slices} slices, {info.z_coverage_mm:.0f} mm coverage")
 
     # --------------------------------------------------------------- inference
     @staticmethod

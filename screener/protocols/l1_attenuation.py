@@ -124,7 +124,7 @@ class L1AttenuationProtocol(Protocol):
         d = axial_ct_decision(info, excluded_body_parts=EXCLUDED_BODY_PARTS)
         if not d.accepted:
             return d
-        return Decision(True, f"axial CT, {info.n_instances} slices, "
+        return Decision(True, f"axial CT, {info.n_slices} slices, "
                               f"{info.z_coverage_mm:.0f} mm coverage")
 
     # --------------------------------------------------------------------- run

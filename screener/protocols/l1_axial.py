@@ -64,7 +64,7 @@ class L1AxialProtocol(ModelProtocol):
             if "slice thickness" in d.reason:
                 return Decision(False, f"{d.reason} (Kang et al. trained on 3-5 mm slices)")
             return d
-        return Decision(True, f"axial CT, {info.n_instances} slices, {info.z_coverage_mm:.0f} mm coverage")
+        return Decision(True, f"axial CT, {info.n_slices} slices, {info.z_coverage_mm:.0f} mm coverage")
 
     # --------------------------------------------------------------------- run
     def run(self, volume: Volume, context: ProtocolContext) -> list[Finding]:

@@ -97,7 +97,7 @@ class LumbarSagittalProtocol(ModelProtocol):
         if not info.is_multiframe and info.z_coverage_mm < MIN_COVERAGE_MM:
             return Decision(False, f"z coverage {info.z_coverage_mm:.0f} mm < {MIN_COVERAGE_MM:g} mm: "
                                    "L1-L4 (about 130 mm) cannot all be in view")
-        return Decision(True, f"axial CT, {info.n_instances} slices, {info.z_coverage_mm:.0f} mm coverage")
+        return Decision(True, f"axial CT, {info.n_slices} slices, {info.z_coverage_mm:.0f} mm coverage")
 
     # --------------------------------------------------------------- inference
     def inputs(self, volume: Volume, context: ProtocolContext,
