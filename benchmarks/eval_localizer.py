@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", default="1.0", help="skeleton attenuation scales, e.g. 1.0,0.8,0.6")
     ap.add_argument("--coarse", action="store_true", help="also 3 mm pixels with 3 and 6 mm slices")
     ap.add_argument("--windows", action="store_true", help="partial coverages instead of the profile's")
+    ap.add_argument("--first", type=int, default=0, help="index of the first patient")
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per case as it is done")
     ap.add_argument("--force", default="", help="variant overrides for make_patient, k=v,k=v")
     args = ap.parse_args(argv)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                          ("3mm px 6mm", base.with_(pixel_spacing=3.0, matrix=170, slice_thickness=6.0,
                                                     slice_spacing=6.0, coverage="abdomen_pelvis"))]
         for i in range(args.n):
-            idx = pi * args.n + i
+            idx = args.first + pi * args.n + i
             for scale in scales:
                 kw = dict(force)
                 if scale != 1.0:
