@@ -538,10 +538,7 @@ def write_series_variants(folder: Path, seed: int, variants: list[tuple[str, str
     top = scene.vertebra("T12").centroid_mm[2] + 8.0
     bottom = scene.vertebra("L2").centroid_mm[2] - 8.0
     dss = ct.render_ct(scene, "canon_ap_native", seed=seed, z_range=(top, bottom))
-    rng = np.random.default_rng(seed)
-
-    def uid() -> str:
-        return "2.25." + str(int.from_bytes(rng.bytes(15), "big"))
+    uid = _uid_source(seed)
 
     out = []
     with lenient_pydicom():
@@ -565,6 +562,15 @@ def write_series_variants(folder: Path, seed: int, variants: list[tuple[str, str
     return out
 
 
+def _uid_source(seed: int) -> Callable[[], str]:
+    """A function returning fresh deterministic ``2.25.`` UIDs from ``seed``."""
+    rng = np.random.default_rng(seed)
+
+    def uid() -> str:
+        return "2.25." + str(int.from_bytes(rng.bytes(15), "big"))
+    return uid
+
+
 def write_radiograph_variants(folder: Path, seed: int, variants: list[tuple[str, str, Any]]
                               ) -> list[tuple[str, str, list[Path]]]:
     """One AP pelvis radiograph (DX) per variant with one bad demographic: through the
@@ -573,10 +579,7 @@ def write_radiograph_variants(folder: Path, seed: int, variants: list[tuple[str,
     patient = population.sample_population(1, seed)[0]
     scene = anatomy.build_scene(patient)
     src, _ = xray.render_hip_xray(scene, seed, pixel_mm=2.0, ray_mm=4.0, dy_mm=4.0)
-    rng = np.random.default_rng(seed)
-
-    def uid() -> str:
-        return "2.25." + str(int.from_bytes(rng.bytes(15), "big"))
+    uid = _uid_source(seed)
 
     out = []
     with lenient_pydicom():
