@@ -324,9 +324,9 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None
             info["decline"] = ("no level anchor in coverage (no rib-bearing vertebra with a rib-free one "
                                "below it, no sacrum)")
         return {}, 0.0, info
-    if l1_rib is not None and l1_sac is not None and l1_sac < l1_rib:
-        info["lumbar_split_regular"] = _regular_between(segs, l1_sac - 3, l1_rib - 1)
-    l1, conf = _combine_anchors(l1_rib, l1_sac, info)
+    regular = (l1_rib is not None and l1_sac is not None and l1_sac < l1_rib
+               and _regular_between(segs, l1_sac - 3, l1_rib - 1))
+    l1, conf = _combine_anchors(l1_rib, l1_sac, info, sacral_count_regular=regular)
     if conf <= 0.05:
         return {}, 0.0, info
     # label every segment from L1's index: index l1 + k is k levels above L1
@@ -357,7 +357,8 @@ def _regular_between(segs: list[Segment], lo: int, hi: int) -> bool:
     return bool(heights) and min(heights) >= SPLIT_RATIO * max(heights)
 
 
-def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any]) -> tuple[int, float]:
+def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any], *,
+                     sacral_count_regular: bool = False) -> tuple[int, float]:
     """L1's segment index and the labelling confidence from the two anchors.
 
     Agreement gives high confidence, one anchor a lower one. When they
@@ -368,7 +369,7 @@ def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any
     * the sacral count puts L1 one vertebra *lower* than the ribs: a 12th rib
       pair too short or faint to be seen (hypoplastic 12th ribs, 12.6 %) is
       likelier than a lumbarised S1 (4.0 %): the sacral count is used, if the
-      bodies it counted look like vertebrae (``info["lumbar_split_regular"]``,
+      bodies it counted look like vertebrae (``sacral_count_regular``,
       :func:`_regular_between`: a tall body split in two also adds a level);
     * the sacral count puts L1 one vertebra *higher*: a sacralised L5
       (12.3 %) is likelier than a lumbar rib (1.5 %): the rib count is used.
@@ -386,7 +387,7 @@ def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any
                                "the levels cannot be numbered with confidence")
             info["warning"] = info["decline"]
             return l1_rib, 0.05
-        if d < 0 and not short and info.get("lumbar_split_regular", False):
+        if d < 0 and not short and sacral_count_regular:
             info.setdefault("transitional", "12th rib pair not seen (hypoplastic 12th ribs) or lumbarised S1")
             info["warning"] = ("rib count and sacral count disagree by one level: labelled from the sacrum "
                                "(a hypoplastic 12th rib pair is three times as common as a lumbarised S1)")
