@@ -551,15 +551,20 @@ def write_series_variants(folder: Path, seed: int, variants: list[tuple[str, str
                 ds = copy.deepcopy(src)
                 ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
                 ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid()
-                if keyword == "PatientName":
-                    ds["PatientName"] = DataElement(0x00100010, "PN", value)
-                else:
-                    setattr(ds, keyword, value)
+                _set_raw(ds, keyword, value)
                 p = d / f"{k:04d}.dcm"
                 ds.save_as(p, enforce_file_format=True)
                 paths.append(p)
             out.append((kind, series, paths))
     return out
+
+
+def _set_raw(ds: Dataset, keyword: str, value: Any) -> None:
+    """Set one (bad) demographic value as given; a name goes in as raw PN text."""
+    if keyword == "PatientName":
+        ds["PatientName"] = DataElement(0x00100010, "PN", value)
+    else:
+        setattr(ds, keyword, value)
 
 
 def _uid_source(seed: int) -> Callable[[], str]:
@@ -587,10 +592,7 @@ def write_radiograph_variants(folder: Path, seed: int, variants: list[tuple[str,
             ds = copy.deepcopy(src)
             ds.StudyInstanceUID, ds.SeriesInstanceUID = uid(), uid()
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid()
-            if keyword == "PatientName":
-                ds["PatientName"] = DataElement(0x00100010, "PN", value)
-            else:
-                setattr(ds, keyword, value)
+            _set_raw(ds, keyword, value)
             d = folder / f"radiograph_{j:02d}_{kind}"
             d.mkdir(parents=True, exist_ok=True)
             p = d / "0001.dcm"

@@ -175,11 +175,8 @@ def run_scp(inputs: list[FuzzInput], folder: Path, data: Path, batch_size: int,
         for j in db.jobs("failed"):
             res.strict.append(f"SCP job {j['id']} failed: {j['error'] or j['reason']}")
         for kind, uid, _ in series:
-            last = db.last_job(uid)
-            res.counts[f"series {kind}: {last['status'] if last else 'no job'}"] += 1
-            if last is None or last["status"] != "done":
-                res.strict.append(f"whole series with {kind} through the SCP: "
-                                  f"{last['status'] + ': ' + (last['error'] or last['reason']) if last else 'no job'}")
+            _series_outcome(res, f"whole series with {kind} through the SCP: ", kind, db.last_job(uid),
+                            "no job")
         db.close()
     finally:
         rc = d.stop()
@@ -231,6 +228,14 @@ def _check_scp(inputs: list[FuzzInput], res: Outcome, db: Any) -> None:
                 res.strict.append(f"{tag}: conflicting duplicate silently acknowledged 0x0000")
         if inp.expect == "refused" and (status == 0 or status in WARNING_STATUSES):
             res.strict.append(f"{tag}: acknowledged {status:#06x}, issue 17 wants a refusal")
+
+
+def _series_outcome(res: Outcome, prefix: str, kind: str, job: dict | None, none: str) -> None:
+    """Count a whole bad-demographics series' last job; anything but ``done`` is a strict miss
+    (``prefix`` + the job's status and error, or ``none`` without a job)."""
+    res.counts[f"series {kind}: {job['status'] if job else 'no job'}"] += 1
+    if job is None or job["status"] != "done":
+        res.strict.append(prefix + (f"{job['status']}: {job['error'] or job['reason']}" if job else none))
 
 
 def _status_class(status: int) -> str:
@@ -306,11 +311,7 @@ def run_replay(inputs: list[FuzzInput], folder: Path, data: Path,
         if inp.good and inp.name not in recorded:
             res.violations.append(f"{tag}: good instance not recorded by replay")
     for kind, uid, paths in series:
-        job = jobs.get(uid)
-        res.counts[f"series {kind}: {job['status'] if job else 'no job'}"] += 1
-        if job is None or job["status"] != "done":
-            res.strict.append(f"whole series with {kind}: job "
-                              f"{job['status'] + ': ' + (job['error'] or job['reason']) if job else 'missing'}")
+        _series_outcome(res, f"whole series with {kind}: job ", kind, jobs.get(uid), "missing")
     db.close()
     return res
 
