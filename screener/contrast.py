@@ -59,6 +59,7 @@ import structlog
 from scipy import ndimage
 
 from screener.domain import SpineLocalization, Volume
+from screener.series import header_contrast_agent, header_kvp
 
 log = structlog.get_logger(__name__)
 
@@ -157,7 +158,7 @@ class ContrastAssessment:
 def _header_agent(volume: Volume, info: object | None) -> str:
     agent = str(getattr(info, "contrast_agent", "") or "") if info is not None else ""
     if not agent and info is None and volume.datasets:
-        agent = str(volume.datasets[0].get("ContrastBolusAgent", "") or "")
+        agent = header_contrast_agent(volume.datasets[0]) or ""
     return agent.strip()
 
 
@@ -165,7 +166,7 @@ def _header_kvp(volume: Volume, info: object | None) -> float | None:
     kvp = getattr(info, "kvp", None) if info is not None else None
     if kvp is None and volume.datasets:
         try:
-            kvp = float(volume.datasets[0].get("KVP", 0) or 0) or None
+            kvp = header_kvp(volume.datasets[0])
         except (TypeError, ValueError):
             kvp = None
     return float(kvp) if kvp else None
