@@ -7,10 +7,22 @@ kind of input in both.
 Hip radiographs (Gu et al. 2023, BMD-GAN, seed ``004``)
 ------------------------------------------------------
 * :func:`read_radiograph` -- a DX/CR dataset to a float image in ``[0, 1]``, bone bright: Modality
-  LUT (rescale), then the VOI LUT (first window, or the VOI LUT sequence), then inversion for
-  ``MONOCHROME1``; resampled to square pixels of ``pixel_mm`` (``PixelSpacing`` when present --
-  calibrated to the patient plane -- else ``ImagerPixelSpacing`` divided by
-  ``EstimatedRadiographicMagnificationFactor``).
+  LUT (:func:`stored_values`), then the VOI LUT (the VOI LUT sequence, or the first window; the
+  percentiles when neither is usable), then the one inversion for ``MONOCHROME1``
+  (:func:`presentation_inverted`); resampled to square pixels of ``pixel_mm``.
+
+Header concepts, one function each (every radiograph and DXA reader uses these):
+
+* :func:`pixel_spacing_mm` -- patient-plane spacing from ``PixelSpacing`` (with
+  ``PixelSpacingCalibrationType``), ``ImagerPixelSpacing`` and
+  ``EstimatedRadiographicMagnificationFactor`` (:func:`magnification_factor`); a
+  :class:`RadiographError` naming what is missing when none is usable (absent, 0, negative,
+  non-finite, not two numbers).  :func:`detector_pixel_spacing_mm` -- the detector-plane spacing
+  a report states for the image.
+* :func:`greyscale_problem` -- colour (``SamplesPerPixel`` 3, RGB, YBR) and other
+  non-greyscale images, with the reason.
+* :func:`patient_orientation` -- ``PatientOrientation`` when it is two valid direction codes (absent
+  or empty: ``None``, tolerated); :func:`image_layout` -- the patient directions used.
 * :func:`image_layout` / :func:`to_standard_view` -- where the patient's left and feet are in the
   stored pixels (``PatientOrientation``; failing that ``FieldOfViewRotation`` /
   ``FieldOfViewHorizontalFlip`` relative to a detector read out in the standard view; failing that
@@ -52,19 +64,26 @@ __all__ = [
     "DXA_CROP",
     "DXA_PIXEL_MM",
     "HIP_PIXEL_MM",
+    "PROJECTION_MODALITIES",
     "HIP_SHAPE",
     "ImageLayout",
     "Radiograph",
     "RadiographError",
+    "detector_pixel_spacing_mm",
     "dxa_centerline_crop",
     "fit_to_shape",
+    "greyscale_problem",
     "image_layout",
     "jpeg_recompress",
+    "magnification_factor",
+    "patient_orientation",
     "pixel_spacing_mm",
+    "presentation_inverted",
     "read_radiograph",
     "resample_to_spacing",
     "spine_centerline",
     "split_hips",
+    "stored_values",
     "to_standard_view",
     "voi_normalise",
 ]
@@ -147,59 +166,287 @@ def _percentile_normalise(x: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> n
     return np.clip((x - a) / (b - a), 0.0, 1.0).astype(np.float32)
 
 
-def _display_values(ds: Any, window: str) -> tuple[np.ndarray, str]:
-    """Pixel data through the Modality and VOI LUTs, scaled to [0, 1] (not yet inverted)."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+def _voi_window(ds: Any) -> tuple[float, float, str] | None:
+    """First ``WindowCenter`` / ``WindowWidth`` / ``VOILUTFunction`` when usable, else ``None``."""
+    try:
+        center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    except Exception:  # noqa: BLE001 - absent, empty or not a number
+        return None
+    fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if not (math.isfinite(center) and math.isfinite(width)) or width < 1 or \
+            fn not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        return None
+    return center, width, fn
+
+
+def _voi_lut_sequence(ds: Any, values: np.ndarray) -> np.ndarray | None:
+    """The first VOI LUT sequence item applied and scaled to ``[0, 1]``, or ``None`` when unusable."""
+    from pydicom.pixels import apply_voi_lut
+
+    try:
+        if "VOILUTSequence" not in ds or not len(ds.VOILUTSequence):
+            return None
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - a malformed LUT is ignored (the window is tried next)
+        return None
+    if not 1 <= bits <= 16 or not np.isfinite(out).all():
+        return None
+    return np.clip(out / float(2 ** bits - 1), 0.0, 1.0).astype(np.float32)
+
+
+def stored_values(ds: Any) -> np.ndarray:
+    """The stored pixels through the Modality LUT (rescale or LUT sequence), ``float64 (H, W)``.
+
+    Raises
+    ------
+    RadiographError
+        Undecodable pixel data, several frames or planes, non-finite rescaled values.
+    """
+    from pydicom.pixels import apply_modality_lut
 
     try:
         stored = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds
-        raise RadiographError(f"cannot decode the pixel data: {exc}") from exc
+        raise RadiographError(f"cannot decode the pixel data ({type(exc).__name__}); send the image "
+                              "uncompressed or in a standard transfer syntax") from exc
     if stored.ndim != 2:
         raise RadiographError(
-            f"expected a single-frame greyscale radiograph, got pixel array of shape {stored.shape}")
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+            f"expected a single-frame greyscale image, got a pixel array of shape {stored.shape}")
+    try:
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    except Exception as exc:  # noqa: BLE001 - e.g. a non-numeric RescaleSlope
+        raise RadiographError("RescaleSlope / RescaleIntercept (or the Modality LUT) unusable; fix the "
+                              "header") from exc
+    if not np.isfinite(values).all():
+        raise RadiographError("the Modality LUT (RescaleSlope / RescaleIntercept) gives non-finite "
+                              "values; fix the header")
+    return values
+
+
+def _display_values(ds: Any, window: str) -> tuple[np.ndarray, str]:
+    """Pixel data through the Modality and VOI LUTs, scaled to [0, 1] (not yet inverted).
+
+    The VOI is the dataset's first VOI LUT sequence item, else its first window; a malformed one
+    is skipped, and without a usable VOI the 1st-99th percentiles map to ``[0, 1]`` (the source
+    says which: ``"voi_lut_sequence"``, ``"window"``, ``"percentile"``).
+    """
+    values = stored_values(ds)
     if window == "dataset":
-        if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-            out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
-            item = ds.VOILUTSequence[0]
-            bits = int(item.LUTDescriptor[2])
-            return np.clip(out / float(2 ** bits - 1), 0.0, 1.0).astype(np.float32), "voi_lut_sequence"
-        if "WindowCenter" in ds and "WindowWidth" in ds:
-            fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
-            return voi_normalise(values, _first(ds.WindowCenter), _first(ds.WindowWidth), fn), "window"
+        lut = _voi_lut_sequence(ds, values)
+        if lut is not None:
+            return lut, "voi_lut_sequence"
+        win = _voi_window(ds)
+        if win is not None:
+            return voi_normalise(values, *win), "window"
     elif window != "percentile":
         raise ValueError(f"window must be 'dataset' or 'percentile' (got {window!r})")
     return _percentile_normalise(values), "percentile"
 
 
+def presentation_inverted(ds: Any) -> bool:
+    """Whether display values must be inverted to show bone bright.
+
+    ``MONOCHROME1`` (minimum = white; DX requires ``PresentationLUTShape`` INVERSE there, which is
+    the same single inversion, not a second one), or ``MONOCHROME2`` with ``PresentationLUTShape``
+    INVERSE.
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
+
+
 # ---------------------------------------------------------------------------------------------
 # geometry
 # ---------------------------------------------------------------------------------------------
-def pixel_spacing_mm(ds: Any) -> tuple[tuple[float, float], str]:
-    """Pixel spacing (row, column) in mm at the patient, and which attribute gave it.
+#: Modalities whose images are projections (PS3.16 TID 1603 descriptors apply).
+PROJECTION_MODALITIES = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")
+#: ``PixelSpacingCalibrationType`` values that put ``PixelSpacing`` in the patient plane (PS3.3 C.8.11.4).
+CALIBRATED_TYPES = ("GEOMETRY", "FIDUCIAL")
 
-    ``PixelSpacing`` (calibrated to the patient plane) when present; else ``ImagerPixelSpacing``
-    divided by ``EstimatedRadiographicMagnificationFactor`` (1 when absent).
+
+def _number_pair(ds: Any, keyword: str) -> tuple[tuple[float, float] | None, str]:
+    """Two positive finite numbers from ``keyword``, or ``None`` and why not.
+
+    Returns ``(None, "")`` when the attribute is absent or empty, ``(None, problem)`` when it holds
+    something else than two positive finite numbers (the problem names the attribute, never quotes
+    its value).
+    """
+    try:
+        raw = ds.get(keyword, None)
+    except Exception:  # noqa: BLE001 - an undecodable value is a problem, not a crash
+        return None, f"{keyword} unreadable"
+    if raw is None or (isinstance(raw, (str, bytes)) and not raw.strip()):
+        return None, ""
+    values = list(raw) if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue" else [raw]
+    if not values:
+        return None, ""
+    try:
+        pair = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        return None, f"{keyword} is not two numbers"
+    if len(pair) != 2:
+        return None, f"{keyword} has {len(pair)} value(s), not two (row\\column mm)"
+    if not all(math.isfinite(v) and v > 0 for v in pair):
+        return None, f"{keyword} is not two positive finite numbers"
+    return (pair[0], pair[1]), ""
+
+
+def magnification_factor(ds: Any) -> float | None:
+    """``EstimatedRadiographicMagnificationFactor`` when it is a finite number >= 1, else ``None``.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset or mapping
+        A projection radiograph's header.
+
+    Returns
+    -------
+    float or None
+        Source-to-detector over source-to-object distance (PS3.3 C.8.11.7); ``None`` when absent,
+        empty, unreadable, below 1 or not finite.
+    """
+    try:
+        value = float(_first(ds.get("EstimatedRadiographicMagnificationFactor", None)))
+    except Exception:  # noqa: BLE001 - absent ("no value"), empty or not a number
+        return None
+    return value if math.isfinite(value) and value >= 1.0 else None
+
+
+def pixel_spacing_mm(ds: Any) -> tuple[tuple[float, float], str]:
+    """Pixel spacing (row, column) in mm in the patient plane, and which attributes gave it.
+
+    In order (PS3.3 C.8.11.4 / 10.7.1.3, the Pixel Spacing of projection images):
+
+    1. ``PixelSpacing`` with ``PixelSpacingCalibrationType`` GEOMETRY or FIDUCIAL: calibrated to
+       the patient plane, used as is;
+    2. ``ImagerPixelSpacing`` (the detector plane) divided by
+       ``EstimatedRadiographicMagnificationFactor`` when that is a number >= 1;
+    3. ``PixelSpacing`` without a calibration type that differs from ``ImagerPixelSpacing``: it
+       was corrected somehow (the standard's reading), used as is;
+    4. ``ImagerPixelSpacing`` alone: the detector plane (image ~10-20 % larger than the patient);
+    5. ``PixelSpacing`` alone, without a calibration type (older CR): used as is, not divided by a
+       magnification factor (it may already be corrected).
+
+    An attribute that is present but not two positive finite numbers (``0``, ``"abc"``,
+    ``"0.2\\"``, negative, NaN) counts as absent; the next source is tried.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset or mapping
+        A projection radiograph's (or DXA image's) header.
+
+    Returns
+    -------
+    ((row_mm, column_mm), source) : tuple
+        ``source`` names the attributes, e.g. ``"ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor"``.
 
     Raises
     ------
     RadiographError
-        When neither attribute is present or the values are not positive.
+        When no attribute gives a usable spacing; the message says what each one lacked and what
+        to send instead.
     """
-    if "PixelSpacing" in ds and ds.PixelSpacing:
-        sp = (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
-        source = "PixelSpacing"
-    elif "ImagerPixelSpacing" in ds and ds.ImagerPixelSpacing:
-        mag = float(ds.get("EstimatedRadiographicMagnificationFactor", 1.0) or 1.0)
-        sp = (float(ds.ImagerPixelSpacing[0]) / mag, float(ds.ImagerPixelSpacing[1]) / mag)
-        source = "ImagerPixelSpacing"
-    else:
-        raise RadiographError(
-            "the radiograph has neither PixelSpacing nor ImagerPixelSpacing; the image scale is unknown")
-    if not (sp[0] > 0 and sp[1] > 0 and math.isfinite(sp[0]) and math.isfinite(sp[1])):
-        raise RadiographError(f"{source} must be positive, got {sp}")
-    return sp, source
+    ps, ps_problem = _number_pair(ds, "PixelSpacing")
+    ips, ips_problem = _number_pair(ds, "ImagerPixelSpacing")
+    calibration = str(ds.get("PixelSpacingCalibrationType", "") or "").strip().upper()
+    mag = magnification_factor(ds)
+    if ps is not None and calibration in CALIBRATED_TYPES:
+        return ps, f"PixelSpacing (calibrated: {calibration})"
+    if ips is not None and mag is not None:
+        return (ips[0] / mag, ips[1] / mag), "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor"
+    if ps is not None and ips is not None and any(abs(a - b) > 1e-6 * b for a, b in zip(ps, ips)):
+        return ps, "PixelSpacing (corrected, calibration type not stated)"
+    if ips is not None:
+        return ips, "ImagerPixelSpacing (detector plane: no magnification factor)"
+    if ps is not None:
+        return ps, "PixelSpacing (calibration not stated)"
+    why = [ps_problem or "PixelSpacing absent", ips_problem or "ImagerPixelSpacing absent"]
+    raise RadiographError(
+        f"no usable pixel spacing ({'; '.join(why)}): the image scale is unknown, so nothing can be "
+        "measured; send the image with ImagerPixelSpacing or PixelSpacing")
+
+
+def detector_pixel_spacing_mm(ds: Any) -> tuple[float, float] | None:
+    """Pixel spacing (row, column) in the detector plane, from whatever the header states.
+
+    ``ImagerPixelSpacing`` when usable; else the patient-plane spacing of :func:`pixel_spacing_mm`
+    times ``EstimatedRadiographicMagnificationFactor`` (1 when unknown).  ``None`` when the header
+    gives no spacing at all.  This is what a report's image library states as the image's pixel
+    spacing (PS3.16 TID 1603) when the source lacks ``ImagerPixelSpacing``.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset or mapping
+
+    Returns
+    -------
+    tuple of float or None
+    """
+    ips, _ = _number_pair(ds, "ImagerPixelSpacing")
+    if ips is not None:
+        return ips
+    try:
+        (row, col), _source = pixel_spacing_mm(ds)
+    except RadiographError:
+        return None
+    mag = magnification_factor(ds) or 1.0
+    return row * mag, col * mag
+
+
+def patient_orientation(ds: Any) -> tuple[str, str] | None:
+    """``PatientOrientation`` as two direction codes (row direction, column direction), or ``None``.
+
+    PS3.3 C.7.6.1.1.1: each value is one to three of ``L R A P H F``.  Absent, empty, one-valued
+    or otherwise malformed values give ``None`` (the orientation is then not stated).
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset or mapping
+
+    Returns
+    -------
+    tuple of str or None
+        The direction of the rows (increasing column index) and of the columns (increasing row
+        index), e.g. ``("L", "F")`` for the standard AP display.
+    """
+    try:
+        po = ds.get("PatientOrientation", None)
+    except Exception:  # noqa: BLE001
+        return None
+    if po is None:
+        return None
+    values = po.split("\\") if isinstance(po, str) else [str(v) for v in po]
+    if len(values) != 2:
+        return None
+    out = tuple(v.strip().upper() for v in values)
+    if not all(1 <= len(v) <= 3 and set(v) <= set(_OPPOSITE) for v in out):
+        return None
+    return out[0], out[1]
+
+
+def greyscale_problem(ds: Any) -> str | None:
+    """Why the image is not a single greyscale plane a radiograph protocol can read, or ``None``.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset or mapping
+
+    Returns
+    -------
+    str or None
+        E.g. ``"image is not greyscale (SamplesPerPixel 3, RGB): ..."``.
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    try:
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):
+        samples = 1
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        kind = f"SamplesPerPixel {samples}, {photometric or 'PhotometricInterpretation missing'}"
+        return (f"image is not greyscale ({kind}): a colour image or screenshot cannot be measured; "
+                "send the original MONOCHROME1 / MONOCHROME2 image")
+    return None
 
 
 def resample_to_spacing(image: np.ndarray, spacing_mm: tuple[float, float], pixel_mm: float | tuple[float, float],
@@ -318,29 +565,45 @@ def image_layout(ds: Any) -> ImageLayout:
     ImageLayout
     """
     get = ds.get
-    laterality = get("ImageLaterality", None) or get("Laterality", None) or None
-    laterality = str(laterality).upper() if laterality else None
-    po = get("PatientOrientation", None)
-    if po is not None and not isinstance(po, str) and len(po) == 2 and str(po[0]) and str(po[1]):
-        col, row = str(po[0]).upper()[0], str(po[1]).upper()[0]
-        if col in _OPPOSITE and row in _OPPOSITE:
-            return ImageLayout(col, row, laterality, "PatientOrientation")
-        raise RadiographError(f"PatientOrientation {list(map(str, po))} is not made of L, R, H, F, A, P")
-    if isinstance(po, str) and "\\" in po:
-        parts = po.split("\\")
-        return image_layout({**{k: get(k) for k in ("ImageLaterality", "Laterality")},
-                             "PatientOrientation": parts})
+    laterality = _laterality(ds)
+    po = patient_orientation(ds)
+    if po is not None:
+        col, row = po[0][0], po[1][0]
+        if _axis(col) == _axis(row):
+            raise RadiographError(f"PatientOrientation {po[0]}\\{po[1]} gives rows and columns along the "
+                                  "same axis; fix the header")
+        return ImageLayout(col, row, laterality, "PatientOrientation")
+    stated = get("PatientOrientation", None)
+    parts = stated.split("\\") if isinstance(stated, str) else list(stated or [])
+    if len(parts) == 2 and all(str(v).strip() for v in parts):
+        raise RadiographError("PatientOrientation is not made of L, R, H, F, A, P; fix or remove it")
     rot = get("FieldOfViewRotation", None)
     flip = str(get("FieldOfViewHorizontalFlip", "") or "").upper()
     if rot not in (None, "") or flip:
-        degrees = int(round(float(rot or 0)))
+        try:
+            degrees = int(round(float(rot or 0)))
+        except (TypeError, ValueError, OverflowError):
+            raise RadiographError("FieldOfViewRotation is not a number; fix or remove it") from None
         if degrees % 90:
-            raise RadiographError(f"FieldOfViewRotation must be a multiple of 90 (got {rot})")
+            raise RadiographError(f"FieldOfViewRotation must be a multiple of 90 (got {degrees})")
         col, row = _rotate_layout("L", "F", degrees)
         if flip == "YES":
             col = _OPPOSITE[col]
         return ImageLayout(col, row, laterality, "FieldOfView")
     return ImageLayout("L", "F", laterality, "assumed")
+
+
+def _laterality(ds: Any) -> str | None:
+    """``ImageLaterality`` or (series) ``Laterality``: ``"R"``, ``"L"``, ``"B"``, ``"U"``, or ``None``
+    when absent, empty or another value."""
+    for keyword in ("ImageLaterality", "Laterality"):
+        try:
+            value = str(ds.get(keyword, "") or "").strip().upper()
+        except Exception:  # noqa: BLE001
+            continue
+        if value in ("R", "L", "B", "U"):
+            return value
+    return None
 
 
 def to_standard_view(image: np.ndarray, layout: ImageLayout) -> np.ndarray:
@@ -444,18 +707,15 @@ def read_radiograph(ds: Any, pixel_mm: float | None = HIP_PIXEL_MM, *, window: s
         Colour or multi-frame images, undecodable pixel data, missing pixel spacing, an unknown
         photometric interpretation.
     """
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise RadiographError(
-            f"PhotometricInterpretation {photometric or '(missing)'} is not greyscale "
-            "(MONOCHROME1 or MONOCHROME2); a radiograph protocol cannot read it")
+    problem = greyscale_problem(ds)
+    if problem:
+        raise RadiographError(problem)
+    spacing, spacing_source = pixel_spacing_mm(ds)
     layout = image_layout(ds)
     values, intensity_source = _display_values(ds, window)
-    shape = str(ds.get("PresentationLUTShape", "") or "").upper()
-    inverted = photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
+    inverted = presentation_inverted(ds)
     if inverted:
         values = 1.0 - values
-    spacing, spacing_source = pixel_spacing_mm(ds)
     out_mm = float(pixel_mm) if pixel_mm is not None else None
     if out_mm is None:
         if abs(spacing[0] - spacing[1]) > 1e-6 * max(spacing):

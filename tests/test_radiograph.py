@@ -133,13 +133,13 @@ def test_read_radiograph_resamples_with_imager_spacing_and_magnification():
     raw[90:110, 40:60] = 4000
     ds = _dx(raw, ImagerPixelSpacing=[0.42, 0.42], EstimatedRadiographicMagnificationFactor=1.2)
     r = rg.read_radiograph(ds, pixel_mm=0.7)  # 0.42 / 1.2 = 0.35 mm -> 0.7 mm halves the grid
-    assert r.spacing_source == "ImagerPixelSpacing"
+    assert r.spacing_source == "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor"
     assert r.source_spacing_mm == pytest.approx((0.35, 0.35))
     assert r.image.shape == (100, 50)
     assert r.intensity_source == "percentile"  # no window in the dataset
     ys, xs = np.nonzero(r.image > 0.5)
     assert abs(ys.mean() - 49.5) < 0.6 and abs(xs.mean() - 24.5) < 0.6
-    with pytest.raises(rg.RadiographError, match="PixelSpacing nor ImagerPixelSpacing"):
+    with pytest.raises(rg.RadiographError, match="no usable pixel spacing .PixelSpacing absent; ImagerPixelSpacing absent."):
         rg.read_radiograph(_dx(raw))
     with pytest.raises(rg.RadiographError, match="not greyscale"):
         rg.read_radiograph(_dx(raw, PhotometricInterpretation="RGB", PixelSpacing=[1, 1]))

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from screener.radiograph import DXA_CROP, DXA_PIXEL_MM, RadiographError, dxa_centerline_crop
+from screener.radiograph import (DXA_CROP, DXA_PIXEL_MM, RadiographError, dxa_centerline_crop,
+                                 greyscale_problem, pixel_spacing_mm, presentation_inverted,
+                                 stored_values)
 
 __all__ = ["CLIP_G_CM2", "DxaInput", "UNCALIBRATED_SPAN", "VALUE_SCALE", "dxa_image_g_cm2",
            "dxa_spine_input", "preprocessing_constants"]
@@ -87,14 +89,11 @@ def preprocessing_constants() -> dict[str, Any]:
 
 
 def _spacing(ds: Any) -> tuple[float, float]:
-    for key in ("PixelSpacing", "ImagerPixelSpacing"):
-        sp = ds.get(key)
-        if sp is not None and len(sp) == 2:
-            r, c = float(sp[0]), float(sp[1])
-            if r > 0 and c > 0:
-                return r, c
-    raise RadiographError("the DXA image has no PixelSpacing: cannot scale it to the "
-                          "1.05 x 0.60 mm grid the model was trained on")
+    try:
+        return pixel_spacing_mm(ds)[0]
+    except RadiographError as exc:
+        raise RadiographError(f"{exc}; the DXA image cannot be scaled to the 1.05 x 0.60 mm grid the "
+                              "model was trained on") from None
 
 
 def dxa_image_g_cm2(ds: Any) -> tuple[np.ndarray, bool]:
@@ -116,24 +115,15 @@ def dxa_image_g_cm2(ds: Any) -> tuple[np.ndarray, bool]:
     RadiographError
         Colour, multi-frame or undecodable pixel data.
     """
-    from pydicom.pixels import apply_modality_lut
-
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise RadiographError(f"PhotometricInterpretation {photometric or '(missing)'} is not greyscale: "
-                              "a colour DXA report screenshot cannot be analysed, send the image itself")
-    try:
-        stored = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds
-        raise RadiographError(f"cannot decode the DXA pixel data: {exc}") from exc
-    if stored.ndim != 2:
-        raise RadiographError(f"expected one greyscale DXA image, got pixel array of shape {stored.shape}")
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    problem = greyscale_problem(ds)
+    if problem:
+        raise RadiographError(f"{problem} (a DXA report screenshot cannot be analysed)")
+    values = stored_values(ds)
     rescale_type = str(ds.get("RescaleType", "") or "").upper().replace(" ", "")
     calibrated = rescale_type in ("G/CM2", "G/CM^2") or (
         str(ds.get("Modality", "")).upper() == "BMD" and "RescaleSlope" in ds)
     if not calibrated:
-        if photometric == "MONOCHROME1":
+        if presentation_inverted(ds):  # MONOCHROME1 (or an INVERSE presentation LUT): bone bright
             values = values.max() - values
         lo, hi = np.percentile(values, [1.0, 99.0])
         values = (values - lo) / (hi - lo) * UNCALIBRATED_SPAN if hi > lo else np.zeros_like(values)
