@@ -232,6 +232,30 @@ def _orientation_letters(vec: np.ndarray) -> str:
     return out or "L"
 
 
+def _positive_pair(value: object) -> tuple[float, float] | None:
+    """Two positive finite numbers (a pixel spacing), or ``None``."""
+    try:
+        pair = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    if len(pair) != 2 or not all(np.isfinite(v) and v > 0 for v in pair):
+        return None
+    return pair[0], pair[1]
+
+
+def _overlay_orientation(ref: Dataset) -> tuple[str, str] | None:
+    """Patient orientation of an overlay drawn on a cross-sectional slice, from its
+    ``ImageOrientationPatient``; ``None`` for images without one (projection radiographs, DXA)."""
+    try:
+        iop = np.array([float(v) for v in ref.get("ImageOrientationPatient") or []], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if iop.shape != (6,) or not np.isfinite(iop).all() or \
+            min(np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])) < 0.5:
+        return None
+    return _orientation_letters(iop[:3]), _orientation_letters(iop[3:])
+
+
 def build_sc(finding: Finding, source: Dataset, *, series_uid: str, sop_instance_uid: str,
              series_number: int = 902, instance_number: int = 1,
              manufacturer: str = "screener", software_version: str = "") -> Dataset:
@@ -242,7 +266,10 @@ def build_sc(finding: Finding, source: Dataset, *, series_uid: str, sop_instance
     finding : Finding
         Must have ``overlay`` (uint8 RGB).
     source : pydicom.dataset.Dataset
-        Header of the CT slice the overlay shows (the ROI slice).
+        Header of the image the overlay shows (the ROI slice or radiograph); not changed.
+        A cross-sectional slice gives the overlay its patient orientation; a projection image
+        (no ``ImageOrientationPatient``) leaves it empty, and the pixel spacing is the
+        finding's ``overlay_pixel_spacing_mm`` when stated.
     series_uid, sop_instance_uid : str
     series_number, instance_number : int
     manufacturer, software_version : str
@@ -265,9 +292,9 @@ def build_sc(finding: Finding, source: Dataset, *, series_uid: str, sop_instance
         raise ValueError(f"overlay must be uint8 (rows, cols, 3), got {pixels.dtype} "
                          f"{pixels.shape}")
     ref = fix_type2(source)
-    iop = [float(v) for v in ref.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
-    orientation = (_orientation_letters(np.array(iop[:3])), _orientation_letters(np.array(iop[3:])))
-    spacing = finding.details.get("overlay_pixel_spacing_mm") or ref.get("PixelSpacing")
+    orientation = _overlay_orientation(ref)
+    spacing = _positive_pair(finding.details.get("overlay_pixel_spacing_mm")) or \
+        (_positive_pair(ref.get("PixelSpacing")) if orientation is not None else None)
     kwargs = {}
     if software_version:
         kwargs["software_versions"] = software_version
@@ -276,9 +303,13 @@ def build_sc(finding: Finding, source: Dataset, *, series_uid: str, sop_instance
         coordinate_system="PATIENT", series_instance_uid=series_uid,
         series_number=series_number, sop_instance_uid=sop_instance_uid,
         instance_number=instance_number, manufacturer=manufacturer,
-        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
-        patient_orientation=orientation, transfer_syntax_uid=ExplicitVRLittleEndian,
+        pixel_spacing=spacing, patient_orientation=orientation or ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description="Bone density screening (overlay)", **kwargs)
+    if orientation is None:
+        # type 2, left empty (the stand-in above only satisfies highdicom): the overlay of a
+        # projection image is not on the source's grid (halves, crops, mirrored hips)
+        sc.PatientOrientation = ""
     sc.BurnedInAnnotation = "YES"
     src_item = Dataset()
     src_item.ReferencedSOPClassUID = ref.SOPClassUID

@@ -20,6 +20,7 @@ supersedes an earlier SR (dicom-sr.md).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +36,7 @@ from pydicom.uid import generate_uid
 from screener import __version__
 from screener.findings import Finding
 from screener.reporting import codes
+from screener.radiograph import PROJECTION_MODALITIES, detector_pixel_spacing_mm, patient_orientation
 from screener.reporting.sc import demographic_problems, fix_type2
 
 #: stable UID of the screener as an observer device (same for every report)
@@ -115,6 +117,65 @@ def _group(finding: Finding, sources: dict[str, Dataset], notes: Sequence[str] =
     return group
 
 
+#: TID 1603 descriptors a projection image's library entry leaves out when its header does not state them
+_ORIENTATION_DESCRIPTORS = (pcodes.DCM.PatientOrientationRow.value, pcodes.DCM.PatientOrientationColumn.value)
+
+
+def library_image(ds: Dataset) -> tuple[Dataset, bool]:
+    """A deep copy of a source header that highdicom's Image Library (TID 1601-1603) can describe.
+
+    highdicom reads ``ImagerPixelSpacing`` and two ``PatientOrientation`` values from every
+    projection image (CR, DX, MG, ...).  When ``ImagerPixelSpacing`` is absent or unusable the copy
+    gets the detector-plane spacing the image's other attributes give
+    (:func:`screener.radiograph.detector_pixel_spacing_mm`: ``PixelSpacing`` times the
+    magnification factor); when ``PatientOrientation`` is absent, empty or malformed the copy gets a
+    stand-in so that highdicom can build the entry, and the caller must remove the orientation
+    descriptors (:func:`_drop_orientation_descriptors`): the report never states an orientation
+    the source does not.  ``ds`` itself is never changed.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        A source image header.
+
+    Returns
+    -------
+    (pydicom.dataset.Dataset, bool)
+        The copy, and whether its orientation descriptors must be left out.
+
+    Raises
+    ------
+    ValueError
+        A projection image without any usable pixel spacing (the protocols decline those).
+    """
+    out = copy.deepcopy(ds)
+    if str(out.get("Modality", "") or "").strip().upper() not in PROJECTION_MODALITIES:
+        return out, False
+    spacing = detector_pixel_spacing_mm(out)
+    if spacing is None:
+        raise ValueError(f"source image {out.get('SOPInstanceUID', '')} has no usable pixel spacing for "
+                         "the SR image library (ImagerPixelSpacing / PixelSpacing)")
+    out.ImagerPixelSpacing = [f"{v:.6g}" for v in spacing]
+    orientation = patient_orientation(out)
+    out.PatientOrientation = list(orientation) if orientation is not None else ["L", "F"]
+    return out, orientation is None
+
+
+def _drop_orientation_descriptors(report: Dataset, sop_instance_uids: set[str]) -> None:
+    """Remove the Patient Orientation Row / Column descriptors of these images' library entries."""
+    def walk(items: Sequence[Dataset]) -> None:
+        for item in items:
+            refs = item.get("ReferencedSOPSequence") or []
+            if refs and str(refs[0].ReferencedSOPInstanceUID) in sop_instance_uids and "ContentSequence" in item:
+                item.ContentSequence = [
+                    c for c in item.ContentSequence
+                    if not (c.get("ConceptNameCodeSequence") and
+                            c.ConceptNameCodeSequence[0].CodeValue in _ORIENTATION_DESCRIPTORS)]
+            elif "ContentSequence" in item:
+                walk(item.ContentSequence)
+    walk(report.ContentSequence)
+
+
 def build_sr(findings: Sequence[Finding], sources: Sequence[Dataset], *,
              series_uid: str | None = None, sop_instance_uid: str | None = None,
              series_number: int = 901, instance_number: int = 1,
@@ -175,11 +236,13 @@ def build_sr(findings: Sequence[Finding], sources: Sequence[Dataset], *,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=DEVICE_UID, name=DEVICE_NAME, manufacturer_name=manufacturer,
             model_name="screener", ))
+    library = [library_image(ds) for ds in evidence]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=[_cc(codes.PROCEDURE_CT), _cc(codes.PROCEDURE_BONE_DENSITY)],
         imaging_measurements=[_group(f, by_uid, notes) for f in findings],
-        referenced_images=evidence)
+        referenced_images=[ds for ds, _ in library])
+    _drop_orientation_descriptors(report[0], {str(ds.SOPInstanceUID) for ds, drop in library if drop})
     kwargs = {}
     if institution_name:
         kwargs["institution_name"] = institution_name
