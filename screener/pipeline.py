@@ -3,7 +3,8 @@
 :func:`process_series` is what the daemon's worker and ``screener replay``
 call for one series. It never raises for a property of the input: every
 outcome is a :class:`PipelineResult` whose ``status`` is ``"done"``
-(findings and outputs written), ``"skipped"`` (no protocol applies or the
+(findings and outputs written; findings are returned only with the SR that
+reports them), ``"skipped"`` (no protocol applies or the
 series is unusable, with the reason) or ``"failed"`` (an unexpected error,
 with its text). ``decisions`` has one ``(protocol, accepted, reason)`` per
 registered protocol, updated with what happened when it ran (a protocol
@@ -166,8 +167,8 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
         log.error("report writing failed", series_uid=info.series_uid,
                   error=f"{type(exc).__name__}: {exc}")
         log.debug("report writing failed", series_uid=info.series_uid, traceback=traceback.format_exc())
-        return PipelineResult("failed", f"report writing failed: {type(exc).__name__}: {exc}",
-                              dl, findings)
+        # no SR, no results: the findings of a job whose report was not written are not kept
+        return PipelineResult("failed", f"report writing failed: {type(exc).__name__}: {exc}", dl)
     reason = "; ".join(errors) if errors else ""
     log.info("series done", series_uid=info.series_uid, findings=len(findings),
              outputs=[o.kind for o in outputs])

@@ -11,6 +11,9 @@ transaction (:meth:`Database.record_job_outcome`). Where a crash can happen:
 * after it: the job is ``done``/``skipped``/``failed`` and is never re-run;
   its exports are pending in the database and the exporter resumes them.
 
+Findings are recorded only for a ``done`` job together with the SR that reports
+them (:func:`_reported_findings`): a failed job has no results.
+
 So a killed daemon resumes, nothing is processed twice and nothing is lost.
 """
 from __future__ import annotations
@@ -87,6 +90,21 @@ def _result_rows(result: Any, prev: dict[str, Any] | None) -> list[dict[str, Any
     return rows
 
 
+def _reported_findings(result: Any, status: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``findings`` rows of a pipeline result: only a ``done`` job whose SR was written has any.
+
+    A finding becomes a result (``screener results``) only together with the SR that reports it;
+    a job that failed after inference (e.g. the report could not be written) records none.
+    """
+    found = list(getattr(result, "findings", []) or [])
+    if status != "done" or not any(r["kind"] == "SR" for r in results):
+        if found:
+            log.warning("findings not recorded: no SR was written for them", status=status,
+                        findings=len(found))
+        return []
+    return [_finding_row(f) for f in found]
+
+
 def _not_quantitative(paths: list[Path]) -> list[str]:
     """Why a CT series cannot be measured in HU (lossy, 8-bit), from its first header."""
     try:
@@ -154,12 +172,13 @@ def run_job(job: dict[str, Any], db: Database, config: Config,
             reason = f"pipeline returned unknown status {status!r}; {reason}"
             status = "failed"
         results = _result_rows(result, prev)
+        findings = _reported_findings(result, status, results)
         ids = db.record_job_outcome(
             job_id, series_uid=series_uid, study_uid=study_uid, status=status,
             reason=reason, error=reason if status == "failed" else "",
             decisions=[(str(p), bool(a), str(r)) for p, a, r in
                        (getattr(result, "decisions", []) or [])],
-            findings=[_finding_row(f) for f in (getattr(result, "findings", []) or [])],
+            findings=findings,
             results=results, destinations=export_destinations(config))
         log.info("job finished", job_id=job_id, series_uid=series_uid, status=status,
                  reason=reason, n_instances=len(paths), results=len(ids),
