@@ -98,7 +98,10 @@ class Finding:
     Attributes
     ----------
     protocol, protocol_version : str
-        Which protocol produced it (also the SR's algorithm identification).
+        Which protocol produced it (also the SR's algorithm identification);
+        the pipeline sets ``protocol_version`` from
+        :meth:`~screener.protocols.base.Protocol.algorithm_version` (a model
+        protocol's bundle version, e.g. hip_xray 0.5.0).
     site : str
         Anatomical label, e.g. ``"L1"``.
     site_code : pydicom.sr.coding.Code, optional

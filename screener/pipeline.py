@@ -152,6 +152,7 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
         for f in got:
             f.study_uid = f.study_uid or info.study_uid
             f.series_uid = f.series_uid or info.series_uid
+            f.protocol_version = p.algorithm_version(f)  # the bundle's version for model protocols
         findings.extend(got)
         decisions[p.name] = (p.name, True, f"{decisions[p.name][2]}; {len(got)} finding(s)")
     dl = list(decisions.values())

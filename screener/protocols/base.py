@@ -61,18 +61,23 @@ class Protocol(ABC):
     name : str
         Registry key, also the algorithm name in the SR.
     version : str
-        Algorithm version written into every output.
+        Version of the protocol's code; the version written into every output is
+        :meth:`algorithm_version` (for a model protocol, its bundle's).
     accepts_derived : bool
         Whether DERIVED / SECONDARY series reach :meth:`accepts` (default no).
     needs_volume : bool
         Whether :meth:`run` needs a :class:`~screener.domain.Volume` (CT
         protocols) or works from files (radiographs, later).
+    adults_only : bool
+        Whether the router declines patients under 20 (default yes: every
+        protocol here compares with adult reference data).
     """
 
     name: str = "protocol"
     version: str = "0.0.0"
     accepts_derived: bool = False
     needs_volume: bool = True
+    adults_only: bool = True
 
     @abstractmethod
     def accepts(self, info: "SeriesInfo") -> Decision:
@@ -81,6 +86,14 @@ class Protocol(ABC):
     @abstractmethod
     def run(self, volume: "Volume", context: ProtocolContext) -> list["Finding"]:
         """Measure; return findings or raise :class:`ProtocolDeclined`."""
+
+    def algorithm_version(self, finding: "Finding") -> str:
+        """The version of what produced ``finding``, as the SR and ``screener results`` state it.
+
+        A classical protocol is its own algorithm: :attr:`version`.  Model protocols override
+        this with the version of the model bundle that made the estimate.
+        """
+        return self.version
 
 
 def axial_ct_decision(info: "SeriesInfo", *, min_slices: int = 10, max_thickness_mm: float = 6.0,

@@ -17,7 +17,7 @@ from screener.protocols.base import Protocol, ProtocolContext, ProtocolDeclined
 if TYPE_CHECKING:  # pragma: no cover
     from screener.bundles import Bundle
     from screener.domain import SpineLocalization, Volume
-    from screener.findings import RoiGeometry
+    from screener.findings import Finding, RoiGeometry
 
 __all__ = ["ModelProtocol", "axial_rectangle_roi", "model_details", "nearest_slice", "resolve_device", "spine_localization"]
 
@@ -44,6 +44,12 @@ class ModelProtocol(Protocol):
     """
 
     bundle_name: str = ""
+
+    def algorithm_version(self, finding: "Finding") -> str:
+        """The version of the model bundle that produced ``finding`` (its manifest's ``version``,
+        recorded by :func:`model_details`); the protocol's own version only when the finding
+        does not name a bundle."""
+        return str(finding.details.get("bundle_version") or self.version)
 
     def bundle_path(self, context: ProtocolContext) -> Path:
         """Where this protocol's bundle is expected."""
