@@ -476,9 +476,9 @@ class _Gen:
         tag = tag_for_keyword(keyword)
         if vr == "US":
             raw = struct.pack("<H", value)
-        else:   # raw text, so pydicom never converts (or refuses) the value
-            raw = _pad("\\".join(value) if isinstance(value, list) else value, b" ")
-        ds._dict[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, len(raw), raw, 0, False, True)
+            ds._dict[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, len(raw), raw, 0, False, True)
+        else:
+            set_raw_text(ds, keyword, value, vr)
         return self.make(i, "bad_numbers", base, ds, detail=f"{keyword} {value!r}")
 
 
@@ -559,6 +559,22 @@ def write_series_variants(folder: Path, seed: int, variants: list[tuple[str, str
     return out
 
 
+def set_raw_text(ds: Dataset, keyword: str, value: str | list[str], vr: str | None = None) -> None:
+    """Put ``value`` into ``ds`` as raw text (several values joined with ``\\``), so that pydicom
+    never converts (or refuses) it: ``"abc"`` in a DS, ``"0.2\\"``, ``"nan"``."""
+    from pydicom.datadict import dictionary_VR
+    tag = BaseTag(tag_for_keyword(keyword))
+    raw = _pad("\\".join(value) if isinstance(value, list) else value, b" ")
+    ds._dict[tag] = RawDataElement(tag, vr or dictionary_VR(tag), len(raw), raw, 0, False, True)
+
+
+def cohort_radiograph(seed: int) -> Dataset:
+    """A small AP pelvis radiograph (DX, 2 mm detector pixels) of cohort patient ``seed``."""
+    from training.phantoms import anatomy, population, xray
+    scene = anatomy.build_scene(population.sample_population(1, seed)[0])
+    return xray.render_hip_xray(scene, seed, pixel_mm=2.0, ray_mm=4.0, dy_mm=4.0)[0]
+
+
 def _set_raw(ds: Dataset, keyword: str, value: Any) -> None:
     """Set one (bad) demographic value as given; a name goes in as raw PN text."""
     if keyword == "PatientName":
@@ -580,10 +596,7 @@ def write_radiograph_variants(folder: Path, seed: int, variants: list[tuple[str,
                               ) -> list[tuple[str, str, list[Path]]]:
     """One AP pelvis radiograph (DX) per variant with one bad demographic: through the
     ``hip_xray`` model protocol a radiograph yields a finding, so its report is written."""
-    from training.phantoms import anatomy, population, xray
-    patient = population.sample_population(1, seed)[0]
-    scene = anatomy.build_scene(patient)
-    src, _ = xray.render_hip_xray(scene, seed, pixel_mm=2.0, ray_mm=4.0, dy_mm=4.0)
+    src = cohort_radiograph(seed)
     uid = _uid_source(seed)
 
     out = []
