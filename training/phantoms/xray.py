@@ -545,7 +545,8 @@ class HipGeometry:
 
 def hip_geometry(scene: Any, pose: Pose, *, pixel_mm: float = 0.5,
                  field_mm: tuple[float, float] = (430.0, 350.0),
-                 detector_gap_mm: float | None = None) -> HipGeometry:
+                 detector_gap_mm: float | None = None,
+                 aim_offset_mm: tuple[float, float] = (0.0, 40.0)) -> HipGeometry:
     """Source/detector placement for an AP pelvis radiograph of ``scene`` in ``pose``.
 
     The central ray passes 40 mm above the mid-point of the femoral heads; the detector lies
@@ -563,6 +564,9 @@ def hip_geometry(scene: Any, pose: Pose, *, pixel_mm: float = 0.5,
         Detector field (width along x, height along z).
     detector_gap_mm : float, optional
         Gap between the posterior skin and the detector plane.
+    aim_offset_mm : tuple of float
+        Where the central ray passes, relative to the mid-point of the femoral heads:
+        ``(x, z)`` mm (patient left, head); default 40 mm above it.
     """
     heads = np.array([scene.femoral_heads["R"], scene.femoral_heads["L"]], float)
     centre = heads.mean(axis=0)
@@ -572,7 +576,7 @@ def hip_geometry(scene: Any, pose: Pose, *, pixel_mm: float = 0.5,
     y_src = y_det - pose.sid_mm
     sod = float(centre[1]) - y_src
     mag = pose.sid_mm / sod
-    aim = np.array([centre[0], centre[2] + 40.0])
+    aim = np.array([centre[0] + float(aim_offset_mm[0]), centre[2] + float(aim_offset_mm[1])])
     ncol = int(round(field_mm[0] / pixel_mm))
     nrow = int(round(field_mm[1] / pixel_mm))
     # detector coordinates centred on the projection of the aim point (central ray is perpendicular)
@@ -607,7 +611,9 @@ def render_hip_xray(scene: Any, seed: int, pose: str | Pose = "supine", *, kvp: 
                     kev: float | None = None, scatter: bool = True, noise: bool = True,
                     jitter: bool = True, pf_length_mm: float = 70.0,
                     quanta_per_pixel: float = 2.0e4, processing: bool = True,
-                    processing_strength: float = 1.0) -> tuple[Any, dict[str, Any]]:
+                    processing_strength: float = 1.0,
+                    projection_hook: Callable[[dict[str, np.ndarray], HipGeometry, "PosedSampler"], None] | None = None,
+                    aim_offset_mm: tuple[float, float] = (0.0, 40.0)) -> tuple[Any, dict[str, Any]]:
     """Render an AP pelvis radiograph (DX DICOM) and its bone-only ground-truth DRRs.
 
     Parameters
@@ -647,6 +653,13 @@ def render_hip_xray(scene: Any, seed: int, pose: str | Pose = "supine", *, kvp: 
         stores the plain detector log signal ``-ln(I/I0)``.
     processing_strength : float
         Gain of the unsharp mask.
+    projection_hook : callable, optional
+        ``hook(projections, geometry, sampler)`` edits the material line integrals (g/cm^2 per basis
+        material, on the stored pixel grid) in place before the spectrum is applied: implant metal,
+        extra soft tissue, bowel gas, open physes (:mod:`training.phantoms.xray_variety`).  The
+        ground-truth DRRs are not changed.
+    aim_offset_mm : tuple of float
+        Central ray relative to the mid-point of the femoral heads (:func:`hip_geometry`).
 
     Returns
     -------
@@ -656,13 +669,15 @@ def render_hip_xray(scene: Any, seed: int, pose: str | Pose = "supine", *, kvp: 
         ``pf_drr`` ({"R", "L"} -> g/cm^2 HA images), ``bone_drr`` (pelvis + femurs, g/cm^2),
         ``femoral_heads_px`` ({"R", "L"} -> (row, col)), ``log_image`` (noise-free ``-ln(I/I0)``),
         ``pose`` (dict), ``kvp``, ``pixel_mm``, ``pixel_spacing_mm`` (at the head plane),
-        ``magnification``, ``log_scale`` (stored value per unit of ``-ln(I/I0)``).
+        ``magnification``, ``log_scale`` (stored value per unit of ``-ln(I/I0)``),
+        ``femoral_necks_px`` ({"R", "L"} -> (row, col) of the femoral-neck ROI centre, mid-way
+        between the head surface and the neck base), ``head_radius_px``.
     """
     rng = np.random.default_rng([int(seed), 4004])
     pose_obj = pose if isinstance(pose, Pose) else sample_pose(pose, rng if jitter else None)
     if kvp is None:
         kvp = float(np.round(rng.uniform(70.0, 80.0)))
-    geom = hip_geometry(scene, pose_obj, pixel_mm=pixel_mm, field_mm=field_mm)
+    geom = hip_geometry(scene, pose_obj, pixel_mm=pixel_mm, field_mm=field_mm, aim_offset_mm=aim_offset_mm)
     out_shape = (len(geom.v), len(geom.u))
     # traced (coarser) ray grid spanning the same field
     ncol = max(2, int(round(field_mm[0] / ray_mm)))
@@ -675,6 +690,8 @@ def render_hip_xray(scene: Any, seed: int, pose: str | Pose = "supine", *, kvp: 
     proj = project(sampler, u_r, v_r, (float(ymin) - margin, float(ymax) + margin), dy_mm,
                    source=geom.source, y_detector=geom.y_detector)
     proj = {k: _zoom_to(a, out_shape) for k, a in proj.items()}
+    if projection_hook is not None:
+        projection_hook(proj, geom, sampler)
 
     if spectrum == "mono":
         energies = np.array([float(kev) if kev is not None else float(physics.effective_energy(kvp)
@@ -721,13 +738,25 @@ def render_hip_xray(scene: Any, seed: int, pose: str | Pose = "supine", *, kvp: 
         pose=pose_obj.name, window=window, upright=pose_obj.upright,
         extra={"AcquisitionDeviceProcessingDescription":
                "-ln(I/I0), unsharp mask 25 mm" if processing else "-ln(I/I0)"})
-    heads_px = {}
+    heads_px, necks_px, radius_px = {}, {}, {}
     for side in ("R", "L"):
         heads_px[side] = _project_point(geom, sampler.posed_point(sampler.heads[side], side))
+        neck = getattr(scene, "femoral_necks", {}).get(side)
+        if neck:
+            # neck ROI centre: mid-way between the head surface and the neck base (where hip DXA
+            # searches the narrowest part, training.phantoms.dxa.hip_truth)
+            head_c, base = np.asarray(neck["head"], float), np.asarray(neck["base"], float)
+            length = float(np.linalg.norm(base - head_c))
+            t = 0.5 * (float(neck.get("head_radius", 0.4 * length)) + length) / max(length, 1e-6)
+            mid = head_c + min(max(t, 0.3), 0.9) * (base - head_c)
+            necks_px[side] = _project_point(geom, sampler.posed_point(mid, side))
+            radius_px[side] = float(neck.get("head_radius", 22.0)) * geom.magnification / pixel_mm
     truth = {
         "pf_drr": {"R": proj["pf_R"].astype(np.float32), "L": proj["pf_L"].astype(np.float32)},
         "bone_drr": proj["bone"].astype(np.float32),
         "femoral_heads_px": heads_px,
+        "femoral_necks_px": necks_px,
+        "head_radius_px": radius_px,
         "log_image": log_clean.astype(np.float32),
         "pose": pose_dict,
         "kvp": kvp,

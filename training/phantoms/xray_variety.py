@@ -1,0 +1,578 @@
+"""Hip radiographs with the variety of real archives, each with its landmark truth.
+
+The AP pelvis of :func:`training.phantoms.xray.render_hip_xray` is one textbook view.  Archives hold
+single hips, off-centre and partial pelves, rotated and abducted legs, implants, children, obese
+patients, inverted (``MONOCHROME1``) and low-bit images with markers and text burned in.  This
+module draws such an acquisition (:class:`RadiographSpec`, :func:`sample_spec`), renders it through
+the same 3-D phantom scene and projector, edits the material line integrals for what the scene does
+not hold (:func:`edit_projections`: implant metal, extra fat, bowel gas, open physes) and crops,
+mirrors and encodes the result (:func:`render_case`).
+
+Every case carries its truth (:class:`HipTruth` per side): present or not, femoral-head centre and
+femoral-neck ROI centre (stored pixel ``(row, col)``), femoral-head radius (pixels), metal yes / no.
+
+Profiles
+--------
+``standard``
+    The training distribution of the hip landmark model: the paper's four poses with jitter, whole
+    pelves (50 %), single hips collimated (40 %), off-centre pelves with one hip out of the field
+    (10 %); a mirrored image (10 %, always with ``PatientOrientation`` R\\F), ``MONOCHROME1`` (20 %),
+    header orientation and laterality often left out, side markers and text, mild bowel gas.
+``variety``
+    Held out of training and reported separately: internal / external rotation +-20 deg per hip,
+    abduction up to 40 deg (frog-leg 10 %), pelvic tilt +-8 deg, implant metal in a hip (25 % per
+    hip: arthroplasty, cephalomedullary nail or cannulated screws), children (15 %: anatomy scaled
+    0.6-0.8, open physes), obese soft tissue (25 %: 80-200 mm of extra fat with a pannus edge), more
+    bowel gas, 8/10/12/16-bit storage, lossy JPEG (20 %), more off-centre collimation.
+
+Metal is modelled as hydroxyapatite-equivalent density (CoCr ~31, steel ~27, Ti ~10 g/cm3 of HA:
+linear attenuation at ~60 keV relative to HA; heads CoCr, stems, cups and nails Ti, screws steel), a child's anatomy by scaling the declared pixel spacing
+(the scene is an adult's), the physes as radiolucent bands (60 % of the bone removed) across the
+head-neck junction and under the greater trochanter.  These are approximations, stated here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from training.phantoms import projection_dicom as pdcm
+from training.phantoms.xray import HipGeometry, Pose, _project_point, render_hip_xray, sample_pose
+
+__all__ = ["PROFILES", "HipTruth", "RadiographCase", "RadiographSpec", "edit_projections", "render_case",
+           "render_cases", "sample_spec"]
+
+PROFILES = ("standard", "variety")
+#: the rendered detector field (width, height mm) and its centre relative to the head mid-point
+FIELD_MM = (440.0, 440.0)
+AIM_MM = (0.0, -10.0)
+#: metal, hydroxyapatite-equivalent density (g/cm3)
+METAL_HA = {"cocr": 31.0, "steel": 27.0, "ti": 10.0}
+#: a hip is "present" when its head centre and neck ROI centre lie this far inside the field (mm)
+PRESENT_MARGIN_MM = 12.0
+#: a hip is "absent" when its head centre lies this far outside the field (mm)
+ABSENT_MARGIN_MM = 30.0
+
+
+@dataclass(frozen=True)
+class RadiographSpec:
+    """One acquisition of the hip radiograph cohort.
+
+    Attributes
+    ----------
+    profile : str
+        ``"standard"`` or ``"variety"``.
+    pose : Pose
+        Pelvic tilt, abduction and rotation of each femur.
+    collimation : str
+        ``"pelvis"``, ``"hip_R"``, ``"hip_L"`` (one hip collimated) or ``"offcentre"`` (a pelvis
+        shifted so that one hip leaves the field).
+    mirror : bool
+        Store the image left-right mirrored (``PatientOrientation`` R\\F).
+    orientation_header, laterality_header : bool
+        Write ``PatientOrientation`` / ``ImageLaterality`` (a mirrored image always states it).
+    monochrome1 : bool
+        Store inverted (``MONOCHROME1``, ``PresentationLUTShape`` INVERSE).
+    bits : int
+        Bits stored (8, 10, 12 or 16).
+    metal : dict
+        ``{"R": kind, "L": kind}`` with kind ``"none"``, ``"arthroplasty"``, ``"nail"``, ``"screws"``.
+    child_scale : float
+        1.0 for an adult; < 1 a child (anatomy scaled by declaring a smaller pixel spacing) with open
+        physes.
+    obese_mm : float
+        Extra fat thickness over the body (mm).
+    bowel_gas : int
+        Number of bowel-gas pockets.
+    markers, text : bool
+        Burn in a lead side marker / text lines.
+    jpeg_quality : int or None
+        Lossy JPEG round trip of the stored pixels.
+    kvp, quanta_per_pixel, processing_strength : float
+        Technique (see :func:`training.phantoms.xray.render_hip_xray`).
+    """
+
+    profile: str
+    pose: Pose
+    collimation: str = "pelvis"
+    mirror: bool = False
+    orientation_header: bool = True
+    laterality_header: bool = True
+    monochrome1: bool = False
+    bits: int = 12
+    metal: dict[str, str] = field(default_factory=lambda: {"R": "none", "L": "none"})
+    child_scale: float = 1.0
+    obese_mm: float = 0.0
+    bowel_gas: int = 0
+    markers: bool = False
+    text: bool = False
+    jpeg_quality: int | None = None
+    kvp: float = 75.0
+    quanta_per_pixel: float = 2.0e4
+    processing_strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class HipTruth:
+    """Truth of one hip on the stored image.
+
+    Attributes
+    ----------
+    side : str
+        Patient side, ``"R"`` or ``"L"``.
+    present : bool
+        Head and neck ROI centre well inside the field.
+    head_px, neck_px : tuple of float
+        ``(row, col)`` of the femoral-head centre and the femoral-neck ROI centre (may lie outside
+        the image when the hip is absent).
+    head_radius_px : float
+    metal : str
+        ``"none"``, ``"arthroplasty"``, ``"nail"`` or ``"screws"``.
+    """
+
+    side: str
+    present: bool
+    head_px: tuple[float, float]
+    neck_px: tuple[float, float]
+    head_radius_px: float
+    metal: str = "none"
+
+    @property
+    def medial_toward_plus_col(self) -> bool:
+        """Whether the pelvis (medial) lies towards increasing column from the head."""
+        return self.neck_px[1] < self.head_px[1]
+
+
+@dataclass
+class RadiographCase:
+    """A rendered case: the DICOM dataset, its spec and the truth of both hips."""
+
+    dataset: Any
+    spec: RadiographSpec
+    hips: dict[str, HipTruth]
+    pixel_spacing_mm: float
+    patient_id: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def present_sides(self) -> list[str]:
+        """Patient sides of the hips present."""
+        return [s for s, h in self.hips.items() if h.present]
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+def sample_spec(profile: str, rng: np.random.Generator) -> RadiographSpec:
+    """Draw one acquisition of ``profile`` (see the module docstring).
+
+    Parameters
+    ----------
+    profile : str
+        ``"standard"`` or ``"variety"``.
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    RadiographSpec
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown radiograph profile {profile!r}; choose one of {PROFILES}")
+    u = rng.uniform
+    coll = rng.choice(["pelvis", "hip_R", "hip_L", "offcentre"],
+                      p=[0.5, 0.2, 0.2, 0.1] if profile == "standard" else [0.35, 0.2, 0.2, 0.25])
+    mirror = bool(u() < 0.1)
+    orient = mirror or bool(u() < 0.6)
+    common = dict(collimation=str(coll), mirror=mirror, orientation_header=orient,
+                  laterality_header=bool(u() < 0.5), monochrome1=bool(u() < (0.2 if profile == "standard" else 0.3)),
+                  markers=bool(u() < 0.6), text=bool(u() < 0.5))
+    if profile == "standard":
+        pose = sample_pose(str(rng.choice(["supine", "standing", "abduction", "adduction"])), rng)
+        return RadiographSpec(profile=profile, pose=pose, bits=12, bowel_gas=int(rng.integers(0, 4)),
+                              obese_mm=float(u(0.0, 40.0)), kvp=float(np.round(u(70.0, 85.0))),
+                              quanta_per_pixel=float(u(1.0e4, 3.0e4)), processing_strength=float(u(0.6, 1.2)),
+                              **common)
+    if u() < 0.1:  # frog-leg lateral: abduction 40 deg, external rotation
+        abd = (u(35.0, 45.0), u(35.0, 45.0))
+        rot = (u(-35.0, -20.0), u(-35.0, -20.0))
+        name = "frog_leg"
+    else:
+        abd = (u(-10.0, 30.0), u(-10.0, 30.0))
+        rot = (u(-20.0, 20.0), u(-20.0, 20.0))
+        name = "rotated"
+    pose = Pose(name, pelvic_tilt_deg=u(-8.0, 8.0), abduction_deg=abd, internal_rotation_deg=rot,
+                upright=bool(u() < 0.3), sid_mm=float(u(1000.0, 1200.0)))
+    metal = {s: (str(rng.choice(["arthroplasty", "nail", "screws"], p=[0.4, 0.3, 0.3])) if u() < 0.25 else "none")
+             for s in ("R", "L")}
+    child = float(u(0.6, 0.8)) if u() < 0.15 else 1.0
+    return RadiographSpec(profile=profile, pose=pose, metal=metal, child_scale=child,
+                          obese_mm=float(u(80.0, 200.0)) if u() < 0.25 else float(u(0.0, 30.0)),
+                          bowel_gas=int(rng.integers(0, 8)), bits=int(rng.choice([8, 10, 12, 16])),
+                          jpeg_quality=int(rng.integers(30, 80)) if u() < 0.2 else None,
+                          kvp=float(np.round(u(65.0, 95.0))), quanta_per_pixel=float(u(5.0e3, 3.0e4)),
+                          processing_strength=float(u(0.3, 1.5)), **common)
+
+
+# ---------------------------------------------------------------------------------------------
+# projection edits
+# ---------------------------------------------------------------------------------------------
+def _capsule_cm(rr: np.ndarray, cc: np.ndarray, p0: np.ndarray, p1: np.ndarray, radius_px: float,
+                mm_per_px: float) -> np.ndarray:
+    """Chord length (cm) through a capsule (segment ``p0``-``p1`` in pixels, radius in pixels)."""
+    d = p1 - p0
+    L2 = float(d @ d) or 1e-9
+    t = np.clip(((rr - p0[0]) * d[0] + (cc - p0[1]) * d[1]) / L2, 0.0, 1.0)
+    dist2 = (rr - p0[0] - t * d[0]) ** 2 + (cc - p0[1] - t * d[1]) ** 2
+    return 2.0 * np.sqrt(np.maximum(radius_px**2 - dist2, 0.0)) * mm_per_px / 10.0
+
+
+def _landmarks(geom: HipGeometry, sampler: Any, side: str) -> dict[str, np.ndarray]:
+    """Posed, projected femur landmarks of one side (pixels ``(row, col)``) and pixel scale."""
+    neck = sampler.scene.femoral_necks[side]
+    head = np.asarray(neck["head"], float)
+    base = np.asarray(neck["base"], float)
+    shaft = np.asarray(neck["shaft_axis"], float)
+    gt = np.asarray(neck.get("greater_trochanter", base), float)
+    pts = {"head": head, "base": base, "shaft": base + 150.0 * shaft, "gt": gt,
+           "lateral": head + (base - head) * (1.0 + 28.0 / max(float(np.linalg.norm(base - head)), 1.0))}
+    out = {k: np.array(_project_point(geom, sampler.posed_point(p, side))) for k, p in pts.items()}
+    return out
+
+
+def edit_projections(proj: dict[str, np.ndarray], geom: HipGeometry, sampler: Any, spec: RadiographSpec,
+                     rng: np.random.Generator) -> None:
+    """Add what the scene lacks to the material line integrals, in place.
+
+    Parameters
+    ----------
+    proj : dict
+        ``{"soft", "fat", "ha", ...}`` line integrals (g/cm^2) on the stored pixel grid.
+    geom : HipGeometry
+    sampler : training.phantoms.xray.PosedSampler
+    spec : RadiographSpec
+    rng : numpy.random.Generator
+    """
+    shape = proj["soft"].shape
+    rr, cc = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    mm = geom.pixel_mm / geom.magnification  # mm at the hip plane per pixel
+    heads = {s: np.array(_project_point(geom, sampler.posed_point(sampler.heads[s], s))) for s in ("R", "L")}
+    mid = 0.5 * (heads["R"] + heads["L"])
+    body = np.clip(proj["soft"] / max(float(np.percentile(proj["soft"], 90)), 1e-6), 0.0, 1.0)
+    # extra fat: follows the body outline, a pannus edge across the lower abdomen
+    if spec.obese_mm > 0:
+        fat = spec.obese_mm / 10.0 * 0.92 * body
+        if spec.obese_mm > 60:
+            edge_row = mid[0] + rng.uniform(-30.0, 30.0) / mm + 8.0 * np.sin(cc / shape[1] * math.pi)
+            fat = fat + 0.35 * spec.obese_mm / 10.0 * 0.92 * body * (1.0 / (1.0 + np.exp((rr - edge_row) / (3.0 / mm))))
+        proj["fat"] = proj.get("fat", 0.0) + fat
+    # bowel gas: pockets above the heads between the iliac wings
+    for _ in range(spec.bowel_gas):
+        cr = mid[0] - rng.uniform(10.0, 160.0) / mm
+        ccol = mid[1] + rng.uniform(-110.0, 110.0) / mm
+        a, b = rng.uniform(8.0, 35.0) / mm, rng.uniform(8.0, 35.0) / mm
+        depth = rng.uniform(1.0, 5.0)  # cm of air replacing soft tissue
+        q = ((rr - cr) / a) ** 2 + ((cc - ccol) / b) ** 2
+        proj["soft"] = np.maximum(proj["soft"] - depth * np.sqrt(np.maximum(1.0 - q, 0.0)), 0.0)
+    for side in ("R", "L"):
+        kind = spec.metal.get(side, "none")
+        child = spec.child_scale < 1.0
+        if kind == "none" and not child:
+            continue
+        lm = _landmarks(geom, sampler, side)
+        neck = sampler.scene.femoral_necks[side]
+        r_head = float(neck.get("head_radius", 22.0)) / mm
+        if child:
+            # open physes: radiolucent bands across the head-neck junction and the trochanter apophysis
+            ax = lm["base"] - lm["head"]
+            ax = ax / (np.linalg.norm(ax) or 1.0)
+            for centre, half in ((lm["head"] + 0.55 * r_head * ax, 1.0 * r_head),
+                                 (lm["gt"] + 0.3 * r_head * (lm["shaft"] - lm["gt"]) / (np.linalg.norm(lm["shaft"] - lm["gt"]) or 1.0),
+                                  0.6 * r_head)):
+                along = (rr - centre[0]) * ax[0] + (cc - centre[1]) * ax[1]
+                across = -(rr - centre[0]) * ax[1] + (cc - centre[1]) * ax[0]
+                bent = along - 0.15 * across**2 / max(half, 1.0)
+                band = (np.abs(bent) < 1.5 / mm) & (np.abs(across) < half)
+                proj["ha"] = np.where(band, 0.4 * proj["ha"], proj["ha"])
+        if kind == "arthroplasty":
+            ball = _capsule_cm(rr, cc, lm["head"], lm["head"], 0.6 * r_head, mm)
+            taper = _capsule_cm(rr, cc, lm["head"], lm["base"], 6.0 / mm, mm)
+            stem = _capsule_cm(rr, cc, lm["base"], lm["base"] + 0.85 * (lm["shaft"] - lm["base"]), 7.0 / mm, mm)
+            outer = _capsule_cm(rr, cc, lm["head"], lm["head"], r_head + 5.0 / mm, mm)
+            inner = _capsule_cm(rr, cc, lm["head"], lm["head"], r_head + 2.0 / mm, mm)
+            up = lm["head"] - lm["base"]  # cup opens towards the neck
+            cup_side = ((rr - lm["head"][0]) * up[0] + (cc - lm["head"][1]) * up[1]) > -0.2 * r_head * np.linalg.norm(up)
+            cup = np.where(cup_side, np.maximum(outer - inner, 0.0), 0.0)
+            proj["ha"] = proj["ha"] + METAL_HA["cocr"] * ball + METAL_HA["ti"] * (np.maximum(taper, stem) + cup)
+        elif kind == "nail":
+            lag = _capsule_cm(rr, cc, lm["head"] + 0.3 * (lm["base"] - lm["head"]) * 0.5, lm["lateral"], 5.5 / mm, mm)
+            down = lm["shaft"] - lm["base"]
+            nail = _capsule_cm(rr, cc, lm["base"] - 0.4 * down, lm["base"] + 1.1 * down, 6.0 / mm, mm)
+            proj["ha"] = proj["ha"] + METAL_HA["ti"] * np.maximum(lag, nail)
+        elif kind == "screws":
+            ax = lm["lateral"] - lm["head"]
+            n = np.array([-ax[1], ax[0]]) / (np.linalg.norm(ax) or 1.0)
+            tot = np.zeros(shape)
+            for off in (-7.0, 0.0, 7.0):
+                p0 = lm["head"] + 0.15 * ax + off / mm * n
+                tot = np.maximum(tot, _capsule_cm(rr, cc, p0, lm["lateral"] + off / mm * n, 3.5 / mm, mm))
+            proj["ha"] = proj["ha"] + METAL_HA["steel"] * tot
+
+
+# ---------------------------------------------------------------------------------------------
+# crop, mirror, encode
+# ---------------------------------------------------------------------------------------------
+def _crop_box(spec: RadiographSpec, heads: dict[str, np.ndarray], necks: dict[str, np.ndarray],
+              shape: tuple[int, int], mm: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """``(r0, r1, c0, c1)`` of the collimated field on the rendered grid."""
+    mid = 0.5 * (heads["R"] + heads["L"])
+    for _ in range(50):
+        if spec.collimation == "pelvis":
+            w, h = rng.uniform(360.0, 440.0) / mm, rng.uniform(300.0, 380.0) / mm
+            cr = mid[0] - rng.uniform(0.0, 60.0) / mm
+            ccol = mid[1] + rng.uniform(-20.0, 20.0) / mm
+        elif spec.collimation in ("hip_R", "hip_L"):
+            s = spec.collimation[-1]
+            w, h = rng.uniform(170.0, 280.0) / mm, rng.uniform(220.0, 330.0) / mm
+            lateral = np.sign(heads[s][1] - mid[1])
+            cr = necks[s][0] + rng.uniform(-10.0, 50.0) / mm
+            ccol = necks[s][1] + lateral * rng.uniform(-40.0, 30.0) / mm
+        else:  # offcentre
+            s = str(rng.choice(["R", "L"]))
+            w, h = rng.uniform(220.0, 340.0) / mm, rng.uniform(260.0, 380.0) / mm
+            lateral = np.sign(heads[s][1] - mid[1])
+            cr = mid[0] - rng.uniform(-20.0, 50.0) / mm
+            ccol = heads[s][1] - lateral * rng.uniform(0.15, 0.35) * w
+        r0 = int(round(max(0.0, cr - h / 2)))
+        c0 = int(round(max(0.0, ccol - w / 2)))
+        r1 = int(round(min(shape[0], cr + h / 2)))
+        c1 = int(round(min(shape[1], ccol + w / 2)))
+        ok = r1 - r0 > 80 / mm and c1 - c0 > 80 / mm
+        for s in ("R", "L"):
+            state = _presence(heads[s], necks[s], (r0, r1, c0, c1), mm)
+            ok = ok and state != "partial"
+            if spec.collimation == f"hip_{s}":
+                ok = ok and state == "present"
+        if ok:
+            return r0, r1, c0, c1
+    return 0, shape[0], 0, shape[1]
+
+
+def _presence(head: np.ndarray, neck: np.ndarray, box: tuple[int, int, int, int], mm: float) -> str:
+    """``"present"``, ``"absent"`` or ``"partial"`` of a hip in a crop box."""
+    r0, r1, c0, c1 = box
+
+    def inside(p: np.ndarray) -> float:  # signed distance inside the box (mm)
+        return min(p[0] - r0, r1 - 1 - p[0], p[1] - c0, c1 - 1 - p[1]) * mm
+
+    if inside(head) >= PRESENT_MARGIN_MM and inside(neck) >= PRESENT_MARGIN_MM:
+        return "present"
+    if inside(head) <= -ABSENT_MARGIN_MM:
+        return "absent"
+    return "partial"
+
+
+def _burn(img: np.ndarray, spec: RadiographSpec, side_letter: str, rng: np.random.Generator,
+          value: float) -> np.ndarray:
+    """Burn a lead side marker and text lines into ``img`` (float, stored units)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = img.shape
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    if spec.markers:
+        size = max(8, int(round(min(h, w) * rng.uniform(0.05, 0.09))))
+        font = ImageFont.load_default(size=size)
+        # the marker sits on the patient's side it names (image left for R in the standard view)
+        x = int(rng.uniform(0.03, 0.12) * w)
+        if (side_letter == "L") != spec.mirror:
+            x = w - x - size
+        y = int(rng.uniform(0.03, 0.2) * h)
+        draw.rectangle([x - 2, y - 2, x + size, y + size + 2], outline=180, width=max(1, size // 10))
+        draw.text((x + size // 6, y), side_letter, fill=255, font=font)
+    if spec.text:
+        size = max(7, int(round(min(h, w) * rng.uniform(0.025, 0.045))))
+        font = ImageFont.load_default(size=size)
+        lines = ["AP" if rng.uniform() < 0.5 else "STANDING", f"{int(rng.integers(60, 95))} kV",
+                 f"2026-{int(rng.integers(1, 12)):02d}-{int(rng.integers(1, 28)):02d}"]
+        y0 = h - (len(lines) + 1) * size if rng.uniform() < 0.5 else size
+        x0 = int(rng.uniform(0.55, 0.75) * w) if rng.uniform() < 0.5 else int(0.03 * w)
+        for i, line in enumerate(lines):
+            draw.text((x0, y0 + i * size), line, fill=230, font=font)
+    ink = np.asarray(canvas, dtype=np.float64) / 255.0
+    return np.where(ink > 0, np.maximum(img, ink * value), img)
+
+
+def _view_spec(spec: RadiographSpec, rng: np.random.Generator) -> RadiographSpec:
+    """Another view of the same render: collimation, mirroring, header and encoding redrawn."""
+    other = sample_spec(spec.profile, rng)
+    return replace(spec, collimation=other.collimation, mirror=other.mirror,
+                   orientation_header=other.orientation_header, laterality_header=other.laterality_header,
+                   monochrome1=other.monochrome1, bits=other.bits if spec.profile == "variety" else spec.bits,
+                   markers=other.markers, text=other.text,
+                   jpeg_quality=other.jpeg_quality if spec.profile == "variety" else None)
+
+
+def render_cases(seed: int, index: int, profile: str, *, views: int = 1, pixel_mm: float = 1.0,
+                 ray_mm: float = 4.0, dy_mm: float = 4.0, spec: RadiographSpec | None = None,
+                 with_bmd: bool = False) -> list[RadiographCase]:
+    """Render one patient's radiograph once and cut ``views`` acquisitions from it, with truth.
+
+    Parameters
+    ----------
+    seed, index : int
+        Cohort seed and patient index (:func:`training.phantoms.population.make_patient`); the
+        acquisition is drawn from ``(seed, index, profile)``.
+    profile : str
+        ``"standard"`` or ``"variety"`` (module docstring).
+    views : int
+        Acquisitions cut from the one render (the first uses ``spec``; the others redraw
+        collimation, mirroring, header and encoding, :func:`_view_spec`).
+    pixel_mm : float
+        Detector pitch of the rendered field (before a child's scaling).
+    ray_mm, dy_mm : float
+        Projector sampling (:func:`training.phantoms.xray.render_hip_xray`).
+    spec : RadiographSpec, optional
+        Use this acquisition instead of drawing one (tests).
+    with_bmd : bool
+        Also compute the DXA-style femoral-neck aBMD of both sides (``extras["bmd"]``).
+
+    Returns
+    -------
+    list of RadiographCase
+    """
+    from training.phantoms.anatomy import build_scene
+    from training.phantoms.population import make_patient
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown radiograph profile {profile!r}; choose one of {PROFILES}")
+    rng = np.random.default_rng([int(seed), int(index), 15, PROFILES.index(profile)])
+    if spec is None:
+        spec = sample_spec(profile, rng)
+    patient = make_patient(seed, index)
+    scene = build_scene(patient)
+    bmd: dict[str, float] = {}
+    if with_bmd:
+        from training.phantoms.dxa import hip_truth
+        from training.phantoms.labels import _BoneOnlyScene
+
+        bone_only = _BoneOnlyScene(scene)
+        bmd = {s: float(hip_truth(bone_only, s)["femoral_neck"]) for s in ("R", "L")}
+    edit_rng = np.random.default_rng(rng.integers(2**32))
+
+    def hook(proj: dict[str, np.ndarray], geom: HipGeometry, sampler: Any) -> None:
+        edit_projections(proj, geom, sampler, spec, edit_rng)
+
+    ds0, truth = render_hip_xray(scene, seed * 100003 + index, spec.pose, kvp=spec.kvp, pixel_mm=pixel_mm,
+                                 ray_mm=ray_mm, dy_mm=dy_mm, field_mm=FIELD_MM, aim_offset_mm=AIM_MM,
+                                 quanta_per_pixel=spec.quanta_per_pixel,
+                                 processing_strength=spec.processing_strength, projection_hook=hook)
+    stored = ds0.pixel_array.astype(np.float64)
+    out = []
+    for v in range(max(1, int(views))):
+        sp = spec if v == 0 else _view_spec(spec, rng)
+        case = _cut_view(stored, truth, sp, patient, seed * 100003 + index + 7919 * v, pixel_mm, rng)
+        case.extras["bmd"] = bmd
+        out.append(case)
+    return out
+
+
+def render_case(seed: int, index: int, profile: str, *, pixel_mm: float = 1.0, ray_mm: float = 4.0,
+                dy_mm: float = 4.0, spec: RadiographSpec | None = None) -> RadiographCase:
+    """One acquisition of :func:`render_cases` (see there)."""
+    return render_cases(seed, index, profile, pixel_mm=pixel_mm, ray_mm=ray_mm, dy_mm=dy_mm, spec=spec)[0]
+
+
+def _cut_view(stored: np.ndarray, truth: dict[str, Any], spec: RadiographSpec, patient: Any, uid_seed: int,
+              pixel_mm: float, rng: np.random.Generator) -> RadiographCase:
+    """Collimate, mirror, annotate and encode one acquisition of a rendered field."""
+    mm = float(truth["pixel_spacing_mm"])
+    heads = {s: np.array(truth["femoral_heads_px"][s]) for s in ("R", "L")}
+    necks = {s: np.array(truth["femoral_necks_px"][s]) for s in ("R", "L")}
+    box = _crop_box(spec, heads, necks, stored.shape, mm, rng)
+    r0, r1, c0, c1 = box
+    img = stored[r0:r1, c0:c1]
+    hips: dict[str, HipTruth] = {}
+    for s in ("R", "L"):
+        state = _presence(heads[s], necks[s], box, mm)
+        h = heads[s] - (r0, c0)
+        n = necks[s] - (r0, c0)
+        if spec.mirror:
+            h[1] = img.shape[1] - 1 - h[1]
+            n[1] = img.shape[1] - 1 - n[1]
+        hips[s] = HipTruth(side=s, present=state == "present", head_px=(float(h[0]), float(h[1])),
+                           neck_px=(float(n[0]), float(n[1])), head_radius_px=float(truth["head_radius_px"][s]),
+                           metal=spec.metal.get(s, "none"))
+    if spec.mirror:
+        img = img[:, ::-1]
+    present = [s for s in ("R", "L") if hips[s].present]
+    side_letter = present[0] if len(present) == 1 else str(rng.choice(["R", "L"]))
+    if spec.markers or spec.text:
+        img = _burn(img, spec, side_letter, rng, float(np.percentile(img, 99.5)))
+    if spec.jpeg_quality is not None:
+        from screener.radiograph import jpeg_recompress
+
+        img = np.clip(jpeg_recompress(img / 4095.0, int(spec.jpeg_quality), value_range=(0.0, 1.0)), 0.0, 1.0) * 4095.0
+    # window of the cropped field, then re-encode at the stored bit depth
+    body = img[img > 200]
+    lo, hi = (np.percentile(body, [3.0, 99.8]) if body.size else (0.0, 4095.0))
+    scale = (2 ** spec.bits - 1) / 4095.0
+    out = np.clip(np.round(img * scale), 0, 2 ** spec.bits - 1)
+    window = (0.5 * (lo + hi) * scale, max(hi - lo, 1.0) * scale)
+    if spec.monochrome1:
+        out = (2 ** spec.bits - 1) - out
+        window = ((2 ** spec.bits - 1) - window[0], window[1])
+    dtype = np.uint8 if spec.bits <= 8 else np.uint16
+    ds = pdcm.dx_dataset(
+        patient, uid_seed, out.astype(dtype), imager_pixel_spacing_mm=pixel_mm * spec.child_scale,
+        magnification=float(truth["magnification"]), sid_mm=spec.pose.sid_mm,
+        sod_mm=spec.pose.sid_mm / float(truth["magnification"]), kvp=spec.kvp, pose=spec.pose.name,
+        window=window, upright=spec.pose.upright, bits_stored=spec.bits,
+        extra={"AcquisitionDeviceProcessingDescription": "-ln(I/I0), unsharp mask 25 mm"})
+    if spec.monochrome1:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.PresentationLUTShape = "INVERSE"
+    if spec.mirror:
+        ds.PatientOrientation = ["R", "F"]
+    elif not spec.orientation_header:
+        del ds.PatientOrientation
+    if spec.laterality_header and len(present) == 1:
+        ds.ImageLaterality = present[0]
+    elif spec.laterality_header and len(present) == 2:
+        ds.ImageLaterality = "B"
+    else:
+        del ds.ImageLaterality
+    if spec.collimation != "pelvis":
+        ds.BodyPartExamined = "HIP"
+        ds.SeriesDescription = f"Hip AP ({spec.pose.name})"
+    if spec.markers or spec.text:
+        ds.BurnedInAnnotation = "YES"
+    if spec.jpeg_quality is not None:
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionRatio = "10"
+        ds.LossyImageCompressionMethod = "ISO_10918_1"
+    if spec.child_scale < 1.0:
+        age = int(rng.integers(6, 15))
+        ds.PatientAge = f"{age:03d}Y"
+        ds.PatientBirthDate = f"{int(str(ds.StudyDate)[:4]) - age}0601"
+    spacing = mm * spec.child_scale
+    log_info = {"box": box, "rendered_shape": stored.shape}
+    return RadiographCase(dataset=ds, spec=spec, hips=hips, pixel_spacing_mm=spacing, patient_id=patient.patient_id,
+                          extras=log_info)
+
+
+
+
+def spec_summary(spec: RadiographSpec) -> dict[str, Any]:
+    """A flat, JSON-able description of an acquisition (for tables and sheets)."""
+    p = spec.pose
+    return {"profile": spec.profile, "pose": p.name, "collimation": spec.collimation, "mirror": spec.mirror,
+            "orientation_header": spec.orientation_header or spec.mirror, "monochrome1": spec.monochrome1,
+            "bits": spec.bits, "metal_R": spec.metal.get("R"), "metal_L": spec.metal.get("L"),
+            "child": spec.child_scale < 1.0, "obese_mm": round(spec.obese_mm), "bowel_gas": spec.bowel_gas,
+            "jpeg": spec.jpeg_quality, "rotation_deg": [round(v) for v in p.internal_rotation_deg],
+            "abduction_deg": [round(v) for v in p.abduction_deg]}
+
+
+__all__ += ["spec_summary"]
