@@ -187,7 +187,9 @@ def _voi_lut_sequence(ds: Any, values: np.ndarray) -> np.ndarray | None:
         if "VOILUTSequence" not in ds or not len(ds.VOILUTSequence):
             return None
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+        # a LUT is indexed by integers: the Modality LUT output is integral unless rescaled
+        index = values.astype(np.int64) if np.array_equal(values, np.round(values)) else values
+        out = np.asarray(apply_voi_lut(index, ds, index=0), dtype=np.float64)
     except Exception:  # noqa: BLE001 - a malformed LUT is ignored (the window is tried next)
         return None
     if not 1 <= bits <= 16 or not np.isfinite(out).all():

@@ -575,6 +575,40 @@ def cohort_radiograph(seed: int) -> Dataset:
     return xray.render_hip_xray(scene, seed, pixel_mm=2.0, ray_mm=4.0, dy_mm=4.0)[0]
 
 
+def with_bits_stored(ds: Dataset, bits: int) -> None:
+    """Requantise a greyscale image to ``bits`` stored bits (8: 8 bits allocated), window scaled alike."""
+    top = 2 ** int(ds.BitsStored) - 1
+    scale = (2 ** bits - 1) / top
+    arr = np.round(ds.pixel_array.astype(np.float64) * scale)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (8 if bits <= 8 else 16), bits, bits - 1, 0
+    ds.PixelData = arr.astype(np.uint8 if bits <= 8 else "<u2").tobytes()
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        ds.WindowCenter = f"{float(ds.WindowCenter) * scale:.1f}"
+        ds.WindowWidth = f"{max(2.0, float(ds.WindowWidth) * scale):.1f}"
+
+
+def as_monochrome1(ds: Dataset) -> None:
+    """The same picture stored as MONOCHROME1: values mirrored in the stored range, the LINEAR
+    window mirrored with them (centre ``c`` -> ``2^bits - c``), PresentationLUTShape INVERSE."""
+    bits = int(ds.BitsStored)
+    arr = (2 ** bits - 1) - ds.pixel_array.astype(np.int64)
+    ds.PixelData = arr.astype(np.uint8 if int(ds.BitsAllocated) == 8 else "<u2").tobytes()
+    ds.PhotometricInterpretation, ds.PresentationLUTShape = "MONOCHROME1", "INVERSE"
+    if "WindowCenter" in ds:
+        ds.WindowCenter = f"{2 ** bits - float(ds.WindowCenter):.1f}"
+
+
+def as_rgb(ds: Dataset) -> None:
+    """The picture as an 8-bit RGB image (a screenshot): SamplesPerPixel 3, no VOI."""
+    grey = np.round(ds.pixel_array.astype(np.float64) / (2 ** int(ds.BitsStored) - 1) * 255).astype(np.uint8)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for kw in ("WindowCenter", "WindowWidth", "PresentationLUTShape", "VOILUTFunction"):
+        if kw in ds:
+            del ds[kw]
+    ds.PixelData = np.repeat(grey[..., None], 3, axis=2).tobytes()
+
+
 def _set_raw(ds: Dataset, keyword: str, value: Any) -> None:
     """Set one (bad) demographic value as given; a name goes in as raw PN text."""
     if keyword == "PatientName":

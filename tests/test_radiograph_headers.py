@@ -22,7 +22,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -34,7 +33,7 @@ from screener.replay import replay
 from screener.results import finding_records
 from screener.router import UNDER_AGE_REASON, patient_age_years
 from tests.conftest import ROOT, SHARED, require_tool
-from tests.fuzz_inputs import _uid_source, cohort_radiograph, set_raw_text
+from tests.fuzz_inputs import _uid_source, as_monochrome1, as_rgb, cohort_radiograph
 
 REAL_PUBLIC = SHARED / "data" / "real-public"
 #: what each real-public file is declined for (all protocols refuse; these words name why)
@@ -255,15 +254,10 @@ def test_results_and_the_sr_carry_the_bundle_version(radiograph: Dataset, tmp_pa
 def test_monochrome1_gives_the_same_bmd_as_monochrome2(radiograph: Dataset, tmp_path: Path) -> None:
     from screener.pipeline import process_series
 
-    bits = int(radiograph.BitsStored)
-    top = 2 ** bits - 1
-    inverted = (top - radiograph.pixel_array.astype(np.int32)).astype(np.uint16)
-    centre = float(radiograph.WindowCenter)
-    # the mirror image of a LINEAR window about the stored range: centre c -> 2^bits - c
     p2 = _write(radiograph, tmp_path / "m2", 4)
-    p1 = _write(radiograph, tmp_path / "m1", 5, PhotometricInterpretation="MONOCHROME1",
-                PresentationLUTShape="INVERSE", PixelData=inverted.tobytes(),
-                WindowCenter=f"{2 ** bits - centre:.1f}")
+    m1 = copy.deepcopy(radiograph)
+    as_monochrome1(m1)
+    p1 = _write(m1, tmp_path / "m1", 5)
     r2 = process_series([p2], config=Config(device="cpu"), out_dir=tmp_path / "o2")
     r1 = process_series([p1], config=Config(device="cpu"), out_dir=tmp_path / "o1")
     assert r1.status == r2.status == "done", (r1.reason, r2.reason)
@@ -272,21 +266,19 @@ def test_monochrome1_gives_the_same_bmd_as_monochrome2(radiograph: Dataset, tmp_
         assert abs(_bmd(a) - _bmd(b)) <= 1e-3, (a.site, _bmd(a), _bmd(b))
 
 
-def _rgb(ds: Dataset) -> dict[str, Any]:
-    grey = (ds.pixel_array.astype(np.float64) / (2 ** int(ds.BitsStored) - 1) * 255).astype(np.uint8)
-    return {"SamplesPerPixel": 3, "PhotometricInterpretation": "RGB", "PlanarConfiguration": 0,
-            "BitsAllocated": 8, "BitsStored": 8, "HighBit": 7, "WindowCenter": None, "WindowWidth": None,
-            "PresentationLUTShape": None, "PixelData": np.repeat(grey[..., None], 3, axis=2).tobytes()}
-
-
 @pytest.mark.parametrize("case", ["rgb", "age 015Y", "born 15 years before the study"])
 def test_rgb_and_a_patient_under_20_are_declined_with_the_reason(radiograph: Dataset, tmp_path: Path,
                                                                   case: str) -> None:
     study = datetime.date(int(radiograph.StudyDate[:4]), int(radiograph.StudyDate[4:6]), 1)
-    changes = {"rgb": _rgb(radiograph), "age 015Y": {"PatientAge": "015Y"},
-               "born 15 years before the study": {"PatientAge": None,
-                                                  "PatientBirthDate": f"{study.year - 15}{study:%m%d}"}}[case]
-    p = _write(radiograph, tmp_path / "in", 6, **changes)
+    src = copy.deepcopy(radiograph)
+    changes: dict[str, Any] = {}
+    if case == "rgb":
+        as_rgb(src)
+    elif case == "age 015Y":
+        changes = {"PatientAge": "015Y"}
+    else:
+        changes = {"PatientAge": None, "PatientBirthDate": f"{study.year - 15}{study:%m%d}"}
+    p = _write(src, tmp_path / "in", 6, **changes)
     db, jobs = _replay(p.parent, tmp_path)
     [job] = jobs.values()
     assert job["status"] == "skipped"
