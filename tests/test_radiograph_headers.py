@@ -22,6 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -33,7 +34,7 @@ from screener.replay import replay
 from screener.results import finding_records
 from screener.router import UNDER_AGE_REASON, patient_age_years
 from tests.conftest import ROOT, SHARED, require_tool
-from tests.fuzz_inputs import _uid_source, as_monochrome1, as_rgb, cohort_radiograph
+from tests.fuzz_inputs import _uid_source, as_monochrome1, as_rgb, cohort_radiograph, lenient_pydicom, set_raw_text
 
 REAL_PUBLIC = SHARED / "data" / "real-public"
 #: what each real-public file is declined for (all protocols refuse; these words name why)
@@ -200,6 +201,54 @@ def test_no_imager_spacing_and_empty_orientation_write_a_valid_sr_and_sc(radiogr
     assert not [i for i in items if _concept(i) in ("111044", "111043")]
     sc = pydicom.dcmread(next(o.path for o in res.outputs if o.kind == "SC"))
     assert sc.PatientOrientation == "" and sc.StudyInstanceUID == src.StudyInstanceUID
+
+
+def _finding(ds: Dataset) -> Any:
+    """A hip finding drawn on ``ds`` by hand (the writers' input, whatever the model does)."""
+    from screener.findings import Finding, RoiGeometry
+    from screener.scores import bmd_measurement
+
+    roi = RoiGeometry(source_sop_instance_uid=str(ds.SOPInstanceUID), source_sop_class_uid=str(ds.SOPClassUID),
+                      polygon=np.array([[60.0, 80.0], [90.0, 80.0], [90.0, 95.0], [60.0, 95.0], [60.0, 80.0]]),
+                      centre_mm=(120.0, 140.0, 0.0), area_mm2=450.0, slice_index=0)
+    return Finding(protocol="hip_xray", protocol_version="0.5.0", site="left femoral neck",
+                   measurements=[bmd_measurement(0.81, site="femur", name="left femoral neck BMD")], roi=roi,
+                   referenced_sop_instance_uids=[str(ds.SOPInstanceUID)],
+                   overlay=np.full((64, 48, 3), 90, dtype=np.uint8),
+                   details={"overlay_pixel_spacing_mm": [0.7, 0.7]})
+
+
+@pytest.mark.parametrize("raw,removed,spacing_stated,orientation_stated", [
+    ({}, ("ImagerPixelSpacing",), True, False),
+    ({"PatientOrientation": "X\\Y", "PixelSpacing": "abc"}, (), True, False),
+    ({"PatientOrientation": "L\\"}, ("ImagerPixelSpacing", "PixelSpacing", "ViewPosition", "ImageLaterality"),
+     False, False),
+    ({"PatientOrientation": "R\\F"}, ("EstimatedRadiographicMagnificationFactor",), True, True),
+])
+def test_sr_and_sc_writers_take_any_radiograph_header(radiograph: Dataset, tmp_path: Path, raw: dict,
+                                                       removed: tuple, spacing_stated: bool,
+                                                       orientation_stated: bool) -> None:
+    from screener.reporting.sc import build_sc, write_sc
+    from screener.reporting.sr import build_sr, write_sr
+
+    src = copy.deepcopy(radiograph)
+    with lenient_pydicom():
+        for keyword, value in raw.items():
+            set_raw_text(src, keyword, value)
+        p = _write(src, tmp_path / "in", 7, PatientOrientation=None if not raw else src.PatientOrientation,
+                   **{k: None for k in removed})
+    header = pydicom.dcmread(p, stop_before_pixels=True)
+    before = copy.deepcopy(header)
+    finding = _finding(header)
+    paths = [write_sr(build_sr([finding], [header]), tmp_path / "out"),
+             write_sc(build_sc(finding, header, series_uid=header.SeriesInstanceUID + ".9",
+                               sop_instance_uid=header.SOPInstanceUID + ".9"), tmp_path / "out")]
+    assert header == before  # the writers work on copies
+    for path in paths:
+        assert _dciodvfy_errors(path) == [], path
+    items = _content_items(pydicom.dcmread(paths[0]))
+    assert bool([i for i in items if _concept(i) in ("111026", "111066")]) == spacing_stated
+    assert bool([i for i in items if _concept(i) in ("111044", "111043")]) == orientation_stated
 
 
 # -------------------------------------------------------------------- results and versions

@@ -13,7 +13,7 @@ import datetime
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -232,10 +232,10 @@ def _orientation_letters(vec: np.ndarray) -> str:
     return out or "L"
 
 
-def _positive_pair(value: object) -> tuple[float, float] | None:
+def _positive_pair(value: Any) -> tuple[float, float] | None:
     """Two positive finite numbers (a pixel spacing), or ``None``."""
     try:
-        pair = tuple(float(v) for v in value)  # type: ignore[union-attr]
+        pair = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
     if len(pair) != 2 or not all(np.isfinite(v) and v > 0 for v in pair):
@@ -243,11 +243,19 @@ def _positive_pair(value: object) -> tuple[float, float] | None:
     return pair[0], pair[1]
 
 
+def _value(ds: Dataset, keyword: str) -> Any:
+    """``ds.get(keyword)``, ``None`` when the stored value cannot be converted (e.g. DS "abc")."""
+    try:
+        return ds.get(keyword)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def _overlay_orientation(ref: Dataset) -> tuple[str, str] | None:
     """Patient orientation of an overlay drawn on a cross-sectional slice, from its
     ``ImageOrientationPatient``; ``None`` for images without one (projection radiographs, DXA)."""
     try:
-        iop = np.array([float(v) for v in ref.get("ImageOrientationPatient") or []], dtype=float)
+        iop = np.array([float(v) for v in _value(ref, "ImageOrientationPatient") or []], dtype=float)
     except (TypeError, ValueError):
         return None
     if iop.shape != (6,) or not np.isfinite(iop).all() or \
@@ -294,7 +302,7 @@ def build_sc(finding: Finding, source: Dataset, *, series_uid: str, sop_instance
     ref = fix_type2(source)
     orientation = _overlay_orientation(ref)
     spacing = _positive_pair(finding.details.get("overlay_pixel_spacing_mm")) or \
-        (_positive_pair(ref.get("PixelSpacing")) if orientation is not None else None)
+        (_positive_pair(_value(ref, "PixelSpacing")) if orientation is not None else None)
     kwargs = {}
     if software_version:
         kwargs["software_versions"] = software_version

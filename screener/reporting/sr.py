@@ -117,21 +117,26 @@ def _group(finding: Finding, sources: dict[str, Dataset], notes: Sequence[str] =
     return group
 
 
-#: TID 1603 descriptors a projection image's library entry leaves out when its header does not state them
-_ORIENTATION_DESCRIPTORS = (pcodes.DCM.PatientOrientationRow.value, pcodes.DCM.PatientOrientationColumn.value)
+#: TID 1603 descriptors of a projection image that its header may not state
+_ORIENTATION_DESCRIPTORS = frozenset({pcodes.DCM.PatientOrientationRow.value,
+                                      pcodes.DCM.PatientOrientationColumn.value})
+_SPACING_DESCRIPTORS = frozenset({pcodes.DCM.HorizontalPixelSpacing.value, pcodes.DCM.VerticalPixelSpacing.value})
+#: stand-ins that let highdicom build a projection image's entry; the descriptors made from them
+#: are removed again (:func:`_drop_descriptors`), so a report never states them
+_STAND_IN_ORIENTATION, _STAND_IN_SPACING = ["L", "F"], ["1", "1"]
 
 
-def library_image(ds: Dataset) -> tuple[Dataset, bool]:
+def library_image(ds: Dataset) -> tuple[Dataset, frozenset[str]]:
     """A deep copy of a source header that highdicom's Image Library (TID 1601-1603) can describe.
 
     highdicom reads ``ImagerPixelSpacing`` and two ``PatientOrientation`` values from every
     projection image (CR, DX, MG, ...).  When ``ImagerPixelSpacing`` is absent or unusable the copy
     gets the detector-plane spacing the image's other attributes give
     (:func:`screener.radiograph.detector_pixel_spacing_mm`: ``PixelSpacing`` times the
-    magnification factor); when ``PatientOrientation`` is absent, empty or malformed the copy gets a
-    stand-in so that highdicom can build the entry, and the caller must remove the orientation
-    descriptors (:func:`_drop_orientation_descriptors`): the report never states an orientation
-    the source does not.  ``ds`` itself is never changed.
+    magnification factor).  What the header does not state at all (no usable spacing; an absent,
+    empty or malformed ``PatientOrientation``) gets a stand-in so that highdicom can build the
+    entry, and its descriptors are named for removal: the report never states what the source does
+    not.  ``ds`` itself is never changed.
 
     Parameters
     ----------
@@ -140,37 +145,37 @@ def library_image(ds: Dataset) -> tuple[Dataset, bool]:
 
     Returns
     -------
-    (pydicom.dataset.Dataset, bool)
-        The copy, and whether its orientation descriptors must be left out.
-
-    Raises
-    ------
-    ValueError
-        A projection image without any usable pixel spacing (the protocols decline those).
+    (pydicom.dataset.Dataset, frozenset of str)
+        The copy, and the code values of the TID 1603 descriptors to leave out of its entry
+        (:func:`_drop_descriptors`).
     """
     out = copy.deepcopy(ds)
     if str(out.get("Modality", "") or "").strip().upper() not in PROJECTION_MODALITIES:
-        return out, False
+        return out, frozenset()
+    leave_out: frozenset[str] = frozenset()
     spacing = detector_pixel_spacing_mm(out)
     if spacing is None:
-        raise ValueError(f"source image {out.get('SOPInstanceUID', '')} has no usable pixel spacing for "
-                         "the SR image library (ImagerPixelSpacing / PixelSpacing)")
-    out.ImagerPixelSpacing = [f"{v:.6g}" for v in spacing]
+        leave_out |= _SPACING_DESCRIPTORS
+    out.ImagerPixelSpacing = [f"{v:.6g}" for v in spacing] if spacing is not None else _STAND_IN_SPACING
     orientation = patient_orientation(out)
-    out.PatientOrientation = list(orientation) if orientation is not None else ["L", "F"]
-    return out, orientation is None
+    if orientation is None:
+        leave_out |= _ORIENTATION_DESCRIPTORS
+    out.PatientOrientation = list(orientation) if orientation is not None else _STAND_IN_ORIENTATION
+    return out, leave_out
 
 
-def _drop_orientation_descriptors(report: Dataset, sop_instance_uids: set[str]) -> None:
-    """Remove the Patient Orientation Row / Column descriptors of these images' library entries."""
+def _drop_descriptors(report: Dataset, leave_out: dict[str, frozenset[str]]) -> None:
+    """Remove descriptors from image library entries: ``leave_out`` maps a SOP Instance UID to
+    the concept code values to remove from its entry."""
     def walk(items: Sequence[Dataset]) -> None:
         for item in items:
             refs = item.get("ReferencedSOPSequence") or []
-            if refs and str(refs[0].ReferencedSOPInstanceUID) in sop_instance_uids and "ContentSequence" in item:
+            uid = str(refs[0].ReferencedSOPInstanceUID) if refs else ""
+            if uid in leave_out and "ContentSequence" in item:
                 item.ContentSequence = [
                     c for c in item.ContentSequence
                     if not (c.get("ConceptNameCodeSequence") and
-                            c.ConceptNameCodeSequence[0].CodeValue in _ORIENTATION_DESCRIPTORS)]
+                            c.ConceptNameCodeSequence[0].CodeValue in leave_out[uid])]
             elif "ContentSequence" in item:
                 walk(item.ContentSequence)
     walk(report.ContentSequence)
@@ -242,7 +247,7 @@ def build_sr(findings: Sequence[Finding], sources: Sequence[Dataset], *,
         procedure_reported=[_cc(codes.PROCEDURE_CT), _cc(codes.PROCEDURE_BONE_DENSITY)],
         imaging_measurements=[_group(f, by_uid, notes) for f in findings],
         referenced_images=[ds for ds, _ in library])
-    _drop_orientation_descriptors(report[0], {str(ds.SOPInstanceUID) for ds, drop in library if drop})
+    _drop_descriptors(report[0], {str(ds.SOPInstanceUID): drop for ds, drop in library if drop})
     kwargs = {}
     if institution_name:
         kwargs["institution_name"] = institution_name
