@@ -224,6 +224,7 @@ def _finding(ds: Dataset) -> Any:
     ({"PatientOrientation": "L\\"}, ("ImagerPixelSpacing", "PixelSpacing", "ViewPosition", "ImageLaterality"),
      False, False),
     ({"PatientOrientation": "R\\F"}, ("EstimatedRadiographicMagnificationFactor",), True, True),
+    ({"PatientOrientation": "L\\F", "Laterality": "X"}, ("BodyPartExamined", "ImageLaterality"), True, True),
 ])
 def test_sr_and_sc_writers_take_any_radiograph_header(radiograph: Dataset, tmp_path: Path, raw: dict,
                                                        removed: tuple, spacing_stated: bool,

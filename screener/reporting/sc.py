@@ -330,12 +330,15 @@ def build_sc(finding: Finding, source: Dataset, *, series_uid: str, sop_instance
         "with ROI and results burned in")
     sc.DerivationDescription = (
         f"{finding.protocol} {finding.protocol_version}: {described}; {DISCLAIMER.lower()}")[:1024]
-    if ref.get("BodyPartExamined"):
-        sc.BodyPartExamined = ref.BodyPartExamined
-        # Laterality (type 2C) must be absent for unpaired body parts and present otherwise;
-        # for non-standard terms (e.g. PARTIALBODY) pairing is unknown: present, empty
-        if str(ref.BodyPartExamined).upper() not in UNPAIRED_BODY_PARTS and "Laterality" not in sc:
-            sc.Laterality = ref.get("Laterality", "") or ""
+    body = str(_value(ref, "BodyPartExamined") or "").strip()
+    if body:
+        sc.BodyPartExamined = body
+    # Laterality (type 2C) must be absent for unpaired body parts and present otherwise; for
+    # non-standard terms (e.g. PARTIALBODY) or no body part at all pairing is unknown: present
+    # (R or L when the source says so, else empty)
+    if body.upper() not in UNPAIRED_BODY_PARTS and "Laterality" not in sc:
+        laterality = str(_value(ref, "Laterality") or "").strip().upper()
+        sc.Laterality = laterality if laterality in ("R", "L") else ""
     sc.ImageComments = DISCLAIMER
     for kw in ("StudyDescription", "IssuerOfPatientID"):  # study/patient IE consistency
         if ref.get(kw) and kw not in sc:
