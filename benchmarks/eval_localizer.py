@@ -64,6 +64,22 @@ def score(loc, scene, z_lo: float, z_hi: float) -> str:
     return "correct" if lo <= l1.centroid_mm[2] <= hi else "wrong level"
 
 
+def _render(cache: str, key: str, render) -> dict:
+    """``render()``, or its volume from ``cache`` (hu, z, pixel_spacing, origin_xy only)."""
+    if not cache:
+        return render()
+    f = Path(cache) / (key.replace("/", "_").replace(" ", "_") + ".npz")
+    if f.exists():
+        z = np.load(f)
+        return {"hu": z["hu"].astype(np.float32), "z": z["z"], "pixel_spacing": float(z["ps"]), "origin_xy": tuple(z["oxy"])}
+    r = render()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    hu = np.nan_to_num(r["hu"], nan=-1024.0)
+    np.savez(f, hu=np.clip(np.rint(hu), -32768, 32767).astype(np.int16), z=np.asarray(r["z"]), ps=float(r["pixel_spacing"]),
+             oxy=np.asarray(r["origin_xy"], float))
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     import logging
 
@@ -82,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first", type=int, default=0, help="index of the first patient")
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per case as it is done")
     ap.add_argument("--force", default="", help="variant overrides for make_patient, k=v,k=v")
+    ap.add_argument("--cache", default="", help="folder for rendered volumes (npz): a second run with the "
+                    "same arguments only re-runs the localizer")
     args = ap.parse_args(argv)
     names = [p for p in args.profiles.split(",") if p] or list(profiles.PROFILES)
     scales = [float(s) for s in args.scale.split(",")]
@@ -122,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                             bot = scene.landmarks["z_s1"] - 40.0
                             wname = "starts mid-spine"
                         z_range = (float(top), float(bot))
-                    r = ct.render_volume(scene, prof, seed=idx, z_range=z_range)
+                    r = _render(args.cache, f"{args.seed}-{idx}-{name}-{vname}-{wname}-{scale:g}",
+                                lambda: ct.render_volume(scene, prof, seed=idx, z_range=z_range))
                     vol = volume_from_render(r)
                     loc = locate_spine(vol)
                     zs = r["z"]

@@ -76,6 +76,9 @@ MIN_RIB_SCALE = 0.55
 MIN_SACRAL_SCALE = 0.65
 
 
+_CLOSE_2D = np.ones((1, 3, 3), bool)
+
+
 def rib_hu(scale: float = 1.0) -> float:
     """Rib threshold for a skeleton of density ``scale`` (:func:`~screener.localizer.column.bone_scale`).
 
@@ -129,7 +132,9 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
     y0, y1 = max(0, yb), min(ny, ye)
     thr = rib_hu(scale) if hu_threshold is None else hu_threshold
     reach_min = RIB_REACH_MM if min_reach_mm is None else min_reach_mm
-    sub = (hu[zs[0]:zs[-1] + 1, y0:y1, x0:x1] > thr) & body[zs[0]:zs[-1] + 1, y0:y1, x0:x1]
+    sub = hu[zs[0]:zs[-1] + 1, y0:y1, x0:x1] > thr
+    # a thin, faint rib's cortex crosses the threshold in dots at a 2 mm grid: close one-pixel gaps
+    sub = ndi.binary_closing(sub, structure=_CLOSE_2D, border_value=0) & body[zs[0]:zs[-1] + 1, y0:y1, x0:x1]
     contact = np.zeros_like(sub)
     lateral = np.zeros(sub.shape, np.float32)
     posterior = np.zeros(sub.shape, np.float32)

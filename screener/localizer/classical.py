@@ -162,7 +162,7 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
             return None
         return lateral_reach(hu, body, col, segs[i], spacing, scale)
 
-    labels, conf, anchor_info = _assign_levels(segs, reach)
+    labels, conf, anchor_info = _assign_levels(segs, reach, crest=crest, dz=dz)
     details.update(anchor_info)
     found: dict[str, VertebraLocation] = {}
     for i, s in enumerate(segs):
@@ -255,7 +255,8 @@ def _sacral_s1(segs: list[Segment]) -> int | None:
     return s1 if s1 + 1 < n else None
 
 
-def _short_rib(t12: int, l1_sac: int | None, reach: Reach, info: dict[str, Any]) -> int:
+def _short_rib(t12: int, l1_sac: int | None, reach: Reach, info: dict[str, Any],
+               vote: "Callable[[tuple[int, int]], int | None] | None" = None) -> int:
     """Move T12 down one vertebra when the vertebra below the long ribs carries a short rib.
 
     A hypoplastic 12th rib (short, thin, faint, often one-sided: 12.6 % of
@@ -263,7 +264,9 @@ def _short_rib(t12: int, l1_sac: int | None, reach: Reach, info: dict[str, Any])
     T12 "L1". A short rib on the vertebra below the last long rib is either
     that hypoplastic 12th rib or a lumbar rib on L1 (13 rib pairs, ~1.5 %):
     the sacral count decides when it agrees with one of the two; without it
-    the far more common hypoplastic 12th rib is assumed, with a warning.
+    the iliac crests decide when they side clearly with one (``vote``, given
+    the two candidate L1 indices, :func:`_crest_vote`); failing both, the far
+    more common hypoplastic 12th rib is assumed, with a warning.
     """
     below, below2 = reach(t12 - 1), reach(t12 - 2)
     if below is None or below2 is None:
@@ -279,20 +282,28 @@ def _short_rib(t12: int, l1_sac: int | None, reach: Reach, info: dict[str, Any])
                                 "the sacral count agrees")
         info["lumbar_rib"] = sides
         return t12
+    crest = vote((t12 - 1, t12 - 2)) if vote is not None and l1_sac is None else None
+    if crest == t12 - 1:
+        info["short_rib_not_used"] = {"sides": sides, "why": "the iliac crests put L4 where the long-rib "
+                                      "count does (a lumbar rib or a long transverse process on L1)"}
+        return t12
     info["short_12th_rib"] = sides
-    if l1_sac is None or l1_sac != t12 - 2:
+    if crest is None and (l1_sac is None or l1_sac != t12 - 2):
         info["warning_short_rib"] = ("short rib below the last long rib taken as a hypoplastic 12th rib "
                                      "(it could be a lumbar rib)")
     return t12 - 1
 
 
-def _assign_levels(segs: list[Segment], reach: Reach | None = None
-                   ) -> tuple[dict[int, str], float, dict[str, Any]]:
+def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: int | None = None,
+                   dz: float = 1.0) -> tuple[dict[int, str], float, dict[str, Any]]:
     """Label segment indices (ascending z) from the rib and sacral anchors.
 
     ``reach(i)`` gives the lateral reach of the bone attached to segment ``i``
     (:func:`~screener.localizer.anchors.lateral_reach`, ``None`` when unknown);
     with it a short (hypoplastic) 12th rib is recognised (:func:`_short_rib`).
+    ``crest`` is the working slice of the iliac crests (``None`` when not in
+    view) and ``dz`` the working slice spacing in mm: the crests break a
+    one-level tie between the rib and the sacral count (:func:`_crest_vote`).
     """
     info: dict[str, Any] = {}
     n = len(segs)
@@ -301,8 +312,15 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None
     if s1 is not None:
         info["sacral_anchor"] = {"S1_segment": s1}
     l1_sac = s1 + 5 if s1 is not None else None
+    def vote(cands: tuple[int, int]) -> int | None:
+        # the crests count vertebrae only where the bodies counted look single (a body split
+        # in two or two merged would shift the count the crests check)
+        if crest is None or not _regular_between(segs, min(cands) - 3, max(cands)):
+            return None
+        return _crest_vote(segs, cands, crest, dz, info)
+
     if t12 is not None and reach is not None:
-        t12 = _short_rib(t12, l1_sac, reach, info)
+        t12 = _short_rib(t12, l1_sac, reach, info, vote)
         if t12 == 0:
             info["decline"] = "coverage ends at T12 (its short rib is the lowest rib)"
             t12 = None
@@ -326,7 +344,10 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None
         return {}, 0.0, info
     regular = (l1_rib is not None and l1_sac is not None and l1_sac < l1_rib
                and _regular_between(segs, l1_sac - 3, l1_rib - 1))
-    l1, conf = _combine_anchors(l1_rib, l1_sac, info, sacral_count_regular=regular)
+    crest_pick = None
+    if l1_rib is not None and l1_sac is not None and abs(l1_rib - l1_sac) == 1:
+        crest_pick = vote((l1_rib, l1_sac))
+    l1, conf = _combine_anchors(l1_rib, l1_sac, info, sacral_count_regular=regular, crest_pick=crest_pick)
     if conf <= 0.05:
         return {}, 0.0, info
     # label every segment from L1's index: index l1 + k is k levels above L1
@@ -357,8 +378,42 @@ def _regular_between(segs: list[Segment], lo: int, hi: int) -> bool:
     return bool(heights) and min(heights) >= SPLIT_RATIO * max(heights)
 
 
+#: the crests must lie this much (mm) nearer one candidate's expected crest level to break a tie
+CREST_MARGIN_MM = 8.0
+
+
+def _crest_vote(segs: list[Segment], candidates: tuple[int, int], crest: int, dz: float,
+                info: dict[str, Any]) -> int | None:
+    """The candidate L1 index whose L4 lies where the iliac crests are, or ``None`` when unclear.
+
+    The top of the iliac crests lies at the lower half of L4 or the L4-L5
+    disc in most adults (the intercristal line used to count lumbar levels
+    at the bedside); it sits with the pelvis, independent of the rib count
+    and of whether S1 is fused. Each candidate L1 index puts its L4 three
+    segments lower; its expected crest level is halfway between that L4's
+    centre and its disc with L5. The nearer candidate wins when it is
+    nearer by at least :data:`CREST_MARGIN_MM`.
+    """
+    dist = {}
+    for c in candidates:
+        l4, l5 = c - 3, c - 4
+        if not 0 <= l4 < len(segs):
+            return None
+        centre = 0.5 * (segs[l4].lo + segs[l4].hi)
+        disc = 0.5 * (segs[l4].lo + segs[l5].hi) if l5 >= 0 else float(segs[l4].lo)
+        dist[c] = abs(crest - 0.5 * (centre + disc)) * dz
+    best = min(dist, key=dist.get)
+    other = max(dist, key=dist.get)
+    info["crest_vote"] = {"candidate_l1_segments": list(candidates),
+                          "distance_mm": [round(dist[c], 1) for c in candidates]}
+    if dist[other] - dist[best] < CREST_MARGIN_MM:
+        return None
+    info["crest_vote"]["agrees_with_segment"] = best
+    return best
+
+
 def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any], *,
-                     sacral_count_regular: bool = False) -> tuple[int, float]:
+                     sacral_count_regular: bool = False, crest_pick: int | None = None) -> tuple[int, float]:
     """L1's segment index and the labelling confidence from the two anchors.
 
     Agreement gives high confidence, one anchor a lower one. When they
@@ -374,6 +429,9 @@ def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any
     * the sacral count puts L1 one vertebra *higher*: a sacralised L5
       (12.3 %) is likelier than a lumbar rib (1.5 %): the rib count is used.
 
+    When the iliac crests side with one of the two counts (``crest_pick``,
+    :func:`_crest_vote`), that count is used instead of the rates.
+
     A disagreement of two or more levels is not resolved (``l1 = None`` is
     never returned; the caller declines on ``info["decline"]``).
     """
@@ -387,6 +445,8 @@ def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any
                                "the levels cannot be numbered with confidence")
             info["warning"] = info["decline"]
             return l1_rib, 0.05
+        if crest_pick is not None:
+            return _crest_decides(l1_rib, l1_sac, crest_pick, info)
         if d < 0 and not short and sacral_count_regular:
             info.setdefault("transitional", "12th rib pair not seen (hypoplastic 12th ribs) or lumbarised S1")
             info["warning"] = ("rib count and sacral count disagree by one level: labelled from the sacrum "
@@ -406,6 +466,21 @@ def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any
         return l1_rib, conf
     assert l1_sac is not None
     return l1_sac, (0.5 if "transitional" in info else 0.7)
+
+
+def _crest_decides(l1_rib: int, l1_sac: int, pick: int, info: dict[str, Any]) -> tuple[int, float]:
+    """L1 and confidence when the iliac crests side with one of two counts one level apart."""
+    lower = l1_sac < l1_rib  # the sacral count puts L1 one vertebra lower than the ribs
+    if pick == l1_rib:
+        info["transitional"] = ("lumbarised S1 (6 free lumbar-type vertebrae above the sacrum)" if lower
+                                else "sacralised L5 (4 free lumbar vertebrae above the sacrum)")
+    else:
+        info["transitional"] = ("12th rib pair not seen (hypoplastic 12th ribs)" if lower
+                                else "rib on the first lumbar vertebra (lumbar rib, 13 rib pairs)")
+    source = "ribs" if pick == l1_rib else "sacrum"
+    info["warning"] = (f"rib count and sacral count disagree by one level ({info['transitional']}): "
+                       f"labelled from the {source}, with which the iliac crests agree")
+    return pick, 0.5
 
 
 def _vertebra_location(grid: WorkGrid, col, s: Segment, label: str, conf: float) -> VertebraLocation:

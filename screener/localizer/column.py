@@ -28,6 +28,8 @@ BONE_HU_LADDER: tuple[float, ...] = (BONE_HU, 150.0, 125.0, 105.0)
 #: 90th percentile HU of the cortical band of a vertebral body (working grid) below which the
 #: thresholds start to fall (adults of the cohort read 480-640 HU; the shared real CT 510)
 REFERENCE_RING_HU = 460.0
+#: a lower rung of the ladder is taken when its column is at least this much (mm) longer
+LADDER_GAIN_MM = 30.0
 #: the lowest bone scale used (thresholds never fall to soft tissue)
 MIN_BONE_SCALE = 0.4
 #: slab length (mm) used to close the neural arch around the canal
@@ -211,6 +213,9 @@ def _extend(hu: np.ndarray, valid: np.ndarray, arrays: dict[str, np.ndarray], dz
             misses -= 1
 
 
+_CLOSE = np.ones((3, 3), bool)
+
+
 def find_column(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, float],
                 bone_hu: float = BONE_HU) -> Column:
     """Track the spinal canal and vertebral body through the working grid.
@@ -244,6 +249,10 @@ def find_column(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, f
         a, b = max(0, c - half), min(nz, c + half + 1)
         U = bone[a:b].any(axis=0)
         cands = _slab_candidates(U, body[c], dy, dx)
+        if not cands:
+            # thin laminae of a small or osteoporotic patient leave the arch open by a pixel or two
+            # at the working grid's resolution: close gaps up to ~2 pixels and look again
+            cands = _slab_candidates(ndi.binary_closing(U, structure=_CLOSE, iterations=1), body[c], dy, dx)
         if not cands:
             continue
         best = max(cands, key=lambda d: d["score"])
@@ -292,20 +301,21 @@ def find_column_adaptive(hu: np.ndarray, body: np.ndarray, spacing: tuple[float,
     A severely osteoporotic skeleton can read below :data:`BONE_HU` even in
     its cortex and posterior elements: the bone union then never closes the
     canal. The thresholds of :data:`BONE_HU_LADDER` are tried from the
-    highest; the first whose column spans at least ``min(120 mm, 60 % of the
-    coverage)`` is kept (failing that, the one spanning most). Its threshold
-    is :attr:`Column.bone_hu`.
+    highest; a lower one is kept only when its column is at least
+    :data:`LADDER_GAIN_MM` longer (a dense skeleton's column is as long at
+    the highest threshold; a faint one's lumbar canal closes only lower
+    down). The search stops once the whole coverage is tracked. The kept
+    threshold is :attr:`Column.bone_hu`.
     """
     dz = spacing[0]
     nz = hu.shape[0]
-    enough = min(120.0, 0.6 * nz * dz)
     best: Column | None = None
     for thr in BONE_HU_LADDER:
         col = find_column(hu, body, spacing, bone_hu=thr)
-        if col.valid.sum() * dz >= enough:
-            return col
-        if best is None or col.valid.sum() > best.valid.sum():
+        if best is None or (col.valid.sum() - best.valid.sum()) * dz >= LADDER_GAIN_MM:
             best = col
+        if best.valid.sum() * dz >= 0.95 * nz * dz:
+            break  # the whole coverage is tracked: a lower threshold cannot do better
     assert best is not None
     return best
 
