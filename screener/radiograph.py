@@ -263,12 +263,15 @@ def presentation_inverted(ds: Any) -> bool:
 # ---------------------------------------------------------------------------------------------
 #: Modalities whose images are projections (PS3.16 TID 1603 descriptors apply).
 PROJECTION_MODALITIES = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")
+#: Plausible pixel spacing of a radiograph or DXA image (mm); others count as unusable (a 1e6 mm
+#: pixel would make the resampled image absurdly large).
+SPACING_RANGE_MM = (0.01, 10.0)
 #: ``PixelSpacingCalibrationType`` values that put ``PixelSpacing`` in the patient plane (PS3.3 C.8.11.4).
 CALIBRATED_TYPES = ("GEOMETRY", "FIDUCIAL")
 
 
 def _number_pair(ds: Any, keyword: str) -> tuple[tuple[float, float] | None, str]:
-    """Two positive finite numbers from ``keyword``, or ``None`` and why not.
+    """Two positive finite numbers within :data:`SPACING_RANGE_MM` from ``keyword``, or ``None`` and why not.
 
     Returns ``(None, "")`` when the attribute is absent or empty, ``(None, problem)`` when it holds
     something else than two positive finite numbers (the problem names the attribute, never quotes
@@ -291,6 +294,9 @@ def _number_pair(ds: Any, keyword: str) -> tuple[tuple[float, float] | None, str
         return None, f"{keyword} has {len(pair)} value(s), not two (row\\column mm)"
     if not all(math.isfinite(v) and v > 0 for v in pair):
         return None, f"{keyword} is not two positive finite numbers"
+    if not all(SPACING_RANGE_MM[0] <= v <= SPACING_RANGE_MM[1] for v in pair):
+        return None, (f"{keyword} is outside {SPACING_RANGE_MM[0]:g}-{SPACING_RANGE_MM[1]:g} mm, not a "
+                      "radiograph's pixel")
     return (pair[0], pair[1]), ""
 
 
@@ -330,8 +336,9 @@ def pixel_spacing_mm(ds: Any) -> tuple[tuple[float, float], str]:
     5. ``PixelSpacing`` alone, without a calibration type (older CR): used as is, not divided by a
        magnification factor (it may already be corrected).
 
-    An attribute that is present but not two positive finite numbers (``0``, ``"abc"``,
-    ``"0.2\\"``, negative, NaN) counts as absent; the next source is tried.
+    An attribute that is present but not two positive finite numbers within
+    :data:`SPACING_RANGE_MM` (``0``, ``"abc"``, ``"0.2\\"``, negative, NaN, 1e6) counts as absent;
+    the next source is tried.
 
     Parameters
     ----------

@@ -125,6 +125,8 @@ MUTATIONS: list[tuple[str, Mutation, bool]] = [
     ("PixelSpacing 0", _raw("PixelSpacing", "0\\0"), False),
     ("PixelSpacing NaN", _raw("PixelSpacing", "nan\\nan"), False),
     ("PixelSpacing '0.2\\'", _raw("PixelSpacing", "0.2\\"), False),
+    ("PixelSpacing 1e6, no ImagerPixelSpacing", _then(_drop("ImagerPixelSpacing"), _raw("PixelSpacing", "1e6\\1e6")),
+     False),
     ("PixelSpacingCalibrationType missing", _drop("PixelSpacingCalibrationType"), False),
     ("PixelSpacingCalibrationType FIDUCIAL", _set(PixelSpacingCalibrationType="FIDUCIAL"), False),
     ("PixelSpacingCalibrationType odd", _raw("PixelSpacingCalibrationType", "XYZ"), False),

@@ -139,6 +139,7 @@ def test_pixel_spacing_comes_from_the_attribute_the_standard_says(header: dict, 
     ({"ImagerPixelSpacing": ["-0.2", "-0.2"]}, "ImagerPixelSpacing is not two positive finite numbers"),
     ({"PixelSpacing": ["nan", "inf"]}, "PixelSpacing is not two positive finite numbers"),
     ({"PixelSpacing": ["0.2"]}, "PixelSpacing has 1 value(s), not two"),
+    ({"PixelSpacing": ["1e6", "1e6"]}, "PixelSpacing is outside 0.01-10 mm"),
 ])
 def test_no_usable_spacing_is_a_decline_that_says_what_is_missing(header: dict, why: str) -> None:
     with pytest.raises(rg.RadiographError) as err:
