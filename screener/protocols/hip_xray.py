@@ -7,18 +7,25 @@ body parts are declined with the reason.
 
 Run (``needs_volume = False``: the file of ``context.info.paths`` is read):
 
-1. :func:`screener.preprocess.hip_xray.preprocess_hip_radiograph` -- window to ``[0, 1]``, square
-   pixels, split at the midline into the patient's right and left hip (the left mirrored), each
-   fitted to the bundle's input shape;
-2. the bundle's stage-3 regressor ``R = {M_E, M_R}`` gives the femoral-neck BMD of each hip; the
+1. :func:`screener.hip_landmarks.find_hips` -- the hip landmark model (``models/hip_landmarks``)
+   finds each hip present: femoral-head centre, femoral-neck ROI centre, presence probability;
+   its side from ``PatientOrientation``, else ``ImageLaterality`` / ``Laterality`` (one hip), else
+   anatomy in the standard display ("side not determined" when these disagree); implant metal in
+   the head or neck.  No hip found: a decline ("no hip found in the image").  A hip with metal is
+   not measured (named on the other hip's finding, or the decline);
+2. per measurable hip, BMD-GAN's input is cut around the femoral head
+   (:func:`screener.hip_landmarks.landmark_crop`: the head where the midline-split training put it,
+   the same pixel size, a hip whose pelvis lies to the image left mirrored), not a midline half;
+3. the bundle's stage-3 regressor ``R = {M_E, M_R}`` gives the femoral-neck BMD of each hip; the
    stage-2 generator decomposes each hip into its proximal-femur DRR (PF-DRR), whose mean above the
    threshold ``t`` gives a second, linear estimate; the reported BMD is
    ``(1 - w) * regression + w * linear`` with the card's ``linear_weight`` ``w``
    (:func:`combine_estimates`; ``w = 0``: the regression alone), both parts in ``details``;
-3. one finding per hip: BMD (g/cm^2), T-score against NHANES III femoral neck (0.858 / 0.120) and
-   the WHO grade; the ROI is the PF-DRR region (above ``t``) mapped back onto the radiograph;
-4. one overlay for the series (on the first hip's finding): the two radiograph halves as the
-   network saw them, with the decomposed PF-DRRs colour-coded on top and the numbers burned in.
+4. one finding per measured hip: BMD (g/cm^2), T-score against NHANES III femoral neck (0.858 / 0.120)
+   and the WHO grade; the ROI is a DXA-style 15 x 40 mm femoral-neck box at the landmark model's
+   neck point;
+5. one overlay for the series (on the first hip's finding): each hip as the network saw it, with the
+   decomposed PF-DRR colour-coded on top and the numbers burned in.
 
 The bundle (``models/hip_xray``, :mod:`training.hip_xray`) is the standard format with two extra
 float16 weight files named in its card's ``decomposition`` entry.
@@ -150,7 +157,7 @@ class HipXrayProtocol(ModelProtocol):
     """Femoral-neck BMD, T-score and WHO grade per hip from an AP pelvis radiograph."""
 
     name = "hip_xray"
-    version = "0.1.0"
+    version = "0.2.0"
     bundle_name = "hip_xray"
     needs_volume = False
     accepts_derived = True  # DX "for presentation" images are often DERIVED\PRIMARY
@@ -210,14 +217,33 @@ class HipXrayProtocol(ModelProtocol):
             _AUX[key] = (gen, dec)
             return gen, dec
 
+    def load_landmarks(self, context: ProtocolContext) -> Any:
+        """The hip landmark bundle (``<models_dir>/hip_landmarks``), cached."""
+        from screener.bundles import BundleError
+        from screener.hip_landmarks import load_landmark_bundle
+
+        path = Path(context.config.models_dir) / "hip_landmarks"
+        if not (path / "model_card.json").is_file():
+            raise ProtocolDeclined(f"hip landmark bundle {path} not installed: run python -m training.hip_landmarks "
+                                   f"train --out {path}")
+        try:
+            return load_landmark_bundle(path, resolve_device(context.config.device))
+        except BundleError as exc:
+            raise ProtocolDeclined(f"hip landmark bundle {path} unusable: {exc}") from exc
+
     # -------------------------------------------------------------------- run
     def run(self, volume: Any, context: ProtocolContext) -> list[Finding]:
-        """Read the radiograph of ``context.info.paths``; one finding per hip, one overlay."""
+        """Find the hips (landmark model), then one finding per measurable hip, one overlay.
+
+        A hip with implant metal in its head or neck is not measured (its reason is on the other
+        hip's finding, or the decline when no hip is left); no hip found is a decline.
+        """
         import pydicom
         import torch
 
-        from screener.preprocess.hip_xray import HIP_PIXEL_MM, preprocess_hip_radiograph
-        from screener.radiograph import RadiographError
+        from screener.hip_landmarks import find_hips, landmark_crop, neck_box
+        from screener.preprocess.hip_xray import HIP_PIXEL_MM
+        from screener.radiograph import RadiographError, read_radiograph
         from screener.scores import bmd_measurement, flag, grade_category, t_score, t_score_measurement, who_grade
 
         info = context.info
@@ -225,16 +251,33 @@ class HipXrayProtocol(ModelProtocol):
             raise ProtocolDeclined("no radiograph file in the series")
         bundle = self.load_bundle(context)
         gen, dec = self.load_generator(bundle)
+        landmarks = self.load_landmarks(context)
         t0 = time.perf_counter()
         ds = pydicom.dcmread(Path(info.paths[0]))
         shape = tuple(int(v) for v in bundle.input_spec.shape[1:])
         pixel_mm = float((bundle.card.get("preprocessing") or {}).get("pixel_mm", HIP_PIXEL_MM))
         try:
-            rad, hips = preprocess_hip_radiograph(ds, shape=shape, pixel_mm=pixel_mm)
+            present, both, inp = find_hips(ds, landmarks)
+            rad = read_radiograph(ds, pixel_mm)
         except RadiographError as exc:
             raise ProtocolDeclined(str(exc)) from exc
-        sides = [s for s in ("R", "L") if s in hips]
-        x = np.stack([hips[s].image for s in sides])[:, None].astype(np.float32)
+        if not present:
+            best = max(h.probability for h in both.values())
+            raise ProtocolDeclined(f"no hip found in the image (hip landmark model: highest femoral-head "
+                                   f"probability {best:.2f})")
+        names = {"R": "right", "L": "left", None: "side not determined"}
+        not_measured = []
+        hips = []
+        for h in sorted(present, key=lambda h: h.head_px[1]):
+            if h.metal:
+                not_measured.append(f"{names[h.side]} hip not measured: metal in the femoral head or neck "
+                                    f"(arthroplasty, nail or screw; {h.metal_fraction:.0%} of the head/neck ROI)")
+            else:
+                hips.append(h)
+        if not hips:
+            raise ProtocolDeclined("; ".join(not_measured))
+        crops = [landmark_crop(rad, h, inp.spacing_mm, shape) for h in hips]
+        x = np.stack([c.image for c in crops])[:, None].astype(np.float32)
         t1 = time.perf_counter()
         bmd = bundle.predict(x)[:, 0]
         with torch.no_grad():
@@ -245,11 +288,10 @@ class HipXrayProtocol(ModelProtocol):
         ref = bundle.card.get("t_score_reference") or {}
         mean, sd = float(ref.get("mean") or NHANES_FN[0]), float(ref.get("sd") or NHANES_FN[1])
         uid, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
-        sr_mm, sc_mm = rad.source_spacing_mm
+        sr_mm, sc_mm = inp.spacing_mm
         findings: list[Finding] = []
         results = []
-        for i, side in enumerate(sides):
-            hip = hips[side]
+        for i, (h, crop) in enumerate(zip(hips, crops)):
             mask = pf[i] >= thr
             linear = float(dec["slope"] * pf[i][mask].mean() + dec["intercept"]) if mask.any() else float("nan")
             stage3 = float(bmd[i])
@@ -259,51 +301,59 @@ class HipXrayProtocol(ModelProtocol):
             category, category_code = grade_category(grade)
             flags = [flag("BMD estimated from a plain radiograph by a model (BMD-GAN), not measured by DXA; "
                           "trained on a synthetic virtual cohort")]
+            if h.side is None:
+                flags.append(flag(f"side not determined ({h.side_source.split(': ', 1)[-1]}): the reader must "
+                                  "say which hip this is"))
+            flags.extend(flag(n) for n in not_measured)
             if not mask.any():
                 flags.append(flag(f"the decomposition found no proximal femur (PF-DRR below t = {thr:g}): "
                                   "hip not in view or image atypical; do not use this estimate"))
             elif abs(linear - stage3) > 0.1:
                 flags.append(flag(f"the PF-DRR linear estimate ({linear:.3f} g/cm2) differs from the regression "
                                   f"by {abs(linear - stage3):.3f} g/cm2: atypical image, review"))
-            rows, cols = np.nonzero(mask) if mask.any() else (np.array([0, shape[0] - 1]), np.array([0, shape[1] - 1]))
-            r0, r1, c0, c1 = rows.min() - 0.5, rows.max() + 0.5, cols.min() - 0.5, cols.max() + 0.5
-            pr, pc = hip.to_stored(np.array([r0, r0, r1, r1]), np.array([c0, c1, c1, c0]))
-            poly = np.stack([pc + 0.5, pr + 0.5], axis=1)
-            poly = np.vstack([poly, poly[:1]])
+            poly = neck_box(h, inp.spacing_mm) + 0.5  # pixel centres -> SR image coordinates
             roi = RoiGeometry(source_sop_instance_uid=uid, source_sop_class_uid=sop_class, polygon=poly,
-                              centre_mm=(float(pc.mean() + 0.5) * sc_mm, float(pr.mean() + 0.5) * sr_mm, 0.0),
-                              area_mm2=float(mask.sum()) * hip.pixel_mm ** 2, slice_index=0)
-            name = {"R": "right", "L": "left"}[side]
-            site = f"{name} femoral neck"
+                              centre_mm=(float(h.neck_px[1] + 0.5) * sc_mm, float(h.neck_px[0] + 0.5) * sr_mm, 0.0),
+                              area_mm2=15.0 * 40.0, slice_index=0)
+            site = f"{names[h.side]} femoral neck" if h.side else "femoral neck"
+            label = site if h.side else "femoral neck (side not determined)"
             details: dict[str, Any] = {
-                **model_details(bundle), "side": side, "laterality": name,
+                **model_details(bundle), "side": h.side, "laterality": names[h.side], "side_source": h.side_source,
+                "hip_landmarks": {"bundle": landmarks.bundle_id, "anatomy": h.anatomy,
+                                  "probability": round(h.probability, 4), "confidence": round(h.confidence, 4),
+                                  "femoral_head_px": [round(v, 1) for v in h.head_px],
+                                  "femoral_neck_px": [round(v, 1) for v in h.neck_px],
+                                  "metal_fraction": round(h.metal_fraction, 4), **h.details},
+                "hips_not_measured": not_measured,
                 "bmd_regression_g_cm2": stage3, "bmd_pfdrr_linear_g_cm2": linear, "bmd_linear_weight": w_lin,
                 "pfdrr_threshold_t": thr, "pfdrr_pixels_above_t": int(mask.sum()),
                 "t_score_reference": {"mean": mean, "sd": sd, "source": ref.get("source", "NHANES III femoral neck")},
-                "input_shape": list(shape), "input_pixel_mm": hip.pixel_mm,
-                "roi_note": "ROI = bounding box of the decomposed PF-DRR above t, on the stored radiograph; "
-                            "centre in image-plane mm (column, row, 0), not patient LPS",
+                "input_shape": list(shape), "input_pixel_mm": crop.pixel_mm,
+                "roi_note": "ROI = 15 x 40 mm femoral-neck box at the landmark model's neck point (DXA-style), on the "
+                            "stored radiograph; BMD-GAN's crop is placed on the femoral head; centre in image-plane mm "
+                            "(column, row, 0), not patient LPS",
             }
             findings.append(Finding(
                 protocol=self.name, protocol_version=self.version, site=site, site_code=codes.site_code(site),
-                measurements=[bmd_measurement(value, site="femur", name=f"{site} BMD"),
-                              t_score_measurement(t, site="femur", name=f"{site} T-score")],
+                measurements=[bmd_measurement(value, site="femur", name=f"{label} BMD"),
+                              t_score_measurement(t, site="femur", name=f"{label} T-score")],
                 category=category, category_code=category_code, flags=flags, roi=roi,
                 study_uid=info.study_uid, series_uid=info.series_uid, referenced_sop_instance_uids=[uid],
                 details=details))
-            results.append((side, value, t, grade, linear))
-        overlay, ov_mm = render_hip_overlay([hips[s].image for s in sides], list(pf), sides, thr, results,
-                                            hips[sides[0]].pixel_mm)
+            results.append((h.side or "?", value, t, grade, linear))
+        overlay, ov_mm = render_hip_overlay([c.image for c in crops], list(pf), ["R"] * len(crops), thr, results,
+                                            crops[0].pixel_mm)
         findings[0].overlay = overlay
         t3 = time.perf_counter()
         for f in findings:  # the model stage includes the decomposition; the overlay is the explanation
             f.details["timing_ms"] = {"preprocess": 1000 * (t1 - t0), "model": 1000 * (t2 - t1),
                                       "explain": 1000 * (t3 - t2)}
         findings[0].details["overlay_description"] = (
-            "hip radiograph halves as the network saw them (left hip unmirrored) with the decomposed "
-            "proximal-femur DRR (BMD-GAN stage 2) colour-coded, and the BMD estimates")
+            "each hip as BMD-GAN saw it (cut around the femoral head the landmark model found; a hip whose pelvis "
+            "lies to the image left is mirrored) with the decomposed proximal-femur DRR (BMD-GAN stage 2) "
+            "colour-coded, and the BMD estimates")
         findings[0].details["overlay_pixel_spacing_mm"] = [ov_mm, ov_mm]
-        log.info("hip_xray read", series_uid=info.series_uid,
+        log.info("hip_xray read", series_uid=info.series_uid, hips=len(present), measured=len(hips),
                  **{f"bmd_{s}": round(v, 3) for s, v, *_ in results})
         return findings
 
@@ -355,7 +405,7 @@ def render_hip_overlay(images: list[np.ndarray], pfdrrs: list[np.ndarray], sides
     body = np.repeat(np.repeat(body, k, axis=0), k, axis=1)
     img = Image.fromarray(np.ascontiguousarray(body), mode="RGB")
     draw = ImageDraw.Draw(img)
-    lines = [f"{'right' if s == 'R' else 'left'} femoral neck: BMD {b:.3f} g/cm2, T {t:.1f} ({g}); "
+    lines = [f"{ {'R': 'right', 'L': 'left'}.get(s, 'side not determined:')} femoral neck: BMD {b:.3f} g/cm2, T {t:.1f} ({g}); "
              f"PF-DRR fit {lin:.3f}" for s, b, t, g, lin in results]
     lines.append("BMD-GAN: radiograph -> PF-DRR (colour) -> BMD")
     burn_text(draw, lines, max(10, min(16, body.shape[1] // 40)), body.shape[0])

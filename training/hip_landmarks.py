@@ -1,0 +1,395 @@
+"""Train the hip landmark network (:mod:`screener.hip_landmarks`) on the virtual cohort's radiographs.
+
+``python -m training.hip_landmarks train --out models/hip_landmarks`` renders (and caches in
+``~/.cache/screener/hip_landmarks``) the ``standard`` profile of :mod:`training.phantoms.xray_variety`
+-- the paper's four poses, whole pelves, single hips, off-centre pelves, mirrored and inverted
+images, markers and text -- runs every image through :func:`screener.hip_landmarks.landmark_input`
+(the function the daemon calls) and fits :class:`screener.hip_landmarks.HipLandmarkNet` to Gaussian
+heat maps of the femoral-head centre and the femoral-neck ROI centre of each hip present, by
+anatomical side (the hip whose pelvis lies towards increasing column, and the other).  The
+``variety`` profile (rotation, abduction, implants, children, obesity, low-bit and lossy images) is
+never trained on: :mod:`benchmarks.eval_hip_detection` reports it separately.
+
+Data split (patients never shared): training ``seed 1515`` patients 0-599 (three acquisitions cut
+from each render), validation 600-659 (two); the benchmark's test sets use other seeds.
+
+Training: soft-target binary cross-entropy on the heat maps (positives weighted 20x), AdamW,
+cosine learning rate, a wall-clock budget (default 20 min on one thread); augmentation: left-right
+flips of the radiograph (the two anatomical sides swap), zoom-out into the square (0.55-1.0),
+a bright implant painted at 15 % of the hips (:func:`paste_metal`: prosthesis, nail or screws -- a hip
+with metal is still a hip; the variety profile's implants are rendered physically and stay held out),
+gamma, contrast, noise.  The presence threshold is the lowest head-map peak that keeps every
+validation absent hip below it, checked against the present hips' peaks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from screener.hip_landmarks import ANATOMY, CHANNELS, INPUT_SIZE, OUTPUT_STRIDE, HipLandmarkNet, landmark_input
+
+__all__ = ["build_split", "sample_arrays", "train", "main"]
+
+CACHE = Path(os.environ.get("SCREENER_DATASET_CACHE_DIR", Path.home() / ".cache" / "screener" / "hip_landmarks"))
+SPLITS: dict[str, dict[str, Any]] = {
+    "train": {"seed": 1515, "first": 0, "n": 600, "profile": "standard", "views": 3},
+    "val": {"seed": 1515, "first": 600, "n": 60, "profile": "standard", "views": 2},
+}
+RENDER = {"pixel_mm": 1.5, "ray_mm": 5.0, "dy_mm": 5.0}
+SIGMA_OUT = 1.5  # heat-map Gaussian (output pixels)
+
+
+def sample_arrays(case: Any) -> dict[str, Any]:
+    """One rendered case -> network input (uint8) and per-anatomical-side targets (input pixels).
+
+    Returns
+    -------
+    dict
+        ``x`` ``(S, S)`` uint8, ``t`` ``(2, 5)`` float32 rows ``[present, head_r, head_c, neck_r,
+        neck_c]`` for the plus and minus hips, ``content`` (rows, cols), ``side`` ``(2,)`` patient
+        side of each anatomical slot (``""`` when absent), ``metal`` ``(2,)`` bool.
+    """
+    inp = landmark_input(case.dataset)
+    t = np.zeros((2, 5), dtype=np.float32)
+    side = ["", ""]
+    metal = [False, False]
+    for s, h in case.hips.items():
+        if not h.present:
+            continue
+        k = 0 if h.medial_toward_plus_col else 1
+        hr, hc = inp.from_stored(h.head_px[0], h.head_px[1])
+        nr, nc = inp.from_stored(h.neck_px[0], h.neck_px[1])
+        t[k] = (1.0, hr, hc, nr, nc)
+        side[k] = s
+        metal[k] = h.metal != "none"
+    return {"x": np.round(inp.image * 255).astype(np.uint8), "t": t, "content": np.array(inp.content_shape),
+            "side": np.array(side), "metal": np.array(metal)}
+
+
+def _render_job(job: tuple[int, int, str, int, dict[str, float]]) -> list[dict[str, Any]]:
+    seed, index, profile, views, render = job
+    torch.set_num_threads(1)
+    from training.phantoms.xray_variety import render_cases
+
+    out = []
+    for case in render_cases(seed, index, profile, views=views, **render):
+        d = sample_arrays(case)
+        d["patient"] = index
+        out.append(d)
+    return out
+
+
+def build_split(name: str, *, workers: int = 2, cache: Path = CACHE) -> dict[str, np.ndarray]:
+    """Render (or load from the cache) one split of :data:`SPLITS`.
+
+    Returns
+    -------
+    dict
+        ``x`` ``(N, S, S)`` uint8, ``t`` ``(N, 2, 5)``, ``content`` ``(N, 2)``, ``side`` ``(N, 2)``,
+        ``metal`` ``(N, 2)``, ``patient`` ``(N,)``.
+    """
+    spec = SPLITS[name]
+    key = f"{name}-{spec['seed']}-{spec['first']}-{spec['n']}-{spec['views']}-{spec['profile']}-v1.npz"
+    path = cache / key
+    if path.is_file():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    jobs = [(spec["seed"], spec["first"] + i, spec["profile"], spec["views"], RENDER) for i in range(spec["n"])]
+    t0 = time.time()
+    rows: list[dict[str, Any]] = []
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            for i, r in enumerate(pool.imap(_render_job, jobs, chunksize=4)):
+                rows.extend(r)
+                if i % 50 == 0:
+                    print(f"[{name}] {i}/{len(jobs)} rendered ({time.time() - t0:.0f} s)", flush=True)
+    else:
+        for i, j in enumerate(jobs):
+            rows.extend(_render_job(j))
+    data = {k: np.stack([r[k] for r in rows]) for k in ("x", "t", "content", "side", "metal", "patient")}
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **data)
+    print(f"[{name}] {len(rows)} images in {time.time() - t0:.0f} s -> {path}", flush=True)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# targets and augmentation
+# ---------------------------------------------------------------------------------------------
+def heat_targets(t: np.ndarray, size: int = INPUT_SIZE // OUTPUT_STRIDE, sigma: float = SIGMA_OUT) -> np.ndarray:
+    """``(B, 2, 5)`` targets (input pixels) -> ``(B, 4, size, size)`` Gaussian heat maps."""
+    b = t.shape[0]
+    out = np.zeros((b, len(CHANNELS), size, size), dtype=np.float32)
+    g = np.arange(size, dtype=np.float32)
+    for i in range(b):
+        for k in range(2):
+            if t[i, k, 0] < 0.5:
+                continue
+            for j, (r, c) in enumerate(((t[i, k, 1], t[i, k, 2]), (t[i, k, 3], t[i, k, 4]))):
+                ro = (r + 0.5) / OUTPUT_STRIDE - 0.5
+                co = (c + 0.5) / OUTPUT_STRIDE - 0.5
+                out[i, 2 * k + j] = np.exp(-((g[:, None] - ro) ** 2 + (g[None, :] - co) ** 2) / (2 * sigma**2))
+    return out
+
+
+def _capsule_mask(shape: tuple[int, int], p0: np.ndarray, p1: np.ndarray, radius: float) -> np.ndarray:
+    rr, cc = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    d = p1 - p0
+    l2 = float(d @ d) or 1e-6
+    t = np.clip(((rr - p0[0]) * d[0] + (cc - p0[1]) * d[1]) / l2, 0.0, 1.0)
+    dist = np.hypot(rr - p0[0] - t * d[0], cc - p0[1] - t * d[1])
+    return np.clip(radius + 0.5 - dist, 0.0, 1.0)
+
+
+def paste_metal(img: np.ndarray, head: np.ndarray, neck: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Paint a bright implant (arthroplasty, nail or screws) at a hip of an input image (training only).
+
+    Teaches the network that a hip with metal is still a hip; the held-out variety profile renders
+    its implants physically (:mod:`training.phantoms.xray_variety`).
+    """
+    d = float(np.linalg.norm(neck - head))
+    if d < 2.0:
+        return img
+    ax = (neck - head) / d
+    r = 0.64 * d
+    shaft = np.array([1.0, 0.12 * np.sign(ax[1])])
+    shaft /= np.linalg.norm(shaft)
+    kind = rng.choice(["arthroplasty", "nail", "screws"])
+    m = np.zeros(img.shape, dtype=np.float32)
+    if kind == "arthroplasty":
+        m = np.maximum(m, _capsule_mask(img.shape, head, head, 0.6 * r))
+        m = np.maximum(m, _capsule_mask(img.shape, head, neck + 0.5 * d * ax, 0.2 * r))
+        m = np.maximum(m, _capsule_mask(img.shape, neck + 0.5 * d * ax, neck + 0.5 * d * ax + 4.0 * d * shaft, 0.28 * r))
+        ring = _capsule_mask(img.shape, head, head, 1.3 * r) - _capsule_mask(img.shape, head, head, 1.1 * r)
+        rr, cc = np.mgrid[0 : img.shape[0], 0 : img.shape[1]]
+        ring = ring * (((rr - head[0]) * ax[0] + (cc - head[1]) * ax[1]) < 0.2 * r)
+        m = np.maximum(m, np.clip(ring, 0.0, 1.0))
+    elif kind == "nail":
+        m = np.maximum(m, _capsule_mask(img.shape, head + 0.2 * d * ax, head + 2.3 * d * ax, 0.22 * r))
+        base = head + 1.9 * d * ax
+        m = np.maximum(m, _capsule_mask(img.shape, base - 1.5 * d * shaft, base + 4.0 * d * shaft, 0.26 * r))
+    else:
+        nrm = np.array([-ax[1], ax[0]])
+        for off in (-0.35, 0.0, 0.35):
+            m = np.maximum(m, _capsule_mask(img.shape, head + 0.2 * d * ax + off * r * nrm,
+                                            head + 2.3 * d * ax + off * r * nrm, 0.15 * r))
+    v = float(rng.uniform(0.92, 1.0))
+    return np.maximum(img, v * m)
+
+
+def augment(x: np.ndarray, t: np.ndarray, content: np.ndarray, rng: np.random.Generator,
+            metal_p: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """Random flip / zoom-out / intensity of a batch (``x`` float ``(B, S, S)``); returns copies."""
+    x = x.copy()
+    t = t.copy()
+    s = x.shape[-1]
+    for i in range(len(x)):
+        h, w = int(content[i][0]), int(content[i][1])
+        img = x[i, :h, :w]
+        ti = t[i]
+        if rng.uniform() < 0.5:  # left-right flip: the anatomical sides swap
+            img = img[:, ::-1]
+            ti = ti[::-1].copy()
+            for k in range(2):
+                if ti[k, 0] > 0.5:
+                    ti[k, 2] = w - 1 - ti[k, 2]
+                    ti[k, 4] = w - 1 - ti[k, 4]
+        z = rng.uniform(0.55, 1.0) if rng.uniform() < 0.5 else 1.0
+        canvas = np.zeros((s, s), dtype=np.float32)
+        if z < 0.999:
+            small = ndimage.zoom(img, z, order=1, grid_mode=True, mode="nearest")
+            canvas[: small.shape[0], : small.shape[1]] = small
+            fr, fc = small.shape[0] / h, small.shape[1] / w
+            for k in range(2):
+                if ti[k, 0] > 0.5:
+                    ti[k, 1:] = [(ti[k, 1] + 0.5) * fr - 0.5, (ti[k, 2] + 0.5) * fc - 0.5,
+                                 (ti[k, 3] + 0.5) * fr - 0.5, (ti[k, 4] + 0.5) * fc - 0.5]
+            h, w = small.shape
+        else:
+            canvas[:h, :w] = img
+        for k in range(2):
+            if ti[k, 0] > 0.5 and rng.uniform() < metal_p:
+                canvas = paste_metal(canvas, ti[k, 1:3].astype(np.float64), ti[k, 3:5].astype(np.float64), rng)
+                canvas[h:, :] = 0.0
+                canvas[:, w:] = 0.0
+        v = canvas[:h, :w]
+        v = np.clip(v, 0, 1) ** rng.uniform(0.6, 1.6)
+        v = v * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)
+        v = v + rng.normal(0.0, rng.uniform(0.0, 0.03), v.shape)
+        canvas[:h, :w] = np.clip(v, 0.0, 1.0)
+        x[i] = canvas
+        t[i] = ti
+    return x, t
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    w = 1.0 + 20.0 * target
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, target, weight=w)
+
+
+def predict_heat(model: torch.nn.Module, x_u8: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Sigmoid heat maps of uint8 inputs ``(N, S, S)``."""
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(x_u8), batch):
+            xb = torch.from_numpy(x_u8[i : i + batch].astype(np.float32) / 255.0)[:, None]
+            out.append(torch.sigmoid(model(xb)).numpy())
+    return np.concatenate(out)
+
+
+def val_report(heat: np.ndarray, t: np.ndarray, mm_per_input: np.ndarray | None = None) -> dict[str, Any]:
+    """Presence peaks and head / neck errors (input pixels) on a labelled set."""
+    peaks_pos, peaks_neg, err_head, err_neck = [], [], [], []
+    for i in range(len(heat)):
+        for k in range(2):
+            hm = heat[i, 2 * k]
+            p = float(hm.max())
+            if t[i, k, 0] > 0.5:
+                peaks_pos.append(p)
+                r, c = divmod(int(hm.argmax()), hm.shape[1])
+                hr, hc = (r + 0.5) * OUTPUT_STRIDE - 0.5, (c + 0.5) * OUTPUT_STRIDE - 0.5
+                nm = heat[i, 2 * k + 1]
+                r2, c2 = divmod(int(nm.argmax()), nm.shape[1])
+                nr, nc = (r2 + 0.5) * OUTPUT_STRIDE - 0.5, (c2 + 0.5) * OUTPUT_STRIDE - 0.5
+                err_head.append(float(np.hypot(hr - t[i, k, 1], hc - t[i, k, 2])))
+                err_neck.append(float(np.hypot(nr - t[i, k, 3], nc - t[i, k, 4])))
+            else:
+                peaks_neg.append(p)
+    pos, neg = np.array(peaks_pos), np.array(peaks_neg)
+    return {"n_present": int(pos.size), "n_absent": int(neg.size),
+            "present_peak_p1": float(np.percentile(pos, 1)) if pos.size else None,
+            "present_peak_min": float(pos.min()) if pos.size else None,
+            "absent_peak_max": float(neg.max()) if neg.size else None,
+            "absent_peak_p99": float(np.percentile(neg, 99)) if neg.size else None,
+            "head_err_px_median": float(np.median(err_head)) if err_head else None,
+            "neck_err_px_median": float(np.median(err_neck)) if err_neck else None,
+            "neck_err_px_p95": float(np.percentile(err_neck, 95)) if err_neck else None}
+
+
+def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16, lr: float = 2e-3,
+          widths: Sequence[int] = (16, 24, 32, 48, 64, 96), workers: int = 2, init: Path | None = None,
+          version: str = "0.1.0", changelog: dict[str, str] | None = None) -> dict[str, Any]:
+    """Build the splits, train, pick the presence threshold and write the bundle to ``out``.
+
+    ``init``: start from this bundle's weights (a continued run; the card's ``history`` says so).
+    """
+    from screener.bundles import InputSpec, save_bundle
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tr = build_split("train", workers=workers)
+    va = build_split("val", workers=workers)
+    model = HipLandmarkNet(tuple(widths))
+    previous: list[Any] = []
+    if init is not None:
+        from screener.hip_landmarks import load_landmark_bundle
+
+        prev = load_landmark_bundle(init)
+        model.load_state_dict(prev.models[0].state_dict())
+        previous = list((prev.card.get("metrics") or {}).get("history", []))
+        widths = tuple(prev.card["architecture"]["kwargs"]["widths"])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    n = len(tr["x"])
+    # time one step to plan the schedule inside the budget
+    t_start = time.time()
+    step, epoch = 0, 0
+    budget = minutes * 60.0
+    total_steps = None
+    history = []
+    while True:
+        order = rng.permutation(n)
+        model.train()
+        ep_loss = []
+        for i in range(0, n - batch + 1, batch):
+            idx = order[i : i + batch]
+            xb, tb = augment(tr["x"][idx].astype(np.float32) / 255.0, tr["t"][idx], tr["content"][idx], rng)
+            yb = torch.from_numpy(heat_targets(tb))
+            logits = model(torch.from_numpy(xb)[:, None])
+            loss = _loss(logits, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            ep_loss.append(float(loss.detach()))
+            if total_steps is None and step == 20:
+                per = (time.time() - t_start) / 20
+                total_steps = int(budget / per)
+                print(f"{per:.3f} s/step -> {total_steps} steps ({total_steps * batch / n:.1f} epochs)", flush=True)
+            if total_steps:
+                frac = min(step / total_steps, 1.0)
+                for g in opt.param_groups:
+                    g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * frac))
+                if step >= total_steps:
+                    break
+        epoch += 1
+        rep = val_report(predict_heat(model, va["x"]), va["t"])
+        history.append({"run": len({h.get("run", 0) for h in previous}) if previous else 0, "epoch": epoch, "loss": float(np.mean(ep_loss)), **rep, "elapsed_s": round(time.time() - t_start)})
+        print(json.dumps(history[-1]), flush=True)
+        if total_steps and step >= total_steps:
+            break
+    heat = predict_heat(model, va["x"])
+    rep = val_report(heat, va["t"])
+    lo, hi = rep["absent_peak_max"] or 0.0, rep["present_peak_min"] or 1.0
+    threshold = float(np.clip(0.5 * (lo + hi) if hi > lo else 0.5, 0.2, 0.8))
+    arch = {"name": "HipLandmarkNet", "kwargs": {"widths": list(widths), "out_channels": len(CHANNELS)}}
+    save_bundle(
+        out, protocol="hip_landmarks", models=[model.eval()], architecture=arch,
+        input_spec=InputSpec(shape=(1, INPUT_SIZE, INPUT_SIZE), value_range=(0.0, 1.0)),
+        outputs=list(CHANNELS), task="regression", units=["probability"] * len(CHANNELS),
+        preprocessing={"function": "screener.hip_landmarks.landmark_input", "input_size": INPUT_SIZE,
+                       "output_stride": OUTPUT_STRIDE, "intensity": "VOI LUT, then 1st-99.5th percentile to [0, 1]",
+                       "geometry": "longer side to the input size, top-left, zero padding; not re-oriented"},
+        command="nice -n 5 python -m training.hip_landmarks train --out models/hip_landmarks",
+        seed=seed, metrics={"validation": rep, "history": previous + history},
+        training_data=("virtual cohort radiographs, profile 'standard' of training.phantoms.xray_variety "
+                       f"(seed {SPLITS['train']['seed']}, {SPLITS['train']['n']} patients x {SPLITS['train']['views']} "
+                       "acquisitions); synthetic patients, not clinical accuracy"),
+        version=version, changelog=changelog or {"0.1.0": "first release (issue 15): head and neck heat maps per anatomical side"},
+        differences_from_paper=("not from a paper: a small U-Net heat-map landmark detector that finds the hips "
+                                "before BMD-GAN measures them"),
+        extra={"decoding": {"presence_threshold": threshold, "ambiguity_limit": 0.6,
+                            "channels": {"plus": "hip whose pelvis lies towards increasing column",
+                                         "minus": "hip whose pelvis lies towards decreasing column"}},
+               "outputs_shape": [len(CHANNELS), INPUT_SIZE // OUTPUT_STRIDE, INPUT_SIZE // OUTPUT_STRIDE]})
+    print(json.dumps({"threshold": threshold, **rep}), flush=True)
+    return {"threshold": threshold, **rep}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.hip_landmarks {data,train}``."""
+    ap = argparse.ArgumentParser(prog="python -m training.hip_landmarks", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data", help="render and cache the training and validation splits")
+    d.add_argument("--workers", type=int, default=2)
+    t = sub.add_parser("train", help="train and write the bundle")
+    t.add_argument("--out", default="models/hip_landmarks")
+    t.add_argument("--minutes", type=float, default=20.0)
+    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--init", default="", help="continue from this bundle's weights")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--version", default="0.1.0")
+    args = ap.parse_args(argv)
+    if args.cmd == "data":
+        for name in SPLITS:
+            build_split(name, workers=args.workers)
+        return 0
+    train(Path(args.out), minutes=args.minutes, workers=args.workers, lr=args.lr,
+          init=Path(args.init) if args.init else None, version=args.version)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
