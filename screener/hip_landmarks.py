@@ -21,7 +21,7 @@ finds each hip first:
    when exactly one hip is found; else from anatomy with the standard display assumed; "side not
    determined" when these disagree or the anatomy is ambiguous.
 5. :func:`metal_in_hip` -- implant metal (arthroplasty, nail, screw) in the femoral head or neck:
-   pixels far brighter than the image's own bone.
+   stored values far above the image's own bone level.
 
 The weights are the bundle ``models/hip_landmarks`` (:func:`load_landmark_bundle`), trained on
 the virtual cohort by :mod:`training.hip_landmarks`.
@@ -54,11 +54,13 @@ ANATOMY = ("plus", "minus")
 CHANNELS = ("head_plus", "neck_plus", "head_minus", "neck_minus")
 #: a hip is present when the peak of its head map reaches this probability (bundle card may override)
 PRESENCE_THRESHOLD = 0.5
-#: metal: a pixel brighter than the image's bone level by this many bone-to-soft-tissue spans ...
-METAL_SPAN = 0.6
+#: metal: a pixel brighter than the image's median by this many median-to-bone spans ...
+METAL_SPAN = 1.5
 #: ... and at least this fraction of the head / neck ROI (or this many mm2) made of such pixels
 METAL_FRACTION = 0.04
 METAL_MIN_MM2 = 30.0
+#: a femoral-head candidate this fraction of the presence threshold counts as a hip when it holds metal
+METAL_RESCUE = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,8 +84,10 @@ class LandmarkInput:
     spacing_mm : tuple of float
         Pixel spacing of the stored image (row, column), mm at the patient.
     display : numpy.ndarray
-        The radiograph on the stored grid in ``[0, 1]`` (percentile-normalised), for metal checks
-        and overlays.
+        The radiograph on the stored grid in ``[0, 1]`` (percentile-normalised), for overlays.
+    raw : numpy.ndarray
+        The stored values through the Modality LUT, bone bright (negated for ``MONOCHROME1``), no
+        VOI window: the metal check compares them with the image's own bone and soft tissue.
     """
 
     image: np.ndarray
@@ -92,6 +96,7 @@ class LandmarkInput:
     stored_shape: tuple[int, int]
     spacing_mm: tuple[float, float]
     display: np.ndarray
+    raw: np.ndarray | None = None
     radiograph: Any = None
 
     def to_stored(self, rows: Any, cols: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -155,8 +160,18 @@ def landmark_input(ds: Any, size: int = INPUT_SIZE) -> LandmarkInput:
     if img.shape != stored_shape:
         display = ndimage.zoom(img, (stored_shape[0] / h, stored_shape[1] / w), order=1, grid_mode=True,
                                mode="nearest")[: stored_shape[0], : stored_shape[1]]
+    raw = None
+    try:
+        raw = np.asarray(ds.pixel_array, dtype=np.float64) * float(ds.get("RescaleSlope", 1) or 1) \
+            + float(ds.get("RescaleIntercept", 0) or 0)
+        if raw.shape != stored_shape:
+            raw = None
+        elif rad.inverted:
+            raw = -raw
+    except (AttributeError, TypeError, ValueError):
+        raw = None
     return LandmarkInput(image=out, scale=scale, content_shape=(int(small.shape[0]), int(small.shape[1])),
-                         stored_shape=stored_shape, spacing_mm=spacing, display=display, radiograph=rad)
+                         stored_shape=stored_shape, spacing_mm=spacing, display=display, raw=raw, radiograph=rad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,15 +318,19 @@ def decode_heatmaps(heat: np.ndarray, inp: LandmarkInput, threshold: float = PRE
         out[anat] = HipLandmark(anatomy=anat, probability=hv, head_px=to(hr, hc), neck_px=to(nr, nc),
                                 confidence=float(hv * max(nv, 1e-3) ** 0.5 * (1.0 - 0.5 * min(amb, 1.0))),
                                 ambiguity=amb, present=hv >= threshold)
-    # one hip cannot be both: where both sides fire at one head, keep the stronger
-    a, b = out["plus"], out["minus"]
+    _one_hip_per_head(out, inp)
+    return out
+
+
+def _one_hip_per_head(hips: dict[str, HipLandmark], inp: LandmarkInput) -> None:
+    """One hip cannot be both sides: where both fire at one head (< 40 mm), keep the stronger."""
+    a, b = hips["plus"], hips["minus"]
     if a.present and b.present:
         d = np.hypot(a.head_px[0] - b.head_px[0], a.head_px[1] - b.head_px[1]) * inp.spacing_mm[0]
         if d < 40.0:
             weaker = a if a.probability < b.probability else b
             weaker.present = False
             weaker.details["suppressed"] = f"same femoral head as the other side's ({d:.0f} mm apart)"
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,20 +446,23 @@ def decide_side(hips: list[HipLandmark], header: HeaderSides, *, ambiguity_limit
 # ---------------------------------------------------------------------------------------------
 # metal
 # ---------------------------------------------------------------------------------------------
-def metal_in_hip(display: np.ndarray, head_px: tuple[float, float], neck_px: tuple[float, float],
+def metal_in_hip(image: np.ndarray, head_px: tuple[float, float], neck_px: tuple[float, float],
                  spacing_mm: tuple[float, float]) -> tuple[bool, float]:
     """Whether implant metal fills part of the femoral head or neck.
 
-    The bone level is the 90th percentile of the whole image (cortex, pelvis), the soft-tissue level
-    its median; metal pixels are brighter than the bone level by :data:`METAL_SPAN` of the
-    bone-to-soft-tissue span (capped just below saturation).  The ROI is the femoral head (a disc of
-    0.6 x the head-neck distance) and the neck axis on to the lateral cortex (a band half as wide,
-    twice the head-neck distance long), where prostheses, lag screws and cannulated screws lie.
+    On the stored values (Modality LUT, bone bright, no VOI window: :attr:`LandmarkInput.raw`) the
+    soft-tissue level is the image's median and the bone level its 90th percentile; a metal pixel
+    lies above the median by more than :data:`METAL_SPAN` median-to-bone spans (bone overlapping
+    bone stays below it on the cohort, a prosthesis, a nail or a steel screw rises above it).  Metal
+    is found when such pixels cover :data:`METAL_FRACTION` of the ROI and :data:`METAL_MIN_MM2`.
+    The ROI is the femoral head (a disc of 0.6 x the head-neck distance) and the neck axis on to the
+    lateral cortex (a band half as wide, twice the head-neck distance long), where prostheses, lag
+    screws and cannulated screws lie.
 
     Parameters
     ----------
-    display : numpy.ndarray
-        Stored-grid image in ``[0, 1]`` (:attr:`LandmarkInput.display`).
+    image : numpy.ndarray
+        Stored-grid values, bone bright (:attr:`LandmarkInput.raw`).
     head_px, neck_px : tuple of float
         Stored-pixel ``(row, col)``.
     spacing_mm : tuple of float
@@ -450,9 +472,9 @@ def metal_in_hip(display: np.ndarray, head_px: tuple[float, float], neck_px: tup
     (bool, float)
         Metal found, and the fraction of the ROI it covers.
     """
-    img = np.asarray(display, dtype=np.float64)
+    img = np.asarray(image, dtype=np.float64)
     soft, bone = np.percentile(img, [50.0, 90.0])
-    thr = min(bone + METAL_SPAN * max(bone - soft, 0.05), 0.985)
+    thr = soft + METAL_SPAN * max(bone - soft, 1e-6 * max(abs(bone), 1.0))
     sp = np.asarray(spacing_mm, dtype=np.float64)
     head = np.asarray(head_px, dtype=np.float64)
     axis = (np.asarray(neck_px, dtype=np.float64) - head) * sp * 2.0  # mm, to the lateral cortex
@@ -540,10 +562,18 @@ def find_hips(ds: Any, bundle: Any) -> tuple[list[HipLandmark], dict[str, HipLan
     thr = float((bundle.card.get("decoding") or {}).get("presence_threshold", PRESENCE_THRESHOLD))
     amb = float((bundle.card.get("decoding") or {}).get("ambiguity_limit", 0.6))
     both = decode_heatmaps(heatmaps(bundle, inp), inp, threshold=thr)
+    image = inp.raw if inp.raw is not None else inp.display
+    for h in both.values():
+        if h.present or h.probability >= METAL_RESCUE * thr:
+            h.metal, h.metal_fraction = metal_in_hip(image, h.head_px, h.neck_px, inp.spacing_mm)
+        if not h.present and h.metal:
+            # a prosthesis replaces the head the network looks for: a weaker hip with metal is a hip
+            h.present = True
+            h.details["found_by"] = (f"implant metal at a femoral-head candidate of probability {h.probability:.2f} "
+                                     f"(below the presence threshold {thr:.2f})")
+    _one_hip_per_head(both, inp)
     present = [h for h in both.values() if h.present]
     decide_side(present, header_sides(ds), ambiguity_limit=amb)
-    for h in present:
-        h.metal, h.metal_fraction = metal_in_hip(inp.display, h.head_px, h.neck_px, inp.spacing_mm)
     log.debug("hip_landmarks.found", n=len(present),
               hips=[(h.anatomy, h.side, round(h.probability, 3), h.metal) for h in present])
     return present, both, inp

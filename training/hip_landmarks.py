@@ -280,10 +280,12 @@ def val_report(heat: np.ndarray, t: np.ndarray, mm_per_input: np.ndarray | None 
 
 def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16, lr: float = 2e-3,
           widths: Sequence[int] = (16, 24, 32, 48, 64, 96), workers: int = 2, init: Path | None = None,
-          version: str = "0.1.0", changelog: dict[str, str] | None = None) -> dict[str, Any]:
+          version: str = "0.1.0", changelog: dict[str, str] | None = None, steps: int | None = None,
+          command: str = "nice -n 5 python -m training.hip_landmarks train --out models/hip_landmarks") -> dict[str, Any]:
     """Build the splits, train, pick the presence threshold and write the bundle to ``out``.
 
-    ``init``: start from this bundle's weights (a continued run; the card's ``history`` says so).
+    ``init``: start from this bundle's weights (a continued run; the card's ``history`` says so);
+    ``steps``: a fixed number of optimiser steps instead of the wall-clock budget.
     """
     from screener.bundles import InputSpec, save_bundle
 
@@ -307,7 +309,7 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
     t_start = time.time()
     step, epoch = 0, 0
     budget = minutes * 60.0
-    total_steps = None
+    total_steps = steps
     history = []
     while True:
         order = rng.permutation(n)
@@ -324,7 +326,7 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
             opt.step()
             step += 1
             ep_loss.append(float(loss.detach()))
-            if total_steps is None and step == 20:
+            if steps is None and step == 20:
                 per = (time.time() - t_start) / 20
                 total_steps = int(budget / per)
                 print(f"{per:.3f} s/step -> {total_steps} steps ({total_steps * batch / n:.1f} epochs)", flush=True)
@@ -352,8 +354,7 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
         preprocessing={"function": "screener.hip_landmarks.landmark_input", "input_size": INPUT_SIZE,
                        "output_stride": OUTPUT_STRIDE, "intensity": "VOI LUT, then 1st-99.5th percentile to [0, 1]",
                        "geometry": "longer side to the input size, top-left, zero padding; not re-oriented"},
-        command="nice -n 5 python -m training.hip_landmarks train --out models/hip_landmarks",
-        seed=seed, metrics={"validation": rep, "history": previous + history},
+        command=command, seed=seed, metrics={"validation": rep, "history": previous + history},
         training_data=("virtual cohort radiographs, profile 'standard' of training.phantoms.xray_variety "
                        f"(seed {SPLITS['train']['seed']}, {SPLITS['train']['n']} patients x {SPLITS['train']['views']} "
                        "acquisitions); synthetic patients, not clinical accuracy"),
@@ -381,13 +382,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--init", default="", help="continue from this bundle's weights")
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--version", default="0.1.0")
+    t.add_argument("--steps", type=int, default=0, help="fixed optimiser steps (default: the --minutes budget)")
     args = ap.parse_args(argv)
     if args.cmd == "data":
         for name in SPLITS:
             build_split(name, workers=args.workers)
         return 0
     train(Path(args.out), minutes=args.minutes, workers=args.workers, lr=args.lr,
-          init=Path(args.init) if args.init else None, version=args.version)
+          init=Path(args.init) if args.init else None, version=args.version, steps=args.steps or None,
+          command="nice -n 5 python -m training.hip_landmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+          changelog={"0.2.0": "continued from 0.1.0 with bright implants painted at 15 % of the training hips",
+                     "0.1.0": "first release (issue 15): head and neck heat maps per anatomical side"}
+          if args.version == "0.2.0" else None)
     return 0
 
 

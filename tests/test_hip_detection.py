@@ -1,0 +1,152 @@
+"""Hip detection (issue 15): the hip_xray protocol reports only the hips in the image, of the right side.
+
+Cohort radiographs (:mod:`training.phantoms.xray_variety`) through the committed bundles
+``models/hip_landmarks`` and ``models/hip_xray``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from screener.hip_landmarks import HeaderSides, HipLandmark, decide_side, header_sides, landmark_input
+from training.phantoms.xray import sample_pose
+from training.phantoms.xray_variety import RadiographSpec, render_case
+
+torch.set_num_threads(1)
+MODELS = Path(__file__).resolve().parents[1] / "models"
+RENDER = {"pixel_mm": 1.5, "ray_mm": 5.0, "dy_mm": 5.0}
+SEED = 1519  # patients no model was trained on
+
+
+def _case(index: int, **spec_kw: object):
+    spec = RadiographSpec(profile="standard", pose=sample_pose("supine"), **spec_kw)
+    return render_case(SEED, index, "standard", spec=spec, **RENDER)
+
+
+def _run(ds, tmp_path: Path):
+    from screener.config import Config
+    from screener.protocols.base import ProtocolContext
+    from screener.protocols.hip_xray import HipXrayProtocol
+    from screener.series import read_series_info
+
+    f = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(f, enforce_file_format=True)
+    info = read_series_info([f])
+    proto = HipXrayProtocol()
+    decision = proto.accepts(info)
+    assert decision.accepted, decision.reason
+    return proto.run(None, ProtocolContext(config=Config(models_dir=MODELS, device="cpu"), info=info))
+
+
+@pytest.mark.parametrize("variant", ["orientation", "no_orientation", "mirrored"])
+def test_single_left_hip_gives_exactly_one_left_hip(tmp_path, variant):
+    kw = {"orientation": {"orientation_header": True, "laterality_header": False},
+          "no_orientation": {"orientation_header": False, "laterality_header": False},
+          "mirrored": {"mirror": True, "laterality_header": False}}[variant]
+    case = _case(3, collimation="hip_L", **kw)
+    ds = case.dataset
+    assert case.present_sides == ["L"]
+    if variant == "no_orientation":
+        assert "PatientOrientation" not in ds and "ImageLaterality" not in ds
+    if variant == "mirrored":
+        assert list(ds.PatientOrientation) == ["R", "F"]
+    findings = _run(ds, tmp_path)
+    assert [f.site for f in findings] == ["left femoral neck"]
+    f = findings[0]
+    source = f.details["side_source"]
+    assert source.startswith("anatomy" if variant == "no_orientation" else "PatientOrientation"), source
+    # the ROI centre (image-plane mm) is the femoral-neck point, within 5 mm of the truth
+    truth = case.hips["L"].neck_px
+    sr, sc = (float(v) for v in ds.PixelSpacing)
+    cx, cy = f.roi.centre_mm[0] / sc - 0.5, f.roi.centre_mm[1] / sr - 0.5
+    assert np.hypot((cy - truth[0]) * sr, (cx - truth[1]) * sc) < 5.0
+
+
+def test_two_hip_ap_pelvis_gives_both_hips_at_their_necks(tmp_path):
+    case = _case(4, collimation="pelvis")
+    assert case.present_sides == ["R", "L"]
+    findings = _run(case.dataset, tmp_path)
+    assert [f.site for f in findings] == ["right femoral neck", "left femoral neck"]
+    sr, sc = (float(v) for v in case.dataset.PixelSpacing)
+    for f, side in zip(findings, "RL"):
+        truth = case.hips[side].neck_px
+        cx, cy = f.roi.centre_mm[0] / sc - 0.5, f.roi.centre_mm[1] / sr - 0.5
+        assert np.hypot((cy - truth[0]) * sr, (cx - truth[1]) * sc) < 5.0
+        assert 0.3 < f.measurements[0].value < 1.4  # g/cm2
+
+
+def test_arthroplasty_hip_is_declined_for_that_hip_with_its_reason(tmp_path):
+    from screener.protocols.base import ProtocolDeclined
+
+    case = _case(5, collimation="pelvis", metal={"R": "arthroplasty", "L": "none"})
+    findings = _run(case.dataset, tmp_path)
+    assert [f.site for f in findings] == ["left femoral neck"]
+    assert any("right hip not measured: metal in the femoral head or neck" in fl for fl in findings[0].flags)
+    one = _case(5, collimation="hip_R", metal={"R": "arthroplasty", "L": "none"})
+    with pytest.raises(ProtocolDeclined, match="right hip not measured: metal"):
+        _run(one.dataset, tmp_path)
+
+
+def test_no_hip_in_the_image_is_a_recorded_decline(tmp_path):
+    from screener.protocols.base import ProtocolDeclined
+
+    case = _case(6, collimation="pelvis")
+    ds = case.dataset
+    top = ds.pixel_array[: int(ds.Rows) * 3 // 10].copy()  # the abdomen above the iliac crests
+    ds.Rows = top.shape[0]
+    ds.PixelData = top.tobytes()
+    with pytest.raises(ProtocolDeclined, match="no hip found in the image"):
+        _run(ds, tmp_path)
+
+
+def test_training_samples_use_the_inference_preprocessing():
+    """One preprocessing: the training builder's input is landmark_input's, quantised to 8 bits."""
+    from training.hip_landmarks import sample_arrays
+
+    case = _case(7, collimation="hip_R", monochrome1=True)
+    d = sample_arrays(case)
+    ref = landmark_input(case.dataset).image
+    assert np.abs(d["x"].astype(np.float32) / 255.0 - ref).max() <= 0.5 / 255.0 + 1e-6
+    # MONOCHROME1 is shown bone-bright: the femoral head is brighter than the image median
+    inp = landmark_input(case.dataset)
+    hr, hc = (int(round(v)) for v in case.hips["R"].head_px)
+    assert inp.display[hr, hc] > np.median(inp.display)
+
+
+def test_header_sides_read_leniently():
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    assert header_sides(ds) == HeaderSides(None, None, "")
+    ds.PatientOrientation = ""
+    assert header_sides(ds).column_toward is None
+    ds.PatientOrientation = ["R", "F"]
+    ds.ImageLaterality = "L"
+    assert header_sides(ds) == HeaderSides("R", "L", "PatientOrientation")
+    ds.PatientOrientation = ["F", "L"]  # rotated: columns do not run left-right
+    assert header_sides(ds).column_toward is None
+
+
+def test_side_rules_orientation_laterality_anatomy_and_not_determined():
+    def hip(anatomy: str, ambiguity: float = 0.0) -> HipLandmark:
+        return HipLandmark(anatomy=anatomy, probability=0.9, head_px=(0, 0), neck_px=(0, 0), confidence=0.9,
+                           ambiguity=ambiguity, present=True)
+
+    h = [hip("plus")]
+    decide_side(h, HeaderSides("R", None, "PatientOrientation"))
+    assert h[0].side == "L"  # columns towards the patient's right: the plus hip is the left one
+    h = [hip("plus")]
+    decide_side(h, HeaderSides(None, "L"))
+    assert h[0].side == "L" and "side_note" in h[0].details  # laterality wins, the mirror is noted
+    h = [hip("minus")]
+    decide_side(h, HeaderSides(None, None))
+    assert h[0].side == "L" and h[0].side_source.startswith("anatomy")
+    h = [hip("minus", ambiguity=0.9)]
+    decide_side(h, HeaderSides(None, None))
+    assert h[0].side is None and "side not determined" in h[0].side_source
+    h = [hip("plus")]
+    decide_side(h, HeaderSides("L", "L", "PatientOrientation"))
+    assert h[0].side is None and "disagree" in h[0].side_source
