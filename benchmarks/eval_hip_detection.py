@@ -73,6 +73,50 @@ def _render(job: tuple[Any, ...]) -> list[Any]:
     return cases
 
 
+def _factors(spec: Any, side: str) -> list[str]:
+    """The variety factors of one hip's acquisition (for the breakdown table)."""
+    p = spec.pose
+    i = 0 if side == "R" else 1
+    out = [f"collimation {spec.collimation}"]
+    if p.name == "frog_leg":
+        out.append("frog-leg")
+    elif abs(p.internal_rotation_deg[i]) > 10.0:
+        out.append("rotation > 10 deg")
+    if p.abduction_deg[i] > 20.0 and p.name != "frog_leg":
+        out.append("abduction > 20 deg")
+    if spec.metal.get(side, "none") != "none":
+        out.append(f"metal: {spec.metal[side]}")
+    if spec.child_scale < 1.0:
+        out.append("child")
+    if spec.obese_mm >= 80.0:
+        out.append("obese (>= 80 mm fat)")
+    if spec.monochrome1:
+        out.append("MONOCHROME1")
+    if spec.jpeg_quality is not None:
+        out.append("lossy JPEG")
+    if spec.bits == 8:
+        out.append("8-bit")
+    return out
+
+
+def breakdown(res: dict[str, Any]) -> str:
+    """Markdown table: recall and neck ROI within 5 mm per variety factor."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for h in res["hips"]:
+        for f in h.get("factors", []):
+            groups.setdefault(f, []).append(h)
+    lines = ["| factor | hips | recall | neck ROI within 5 mm | side correct |", "|---|---|---|---|---|"]
+    for f in sorted(groups):
+        hs = groups[f]
+        m = [h for h in hs if h["matched"]]
+        neck = [h["neck_err_mm"] <= 5.0 for h in m]
+        side = [h["side_pred"] == h["side"] for h in m]
+        lines.append(f"| {f} | {len(hs)} | {len(m) / len(hs):.3f} | "
+                     f"{(sum(neck) / len(neck)) if neck else float('nan'):.3f} | "
+                     f"{(sum(side) / len(side)) if side else float('nan'):.3f} |")
+    return "\n".join(lines)
+
+
 def evaluate_cases(cases: list[Any], landmarks: Any, bmdgan: tuple[Any, Any, dict[str, Any]] | None) -> dict[str, Any]:
     """Detection (and BMD) records of every hip of ``cases``."""
     import torch
@@ -102,7 +146,8 @@ def evaluate_cases(cases: list[Any], landmarks: Any, bmdgan: tuple[Any, Any, dic
                     best, dmin = j, d
             row: dict[str, Any] = {"case": ci, "side": h.side, "metal": h.metal != "none", "orientation": has_po,
                                    "matched": best is not None, "profile": case.spec.profile,
-                                   "collimation": case.spec.collimation, "bmd_true": case.extras.get("bmd", {}).get(h.side)}
+                                   "collimation": case.spec.collimation, "bmd_true": case.extras.get("bmd", {}).get(h.side),
+                                   "factors": _factors(case.spec, h.side)}
             if best is not None:
                 used.add(best)
                 p = present[best]
@@ -296,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.sheet and profile == "variety":
             contact_sheet(cases[:24], landmarks, args.sheet)
     print(table(summaries))
+    if "variety" in records:
+        print()
+        print(breakdown(records["variety"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"summaries": summaries, "records": records}, default=str, indent=1))
     return 0
