@@ -188,8 +188,21 @@ def paste_metal(img: np.ndarray, head: np.ndarray, neck: np.ndarray, rng: np.ran
     return np.maximum(img, v * m)
 
 
+def thick_soft_tissue(v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mimic a thick, uneven soft-tissue layer on a ``[0, 1]`` input: bone contrast compressed under a
+    smooth random field, more noise, re-stretched to ``[0, 1]`` as :func:`landmark_input` does."""
+    h, w = v.shape
+    coarse = rng.normal(0.0, 1.0, (4, 4))
+    field = ndimage.zoom(coarse, (h / 4.0, w / 4.0), order=3, grid_mode=True, mode="nearest")[:h, :w]
+    field = (field - field.min()) / max(float(np.ptp(field)), 1e-6)
+    k = rng.uniform(0.25, 0.7)
+    out = k * v + rng.uniform(0.2, 0.6) * field + rng.normal(0.0, rng.uniform(0.01, 0.04), v.shape)
+    lo, hi = np.percentile(out, [1.0, 99.5])
+    return np.clip((out - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
+
+
 def augment(x: np.ndarray, t: np.ndarray, content: np.ndarray, rng: np.random.Generator,
-            metal_p: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+            metal_p: float = 0.15, soft_tissue_p: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Random flip / zoom-out / intensity of a batch (``x`` float ``(B, S, S)``); returns copies."""
     x = x.copy()
     t = t.copy()
@@ -224,6 +237,8 @@ def augment(x: np.ndarray, t: np.ndarray, content: np.ndarray, rng: np.random.Ge
                 canvas[h:, :] = 0.0
                 canvas[:, w:] = 0.0
         v = canvas[:h, :w]
+        if rng.uniform() < soft_tissue_p:
+            v = thick_soft_tissue(v, rng)
         v = np.clip(v, 0, 1) ** rng.uniform(0.6, 1.6)
         v = v * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)
         v = v + rng.normal(0.0, rng.uniform(0.0, 0.03), v.shape)
@@ -281,7 +296,8 @@ def val_report(heat: np.ndarray, t: np.ndarray, mm_per_input: np.ndarray | None 
 def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16, lr: float = 2e-3,
           widths: Sequence[int] = (16, 24, 32, 48, 64, 96), workers: int = 2, init: Path | None = None,
           version: str = "0.1.0", changelog: dict[str, str] | None = None, steps: int | None = None,
-          command: str = "nice -n 5 python -m training.hip_landmarks train --out models/hip_landmarks") -> dict[str, Any]:
+          command: str = "nice -n 5 python -m training.hip_landmarks train --out models/hip_landmarks",
+          soft_tissue_p: float = 0.0) -> dict[str, Any]:
     """Build the splits, train, pick the presence threshold and write the bundle to ``out``.
 
     ``init``: start from this bundle's weights (a continued run; the card's ``history`` says so);
@@ -317,7 +333,8 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
         ep_loss = []
         for i in range(0, n - batch + 1, batch):
             idx = order[i : i + batch]
-            xb, tb = augment(tr["x"][idx].astype(np.float32) / 255.0, tr["t"][idx], tr["content"][idx], rng)
+            xb, tb = augment(tr["x"][idx].astype(np.float32) / 255.0, tr["t"][idx], tr["content"][idx], rng,
+                             soft_tissue_p=soft_tissue_p)
             yb = torch.from_numpy(heat_targets(tb))
             logits = model(torch.from_numpy(xb)[:, None])
             loss = _loss(logits, yb)
@@ -383,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--version", default="0.1.0")
     t.add_argument("--steps", type=int, default=0, help="fixed optimiser steps (default: the --minutes budget)")
+    t.add_argument("--soft-tissue", type=float, default=0.0,
+                   help="share of training images given a thick uneven soft-tissue look (thick_soft_tissue)")
     args = ap.parse_args(argv)
     if args.cmd == "data":
         for name in SPLITS:
@@ -391,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train(Path(args.out), minutes=args.minutes, workers=args.workers, lr=args.lr,
           init=Path(args.init) if args.init else None, version=args.version, steps=args.steps or None,
           command="nice -n 5 python -m training.hip_landmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+          soft_tissue_p=args.soft_tissue,
           changelog={"0.2.0": "continued from 0.1.0 with bright implants painted at 15 % of the training hips",
                      "0.1.0": "first release (issue 15): head and neck heat maps per anatomical side"}
           if args.version == "0.2.0" else None)
