@@ -49,6 +49,8 @@ SHORT_RIB_HU = 150.0
 SHORT_RIB_MIN_MM = 40.0
 #: ... and this much further than the bone attached to the vertebra below ...
 SHORT_RIB_MARGIN_MM = 6.0
+#: ... while its lateral part runs at least this much (mm) further back than the one below ...
+SHORT_RIB_LONGER_BACK_MM = 8.0
 #: ... but no further than this (mm): beyond, the low threshold has joined a long rib passing by
 SHORT_RIB_MAX_MM = 75.0
 #: lateral distance (mm from the canal) beyond which the course of attached bone is measured ...
@@ -62,12 +64,18 @@ RIB_HU = 280.0
 THICK_MM = 8.0
 #: rib heads lie within this distance (mm) of the body outline
 CONTACT_MM = 10.0
+#: rib heads are looked for from the body's front fifth to this far (mm) behind the canal's
+#: centre plus its radius (costotransverse joints lie level with the canal; a small thoracic body's
+#: canal is often placed a few mm too far forward)
+CONTACT_BEHIND_MM = 4.0
 #: how far (mm) below a vertebra its ribs are followed
 RIB_DESCENT_MM = 30.0
 #: the sacral alae are at least this thick (mm, antero-posterior) beside the S1 body
 ALA_AP_MM = 10.0
 
 
+#: the pelvis's lateral bone may start this far (mm) above the inferior end of the column
+PELVIS_BELOW_MM = 40.0
 #: no bone threshold of the localizer falls below this (HU): enhancing organs and muscle stay out
 MIN_BONE_HU = 100.0
 #: the long-rib threshold falls with the skeleton's density to this fraction at most ...
@@ -96,14 +104,17 @@ def _disk(r: int) -> np.ndarray:
 
 def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
                  spacing: tuple[float, float, float], scale: float = 1.0, *,
-                 hu_threshold: float | None = None, min_reach_mm: float | None = None
-                 ) -> dict[str, float]:
+                 hu_threshold: float | None = None, min_reach_mm: float | None = None,
+                              close_gaps: bool = False) -> dict[str, float]:
     """Rib articulation evidence for one vertebra.
 
     ``hu_threshold`` and ``min_reach_mm`` default to :func:`rib_hu` of
     ``scale`` and :data:`RIB_REACH_MM`; :func:`lateral_reach` lowers both to
     measure how far any bone attached to the vertebra reaches (short ribs and
-    transverse processes alike).
+    transverse processes alike). ``close_gaps`` closes one-pixel gaps of the
+    bone mask in plane first (a thin, faint rib's cortex crosses the
+    threshold in dots at a 2 mm grid); the localizer uses it only for a
+    vertebra inside the rib cage that showed no rib without it.
 
     Returns
     -------
@@ -133,8 +144,9 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
     thr = rib_hu(scale) if hu_threshold is None else hu_threshold
     reach_min = RIB_REACH_MM if min_reach_mm is None else min_reach_mm
     sub = hu[zs[0]:zs[-1] + 1, y0:y1, x0:x1] > thr
-    # a thin, faint rib's cortex crosses the threshold in dots at a 2 mm grid: close one-pixel gaps
-    sub = ndi.binary_closing(sub, structure=_CLOSE_2D, border_value=0) & body[zs[0]:zs[-1] + 1, y0:y1, x0:x1]
+    if close_gaps:
+        sub = ndi.binary_closing(sub, structure=_CLOSE_2D, border_value=0)
+    sub &= body[zs[0]:zs[-1] + 1, y0:y1, x0:x1]
     contact = np.zeros_like(sub)
     lateral = np.zeros(sub.shape, np.float32)
     posterior = np.zeros(sub.shape, np.float32)
@@ -156,7 +168,7 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
         side[n] = np.where(xx > cxz, 1, -1) + 0 * yy
         if seg.lo <= z <= top:
             contact[n] = ((rho > 1.1) & (rho <= 1.1 + CONTACT_MM / (hw * dx))
-                          & (yy >= by - 0.2 * hd) & (yy <= cyz + 0.5 * crz)
+                          & (yy >= by - 0.2 * hd) & (yy <= cyz + crz + CONTACT_BEHIND_MM / dy)
                           & (np.abs(xx - bx) >= 0.5 * hw))
     # contrast-enhanced organs (kidneys, bowel, vessels) can read above the bone threshold:
     # they are thick, ribs and transverse processes are not
@@ -170,8 +182,6 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
                 sub[n_] &= ~ndi.binary_dilation(thick, structure=margin)
     lab, n = ndi.label(sub, structure=np.ones((3, 3, 3), bool))
     out = {"right": 0.0, "left": 0.0}
-    if n == 0:
-        return out
     touching = np.unique(lab[contact & sub])
     touching = touching[touching > 0]
     for comp in touching:
@@ -221,7 +231,8 @@ def short_rib_sides(reach: dict[str, float], reach_below: dict[str, float]) -> l
     A side counts when its attached bone reaches at least
     :data:`SHORT_RIB_MIN_MM` from the canal and at least
     :data:`SHORT_RIB_MARGIN_MM` further than the same side of the vertebra
-    below (whose transverse process, in a lumbar spine, is the longer one), or
+    below (whose transverse process, in a lumbar spine, is the longer one)
+    while running at least :data:`SHORT_RIB_LONGER_BACK_MM` further back, or
     when its lateral part (beyond :data:`POSTERIOR_FROM_MM`) runs at least
     :data:`SHORT_RIB_POSTERIOR_MM` behind the canal centre and 10 mm further
     back than the vertebra below's (a rib's posterolateral course; lumbar
@@ -238,7 +249,9 @@ def short_rib_sides(reach: dict[str, float], reach_below: dict[str, float]) -> l
         # a rib runs posterolaterally from its costovertebral joint; a transverse process
         # projects laterally at the level of the canal
         backward = r >= POSTERIOR_FROM_MM + 8.0 and p >= SHORT_RIB_POSTERIOR_MM and p >= pb + 10.0
-        if longer or backward:
+        # a transverse process that merely reaches further (a long L1 process, or one joined at a
+        # low threshold to a rib passing by) is not a rib: the posterolateral course must show too
+        if backward or (longer and p >= pb + SHORT_RIB_LONGER_BACK_MM):
             out.append(side)
     return out
 
@@ -288,8 +301,10 @@ def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[flo
     Lateral bone (beyond 50 mm from the canal on both sides, thin structures
     and organs removed as in :func:`rib_evidence`) is present at every level
     of the rib cage and again from the iliac crests down. The run of lateral
-    bone that reaches the inferior end of the coverage and is separated from
-    anything above by at least 15 mm without lateral bone is the pelvis.
+    bone that reaches the inferior end of the column (or starts within
+    :data:`PELVIS_BELOW_MM` of it: the column may run on along the sacrum and
+    coccyx below the ilia) and is separated from anything above by at least
+    15 mm without lateral bone is the pelvis.
     Returns ``None`` when there is no such run (e.g. a chest CT whose rib
     shafts reach the end of the coverage).
     """
@@ -306,9 +321,14 @@ def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[flo
         right = bone[:, lat <= -50.0].sum() * dy * dx
         present[z] = min(left, right) >= 40.0
     valid = np.nonzero(col.valid)[0]
-    if valid.size == 0 or not present[valid[0]]:
+    if valid.size == 0:
         return None
     z = valid[0]
+    # the column may run on below the ilia (sacrum and coccyx with no lateral bone beside them)
+    while z < valid[-1] and not present[z] and (z - valid[0]) * dz < PELVIS_BELOW_MM:
+        z += 1
+    if not present[z]:
+        return None
     while z + 1 <= valid[-1] and present[z + 1]:
         z += 1
     top = z

@@ -146,6 +146,7 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
     for s in segs:
         in_pelvis = crest is not None and s.lo <= crest + int(round(10.0 / dz))
         s.ribs = {"right": 0.0, "left": 0.0} if in_pelvis else rib_evidence(hu, body, col, s, spacing, scale)
+    _recheck_rib_gaps(segs, lambda s: rib_evidence(hu, body, col, s, spacing, scale, close_gaps=True))
     for s in segs[:3]:
         if not _rib_bearing(s):
             s.sacral = sacral_evidence(hu, body, col, s, spacing, scale)
@@ -188,6 +189,27 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
     log.info("spine_localized", l1_z_mm=found["L1"].z_range_mm, confidence=round(conf, 2),
              anchors=anchor_info.get("anchors"))
     return SpineLocalization(found, METHOD, None, details)
+
+
+#: a run of at most this many rib-free vertebrae between rib-bearing ones is looked at again
+RIB_GAP_MAX = 2
+
+
+def _recheck_rib_gaps(segs: list[Segment], evidence: Callable[[Segment], dict[str, float]]) -> None:
+    """Look again, with one-pixel gaps closed, at rib-free vertebrae inside the rib cage.
+
+    A faint, thin rib (an osteoporotic chest, partial volume at a 2 mm grid)
+    can cross the rib threshold in dots and lose its connection to the
+    vertebra; one or two rib-free vertebrae between rib-bearing ones are
+    re-examined with ``evidence`` (the rib search with gaps closed). Rib-free
+    vertebrae below the cage are left alone: closing gaps there would join
+    transverse processes to enhancing organs.
+    """
+    ribbed = [i for i, s in enumerate(segs) if _rib_bearing(s)]
+    for a, b in zip(ribbed[:-1], ribbed[1:]):
+        if 1 < b - a <= RIB_GAP_MAX + 1:
+            for i in range(a + 1, b):
+                segs[i].ribs = evidence(segs[i])
 
 
 def _rib_bearing(s: Segment) -> bool:
@@ -347,7 +369,7 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: in
     crest_pick = None
     if l1_rib is not None and l1_sac is not None and abs(l1_rib - l1_sac) == 1:
         crest_pick = vote((l1_rib, l1_sac))
-    l1, conf = _combine_anchors(l1_rib, l1_sac, info, sacral_count_regular=regular, crest_pick=crest_pick)
+    l1, conf = _combine_anchors(segs, l1_rib, l1_sac, info, sacral_count_regular=regular, crest_pick=crest_pick)
     if conf <= 0.05:
         return {}, 0.0, info
     # label every segment from L1's index: index l1 + k is k levels above L1
@@ -412,7 +434,7 @@ def _crest_vote(segs: list[Segment], candidates: tuple[int, int], crest: int, dz
     return best
 
 
-def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any], *,
+def _combine_anchors(segs: list[Segment], l1_rib: int | None, l1_sac: int | None, info: dict[str, Any], *,
                      sacral_count_regular: bool = False, crest_pick: int | None = None) -> tuple[int, float]:
     """L1's segment index and the labelling confidence from the two anchors.
 
@@ -446,7 +468,7 @@ def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any
             info["warning"] = info["decline"]
             return l1_rib, 0.05
         if crest_pick is not None:
-            return _crest_decides(l1_rib, l1_sac, crest_pick, info)
+            return _crest_decides(segs, l1_rib, l1_sac, crest_pick, info)
         if d < 0 and not short and sacral_count_regular:
             info.setdefault("transitional", "12th rib pair not seen (hypoplastic 12th ribs) or lumbarised S1")
             info["warning"] = ("rib count and sacral count disagree by one level: labelled from the sacrum "
@@ -468,10 +490,18 @@ def _combine_anchors(l1_rib: int | None, l1_sac: int | None, info: dict[str, Any
     return l1_sac, (0.5 if "transitional" in info else 0.7)
 
 
-def _crest_decides(l1_rib: int, l1_sac: int, pick: int, info: dict[str, Any]) -> tuple[int, float]:
+def _crest_decides(segs: list[Segment], l1_rib: int, l1_sac: int, pick: int, info: dict[str, Any]
+                   ) -> tuple[int, float]:
     """L1 and confidence when the iliac crests side with one of two counts one level apart."""
     lower = l1_sac < l1_rib  # the sacral count puts L1 one vertebra lower than the ribs
-    if pick == l1_rib:
+    extra = l1_rib - 5  # with ``lower``: the vertebra between the sacrum and the ribs' L5
+    heights = [segs[i].hi - segs[i].lo + 1 for i in range(max(0, l1_rib - 4), l1_rib + 1)]
+    short_extra = (lower and 0 <= extra < len(segs) and bool(heights)
+                   and segs[extra].hi - segs[extra].lo + 1 < SPLIT_RATIO * float(np.median(heights)))
+    if pick == l1_rib and short_extra:
+        info["transitional"] = ("a short vertebra-like piece above the sacrum (the top of S1 counted "
+                                "apart, or a lumbarised S1)")
+    elif pick == l1_rib:
         info["transitional"] = ("lumbarised S1 (6 free lumbar-type vertebrae above the sacrum)" if lower
                                 else "sacralised L5 (4 free lumbar vertebrae above the sacrum)")
     else:

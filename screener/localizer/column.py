@@ -28,8 +28,8 @@ BONE_HU_LADDER: tuple[float, ...] = (BONE_HU, 150.0, 125.0, 105.0)
 #: 90th percentile HU of the cortical band of a vertebral body (working grid) below which the
 #: thresholds start to fall (adults of the cohort read 480-640 HU; the shared real CT 510)
 REFERENCE_RING_HU = 460.0
-#: a lower rung of the ladder is taken when its column is at least this much (mm) longer
-LADDER_GAIN_MM = 30.0
+#: the highest rung of the ladder whose column is at least this share of the longest is kept
+LADDER_SHARE = 0.8
 #: the lowest bone scale used (thresholds never fall to soft tissue)
 MIN_BONE_SCALE = 0.4
 #: slab length (mm) used to close the neural arch around the canal
@@ -301,23 +301,20 @@ def find_column_adaptive(hu: np.ndarray, body: np.ndarray, spacing: tuple[float,
     A severely osteoporotic skeleton can read below :data:`BONE_HU` even in
     its cortex and posterior elements: the bone union then never closes the
     canal. The thresholds of :data:`BONE_HU_LADDER` are tried from the
-    highest; a lower one is kept only when its column is at least
-    :data:`LADDER_GAIN_MM` longer (a dense skeleton's column is as long at
-    the highest threshold; a faint one's lumbar canal closes only lower
-    down). The search stops once the whole coverage is tracked. The kept
-    threshold is :attr:`Column.bone_hu`.
+    highest; the highest whose column is at least :data:`LADDER_SHARE` as
+    long as the longest any rung tracks is kept (a dense skeleton's column is
+    as long at the highest threshold; a faint one's lumbar canal closes only
+    lower down). The search stops once the whole coverage is tracked. The
+    kept threshold is :attr:`Column.bone_hu`.
     """
-    dz = spacing[0]
     nz = hu.shape[0]
-    best: Column | None = None
+    cols: list[Column] = []
     for thr in BONE_HU_LADDER:
-        col = find_column(hu, body, spacing, bone_hu=thr)
-        if best is None or (col.valid.sum() - best.valid.sum()) * dz >= LADDER_GAIN_MM:
-            best = col
-        if best.valid.sum() * dz >= 0.95 * nz * dz:
+        cols.append(find_column(hu, body, spacing, bone_hu=thr))
+        if cols[-1].valid.sum() >= 0.95 * nz:
             break  # the whole coverage is tracked: a lower threshold cannot do better
-    assert best is not None
-    return best
+    longest = max(int(c.valid.sum()) for c in cols)
+    return next(c for c in cols if c.valid.sum() >= LADDER_SHARE * longest)
 
 
 def bone_scale(hu: np.ndarray, col: Column) -> float:

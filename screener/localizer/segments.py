@@ -29,7 +29,12 @@ DISC_HU = 80.0
 DISC_HU_TOL = 30.0
 #: a bony endplate's core reads at least this much above the trabecular bodies (HU)
 ENDPLATE_LIFT_HU = 120.0
-#: slices at least this thick (mm) are split by :func:`_discs_by_spacing`
+#: at thick slices, an endplate slice reads this much above the bodies' median core (HU) ...
+THICK_ENDPLATE_LIFT_HU = 100.0
+#: ... and a disc slice of a dense spine this much below it
+THICK_DIP_HU = 60.0
+#: slices at least this thick (mm) are split by :func:`_discs_between_endplates`
+#: (or, failing that, :func:`_discs_by_spacing`)
 THICK_SLICE_MM = 5.5
 #: shortest and longest vertebral period, body + disc (mm): a grade-3 fracture to a large L5
 PERIOD_MM = (16.0, 44.0)
@@ -37,6 +42,9 @@ PERIOD_MM = (16.0, 44.0)
 DISC_SCORE_OFFSET = 0.25
 #: cost per unit |log| of the ratio of successive periods
 PERIOD_CHANGE_PENALTY = 1.0
+#: a gap between two discs longer than this many median periods holds a disc not seen (a thin
+#: disc between two bright endplates at 5 mm slices; a tall L5 with oblique discs spans ~1.25)
+SPLIT_PERIODS = 1.45
 #: smallest disc score (core dip of 30 HU, or a band drop of 0.075 bone fraction) for a disc
 MIN_DISC_SCORE = 0.3
 
@@ -210,6 +218,12 @@ def find_discs(prof: np.ndarray, dz: float, scale: float = 1.0) -> list[int]:
     lo, hi = int(idx[0]), int(idx[-1])
     s = disc_score(prof[:, lo:hi + 1], dz, scale)
     if dz >= THICK_SLICE_MM:
+        discs = _discs_between_endplates(prof[0, lo:hi + 1], dz, scale)
+        if len(discs) >= 2:
+            discs = _drop_close(discs, s)
+            discs = _fill_gaps(discs, s, prof[0, lo:hi + 1], dz, scale)
+            return [d + lo for d in discs]
+    if dz >= THICK_SLICE_MM:
         dp = _discs_by_spacing(s, dz)
         if dp is not None:
             return [d + lo for d in dp]
@@ -225,7 +239,12 @@ def find_discs(prof: np.ndarray, dz: float, scale: float = 1.0) -> list[int]:
         return []
     discs = sorted(c for c in chosen if s[c] >= MIN_DISC_SCORE)
     discs = _fill_gaps(discs, s, prof[0, lo:hi + 1], dz, scale)
-    # two "discs" much closer than the typical period: the weaker one is a dip inside a body
+    return [d + lo for d in _drop_close(discs, s)]
+
+
+def _drop_close(discs: list[int], s: np.ndarray) -> list[int]:
+    """Two "discs" much closer than the typical period: the weaker one is a dip inside a body."""
+    discs = list(discs)
     while len(discs) >= 3:
         gaps = np.diff(discs)
         period = float(np.median(gaps))
@@ -234,7 +253,46 @@ def find_discs(prof: np.ndarray, dz: float, scale: float = 1.0) -> list[int]:
             break
         a, b = discs[i], discs[i + 1]
         discs.remove(a if s[a] < s[b] else b)
-    return [d + lo for d in discs]
+    return discs
+
+
+def _discs_between_endplates(core: np.ndarray, dz: float, scale: float = 1.0) -> list[int]:
+    """Discs at thick slices: the centres of the runs of slices that are not trabecular body.
+
+    With slices of :data:`THICK_SLICE_MM` or more a thin disc is averaged into
+    the bony endplates on both sides of it, so the slice at a disc often does
+    not dip; what marks every disc is a run of one to three slices that do not
+    read as trabecular body: bright endplates (core at least
+    :data:`THICK_ENDPLATE_LIFT_HU` x ``scale`` above the bodies' median), a
+    dip (:data:`THICK_DIP_HU` x ``scale`` below it) and, in a low-density
+    spine whose bodies read darker than disc tissue, a slice of disc tissue
+    between two bright ones. The trabecular slices of the bodies separate the
+    runs; a vertebral body's own two endplates are a body's height apart, so
+    they never fall in one run.
+    """
+    c = np.where(np.isfinite(core), core, np.nanmedian(core))
+    med = float(np.median(c))
+    bright = c >= med + THICK_ENDPLATE_LIFT_HU * scale
+    dip = c <= med - THICK_DIP_HU * scale
+    tissue = np.abs(c - DISC_HU) <= DISC_HU_TOL
+    n = c.size
+    # a disc-tissue slice between two bright ones belongs to the disc's run
+    fill = np.zeros(n, bool)
+    fill[1:-1] = tissue[1:-1] & bright[:-2] & bright[2:]
+    run = bright | dip | fill
+    discs = []
+    z = 0
+    while z < n:
+        if not run[z]:
+            z += 1
+            continue
+        e = z
+        while e + 1 < n and run[e + 1]:
+            e += 1
+        if (e - z + 1) * dz <= 20.0 and z > 0 and e < n - 1:  # not the coverage's ends
+            discs.append(int(round((z + e) / 2.0)))
+        z = e + 1
+    return discs
 
 
 def _discs_by_spacing(s: np.ndarray, dz: float) -> list[int] | None:
@@ -296,7 +354,7 @@ def _fill_gaps(discs: list[int], s: np.ndarray, core: np.ndarray, dz: float, sca
     """Split gaps between discs that are too long for one vertebra.
 
     With thick slices a thin disc can hide between two bright endplate
-    slices. A gap longer than 1.6 vertebral periods (median of the other gaps,
+    slices. A gap longer than :data:`SPLIT_PERIODS` vertebral periods (median of the other gaps,
     or 36 mm) is split in its middle half where the disc score, a dip of the
     core HU or a very bright core (merged endplates, >= 250 HU) is best,
     preferring the centre of the gap. Between a disc and the end of the
@@ -334,7 +392,7 @@ def _fill_gaps(discs: list[int], s: np.ndarray, core: np.ndarray, dz: float, sca
                 discs = sorted(discs + [int(seg[np.argmax(ev)])])
                 changed = True
                 break
-            if (b - a) <= 1.6 * period or (b - a) * dz < 40.0:
+            if (b - a) <= SPLIT_PERIODS * period or (b - a) * dz < 40.0:
                 continue
             m0, m1 = max(0, a + int(round(0.25 * (b - a)))), min(n - 1, b - int(round(0.25 * (b - a))))
             if m1 < m0:
@@ -373,7 +431,9 @@ def split_segments(prof: np.ndarray, discs: list[int], valid: np.ndarray, dz: fl
     lo, hi = int(idx[0]), int(idx[-1])
     score = np.zeros(valid.size)
     score[lo:hi + 1] = disc_score(prof[:, lo:hi + 1], dz, scale)
-    ext = {z: disc_extent(score, z, dz) for z in discs}
+    # at thick slices a disc is one slice (the centre of its run, :func:`_discs_between_endplates`):
+    # the endplate slices around it belong to the bodies
+    ext = {z: (z, z) if dz >= THICK_SLICE_MM else disc_extent(score, z, dz) for z in discs}
     segs = []
     edges: list[tuple[int | None, int]] = [(None, lo)] + [(z, z) for z in discs] + [(None, hi)]
     for (d0, z0), (d1, z1) in zip(edges[:-1], edges[1:]):
