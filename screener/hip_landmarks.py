@@ -262,6 +262,13 @@ class HipLandmark:
     side_source : str
         How the side was decided.
     present : bool
+        Above the presence threshold (or a weaker candidate holding implant metal).
+    metal : bool
+        Implant metal in the femoral head or neck (:func:`metal_in_hip`).
+    metal_fraction : float
+        Share of the head / neck ROI that reads as metal.
+    details : dict
+        Notes for the finding (suppressed duplicate, side conflict, found by metal).
     """
 
     anatomy: str
