@@ -77,6 +77,9 @@ NOT_IN_VIEW = "L1 not in view"
 SACRAL_MIN = 0.4
 #: a counted lumbar body shorter than this fraction of the tallest looks split (see _regular_between)
 SPLIT_RATIO = 0.7
+#: the median height (mm) of an adult's thoracolumbar bodies is well above this; below it the
+#: column was split at false discs
+MIN_MEDIAN_BODY_MM = 16.0
 #: plausible body height of L1 (mm, endplate to endplate): a grade-3 fracture to a tall L1
 L1_HEIGHT_MM = (10.0, 38.0)
 
@@ -156,6 +159,12 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
          "sacral": round(s.sacral, 2)} for s in segs]
     if not segs:
         return _decline("no vertebral bodies separated along the column", details)
+    heights = [(sg.hi - sg.lo + 1) * dz for sg in segs if sg.complete]
+    if len(heights) >= 5 and float(np.median(heights)) < MIN_MEDIAN_BODY_MM:
+        # false discs inside the bodies (thick slices, faint endplates): every count would be off
+        return _decline(f"the column split into bodies shorter than vertebrae (median "
+                        f"{float(np.median(heights)):.0f} mm): the discs were not found reliably, so the "
+                        "levels cannot be numbered with confidence", details)
     pelvic = {i for i, sg in enumerate(segs) if crest is not None and sg.lo <= crest + int(round(10.0 / dz))}
 
     def reach(i: int) -> dict[str, float] | None:
