@@ -31,6 +31,9 @@ DISC_HU_TOL = 30.0
 ENDPLATE_LIFT_HU = 120.0
 #: at thick slices, an endplate slice reads this much above the bodies' median core (HU) ...
 THICK_ENDPLATE_LIFT_HU = 100.0
+#: percentile of the core profile taken as the trabecular bodies' level at thick slices (dips at the
+#: discs lie below it, endplates well above)
+BODY_PERCENTILE = 30.0
 #: ... and a disc slice of a dense spine this much below it
 THICK_DIP_HU = 60.0
 #: slices at least this thick (mm) are split by :func:`_discs_between_endplates`
@@ -263,7 +266,8 @@ def _discs_between_endplates(core: np.ndarray, dz: float, scale: float = 1.0) ->
     the bony endplates on both sides of it, so the slice at a disc often does
     not dip; what marks every disc is a run of one to three slices that do not
     read as trabecular body: bright endplates (core at least
-    :data:`THICK_ENDPLATE_LIFT_HU` x ``scale`` above the bodies' median), a
+    :data:`THICK_ENDPLATE_LIFT_HU` x ``scale`` above the bodies' level, the
+    :data:`BODY_PERCENTILE` th percentile of the core profile), a
     dip (:data:`THICK_DIP_HU` x ``scale`` below it) and, in a low-density
     spine whose bodies read darker than disc tissue, a slice of disc tissue
     between two bright ones. The trabecular slices of the bodies separate the
@@ -271,7 +275,9 @@ def _discs_between_endplates(core: np.ndarray, dz: float, scale: float = 1.0) ->
     they never fall in one run.
     """
     c = np.where(np.isfinite(core), core, np.nanmedian(core))
-    med = float(np.median(c))
+    # the trabecular level: at thick slices endplate (and disc) slices can be half of all slices,
+    # so the median may fall between bodies and endplates; the bodies fill the lower-middle
+    med = float(np.percentile(c, BODY_PERCENTILE))
     bright = c >= med + THICK_ENDPLATE_LIFT_HU * scale
     dip = c <= med - THICK_DIP_HU * scale
     tissue = np.abs(c - DISC_HU) <= DISC_HU_TOL
