@@ -105,7 +105,7 @@ def _disk(r: int) -> np.ndarray:
 def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
                  spacing: tuple[float, float, float], scale: float = 1.0, *,
                  hu_threshold: float | None = None, min_reach_mm: float | None = None,
-                              close_gaps: bool = False) -> dict[str, float]:
+                 close_gaps: bool = False) -> dict[str, float]:
     """Rib articulation evidence for one vertebra.
 
     ``hu_threshold`` and ``min_reach_mm`` default to :func:`rib_hu` of

@@ -146,9 +146,9 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
     crest = pelvis_top(hu, body, col, spacing, scale)
     if crest is not None:
         details["iliac_crest_z_mm"] = round(grid.z_mm(crest), 1)
-    for s in segs:
-        in_pelvis = crest is not None and s.lo <= crest + int(round(10.0 / dz))
-        s.ribs = {"right": 0.0, "left": 0.0} if in_pelvis else rib_evidence(hu, body, col, s, spacing, scale)
+    pelvic = {i for i, sg in enumerate(segs) if crest is not None and sg.lo <= crest + int(round(10.0 / dz))}
+    for i, s in enumerate(segs):
+        s.ribs = {"right": 0.0, "left": 0.0} if i in pelvic else rib_evidence(hu, body, col, s, spacing, scale)
     _recheck_rib_gaps(segs, lambda s: rib_evidence(hu, body, col, s, spacing, scale, close_gaps=True))
     for s in segs[:3]:
         if not _rib_bearing(s):
@@ -159,13 +159,13 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
          "sacral": round(s.sacral, 2)} for s in segs]
     if not segs:
         return _decline("no vertebral bodies separated along the column", details)
-    heights = [(sg.hi - sg.lo + 1) * dz for sg in segs if sg.complete]
-    if len(heights) >= 5 and float(np.median(heights)) < MIN_MEDIAN_BODY_MM:
+    heights = [sg.n_slices * dz for sg in segs if sg.complete]
+    median_mm = float(np.median(heights)) if heights else 0.0
+    if len(heights) >= 5 and median_mm < MIN_MEDIAN_BODY_MM:
         # false discs inside the bodies (thick slices, faint endplates): every count would be off
         return _decline(f"the column split into bodies shorter than vertebrae (median "
-                        f"{float(np.median(heights)):.0f} mm): the discs were not found reliably, so the "
+                        f"{median_mm:.0f} mm): the discs were not found reliably, so the "
                         "levels cannot be numbered with confidence", details)
-    pelvic = {i for i, sg in enumerate(segs) if crest is not None and sg.lo <= crest + int(round(10.0 / dz))}
 
     def reach(i: int) -> dict[str, float] | None:
         if not 0 <= i < len(segs) or i in pelvic:
@@ -189,7 +189,7 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
             why = "L1 is only partly covered"
         return _decline(why, details, found)
     l1_seg = next(segs[i] for i, lab in labels.items() if lab == "L1")
-    l1_mm = (l1_seg.hi - l1_seg.lo + 1) * dz
+    l1_mm = l1_seg.n_slices * dz
     if not L1_HEIGHT_MM[0] <= l1_mm <= L1_HEIGHT_MM[1]:
         # two bodies merged (a disc not seen) or a body split in two: every label would be off
         return _decline(f"the vertebra numbered L1 is {l1_mm:.0f} mm tall, outside "
@@ -287,7 +287,7 @@ def _sacral_s1(segs: list[Segment]) -> int | None:
 
 
 def _short_rib(t12: int, l1_sac: int | None, reach: Reach, info: dict[str, Any],
-               vote: "Callable[[tuple[int, int]], int | None] | None" = None) -> int:
+               vote: Callable[[tuple[int, int]], int | None] | None = None) -> int:
     """Move T12 down one vertebra when the vertebra below the long ribs carries a short rib.
 
     A hypoplastic 12th rib (short, thin, faint, often one-sided: 12.6 % of
@@ -343,6 +343,7 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: in
     if s1 is not None:
         info["sacral_anchor"] = {"S1_segment": s1}
     l1_sac = s1 + 5 if s1 is not None else None
+
     def vote(cands: tuple[int, int]) -> int | None:
         # the crests count vertebrae only where the bodies counted look single (a body split
         # in two or two merged would shift the count the crests check)
@@ -393,7 +394,7 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: in
         info["decline"] = "coverage ends above L1" if l1 < 0 else "coverage ends below L1"
         return {k: v for k, v in labels.items()}, conf, info
     s = segs[l1]
-    height = (s.hi - s.lo + 1)
+    height = s.n_slices
     info["l1_height_slices"] = int(height)
     return labels, float(np.clip(conf, 0.05, 0.99)), info
 
@@ -405,7 +406,7 @@ def _regular_between(segs: list[Segment], lo: int, hi: int) -> bool:
     a lumbar body split in two by a false disc leaves two short pieces.
     """
     lo = max(0, lo)
-    heights = [segs[i].hi - segs[i].lo + 1 for i in range(lo, min(hi, len(segs) - 1) + 1) if segs[i].complete]
+    heights = [segs[i].n_slices for i in range(lo, min(hi, len(segs) - 1) + 1) if segs[i].complete]
     return bool(heights) and min(heights) >= SPLIT_RATIO * max(heights)
 
 
@@ -504,9 +505,9 @@ def _crest_decides(segs: list[Segment], l1_rib: int, l1_sac: int, pick: int, inf
     """L1 and confidence when the iliac crests side with one of two counts one level apart."""
     lower = l1_sac < l1_rib  # the sacral count puts L1 one vertebra lower than the ribs
     extra = l1_rib - 5  # with ``lower``: the vertebra between the sacrum and the ribs' L5
-    heights = [segs[i].hi - segs[i].lo + 1 for i in range(max(0, l1_rib - 4), l1_rib + 1)]
+    heights = [segs[i].n_slices for i in range(max(0, l1_rib - 4), l1_rib + 1)]
     short_extra = (lower and 0 <= extra < len(segs) and bool(heights)
-                   and segs[extra].hi - segs[extra].lo + 1 < SPLIT_RATIO * float(np.median(heights)))
+                   and segs[extra].n_slices < SPLIT_RATIO * float(np.median(heights)))
     if pick == l1_rib and short_extra:
         info["transitional"] = ("a short vertebra-like piece above the sacrum (the top of S1 counted "
                                 "apart, or a lumbarised S1)")
@@ -525,7 +526,7 @@ def _crest_decides(segs: list[Segment], l1_rib: int, l1_sac: int, pick: int, inf
 def _vertebra_location(grid: WorkGrid, col, s: Segment, label: str, conf: float) -> VertebraLocation:
     """Slice range, z range and trabecular centroid of one segment, in source terms."""
     hu = grid.hu
-    n = s.hi - s.lo + 1
+    n = s.n_slices
     a = s.lo + int(np.floor(0.2 * n))
     b = s.hi - int(np.floor(0.2 * n))
     pts = []

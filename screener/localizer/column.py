@@ -311,8 +311,15 @@ def find_column_adaptive(hu: np.ndarray, body: np.ndarray, spacing: tuple[float,
     cols: list[Column] = []
     for thr in BONE_HU_LADDER:
         cols.append(find_column(hu, body, spacing, bone_hu=thr))
-        if cols[-1].valid.sum() >= 0.95 * nz:
-            break  # the whole coverage is tracked: a lower threshold cannot do better
+        kept = _ladder_pick(cols)
+        # no column is longer than the coverage: a pick that holds against that bound is final
+        if kept.valid.sum() >= LADDER_SHARE * nz or cols[-1].valid.sum() >= 0.95 * nz:
+            return kept
+    return _ladder_pick(cols)
+
+
+def _ladder_pick(cols: list[Column]) -> Column:
+    """The highest rung whose column is at least :data:`LADDER_SHARE` as long as the longest."""
     longest = max(int(c.valid.sum()) for c in cols)
     return next(c for c in cols if c.valid.sum() >= LADDER_SHARE * longest)
 

@@ -29,13 +29,15 @@ DISC_HU = 80.0
 DISC_HU_TOL = 30.0
 #: a bony endplate's core reads at least this much above the trabecular bodies (HU)
 ENDPLATE_LIFT_HU = 120.0
-#: at thick slices, an endplate slice reads this much above the bodies' median core (HU) ...
-THICK_ENDPLATE_LIFT_HU = 100.0
 #: percentile of the core profile taken as the trabecular bodies' level at thick slices (dips at the
 #: discs lie below it, endplates well above)
 BODY_PERCENTILE = 30.0
+#: at thick slices, an endplate slice reads this much above the bodies' level (HU) ...
+THICK_ENDPLATE_LIFT_HU = 100.0
 #: ... and a disc slice of a dense spine this much below it
 THICK_DIP_HU = 60.0
+#: a run of endplate / disc slices longer than this (mm) is not one disc
+MAX_DISC_RUN_MM = 20.0
 #: slices at least this thick (mm) are split by :func:`_discs_between_endplates`
 #: (or, failing that, :func:`_discs_by_spacing`)
 THICK_SLICE_MM = 5.5
@@ -69,6 +71,11 @@ class Segment:
     ribs: dict[str, float] = field(default_factory=dict)
     sacral: float = 0.0
     label: str | None = None
+
+    @property
+    def n_slices(self) -> int:
+        """Body height in working slices (``hi - lo + 1``)."""
+        return self.hi - self.lo + 1
 
 
 def ellipse_radius(shape: tuple[int, int], by: float, bx: float, hd: float, hw: float) -> np.ndarray:
@@ -277,27 +284,20 @@ def _discs_between_endplates(core: np.ndarray, dz: float, scale: float = 1.0) ->
     c = np.where(np.isfinite(core), core, np.nanmedian(core))
     # the trabecular level: at thick slices endplate (and disc) slices can be half of all slices,
     # so the median may fall between bodies and endplates; the bodies fill the lower-middle
-    med = float(np.percentile(c, BODY_PERCENTILE))
-    bright = c >= med + THICK_ENDPLATE_LIFT_HU * scale
-    dip = c <= med - THICK_DIP_HU * scale
+    level = float(np.percentile(c, BODY_PERCENTILE))
+    bright = c >= level + THICK_ENDPLATE_LIFT_HU * scale
+    dip = c <= level - THICK_DIP_HU * scale
     tissue = np.abs(c - DISC_HU) <= DISC_HU_TOL
     n = c.size
     # a disc-tissue slice between two bright ones belongs to the disc's run
     fill = np.zeros(n, bool)
     fill[1:-1] = tissue[1:-1] & bright[:-2] & bright[2:]
-    run = bright | dip | fill
+    runs, _ = ndi.label(bright | dip | fill)
     discs = []
-    z = 0
-    while z < n:
-        if not run[z]:
-            z += 1
-            continue
-        e = z
-        while e + 1 < n and run[e + 1]:
-            e += 1
-        if (e - z + 1) * dz <= 20.0 and z > 0 and e < n - 1:  # not the coverage's ends
-            discs.append(int(round((z + e) / 2.0)))
-        z = e + 1
+    for (sl,) in ndi.find_objects(runs):
+        first, last = sl.start, sl.stop - 1
+        if (last - first + 1) * dz <= MAX_DISC_RUN_MM and first > 0 and last < n - 1:  # not the ends
+            discs.append(int(round((first + last) / 2.0)))
     return discs
 
 
