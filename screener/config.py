@@ -74,6 +74,11 @@ class Config:
     contrast_adjust_hu : float
         HU subtracted from L1 attenuation on contrast-enhanced CT before the
         Pickhardt thresholds are applied (clinical-physics.md section 1).
+    reference_l1, reference_l1_l4, reference_femoral_neck, reference_total_hip : str
+        T-score reference population of each site (:mod:`screener.references`);
+        empty = the documented default (``kang_l1``, ``spine_l1l4_young_adult``,
+        ``nhanes3_fn_women``, ``nhanes3_th_women``); ``nhanes3_fn``, ``nhanes3_th`` and
+        ``nhanes_0508_l1l4`` choose the women's or men's reference by PatientSex.
     log_level : str
         structlog level name.
     """
@@ -98,6 +103,10 @@ class Config:
     models_dir: Path = DEFAULT_MODELS_DIR
     protocols: list[str] = field(default_factory=list)
     contrast_adjust_hu: float = 11.2
+    reference_l1: str = ""
+    reference_l1_l4: str = ""
+    reference_femoral_neck: str = ""
+    reference_total_hip: str = ""
     log_level: str = "info"
 
     @property
@@ -268,6 +277,12 @@ def load_config(path: str | os.PathLike[str] | None = None,
     if unknown:
         raise ConfigError(f"config key 'protocols': unknown {', '.join(unknown)}; "
                           f"registered: {', '.join(REGISTRY)}")
+    from screener.references import check_config
+
+    try:
+        check_config(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"config key {exc}") from None
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"config key 'port' must be 1-65535, not {cfg.port}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):

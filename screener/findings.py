@@ -37,7 +37,20 @@ class Measurement:
     derivation : pydicom.sr.coding.Code, optional
         E.g. SCT Mean / Standard Deviation.
     method : pydicom.sr.coding.Code, optional
-        Measurement method concept.
+        Measurement method concept (e.g. "Estimated by algorithm from CT"); the SR sets it
+        for model estimates from the source modality when it is not given.
+    caveats : list of str
+        Caveats that qualify THIS measurement (the SR puts them under its NUM item);
+        caveats of the whole finding stay in :attr:`Finding.flags`.
+    reference : dict, optional
+        The reference population of a T-score (:meth:`screener.references.Reference.to_record`:
+        ``key``, ``population``, ``sex``, ``mean``, ``sd``, ``unit``, ``source``).
+    interval : tuple of float, optional
+        ``(low, high)`` prediction interval of the value at :attr:`interval_level`.
+    interval_level : float
+        Nominal coverage of :attr:`interval` (0.9 = 90 %).
+    interval_method : str
+        How the interval was made (e.g. split-conformal on validation residuals).
     """
 
     name: str
@@ -47,16 +60,34 @@ class Measurement:
     unit_meaning: str = ""
     derivation: Code | None = None
     method: Code | None = None
+    caveats: list[str] = field(default_factory=list)
+    reference: dict[str, Any] | None = None
+    interval: tuple[float, float] | None = None
+    interval_level: float = 0.9
+    interval_method: str = ""
 
     def unit_code(self) -> Code:
         """The UCUM unit as a coded concept."""
         return Code(self.unit, "UCUM", self.unit_meaning or self.unit)
 
     def to_record(self) -> dict[str, Any]:
-        """JSON-able dict: ``name``, ``value``, ``unit`` and the concept's code."""
-        return {"name": self.name, "value": float(self.value), "unit": self.unit,
-                "code": [self.concept.value, self.concept.scheme_designator,
-                         self.concept.meaning]}
+        """JSON-able dict: ``name``, ``value``, ``unit``, the concept's ``code``; ``method``,
+        ``caveats``, ``reference`` and ``interval`` (``[low, high]``, ``interval_level``,
+        ``interval_method``) when set."""
+        rec: dict[str, Any] = {"name": self.name, "value": float(self.value), "unit": self.unit,
+                               "code": [self.concept.value, self.concept.scheme_designator,
+                                        self.concept.meaning]}
+        if self.method is not None:
+            rec["method"] = [self.method.value, self.method.scheme_designator, self.method.meaning]
+        if self.caveats:
+            rec["caveats"] = list(self.caveats)
+        if self.reference is not None:
+            rec["reference"] = dict(self.reference)
+        if self.interval is not None:
+            rec["interval"] = [float(self.interval[0]), float(self.interval[1])]
+            rec["interval_level"] = float(self.interval_level)
+            rec["interval_method"] = self.interval_method
+        return rec
 
 
 @dataclass

@@ -29,6 +29,7 @@ from screener.series import SeriesInfo, SeriesUnusable, load_volume, read_series
 
 if TYPE_CHECKING:  # pragma: no cover
     from screener.domain import Volume
+    from screener.study_result import StudyResult
 
 log = structlog.get_logger(__name__)
 
@@ -161,9 +162,10 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
             return PipelineResult("failed", "; ".join(errors), dl)
         return PipelineResult("skipped", f"no protocol applies: {summarize(dl)}", dl)
 
+    result = report_findings(findings, info, config)
     try:
         outputs = _write_outputs(findings, _source_headers(volume, info), info.series_uid,
-                                 Path(out_dir), supersedes)
+                                 Path(out_dir), supersedes, decisions=dl, result=result)
     except Exception as exc:  # noqa: BLE001
         log.error("report writing failed", series_uid=info.series_uid,
                   error=f"{type(exc).__name__}: {exc}")
@@ -176,6 +178,21 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
     return PipelineResult("done", reason, dl, findings, outputs)
 
 
+def report_findings(findings: list[Finding], info: SeriesInfo, config: Config) -> "StudyResult":
+    """Put the configured T-score reference on every T-score (:func:`screener.scores.apply_references`)
+    and combine the findings into the study-level result, recorded with each finding
+    (``details["study_result"]``) so ``screener results`` shows it first."""
+    from screener.references import patient_sex
+    from screener.scores import apply_references
+    from screener.study_result import study_result
+
+    apply_references(findings, sex=patient_sex(info.header), config=config)
+    result = study_result(findings)
+    for f in findings:
+        f.details["study_result"] = result.to_record()
+    return result
+
+
 def _source_headers(volume: "Volume | None", info: SeriesInfo) -> list[pydicom.Dataset]:
     """Headers of the series' images: the volume's, or read from the files (radiographs)."""
     if volume is not None:
@@ -184,7 +201,9 @@ def _source_headers(volume: "Volume | None", info: SeriesInfo) -> list[pydicom.D
 
 
 def _write_outputs(findings: list[Finding], sources: list[pydicom.Dataset], series_uid: str,
-                   out_dir: Path, supersedes: str | Path | None) -> list[OutputObject]:
+                   out_dir: Path, supersedes: str | Path | None, *,
+                   decisions: list[tuple[str, bool, str]] | None = None,
+                   result: "StudyResult | None" = None) -> list[OutputObject]:
     from screener.reporting.sc import SC_SOP_CLASS, build_sc, write_sc
     from screener.reporting.sr import COMPREHENSIVE_SR, build_sr, write_sr
 
@@ -198,7 +217,7 @@ def _write_outputs(findings: list[Finding], sources: list[pydicom.Dataset], seri
     sr = build_sr(findings, [by_uid[u] for u in by_uid if u in needed] or sources[:1],
                   series_uid=output_series_uid(series_uid, "SR"),
                   series_number=SR_SERIES_NUMBER, instance_number=instance_number,
-                  previous=previous)
+                  previous=previous, decisions=decisions, result=result)
     outputs = [OutputObject("SR", write_sr(sr, out_dir), str(sr.SOPInstanceUID), COMPREHENSIVE_SR,
                             str(previous.SOPInstanceUID) if previous is not None else "")]
     for n, f in enumerate(findings, start=1):

@@ -1,6 +1,10 @@
 """``screener results``: export findings as CSV or JSON.
 
-One record per finding: study/series UIDs, protocol, site, category, flags,
+Each series' records start with its study-level screening result
+(:mod:`screener.study_result`: protocol ``study result``, site ``study``, the
+category, and as flags the agreement, each contributing measurement with its
+method, and the notes), then one record per finding: study/series UIDs,
+protocol, site, category, flags,
 each measurement's name, value and unit, and for spine findings the
 vertebra's extent along the patient z axis and the ROI centre in patient
 coordinates (mm), so a result can be checked against an independent
@@ -27,7 +31,8 @@ BASE_FIELDS = ["study_uid", "series_uid", "job_id", "protocol", "protocol_versio
 def finding_records(db: Database, series_uid: str | None = None,
                     all_versions: bool = False) -> list[dict[str, Any]]:
     """Findings as flat JSON-able records (see module docstring)."""
-    out = []
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, int]] = set()
     for row in db.findings(series_uid=series_uid, latest_only=not all_versions):
         data = dict(row["data"])
         rec: dict[str, Any] = {
@@ -41,11 +46,39 @@ def finding_records(db: Database, series_uid: str | None = None,
         centre = data.get("roi_center_mm") or [None, None, None]
         rec["roi_center_x_mm"], rec["roi_center_y_mm"], rec["roi_center_z_mm"] = \
             (list(centre) + [None] * 3)[:3]
-        rec["measurements"] = [
-            {"name": m.get("name"), "value": m.get("value"), "unit": m.get("unit")}
-            for m in data.get("measurements", [])]
+        rec["measurements"] = [_measurement(m) for m in data.get("measurements", [])]
+        study = (data.get("details") or {}).get("study_result")
+        key = (row["series_uid"], row["job_id"])
+        if study and key not in seen:
+            seen.add(key)
+            out.append(_study_record(rec, study))
         out.append(rec)
     return out
+
+
+def _measurement(m: dict[str, Any]) -> dict[str, Any]:
+    """A measurement record: ``name``, ``value``, ``unit``; its interval and T-score reference when stored."""
+    out = {"name": m.get("name"), "value": m.get("value"), "unit": m.get("unit")}
+    for k in ("interval", "interval_level", "reference"):
+        if k in m:
+            out[k] = m[k]
+    return out
+
+
+def _study_record(first: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
+    """The study-level result of a series' job as a record shaped like a finding's."""
+    lines = [study.get("agreement", "")]
+    for c in study.get("contributions", []):
+        grade = c.get("grade") or "indeterminate"
+        lines.append(f"{c['method']}, {c['site']}: {c['value']} -> {grade} "
+                     f"(compatible: {', '.join(c['compatible'])}; {c['uncertainty']})")
+    lines += list(study.get("notes", []))
+    rec: dict[str, Any] = {k: first[k] for k in ("study_uid", "series_uid", "job_id")}
+    rec.update({"protocol": "study result", "protocol_version": "", "site": "study",
+                "category": study.get("category", ""), "flags": [x for x in lines if x],
+                "methods": list(study.get("methods", [])), "measurements": []})
+    rec.update({k: None for k in BASE_FIELDS if k not in rec})
+    return rec
 
 
 def to_csv(records: list[dict[str, Any]]) -> str:

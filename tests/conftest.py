@@ -5,6 +5,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,40 @@ REAL_CT = SHARED / "data" / "ct-upper-abdomen-j2k"
 def _dcmtk_no_nagle(monkeypatch: pytest.MonkeyPatch) -> None:
     """DCMTK tools here stall ~45 ms per instance unless TCP_NODELAY=1."""
     monkeypatch.setenv("TCP_NODELAY", "1")
+
+
+@pytest.fixture(scope="session")
+def _sr_write_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file every SR written during the session is listed in (also by daemon subprocesses,
+    which inherit the environment): :data:`screener.reporting.sr.WRITE_LOG_ENV`."""
+    from screener.reporting.sr import WRITE_LOG_ENV
+
+    log = tmp_path_factory.mktemp("sr-log") / "written.txt"
+    log.touch()
+    os.environ[WRITE_LOG_ENV] = str(log)
+    return log
+
+
+@pytest.fixture(autouse=True)
+def _no_dxa_loinc_in_any_sr(_sr_write_log: Path) -> Any:
+    """Issue 16: every SR a test writes is read back and must not name a DXA LOINC code (the
+    screener estimates from CT and radiographs; it never reads DXA reports)."""
+    import pydicom
+
+    from screener.reporting.sr import dxa_loinc_codes
+
+    start = _sr_write_log.stat().st_size
+    yield
+    with _sr_write_log.open(encoding="utf-8") as fh:
+        fh.seek(start)
+        paths = [Path(p) for p in fh.read().split("\n") if p]
+    bad = {}
+    for p in paths:
+        if p.is_file():
+            found = dxa_loinc_codes(pydicom.dcmread(p, stop_before_pixels=True))
+            if found:
+                bad[str(p)] = found
+    assert not bad, f"SRs with DXA LOINC codes: {bad}"
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 from pydicom.sr.codedict import codes as pcodes
 from pydicom.sr.coding import Code
 
+from screener import scores
 from screener.config import Config
 from screener.findings import Finding, Measurement, RoiGeometry
 from screener.pipeline import OutputObject, PipelineResult, output_series_uid, process_series
@@ -215,16 +216,14 @@ def test_reports_from_real_ct_headers_with_missing_type2(real_ct_dir: Path, tmp_
 
 
 def test_generic_builder_accepts_findings_without_geometry(first_run, tmp_path: Path) -> None:  # noqa: ANN001
-    """A later protocol's patient-level result (aBMD, T-score) becomes a TID 1501 group."""
+    """A later protocol's patient-level result (aBMD, T-score) becomes a TID 1501 group: an
+    estimate concept with the "estimated by algorithm from CT" method, never a DXA LOINC code."""
     res, ct, _ = first_run
     vol_headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct.paths[:2]]
     dl = Finding(protocol="dxa_from_ct", protocol_version="2.0", site="lumbar spine",
                  site_code=codes.site_code("lumbar spine"),
-                 measurements=[
-                     Measurement("L1-L4 aBMD", 0.812, codes.UNIT_G_CM2[0], codes.ABMD_SPINE,
-                                 codes.UNIT_G_CM2[1]),
-                     Measurement("T-score", -2.7, codes.UNIT_NONE[0], codes.TSCORE_SPINE,
-                                 codes.UNIT_NONE[1])],
+                 measurements=[scores.bmd_measurement(0.812, site="L1-L4", name="L1-L4 aBMD"),
+                               scores.t_score_measurement(-2.7, name="T-score")],
                  category="osteoporosis",
                  referenced_sop_instance_uids=[str(d.SOPInstanceUID) for d in vol_headers])
     sr_path = write_sr(build_sr(res.findings + [dl], list(pydicom.dcmread(p, stop_before_pixels=True)
@@ -233,9 +232,11 @@ def test_generic_builder_accepts_findings_without_geometry(first_run, tmp_path: 
     render_html(sr_path)
     sr = hd.sr.srread(sr_path)
     assert len(sr.content.get_planar_roi_measurement_groups()) == 1
-    (g1501,) = sr.content.get_image_measurement_groups()
-    vals = {m.name.value: (m.value, m.unit.value) for m in g1501.get_measurements()}
-    assert vals == {"24966-4": (pytest.approx(0.812), "g/cm2"), "38267-1": (pytest.approx(-2.7), "1")}
+    study, g1501 = sr.content.get_image_measurement_groups()
+    assert study.tracking_identifier == "Study screening result"
+    vals = {m.name.value: (m.value, m.unit.value, m.method.value) for m in g1501.get_measurements()}
+    assert vals == {"ABMDEST": (pytest.approx(0.812), "g/cm2", "ALGCT"),
+                    "TSCOREEST": (pytest.approx(-2.7), "1", "ALGCT")}
     evals = {(e.name.value, e.value.value) for e in g1501.get_qualitative_evaluations()}
     assert ("BMDCAT", "64859006") in evals and ("INTUSE", "NODXREV") in evals
 

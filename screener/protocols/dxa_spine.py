@@ -158,7 +158,7 @@ class DxaSpineProtocol(ModelProtocol):
         if info.n_instances > 1:
             flags.append(flag(f"{info.n_instances} images in the series: only the first was read"))
         category = "spine BMD unreliable" if positive["unreliable"] else "spine BMD usable"
-        measurements = [probability_measurement(MEASUREMENT_NAMES[t], p[t]) for t in TASK_LABELS]
+        measurements = [probability_measurement(MEASUREMENT_NAMES[t], p[t], of=t) for t in TASK_LABELS]
 
         explained = max(TASK_LABELS, key=lambda t: p[t] / max(thr[t], 1e-6))
         overlay, spacing = render_dxa_overlay(bundle, inp, names.index(explained), p, thr, explained)

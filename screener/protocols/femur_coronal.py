@@ -162,7 +162,7 @@ class FemurCoronalProtocol(ModelProtocol):
         finding = Finding(
             protocol=self.name, protocol_version=self.version, site="proximal femur",
             site_code=codes.site_code("proximal femur"),
-            measurements=[scores.probability_measurement(f"P({c})", float(prob[j])) for j, c in enumerate(CLASSES)],
+            measurements=[scores.probability_measurement(f"P({c})", float(prob[j]), of=c) for j, c in enumerate(CLASSES)],
             category=category, category_code=ccode, flags=self._flags(volume, info, options["energy_correction"]),
             z_extent_mm=self._z_extent(heads),
             study_uid=info.study_uid, series_uid=info.series_uid, roi=roi,

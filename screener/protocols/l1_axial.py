@@ -16,7 +16,7 @@ Method
    on the validation predictions) applied by :meth:`screener.bundles.Bundle.predict`;
    the reported estimate is the mean over the slices (every fold's and
    slice's value is in ``details``, calibrated alike).
-4. T-score with Kang's reference (0.9747 / 0.1185 g/cm², from the card);
+4. T-score with the L1 reference of :mod:`screener.references` (default Kang's 0.9747 / 0.1185 g/cm²);
    normal / abnormal at T −1.0 as in the paper, WHO grade as the category.
 5. Explanation: Grad-RAM and Grad-RAMP (Kang eqs. 2-3) of the reference slice,
    averaged over the ensemble; Grad-RAMP is fused onto the crop and burned in
@@ -111,16 +111,20 @@ class L1AxialProtocol(ModelProtocol):
         ram = grad_ram(bundle.models, ref)[0]
         t3 = time.perf_counter()
 
-        tref = bundle.card.get("t_score_reference") or {}
-        mean, sd = float(tref.get("mean", 0.0)), float(tref.get("sd", 0.0))
-        if not sd > 0:
-            mean, sd = scores.T_REFERENCES["kang_l1"]
-        t = scores.t_score(bmd, mean, sd)
+        from screener.references import describe, patient_sex, t_score_for
+
+        t, tref = t_score_for(bmd, "L1", patient_sex(context.info.header), context.config)
         grade = scores.who_grade(t)
         category, category_code = scores.grade_category(grade)
         abnormal = t < ABNORMAL_T
         measurements = [scores.bmd_measurement(bmd, site="L1", name="L1 BMD estimate"),
-                        scores.t_score_measurement(t, site="L1", name="L1 T-score estimate")]
+                        scores.t_score_measurement(t, site="L1", name="L1 T-score estimate", reference=tref)]
+        measurements[0].caveats.append(scores.flag(
+            f"L1 aBMD estimated by a deep-learning model ({bundle.bundle_id}, {len(bundle.models)}-model "
+            f"ensemble; {bundle.card.get('training_data', 'training data not stated')}); not a DXA measurement"))
+        measurements[1].caveats.append(scores.flag(
+            f"T-score against {describe(tref)}; {'abnormal' if abnormal else 'normal'} at T {ABNORMAL_T:g} "
+            "as in the paper"))
 
         k_src = _nearest_slice(volume, info.z_reference)
         polygon = _crop_outline(volume, info, k_src)
@@ -131,13 +135,6 @@ class L1AxialProtocol(ModelProtocol):
                           area_mm2=float(fov * fov), slice_index=k_src,
                           frame_number=frame_number(volume.datasets[k_src]) if volume.datasets else None)
         flags = [scores.flag(w) for w in volume.warnings]
-        flags.append(scores.flag(
-            f"L1 aBMD estimated by a deep-learning model ({bundle.bundle_id}, {len(bundle.models)}-model "
-            f"ensemble; {bundle.card.get('training_data', 'training data not stated')}); "
-            "not a DXA measurement"))
-        flags.append(scores.flag(f"T-score from the model's BMD with Kang et al.'s reference "
-                                 f"({mean:g} / {sd:g} g/cm2); {'abnormal' if abnormal else 'normal'} "
-                                 f"at T {ABNORMAL_T:g} as in the paper"))
         if kvp is None:
             flags.append(scores.flag("kVp unknown: the paper used 120 kVp only"
                                      + ("; no energy correction (treated as 120 kVp)" if energy else "")))
@@ -155,7 +152,7 @@ class L1AxialProtocol(ModelProtocol):
             "bmd_per_fold": per_fold,
             "bmd_per_slice": [{"z_mm": z, "bmd": float(b), "sop_instance_uid": volume.sop_instance_uid(_nearest_slice(volume, z))}
                               for z, b in zip(info.z_samples, per_slice)],
-            "t_score_reference": {"mean": mean, "sd": sd},
+            "t_score_reference": tref,
             "abnormal_t_below": ABNORMAL_T, "abnormal": bool(abnormal),
             "reference_slice_z_mm": info.z_reference,
             "trabecular_area_mm2": {f"{z:.2f}": a for z, a in info.areas_mm2.items()},
@@ -236,7 +233,7 @@ def _overlay(volume: Volume, info: Any, ramp: np.ndarray, fov: float, bmd: float
     rgb = fuse_overlay(hu, heat, alpha=0.4, vmin=-450.0, vmax=1050.0)
     img = Image.fromarray(rgb, mode="RGB")
     draw = ImageDraw.Draw(img)
-    lines = [f"L1 BMD estimate {bmd:.3f} g/cm2", f"T-score {t:.1f} (Kang ref.): {grade}",
+    lines = [f"L1 BMD estimate {bmd:.3f} g/cm2", f"T-score {t:.1f}: {grade}",
              f"Grad-RAMP, {n_models}-model ensemble"]
     burn_text(draw, lines, 14, n)
     return np.asarray(img, dtype=np.uint8).copy()

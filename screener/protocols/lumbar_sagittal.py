@@ -13,8 +13,8 @@ Method (seed 002)
    120 kVp only).
 3. The bundle's fold ensemble (ResNet-50 regressor, outputs BMD g/cm^2 and
    TBS) estimates each vertebra; the patient value is the mean of L1-L4 (as in
-   the paper).  T-score with the L1-L4 young-adult reference of the bundle
-   (1.047 / 0.110 g/cm^2), WHO grade from it, %YAM = 100 x BMD / 1.047 with the
+   the paper).  T-score with the L1-L4 reference of
+   :mod:`screener.references` (default 1.047 / 0.110 g/cm^2), WHO grade from it, %YAM = 100 x BMD / 1.047 with the
    JOS grade (< 80 % low bone mass, <= 70 % osteoporosis), TBS <= 1.31 =
    impaired microarchitecture.
 4. Grad-RAMP (Kang et al. eq. 3) of the BMD output, averaged over the
@@ -50,7 +50,7 @@ __all__ = ["LumbarSagittalProtocol", "TBS_IMPAIRED", "YAM_BMD", "MIN_COVERAGE_MM
 #: TBS at or below which microarchitecture counts as impaired (Yoshida et al., McCloskey 2016)
 TBS_IMPAIRED = 1.31
 #: young-adult mean L1-L4 BMD (g/cm^2) for %YAM (the cohort's spine reference)
-YAM_BMD = scores.T_REFERENCES["spine_l1l4"][0]
+YAM_BMD = 1.047
 #: L1-L4 span about 130 mm: a shorter series cannot hold them
 MIN_COVERAGE_MM = 100.0
 #: thicker axial slices blur the sagittal reformat beyond the paper's 0.5-1 mm reconstructions
@@ -162,9 +162,6 @@ class LumbarSagittalProtocol(ModelProtocol):
         t3 = time.perf_counter()
 
         info = context.info
-        tref = bundle.card.get("t_score_reference") or {}
-        t_mean = float(tref.get("mean") or scores.T_REFERENCES["spine_l1l4"][0])
-        t_sd = float(tref.get("sd") or scores.T_REFERENCES["spine_l1l4"][1])
         common_flags = self._flags(volume, info, loc)
         findings: list[Finding] = []
         for j, lv in enumerate(pp.LEVELS):
@@ -187,7 +184,9 @@ class LumbarSagittalProtocol(ModelProtocol):
 
         bmd = float(pred[:, ib].mean())
         tbs = float(pred[:, it].mean())
-        t = scores.t_score(bmd, t_mean, t_sd)
+        from screener.references import describe, patient_sex, t_score_for
+
+        t, tref = t_score_for(bmd, "L1-L4", patient_sex(info.header), context.config)
         grade = scores.who_grade(t)
         yam = 100.0 * bmd / YAM_BMD
         jos = jos_grade(yam)
@@ -204,7 +203,7 @@ class LumbarSagittalProtocol(ModelProtocol):
             protocol=self.name, protocol_version=self.version, site="L1-L4",
             site_code=codes.site_code("lumbar spine"),
             measurements=[scores.bmd_measurement(bmd, site="L1-L4", name="L1-L4 BMD"),
-                          scores.t_score_measurement(t, site="L1-L4", name="L1-L4 T-score"),
+                          scores.t_score_measurement(t, site="L1-L4", name="L1-L4 T-score", reference=tref),
                           scores.yam_percent_measurement(yam, name="L1-L4 %YAM"),
                           scores.tbs_measurement(tbs, name="L1-L4 TBS")],
             category=category, category_code=ccode, flags=flags,
@@ -212,7 +211,7 @@ class LumbarSagittalProtocol(ModelProtocol):
                          float(max(max(loc.get(lv).z_range_mm) for lv in pp.LEVELS))),
             study_uid=info.study_uid, series_uid=info.series_uid,
             details={**model_details(bundle), "who_grade": grade, "jos_grade": jos, "yam_pct": yam,
-                     "tbs_impaired": bool(impaired), "t_score_reference": {"mean": t_mean, "sd": t_sd},
+                     "tbs_impaired": bool(impaired), "t_score_reference": tref,
                      "per_vertebra": {lv: {"bmd": float(pred[j, ib]), "tbs": float(pred[j, it])}
                                       for j, lv in enumerate(pp.LEVELS)},
                      "per_fold_patient": {"bmd": folds[:, :, ib].mean(axis=1).tolist(),

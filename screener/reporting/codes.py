@@ -1,10 +1,18 @@
-"""Coded concepts used in screener reports (dicom-sr.md section 2).
+"""Coded concepts used in screener reports (docs/sr.md lists each with its unit and why).
 
-Standard codes come from pydicom's dictionary where it has them; concepts
-without a standard code use the private coding scheme ``99SCRNR``, declared
-in every SR through :data:`CODING_SCHEME` (dciodvfy still warns
-"Unrecognized defined term <99SCRNR>": expected for private schemes).
-Meanings are at most 64 characters (LO).
+Standard codes (DICOM PS3.16 first, then SNOMED CT, LOINC, UCUM) come from
+pydicom's dictionary where it has them.  Concepts without a standard code use
+ONE private coding scheme, :data:`SCHEME` (``99SCRNR``), declared in every SR
+through CodingSchemeIdentificationSequence (:data:`SCHEME_NAME`,
+:data:`SCHEME_RESPONSIBLE`); dciodvfy still warns "Unrecognized defined term
+<99SCRNR>", as it does for any private scheme.  Meanings are at most 64
+characters (LO) and ASCII.
+
+What a model estimates from CT or a radiograph is never coded with LOINC's DXA
+concepts (:data:`DXA_LOINC_CODES`): a system that files by LOINC would store an
+estimate as a DXA measurement.  Estimates use :data:`ABMD_ESTIMATE` /
+:data:`TSCORE_ESTIMATE` with a TID 300 Measurement Method modifier saying what
+they were estimated from (:func:`method_for_modality`).
 """
 from __future__ import annotations
 
@@ -13,20 +21,71 @@ from pydicom.sr.coding import Code
 
 SCHEME = "99SCRNR"
 SCHEME_NAME = "screener private codes"
+SCHEME_RESPONSIBLE = "screener project (docs/sr.md)"
+
+#: LOINC codes of values MEASURED by DXA; never written for a CT or radiograph estimate
+DXA_LOINC_CODES: dict[str, str] = {
+    "24966-4": "DXA Lumbar spine [Mass/Area] Bone density",
+    "24701-5": "DXA Femur [Mass/Area] Bone density",
+    "38261-4": "DXA Hip [Mass/Area] Bone density",
+    "38267-1": "DXA Lumbar spine [T-score] Bone density",
+    "38263-0": "DXA Femur [T-score] Bone density",
+    "38264-8": "DXA Hip [T-score] Bone density",
+}
 
 # --- measurement concepts -------------------------------------------------
 ATTENUATION = codes.DCM.AttenuationCoefficient            # (DCM,112031)
 HU_ADJUSTED = Code("L1HUADJ", SCHEME, "Contrast-adjusted attenuation coefficient")
 VBMD = Code("VBMD", SCHEME, "Volumetric bone mineral density")
 AREA = codes.SCT.Area                                      # (SCT,42798000)
-ABMD_SPINE = Code("24966-4", "LN", "DXA Lumbar spine [Mass/Area] Bone density")
-ABMD_FEMUR = Code("24701-5", "LN", "DXA Femur [Mass/Area] Bone density")
-TSCORE_SPINE = Code("38267-1", "LN", "DXA Lumbar spine [T-score] Bone density")
-TSCORE_FEMUR = Code("38263-0", "LN", "DXA Femur [T-score] Bone density")
+ABMD_ESTIMATE = Code("ABMDEST", SCHEME, "Areal BMD estimate (DXA-equivalent, not by DXA)")
+TSCORE_ESTIMATE = Code("TSCOREEST", SCHEME, "T-score of an areal BMD estimate")
 ZSCORE = Code("121416", "DCM", "Z-Score of measurement")
 TBS = Code("TBS", SCHEME, "Trabecular bone score")
 YAM_PERCENT = Code("YAMPCT", SCHEME, "Percent of young adult mean BMD")
-PROBABILITY = Code("PROB", SCHEME, "Model probability")
+#: probability concepts: each names the event it is the probability of
+PROBABILITY_OF: dict[str, Code] = {
+    "scoliosis": Code("PSCOLIO", SCHEME, "Probability of scoliosis"),
+    "unreliable": Code("PDXAUNREL", SCHEME, "Probability that spine DXA BMD is unreliable"),
+    "fracture": Code("PFRACTURE", SCHEME, "Probability of raised fracture risk"),
+    "normal": Code("PWHONORM", SCHEME, "Probability of WHO class normal"),
+    "osteopenia": Code("PWHOPENIA", SCHEME, "Probability of WHO class osteopenia"),
+    "osteoporosis": Code("PWHOPOROS", SCHEME, "Probability of WHO class osteoporosis"),
+}
+
+# --- methods (TID 300 Measurement Method, a HAS CONCEPT MOD of the NUM) ---------
+MEASUREMENT_METHOD = Code("370129005", "SCT", "Measurement Method")
+METHOD_ALGORITHM_CT = Code("ALGCT", SCHEME, "Estimated by algorithm from CT")
+METHOD_ALGORITHM_RADIOGRAPH = Code("ALGXR", SCHEME, "Estimated by algorithm from radiograph")
+METHOD_ALGORITHM_DXA_IMAGE = Code("ALGDXAIMG", SCHEME, "Estimated by algorithm from a DXA image")
+#: modality -> method of a model estimate
+_METHODS = {"CT": METHOD_ALGORITHM_CT, "CR": METHOD_ALGORITHM_RADIOGRAPH,
+            "DX": METHOD_ALGORITHM_RADIOGRAPH, "RG": METHOD_ALGORITHM_RADIOGRAPH,
+            "PX": METHOD_ALGORITHM_RADIOGRAPH, "OT": METHOD_ALGORITHM_DXA_IMAGE}
+
+
+def method_for_modality(modality: str, *, dxa_image: bool = False) -> Code:
+    """The "estimated by algorithm from ..." method of an estimate made from ``modality``.
+
+    Parameters
+    ----------
+    modality : str
+        The source images' Modality (CT, CR, DX, ...).
+    dxa_image : bool
+        The source is a DXA image (any modality value a DXA scanner writes).
+
+    Raises
+    ------
+    KeyError
+        For a modality the screener makes no estimate from.
+    """
+    if dxa_image:
+        return METHOD_ALGORITHM_DXA_IMAGE
+    try:
+        return _METHODS[str(modality).strip().upper()]
+    except KeyError:
+        raise KeyError(f"no estimate method for modality {modality!r}; known: {', '.join(_METHODS)}") from None
+
 
 # --- derivations ------------------------------------------------------------
 MEAN = codes.SCT.Mean                                      # (SCT,373098007)
@@ -49,10 +108,13 @@ SITES: dict[str, Code] = {
     "L5": Code("49668003", "SCT", "L5 vertebra"),
     "lumbar spine": Code("122496007", "SCT", "Lumbar spine"),
     "femoral neck": Code("29627003", "SCT", "Structure of neck of femur"),
-    "right femoral neck": Code("29627003", "SCT", "Structure of neck of femur"),
-    "left femoral neck": Code("29627003", "SCT", "Structure of neck of femur"),
+    "right femoral neck": Code("29627003", "SCT", "Structure of neck of femur"),  # + RIGHT
+    "left femoral neck": Code("29627003", "SCT", "Structure of neck of femur"),   # + LEFT
     "proximal femur": Code("787184008", "SCT", "Structure of proximal end of femur"),
 }
+#: laterality of a finding site (FindingSite laterality modifier, SCT)
+LEFT = Code("7771000", "SCT", "Left")
+RIGHT = Code("24028007", "SCT", "Right")
 PROCEDURE_CT = codes.LN.CTUnspecifiedBodyRegion            # (LN,25045-6)
 PROCEDURE_BONE_DENSITY = Code("312681000", "SCT", "Bone density scan")
 
@@ -79,6 +141,51 @@ FLAG_CODES: dict[str, Code] = {
     "level_uncertain": Code("LEVELUNC", SCHEME, "Vertebral level label uncertain"),
     "estimate": Code("VBMDEST", SCHEME, "vBMD is a phantomless estimate"),
 }
+
+
+#: the coded flag of a caveat (:func:`flag_code`): (key, how its text starts or what it holds)
+_FLAG_PATTERNS: tuple[tuple[str, str, str], ...] = (
+    ("contrast", "startswith", "contrast-enhanced"),
+    ("kvp", "startswith", "kvp"),
+    ("risk135", "contains", "135 hu risk"),
+    ("risk135", "contains", "<= 135 hu"),
+    ("roi_shrunk", "startswith", "roi shrunk"),
+    ("level_uncertain", "contains", "level label uncertain"),
+    ("level_uncertain", "contains", "level labels uncertain"),
+    ("estimate", "startswith", "vbmd is an estimate"),
+)
+
+
+def flag_code(text: str) -> Code | None:
+    """The coded caveat of a flag's text, or ``None`` when it has no code (it stays TEXT).
+
+    Matches are exact prefixes or phrases (never a bare word such as "estimate": an
+    areal-BMD model caveat is not the vBMD caveat).
+    """
+    low = " ".join(str(text).lower().split())
+    for key, how, what in _FLAG_PATTERNS:
+        if (low.startswith(what) if how == "startswith" else what in low):
+            return FLAG_CODES[key]
+    return None
+
+
+# --- study-level result, coverage, uncertainty -----------------------------------
+STUDY_RESULT = Code("STUDYRES", SCHEME, "Study-level bone density screening result")
+STUDY_CATEGORIES: dict[str, Code] = {
+    "likely osteoporosis": CATEGORIES["likely osteoporosis"],
+    "likely osteopenia": Code("LIKELYPENIA", SCHEME, "Likely osteopenia (screening)"),
+    "likely normal": CATEGORIES["likely normal"],
+    "indeterminate": CATEGORIES["indeterminate"],
+    "discordant \u2014 review": Code("DISCORDANT", SCHEME, "Discordant methods - review, no confident grade"),
+}
+CONTRIBUTING = Code("CONTRIB", SCHEME, "Contributing measurement")
+STUDY_RULE = Code("STUDYRULE", SCHEME, "Rule that combined the measurements")
+PROTOCOL_OUTCOME = Code("PROTOUT", SCHEME, "Screening protocol outcome")
+PROTOCOL_RAN = Code("PROTRAN", SCHEME, "Measured")
+PROTOCOL_NOT_RUN = Code("PROTNOTRUN", SCHEME, "Not measured")
+PREDICTION_INTERVAL = Code("PREDINT", SCHEME, "Prediction interval")
+FOLD_DISAGREEMENT = Code("FOLDDIS", SCHEME, "Ensemble folds disagree beyond validation")
+OUT_OF_DISTRIBUTION = Code("OODINPUT", SCHEME, "Input unlike the training data")
 
 
 def category_code(category: str) -> Code:
