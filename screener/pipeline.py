@@ -179,14 +179,17 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
 
 
 def report_findings(findings: list[Finding], info: SeriesInfo, config: Config) -> "StudyResult":
-    """Put the configured T-score reference on every T-score (:func:`screener.scores.apply_references`)
-    and combine the findings into the study-level result, recorded with each finding
+    """Put the configured T-score reference on every T-score (:func:`screener.scores.apply_references`),
+    the bundles' prediction intervals and the fold-disagreement flag (:func:`screener.uncertainty.annotate`)
+    on the estimates, and combine the findings into the study-level result, recorded with each finding
     (``details["study_result"]``) so ``screener results`` shows it first."""
     from screener.references import patient_sex
     from screener.scores import apply_references
     from screener.study_result import study_result
+    from screener.uncertainty import annotate
 
     apply_references(findings, sex=patient_sex(info.header), config=config)
+    annotate(findings, config.models_dir)
     result = study_result(findings)
     for f in findings:
         f.details["study_result"] = result.to_record()

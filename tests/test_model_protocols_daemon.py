@@ -103,8 +103,20 @@ def test_ct_study_gets_one_sr_with_every_ct_protocol_and_one_overlay_each(tmp_pa
         text = subprocess.run([require_tool("dsr2html"), sr_path], capture_output=True,
                               text=True).stdout
         for p in CT_PROTOCOLS - {"l1_attenuation"}:
-            assert f"screener {p}" in text and f"{p}@" in text, p
+            assert f"screener {p} model bundle {p}" in text and f"{p}@" in text, p
         assert "virtual cohort" in text.lower()  # the SR says what the weights were trained on
+        # issue 16: the study-level result is the first content, before every protocol's details,
+        # and lists every contributing method; the coverage names every protocol considered
+        study = text.index("Study result: ")
+        assert study < min(text.index(f'"{site} {p}"') for p, site in
+                           (("l1_attenuation", "L1"), ("l1_axial", "L1"), ("femur_coronal", "proximal femur")))
+        record = by[("l1_axial", "L1")]["data"]["details"]["study_result"]
+        assert set(record["methods"]) >= {"l1_attenuation", "l1_axial", "lumbar_sagittal", "femur_coronal"}
+        for c in record["contributions"]:
+            assert c["method"] in text
+        for p in CT_PROTOCOLS:
+            assert f"({p}): measured" in text, p
+        assert "(hip_xray) not measured" in text and "(dxa_spine) not measured" in text
         _check_valid(results)
     finally:
         assert d.stop() == 0

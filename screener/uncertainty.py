@@ -1,0 +1,94 @@
+"""Uncertainty of the model estimates: prediction intervals and the fold-disagreement flag.
+
+A bundle's ``model_card.json`` may hold an ``intervals`` record per regression output, fitted by
+:mod:`training.intervals` on the out-of-fold validation predictions (split-conformal)::
+
+    "intervals": {"bmd": {"level": 0.9, "half_width": 0.071, "n": 450,
+                          "fold_range_limit": 0.06, "method": "...", "coverage_test": 0.91}}
+
+:func:`annotate` (called once per job, after the T-score references are set) gives every BMD
+estimate of a finding whose bundle has such a record the interval ``value +/- half_width`` and its
+T-score the same interval on the T scale, and flags a finding whose fold models disagree by more
+than ``fold_range_limit`` (the spread validation saw), or by more than
+:data:`DEFAULT_FOLD_RANGE_G_CM2` when the bundle has no record.  A bundle without a record gives
+no interval: the report then says so rather than inventing one.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+from screener.findings import Finding
+
+__all__ = ["DEFAULT_FOLD_RANGE_G_CM2", "annotate", "card_intervals", "fold_values"]
+
+#: fold spread (g/cm2) flagged when a bundle has no validation record of its own
+DEFAULT_FOLD_RANGE_G_CM2 = 0.10
+
+
+@lru_cache(maxsize=32)
+def _card(path: str, mtime: float) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def card_intervals(models_dir: str | Path, protocol: str) -> dict[str, Any]:
+    """The ``intervals`` record of ``<models_dir>/<protocol>/model_card.json`` (empty when absent)."""
+    path = Path(models_dir) / protocol / "model_card.json"
+    if not path.is_file():
+        return {}
+    return dict(_card(str(path), path.stat().st_mtime).get("intervals") or {})
+
+
+def fold_values(finding: Finding) -> list[float]:
+    """The per-fold BMD estimates a finding recorded (l1_axial ``bmd_per_fold``, lumbar_sagittal
+    ``per_fold_patient["bmd"]``); empty when it has none."""
+    d = finding.details
+    if isinstance(d.get("bmd_per_fold"), list):
+        return [float(v) for v in d["bmd_per_fold"]]
+    pf = d.get("per_fold_patient")
+    if isinstance(pf, dict) and isinstance(pf.get("bmd"), list):
+        return [float(v) for v in pf["bmd"]]
+    return []
+
+
+def _bmd_and_t(finding: Finding) -> tuple[Any, list[Any]]:
+    from screener.reporting import codes
+
+    bmd = next((m for m in finding.measurements if m.concept == codes.ABMD_ESTIMATE), None)
+    return bmd, [m for m in finding.measurements if m.concept == codes.TSCORE_ESTIMATE]
+
+
+def annotate(findings: Sequence[Finding], models_dir: str | Path) -> None:
+    """Put prediction intervals and the fold-disagreement flag on the findings, in place (module docstring)."""
+    from screener.scores import flag
+
+    for f in findings:
+        if not f.details.get("bundle_id"):
+            continue
+        bmd, tms = _bmd_and_t(f)
+        if bmd is None:
+            continue
+        record = card_intervals(models_dir, f.protocol)
+        rec = record.get("bmd") or record.get("femoral_neck_bmd") or {}
+        if rec.get("half_width") is not None:
+            q, level = float(rec["half_width"]), float(rec.get("level", 0.9))
+            method = str(rec.get("method", "split-conformal on validation residuals"))
+            bmd.interval, bmd.interval_level, bmd.interval_method = (bmd.value - q, bmd.value + q), level, method
+            for t in tms:
+                if t.reference:
+                    sd = float(t.reference["sd"])
+                    t.interval, t.interval_level, t.interval_method = (t.value - q / sd, t.value + q / sd), level, method
+        folds = fold_values(f)
+        if len(folds) >= 2:
+            spread = max(folds) - min(folds)
+            limit = float(rec.get("fold_range_limit") or DEFAULT_FOLD_RANGE_G_CM2)
+            f.details["fold_range_g_cm2"] = spread
+            f.details["fold_range_limit_g_cm2"] = limit
+            if spread > limit:
+                source = "validation" if rec.get("fold_range_limit") else "the default limit, no validation record"
+                f.flags.append(flag(
+                    f"ensemble folds disagree: BMD per fold {min(folds):.3f}-{max(folds):.3f} g/cm2 "
+                    f"(range {spread:.3f} > {limit:.3f} g/cm2, {source}); the estimate is less certain"))
+                f.details["fold_disagreement"] = True

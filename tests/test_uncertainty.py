@@ -1,0 +1,116 @@
+"""Issue 16 item 2: split-conformal intervals, their use in findings / SR / study result, the
+fold-disagreement flag."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from screener import references, scores
+from screener.findings import Finding
+from screener.reporting import codes
+from screener.reporting.sr import build_sr, write_sr
+from screener.study_result import study_result
+from screener.uncertainty import DEFAULT_FOLD_RANGE_G_CM2, annotate
+from tests.ct_factory import make_ct_series
+from tests.test_reporting import FAST, assert_valid_dicom, render_html
+from training.intervals import coverage, fit_conformal
+
+
+def test_conformal_half_width_is_the_right_order_statistic() -> None:
+    truth = np.zeros(9)
+    pred = np.arange(1, 10) / 10.0          # residuals 0.1 .. 0.9
+    rec = fit_conformal(truth, pred, level=0.9)
+    assert rec["half_width"] == pytest.approx(0.9) and rec["n"] == 9   # ceil(10 x 0.9) = 9th
+    assert fit_conformal(truth, pred, level=0.5)["half_width"] == pytest.approx(0.5)  # ceil(5) = 5th
+    with pytest.raises(ValueError, match="too few"):
+        fit_conformal(truth[:5], pred[:5], level=0.9)
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        fit_conformal(truth, pred, level=1.0)
+
+
+def test_conformal_interval_covers_90_percent_of_new_samples() -> None:
+    """On exchangeable synthetic residuals (heavy-tailed, as a model's are) the 90 % interval
+    fitted on 500 validation samples covers 88-92 % of 20,000 test samples."""
+    rng = np.random.default_rng(16)
+    cov = []
+    for _ in range(20):
+        val = rng.standard_t(4, 500) * 0.04
+        rec = fit_conformal(np.zeros(500), val, level=0.9)
+        test = rng.standard_t(4, 20000) * 0.04
+        cov.append(coverage(np.zeros(20000), test, rec["half_width"]))
+    assert 0.88 <= float(np.mean(cov)) <= 0.92
+    assert min(cov) > 0.86 and max(cov) < 0.94
+
+
+@pytest.fixture(scope="module")
+def header(tmp_path_factory: pytest.TempPathFactory) -> pydicom.Dataset:
+    ct = make_ct_series(tmp_path_factory.mktemp("unc") / "in", l1_hu=140.0, noise_sd=8.0, seed=3, **FAST)
+    return pydicom.dcmread(ct.paths[0], stop_before_pixels=True)
+
+
+def _l1_axial(bmd: float, uid: str, folds: list[float]) -> Finding:
+    t, ref = references.t_score_for(bmd, "L1")
+    return Finding("l1_axial", "1.1.0", "L1",
+                   [scores.bmd_measurement(bmd, site="L1", name="L1 BMD estimate"),
+                    scores.t_score_measurement(t, site="L1", name="L1 T-score estimate", reference=ref)],
+                   category=references.who_grade(t), site_code=codes.site_code("L1"),
+                   referenced_sop_instance_uids=[uid],
+                   details={"bundle_id": "l1_axial@1.1.0", "bundle_version": "1.1.0", "bmd_per_fold": folds})
+
+
+def _models_with_interval(tmp_path: Path, half_width: float | None) -> Path:
+    models = tmp_path / "models"
+    (models / "l1_axial").mkdir(parents=True)
+    card = json.loads((Path(__file__).resolve().parents[1] / "models/l1_axial/model_card.json").read_text())
+    if half_width is not None:
+        card["intervals"] = {"bmd": {"level": 0.9, "half_width": half_width, "n": 450,
+                                     "fold_range_limit": 0.05, "method": "split-conformal (test)"}}
+    (models / "l1_axial" / "model_card.json").write_text(json.dumps(card))
+    return models
+
+
+def test_card_interval_reaches_the_finding_the_sr_and_the_study_result(header, tmp_path: Path) -> None:  # noqa: ANN001
+    uid = str(header.SOPInstanceUID)
+    f = _l1_axial(0.80, uid, [0.79, 0.80, 0.81])
+    annotate([f], _models_with_interval(tmp_path, 0.071))
+    bmd, t = f.measurements
+    assert bmd.interval == pytest.approx((0.729, 0.871)) and bmd.interval_level == 0.9
+    assert t.interval == pytest.approx(((0.729 - 0.9747) / 0.1185, (0.871 - 0.9747) / 0.1185))
+    assert "fold_disagreement" not in f.details and f.details["fold_range_g_cm2"] == pytest.approx(0.02)
+    rec = bmd.to_record()
+    assert rec["interval"] == pytest.approx([0.729, 0.871]) and rec["interval_level"] == 0.9
+    vote = study_result([f]).contributions[0]
+    # T -1.48, interval -2.07 .. -0.88: osteopenia and normal
+    assert vote.compatible == ["osteopenia", "normal"] and vote.uncertainty.startswith("90 % prediction interval")
+    path = write_sr(build_sr([f], [header]), tmp_path / "sr")
+    assert_valid_dicom(path)
+    assert "90 % prediction interval 0.729 to 0.871 g/cm2 (split-conformal (test))" in render_html(path)
+    sr = pydicom.dcmread(path)
+    found = []
+
+    def walk(items):  # noqa: ANN001, ANN202
+        for i in items:
+            if i.get("ValueType") == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "371886008":
+                found.append((float(i.MeasuredValueSequence[0].NumericValue),
+                              i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue))
+            walk(i.get("ContentSequence") or [])
+    walk(sr.ContentSequence)
+    assert found[0] == (pytest.approx(0.071), "g/cm2") and found[1] == (pytest.approx(0.071 / 0.1185), "1")
+
+
+def test_folds_that_disagree_are_flagged_and_noted_in_the_study_result(header, tmp_path: Path) -> None:  # noqa: ANN001
+    uid = str(header.SOPInstanceUID)
+    f = _l1_axial(0.685, uid, [0.61, 0.685, 0.76])     # the issue's 0.15 g/cm2 spread
+    annotate([f], _models_with_interval(tmp_path, None))  # no record: default limit, no interval
+    assert f.measurements[0].interval is None
+    assert f.details["fold_disagreement"] is True and f.details["fold_range_limit_g_cm2"] == DEFAULT_FOLD_RANGE_G_CM2
+    (flag,) = [x for x in f.flags if x.startswith("ensemble folds disagree")]
+    assert "0.610-0.760 g/cm2 (range 0.150 > 0.100 g/cm2, the default limit" in flag
+    r = study_result([f])
+    assert any("ensemble folds disagree" in n for n in r.notes)
+    shutil.rmtree(tmp_path / "models")

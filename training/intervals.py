@@ -1,0 +1,171 @@
+"""Split-conformal prediction intervals of a regression bundle, fitted on out-of-fold validation
+predictions and checked on the test split.
+
+For a nominal level ``1 - alpha`` (0.9), the half-width ``q`` is the
+``ceil((n + 1)(1 - alpha))``-th smallest absolute validation residual ``|truth - prediction|``
+of the ``n`` validation samples, each predicted by the fold model that did not train on it
+(the same samples :mod:`training.calibration` fits on; the calibration, when the card has one,
+is applied first, as :meth:`screener.bundles.Bundle.predict` does).  Under exchangeability the
+interval ``prediction +/- q`` covers the truth of a new sample with probability >= 1 - alpha;
+:func:`coverage` measures it on the test split (the ensemble mean, as served), which is never
+fitted on.
+
+``fold_range_limit`` is the 95th percentile of the spread of the fold models' predictions on
+the validation samples: a served estimate whose folds spread wider is flagged
+(:mod:`screener.uncertainty`).  On a validation sample every fold but one has seen it in
+training, so this spread is an underestimate of the spread on new data; the flag is therefore
+conservative (it fires early).
+
+``python -m training.intervals models/l1_axial`` rebuilds the recipe's data set (the cached
+cohort of ``screener train``), fits, stores ``card["intervals"][<output>]`` and prints the test
+coverage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["coverage", "fit_bundle_intervals", "fit_conformal", "main"]
+
+METHOD = ("split-conformal: half-width = the ceil((n+1)(1-alpha))-th smallest |truth - prediction| "
+          "of out-of-fold validation predictions")
+
+
+def fit_conformal(truth: Sequence[float] | np.ndarray, predicted: Sequence[float] | np.ndarray, *,
+                  level: float = 0.9) -> dict[str, Any]:
+    """Half-width of a split-conformal interval at ``level`` from paired validation values.
+
+    Parameters
+    ----------
+    truth, predicted : array-like
+        Reference values and out-of-fold predictions (1-D, same length, >= 1 finite pair).
+    level : float
+        Nominal coverage in (0, 1).
+
+    Returns
+    -------
+    dict
+        ``{"level", "half_width", "n", "method"}``.
+
+    Raises
+    ------
+    ValueError
+        Unpaired inputs, ``level`` outside (0, 1), or too few samples for the level
+        (``ceil((n + 1) level) > n``).
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level must be in (0, 1) (got {level})")
+    t = np.asarray(truth, dtype=np.float64).ravel()
+    p = np.asarray(predicted, dtype=np.float64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"truth and predictions must pair up (got {t.size} and {p.size} values)")
+    ok = np.isfinite(t) & np.isfinite(p)
+    r = np.sort(np.abs(t[ok] - p[ok]))
+    n = int(r.size)
+    k = math.ceil((n + 1) * level)
+    if k > n:
+        raise ValueError(f"{n} validation samples are too few for a {100 * level:g} % interval "
+                         f"(need at least {math.ceil(level / (1 - level))})")
+    return {"level": float(level), "half_width": float(r[k - 1]), "n": n, "method": METHOD}
+
+
+def coverage(truth: Sequence[float] | np.ndarray, predicted: Sequence[float] | np.ndarray,
+             half_width: float) -> float:
+    """Fraction of samples whose truth lies within ``predicted +/- half_width``."""
+    t = np.asarray(truth, dtype=np.float64).ravel()
+    p = np.asarray(predicted, dtype=np.float64).ravel()
+    ok = np.isfinite(t) & np.isfinite(p)
+    if not ok.any():
+        raise ValueError("no finite (truth, prediction) pair to check the coverage on")
+    return float(np.mean(np.abs(t[ok] - p[ok]) <= half_width))
+
+
+def fit_bundle_intervals(bundle_dir: str | Path, *, level: float = 0.9, device: str = "cpu",
+                         dataset: Any = None, output: str | None = None) -> dict[str, Any]:
+    """Fit a regression bundle's interval on its validation predictions; store it in the card.
+
+    Parameters
+    ----------
+    bundle_dir : path
+        A regression bundle (``models/l1_axial``).
+    level : float
+    device : str
+    dataset : ArrayDataset, optional
+        The recipe's full data set (default: :func:`training.cli.build_dataset` of the card's recipe).
+    output : str, optional
+        Output column (default: the first).
+
+    Returns
+    -------
+    dict
+        The record written to ``card["intervals"][output]``, with ``coverage_test`` and
+        ``n_test`` (and ``coverage_holdout`` when the recipe holds a profile out).
+    """
+    from screener.bundles import CARD, README, load_bundle, render_readme
+    from training.cli import _plan, build_dataset
+    from training.recipes import recipe_from_dict
+    from training.trainer import predict
+
+    bundle = load_bundle(bundle_dir, device)
+    if bundle.task != "regression":
+        raise ValueError(f"{bundle_dir}: prediction intervals need a regression bundle (task {bundle.task!r})")
+    recipe = recipe_from_dict(bundle.card["recipe"], where=f"{bundle_dir}/model_card.json recipe")
+    names = bundle.output_names
+    name = output or names[0]
+    j = names.index(name)
+    ds = build_dataset(recipe) if dataset is None else dataset
+    plan = _plan(ds, recipe)
+    folds = [f for f in plan.folds if f.repeat == 0]
+    if len(folds) != len(bundle.models):
+        raise ValueError(f"{bundle_dir}: {len(bundle.models)} fold models but the recipe gives {len(folds)} folds")
+    bs = recipe.training.batch_size
+    targets = np.asarray(ds.targets, dtype=np.float64).reshape(len(ds), -1)
+    own, spread = [], []
+    for k, fold in enumerate(folds):
+        sub = ds.subset(fold.val)
+        per_model = [bundle.apply_calibration(predict(m, sub, task="regression", device=device,
+                                                      batch_size=bs))[:, j] for m in bundle.models]
+        own.append((targets[fold.val, j], per_model[k]))
+        if len(per_model) > 1:
+            spread.append(np.ptp(np.stack(per_model), axis=0))
+    tv = np.concatenate([t for t, _ in own])
+    pv = np.concatenate([p for _, p in own])
+    rec = fit_conformal(tv, pv, level=level)
+    if spread:
+        rec["fold_range_limit"] = float(np.percentile(np.concatenate(spread), 95))
+    for label, ix in (("test", plan.test), ("holdout", plan.excluded)):
+        if ix.size:
+            sub = ds.subset(ix)
+            pred = bundle.apply_calibration(predict(bundle.models, sub, task="regression", device=device,
+                                                    batch_size=bs))[:, j]
+            rec[f"coverage_{label}"] = coverage(targets[ix, j], pred, rec["half_width"])
+            rec[f"n_{label}"] = int(ix.size)
+    card_path = Path(bundle_dir) / CARD
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card.setdefault("intervals", {})[name] = rec
+    card_path.write_text(json.dumps(card, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (Path(bundle_dir) / README).write_text(render_readme(card), encoding="utf-8")
+    return rec
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.intervals BUNDLE [--level 0.9]``: fit, store and print the coverage."""
+    ap = argparse.ArgumentParser(prog="python -m training.intervals", description=__doc__.splitlines()[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--level", type=float, default=0.9)
+    ap.add_argument("--output", default=None)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    rec = fit_bundle_intervals(args.bundle, level=args.level, device=args.device, output=args.output)
+    print(json.dumps({k: v for k, v in rec.items() if k != "method"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
