@@ -24,6 +24,14 @@ Profiles
     hip: arthroplasty, cephalomedullary nail or cannulated screws), children (15 %: anatomy scaled
     0.6-0.8, open physes), obese soft tissue (25 %: 80-200 mm of extra fat with a pannus edge), more
     bowel gas, 8/10/12/16-bit storage, lossy JPEG (20 %), more off-centre collimation.
+``wide``
+    Training only (hip landmarks 0.4.0 on): the archive's variety drawn by its own sampler, wider
+    than ``variety`` and with other proportions -- rotation +-25 deg, abduction -15 to 35 deg, frog-leg
+    15 % (abduction 30-50 deg, external rotation 15-40 deg), pelvic tilt +-10 deg, implant metal in 20 %
+    of hips with implant dimensions scaled 0.75-1.3 (``implant_scale``), children 12 % (0.55-0.85),
+    obese 25 % (60-220 mm), 8/10/12/14/16-bit, lossy JPEG 20 % (quality 25-90), off-centre 21 %.  It
+    shares the scene, projector and the implant / fat / physis edits with ``variety`` (the only renderer
+    there is), so ``variety`` stays held out by seed, patients and sampler, not by the kind of factor.
 
 Metal is modelled as hydroxyapatite-equivalent density (CoCr ~31, steel ~27, Ti ~10 g/cm3 of HA:
 linear attenuation at ~60 keV relative to HA; heads CoCr, stems, cups and nails Ti, screws steel), a child's anatomy by scaling the declared pixel spacing
@@ -44,7 +52,7 @@ from training.phantoms.xray import HipGeometry, Pose, _project_point, render_hip
 __all__ = ["PROFILES", "HipTruth", "RadiographCase", "RadiographSpec", "edit_projections", "render_case",
            "render_cases", "sample_spec"]
 
-PROFILES = ("standard", "variety")
+PROFILES = ("standard", "variety", "wide")
 #: the rendered detector field (width, height mm) and its centre relative to the head mid-point
 FIELD_MM = (440.0, 440.0)
 AIM_MM = (0.0, -10.0)
@@ -92,6 +100,8 @@ class RadiographSpec:
         Lossy JPEG round trip of the stored pixels.
     kvp, quanta_per_pixel, processing_strength : float
         Technique (see :func:`training.phantoms.xray.render_hip_xray`).
+    implant_scale : float
+        Implant radii and lengths relative to the reference implants (``wide`` profile only).
     """
 
     profile: str
@@ -112,6 +122,7 @@ class RadiographSpec:
     kvp: float = 75.0
     quanta_per_pixel: float = 2.0e4
     processing_strength: float = 1.0
+    implant_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -194,6 +205,8 @@ def sample_spec(profile: str, rng: np.random.Generator) -> RadiographSpec:
                               obese_mm=float(u(0.0, 40.0)), kvp=float(np.round(u(70.0, 85.0))),
                               quanta_per_pixel=float(u(1.0e4, 3.0e4)), processing_strength=float(u(0.6, 1.2)),
                               **common)
+    if profile == "wide":
+        return _sample_wide(rng, common)
     if u() < 0.1:  # frog-leg lateral: abduction 40 deg, external rotation
         abd = (u(35.0, 45.0), u(35.0, 45.0))
         rot = (u(-35.0, -20.0), u(-35.0, -20.0))
@@ -213,6 +226,33 @@ def sample_spec(profile: str, rng: np.random.Generator) -> RadiographSpec:
                           jpeg_quality=int(rng.integers(30, 80)) if u() < 0.2 else None,
                           kvp=float(np.round(u(65.0, 95.0))), quanta_per_pixel=float(u(5.0e3, 3.0e4)),
                           processing_strength=float(u(0.3, 1.5)), **common)
+
+
+def _sample_wide(rng: np.random.Generator, common: dict[str, Any]) -> RadiographSpec:
+    """The ``wide`` training profile (module docstring): its own ranges and proportions."""
+    u = rng.uniform
+    common = dict(common)
+    common["collimation"] = str(rng.choice(["pelvis", "hip_R", "hip_L", "offcentre"], p=[0.35, 0.22, 0.22, 0.21]))
+    common["monochrome1"] = bool(u() < 0.25)
+    if u() < 0.15:  # frog-leg
+        abd = (u(30.0, 50.0), u(30.0, 50.0))
+        rot = (u(-40.0, -15.0), u(-40.0, -15.0))
+        name = "frog_leg"
+    else:
+        abd = (u(-15.0, 35.0), u(-15.0, 35.0))
+        rot = (u(-25.0, 25.0), u(-25.0, 25.0))
+        name = "rotated"
+    pose = Pose(name, pelvic_tilt_deg=u(-10.0, 10.0), abduction_deg=abd, internal_rotation_deg=rot,
+                upright=bool(u() < 0.3), sid_mm=float(u(950.0, 1250.0)))
+    metal = {s: (str(rng.choice(["arthroplasty", "nail", "screws"], p=[0.4, 0.3, 0.3])) if u() < 0.2 else "none")
+             for s in ("R", "L")}
+    child = float(u(0.55, 0.85)) if u() < 0.12 else 1.0
+    return RadiographSpec(profile="wide", pose=pose, metal=metal, child_scale=child, implant_scale=float(u(0.75, 1.3)),
+                          obese_mm=float(u(60.0, 220.0)) if u() < 0.25 else float(u(0.0, 40.0)),
+                          bowel_gas=int(rng.integers(0, 9)), bits=int(rng.choice([8, 10, 12, 14, 16])),
+                          jpeg_quality=int(rng.integers(25, 90)) if u() < 0.2 else None,
+                          kvp=float(np.round(u(60.0, 100.0))), quanta_per_pixel=float(u(4.0e3, 3.5e4)),
+                          processing_strength=float(u(0.3, 1.6)), **common)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +323,7 @@ def edit_projections(proj: dict[str, np.ndarray], geom: HipGeometry, sampler: An
         lm = _landmarks(geom, sampler, side)
         neck = sampler.scene.femoral_necks[side]
         r_head = float(neck.get("head_radius", 22.0)) / mm
+        k = float(spec.implant_scale)  # implant radii (1.0: the reference implants)
         if child:
             # open physes: radiolucent bands across the head-neck junction and the trochanter apophysis
             ax = lm["base"] - lm["head"]
@@ -296,9 +337,9 @@ def edit_projections(proj: dict[str, np.ndarray], geom: HipGeometry, sampler: An
                 band = (np.abs(bent) < 1.5 / mm) & (np.abs(across) < half)
                 proj["ha"] = np.where(band, 0.4 * proj["ha"], proj["ha"])
         if kind == "arthroplasty":
-            ball = _capsule_cm(rr, cc, lm["head"], lm["head"], 0.6 * r_head, mm)
-            taper = _capsule_cm(rr, cc, lm["head"], lm["base"], 6.0 / mm, mm)
-            stem = _capsule_cm(rr, cc, lm["base"], lm["base"] + 0.85 * (lm["shaft"] - lm["base"]), 7.0 / mm, mm)
+            ball = _capsule_cm(rr, cc, lm["head"], lm["head"], min(0.6 * k, 0.95) * r_head, mm)
+            taper = _capsule_cm(rr, cc, lm["head"], lm["base"], 6.0 * k / mm, mm)
+            stem = _capsule_cm(rr, cc, lm["base"], lm["base"] + 0.85 * k * (lm["shaft"] - lm["base"]), 7.0 * k / mm, mm)
             outer = _capsule_cm(rr, cc, lm["head"], lm["head"], r_head + 5.0 / mm, mm)
             inner = _capsule_cm(rr, cc, lm["head"], lm["head"], r_head + 2.0 / mm, mm)
             up = lm["head"] - lm["base"]  # cup opens towards the neck
@@ -306,9 +347,9 @@ def edit_projections(proj: dict[str, np.ndarray], geom: HipGeometry, sampler: An
             cup = np.where(cup_side, np.maximum(outer - inner, 0.0), 0.0)
             proj["ha"] = proj["ha"] + METAL_HA["cocr"] * ball + METAL_HA["ti"] * (np.maximum(taper, stem) + cup)
         elif kind == "nail":
-            lag = _capsule_cm(rr, cc, lm["head"] + 0.3 * (lm["base"] - lm["head"]) * 0.5, lm["lateral"], 5.5 / mm, mm)
+            lag = _capsule_cm(rr, cc, lm["head"] + 0.3 * (lm["base"] - lm["head"]) * 0.5, lm["lateral"], 5.5 * k / mm, mm)
             down = lm["shaft"] - lm["base"]
-            nail = _capsule_cm(rr, cc, lm["base"] - 0.4 * down, lm["base"] + 1.1 * down, 6.0 / mm, mm)
+            nail = _capsule_cm(rr, cc, lm["base"] - 0.4 * down, lm["base"] + 1.1 * k * down, 6.0 * k / mm, mm)
             proj["ha"] = proj["ha"] + METAL_HA["ti"] * np.maximum(lag, nail)
         elif kind == "screws":
             ax = lm["lateral"] - lm["head"]
@@ -316,7 +357,7 @@ def edit_projections(proj: dict[str, np.ndarray], geom: HipGeometry, sampler: An
             tot = np.zeros(shape)
             for off in (-7.0, 0.0, 7.0):
                 p0 = lm["head"] + 0.15 * ax + off / mm * n
-                tot = np.maximum(tot, _capsule_cm(rr, cc, p0, lm["lateral"] + off / mm * n, 3.5 / mm, mm))
+                tot = np.maximum(tot, _capsule_cm(rr, cc, p0, lm["lateral"] + off / mm * n, 3.5 * k / mm, mm))
             proj["ha"] = proj["ha"] + METAL_HA["steel"] * tot
 
 
@@ -409,9 +450,9 @@ def _view_spec(spec: RadiographSpec, rng: np.random.Generator) -> RadiographSpec
     other = sample_spec(spec.profile, rng)
     return replace(spec, collimation=other.collimation, mirror=other.mirror,
                    orientation_header=other.orientation_header, laterality_header=other.laterality_header,
-                   monochrome1=other.monochrome1, bits=other.bits if spec.profile == "variety" else spec.bits,
+                   monochrome1=other.monochrome1, bits=other.bits if spec.profile != "standard" else spec.bits,
                    markers=other.markers, text=other.text,
-                   jpeg_quality=other.jpeg_quality if spec.profile == "variety" else None)
+                   jpeg_quality=other.jpeg_quality if spec.profile != "standard" else None)
 
 
 def render_cases(seed: int, index: int, profile: str, *, views: int = 1, pixel_mm: float = 1.0,
@@ -576,3 +617,116 @@ def spec_summary(spec: RadiographSpec) -> dict[str, Any]:
 
 
 __all__ += ["spec_summary"]
+
+
+# ---------------------------------------------------------------------------------------------
+# cohort vs real radiographs (docs/virtual-cohort.md)
+# ---------------------------------------------------------------------------------------------
+#: detector pitch assumed for a real CR whose header states none (typical CR plates: 0.1-0.2 mm)
+ASSUMED_CR_PITCH_MM = 0.2
+
+
+def image_statistics(ds: Any, pitch_mm: float | None = None, grid_mm: float = 1.0) -> dict[str, float]:
+    """Intensity, noise and edge statistics of a radiograph as displayed (its own VOI, bone bright).
+
+    The image goes through the Modality and VOI LUTs to ``[0, 1]`` (``MONOCHROME1`` inverted,
+    :mod:`screener.radiograph`), is resampled to ``grid_mm`` pixels (``pitch_mm``: the stored pitch,
+    else the header's spacing) and measured inside the exposed field (pixels above the 2nd
+    percentile + 0.02, background out; ``shutter``: share of the image in white, unexposed collimator
+    regions touching the border, also left out):
+
+    * ``p5`` ... ``p95``: intensity percentiles, ``clip_hi``: share at the top of the window;
+    * ``noise``: 1.4826 x the median absolute high-pass residual (image minus its 1-pixel Gaussian)
+      in the flattest quarter of 16 x 16 tiles, in display units;
+    * ``edge_mm``: 10-90 % edge width at the strongest 1 % of edges, from local contrast over peak
+      gradient (a Gaussian-blurred step of contrast ``A`` has peak gradient ``A / (sigma sqrt(2 pi))``
+      and 10-90 % width ``2.56 sigma``);
+    * ``unique``: distinct stored values (bit depth in use).
+    """
+    from scipy import ndimage as ndi
+
+    from screener.radiograph import _display_values, pixel_spacing_mm, presentation_inverted, stored_values
+
+    vals, _ = _display_values(ds, "dataset")
+    img = np.clip(np.asarray(vals, dtype=np.float64), 0.0, 1.0)
+    if presentation_inverted(ds):
+        img = 1.0 - img
+    if pitch_mm is None:
+        pitch_mm = float(pixel_spacing_mm(ds)[0][0])
+    f = pitch_mm / grid_mm
+    if abs(f - 1.0) > 1e-3:
+        img = ndi.zoom(ndi.gaussian_filter(img, 0.4 / f) if f < 1 else img, f, order=1, grid_mode=True, mode="nearest")
+    # collimator shutters: white (unexposed) regions at the window top that touch the border
+    lab, _ = ndi.label(img >= 0.995)
+    edge_labels = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    shutter = np.isin(lab, edge_labels[edge_labels > 0])
+    field = (img > np.percentile(img, 2.0) + 0.02) & ~ndi.binary_dilation(shutter, iterations=3)
+    field = ndi.binary_erosion(field, iterations=3)
+    v = img[field]
+    hp = img - ndi.gaussian_filter(img, 1.0)
+    grad = np.hypot(ndi.sobel(ndi.gaussian_filter(img, 0.7), 0), ndi.sobel(ndi.gaussian_filter(img, 0.7), 1)) / 8.0
+    t = 16
+    tiles = []
+    for r in range(0, img.shape[0] - t + 1, t):
+        for c in range(0, img.shape[1] - t + 1, t):
+            if field[r : r + t, c : c + t].all():
+                tiles.append((float(np.median(grad[r : r + t, c : c + t])), hp[r : r + t, c : c + t].ravel()))
+    tiles.sort(key=lambda x: x[0])
+    flat = np.concatenate([h for _, h in tiles[: max(1, len(tiles) // 4)]]) if tiles else hp[field]
+    noise = 1.4826 * float(np.median(np.abs(flat - np.median(flat))))
+    g = grad.copy()
+    g[~field] = 0.0
+    strong = g >= np.percentile(g[field], 99.0)
+    contrast = ndi.maximum_filter(img, 7) - ndi.minimum_filter(img, 7)
+    width_px = 1.02 * contrast[strong] / np.maximum(g[strong], 1e-6)
+    pct = np.percentile(v, [5, 25, 50, 75, 95])
+    return {"pitch_mm": float(pitch_mm), "p5": pct[0], "p25": pct[1], "p50": pct[2], "p75": pct[3], "p95": pct[4],
+            "clip_hi": float(np.mean(v >= 0.995)), "shutter": float(shutter.mean()), "noise": noise, "edge_mm": float(np.median(width_px)) * grid_mm,
+            "unique": float(np.unique(stored_values(ds)).size)}
+
+
+def compare_real(real_dir: str, n: int = 8, seed: int = 1520) -> str:
+    """Markdown table: :func:`image_statistics` of cohort radiographs (standard and variety, ``n``
+    patients each, seed ``seed``: patients no model was trained on) beside the real CRs in ``real_dir``
+    (pitch :data:`ASSUMED_CR_PITCH_MM` where the header has none)."""
+    from pathlib import Path
+
+    import pydicom
+
+    rows: list[tuple[str, dict[str, float]]] = []
+    for profile in ("standard", "variety"):
+        stats = [image_statistics(render_cases(seed, i, profile, pixel_mm=1.0, ray_mm=4.0, dy_mm=4.0)[0].dataset)
+                 for i in range(n)]
+        rows.append((f"cohort {profile} (median of {n})", {k: float(np.median([s[k] for s in stats])) for k in stats[0]}))
+    for f in sorted(Path(real_dir).glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        if str(ds.get("Modality", "")) not in ("CR", "DX"):
+            continue
+        try:
+            pitch = None if float(ds.PixelSpacing[0]) > 0 else ASSUMED_CR_PITCH_MM
+        except (AttributeError, IndexError, TypeError, ValueError):
+            pitch = ASSUMED_CR_PITCH_MM
+        rows.append((f"real {f.name}" + (" (pitch assumed)" if pitch else ""), image_statistics(ds, pitch)))
+    keys = ["p5", "p25", "p50", "p75", "p95", "clip_hi", "shutter", "noise", "edge_mm", "unique"]
+    out = ["| image | pixel (mm) | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name, st in rows:
+        out.append(f"| {name} | {st['pitch_mm']:.2f} | " + " | ".join(
+            f"{st[k]:.0f}" if k == "unique" else f"{st[k]:.4f}" if k == "noise" else f"{st[k]:.3f}" for k in keys) + " |")
+    return "\n".join(out)
+
+
+__all__ += ["ASSUMED_CR_PITCH_MM", "compare_real", "image_statistics"]
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m training.phantoms.xray_variety",
+                                 description="cohort vs real radiograph statistics (docs/virtual-cohort.md)")
+    ap.add_argument("cmd", choices=["compare-real"])
+    ap.add_argument("--real", default=str(__import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data" / "real-public"))
+    ap.add_argument("--n", type=int, default=8)
+    args = ap.parse_args()
+    print(compare_real(args.real, args.n))
+    sys.exit(0)
