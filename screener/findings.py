@@ -70,6 +70,19 @@ class Measurement:
         """The UCUM unit as a coded concept."""
         return Code(self.unit, "UCUM", self.unit_meaning or self.unit)
 
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> "Measurement":
+        """The measurement of a :meth:`to_record` dict (what the database stores)."""
+        def code(v: Any) -> Code | None:
+            return Code(str(v[0]), str(v[1]), str(v[2])) if v else None
+        interval = rec.get("interval")
+        return cls(name=str(rec["name"]), value=float(rec["value"]), unit=str(rec.get("unit", "")),
+                   concept=code(rec.get("code")) or Code("?", "99SCRNR", "?"), method=code(rec.get("method")),
+                   caveats=list(rec.get("caveats", [])), reference=rec.get("reference"),
+                   interval=(float(interval[0]), float(interval[1])) if interval else None,
+                   interval_level=float(rec.get("interval_level", 0.9)),
+                   interval_method=str(rec.get("interval_method", "")))
+
     def to_record(self) -> dict[str, Any]:
         """JSON-able dict: ``name``, ``value``, ``unit``, the concept's ``code``; ``method``,
         ``caveats``, ``reference`` and ``interval`` (``[low, high]``, ``interval_level``,
@@ -185,6 +198,17 @@ class Finding:
                 return m
         raise KeyError(f"finding has no measurement {name!r}; it has "
                        f"{', '.join(m.name for m in self.measurements)}")
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> "Finding":
+        """A finding rebuilt from :meth:`to_record` (no ROI geometry, overlay or site code): enough
+        to combine stored findings again (:func:`screener.study_result.study_result`)."""
+        return cls(protocol=str(rec.get("protocol", "")), protocol_version=str(rec.get("protocol_version", "")),
+                   site=str(rec.get("site", "")),
+                   measurements=[Measurement.from_record(m) for m in rec.get("measurements", [])],
+                   category=str(rec.get("category", "") or ""), flags=list(rec.get("flags", [])),
+                   study_uid=str(rec.get("study_uid", "")), series_uid=str(rec.get("series_uid", "")),
+                   details=dict(rec.get("details") or {}))
 
     def to_record(self) -> dict[str, Any]:
         """JSON-able record, as stored in the database and exported by ``screener results``.

@@ -1,9 +1,10 @@
 """``screener results``: export findings as CSV or JSON.
 
-Each series' records start with its study-level screening result
-(:mod:`screener.study_result`: protocol ``study result``, site ``study``, the
-category, and as flags the agreement, each contributing measurement with its
-method, and the notes), then one record per finding: study/series UIDs,
+Each study's records start with its study-level screening result
+(:mod:`screener.study_result` over the newest findings of every series of the
+study: protocol ``study result``, site ``study``, the category, ``methods``,
+and as flags the agreement, each contributing measurement with its method,
+and the notes), then one record per finding: study/series UIDs,
 protocol, site, category, flags,
 each measurement's name, value and unit, and for spine findings the
 vertebra's extent along the patient z axis and the ROI centre in patient
@@ -22,6 +23,8 @@ from typing import Any
 
 from screener.cli import command_config, command_parser
 from screener.db import Database
+from screener.findings import Finding
+from screener.study_result import study_result
 
 BASE_FIELDS = ["study_uid", "series_uid", "job_id", "protocol", "protocol_version", "site",
                "category", "flags", "z_min_mm", "z_max_mm", "roi_center_x_mm",
@@ -30,10 +33,10 @@ BASE_FIELDS = ["study_uid", "series_uid", "job_id", "protocol", "protocol_versio
 
 def finding_records(db: Database, series_uid: str | None = None,
                     all_versions: bool = False) -> list[dict[str, Any]]:
-    """Findings as flat JSON-able records (see module docstring)."""
-    out: list[dict[str, Any]] = []
-    seen: set[tuple[str, int]] = set()
-    for row in db.findings(series_uid=series_uid, latest_only=not all_versions):
+    """Findings as flat JSON-able records, each study's study-level result first (module docstring)."""
+    by_study: dict[str, list[dict[str, Any]]] = {}
+    rows = db.findings(series_uid=series_uid, latest_only=not all_versions)
+    for row in rows:
         data = dict(row["data"])
         rec: dict[str, Any] = {
             "study_uid": row["study_uid"], "series_uid": row["series_uid"],
@@ -47,12 +50,14 @@ def finding_records(db: Database, series_uid: str | None = None,
         rec["roi_center_x_mm"], rec["roi_center_y_mm"], rec["roi_center_z_mm"] = \
             (list(centre) + [None] * 3)[:3]
         rec["measurements"] = [_measurement(m) for m in data.get("measurements", [])]
-        study = (data.get("details") or {}).get("study_result")
-        key = (row["series_uid"], row["job_id"])
-        if study and key not in seen:
-            seen.add(key)
-            out.append(_study_record(rec, study))
-        out.append(rec)
+        by_study.setdefault(str(row["study_uid"]), []).append(rec)
+    latest = db.findings(latest_only=True) if all_versions or series_uid else rows
+    out: list[dict[str, Any]] = []
+    for study_uid, recs in by_study.items():
+        stored = [Finding.from_record(r["data"]) for r in latest if str(r["study_uid"]) == study_uid]
+        out.append(_study_record(recs[0], study_result(stored).to_record(),
+                                 sorted({str(f.series_uid) for f in stored})))
+        out.extend(recs)
     return out
 
 
@@ -65,15 +70,16 @@ def _measurement(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _study_record(first: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
-    """The study-level result of a series' job as a record shaped like a finding's."""
+def _study_record(first: dict[str, Any], study: dict[str, Any], series: list[str]) -> dict[str, Any]:
+    """The study-level result as a record shaped like a finding's (``series_uid``: the series it
+    combines, joined by ``|``; ``job_id`` None)."""
     lines = [study.get("agreement", "")]
     for c in study.get("contributions", []):
         grade = c.get("grade") or "indeterminate"
         lines.append(f"{c['method']}, {c['site']}: {c['value']} -> {grade} "
                      f"(compatible: {', '.join(c['compatible'])}; {c['uncertainty']})")
     lines += list(study.get("notes", []))
-    rec: dict[str, Any] = {k: first[k] for k in ("study_uid", "series_uid", "job_id")}
+    rec: dict[str, Any] = {"study_uid": first["study_uid"], "series_uid": "|".join(series), "job_id": None}
     rec.update({"protocol": "study result", "protocol_version": "", "site": "study",
                 "category": study.get("category", ""), "flags": [x for x in lines if x],
                 "methods": list(study.get("methods", [])), "measurements": []})

@@ -278,3 +278,39 @@ def test_every_sr_this_module_wrote_is_free_of_dxa_loinc_codes(ct_run) -> None: 
     assert srs and all(not dxa_loinc_codes(pydicom.dcmread(p)) for p in srs)
     text = "".join(p.read_bytes().decode("latin-1") for p in srs)
     assert not re.search("|".join(map(re.escape, codes.DXA_LOINC_CODES)), text)
+
+
+# ------------------------------------------------------------------ screener results
+def test_results_start_each_study_with_one_result_over_all_its_series(ct_run, tmp_path: Path) -> None:  # noqa: ANN001
+    """A CT series (L1 96.9 HU) and a hip radiograph series (both necks normal) of ONE study: the
+    study record combines both series and says "discordant — review"; a second study that has
+    only the CT gets its own record."""
+    from screener.db import Database
+    from screener.results import finding_records, to_csv
+
+    res, headers, _ = ct_run
+    uid = str(headers[0].SOPInstanceUID)
+    (hu,) = res.findings
+    hips = [model_finding("hip_xray", f"{side} femoral neck", 0.95, uid, side=side[0].upper())
+            for side in ("right", "left")]
+    db = Database(tmp_path / "screener.db")
+    for job, series, f in ((1, "1.2.3.1", hu), (2, "1.2.3.2", hips[0]), (2, "1.2.3.2", hips[1]),
+                           (3, "1.2.9.1", hu)):
+        study = "1.2.9" if series.startswith("1.2.9") else "1.2.3"
+        rec = f.to_record()
+        rec.update(study_uid=study, series_uid=series)
+        db.record_finding(job, series, study, f.protocol, f.site, f.category, rec)
+    recs = finding_records(db)
+    assert [(r["study_uid"], r["protocol"]) for r in recs] == [
+        ("1.2.3", "study result"), ("1.2.3", "l1_attenuation"), ("1.2.3", "hip_xray"), ("1.2.3", "hip_xray"),
+        ("1.2.9", "study result"), ("1.2.9", "l1_attenuation")]
+    first, second = recs[0], recs[4]
+    assert first["category"] == "discordant \u2014 review" and first["series_uid"] == "1.2.3.1|1.2.3.2"
+    assert first["methods"] == ["l1_attenuation", "hip_xray"]
+    assert "l1_attenuation (osteoporosis) and hip_xray (normal)" in first["flags"][0]
+    assert second["category"] == "likely osteoporosis" and second["methods"] == ["l1_attenuation"]
+    hip_rec = recs[2]
+    t = next(m for m in hip_rec["measurements"] if m["name"].endswith("T-score"))
+    assert t["reference"]["key"] == "nhanes3_fn_women" and t["value"] == pytest.approx((0.95 - 0.858) / 0.120)
+    csv_text = to_csv(recs)
+    assert csv_text.splitlines()[1].startswith("1.2.3,1.2.3.1|1.2.3.2,,study result,,study,discordant")
