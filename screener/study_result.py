@@ -24,7 +24,8 @@ The rule (written out for readers in ``docs/study-result.md``; this module is it
    intervals: the result is ``"discordant — review"``, with no grade.  Otherwise the grade of
    the highest-ranked vote that has one, moved to the nearest grade every vote is compatible
    with when it lies outside that common set; ``"likely <grade>"``.  Only indeterminate votes:
-   ``"indeterminate"``; no vote at all: ``"indeterminate"`` with a note saying so.
+   ``"indeterminate"``; no vote at all (e.g. a DXA image read for its reliability only):
+   ``"no bone density grade"``.
 4. Every contributing measurement is listed with its method, value, grade and compatible set.
 """
 from __future__ import annotations
@@ -34,13 +35,14 @@ from typing import Any, Sequence
 
 from screener.findings import Finding
 
-__all__ = ["CLASS_SET_MASS", "DEFAULT_T_TOLERANCE", "DISCORDANT", "EVIDENCE", "GRADES", "HU_LSC",
+__all__ = ["CLASS_SET_MASS", "DEFAULT_T_TOLERANCE", "DISCORDANT", "EVIDENCE", "GRADES", "HU_LSC", "NOT_GRADED",
            "Contribution", "StudyResult", "study_result"]
 
 #: grades from lowest to highest density
 GRADES = ("osteoporosis", "osteopenia", "normal")
 DISCORDANT = "discordant \u2014 review"
 INDETERMINATE = "indeterminate"
+NOT_GRADED = "no bone density grade"
 #: Pickhardt et al. 2013 L1 thresholds (HU, 120 kVp)
 HU_OSTEOPOROSIS, HU_NORMAL = 110.0, 160.0
 #: least significant change of L1 HU between repeat scans (Binkley et al. 2025: 10-16 HU)
@@ -127,7 +129,7 @@ class StudyResult:
                 "contributions": [asdict(c) for c in self.contributions], "notes": list(self.notes)}
 
 
-def _band_set(lo: float, hi: float, cuts: tuple[float, float], high_is_normal: bool = True) -> list[str]:
+def _band_set(lo: float, hi: float, cuts: tuple[float, float]) -> list[str]:
     """Grades whose band ``[lo, hi]`` reaches; cuts = (osteoporosis upper, normal lower)."""
     out = []
     if lo <= cuts[0]:
@@ -248,8 +250,7 @@ def study_result(findings: Sequence[Finding]) -> StudyResult:
         low += [x for x in f.flags if "unlike the training data" in x.lower()]
         notes += [f"{f.protocol} {f.site}: {x}" for x in low]
     if not votes:
-        return StudyResult(INDETERMINATE, [], "no measurement that grades bone density",
-                           notes + ["no finding of this study grades bone density"])
+        return StudyResult(NOT_GRADED, [], "no measurement that grades bone density", notes)
     clashes = [(a, b) for i, a in enumerate(votes) for b in votes[i + 1:]
                if not set(a.compatible) & set(b.compatible)]
     if clashes:
@@ -268,10 +269,12 @@ def study_result(findings: Sequence[Finding]) -> StudyResult:
     top = decisive[0]
     grade = top.grade if top.grade in common else _nearest(top.grade, common)
     grades = {v.grade for v in decisive}
+    n_methods = len({v.protocol for v in votes})
     if len(votes) == 1:
-        agreement = "one method"
+        agreement = "one measurement"
     elif grades == {grade} and len(decisive) == len(votes):
-        agreement = f"all {len(votes)} methods agree"
+        agreement = (f"all {n_methods} methods agree" if n_methods == len(votes) else
+                     f"all {len(votes)} measurements ({n_methods} method{'s' * (n_methods > 1)}) agree")
     else:
         agreement = (f"methods differ in grade ({', '.join(sorted(g or INDETERMINATE for g in {v.grade for v in votes}))}) "
                      f"but overlap within their uncertainty at {grade}")

@@ -8,7 +8,9 @@ A bundle's ``model_card.json`` may hold an ``intervals`` record per regression o
 
 :func:`annotate` (called once per job, after the T-score references are set) gives every BMD
 estimate of a finding whose bundle has such a record the interval ``value +/- half_width`` and its
-T-score the same interval on the T scale, and flags a finding whose fold models disagree by more
+T-score the same interval on the T scale, flags a finding whose network inputs lie outside the
+range the models trained on (``input_stats``: out of distribution), and flags a finding whose
+fold models disagree by more
 than ``fold_range_limit`` (the spread validation saw), or by more than
 :data:`DEFAULT_FOLD_RANGE_G_CM2` when the bundle has no record.  A bundle without a record gives
 no interval: the report then says so rather than inventing one.
@@ -22,7 +24,7 @@ from typing import Any, Sequence
 
 from screener.findings import Finding
 
-__all__ = ["DEFAULT_FOLD_RANGE_G_CM2", "annotate", "card_intervals", "fold_values"]
+__all__ = ["DEFAULT_FOLD_RANGE_G_CM2", "annotate", "card_intervals", "fold_values", "input_stats"]
 
 #: fold spread (g/cm2) flagged when a bundle has no validation record of its own
 DEFAULT_FOLD_RANGE_G_CM2 = 0.10
@@ -60,6 +62,36 @@ def _bmd_and_t(finding: Finding) -> tuple[Any, list[Any]]:
     return bmd, [m for m in finding.measurements if m.concept == codes.TSCORE_ESTIMATE]
 
 
+def _out_of_distribution(finding: Finding, stats: dict[str, Any]) -> None:
+    """Flag a finding whose network inputs' mean or SD lie outside the training range (card
+    ``intervals.input_stats``, :func:`training.intervals.input_stats`) by more than its margin."""
+    from screener.scores import flag
+
+    seen = finding.details.get("input_stats") or []
+    if not stats or not seen:
+        return
+    margin = float(stats.get("margin", 0.1))
+    out = []
+    for key in ("mean", "sd"):
+        lo, hi = (float(v) for v in stats[key])
+        pad = margin * (hi - lo)
+        bad = [float(s[key]) for s in seen if not lo - pad <= float(s[key]) <= hi + pad]
+        if bad:
+            out.append(f"input {key} {bad[0]:.3g} outside the training range {lo:.3g}-{hi:.3g}")
+    finding.details["out_of_distribution"] = bool(out)
+    if out:
+        finding.flags.append(flag(f"input unlike the training data ({'; '.join(out)}): the estimate "
+                                  "may be unreliable"))
+
+
+def input_stats(images: Any) -> list[dict[str, float]]:
+    """Per-image mean and SD of a network input batch, as a finding records them (``details["input_stats"]``)."""
+    import numpy as np
+
+    x = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    return [{"mean": float(m), "sd": float(s)} for m, s in zip(x.mean(axis=1), x.std(axis=1))]
+
+
 def annotate(findings: Sequence[Finding], models_dir: str | Path) -> None:
     """Put prediction intervals and the fold-disagreement flag on the findings, in place (module docstring)."""
     from screener.scores import flag
@@ -68,7 +100,7 @@ def annotate(findings: Sequence[Finding], models_dir: str | Path) -> None:
         if not f.details.get("bundle_id"):
             continue
         bmd, tms = _bmd_and_t(f)
-        if bmd is None:
+        if bmd is None or not tms:  # patient-level estimates only (lumbar_sagittal's per-vertebra BMDs have none)
             continue
         record = card_intervals(models_dir, f.protocol)
         rec = record.get("bmd") or record.get("femoral_neck_bmd") or {}
@@ -80,6 +112,7 @@ def annotate(findings: Sequence[Finding], models_dir: str | Path) -> None:
                 if t.reference:
                     sd = float(t.reference["sd"])
                     t.interval, t.interval_level, t.interval_method = (t.value - q / sd, t.value + q / sd), level, method
+        _out_of_distribution(f, record.get("input_stats") or {})
         folds = fold_values(f)
         if len(folds) >= 2:
             spread = max(folds) - min(folds)

@@ -61,7 +61,7 @@ def test_replay_processes_phantom_then_skips_then_force_supersedes(
     assert study_rec["protocol"] == "study result" and study_rec["methods"] == ["l1_attenuation"]
     # one L1 attenuation: the study category is its Pickhardt category
     assert study_rec["category"] == recs[0]["category"]
-    assert study_rec["flags"][0] == "one method" and "L1 attenuation measured on CT" in study_rec["flags"][1]
+    assert study_rec["flags"][0] == "one measurement" and "L1 attenuation measured on CT" in study_rec["flags"][1]
     assert len(recs) == 1 and recs[0]["protocol"] == "l1_attenuation" and recs[0]["site"] == "L1"
     z0, z1 = sorted(truth["z_range"])
     assert z0 - 2.0 <= recs[0]["roi_center_z_mm"] <= z1 + 2.0

@@ -69,6 +69,9 @@ def test_agreement_gives_one_category_listing_every_method(ct_run) -> None:  # n
     assert r.category == "likely osteoporosis"
     assert r.methods == ["l1_attenuation", "l1_axial", "lumbar_sagittal"]
     assert r.agreement == "all 3 methods agree"
+    # two hips of one method are two measurements, not two methods
+    hips = [model_finding("hip_xray", f"{s} femoral neck", 0.62, uid, side=s[0].upper()) for s in ("right", "left")]
+    assert study_result(hips).agreement == "all 2 measurements (1 method) agree"
     by = {c.protocol: c for c in r.contributions}
     assert by["l1_attenuation"].value.startswith("L1 96.") and by["l1_attenuation"].grade == "osteoporosis"
     # 96.9 HU +/- 15 reaches the 110-160 band: osteopenia stays compatible
@@ -108,7 +111,7 @@ def test_hu_between_thresholds_alone_is_indeterminate() -> None:
                 category="indeterminate")
     r = study_result([f])
     assert r.category == "indeterminate" and r.contributions[0].compatible == ["osteopenia"]
-    assert study_result([]).category == "indeterminate"
+    assert study_result([]).category == "no bone density grade"
 
 
 # ------------------------------------------------------------------ the SR

@@ -67,6 +67,7 @@ def _models_with_interval(tmp_path: Path, half_width: float | None) -> Path:
     models = tmp_path / "models"
     (models / "l1_axial").mkdir(parents=True)
     card = json.loads((Path(__file__).resolve().parents[1] / "models/l1_axial/model_card.json").read_text())
+    card.pop("intervals", None)
     if half_width is not None:
         card["intervals"] = {"bmd": {"level": 0.9, "half_width": half_width, "n": 450,
                                      "fold_range_limit": 0.05, "method": "split-conformal (test)"}}
@@ -114,3 +115,29 @@ def test_folds_that_disagree_are_flagged_and_noted_in_the_study_result(header, t
     r = study_result([f])
     assert any("ensemble folds disagree" in n for n in r.notes)
     shutil.rmtree(tmp_path / "models")
+
+
+def test_an_input_outside_the_training_range_is_flagged_out_of_distribution(header, tmp_path: Path) -> None:  # noqa: ANN001
+    from training.intervals import input_stats as training_stats
+
+    rng = np.random.default_rng(3)
+    train = rng.normal(0.4, 0.1, (300, 1, 16, 16)) * rng.uniform(0.8, 1.2, (300, 1, 1, 1))
+    stats = training_stats(train)
+    models = _models_with_interval(tmp_path, 0.071)
+    card_path = models / "l1_axial" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["intervals"]["input_stats"] = stats
+    card_path.write_text(json.dumps(card))
+    uid = str(header.SOPInstanceUID)
+    from screener.uncertainty import input_stats
+
+    usual = _l1_axial(0.80, uid, [0.8, 0.8, 0.8])
+    usual.details["input_stats"] = input_stats(train[:3])
+    odd = _l1_axial(0.80, uid, [0.8, 0.8, 0.8])
+    odd.details["input_stats"] = input_stats(train[:3] * 3.0)     # three times as bright
+    annotate([usual, odd], models)
+    assert usual.details["out_of_distribution"] is False and not any("unlike" in f for f in usual.flags)
+    assert odd.details["out_of_distribution"] is True
+    (flag,) = [f for f in odd.flags if f.startswith("input unlike the training data")]
+    assert "input mean" in flag and f"{stats['mean'][1]:.3g}" in flag
+    assert any("unlike the training data" in n for n in study_result([odd]).notes)

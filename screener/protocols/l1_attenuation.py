@@ -68,7 +68,8 @@ RISK_HU = 135.0
 #: HU per mg/cm^3 hydroxyapatite by kVp (clinical-physics.md section 2: 60/70/80 keV)
 HU_PER_MG = ((100.0, 1.66), (120.0, 1.33), (140.0, 1.09))
 #: mean L1 HU by kVp, cohort > 60 y (clinical-physics.md section 1)
-KVP_MEANS = "mean L1 148.1 HU at 100 kVp, 140.9 at 120, 131.3 at 140"
+KVP_MEANS = ("published cohort means, not this patient: adults over 60 read a mean L1 of 148.1 HU at "
+             "100 kVp, 140.9 at 120, 131.3 at 140")
 
 EXCLUDED_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "NECK", "CSPINE", "HAND", "WRIST",
                                  "FOOT", "ANKLE", "KNEE", "ELBOW", "SHOULDER", "ARM", "LEG",

@@ -112,6 +112,7 @@ class L1AxialProtocol(ModelProtocol):
         t3 = time.perf_counter()
 
         from screener.references import describe, patient_sex, t_score_for
+        from screener.uncertainty import input_stats
 
         t, tref = t_score_for(bmd, "L1", patient_sex(context.info.header), context.config)
         grade = scores.who_grade(t)
@@ -150,6 +151,7 @@ class L1AxialProtocol(ModelProtocol):
         details: dict[str, Any] = {
             **model_details(bundle),
             "bmd_per_fold": per_fold,
+            "input_stats": input_stats(images),
             "bmd_per_slice": [{"z_mm": z, "bmd": float(b), "sop_instance_uid": volume.sop_instance_uid(_nearest_slice(volume, z))}
                               for z, b in zip(info.z_samples, per_slice)],
             "t_score_reference": tref,

@@ -184,7 +184,8 @@ class LumbarSagittalProtocol(ModelProtocol):
 
         bmd = float(pred[:, ib].mean())
         tbs = float(pred[:, it].mean())
-        from screener.references import describe, patient_sex, t_score_for
+        from screener.references import patient_sex, t_score_for
+        from screener.uncertainty import input_stats
 
         t, tref = t_score_for(bmd, "L1-L4", patient_sex(info.header), context.config)
         grade = scores.who_grade(t)
@@ -214,6 +215,7 @@ class LumbarSagittalProtocol(ModelProtocol):
                      "tbs_impaired": bool(impaired), "t_score_reference": tref,
                      "per_vertebra": {lv: {"bmd": float(pred[j, ib]), "tbs": float(pred[j, it])}
                                       for j, lv in enumerate(pp.LEVELS)},
+                     "input_stats": input_stats(images),
                      "per_fold_patient": {"bmd": folds[:, :, ib].mean(axis=1).tolist(),
                                           "tbs": folds[:, :, it].mean(axis=1).tolist()},
                      "preprocessing": pinfo.constants, "localizer": loc.method, "timing_ms": timing},

@@ -177,6 +177,7 @@ STUDY_CATEGORIES: dict[str, Code] = {
     "likely normal": CATEGORIES["likely normal"],
     "indeterminate": CATEGORIES["indeterminate"],
     "discordant \u2014 review": Code("DISCORDANT", SCHEME, "Discordant methods - review, no confident grade"),
+    "no bone density grade": Code("NOTGRADED", SCHEME, "No measurement in the study grades bone density"),
 }
 CONTRIBUTING = Code("CONTRIB", SCHEME, "Contributing measurement")
 STUDY_RULE = Code("STUDYRULE", SCHEME, "Rule that combined the measurements")
