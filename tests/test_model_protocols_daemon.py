@@ -151,5 +151,17 @@ def test_radiographs_hip_and_dxa_reported_chest_and_lateral_declined(tmp_path: P
             results = _results(db, uid[key])
             assert sorted(r["kind"] for r in results) == ["SC", "SR"], results
             _check_valid(results)
+        # issue 16: the two necks differ by a laterality modifier; estimates say they come from a
+        # radiograph and carry the bundle's 90 % interval; the bundle that ran is named
+        sr_path = [r["path"] for r in _results(db, uid["hip"]) if r["kind"] == "SR"][0]
+        text = subprocess.run([require_tool("dsr2html"), sr_path], capture_output=True, text=True).stdout
+        assert "Laterality = Right" in text and "Laterality = Left" in text
+        assert "Estimated by algorithm from radiograph" in text and "90 % prediction interval" in text
+        assert 'Algorithm Version = "0.5.0"' in text
+        assert text.index("Study result: likely ") < text.index("femoral neck hip_xray")
+        dxa_text = subprocess.run([require_tool("dsr2html"), [r["path"] for r in _results(db, uid["dxa"])
+                                                              if r["kind"] == "SR"][0]],
+                                  capture_output=True, text=True).stdout
+        assert "Study result: no bone density grade" in dxa_text
     finally:
         assert d.stop() == 0
