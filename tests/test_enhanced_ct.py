@@ -172,7 +172,10 @@ def test_replay_of_the_multiframe_files_ends_with_the_classic_finding(
     rows, found = replay(study, cfg, progress=False)
     assert found.unusable == [] and len(rows) == 2
     assert all(r["status"] == "done" for r in rows), rows
-    recs = finding_records(Database(cfg.db_path))
+    every = finding_records(Database(cfg.db_path))
+    studies = [r for r in every if r["protocol"] == "study result"]  # each study's result first (issue 16)
+    assert studies and every[0] is studies[0] and all(s["methods"] == ["l1_attenuation"] for s in studies)
+    recs = [r for r in every if r["protocol"] != "study result"]
     assert len(recs) == 2 and {r["protocol"] for r in recs} == {"l1_attenuation"}
     ref, _ = l1_findings["classic"]
     for r in recs:

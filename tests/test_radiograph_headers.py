@@ -291,7 +291,8 @@ def test_results_and_the_sr_carry_the_bundle_version(radiograph: Dataset, tmp_pa
     db, jobs = _replay(p.parent, tmp_path)
     [job] = jobs.values()
     assert job["status"] == "done", job["reason"]
-    records = finding_records(db)
+    study, *records = finding_records(db)  # the study-level result comes first (issue 16)
+    assert study["protocol"] == "study result" and study["methods"] == ["hip_xray"]
     assert len(records) >= 1 and {r["protocol_version"] for r in records} == {version}
     from screener.protocols.hip_xray import HipXrayProtocol
     assert version != HipXrayProtocol.version  # the bundle's, not the module's
