@@ -181,8 +181,9 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
 def report_findings(findings: list[Finding], info: SeriesInfo, config: Config) -> "StudyResult":
     """Put the configured T-score reference on every T-score (:func:`screener.scores.apply_references`),
     the bundles' prediction intervals and the fold-disagreement flag (:func:`screener.uncertainty.annotate`)
-    on the estimates, and combine the findings into the study-level result, recorded with each finding
-    (``details["study_result"]``) so ``screener results`` shows it first."""
+    on the estimates, and combine them with the newest findings of the study's other series already
+    in the database into the study-level result, recorded with each finding
+    (``details["study_result"]``)."""
     from screener.references import patient_sex
     from screener.scores import apply_references
     from screener.study_result import study_result
@@ -190,10 +191,33 @@ def report_findings(findings: list[Finding], info: SeriesInfo, config: Config) -
 
     apply_references(findings, sex=patient_sex(info.header), config=config)
     annotate(findings, config.models_dir)
-    result = study_result(findings)
+    earlier = _earlier_study_findings(info, config)
+    result = study_result(findings + earlier)
+    if earlier:
+        n = len({f.series_uid for f in earlier})
+        result.notes.append(f"combines this series with {len(earlier)} finding(s) of {n} other series of the "
+                            "study processed earlier")
     for f in findings:
         f.details["study_result"] = result.to_record()
     return result
+
+
+def _earlier_study_findings(info: SeriesInfo, config: Config) -> list[Finding]:
+    """Findings already recorded for the other series of this study (none without a database)."""
+    if not info.study_uid or not Path(config.db_path).is_file():
+        return []
+    from screener.db import Database
+    from screener.results import other_series_findings
+
+    try:
+        db = Database(config.db_path)
+        try:
+            return other_series_findings(db, info.study_uid, info.series_uid)
+        finally:
+            db.close()
+    except Exception as exc:  # noqa: BLE001 - the series' own result stands without them
+        log.warning("earlier findings of the study unreadable", study_uid=info.study_uid, error=str(exc))
+        return []
 
 
 def _source_headers(volume: "Volume | None", info: SeriesInfo) -> list[pydicom.Dataset]:

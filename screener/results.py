@@ -61,6 +61,14 @@ def finding_records(db: Database, series_uid: str | None = None,
     return out
 
 
+def other_series_findings(db: Database, study_uid: str, series_uid: str) -> list[Finding]:
+    """The newest findings of the study's OTHER series (rebuilt with :meth:`Finding.from_record`), so a
+    series' SR can combine everything already measured in its study."""
+    rows = [r for r in db.findings(latest_only=True)
+            if str(r["study_uid"]) == study_uid and str(r["series_uid"]) != series_uid]
+    return [Finding.from_record(r["data"]) for r in rows]
+
+
 def _measurement(m: dict[str, Any]) -> dict[str, Any]:
     """A measurement record: ``name``, ``value``, ``unit``; its interval and T-score reference when stored."""
     out = {"name": m.get("name"), "value": m.get("value"), "unit": m.get("unit")}

@@ -317,3 +317,29 @@ def test_results_start_each_study_with_one_result_over_all_its_series(ct_run, tm
     assert t["reference"]["key"] == "nhanes3_fn_women" and t["value"] == pytest.approx((0.95 - 0.858) / 0.120)
     csv_text = to_csv(recs)
     assert csv_text.splitlines()[1].startswith("1.2.3,1.2.3.1|1.2.3.2,,study result,,study,discordant")
+
+
+def test_a_series_sr_combines_the_findings_of_earlier_series_of_its_study(tmp_path: Path) -> None:
+    """A hip radiograph of the same study was processed first (both necks normal, T +0.77); the CT
+    series then measures L1 at 97 HU: its SR's study result is "discordant — review" and lists both."""
+    from screener.db import Database
+
+    ct = make_ct_series(tmp_path / "in", l1_hu=97.0, noise_sd=8.0, seed=12, **FAST)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct.paths]
+    cfg = Config(data_dir=tmp_path / "data")
+    db = Database(cfg.db_path)
+    for side in ("right", "left"):
+        f = model_finding("hip_xray", f"{side} femoral neck", 0.95, str(headers[0].SOPInstanceUID), side=side[0].upper())
+        rec = f.to_record()
+        rec.update(study_uid=ct.study_uid, series_uid="1.2.826.0.1.99")
+        db.record_finding(1, "1.2.826.0.1.99", ct.study_uid, f.protocol, f.site, f.category, rec)
+    db.close()
+    res = process_series(ct.paths, config=cfg, out_dir=tmp_path / "out",
+                         protocols=[L1AttenuationProtocol(localizer=ct.fake_localizer())])
+    assert res.status == "done"
+    study = res.findings[0].details["study_result"]
+    assert study["category"] == DISCORDANT and study["methods"] == ["l1_attenuation", "hip_xray"]
+    assert "of 1 other series of the study processed earlier" in study["notes"][-1]
+    html = render_html(res.outputs[0].path)
+    assert html.index("Study result: discordant - review") < html.index("(l1_attenuation): measured")
+    assert "femoral neck BMD estimated by algorithm from radiograph (BMD-GAN), left femoral neck" in html
