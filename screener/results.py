@@ -96,13 +96,21 @@ def _study_record(first: dict[str, Any], study: dict[str, Any], series: list[str
 
 
 def to_csv(records: list[dict[str, Any]]) -> str:
-    """Flatten records to CSV: one row per finding, ``<measurement>`` and ``<measurement> unit`` columns."""
+    """Flatten records to CSV: one row per finding (the study result first), ``<measurement>`` and
+    ``<measurement> unit`` columns, and where a measurement has them ``<measurement> interval low`` /
+    ``high`` (its prediction interval) and ``<measurement> reference`` (a T-score's reference key)."""
     names: list[str] = []
+    extra: dict[str, list[str]] = {}
     for r in records:
         for m in r["measurements"]:
             if m["name"] not in names:
                 names.append(m["name"])
-    header = BASE_FIELDS + [c for n in names for c in (n, f"{n} unit")]
+            cols = extra.setdefault(m["name"], [])
+            if "interval" in m and "interval low" not in cols:
+                cols += ["interval low", "interval high"]
+            if "reference" in m and "reference" not in cols:
+                cols.append("reference")
+    header = BASE_FIELDS + [c for n in names for c in (n, f"{n} unit", *(f"{n} {e}" for e in extra[n]))]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
     w.writeheader()
@@ -112,6 +120,10 @@ def to_csv(records: list[dict[str, Any]]) -> str:
         for m in r["measurements"]:
             row[m["name"]] = m["value"]
             row[f"{m['name']} unit"] = m["unit"]
+            if "interval" in m:
+                row[f"{m['name']} interval low"], row[f"{m['name']} interval high"] = m["interval"]
+            if "reference" in m:
+                row[f"{m['name']} reference"] = m["reference"].get("key", "")
         w.writerow(row)
     return buf.getvalue()
 

@@ -317,6 +317,12 @@ def test_results_start_each_study_with_one_result_over_all_its_series(ct_run, tm
     assert t["reference"]["key"] == "nhanes3_fn_women" and t["value"] == pytest.approx((0.95 - 0.858) / 0.120)
     csv_text = to_csv(recs)
     assert csv_text.splitlines()[1].startswith("1.2.3,1.2.3.1|1.2.3.2,,study result,,study,discordant")
+    import csv as _csv
+    import io
+
+    rows = list(_csv.DictReader(io.StringIO(csv_text)))
+    assert rows[2]["right femoral neck T-score reference"] == "nhanes3_fn_women"
+    assert float(rows[2]["right femoral neck T-score"]) == pytest.approx((0.95 - 0.858) / 0.120)
 
 
 def test_a_series_sr_combines_the_findings_of_earlier_series_of_its_study(tmp_path: Path) -> None:

@@ -85,6 +85,13 @@ def test_card_interval_reaches_the_finding_the_sr_and_the_study_result(header, t
     assert "fold_disagreement" not in f.details and f.details["fold_range_g_cm2"] == pytest.approx(0.02)
     rec = bmd.to_record()
     assert rec["interval"] == pytest.approx([0.729, 0.871]) and rec["interval_level"] == 0.9
+    from screener.results import BASE_FIELDS, _measurement, to_csv
+
+    row = {**{k: None for k in BASE_FIELDS}, "flags": [], "measurements": [_measurement(rec)]}
+    header, line = to_csv([row]).splitlines()
+    cols = dict(zip(header.split(","), line.split(",")))
+    assert float(cols["L1 BMD estimate interval low"]) == pytest.approx(0.729)
+    assert float(cols["L1 BMD estimate interval high"]) == pytest.approx(0.871)
     vote = study_result([f]).contributions[0]
     # T -1.48, interval -2.07 .. -0.88: osteopenia and normal
     assert vote.compatible == ["osteopenia", "normal"] and vote.uncertainty.startswith("90 % prediction interval")
