@@ -88,8 +88,8 @@ def test_card_interval_reaches_the_finding_the_sr_and_the_study_result(header, t
     from screener.results import BASE_FIELDS, _measurement, to_csv
 
     row = {**{k: None for k in BASE_FIELDS}, "flags": [], "measurements": [_measurement(rec)]}
-    header, line = to_csv([row]).splitlines()
-    cols = dict(zip(header.split(","), line.split(",")))
+    head, line = to_csv([row]).splitlines()
+    cols = dict(zip(head.split(","), line.split(",")))
     assert float(cols["L1 BMD estimate interval low"]) == pytest.approx(0.729)
     assert float(cols["L1 BMD estimate interval high"]) == pytest.approx(0.871)
     vote = study_result([f]).contributions[0]
