@@ -28,6 +28,8 @@ __all__ = ["DEFAULT_FOLD_RANGE_G_CM2", "annotate", "card_intervals", "fold_value
 
 #: fold spread (g/cm2) flagged when a bundle has no validation record of its own
 DEFAULT_FOLD_RANGE_G_CM2 = 0.10
+#: spread of one class's probability between fold models flagged for a classifier (femur_coronal)
+DEFAULT_CLASS_FOLD_RANGE = 0.5
 
 
 @lru_cache(maxsize=32)
@@ -84,6 +86,28 @@ def _out_of_distribution(finding: Finding, stats: dict[str, Any]) -> None:
                                   "may be unreliable"))
 
 
+def _class_fold_disagreement(finding: Finding, record: dict[str, Any]) -> None:
+    """Flag a classifier's finding whose fold models give a class probabilities further apart than
+    ``record["class_fold_range_limit"]`` (default :data:`DEFAULT_CLASS_FOLD_RANGE`)."""
+    from screener.scores import flag
+
+    per_fold = finding.details.get("per_fold")
+    probs = finding.details.get("probabilities")
+    if not isinstance(per_fold, dict) or not isinstance(probs, dict):
+        return
+    spreads = {c: max(v) - min(v) for c, v in per_fold.items() if isinstance(v, list) and len(v) >= 2}
+    if not spreads:
+        return
+    cls = max(spreads, key=spreads.get)
+    limit = float(record.get("class_fold_range_limit") or DEFAULT_CLASS_FOLD_RANGE)
+    finding.details["fold_range_probability"] = spreads[cls]
+    if spreads[cls] > limit:
+        finding.details["fold_disagreement"] = True
+        finding.flags.append(flag(
+            f"ensemble folds disagree: P({cls}) per fold {min(per_fold[cls]):.2f}-{max(per_fold[cls]):.2f} "
+            f"(range {spreads[cls]:.2f} > {limit:.2f}); the class is less certain"))
+
+
 def input_stats(images: Any) -> list[dict[str, float]]:
     """Per-image mean and SD of a network input batch, as a finding records them (``details["input_stats"]``)."""
     import numpy as np
@@ -99,6 +123,7 @@ def annotate(findings: Sequence[Finding], models_dir: str | Path) -> None:
     for f in findings:
         if not f.details.get("bundle_id"):
             continue
+        _class_fold_disagreement(f, card_intervals(models_dir, f.protocol))
         bmd, tms = _bmd_and_t(f)
         if bmd is None or not tms:  # patient-level estimates only (lumbar_sagittal's per-vertebra BMDs have none)
             continue

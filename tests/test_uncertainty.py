@@ -148,3 +148,20 @@ def test_an_input_outside_the_training_range_is_flagged_out_of_distribution(head
     (flag,) = [f for f in odd.flags if f.startswith("input unlike the training data")]
     assert "input mean" in flag and f"{stats['mean'][1]:.3g}" in flag
     assert any("unlike the training data" in n for n in study_result([odd]).notes)
+
+
+def test_classifier_folds_that_disagree_are_flagged(tmp_path: Path) -> None:
+    from screener.uncertainty import DEFAULT_CLASS_FOLD_RANGE
+
+    def femur(per_fold: dict) -> Finding:
+        probs = {c: float(np.mean(v)) for c, v in per_fold.items()}
+        return Finding("femur_coronal", "1.1.0", "proximal femur", [], category=max(probs, key=probs.get),
+                       details={"bundle_id": "femur_coronal@1.1.0", "probabilities": probs, "per_fold": per_fold})
+
+    calm = femur({"normal": [0.7, 0.8], "osteopenia": [0.25, 0.15], "osteoporosis": [0.05, 0.05]})
+    split = femur({"normal": [0.9, 0.2], "osteopenia": [0.08, 0.7], "osteoporosis": [0.02, 0.1]})
+    annotate([calm, split], tmp_path / "no-models")
+    assert calm.details["fold_range_probability"] == pytest.approx(0.1) and "fold_disagreement" not in calm.details
+    assert split.details["fold_disagreement"] is True and DEFAULT_CLASS_FOLD_RANGE == 0.5
+    (flag,) = split.flags
+    assert flag.startswith("ensemble folds disagree: P(normal) per fold 0.20-0.90 (range 0.70 > 0.50)")
