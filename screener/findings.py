@@ -73,11 +73,11 @@ class Measurement:
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> "Measurement":
         """The measurement of a :meth:`to_record` dict (what the database stores)."""
-        def code(v: Any) -> Code | None:
-            return Code(str(v[0]), str(v[1]), str(v[2])) if v else None
+        def code(v: Any) -> Code:
+            return Code(str(v[0]), str(v[1]), str(v[2]))
         interval = rec.get("interval")
         return cls(name=str(rec["name"]), value=float(rec["value"]), unit=str(rec.get("unit", "")),
-                   concept=code(rec.get("code")) or Code("?", "99SCRNR", "?"), method=code(rec.get("method")),
+                   concept=code(rec["code"]), method=code(rec["method"]) if rec.get("method") else None,
                    caveats=list(rec.get("caveats", [])), reference=rec.get("reference"),
                    interval=(float(interval[0]), float(interval[1])) if interval else None,
                    interval_level=float(rec.get("interval_level", 0.9)),
