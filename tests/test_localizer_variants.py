@@ -36,10 +36,15 @@ def _volume(r: dict) -> Volume:
 
 
 def _case(index: int, profile: str = "canon_ap_native", window: str = "t10_sacrum", fast: bool = True,
-          **variant: object) -> tuple[SpineLocalization, object]:
+          seed: int = SEED, arms_down: bool | None = None, **variant: object) -> tuple[SpineLocalization, object]:
+    import dataclasses
+
     from training.phantoms import anatomy, ct, population, profiles
 
-    scene = anatomy.build_scene(population.make_patient(SEED, index, **variant))
+    patient = population.make_patient(seed, index, **variant)
+    if arms_down is not None:
+        patient = dataclasses.replace(patient, arms_down=arms_down)
+    scene = anatomy.build_scene(patient)
     prof = profiles.get_profile(profile)
     if fast and prof.pixel_spacing < 2.0:  # 2.5 mm pixels keep the test inside its budget
         prof = prof.with_(matrix=170, pixel_spacing=2.5)
@@ -47,7 +52,8 @@ def _case(index: int, profile: str = "canon_ap_native", window: str = "t10_sacru
     z_sacrum = scene.landmarks["z_s1"] - 40.0
     zr = {"t10_sacrum": (v("T10").centroid_mm[2], z_sacrum),
           "ends_mid_lumbar": (v("T10").centroid_mm[2], v("L4").centroid_mm[2]),
-          "starts_at_l1": (v("L1").z_range_mm[1] + 14.0, z_sacrum)}[window]
+          "starts_at_l1": (v("L1").z_range_mm[1] + 14.0, z_sacrum),
+          "sacrum_only": (v("L1").z_range_mm[1] + 6.0, z_sacrum)}[window]
     return locate_spine(_volume(ct.render_volume(scene, prof, seed=index, z_range=zr))), scene
 
 
@@ -109,3 +115,28 @@ def test_scan_ending_above_the_sacrum_is_numbered_from_the_ribs() -> None:
     loc, scene = _case(9, window="ends_mid_lumbar", t12_ribs="normal", transitional="none")
     assert _l1_right(loc, scene), loc.reason
     assert loc.details["anchors"] == ["ribs"]
+
+
+def test_arms_beside_the_pelvis_do_not_hide_the_iliac_crests() -> None:
+    # a humerus beside the abdomen is lateral bone at every level: read as pelvis it put the crests
+    # at the top of the coverage, and the ilia below were taken for ribs ("coverage ends at T12")
+    loc, scene = _case(12, window="starts_at_l1", arms_down=True, t12_ribs="normal", transitional="none")
+    crest = scene.landmarks["z_iliac_crest"]
+    assert abs(loc.details["iliac_crest_z_mm"] - crest) < 6.0, (loc.details.get("iliac_crest_z_mm"), crest)
+    assert _l1_right(loc, scene), (loc.reason, loc.details.get("labels"))
+
+
+def test_sacrum_only_count_is_used_when_the_crests_agree_and_declined_when_they_do_not() -> None:
+    # coverage from just below the 12th ribs to the sacrum: only the sacral count numbers the levels.
+    # Normal anatomy is numbered; a lumbarised S1 shifts the count by one, and the iliac crests (L4 one
+    # level higher than the count puts it) expose it: declined with that reason, never labelled one off
+    for index in (14, 15):
+        loc, scene = _case(index, window="sacrum_only", transitional="none", t12_ribs="normal", lumbar_rib=False)
+        assert _l1_right(loc, scene), (index, loc.reason, loc.details.get("labels"))
+        assert loc.details["anchors"] == ["sacrum"]
+    for index in (14, 18):
+        loc, scene = _case(index, window="sacrum_only", transitional="lumbarised_s1", t12_ribs="normal",
+                           lumbar_rib=False)
+        assert "L1" not in loc.vertebrae, (index, loc.details.get("labels"))
+        assert "iliac crests put L4 one level higher" in loc.reason, loc.reason
+        assert "lumbarised S1" in loc.details["transitional"]

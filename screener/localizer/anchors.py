@@ -294,17 +294,42 @@ def sacral_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
     return hits / total if total else 0.0
 
 
+#: rib-free column above the ilia, when no rib is in view above them, for the run to count as the pelvis
+#: (about one and a half lumbar bodies: lower rib tips at the end of a chest coverage have ribs above them)
+PELVIS_OPEN_GAP_MM = 45.0
+
+
+#: arms lying against the trunk are cut off by an erosion of this radius (mm) before lateral bone is
+#: looked for (a humerus beside the abdomen is lateral bone at every level)
+ARM_CUT_MM = 15.0
+
+
+def _trunk(body: np.ndarray, col: Column, z: int, dx: float) -> np.ndarray:
+    """The part of one slice's body mask that holds the spine, with arms touching it cut off."""
+    r = max(1, int(round(ARM_CUT_MM / dx)))
+    # erode, keep the spine's component, grow it back: an arm joined by a neck narrower than
+    # the disk falls away (an opening would keep the two touching)
+    lab, _ = ndi.label(ndi.binary_erosion(body, structure=_disk(r)))
+    y, x = int(round(col.canal_y[z])), int(round(col.canal_x[z]))
+    keep = lab[y, x] if 0 <= y < body.shape[0] and 0 <= x < body.shape[1] else 0
+    if keep == 0:
+        return body
+    return body & ndi.binary_dilation(lab == keep, structure=_disk(r))
+
+
 def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[float, float, float],
                scale: float = 1.0) -> int | None:
     """Working slice of the iliac crests, when the ilia are in view below a rib-free gap.
 
-    Lateral bone (beyond 50 mm from the canal on both sides, thin structures
-    and organs removed as in :func:`rib_evidence`) is present at every level
+    Lateral bone (beyond 50 mm from the canal on both sides, inside the trunk:
+    arms cut off, :func:`_trunk`) is present at every level
     of the rib cage and again from the iliac crests down. The run of lateral
     bone that reaches the inferior end of the column (or starts within
     :data:`PELVIS_BELOW_MM` of it: the column may run on along the sacrum and
     coccyx below the ilia) and is separated from anything above by at least
-    15 mm without lateral bone is the pelvis.
+    15 mm without lateral bone is the pelvis; when nothing lateral lies
+    above it (the coverage starts below the ribs) the rib-free gap up to the
+    end of the column must be at least :data:`PELVIS_OPEN_GAP_MM`.
     Returns ``None`` when there is no such run (e.g. a chest CT whose rib
     shafts reach the end of the coverage).
     """
@@ -315,7 +340,7 @@ def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[flo
     for z in range(nz):
         if not col.valid[z]:
             continue
-        bone = (hu[z] > rib_hu(scale)) & body[z]
+        bone = (hu[z] > rib_hu(scale)) & _trunk(body[z], col, z, dx)
         lat = (xs - col.canal_x[z]) * dx
         left = bone[:, lat >= 50.0].sum() * dy * dx
         right = bone[:, lat <= -50.0].sum() * dy * dx
@@ -337,6 +362,6 @@ def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[flo
     while k <= valid[-1] and not present[k]:
         gap += 1
         k += 1
-    if gap * dz < 15.0 or k > valid[-1]:
+    if gap * dz < 15.0 or (k > valid[-1] and gap * dz < PELVIS_OPEN_GAP_MM):
         return None
     return int(top)

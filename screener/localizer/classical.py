@@ -62,6 +62,7 @@ from screener.localizer.anchors import (RIB_REACH_MM, lateral_reach, pelvis_top,
 from screener.localizer.column import body_masks, bone_scale, find_column_adaptive
 from screener.localizer.grid import GeometryError, WorkGrid, make_grid
 from screener.localizer.segments import (
+    THICK_SLICE_MM,
     Segment,
     core_profile,
     ellipse_radius,
@@ -374,6 +375,8 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: in
             info["decline"] = ("no level anchor in coverage (no rib-bearing vertebra with a rib-free one "
                                "below it, no sacrum)")
         return {}, 0.0, info
+    if l1_rib is None and _checked_sacral_count(segs, l1_sac, info, vote, dz) is None:
+        return {}, 0.0, info
     regular = (l1_rib is not None and l1_sac is not None and l1_sac < l1_rib
                and _regular_between(segs, l1_sac - 3, l1_rib - 1))
     crest_pick = None
@@ -399,19 +402,57 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: in
     return labels, float(np.clip(conf, 0.05, 0.99)), info
 
 
-def _regular_between(segs: list[Segment], lo: int, hi: int) -> bool:
+def _checked_sacral_count(segs: list[Segment], l1_sac: int | None, info: dict[str, Any],
+                          vote: Callable[[tuple[int, int]], int | None], dz: float) -> int | None:
+    """Check a count from the sacrum alone (no 12th rib in view); ``None`` (and ``info["decline"]``) when
+    it cannot be trusted.
+
+    With no rib to check it, the sacral count is used only when every body it
+    counted from L4 to L1 looks like a single vertebra (:func:`_regular_between`:
+    a body split in two, or two merged, shifts it by a level) and the iliac crests, when in
+    view, do not put L4 one level away from where the count puts it (a
+    lumbarised S1 or a sacralised L5 shifts the count; the crests sit with the
+    pelvis). A crest that agrees is noted in ``info["crest_vote"]``.
+    """
+    if l1_sac is None:
+        return None
+    # L5 itself is left out: its tilted disc with S1 spreads over thick slices and shortens it
+    s1 = l1_sac - 5
+    heights = [f"{segs[i].n_slices * dz:.0f}" for i in range(max(0, s1 + 2), min(l1_sac, len(segs) - 1) + 1)]
+    # at thick slices a disc can take one more slice from a body than from its neighbour
+    slack = 1 if dz >= THICK_SLICE_MM else 0
+    if not _regular_between(segs, s1 + 2, l1_sac, slack):
+        info["decline"] = ("only the sacrum anchors the count and a body between it and L1 looks split or "
+                           "merged (heights from L4 upward: " + ", ".join(heights) + " mm): "
+                           "the levels cannot be numbered with confidence")
+        return None
+    for other, what in ((l1_sac + 1, "a lumbarised S1"), (l1_sac - 1, "a sacralised L5")):
+        if vote((l1_sac, other)) == other:
+            info["transitional"] = f"possible {what[2:]} (sacral count and iliac crests disagree)"
+            info["decline"] = (f"only the sacrum anchors the count and the iliac crests put L4 one level "
+                               f"{'higher' if other > l1_sac else 'lower'} than it does ({what}?); no 12th rib "
+                               "in view to decide, so the levels cannot be numbered with confidence")
+            return None
+    return l1_sac
+
+
+def _regular_between(segs: list[Segment], lo: int, hi: int, slack: int = 0) -> bool:
     """Whether the bodies between segment ``lo`` and ``hi`` (inclusive) look like single vertebrae.
 
-    Each must be at least :data:`SPLIT_RATIO` as tall as the tallest of them:
-    a lumbar body split in two by a false disc leaves two short pieces.
+    Each must be at least :data:`SPLIT_RATIO` as tall as the tallest of them
+    (``slack`` slices added to the shortest): a lumbar body split in two by a
+    false disc leaves two short pieces.
     """
     lo = max(0, lo)
     heights = [segs[i].n_slices for i in range(lo, min(hi, len(segs) - 1) + 1) if segs[i].complete]
-    return bool(heights) and min(heights) >= SPLIT_RATIO * max(heights)
+    return bool(heights) and min(heights) + slack >= SPLIT_RATIO * max(heights)
 
 
-#: the crests must lie this much (mm) nearer one candidate's expected crest level to break a tie
+#: the crests must lie this much (mm) nearer one candidate's expected crest level to break a tie ...
 CREST_MARGIN_MM = 8.0
+#: ... and within this distance (mm) of it: lateral bone far from both expected levels is not a crest
+#: that counts (a crest at the top of L5, or bone beside S1 only)
+CREST_MAX_MM = 10.0
 
 
 def _crest_vote(segs: list[Segment], candidates: tuple[int, int], crest: int, dz: float,
@@ -424,7 +465,8 @@ def _crest_vote(segs: list[Segment], candidates: tuple[int, int], crest: int, dz
     and of whether S1 is fused. Each candidate L1 index puts its L4 three
     segments lower; its expected crest level is halfway between that L4's
     centre and its disc with L5. The nearer candidate wins when it is
-    nearer by at least :data:`CREST_MARGIN_MM`.
+    nearer by at least :data:`CREST_MARGIN_MM` and lies within
+    :data:`CREST_MAX_MM` of the crests.
     """
     dist = {}
     for c in candidates:
@@ -438,7 +480,7 @@ def _crest_vote(segs: list[Segment], candidates: tuple[int, int], crest: int, dz
     other = max(dist, key=dist.get)
     info["crest_vote"] = {"candidate_l1_segments": list(candidates),
                           "distance_mm": [round(dist[c], 1) for c in candidates]}
-    if dist[other] - dist[best] < CREST_MARGIN_MM:
+    if dist[other] - dist[best] < CREST_MARGIN_MM or dist[best] > CREST_MAX_MM:
         return None
     info["crest_vote"]["agrees_with_segment"] = best
     return best
@@ -497,7 +539,8 @@ def _combine_anchors(segs: list[Segment], l1_rib: int | None, l1_sac: int | None
             conf -= 0.15
         return l1_rib, conf
     assert l1_sac is not None
-    return l1_sac, (0.5 if "transitional" in info else 0.7)
+    agree = "agrees_with_segment" in info.get("crest_vote", {})
+    return l1_sac, (0.5 if "transitional" in info else 0.75 if agree else 0.7)
 
 
 def _crest_decides(segs: list[Segment], l1_rib: int, l1_sac: int, pick: int, info: dict[str, Any]

@@ -215,6 +215,17 @@ def _extend(hu: np.ndarray, valid: np.ndarray, arrays: dict[str, np.ndarray], dz
 
 _CLOSE = np.ones((3, 3), bool)
 
+#: the canal moves at most this far (mm) in plane between neighbouring slabs, plus :data:`MAX_CANAL_SLOPE`
+#: times their distance in z: a scoliotic or lordotic spine bends, it does not jump
+MAX_CANAL_SHIFT_MM = 15.0
+MAX_CANAL_SLOPE = 0.6
+
+
+def _jump(a: dict, b: dict, dz: float, dy: float, dx: float) -> bool:
+    """Whether the canal of slab ``b`` lies further from slab ``a``'s than a spine can bend."""
+    shift = float(np.hypot((a["cy"] - b["cy"]) * dy, (a["cx"] - b["cx"]) * dx))
+    return shift > MAX_CANAL_SHIFT_MM + MAX_CANAL_SLOPE * abs(b["z"] - a["z"]) * dz
+
 
 def find_column(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, float],
                 bone_hu: float = BONE_HU) -> Column:
@@ -273,10 +284,11 @@ def find_column(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, f
     arrays = {k: np.full(nz, np.nan) for k in ("cy", "cx", "r", "by", "bx", "hw", "hd")}
     if keep:
         zs = np.array([s["z"] for s in keep])
-        # a gap of more than 45 mm between kept slabs breaks the column: keep the longest piece
+        # a gap of more than 45 mm between kept slabs, or a jump of the canal no spine makes (a run
+        # of false canals in bowel or vessels at one end), breaks the column: keep the longest piece
         pieces, start = [], 0
         for i in range(1, len(keep) + 1):
-            if i == len(keep) or (zs[i] - zs[i - 1]) * dz > 45.0:
+            if i == len(keep) or (zs[i] - zs[i - 1]) * dz > 45.0 or _jump(keep[i - 1], keep[i], dz, dy, dx):
                 pieces.append((start, i))
                 start = i
         p0, p1 = max(pieces, key=lambda p: p[1] - p[0])

@@ -184,8 +184,21 @@ def disc_score(prof: np.ndarray, dz: float, scale: float = 1.0) -> np.ndarray:
         # as disc tissue (a soft-tissue value that does not fall with the skeleton's density),
         # above the dark bodies around it
         core_term = np.where(ring >= 0.6 * float(np.nanmedian(ring)), 0.0, core_term)
+        # a ring dip with no bony endplate within 8 mm is the thin-walled middle of a tall body
+        # (a severely osteoporotic L5 reads like a disc along its waist), not a disc
+        band = np.where(_near_endplate(core, dz), band, 0.0)
         return np.maximum(np.maximum(core_term, band), _disc_tissue_score(prof[0], dz))
     return np.maximum(core_term, band)
+
+
+def _near_endplate(core: np.ndarray, dz: float) -> np.ndarray:
+    """Whether a bony endplate (a core :data:`ENDPLATE_LIFT_HU` above the darkest core within
+    10 mm) lies within 8 mm of each slice."""
+    n = core.size
+    w = max(1, int(round(10.0 / dz)))
+    we = max(1, int(np.floor(8.0 / dz)))
+    return np.array([core[max(0, z - we):z + we + 1].max()
+                     >= core[max(0, z - w):z + w + 1].min() + ENDPLATE_LIFT_HU for z in range(n)])
 
 
 def _disc_tissue_score(core: np.ndarray, dz: float) -> np.ndarray:
