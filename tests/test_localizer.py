@@ -307,3 +307,48 @@ def test_virtual_cohort_l1_found_in_98_percent_and_declined_without_l1() -> None
     print(f"virtual cohort: L1 found {found}/{N_COHORT} ({rate:.0%}); declined {declined_ok}/{N_DECLINE}")
     assert rate >= 0.98, misses
     assert declined_ok == N_DECLINE, wrong_decline
+
+
+def _column(heights_mm: list[float], dz: float = 2.5, gap_mm: float = 8.0, sacral: int = 1) -> list:
+    """Segments (ascending z) of the given body heights; the lowest ``sacral`` look sacral."""
+    from screener.localizer.segments import Segment
+
+    segs, z = [], 0
+    for i, h in enumerate(heights_mm):
+        n = int(round(h / dz))
+        segs.append(Segment(lo=z, hi=z + n - 1, complete=True, disc_below=z - 1, disc_above=z + n,
+                            ribs={"right": 0.0, "left": 0.0}, sacral=1.0 if i < sacral else 0.0))
+        z += n + int(round(gap_mm / dz))
+    return segs
+
+
+def _crest_at(segs: list, l4: int, dz: float = 2.5) -> int:
+    """Working slice of iliac crests at the lower half of segment ``l4`` (where they lie in most adults)."""
+    s = segs[l4]
+    return int(round(0.5 * (0.5 * (s.lo + s.hi) + 0.5 * (s.lo + segs[l4 - 1].hi))))
+
+
+def test_sacrum_only_count_checks_the_bodies_it_counts_and_the_crests() -> None:
+    from screener.localizer.classical import _assign_levels
+
+    # S1, L5 ... L1, T12 (no ribs in view): numbered from the sacrum, the crests at L4 agree
+    segs = _column([30, 28, 30, 30, 28, 27, 25])
+    labels, conf, info = _assign_levels(segs, crest=_crest_at(segs, 2), dz=2.5)
+    assert labels[5] == "L1" and info["anchors"] == ["sacrum"] and conf == 0.75
+    # the same with no crests in view: the count alone, lower confidence
+    labels, conf, _ = _assign_levels(segs, crest=None, dz=2.5)
+    assert labels[5] == "L1" and conf == 0.7
+    # the crests put L4 one level higher (a lumbarised S1 counted as L5): declined, not labelled
+    labels, conf, info = _assign_levels(segs, crest=_crest_at(segs, 3), dz=2.5)
+    assert labels == {} and "iliac crests put L4 one level higher" in info["decline"]
+    # crests far from both candidates (bone beside S1 only) do not vote
+    labels, _, info = _assign_levels(segs, crest=segs[0].hi, dz=2.5)
+    assert labels[5] == "L1" and "agrees_with_segment" not in info.get("crest_vote", {})
+    # L3 split in two by a false disc: the count would be one level off
+    split = _column([30, 28, 30, 12, 12, 28, 27, 25])
+    labels, _, info = _assign_levels(split, crest=None, dz=2.5)
+    assert labels == {} and "split or merged" in info["decline"]
+    # every lumbar body split alike (false discs throughout): regular, but too short to be lumbar
+    short = _column([30, 15, 15, 15, 12.5, 15, 15, 15, 15], gap_mm=5.0)
+    labels, _, info = _assign_levels(short, crest=None, dz=2.5)
+    assert labels == {} and "split or merged" in info["decline"]

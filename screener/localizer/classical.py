@@ -83,6 +83,9 @@ SPLIT_RATIO = 0.7
 MIN_MEDIAN_BODY_MM = 16.0
 #: plausible body height of L1 (mm, endplate to endplate): a grade-3 fracture to a tall L1
 L1_HEIGHT_MM = (10.0, 38.0)
+#: a count from the sacrum alone needs lumbar bodies (L4-L1 as counted) of at least this median height
+#: (mm): shorter, false discs split them all alike and the count runs several levels off
+MIN_LUMBAR_BODY_MM = 18.0
 
 _THORACIC = [f"T{i}" for i in range(1, 13)]
 _LUMBAR = [f"L{i}" for i in range(1, 6)]
@@ -409,7 +412,8 @@ def _checked_sacral_count(segs: list[Segment], l1_sac: int | None, info: dict[st
 
     With no rib to check it, the sacral count is used only when every body it
     counted from L4 to L1 looks like a single vertebra (:func:`_regular_between`:
-    a body split in two, or two merged, shifts it by a level) and the iliac crests, when in
+    a body split in two, or two merged, shifts it by a level; their median
+    height at least :data:`MIN_LUMBAR_BODY_MM`: all split alike) and the iliac crests, when in
     view, do not put L4 one level away from where the count puts it (a
     lumbarised S1 or a sacralised L5 shifts the count; the crests sit with the
     pelvis). A crest that agrees is noted in ``info["crest_vote"]``.
@@ -421,7 +425,10 @@ def _checked_sacral_count(segs: list[Segment], l1_sac: int | None, info: dict[st
     heights = [f"{segs[i].n_slices * dz:.0f}" for i in range(max(0, s1 + 2), min(l1_sac, len(segs) - 1) + 1)]
     # at thick slices a disc can take one more slice from a body than from its neighbour
     slack = 1 if dz >= THICK_SLICE_MM else 0
-    if not _regular_between(segs, s1 + 2, l1_sac, slack):
+    lumbar = [segs[i].n_slices * dz for i in range(max(0, s1 + 2), min(l1_sac, len(segs) - 1) + 1)
+              if segs[i].complete]
+    if not _regular_between(segs, s1 + 2, l1_sac, slack) or (
+            lumbar and float(np.median(lumbar)) < MIN_LUMBAR_BODY_MM):
         info["decline"] = ("only the sacrum anchors the count and a body between it and L1 looks split or "
                            "merged (heights from L4 upward: " + ", ".join(heights) + " mm): "
                            "the levels cannot be numbered with confidence")
