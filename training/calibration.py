@@ -51,6 +51,22 @@ FITS = ("inverse", "direct")
 FITTED_ON = "validation predictions of each split's model (out-of-fold; no test or held-out-scanner sample)"
 
 
+def finite_pairs(truth: Sequence[float], predicted: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The (truth, prediction) pairs where both are finite, as float64 arrays.
+
+    Raises
+    ------
+    ValueError
+        When the two do not pair up (different sizes).
+    """
+    t = np.asarray(truth, dtype=np.float64).ravel()
+    p = np.asarray(predicted, dtype=np.float64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"truth and predictions must pair up (got {t.size} and {p.size} values)")
+    ok = np.isfinite(t) & np.isfinite(p)
+    return t[ok], p[ok]
+
+
 def fit_linear(truth: Sequence[float] | np.ndarray, predicted: Sequence[float] | np.ndarray, *,
                fit: str = "inverse") -> dict[str, Any]:
     """Fit the linear calibration ``calibrated = intercept + slope * predicted``.
@@ -78,12 +94,7 @@ def fit_linear(truth: Sequence[float] | np.ndarray, predicted: Sequence[float] |
     """
     if fit not in FITS:
         raise ValueError(f"calibration fit must be one of {', '.join(FITS)} (got {fit!r})")
-    t = np.asarray(truth, dtype=np.float64).ravel()
-    p = np.asarray(predicted, dtype=np.float64).ravel()
-    if t.shape != p.shape:
-        raise ValueError(f"truth and predictions must pair up (got {t.size} and {p.size} values)")
-    ok = np.isfinite(t) & np.isfinite(p)
-    t, p = t[ok], p[ok]
+    t, p = finite_pairs(truth, predicted)
     if t.size < 3:
         raise ValueError(f"a linear calibration needs at least 3 finite (truth, prediction) pairs (got {t.size})")
     x, y = (t, p) if fit == "inverse" else (p, t)

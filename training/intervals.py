@@ -38,6 +38,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from training.calibration import finite_pairs
+
 __all__ = ["coverage", "fit_bundle_intervals", "fit_conformal", "fit_hip_xray_intervals", "input_stats", "main",
            "per_patient"]
 
@@ -72,12 +74,8 @@ def fit_conformal(truth: Sequence[float] | np.ndarray, predicted: Sequence[float
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"interval level must be in (0, 1) (got {level})")
-    t = np.asarray(truth, dtype=np.float64).ravel()
-    p = np.asarray(predicted, dtype=np.float64).ravel()
-    if t.shape != p.shape:
-        raise ValueError(f"truth and predictions must pair up (got {t.size} and {p.size} values)")
-    ok = np.isfinite(t) & np.isfinite(p)
-    r = np.sort(np.abs(t[ok] - p[ok]))
+    t, p = finite_pairs(truth, predicted)
+    r = np.sort(np.abs(t - p))
     n = int(r.size)
     k = math.ceil((n + 1) * level)
     if k > n:
