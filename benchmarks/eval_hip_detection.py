@@ -154,7 +154,8 @@ def evaluate_cases(cases: list[Any], landmarks: Any, bmdgan: tuple[Any, Any, dic
                 row.update(head_err_mm=dmin,
                            neck_err_mm=float(np.hypot((p.neck_px[0] - h.neck_px[0]) * sp[0],
                                                       (p.neck_px[1] - h.neck_px[1]) * sp[1])),
-                           side_pred=p.side, pred_metal=bool(p.metal), prob=p.probability)
+                           side_pred=p.side, pred_metal=bool(p.metal), prob=p.probability,
+                           metal_prob=p.metal_probability, metal_by=p.details.get("metal_by", ""))
                 if bmdgan is not None and not p.metal:
                     row["_hip"] = p
             rows.append(row)
@@ -250,6 +251,8 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
         "side_correct_without_orientation": s_no, "hips_without_orientation": n_no, "side_not_determined_without": nd_no,
         "metal_hips": len(metal), "metal_declined": sum(h["pred_metal"] for h in metal) / max(len(metal), 1) if metal else None,
         "clean_hips_declined_as_metal": sum(h["pred_metal"] for h in clean),
+        "metal_declined_by_pixels": (sum("stored values" in h.get("metal_by", "") for h in metal) / len(metal)) if metal else None,
+        "metal_declined_by_network": (sum("metal map" in h.get("metal_by", "") for h in metal) / len(metal)) if metal else None,
         "bmd_hips": len(bmd), "bmd_pcc": pcc, "bmd_mae": mae,
         "bmd_pelvis_hips": len(pairs),
         "bmd_pcc_pelvis_landmark": float(np.corrcoef(pp[0], pp[1])[0, 1]) if pp is not None else None,
@@ -280,6 +283,8 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
             ("side_correct_without_orientation", "side correct, no orientation (goal >= 0.98)"),
             ("hips_without_orientation", "  hips"), ("side_not_determined_without", "  side not determined"),
             ("metal_hips", "hips with metal"), ("metal_declined", "  declined for metal"),
+            ("metal_declined_by_pixels", "    by the stored-value check"),
+            ("metal_declined_by_network", "    by the network's metal map"),
             ("clean_hips_declined_as_metal", "hips without metal declined for metal"),
             ("bmd_hips", "hips measured by BMD-GAN"), ("bmd_pcc", "femoral-neck BMD PCC (landmark crop)"),
             ("bmd_mae", "femoral-neck BMD MAE (g/cm2)"),
@@ -302,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bmd", action="store_true", help="also BMD-GAN on the landmark crops (needs the DXA truth)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--models", default=str(ROOT / "models"))
+    ap.add_argument("--landmarks", default="", help="landmark bundle to evaluate (default <models>/hip_landmarks)")
     ap.add_argument("--cache", default="", help="folder to keep the rendered cases in (re-runs skip rendering)")
     ap.add_argument("--render-only", action="store_true", help="render (into --cache) and stop")
     ap.add_argument("--json", default="", help="write the summaries and per-hip records here")
@@ -317,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from screener.hip_landmarks import load_landmark_bundle
 
-    landmarks = load_landmark_bundle(Path(args.models) / "hip_landmarks")
+    landmarks = load_landmark_bundle(Path(args.landmarks) if args.landmarks else Path(args.models) / "hip_landmarks")
     bmdgan = None
     if args.bmd:
         from screener.bundles import load_bundle

@@ -20,8 +20,10 @@ finds each hip first:
    states the left-right direction of the columns; else from ``ImageLaterality`` / ``Laterality``
    when exactly one hip is found; else from anatomy with the standard display assumed; "side not
    determined" when these disagree or the anatomy is ambiguous.
-5. :func:`metal_in_hip` -- implant metal (arthroplasty, nail, screw) in the femoral head or neck:
-   stored values far above the image's own bone level.
+5. Implant metal (arthroplasty, nail, screw) in the femoral head or neck, two checks, either one
+   declines the hip: :func:`metal_in_hip` on the stored values (far above the image's own bone
+   level), and from 0.4.0 the network's own metal maps (:data:`METAL_CHANNELS`: the femoral-head
+   heat map of a hip that holds metal) read at the head it found.
 
 The weights are the bundle ``models/hip_landmarks`` (:func:`load_landmark_bundle`), trained on
 the virtual cohort by :mod:`training.hip_landmarks`.
@@ -41,7 +43,7 @@ from torch import nn
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["ANATOMY", "CHANNELS", "INPUT_SIZE", "OUTPUT_STRIDE", "HeaderSides", "HipLandmark", "HipLandmarkNet",
+__all__ = ["ANATOMY", "CHANNELS", "INPUT_SIZE", "METAL_CHANNELS", "OUTPUT_STRIDE", "HeaderSides", "HipLandmark", "HipLandmarkNet",
            "LandmarkInput", "decide_side", "decode_heatmaps", "find_hips", "header_sides", "landmark_input",
            "load_landmark_bundle", "metal_in_hip"]
 
@@ -52,6 +54,10 @@ OUTPUT_STRIDE = 2
 #: anatomical sides: the hip whose pelvis lies towards increasing ("plus") / decreasing column
 ANATOMY = ("plus", "minus")
 CHANNELS = ("head_plus", "neck_plus", "head_minus", "neck_minus")
+#: optional (bundles >= 0.4.0): the head map of a hip holding implant metal, plus and minus
+METAL_CHANNELS = ("metal_plus", "metal_minus")
+#: a hip holds metal when its metal map reaches this probability at its head (bundle card may override)
+METAL_NET_THRESHOLD = 0.5
 #: a hip is present when the peak of its head map reaches this probability (bundle card may override)
 PRESENCE_THRESHOLD = 0.5
 #: metal: a pixel brighter than the image's median by this many median-to-bone spans ...
@@ -267,6 +273,8 @@ class HipLandmark:
         Implant metal in the femoral head or neck (:func:`metal_in_hip`).
     metal_fraction : float
         Share of the head / neck ROI that reads as metal.
+    metal_probability : float
+        The network's metal map at this head (0 for a bundle without metal maps).
     details : dict
         Notes for the finding (suppressed duplicate, side conflict, found by metal).
     """
@@ -282,6 +290,7 @@ class HipLandmark:
     present: bool = False
     metal: bool = False
     metal_fraction: float = 0.0
+    metal_probability: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -291,7 +300,8 @@ def decode_heatmaps(heat: np.ndarray, inp: LandmarkInput, threshold: float = PRE
     Parameters
     ----------
     heat : numpy.ndarray
-        ``(4, S/2, S/2)`` sigmoid probabilities in :data:`CHANNELS` order.
+        ``(4, S/2, S/2)`` sigmoid probabilities in :data:`CHANNELS` order, optionally followed by
+        the two :data:`METAL_CHANNELS`.
     inp : LandmarkInput
         The input they came from (maps back to stored pixels).
     threshold : float
@@ -320,11 +330,15 @@ def decode_heatmaps(heat: np.ndarray, inp: LandmarkInput, threshold: float = PRE
         other = heat[2 * (1 - k)]
         near = np.hypot(rr - hr, cc - hc) * mm_per_out <= 15.0
         amb = float(other[near].max() / max(hv, 1e-6)) if near.any() else 0.0
+        metal_p = 0.0
+        if heat.shape[0] >= len(CHANNELS) + len(METAL_CHANNELS):
+            mmap = heat[len(CHANNELS) + k]
+            metal_p = float(mmap[np.hypot(rr - hr, cc - hc) * mm_per_out <= 6.0].max(initial=0.0))
         to = lambda r, c: tuple(float(v) for v in inp.to_stored(r * OUTPUT_STRIDE + (OUTPUT_STRIDE - 1) / 2.0,  # noqa: E731
                                                                    c * OUTPUT_STRIDE + (OUTPUT_STRIDE - 1) / 2.0))
         out[anat] = HipLandmark(anatomy=anat, probability=hv, head_px=to(hr, hc), neck_px=to(nr, nc),
                                 confidence=float(hv * max(nv, 1e-3) ** 0.5 * (1.0 - 0.5 * min(amb, 1.0))),
-                                ambiguity=amb, present=hv >= threshold)
+                                ambiguity=amb, present=hv >= threshold, metal_probability=metal_p)
     _one_hip_per_head(out, inp)
     return out
 
@@ -532,8 +546,9 @@ def load_landmark_bundle(path: str | Path, device: str = "cpu") -> Any:
             x = torch.zeros((1, *bundle.input_spec.shape), device=bundle.device)
             with torch.no_grad():
                 y = bundle.models[0](x)
-            if tuple(y.shape[1:2]) != (len(CHANNELS),):
-                raise BundleError(f"bundle {path}: the network gives {tuple(y.shape)}, expected {len(CHANNELS)} heat maps")
+            if int(y.shape[1]) not in (len(CHANNELS), len(CHANNELS) + len(METAL_CHANNELS)):
+                raise BundleError(f"bundle {path}: the network gives {tuple(y.shape)}, expected {len(CHANNELS)} heat maps "
+                                  f"(or {len(CHANNELS) + len(METAL_CHANNELS)} with metal maps)")
             _CACHE[key] = bundle
         return _CACHE[key]
 
@@ -548,6 +563,11 @@ def heatmaps(bundle: Any, inp: LandmarkInput) -> np.ndarray:
             acc = y if acc is None else acc + y
     assert acc is not None
     return acc / len(bundle.models)
+
+
+def heatmaps_have_metal(bundle: Any) -> bool:
+    """Whether the bundle's network also returns the :data:`METAL_CHANNELS`."""
+    return len((bundle.card.get("outputs") or {}).get("names", [])) >= len(CHANNELS) + len(METAL_CHANNELS)
 
 
 def find_hips(ds: Any, bundle: Any) -> tuple[list[HipLandmark], dict[str, HipLandmark], LandmarkInput]:
@@ -568,13 +588,22 @@ def find_hips(ds: Any, bundle: Any) -> tuple[list[HipLandmark], dict[str, HipLan
     inp = landmark_input(ds)
     thr = float((bundle.card.get("decoding") or {}).get("presence_threshold", PRESENCE_THRESHOLD))
     amb = float((bundle.card.get("decoding") or {}).get("ambiguity_limit", 0.6))
+    metal_thr = float((bundle.card.get("decoding") or {}).get("metal_threshold", METAL_NET_THRESHOLD))
     both = decode_heatmaps(heatmaps(bundle, inp), inp, threshold=thr)
     image = inp.raw if inp.raw is not None else inp.display
     for h in both.values():
         if h.present or h.probability >= METAL_RESCUE * thr:
             h.metal, h.metal_fraction = metal_in_hip(image, h.head_px, h.neck_px, inp.spacing_mm)
-        if not h.present and h.metal:
-            # a prosthesis replaces the head the network looks for: a weaker hip with metal is a hip
+            if h.metal:
+                h.details["metal_by"] = "stored values above the image's bone level"
+            if h.metal_probability >= metal_thr:
+                h.metal = True
+                h.details["metal_by"] = ((h.details["metal_by"] + " and ") if "metal_by" in h.details else "") + \
+                    f"the landmark network's metal map ({h.metal_probability:.2f})"
+        has_maps = bool(heatmaps_have_metal(bundle))
+        if not h.present and h.metal and (not has_maps or h.metal_probability >= metal_thr):
+            # a prosthesis replaces the head the network looks for: a weaker hip with metal is a hip (with
+            # metal maps, only where they see metal too: bright pelvis or text at a weak candidate is not one)
             h.present = True
             h.details["found_by"] = (f"implant metal at a femoral-head candidate of probability {h.probability:.2f} "
                                      f"(below the presence threshold {thr:.2f})")

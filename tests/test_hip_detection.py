@@ -150,3 +150,44 @@ def test_side_rules_orientation_laterality_anatomy_and_not_determined():
     h = [hip("plus")]
     decide_side(h, HeaderSides("L", "L", "PatientOrientation"))
     assert h[0].side is None and "disagree" in h[0].side_source
+
+
+def test_metal_maps_are_read_at_the_head_the_network_found():
+    """A six-map bundle's metal map is read within 6 mm of the found head; a four-map one reports 0."""
+    from screener.hip_landmarks import CHANNELS, METAL_CHANNELS, decode_heatmaps
+
+    case = _case(8, collimation="pelvis")
+    inp = landmark_input(case.dataset)
+    s = inp.image.shape[0] // 2
+    heat = np.zeros((len(CHANNELS) + len(METAL_CHANNELS), s, s))
+    g = np.arange(s)
+    blob = lambda r, c: np.exp(-((g[:, None] - r) ** 2 + (g[None, :] - c) ** 2) / 4.0)  # noqa: E731
+    heat[0], heat[1] = blob(40, 30), blob(46, 24)  # plus hip: head, neck
+    heat[2], heat[3] = blob(40, 90), blob(46, 96)  # minus hip
+    heat[4] = 0.9 * blob(40, 30)  # metal at the plus head only
+    heat[5] = 0.9 * blob(40, 30)  # ... not the minus hip's (that one is far from its head)
+    both = decode_heatmaps(heat, inp, threshold=0.5)
+    assert both["plus"].metal_probability > 0.85
+    assert both["minus"].metal_probability < 0.05
+    four = decode_heatmaps(heat[: len(CHANNELS)], inp, threshold=0.5)
+    assert four["plus"].metal_probability == 0.0
+
+
+def test_wide_training_profile_is_its_own_sampler_and_leaves_variety_unchanged():
+    """The 'wide' training profile varies implant size and bit depth; the held-out variety profile keeps
+    the reference implants, and its acquisitions are drawn exactly as before the wide profile existed."""
+    from training.phantoms.xray_variety import sample_spec
+
+    wide = [sample_spec("wide", np.random.default_rng(i)) for i in range(300)]
+    assert {w.profile for w in wide} == {"wide"}
+    assert min(w.implant_scale for w in wide) < 0.85 and max(w.implant_scale for w in wide) > 1.2
+    assert 14 in {w.bits for w in wide} and any(w.pose.name == "frog_leg" for w in wide)
+    variety = [sample_spec("variety", np.random.default_rng(i)) for i in range(50)]
+    assert all(v.implant_scale == 1.0 for v in variety)
+    assert 14 not in {v.bits for v in variety}
+    v0 = sample_spec("variety", np.random.default_rng(1517))
+    assert (v0.collimation, v0.bits, v0.metal, round(v0.pose.abduction_deg[0], 6)) == V0_SPEC
+
+
+#: the variety profile's first acquisition of seed 1517 as drawn before the wide profile was added (0.3.0)
+V0_SPEC = ("pelvis", 16, {"R": "none", "L": "none"}, 15.617439)

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from screener.hip_landmarks import ANATOMY, CHANNELS, INPUT_SIZE, OUTPUT_STRIDE, HipLandmarkNet, landmark_input
+from screener.hip_landmarks import (ANATOMY, CHANNELS, INPUT_SIZE, METAL_CHANNELS, OUTPUT_STRIDE, HipLandmarkNet,
+                                    landmark_input)
 
 __all__ = ["build_split", "sample_arrays", "train", "main"]
 
@@ -43,7 +44,13 @@ CACHE = Path(os.environ.get("SCREENER_DATASET_CACHE_DIR", Path.home() / ".cache"
 SPLITS: dict[str, dict[str, Any]] = {
     "train": {"seed": 1515, "first": 0, "n": 600, "profile": "standard", "views": 3},
     "val": {"seed": 1515, "first": 600, "n": 60, "profile": "standard", "views": 2},
+    # the ``wide`` profile (0.4.0): other patients of the training seed, never the variety seed 1517
+    "wide_train": {"seed": 1515, "first": 1000, "n": 600, "profile": "wide", "views": 3},
+    "wide_val": {"seed": 1515, "first": 1600, "n": 60, "profile": "wide", "views": 2},
 }
+#: the splits trained on and validated on with ``--wide`` (0.4.0)
+WIDE_TRAIN = ("train", "wide_train")
+WIDE_VAL = ("val", "wide_val")
 RENDER = {"pixel_mm": 1.5, "ray_mm": 5.0, "dy_mm": 5.0}
 SIGMA_OUT = 1.5  # heat-map Gaussian (output pixels)
 
@@ -128,9 +135,14 @@ def build_split(name: str, *, workers: int = 2, cache: Path = CACHE) -> dict[str
 # targets and augmentation
 # ---------------------------------------------------------------------------------------------
 def heat_targets(t: np.ndarray, size: int = INPUT_SIZE // OUTPUT_STRIDE, sigma: float = SIGMA_OUT) -> np.ndarray:
-    """``(B, 2, 5)`` targets (input pixels) -> ``(B, 4, size, size)`` Gaussian heat maps."""
+    """``(B, 2, 5)`` targets (input pixels) -> ``(B, 4, size, size)`` Gaussian heat maps.
+
+    ``(B, 2, 6)`` targets (the sixth column: the hip holds metal) add the two
+    :data:`~screener.hip_landmarks.METAL_CHANNELS`: the head's Gaussian where the hip holds metal.
+    """
     b = t.shape[0]
-    out = np.zeros((b, len(CHANNELS), size, size), dtype=np.float32)
+    metal = t.shape[-1] > 5
+    out = np.zeros((b, len(CHANNELS) + (len(METAL_CHANNELS) if metal else 0), size, size), dtype=np.float32)
     g = np.arange(size, dtype=np.float32)
     for i in range(b):
         for k in range(2):
@@ -140,6 +152,8 @@ def heat_targets(t: np.ndarray, size: int = INPUT_SIZE // OUTPUT_STRIDE, sigma: 
                 ro = (r + 0.5) / OUTPUT_STRIDE - 0.5
                 co = (c + 0.5) / OUTPUT_STRIDE - 0.5
                 out[i, 2 * k + j] = np.exp(-((g[:, None] - ro) ** 2 + (g[None, :] - co) ** 2) / (2 * sigma**2))
+            if metal and t[i, k, 5] > 0.5:
+                out[i, len(CHANNELS) + k] = out[i, 2 * k]
     return out
 
 
@@ -226,7 +240,7 @@ def augment(x: np.ndarray, t: np.ndarray, content: np.ndarray, rng: np.random.Ge
             fr, fc = small.shape[0] / h, small.shape[1] / w
             for k in range(2):
                 if ti[k, 0] > 0.5:
-                    ti[k, 1:] = [(ti[k, 1] + 0.5) * fr - 0.5, (ti[k, 2] + 0.5) * fc - 0.5,
+                    ti[k, 1:5] = [(ti[k, 1] + 0.5) * fr - 0.5, (ti[k, 2] + 0.5) * fc - 0.5,
                                  (ti[k, 3] + 0.5) * fr - 0.5, (ti[k, 4] + 0.5) * fc - 0.5]
             h, w = small.shape
         else:
@@ -234,6 +248,8 @@ def augment(x: np.ndarray, t: np.ndarray, content: np.ndarray, rng: np.random.Ge
         for k in range(2):
             if ti[k, 0] > 0.5 and rng.uniform() < metal_p:
                 canvas = paste_metal(canvas, ti[k, 1:3].astype(np.float64), ti[k, 3:5].astype(np.float64), rng)
+                if ti.shape[-1] > 5:
+                    ti[k, 5] = 1.0
                 canvas[h:, :] = 0.0
                 canvas[:, w:] = 0.0
         v = canvas[:h, :w]
@@ -249,7 +265,13 @@ def augment(x: np.ndarray, t: np.ndarray, content: np.ndarray, rng: np.random.Ge
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft-target BCE, positives weighted 20x; a metal map is weighted by its hip's head map, so that
+    clean and metal heads count alike and the map at a head estimates the chance of metal there."""
     w = 1.0 + 20.0 * target
+    if target.shape[1] > len(CHANNELS):
+        w = w.clone()
+        for k in range(len(METAL_CHANNELS)):
+            w[:, len(CHANNELS) + k] = 1.0 + 20.0 * target[:, 2 * k]
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, target, weight=w)
 
 
@@ -267,6 +289,8 @@ def predict_heat(model: torch.nn.Module, x_u8: np.ndarray, batch: int = 32) -> n
 def val_report(heat: np.ndarray, t: np.ndarray, mm_per_input: np.ndarray | None = None) -> dict[str, Any]:
     """Presence peaks and head / neck errors (input pixels) on a labelled set."""
     peaks_pos, peaks_neg, err_head, err_neck = [], [], [], []
+    metal_pos, metal_neg = [], []
+    has_metal = heat.shape[1] >= len(CHANNELS) + len(METAL_CHANNELS) and t.shape[-1] > 5
     for i in range(len(heat)):
         for k in range(2):
             hm = heat[i, 2 * k]
@@ -280,6 +304,9 @@ def val_report(heat: np.ndarray, t: np.ndarray, mm_per_input: np.ndarray | None 
                 nr, nc = (r2 + 0.5) * OUTPUT_STRIDE - 0.5, (c2 + 0.5) * OUTPUT_STRIDE - 0.5
                 err_head.append(float(np.hypot(hr - t[i, k, 1], hc - t[i, k, 2])))
                 err_neck.append(float(np.hypot(nr - t[i, k, 3], nc - t[i, k, 4])))
+                if has_metal:
+                    mp = float(heat[i, len(CHANNELS) + k, max(0, r - 2) : r + 3, max(0, c - 2) : c + 3].max())
+                    (metal_pos if t[i, k, 5] > 0.5 else metal_neg).append(mp)
             else:
                 peaks_neg.append(p)
     pos, neg = np.array(peaks_pos), np.array(peaks_neg)
@@ -290,35 +317,50 @@ def val_report(heat: np.ndarray, t: np.ndarray, mm_per_input: np.ndarray | None 
             "absent_peak_p99": float(np.percentile(neg, 99)) if neg.size else None,
             "head_err_px_median": float(np.median(err_head)) if err_head else None,
             "neck_err_px_median": float(np.median(err_neck)) if err_neck else None,
-            "neck_err_px_p95": float(np.percentile(err_neck, 95)) if err_neck else None}
+            "neck_err_px_p95": float(np.percentile(err_neck, 95)) if err_neck else None,
+            "neck_within_3px": float(np.mean(np.array(err_neck) <= 3.0)) if err_neck else None,
+            "metal_hips": len(metal_pos), "metal_probs": metal_pos, "clean_metal_probs_max": max(metal_neg, default=None),
+            "clean_metal_probs_p99": float(np.percentile(metal_neg, 99)) if metal_neg else None}
 
 
 def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16, lr: float = 2e-3,
           widths: Sequence[int] = (16, 24, 32, 48, 64, 96), workers: int = 2, init: Path | None = None,
           version: str = "0.1.0", changelog: dict[str, str] | None = None, steps: int | None = None,
           command: str = "nice -n 5 python -m training.hip_landmarks train --out models/hip_landmarks",
-          soft_tissue_p: float = 0.0) -> dict[str, Any]:
+          soft_tissue_p: float = 0.0, wide: bool = False, metal_p: float = 0.15) -> dict[str, Any]:
     """Build the splits, train, pick the presence threshold and write the bundle to ``out``.
 
     ``init``: start from this bundle's weights (a continued run; the card's ``history`` says so);
-    ``steps``: a fixed number of optimiser steps instead of the wall-clock budget.
+    ``steps``: a fixed number of optimiser steps instead of the wall-clock budget; ``wide``: train on
+    the standard and the ``wide`` profile together (:data:`WIDE_TRAIN`) and add the two metal maps
+    (a 4-map ``init`` bundle gets them freshly initialised).
     """
     from screener.bundles import InputSpec, save_bundle
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    tr = build_split("train", workers=workers)
-    va = build_split("val", workers=workers)
-    model = HipLandmarkNet(tuple(widths))
+    tr = _joined(WIDE_TRAIN if wide else ("train",), workers, metal=wide)
+    va = _joined(WIDE_VAL if wide else ("val",), workers, metal=wide)
+    n_out = len(CHANNELS) + (len(METAL_CHANNELS) if wide else 0)
     previous: list[Any] = []
     if init is not None:
         from screener.hip_landmarks import load_landmark_bundle
 
         prev = load_landmark_bundle(init)
-        model.load_state_dict(prev.models[0].state_dict())
-        previous = list((prev.card.get("metrics") or {}).get("history", []))
         widths = tuple(prev.card["architecture"]["kwargs"]["widths"])
+        model = HipLandmarkNet(tuple(widths), out_channels=n_out)
+        state = prev.models[0].state_dict()
+        own = model.state_dict()
+        for k, v in state.items():
+            if own[k].shape == v.shape:
+                own[k] = v
+            else:  # the 1x1 output conv: copy the landmark maps, keep the new metal maps' fresh start
+                own[k][: v.shape[0]] = v
+        model.load_state_dict(own)
+        previous = list((prev.card.get("metrics") or {}).get("history", []))
+    else:
+        model = HipLandmarkNet(tuple(widths), out_channels=n_out)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     n = len(tr["x"])
     # time one step to plan the schedule inside the budget
@@ -334,7 +376,7 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
         for i in range(0, n - batch + 1, batch):
             idx = order[i : i + batch]
             xb, tb = augment(tr["x"][idx].astype(np.float32) / 255.0, tr["t"][idx], tr["content"][idx], rng,
-                             soft_tissue_p=soft_tissue_p)
+                             metal_p=metal_p, soft_tissue_p=soft_tissue_p)
             yb = torch.from_numpy(heat_targets(tb))
             logits = model(torch.from_numpy(xb)[:, None])
             loss = _loss(logits, yb)
@@ -354,7 +396,7 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
                 if step >= total_steps:
                     break
         epoch += 1
-        rep = val_report(predict_heat(model, va["x"]), va["t"])
+        rep = _brief(val_report(predict_heat(model, va["x"]), va["t"]))
         history.append({"run": len({h.get("run", 0) for h in previous}) if previous else 0, "epoch": epoch, "loss": float(np.mean(ep_loss)), **rep, "elapsed_s": round(time.time() - t_start)})
         print(json.dumps(history[-1]), flush=True)
         if total_steps and step >= total_steps:
@@ -363,27 +405,66 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
     rep = val_report(heat, va["t"])
     lo, hi = rep["absent_peak_max"] or 0.0, rep["present_peak_min"] or 1.0
     threshold = float(np.clip(0.5 * (lo + hi) if hi > lo else 0.5, 0.2, 0.8))
-    arch = {"name": "HipLandmarkNet", "kwargs": {"widths": list(widths), "out_channels": len(CHANNELS)}}
+    decoding: dict[str, Any] = {}
+    if wide:
+        # metal: just above every clean validation hip (a clean hip declined is a measurement lost)
+        mpos = np.array(rep["metal_probs"] or [1.0])
+        decoding["metal_threshold"] = float(np.clip((rep["clean_metal_probs_max"] or 0.0) + 0.01, 0.5, 0.95))
+        rep["metal_recall_at_threshold"] = float(np.mean(mpos >= decoding["metal_threshold"]))
+    rep = _brief(rep)
+    arch = {"name": "HipLandmarkNet", "kwargs": {"widths": list(widths), "out_channels": n_out}}
     save_bundle(
         out, protocol="hip_landmarks", models=[model.eval()], architecture=arch,
         input_spec=InputSpec(shape=(1, INPUT_SIZE, INPUT_SIZE), value_range=(0.0, 1.0)),
-        outputs=list(CHANNELS), task="regression", units=["probability"] * len(CHANNELS),
+        outputs=list(CHANNELS) + (list(METAL_CHANNELS) if wide else []), task="regression",
+        units=["probability"] * n_out,
         preprocessing={"function": "screener.hip_landmarks.landmark_input", "input_size": INPUT_SIZE,
                        "output_stride": OUTPUT_STRIDE, "intensity": "VOI LUT, then 1st-99.5th percentile to [0, 1]",
                        "geometry": "longer side to the input size, top-left, zero padding; not re-oriented"},
         command=command, seed=seed, metrics={"validation": rep, "history": previous + history},
         training_data=("virtual cohort radiographs, profile 'standard' of training.phantoms.xray_variety "
                        f"(seed {SPLITS['train']['seed']}, {SPLITS['train']['n']} patients x {SPLITS['train']['views']} "
-                       "acquisitions); synthetic patients, not clinical accuracy"),
+                       "acquisitions)" + (f" and profile 'wide' (seed {SPLITS['wide_train']['seed']}, patients "
+                                          f"{SPLITS['wide_train']['first']}-{SPLITS['wide_train']['first'] + SPLITS['wide_train']['n'] - 1}"
+                                          f" x {SPLITS['wide_train']['views']}); the variety profile (seed 1517) is "
+                                          "never trained on" if wide else "")
+                       + "; synthetic patients, not clinical accuracy"),
         version=version, changelog=changelog or {"0.1.0": "first release (issue 15): head and neck heat maps per anatomical side"},
         differences_from_paper=("not from a paper: a small U-Net heat-map landmark detector that finds the hips "
                                 "before BMD-GAN measures them"),
-        extra={"decoding": {"presence_threshold": threshold, "ambiguity_limit": 0.6,
+        extra={"decoding": {"presence_threshold": threshold, "ambiguity_limit": 0.6, **decoding,
                             "channels": {"plus": "hip whose pelvis lies towards increasing column",
                                          "minus": "hip whose pelvis lies towards decreasing column"}},
-               "outputs_shape": [len(CHANNELS), INPUT_SIZE // OUTPUT_STRIDE, INPUT_SIZE // OUTPUT_STRIDE]})
+               "outputs_shape": [n_out, INPUT_SIZE // OUTPUT_STRIDE, INPUT_SIZE // OUTPUT_STRIDE]})
     print(json.dumps({"threshold": threshold, **rep}), flush=True)
     return {"threshold": threshold, **rep}
+
+
+CHANGELOG = {
+    "0.4.0": ("continued from 0.3.0 on the standard profile and the new 'wide' training profile together "
+              "(physically rendered rotation, abduction, frog-leg, implants, children, obesity, 8-16 bit, lossy JPEG; "
+              "the variety profile stays held out by seed and sampler) and two metal maps added"),
+    "0.3.0": "continued 260 steps with a thick uneven soft-tissue look on 30 % of the training images (thick_soft_tissue)",
+    "0.2.0": "continued training (508 steps in two runs) with bright implants painted at 15 % of the training hips",
+    "0.1.0": "first release (issue 15): head and neck heat maps per anatomical side, 707 steps",
+}
+
+
+def _joined(names: Sequence[str], workers: int, metal: bool) -> dict[str, np.ndarray]:
+    """Splits concatenated; with ``metal`` the targets gain a sixth column (the hip holds metal)."""
+    parts = [build_split(n, workers=workers) for n in names]
+    d = {k: np.concatenate([p[k] for p in parts]) for k in ("x", "t", "content", "side", "metal", "patient")}
+    if metal:
+        d["t"] = np.concatenate([d["t"], d["metal"][..., None].astype(np.float32)], axis=-1)
+    return d
+
+
+def _brief(rep: dict[str, Any]) -> dict[str, Any]:
+    """The validation report without its per-hip lists, metal recall at 0.5 instead."""
+    out = {k: v for k, v in rep.items() if not isinstance(v, list)}
+    if rep.get("metal_probs"):
+        out["metal_recall_at_0.5"] = float(np.mean(np.array(rep["metal_probs"]) >= 0.5))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -392,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="render and cache the training and validation splits")
     d.add_argument("--workers", type=int, default=2)
+    d.add_argument("splits", nargs="*", help=f"splits to render (default all: {', '.join(SPLITS)})")
     t = sub.add_parser("train", help="train and write the bundle")
     t.add_argument("--out", default="models/hip_landmarks")
     t.add_argument("--minutes", type=float, default=20.0)
@@ -400,18 +482,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--version", default="0.1.0")
     t.add_argument("--steps", type=int, default=0, help="fixed optimiser steps (default: the --minutes budget)")
+    t.add_argument("--wide", action="store_true",
+                   help="train on the standard and the 'wide' profile and add the metal maps (0.4.0)")
+    t.add_argument("--metal-paint", type=float, default=0.15, help="share of hips given a painted implant")
     t.add_argument("--soft-tissue", type=float, default=0.0,
                    help="share of training images given a thick uneven soft-tissue look (thick_soft_tissue)")
     args = ap.parse_args(argv)
     if args.cmd == "data":
-        for name in SPLITS:
+        for name in (args.splits or list(SPLITS)):
             build_split(name, workers=args.workers)
         return 0
     train(Path(args.out), minutes=args.minutes, workers=args.workers, lr=args.lr,
           init=Path(args.init) if args.init else None, version=args.version, steps=args.steps or None,
           command="nice -n 5 python -m training.hip_landmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
-          soft_tissue_p=args.soft_tissue,
-          changelog={"0.2.0": "continued from 0.1.0 with bright implants painted at 15 % of the training hips",
+          soft_tissue_p=args.soft_tissue, wide=args.wide, metal_p=args.metal_paint,
+          changelog=CHANGELOG if args.version == "0.4.0" else {"0.2.0": "continued from 0.1.0 with bright implants painted at 15 % of the training hips",
                      "0.1.0": "first release (issue 15): head and neck heat maps per anatomical side"}
           if args.version == "0.2.0" else None)
     return 0

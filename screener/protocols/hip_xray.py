@@ -270,8 +270,9 @@ class HipXrayProtocol(ModelProtocol):
         hips = []
         for h in sorted(present, key=lambda h: h.head_px[1]):
             if h.metal:
+                how = h.details.get("metal_by") or f"{h.metal_fraction:.0%} of the head/neck ROI"
                 not_measured.append(f"{names[h.side]} hip not measured: metal in the femoral head or neck "
-                                    f"(arthroplasty, nail or screw; {h.metal_fraction:.0%} of the head/neck ROI)")
+                                    f"(arthroplasty, nail or screw; found by {how})")
             else:
                 hips.append(h)
         if not hips:
