@@ -8,7 +8,9 @@ images, markers and text -- runs every image through :func:`screener.hip_landmar
 heat maps of the femoral-head centre and the femoral-neck ROI centre of each hip present, by
 anatomical side (the hip whose pelvis lies towards increasing column, and the other).  The
 ``variety`` profile (rotation, abduction, implants, children, obesity, low-bit and lossy images) is
-never trained on: :mod:`benchmarks.eval_hip_detection` reports it separately.
+never trained on: :mod:`benchmarks.eval_hip_detection` reports it separately.  With ``--wide`` (0.4.0)
+the ``wide`` profile (its own sampler over the archive's factors, other patients of the training seed,
+splits ``wide_train`` / ``wide_val``) is trained on too, and the network gains two metal maps.
 
 Data split (patients never shared): training ``seed 1515`` patients 0-599 (three acquisitions cut
 from each render), validation 600-659 (two); the benchmark's test sets use other seeds.
