@@ -422,15 +422,15 @@ def _checked_sacral_count(segs: list[Segment], l1_sac: int | None, info: dict[st
         return None
     # L5 itself is left out: its tilted disc with S1 spreads over thick slices and shortens it
     s1 = l1_sac - 5
-    heights = [f"{segs[i].n_slices * dz:.0f}" for i in range(max(0, s1 + 2), min(l1_sac, len(segs) - 1) + 1)]
+    counted = [segs[i] for i in range(max(0, s1 + 2), min(l1_sac, len(segs) - 1) + 1)]
     # at thick slices a disc can take one more slice from a body than from its neighbour
     slack = 1 if dz >= THICK_SLICE_MM else 0
-    lumbar = [segs[i].n_slices * dz for i in range(max(0, s1 + 2), min(l1_sac, len(segs) - 1) + 1)
-              if segs[i].complete]
+    lumbar = [sg.n_slices * dz for sg in counted if sg.complete]
     if not _regular_between(segs, s1 + 2, l1_sac, slack) or (
             lumbar and float(np.median(lumbar)) < MIN_LUMBAR_BODY_MM):
+        heights = ", ".join(f"{sg.n_slices * dz:.0f}" for sg in counted)
         info["decline"] = ("only the sacrum anchors the count and a body between it and L1 looks split or "
-                           "merged (heights from L4 upward: " + ", ".join(heights) + " mm): "
+                           f"merged (heights from L4 upward: {heights} mm): "
                            "the levels cannot be numbered with confidence")
         return None
     for other, what in ((l1_sac + 1, "a lumbarised S1"), (l1_sac - 1, "a sacralised L5")):

@@ -214,7 +214,9 @@ def _disc_tissue_score(core: np.ndarray, dz: float) -> np.ndarray:
     c[~np.isfinite(c)] = np.nanmedian(c)
     n = c.size
     w = max(1, int(round(10.0 / dz)))
-    we = max(1, int(np.floor(8.0 / dz)))
+    # a disc lies against a bony endplate: a bright core within 8 mm on at least one side (with the
+    # slice above both bodies, the darkest core within 10 mm is theirs)
+    endplate = _near_endplate(c, dz)
     out = np.zeros(n)
     for z in range(n):
         left = c[max(0, z - w):z]
@@ -222,11 +224,7 @@ def _disc_tissue_score(core: np.ndarray, dz: float) -> np.ndarray:
         if not left.size or not right.size:
             continue
         lift = min(c[z] - left.min(), c[z] - right.min())
-        if lift < 15.0:
-            continue
-        # a disc lies against a bony endplate: a bright core within 8 mm on at least one side
-        near = c[max(0, z - we):z + we + 1]
-        if near.max() < min(left.min(), right.min()) + ENDPLATE_LIFT_HU:
+        if lift < 15.0 or not endplate[z]:
             continue
         out[z] = 2.0 * max(0.0, 1.0 - abs(c[z] - DISC_HU) / DISC_HU_TOL)
     return out
@@ -246,7 +244,6 @@ def find_discs(prof: np.ndarray, dz: float, scale: float = 1.0) -> list[int]:
             discs = _drop_close(discs, s)
             discs = _fill_gaps(discs, s, prof[0, lo:hi + 1], dz, scale)
             return [d + lo for d in discs]
-    if dz >= THICK_SLICE_MM:
         dp = _discs_by_spacing(s, dz)
         if dp is not None:
             return [d + lo for d in dp]
