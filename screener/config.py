@@ -7,6 +7,7 @@ With no file at all the defaults run: an SQLite database and the
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -18,6 +19,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+
+#: Where ``screener serve`` and every other command look for the site configuration when
+#: neither ``--config`` nor ``SCREENER_CONFIG`` names one (``deploy/README.md`` installs it here).
+DEFAULT_CONFIG_PATH = Path("/etc/screener/screener.toml")
 
 #: The bundles shipped with the project (``models/`` beside the ``screener`` package).
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -141,6 +146,37 @@ class Config:
         for d in (self.data_dir, self.store_dir, self.outbox_dir, self.results_dir, self.tmp_dir):
             make_private_dir(d)
 
+    def check_data_dir(self, create: bool = True) -> None:
+        """Check that the data directory can be used, before anything is written.
+
+        Parameters
+        ----------
+        create : bool
+            Create the folder tree (:meth:`ensure_dirs`) — for the commands that write
+            (``serve``, ``replay``, ``purge``). ``False`` only checks that ``data_dir``, when
+            it exists, is a folder (``status``, ``results``).
+
+        Raises
+        ------
+        ConfigError
+            ``data_dir`` is a file, lies under a file, or cannot be created or written;
+            the message names the folder and what to do.
+        """
+        d = self.data_dir
+        hint = "pass --data-dir (or SCREENER_DATA_DIR, or data_dir in the config) a writable folder"
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"data directory {d} is a file, not a folder; {hint}")
+        if not create:
+            return
+        try:
+            self.ensure_dirs()
+            probe = self.tmp_dir / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"data directory {d} cannot be used: {exc.strerror or exc} "
+                              f"({exc.filename or d}); {hint}") from None
+
     def check_access_policy(self) -> None:
         """Refuse an SCP that would accept any sender by accident.
 
@@ -186,12 +222,77 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(default, Path):
             return Path(value).expanduser()
         if isinstance(default, list) and name in ("allowed_calling_aes", "protocols"):
-            if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
-            return [str(v) for v in value]
+            return [str(v).strip() for v in parse_list(name, value) if str(v).strip()]
         return str(value) if isinstance(default, str) else value
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config key {name!r}: cannot use {value!r} ({exc})") from exc
+
+
+def parse_list(name: str, value: Any) -> list[Any]:
+    """A list setting from TOML (a list) or from the environment (a string).
+
+    A string is read as a JSON list when it starts with ``[`` (``'["CT1", "CT2"]'``), else as
+    comma-separated items (``CT1,CT2``); blanks around items are dropped.
+
+    Parameters
+    ----------
+    name : str
+        The config key, for the error message.
+    value : list or str
+
+    Returns
+    -------
+    list
+
+    Raises
+    ------
+    ConfigError
+        A string that starts with ``[`` but is not a JSON list, or a value that is neither
+        a list nor a string.
+    """
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"config key {name!r}: expected a list, got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"config key {name!r}: {value!r} starts with '[' but is not a JSON list "
+                f"({exc.msg}); write it as '[\"A\", \"B\"]' or as A,B") from None
+        if not isinstance(items, list):  # pragma: no cover - '[' always decodes to a list
+            raise ConfigError(f"config key {name!r}: expected a list, got {value!r}")
+        return items
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def find_config_path(path: str | os.PathLike[str] | None = None,
+                     env: dict[str, str] | None = None) -> Path | None:
+    """The configuration file a command uses: ``path`` (``--config``), else
+    ``$SCREENER_CONFIG``, else :data:`DEFAULT_CONFIG_PATH` when it exists, else none.
+
+    ``screener serve`` and the commands an operator runs beside it (``status``,
+    ``results``, ``purge``) find the same file, and so the same data directory.
+
+    Parameters
+    ----------
+    path : path-like, optional
+    env : dict, optional
+        Default ``os.environ``.
+
+    Returns
+    -------
+    pathlib.Path or None
+    """
+    env = dict(os.environ if env is None else env)
+    given = path or env.get(_ENV_PREFIX + "CONFIG")
+    if given:
+        return Path(given)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
 
 
 def _parse_destination(item: Any, where: str) -> Destination:
@@ -263,7 +364,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
         if key not in known:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
         if key == "destinations":
-            items = val.split(",") if isinstance(val, str) else list(val)
+            items = parse_list(key, val)
             setattr(cfg, key, [_parse_destination(x.strip() if isinstance(x, str) else x,
                                                    f"destinations[{i}]")
                                for i, x in enumerate(items) if x])

@@ -11,7 +11,8 @@ import hashlib
 import logging
 import os
 import sys
-from typing import Any, MutableMapping
+import threading
+from typing import Any, MutableMapping, TextIO
 
 import structlog
 
@@ -24,6 +25,114 @@ PHI_KEYS = frozenset({
 })
 
 _DEFAULT_SALT = "screener-accession-v1"
+
+#: Log line formats of every command's ``--log-format``: ``human`` (one readable line per
+#: event) or ``json`` (one JSON object per line, for journald and log shippers).
+LOG_FORMATS = ("human", "json")
+
+#: Environment variable the dispatcher (:func:`screener.cli.main`) sets from ``--log-format``
+#: so that a sub-command configuring its logging later uses the same format.
+LOG_FORMAT_ENV = "SCREENER_LOG_FORMAT"
+
+
+def resolve_log_format(choice: str | None = None, stream: Any = None,
+                       env: MutableMapping[str, str] | None = None) -> str:
+    """The log format to use: the explicit choice, else ``$SCREENER_LOG_FORMAT``, else
+    ``human`` when ``stream`` (default ``sys.stderr``) is a terminal and ``json`` otherwise
+    (systemd, pipes, files).
+
+    Parameters
+    ----------
+    choice : str, optional
+        ``human`` or ``json`` (``console`` is accepted as ``human``).
+    stream : file-like, optional
+        Where the lines go.
+    env : mapping, optional
+        Default ``os.environ``.
+
+    Returns
+    -------
+    str
+        ``"human"`` or ``"json"``.
+
+    Raises
+    ------
+    ValueError
+        The choice (or the environment variable) is neither ``human`` nor ``json``.
+    """
+    env = os.environ if env is None else env
+    value = choice or env.get(LOG_FORMAT_ENV, "")
+    value = value.strip().lower()
+    if value == "console":
+        value = "human"
+    if value:
+        if value not in LOG_FORMATS:
+            raise ValueError(f"log format {value!r} is not one of {', '.join(LOG_FORMATS)}")
+        return value
+    stream = sys.stderr if stream is None else stream
+    try:
+        return "human" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # closed or not a real file
+        return "json"
+
+
+class ProgressAwareStream:
+    """A line-buffered text stream that writes through :func:`tqdm.tqdm.write` while a
+    progress bar is shown (``screener replay``), so that log lines are printed above the bar
+    instead of being cut into it; directly to ``target`` otherwise.
+
+    Parameters
+    ----------
+    target : file-like, optional
+        Default: ``sys.stderr`` at the time of each write.
+    """
+
+    def __init__(self, target: TextIO | None = None) -> None:
+        self._target = target
+        self._buf = ""
+        self._lock = threading.Lock()
+
+    @property
+    def target(self) -> TextIO:
+        """The underlying stream."""
+        return self._target if self._target is not None else sys.stderr
+
+    def isatty(self) -> bool:
+        """Whether the underlying stream is a terminal."""
+        try:
+            return bool(self.target.isatty())
+        except (AttributeError, ValueError):
+            return False
+
+    def write(self, text: str) -> int:
+        """Buffer ``text`` and write every complete line."""
+        with self._lock:
+            self._buf += text
+            if "\n" not in self._buf:
+                return len(text)
+            lines, self._buf = self._buf.rsplit("\n", 1)
+        self._emit(lines)
+        return len(text)
+
+    def _emit(self, lines: str) -> None:
+        try:
+            from tqdm import tqdm
+            bars = len(getattr(tqdm, "_instances", ()) or ())
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            bars = 0
+        if bars:
+            tqdm.write(lines, file=self.target)
+        else:
+            self.target.write(lines + "\n")
+            self.target.flush()
+
+    def flush(self) -> None:
+        """Write a pending partial line, then flush the underlying stream."""
+        with self._lock:
+            rest, self._buf = self._buf, ""
+        if rest:
+            self._emit(rest)
+        self.target.flush()
 
 
 def accession_hash(value: str | None, salt: str | None = None) -> str:
@@ -65,18 +174,20 @@ def drop_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]
     return event_dict
 
 
-def configure_logging(level: str = "info", json: bool = True, stream: Any = None) -> None:
+def configure_logging(level: str = "info", json: bool | None = None, stream: Any = None) -> None:
     """Configure structlog (and stdlib ``logging``) for a screener process.
 
     Parameters
     ----------
     level : str
         ``debug``, ``info``, ``warning``, ``error`` or ``critical``.
-    json : bool
+    json : bool, optional
         One JSON object per line (for journald / log shippers); ``False`` gives
-        human-readable console lines.
+        human-readable lines; ``None`` (default) follows :func:`resolve_log_format`
+        (``--log-format`` / ``$SCREENER_LOG_FORMAT``, else human on a terminal, JSON otherwise).
     stream : file-like, optional
-        Where to write; default ``sys.stderr``.
+        Where to write; default standard error, through :class:`ProgressAwareStream` so that
+        lines never cut into a progress bar.
 
     Raises
     ------
@@ -88,7 +199,9 @@ def configure_logging(level: str = "info", json: bool = True, stream: Any = None
               "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
     if name not in levels:
         raise ValueError(f"log level {level!r} is not one of debug, info, warning, error, critical")
-    stream = stream if stream is not None else sys.stderr
+    stream = stream if stream is not None else ProgressAwareStream()
+    if json is None:
+        json = resolve_log_format(None, stream) == "json"
     renderer: Any = (structlog.processors.JSONRenderer(sort_keys=False) if json
                      else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(

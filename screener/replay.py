@@ -6,7 +6,8 @@ series through the same job runner (:func:`screener.worker.run_job`) with N
 workers and a progress bar. Series already done are skipped unless
 ``--force``. Results go to the configured destinations or the outbox. Ends with
 a summary table; the exit status is 1 when any series failed or any file was
-unusable, else 0.
+unusable, 2 when the folder holds no DICOM file at all (empty, or only JPEGs: one
+line on stderr says how many files were seen), else 0.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from screener.cli import command_config, command_parser
 from screener.config import Config
 from screener.db import Database
-from screener.logs import accession_hash, configure_logging
+from screener.logs import accession_hash
 from screener.validation import Rejected, read_instance
 
 log = structlog.get_logger(__name__)
@@ -236,8 +237,8 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
         job = db.get_job(job_id)
         run_job(job, db, config)
 
-    bar = tqdm(total=len(todo), unit="series", disable=not progress, file=sys.stderr,
-               desc="replay")
+    bar = tqdm(total=len(todo), unit="series", disable=not progress or not todo,
+               file=sys.stderr, desc="replay")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(_run, j) for j in todo]
         for fut in as_completed(futures):
@@ -305,6 +306,27 @@ def format_table(rows: list[dict[str, object]], unusable: list[tuple[Path, str]]
     return "\n".join(out)
 
 
+def no_dicom_message(root: Path, found: ScanResult) -> str:
+    """The one line printed when a folder holds no DICOM file at all (empty, or only JPEGs).
+
+    Parameters
+    ----------
+    root : pathlib.Path
+    found : ScanResult
+
+    Returns
+    -------
+    str
+    """
+    n = found.not_dicom
+    if n == 0:
+        return (f"no DICOM files in {root}: 0 files seen (the folder is empty); "
+                "point replay at the folder that holds the exported .dcm files")
+    names = ", ".join(p.name for p in found.not_dicom_paths[:3]) + (", ..." if n > 3 else "")
+    return (f"no DICOM files in {root}: {n} file{'s' if n != 1 else ''} seen, {n} not DICOM "
+            f"({names}); export the studies as DICOM (.dcm, or files with the DICM prefix)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``screener replay``."""
     p = command_parser("replay", __doc__.splitlines()[0])
@@ -313,15 +335,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="re-process series already done")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    cfg = command_config("replay", args)
+    cfg = command_config("replay", args, writes=True)
     if cfg is None:
         return 2
-    configure_logging(cfg.log_level)
     if not args.study_dir.is_dir():
         print(f"screener replay: {args.study_dir} is not a directory", file=sys.stderr)
         return 2
     rows, found = replay(args.study_dir, cfg, workers=args.workers or cfg.workers,
                          force=args.force, progress=not args.no_progress)
+    if not rows and not found.unusable and not found.ignored and not found.duplicates:
+        print(f"screener replay: {no_dicom_message(args.study_dir, found)}", file=sys.stderr)
+        return 2
     print(format_table(rows, found.unusable, found.not_dicom_paths, found.ignored,
                        found.duplicates))
     failed = any(r.get("status") == "failed" for r in rows)

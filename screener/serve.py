@@ -10,11 +10,17 @@ exits 0.
 Access is strict by default: the daemon refuses to start (exit 2) while
 ``allowed_calling_aes`` is empty unless ``--allow-any-ae`` is given, and the
 called AE title must be ours (see deploy/README.md).
+
+Once the listener is up, one log line says which inference device the models run on
+(``inference device``: cpu or cuda, and why) — e.g. that ``device = "auto"`` fell back to
+the CPU because the service cannot see ``/dev/nvidia*``.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import signal
+import sqlite3
 import threading
 from typing import Sequence
 
@@ -22,15 +28,64 @@ import structlog
 
 from screener import __version__
 from screener.completion import CompletionMonitor
-from screener.config import ConfigError, load_config
+from screener.config import ConfigError, find_config_path, load_config
 from screener.db import Database
 from screener.export import Exporter
 from screener.ingest import start_scp
-from screener.logs import configure_logging
+from screener.logs import LOG_FORMATS, configure_logging, resolve_log_format
 from screener.storage import clean_tmp
 from screener.worker import WorkerPool
 
 log = structlog.get_logger(__name__)
+
+
+def inference_device(setting: str) -> tuple[str, str]:
+    """The device model inference will use for a ``device`` setting, and why.
+
+    Parameters
+    ----------
+    setting : str
+        The config key ``device``: ``auto``, ``cpu`` or ``cuda``.
+
+    Returns
+    -------
+    device : str
+        ``"cpu"`` or ``"cuda"``.
+    reason : str
+        In words, e.g. ``device = auto: no /dev/nvidia* device is visible to this process
+        (systemd PrivateDevices=yes hides them; see deploy/README.md)``.
+    """
+    if setting == "cpu":
+        return "cpu", "device = cpu in the configuration"
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - torch is a dependency
+        return "cpu", f"torch cannot be imported ({exc})"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return "cuda", (f"device = {setting}: CUDA GPU found ({name}, "
+                        f"{torch.cuda.device_count()} device(s), CUDA {torch.version.cuda})")
+    if torch.version.cuda is None:
+        why = "this torch build has no CUDA support (a CPU wheel): install a CUDA build"
+    elif not glob.glob("/dev/nvidia[0-9]*"):
+        why = ("no /dev/nvidia* device is visible to this process (systemd PrivateDevices=yes "
+               "or a missing DeviceAllow hides them; see deploy/README.md, GPU)")
+    else:
+        why = "torch.cuda.is_available() is false (driver missing or too old for this torch?)"
+    if setting == "cuda":
+        return "cuda", f"device = cuda but CUDA is not usable: {why}; model jobs will fail"
+    return "cpu", f"device = auto, running on the CPU: {why}"
+
+
+def _log_inference_device(setting: str) -> None:
+    """Log the ``inference device`` line (run in a thread: importing torch takes seconds)."""
+    try:
+        device, reason = inference_device(setting)
+    except Exception as exc:  # noqa: BLE001 - a log line must never stop the daemon
+        log.warning("inference device unknown", error=f"{type(exc).__name__}: {exc}")
+        return
+    (log.warning if "not usable" in reason else log.info)(
+        "inference device", device=device, setting=setting, reason=reason)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default screener.pipeline:process_series")
     p.add_argument("--stop-timeout", type=float, default=60.0,
                    help="seconds a running job may take to finish on SIGTERM (default 60)")
-    p.add_argument("--log-format", choices=("json", "console"), default="json",
-                   help="log line format on stderr (default json)")
+    p.add_argument("--log-format", choices=LOG_FORMATS + ("console",), default=None,
+                   help="log lines on stderr: human (default on a terminal) or json (default "
+                        "otherwise: systemd, pipes); console is an alias of human")
     return p
 
 
@@ -74,19 +130,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         cannot start.
     """
     args = build_parser().parse_args(list(argv) if argv is not None else None)
+    json_logs = resolve_log_format(args.log_format) == "json"
     try:
-        config = load_config(args.config, port=args.port, ae_title=args.ae_title,
-                             data_dir=args.data_dir, allow_any_ae=args.allow_any_ae or None)
-        configure_logging(config.log_level, json=args.log_format == "json")
+        config = load_config(find_config_path(args.config), port=args.port,
+                             ae_title=args.ae_title, data_dir=args.data_dir,
+                             allow_any_ae=args.allow_any_ae or None)
+        configure_logging(config.log_level, json=json_logs)
         config.check_access_policy()
+        config.check_data_dir()
     except (ConfigError, ValueError) as exc:
-        configure_logging("info", json=args.log_format == "json")
+        configure_logging("info", json=json_logs)
         log.error("invalid configuration", error=str(exc))
         return 2
     log.info("screener serve starting", version=__version__, config=config.redacted())
-    config.ensure_dirs()
     clean_tmp(config.tmp_dir)
-    db = Database(config.db_path)
+    try:
+        db = Database(config.db_path)
+    except sqlite3.Error as exc:
+        log.error("cannot open the database", path=str(config.db_path), error=str(exc),
+                  hint="restore it from the backup (deploy/README.md, Backup) or move it aside")
+        return 2
     requeued = db.requeue_running_jobs()
     if requeued:
         log.warning("jobs interrupted by a previous stop were re-queued", jobs=requeued)
@@ -114,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers.start()
     completion.start()
     log.info("screener serve ready", ae_title=config.ae_title, port=scp.port)
+    threading.Thread(target=_log_inference_device, args=(config.device,),
+                     name="screener-device-probe", daemon=True).start()
     while not stop.wait(1.0):
         pass
     log.info("stopping: no new associations")

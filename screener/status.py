@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import sys
 import time
 
 from screener.cli import command_config, command_parser
@@ -48,17 +50,61 @@ def render(db: Database, recent: int = 10) -> str:
     return "\n".join(lines)
 
 
+EPILOG = """\
+Which data directory: --data-dir, else $SCREENER_DATA_DIR, else data_dir of the
+configuration file the service uses (--config, else $SCREENER_CONFIG, else
+/etc/screener/screener.toml when it exists), else ./screener-data. The first line of the
+report names the folder and the configuration file used.
+
+Exit status:
+  0  the report was printed
+  1  no database in that data directory: the service has not run with it, or it is
+     not the service's folder (pass --config or --data-dir)
+  2  invalid configuration, the data directory is a file, or the database cannot be
+     read (permissions: run as the service user, e.g. sudo -u screener screener status)
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``screener status``."""
-    p = command_parser("status", __doc__.splitlines()[0])
+    """Entry point of ``screener status``.
+
+    Returns
+    -------
+    int
+        0 report printed, 1 no database in the data directory, 2 configuration error or
+        unreadable database (see ``EPILOG``).
+    """
+    from screener.config import find_config_path
+
+    p = command_parser("status", __doc__.splitlines()[0], epilog=EPILOG)
     p.add_argument("--json", action="store_true", help="machine-readable counts")
     args = p.parse_args(argv)
     cfg = command_config("status", args)
     if cfg is None:
         return 2
-    if not cfg.db_path.exists():
-        print(f"screener status: no database at {cfg.db_path} yet (nothing received)")
-        return 0
-    db = Database(cfg.db_path)
-    print(json.dumps(db.counts()) if args.json else render(db))
+    source = find_config_path(args.config)
+    where = f"data directory {cfg.data_dir.resolve()} (config: {source or 'none, built-in defaults'})"
+    if not cfg.db_path.is_file():
+        if args.data_dir is not None:
+            hint = "the service has not run with this data directory (is it its data_dir?)"
+        elif source is None:
+            hint = ("no service configuration found (no --config, $SCREENER_CONFIG or "
+                    "/etc/screener/screener.toml): pass --config FILE or --data-dir DIR")
+        else:
+            hint = ("the service has not started with this data directory yet, or uses "
+                    "another one (check data_dir in the config and SCREENER_DATA_DIR in its "
+                    "unit)")
+        print(f"screener status: no database at {cfg.db_path.resolve()}: {hint}", file=sys.stderr)
+        return 1
+    try:
+        db = Database(cfg.db_path)
+        counts = db.counts()
+        text = json.dumps({**counts, "data_dir": str(cfg.data_dir.resolve())}) if args.json \
+            else where + "\n" + render(db)
+    except (sqlite3.Error, OSError) as exc:
+        print(f"screener status: cannot read the database at {cfg.db_path.resolve()}: {exc}; "
+              "run as the service user (sudo -u screener screener status) or root",
+              file=sys.stderr)
+        return 2
+    print(text)
     return 0

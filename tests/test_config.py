@@ -139,3 +139,38 @@ def test_access_policy_needs_senders_or_an_explicit_allow_any() -> None:
     assert cfg.allow_any_ae is True
     cfg.check_access_policy()
     assert load_config(env={}, allow_any_ae=True).allow_any_ae is True
+
+
+@pytest.mark.parametrize("value", ['["CT1","CT2"]', '[ "CT1", "CT2" ]', "CT1,CT2", " CT1 , CT2 ,"])
+def test_list_settings_take_the_json_list_and_the_comma_forms(value: str) -> None:
+    """Issue 20: ``SCREENER_ALLOWED_CALLING_AES='["A"]'`` was one AE title ``["A"]``."""
+    c = load_config(env={"SCREENER_ALLOWED_CALLING_AES": value,
+                         "SCREENER_PROTOCOLS": value.replace("CT1", "l1_attenuation")
+                         .replace("CT2", "hip_xray")})
+    assert c.allowed_calling_aes == ["CT1", "CT2"]
+    assert c.protocols == ["l1_attenuation", "hip_xray"]
+
+
+def test_destinations_take_the_json_list_form_too() -> None:
+    c = load_config(env={"SCREENER_DESTINATIONS": '["PACS@10.0.0.5:104", "ARCH@h:11112"]'})
+    assert c.destinations == [Destination("PACS", "10.0.0.5", 104), Destination("ARCH", "h", 11112)]
+
+
+def test_a_broken_json_list_names_the_key_and_both_forms() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(env={"SCREENER_ALLOWED_CALLING_AES": '["CT1",'})
+    assert str(exc.value) == ("config key 'allowed_calling_aes': '[\"CT1\",' starts with '[' but "
+                              "is not a JSON list (Expecting value); write it as '[\"A\", \"B\"]' "
+                              "or as A,B")
+
+
+def test_config_path_is_the_flag_then_the_environment_then_etc(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from screener.config import find_config_path
+    etc = tmp_path / "screener.toml"
+    monkeypatch.setattr("screener.config.DEFAULT_CONFIG_PATH", etc)
+    assert find_config_path(None, env={}) is None
+    etc.write_text("")
+    assert find_config_path(None, env={}) == etc
+    assert find_config_path(None, env={"SCREENER_CONFIG": "/x.toml"}) == Path("/x.toml")
+    assert find_config_path("/y.toml", env={"SCREENER_CONFIG": "/x.toml"}) == Path("/y.toml")
