@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "replay": ("screener.replay", "main", "process a folder of DICOM files through the pipeline"),
     "results": ("screener.results", "main", "export findings as CSV or JSON"),
     "status": ("screener.status", "main", "show queue, jobs and exports"),
+    "purge": ("screener.purge", "main", "delete received studies and results older than N days"),
     "phantom": ("training.phantoms.cli", "main", "render a virtual cohort of synthetic patients"),
     "train": ("training.cli", "train_main", "train a protocol's model from a recipe (TOML)"),
     "evaluate": ("training.cli", "evaluate_main", "evaluate a model bundle: the paper's tables"),
