@@ -86,6 +86,9 @@ class Config:
         ``nhanes_0508_l1l4`` choose the women's or men's reference by PatientSex.
     log_level : str
         structlog level name.
+    health_host, health_port : str, int
+        Where ``screener serve`` answers ``GET /healthz`` and Prometheus ``GET /metrics``
+        (:mod:`screener.health`); port 0 (default) = off.
     """
 
     data_dir: Path = Path("screener-data")
@@ -113,6 +116,8 @@ class Config:
     reference_femoral_neck: str = ""
     reference_total_hip: str = ""
     log_level: str = "info"
+    health_host: str = "127.0.0.1"
+    health_port: int = 0
 
     @property
     def db_path(self) -> Path:
@@ -386,6 +391,9 @@ def load_config(path: str | os.PathLike[str] | None = None,
         raise ConfigError(f"config key {exc}") from None
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"config key 'port' must be 1-65535, not {cfg.port}")
+    if not 0 <= cfg.health_port < 65536:
+        raise ConfigError(f"config key 'health_port' must be 1-65535, or 0 for off, "
+                          f"not {cfg.health_port}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("TLS needs both tls_cert and tls_key (PEM files), or neither")
     return cfg

@@ -173,6 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                   error=str(exc))
         db.close()
         return 1
+    health = None
+    if config.health_port:
+        from screener.health import start_health_server
+        try:
+            health = start_health_server(config.health_host, config.health_port, db,
+                                         listener_up=lambda: not getattr(scp, "_stopped", False))
+        except OSError as exc:  # the DICOM service matters more: run on, say so once
+            log.error("cannot start the health endpoint; running without it",
+                      host=config.health_host, port=config.health_port, error=str(exc))
     exporter.start()
     workers.start()
     completion.start()
@@ -183,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     log.info("stopping: no new associations")
     scp.stop()
+    if health is not None:
+        health.stop()
     completion.stop()
     if not workers.stop(args.stop_timeout):
         log.warning("a job was still running at stop; it will be re-queued at the next start")
