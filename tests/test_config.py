@@ -174,3 +174,22 @@ def test_config_path_is_the_flag_then_the_environment_then_etc(
     assert find_config_path(None, env={}) == etc
     assert find_config_path(None, env={"SCREENER_CONFIG": "/x.toml"}) == Path("/x.toml")
     assert find_config_path("/y.toml", env={"SCREENER_CONFIG": "/x.toml"}) == Path("/y.toml")
+
+
+def test_systemd_unit_lets_the_service_open_the_gpu_and_nothing_else() -> None:
+    """Issue 20: PrivateDevices=yes hid /dev/nvidia*, so device = "auto" silently ran on the CPU."""
+    unit = (DEPLOY / "screener.service").read_text()
+    for line in ("PrivateDevices=no", "DevicePolicy=closed", "DeviceAllow=char-nvidia* rw"):
+        assert re.search(rf"^{re.escape(line)}$", unit, re.M), line
+    assert not re.search(r"^PrivateDevices=yes", unit, re.M)
+
+
+def test_backup_and_purge_timers_run_the_documented_commands() -> None:
+    backup = (DEPLOY / "screener-backup.service").read_text()
+    assert '/usr/bin/sqlite3 /var/lib/screener/screener.db ".backup $$out"' in backup
+    assert "pragma integrity_check" in backup and "User=screener" in backup
+    purge = (DEPLOY / "screener-purge.service").read_text()
+    assert re.search(r"^ExecStart=/opt/screener/bin/screener purge --older-than 30 ", purge, re.M)
+    for timer in ("screener-backup.timer", "screener-purge.timer"):
+        text = (DEPLOY / timer).read_text()
+        assert "OnCalendar=*-*-*" in text and "Persistent=true" in text, timer
