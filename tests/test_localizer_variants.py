@@ -36,7 +36,8 @@ def _volume(r: dict) -> Volume:
 
 
 def _case(index: int, profile: str = "canon_ap_native", window: str = "t10_sacrum", fast: bool = True,
-          seed: int = SEED, arms_down: bool | None = None, **variant: object) -> tuple[SpineLocalization, object]:
+          seed: int = SEED, arms_down: bool | None = None, lordosis_deg: float | None = None,
+          **variant: object) -> tuple[SpineLocalization, object]:
     import dataclasses
 
     from training.phantoms import anatomy, ct, population, profiles
@@ -44,6 +45,8 @@ def _case(index: int, profile: str = "canon_ap_native", window: str = "t10_sacru
     patient = population.make_patient(seed, index, **variant)
     if arms_down is not None:
         patient = dataclasses.replace(patient, arms_down=arms_down)
+    if lordosis_deg is not None:
+        patient = dataclasses.replace(patient, lordosis_deg=lordosis_deg)
     scene = anatomy.build_scene(patient)
     prof = profiles.get_profile(profile)
     if fast and prof.pixel_spacing < 2.0:  # 2.5 mm pixels keep the test inside its budget
@@ -140,3 +143,19 @@ def test_sacrum_only_count_is_used_when_the_crests_agree_and_declined_when_they_
         assert "L1" not in loc.vertebrae, (index, loc.details.get("labels"))
         assert "iliac crests put L4 one level higher" in loc.reason, loc.reason
         assert "lumbarised S1" in loc.details["transitional"]
+
+
+def test_steep_sacrum_below_the_column_end_still_anchors_the_count() -> None:
+    # strong lordosis turns the sacrum away from the column's axis: the column tracker stops inside L5
+    # and no sacral vertebra is among its bodies. The sacrum just below the column's end (thick alae
+    # beside the canal) names the lowest body L5; without that search these cases had no anchor at all
+    for index in (14, 16):
+        loc, scene = _case(index, window="sacrum_only", transitional="none", t12_ribs="normal",
+                           lumbar_rib=False, lordosis_deg=62.0)
+        assert loc.details["column_z_mm"][0] > scene.vertebra("L5").z_range_mm[0] + 5.0  # stops in L5
+        assert "sacrum_below_column" in loc.details, loc.reason
+        assert _l1_right(loc, scene), (index, loc.reason, loc.details.get("labels"))
+    # a lumbarised S1 under the same sacrum: never numbered one level off
+    loc, scene = _case(14, window="sacrum_only", transitional="lumbarised_s1", t12_ribs="normal",
+                       lumbar_rib=False, lordosis_deg=62.0)
+    assert "L1" not in loc.vertebrae or _l1_right(loc, scene), loc.details.get("labels")

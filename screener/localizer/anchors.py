@@ -256,14 +256,36 @@ def short_rib_sides(reach: dict[str, float], reach_below: dict[str, float]) -> l
     return out
 
 
+def _sacral_bone(hu_z: np.ndarray, body_z: np.ndarray, scale: float) -> np.ndarray:
+    """One slice's bone for the sacral tests (closed, holes filled; threshold follows the skeleton)."""
+    return ndi.binary_fill_holes(ndi.binary_closing((hu_z > BONE_HU * max(scale, MIN_SACRAL_SCALE))
+                                                    & body_z, iterations=1))
+
+
+def _ala_thickness(comp: np.ndarray, canal_x: float, body_hw: float, dy: float, dx: float) -> float:
+    """Thinner of the two antero-posterior extents (mm) of ``comp`` beside the canal.
+
+    Measured at ``max(30 mm, 1.5 x body half-width)`` from the canal on each
+    side: sacral alae are thick there, lumbar transverse processes (~10 mm)
+    and ribs are not. 0 when a side lies outside the image.
+    """
+    off = max(30.0, 1.5 * body_hw * dx) / dx
+    out = np.inf
+    for sgn in (-1, 1):
+        xcol = int(round(canal_x + sgn * off))
+        if not 0 <= xcol < comp.shape[1]:
+            return 0.0
+        out = min(out, np.count_nonzero(comp[:, xcol]) * dy)
+    return float(out)
+
+
 def sacral_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
                     spacing: tuple[float, float, float], scale: float = 1.0) -> float:
     """Fraction of a vertebra's slices that look like S1 (thick alae on both sides).
 
     In such a slice the bone connected to the vertebral body (holes filled)
-    is still thick (>= ``ALA_AP_MM`` antero-posterior) at ``max(30 mm, 1.5 x
-    body half-width)`` from the canal on both sides: sacral alae are; lumbar
-    transverse processes (~10 mm) and ribs are not.
+    is still thick (>= ``ALA_AP_MM`` antero-posterior) beside the canal on
+    both sides (:func:`_ala_thickness`).
     """
     dz, dy, dx = spacing
     hits, total = 0, 0
@@ -271,27 +293,64 @@ def sacral_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
         if not col.valid[z]:
             continue
         total += 1
-        bone = ndi.binary_fill_holes(ndi.binary_closing((hu[z] > BONE_HU * max(scale, MIN_SACRAL_SCALE))
-                                                         & body[z], iterations=1))
+        bone = _sacral_bone(hu[z], body[z], scale)
         lab, n = ndi.label(bone)
         rho = ellipse_radius(bone.shape, col.body_y[z], col.body_x[z], col.body_hd[z], col.body_hw[z])
         ids = lab[(rho <= 1.0) & (lab > 0)]
         if ids.size == 0:
             continue
         comp = lab == np.bincount(ids).argmax()
-        off = max(30.0, 1.5 * col.body_hw[z] * dx) / dx
-        ok = True
-        for sgn in (-1, 1):
-            xcol = int(round(col.canal_x[z] + sgn * off))
-            if not 0 <= xcol < comp.shape[1]:
-                ok = False
-                break
-            ys = np.nonzero(comp[:, xcol])[0]
-            if ys.size * dy < ALA_AP_MM:
-                ok = False
-                break
-        hits += ok
+        hits += _ala_thickness(comp, col.canal_x[z], col.body_hw[z], dy, dx) >= ALA_AP_MM
     return hits / total if total else 0.0
+
+
+#: the sacrum is looked for below the end of the column when it starts within this distance (mm)
+SACRUM_BELOW_START_MM = 20.0
+#: ... and its alae stay at least twice :data:`ALA_AP_MM` thick over this height (mm)
+SACRUM_BELOW_MIN_MM = 10.0
+#: ... near the column's axis: the bone within this distance (mm) of the canal's last position
+SACRUM_BELOW_NEAR_MM = 30.0
+
+
+def sacrum_below(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[float, float, float],
+                 scale: float = 1.0) -> dict[str, float] | None:
+    """The sacrum just below the inferior end of the column, when the column stopped above it.
+
+    A steeply tilted sacrum turns its body away from the column's axis and
+    the column tracker stops at L5. Below the column's last slice, the bone
+    near the canal's last position whose alae are at least twice
+    :data:`ALA_AP_MM` thick beside the canal (:func:`_ala_thickness`, the
+    same test as :func:`sacral_evidence`, with a doubled margin: a
+    transverse process is ~10 mm) is the sacrum when it starts within
+    :data:`SACRUM_BELOW_START_MM` of the column's end and goes on for at
+    least :data:`SACRUM_BELOW_MIN_MM`. Returns its start below the column's
+    end and height (mm), or ``None``.
+    """
+    dz, dy, dx = spacing
+    valid = np.nonzero(col.valid)[0]
+    if valid.size == 0:
+        return None
+    z0 = int(valid[0])
+    cy, cx, hw = col.canal_y[z0], col.canal_x[z0], col.body_hw[z0]
+    yy, xx = np.ogrid[:hu.shape[1], :hu.shape[2]]
+    near = ((yy - cy) * dy) ** 2 + ((xx - cx) * dx) ** 2 <= SACRUM_BELOW_NEAR_MM ** 2
+    start, run = None, 0
+    for z in range(z0 - 1, -1, -1):
+        below_mm = (z0 - z) * dz
+        if start is None and below_mm > SACRUM_BELOW_START_MM:
+            return None
+        bone = _sacral_bone(hu[z], body[z], scale)
+        lab, _ = ndi.label(bone)
+        ids = lab[near & (lab > 0)]
+        thick = (_ala_thickness(lab == np.bincount(ids).argmax(), cx, hw, dy, dx) if ids.size else 0.0)
+        if thick >= 2.0 * ALA_AP_MM:
+            start = below_mm if start is None else start
+            run += 1
+            if run * dz >= SACRUM_BELOW_MIN_MM:
+                return {"start_below_column_mm": round(start, 1), "height_mm": round(run * dz, 1)}
+        elif start is not None:
+            start, run = None, 0
+    return None
 
 
 #: rib-free column above the ilia, when no rib is in view above them, for the run to count as the pelvis

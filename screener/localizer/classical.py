@@ -58,7 +58,7 @@ import structlog
 
 from screener.domain import SpineLocalization, Volume, VertebraLocation
 from screener.localizer.anchors import (RIB_REACH_MM, lateral_reach, pelvis_top, rib_evidence,
-                                       sacral_evidence, short_rib_sides)
+                                       sacral_evidence, sacrum_below, short_rib_sides)
 from screener.localizer.column import body_masks, bone_scale, find_column_adaptive
 from screener.localizer.grid import GeometryError, WorkGrid, make_grid
 from screener.localizer.segments import (
@@ -157,6 +157,12 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
     for s in segs[:3]:
         if not _rib_bearing(s):
             s.sacral = sacral_evidence(hu, body, col, s, spacing, scale)
+    below = None
+    if segs and not segs[0].complete and _sacral_s1(segs) is None:
+        # the column stopped inside its lowest body: a steeply tilted sacrum may lie just below
+        below = sacrum_below(hu, body, col, spacing, scale)
+        if below is not None:
+            details["sacrum_below_column"] = below
     details["segments"] = [
         {"z_mm": [round(grid.z_mm(s.lo - 0.5), 1), round(grid.z_mm(s.hi + 0.5), 1)],
          "complete": s.complete, "ribs_mm": {k: round(v, 1) for k, v in s.ribs.items()},
@@ -176,7 +182,8 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
             return None
         return lateral_reach(hu, body, col, segs[i], spacing, scale)
 
-    labels, conf, anchor_info = _assign_levels(segs, reach, crest=crest, dz=dz)
+    labels, conf, anchor_info = _assign_levels(segs, reach, crest=crest, dz=dz,
+                                               sacrum_below=below is not None)
     details.update(anchor_info)
     found: dict[str, VertebraLocation] = {}
     for i, s in enumerate(segs):
@@ -330,7 +337,7 @@ def _short_rib(t12: int, l1_sac: int | None, reach: Reach, info: dict[str, Any],
 
 
 def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: int | None = None,
-                   dz: float = 1.0) -> tuple[dict[int, str], float, dict[str, Any]]:
+                   dz: float = 1.0, sacrum_below: bool = False) -> tuple[dict[int, str], float, dict[str, Any]]:
     """Label segment indices (ascending z) from the rib and sacral anchors.
 
     ``reach(i)`` gives the lateral reach of the bone attached to segment ``i``
@@ -339,11 +346,18 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: in
     ``crest`` is the working slice of the iliac crests (``None`` when not in
     view) and ``dz`` the working slice spacing in mm: the crests break a
     one-level tie between the rib and the sacral count (:func:`_crest_vote`).
+    ``sacrum_below``: the sacrum lies just below the column's lowest body
+    (:func:`~screener.localizer.anchors.sacrum_below`), which is then L5
+    when no rib anchors the count.
     """
     info: dict[str, Any] = {}
     n = len(segs)
     t12 = _long_rib_t12(segs, info)
     s1 = _sacral_s1(segs)
+    if s1 is None and sacrum_below and t12 is None and n > 1:
+        # the last resort when no rib anchors the count either (bodies split by false discs below
+        # the ribs' count would only turn agreement into a decline): the lowest body is L5
+        s1 = -1
     if s1 is not None:
         info["sacral_anchor"] = {"S1_segment": s1}
     l1_sac = s1 + 5 if s1 is not None else None
@@ -378,7 +392,7 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: in
             info["decline"] = ("no level anchor in coverage (no rib-bearing vertebra with a rib-free one "
                                "below it, no sacrum)")
         return {}, 0.0, info
-    if l1_rib is None and _checked_sacral_count(segs, l1_sac, info, vote, dz) is None:
+    if l1_rib is None and _checked_sacral_count(segs, l1_sac, info, vote, dz, crest) is None:
         return {}, 0.0, info
     regular = (l1_rib is not None and l1_sac is not None and l1_sac < l1_rib
                and _regular_between(segs, l1_sac - 3, l1_rib - 1))
@@ -406,7 +420,8 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: in
 
 
 def _checked_sacral_count(segs: list[Segment], l1_sac: int | None, info: dict[str, Any],
-                          vote: Callable[[tuple[int, int]], int | None], dz: float) -> int | None:
+                          vote: Callable[[tuple[int, int]], int | None], dz: float,
+                          crest: int | None = None) -> int | None:
     """Check a count from the sacrum alone (no 12th rib in view); ``None`` (and ``info["decline"]``) when
     it cannot be trusted.
 
@@ -416,7 +431,12 @@ def _checked_sacral_count(segs: list[Segment], l1_sac: int | None, info: dict[st
     height at least :data:`MIN_LUMBAR_BODY_MM`: all split alike) and the iliac crests, when in
     view, do not put L4 one level away from where the count puts it (a
     lumbarised S1 or a sacralised L5 shifts the count; the crests sit with the
-    pelvis). A crest that agrees is noted in ``info["crest_vote"]``.
+    pelvis). A crest that agrees is noted in ``info["crest_vote"]``. Crests
+    in view more than :data:`CREST_SACRAL_MAX_MM` *above* where the count
+    puts them (:func:`_crest_offset`) decline it too, even when the bodies
+    are too irregular for the crests to vote: the count's L4 is too low (a
+    body split in two, a lumbarised S1). Crests far below are not used: a
+    faint iliac wing found only from its thicker lower part reads low.
     """
     if l1_sac is None:
         return None
@@ -440,6 +460,12 @@ def _checked_sacral_count(segs: list[Segment], l1_sac: int | None, info: dict[st
                                f"{'higher' if other > l1_sac else 'lower'} than it does ({what}?); no 12th rib "
                                "in view to decide, so the levels cannot be numbered with confidence")
             return None
+    off = _crest_offset(segs, l1_sac, crest, dz) if crest is not None else None
+    if off is not None and off > CREST_SACRAL_MAX_MM:
+        info["decline"] = (f"only the sacrum anchors the count and the iliac crests lie {off:.0f} mm above "
+                           "where it puts L4 (a body split in two, or a lumbarised S1): the levels cannot be "
+                           "numbered with confidence")
+        return None
     return l1_sac
 
 
@@ -455,11 +481,29 @@ def _regular_between(segs: list[Segment], lo: int, hi: int, slack: int = 0) -> b
     return bool(heights) and min(heights) + slack >= SPLIT_RATIO * max(heights)
 
 
+#: a count from the sacrum alone is declined when the iliac crests lie further than this (mm) above
+#: where it puts them (about two thirds of a lumbar level: crests vary between the L3-L4 disc and L5)
+CREST_SACRAL_MAX_MM = 20.0
 #: the crests must lie this much (mm) nearer one candidate's expected crest level to break a tie ...
 CREST_MARGIN_MM = 8.0
 #: ... and within this distance (mm) of it: lateral bone far from both expected levels is not a crest
 #: that counts (a crest at the top of L5, or bone beside S1 only)
 CREST_MAX_MM = 10.0
+
+
+def _crest_offset(segs: list[Segment], l1: int, crest: int, dz: float) -> float | None:
+    """Height (mm) of the iliac crests above where L1 at segment ``l1`` puts them (negative: below),
+    ``None`` if L4 is not in view.
+
+    The expected crest level is halfway between the centre of that count's L4
+    (three segments lower) and its disc with L5.
+    """
+    l4, l5 = l1 - 3, l1 - 4
+    if not 0 <= l4 < len(segs):
+        return None
+    centre = 0.5 * (segs[l4].lo + segs[l4].hi)
+    disc = 0.5 * (segs[l4].lo + segs[l5].hi) if l5 >= 0 else float(segs[l4].lo)
+    return (crest - 0.5 * (centre + disc)) * dz
 
 
 def _crest_vote(segs: list[Segment], candidates: tuple[int, int], crest: int, dz: float,
@@ -477,12 +521,10 @@ def _crest_vote(segs: list[Segment], candidates: tuple[int, int], crest: int, dz
     """
     dist = {}
     for c in candidates:
-        l4, l5 = c - 3, c - 4
-        if not 0 <= l4 < len(segs):
+        d = _crest_offset(segs, c, crest, dz)
+        if d is None:
             return None
-        centre = 0.5 * (segs[l4].lo + segs[l4].hi)
-        disc = 0.5 * (segs[l4].lo + segs[l5].hi) if l5 >= 0 else float(segs[l4].lo)
-        dist[c] = abs(crest - 0.5 * (centre + disc)) * dz
+        dist[c] = abs(d)
     best = min(dist, key=dist.get)
     other = max(dist, key=dist.get)
     info["crest_vote"] = {"candidate_l1_segments": list(candidates),

@@ -242,7 +242,8 @@ def find_discs(prof: np.ndarray, dz: float, scale: float = 1.0) -> list[int]:
         discs = _discs_between_endplates(prof[0, lo:hi + 1], dz, scale)
         if len(discs) >= 2:
             discs = _drop_close(discs, s)
-            discs = _fill_gaps(discs, s, prof[0, lo:hi + 1], dz, scale)
+            # a gap filled next to a disc already found splits off a one-slice sliver: drop again
+            discs = _drop_close(_fill_gaps(discs, s, prof[0, lo:hi + 1], dz, scale), s)
             return [d + lo for d in discs]
         dp = _discs_by_spacing(s, dz)
         if dp is not None:
