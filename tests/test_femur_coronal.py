@@ -240,3 +240,102 @@ def test_bounding_box_distance_transform_equals_full_one():
         m[box] = rng.random(m[box].shape) > 0.2
         np.testing.assert_array_equal(_distance_in_bounding_box(m), ndimage.distance_transform_edt(m))
     assert not _distance_in_bounding_box(np.zeros((4, 4, 4), dtype=bool)).any()
+
+
+def test_fill_holes_per_slice_equals_scipy_slice_by_slice():
+    """The locator's one-labelling hole fill is scipy's ``binary_fill_holes`` of each axial slice."""
+    from scipy import ndimage
+
+    from screener.preprocess.femur_coronal import _fill_holes_per_slice
+
+    rng = np.random.default_rng(3)
+    for shape, p in (((12, 40, 50), 0.55), ((6, 30, 30), 0.7), ((5, 20, 25), 0.4)):
+        m = rng.random(shape) < p
+        m[:, 0, :] = False if p < 0.6 else m[:, 0, :]  # some masks touch the slice edges, some do not
+        want = np.stack([ndimage.binary_fill_holes(s) for s in m])
+        np.testing.assert_array_equal(_fill_holes_per_slice(m), want)
+    assert not _fill_holes_per_slice(np.zeros((3, 5, 5), dtype=bool)).any()
+
+
+def test_head_sized_distances_are_the_full_transform_ones():
+    """Coarse-then-boxed distance transform: the same head-sized voxels and values as the whole one."""
+    from screener.preprocess.femur_coronal import _distance_in_bounding_box, _head_sized_distances
+
+    g, radius = 2.0, (15.0, 34.0)
+    zz, yy, xx = np.mgrid[0:61, 0:70, 0:90]
+    m = np.zeros((61, 70, 90), dtype=bool)
+    for cz, cy, cx, r in ((30, 35, 20, 12.5), (22, 30, 68, 11.0), (45, 40, 70, 19.0), (10, 10, 45, 6.0)):
+        m |= (zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r  # balls of 12-38 mm radius
+    m[:, 50:52, :] = True  # a slab touching the faces
+    rng = np.random.default_rng(5)
+    m &= rng.random(m.shape) > 0.0001  # a few pinholes
+    lateral = np.zeros(90, dtype=bool)
+    lateral[5:40] = lateral[55:88] = True
+    full = _distance_in_bounding_box(m) * g
+    want = (full >= radius[0]) & (full <= radius[1]) & lateral[None, None, :]
+    flat, dist = _head_sized_distances(m, g, lateral, radius)
+    assert len(flat) > 1000
+    np.testing.assert_array_equal(flat, np.flatnonzero(want))
+    np.testing.assert_array_equal(dist, full.ravel()[flat])
+
+
+def test_grid_resampling_equals_the_volume_sampler(hip_volume):
+    """Axis by axis interpolation of an axial volume = the sampler's trilinear one, also with a flipped
+    slice axis, and air outside the volume."""
+    import dataclasses
+
+    from screener.preprocess.femur_coronal import _grid_hu
+    from screener.preprocess.sampling import VolumeSampler
+
+    vol = dataclasses.replace(hip_volume, array=hip_volume.array[::3, ::4, ::4].copy(),
+                              spacing=(hip_volume.spacing[0] * 3, hip_volume.spacing[1] * 4, hip_volume.spacing[2] * 4))
+    flipped = dataclasses.replace(vol, array=vol.array[::-1].copy(),
+                                  origin=vol.index_to_patient(vol.array.shape[0] - 1, 0, 0),
+                                  direction=np.asarray(vol.direction, float) @ np.diag([1.0, 1.0, -1.0]))
+    for v in (vol, flipped):
+        s = VolumeSampler(v)
+        lo = v.index_to_patient(0, 0, 0)
+        xs = lo[0] - 7.0 + 9.7 * np.arange(42)  # past both sides of the field of view
+        ys = lo[1] + 5.0 + 11.3 * np.arange(35)
+        zs = float(min(lo[2], v.index_to_patient(v.array.shape[0] - 1, 0, 0)[2])) - 4.0 + 2.3 * np.arange(30)
+        want = np.stack([s((xs[0], ys[0], z), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (len(ys), len(xs)),
+                           (ys[1] - ys[0], xs[1] - xs[0])) for z in zs])
+        got = _grid_hu(v, s, xs, ys, zs)
+        assert got.shape == want.shape and (want == -1000.0).any()
+        np.testing.assert_allclose(got, want, atol=0.02)
+        bone = _grid_hu(v, s, xs, ys, zs, floor=180.0) > 180.0  # the box of the bone only
+        assert bone.any() and np.array_equal(bone, want > 180.0)
+
+
+def test_sphere_refinement_equals_per_radius_fftconvolve(hip_ct, hip_volume):
+    """The cached-spectrum, one-kernel-per-radius sphere search scores and picks what fftconvolve of
+    the inner and outer shells did (the locator before it was made fast)."""
+    from scipy.signal import fftconvolve
+
+    from screener.preprocess.femur_coronal import _REFINE_RADII, _refine_sphere, _shell
+    from screener.preprocess.sampling import VolumeSampler
+
+    _, scene = hip_ct
+    sampler = VolumeSampler(hip_volume)
+    g, half, search = 1.5, 42.0, 18.0
+    for side in ("R", "L"):
+        c0 = np.asarray(scene.femoral_heads[side]) + np.array([4.0, -3.0, 6.0])
+        ax = np.arange(-half, half + 1e-6, g)
+        n = len(ax)
+        cube = np.stack([sampler((c0[0] + ax[0], c0[1] + ax[0], z), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (n, n), (g, g))
+                         for z in c0[2] + ax])
+        cube = np.clip(np.nan_to_num(cube, nan=-1000.0), -200.0, 1500.0)
+        inside = np.abs(ax) <= search
+        best = (-np.inf, None, 0.0)
+        for r in _REFINE_RADII:
+            score = fftconvolve(cube, _shell(r - 3.0, r, g), mode="same") - fftconvolve(cube, _shell(r + 0.75, r + 4.0, g), mode="same")
+            sub = score[np.ix_(inside, inside, inside)]
+            kk, jj, ii = np.unravel_index(int(np.argmax(sub)), sub.shape)
+            if sub[kk, jj, ii] > best[0]:
+                idx = np.flatnonzero(inside)
+                best = (float(sub[kk, jj, ii]), (idx[kk], idx[jj], idx[ii]), r)
+        k, j, i = best[1]
+        score, c, r = _refine_sphere(sampler, c0, (-1e9, 1e9))
+        assert score == pytest.approx(best[0], rel=1e-5) and r == best[2]
+        assert c == (float(c0[0] + ax[i]), float(c0[1] + ax[j]), float(c0[2] + ax[k]))
+        assert np.linalg.norm(np.subtract(c, scene.femoral_heads[side])) < 2.0

@@ -33,6 +33,7 @@ Demographics (age, sex, height, weight, BMI; :data:`screener.nets.ha.DEMOGRAPHIC
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -375,9 +376,16 @@ def locate_femoral_heads(volume: Any) -> dict[str, tuple[float, float, float]]:
     each axial slice's holes (marrow), and take the Euclidean distance transform; the femoral head
     is the thickest round bone lateral to the midline (the body's bone centre of mass in x), so
     on each side the distance maximum with ``40 mm < |x - midline| < 160 mm`` in the lower part
-    of the bone is the candidate.  The centre is refined to the mean of the grid points whose
-    distance is within 1 mm of the maximum, and accepted when the inscribed radius is 15-34 mm
-    and the candidate is not on the volume's top or bottom edge (a head cut by the coverage).
+    of the bone is the candidate.  The centre is refined to the sphere whose cortex is brightest
+    over its joint space (:func:`_refine_sphere`, 1.5 mm grid), and accepted when its radius is
+    15-34 mm, it sits in an acetabulum (:func:`_socket_fraction`) and it is not on the volume's
+    top or bottom edge (a head cut by the coverage).
+
+    Coarse before fine, with the same result: the distance transform is needed only where it can
+    be 15-34 mm (a head), so it is first taken on 4 mm blocks (cheap; a bound on the 2 mm one
+    within ``sqrt(3) * 2 mm``) and then exactly, at 2 mm, only in boxes around the lateral blocks
+    that can hold such a value (:func:`_head_sized_distances`).  An axis-aligned volume is resampled
+    one axis at a time (:func:`_grid_hu`).
 
     Parameters
     ----------
@@ -402,35 +410,38 @@ def locate_femoral_heads(volume: Any) -> dict[str, tuple[float, float, float]]:
     if len(zs) < 10 or len(xs) < 20:
         return {}
     sampler = VolumeSampler(volume)
-    # coronal-free sampling: axial planes on the grid (rows = y, columns = x)
-    vol = np.stack([sampler((xs[0], ys[0], z), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (len(ys), len(xs)), (g, g))
-                    for z in zs])  # (z, y, x)
+    vol = _grid_hu(volume, sampler, xs, ys, zs, floor=_BONE_HU)  # (z, y, x); exact above the bone threshold
     bone = vol > _BONE_HU
     if bone.sum() < 50:
         return {}
-    filled = np.stack([ndimage.binary_fill_holes(b) for b in bone])
-    dist = _distance_in_bounding_box(filled) * g
-    zz, yy, xx = np.nonzero(bone)
-    mid_x = float(np.median(xs[xx]))
+    filled = _fill_holes_per_slice(bone)
+    mid_x = _median_of_counts(xs, bone.sum(axis=(0, 1)))  # median x of the bone voxels
+    offs = {side: sgn * (xs - mid_x) for side, sgn in (("R", -1.0), ("L", 1.0))}
+    lateral = np.zeros(len(xs), dtype=bool)
+    for off in offs.values():
+        lateral |= (off > 40.0) & (off < 160.0)
+    flat, values = _head_sized_distances(filled, g, lateral, _HEAD_RADIUS_MM)
+    kk, jj, ii = np.unravel_index(flat, filled.shape)
+    interior = (kk > 0) & (kk < filled.shape[0] - 1)
     out: dict[str, tuple[float, float, float]] = {}
     zlim = (float(zs[0]), float(zs[-1]))
     cands: dict[str, list[np.ndarray]] = {}
-    for side, sgn in (("R", -1.0), ("L", 1.0)):
-        off = sgn * (xs - mid_x)
+    r_sup = int(np.ceil(30.0 / g))
+    for side in ("R", "L"):
+        off = offs[side]
         xmask = (off > 40.0) & (off < 160.0)
-        d = dist.copy()
-        d[:, :, ~xmask] = 0.0
-        d[0] = d[-1] = 0.0
-        d[d > _HEAD_RADIUS_MM[1]] = 0.0  # organs / enhanced vessels thicker than any head
+        keep = interior & xmask[ii]
+        ck, cj, ci, cv = kk[keep], jj[keep], ii[keep], values[keep]  # flat (C) order, as argmax ties break
         cands[side] = []
         for _ in range(_N_CANDIDATES):
-            if d.max() < _HEAD_RADIUS_MM[0]:
+            if not len(cv):
                 break
-            k, j, i = np.unravel_index(int(np.argmax(d)), d.shape)
+            n = int(np.argmax(cv))
+            k, j, i = int(ck[n]), int(cj[n]), int(ci[n])
             cands[side].append(np.array([xs[i], ys[j], zs[k]]))
             # suppress this candidate's neighbourhood before the next one
-            r_sup = int(np.ceil(30.0 / g))
-            d[max(0, k - r_sup):k + r_sup + 1, max(0, j - r_sup):j + r_sup + 1, max(0, i - r_sup):i + r_sup + 1] = 0.0
+            near = (np.abs(ck - k) <= r_sup) & (np.abs(cj - j) <= r_sup) & (np.abs(ci - i) <= r_sup)
+            ck, cj, ci, cv = ck[~near], cj[~near], ci[~near], cv[~near]
     memo: dict[tuple[str, int], tuple[float, float, float] | None] = {}
 
     def refined(side: str, n: int) -> tuple[float, float, float] | None:
@@ -459,6 +470,200 @@ def locate_femoral_heads(volume: Any) -> dict[str, tuple[float, float, float]]:
     return out
 
 
+def _median_of_counts(values: np.ndarray, counts: np.ndarray) -> float:
+    """``numpy.median`` of ``values`` (ascending) each repeated ``counts`` times, without the repeats."""
+    c = np.cumsum(counts)
+    total = int(c[-1])
+    if total == 0:
+        raise ValueError("no values to take the median of")
+    lo = float(values[int(np.searchsorted(c, (total - 1) // 2, side="right"))])
+    hi = float(values[int(np.searchsorted(c, total // 2, side="right"))])
+    return lo if total % 2 else (lo + hi) / 2.0
+
+
+def _axis_map(volume: Any) -> list[tuple[int, float, float]] | None:
+    """For an axis-aligned volume, per patient axis (x, y, z): ``(array axis, origin mm, mm per
+    index step with sign)``; ``None`` when the volume is oblique (its direction is not a signed
+    permutation)."""
+    d = np.asarray(volume.direction, dtype=np.float64)
+    if not np.allclose(np.abs(d), np.round(np.abs(d)), atol=1e-9):
+        return None
+    spacing = {0: volume.spacing[2], 1: volume.spacing[1], 2: volume.spacing[0]}  # column of d -> mm
+    array_axis = {0: 2, 1: 1, 2: 0}  # column of d (i, j, k) -> array axis (k, j, i)
+    out = []
+    for m in range(3):
+        cols = np.flatnonzero(np.abs(d[m]) > 0.5)
+        if len(cols) != 1:
+            return None
+        c = int(cols[0])
+        out.append((array_axis[c], float(np.asarray(volume.origin, dtype=np.float64)[m]), float(d[m, c]) * spacing[c]))
+    if len({a for a, _, _ in out}) != 3:
+        return None
+    return out
+
+
+def _lerp_axis(a: np.ndarray, t: np.ndarray, axis: int, cval: float) -> np.ndarray:
+    """Linear interpolation of ``a`` along ``axis`` at fractional indices ``t``; ``cval`` outside
+    ``[0, n - 1]`` (``scipy.ndimage.map_coordinates(order=1, mode="constant")`` along one axis)."""
+    n = a.shape[axis]
+    t = np.asarray(t, dtype=np.float64)
+    valid = (t >= 0.0) & (t <= n - 1)
+    tc = np.clip(t, 0.0, n - 1)
+    i0 = np.minimum(np.floor(tc).astype(np.intp), max(n - 2, 0))
+    i1 = np.minimum(i0 + 1, n - 1)
+    shape = [1] * a.ndim
+    shape[axis] = len(t)
+    w = (tc - i0).astype(np.float32).reshape(shape)
+    a0 = np.take(a, i0, axis=axis)
+    out = np.take(a, i1, axis=axis)
+    out -= a0
+    out *= w
+    out += a0
+    if not valid.all():
+        idx = [slice(None)] * a.ndim
+        idx[axis] = ~valid
+        out[tuple(idx)] = cval
+    return out
+
+
+def _grid_hu(volume: Any, sampler: Any, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray,
+             floor: float | None = None) -> np.ndarray:
+    """HU on the patient grid ``zs x ys x xs`` (trilinear, air outside the volume), ``(z, y, x)``.
+
+    An axis-aligned volume (every CT acquired axially) is interpolated one axis at a time, which
+    is the trilinear interpolation of the sampler at a fraction of the cost; an oblique one goes
+    through the sampler plane by plane.  With ``floor`` only the values above it are needed:
+    the volume is first cut to the box of its voxels above ``floor - 1`` (grown by one voxel),
+    and the grid outside that box reads air (an interpolation of voxels at or below
+    ``floor - 1`` cannot exceed ``floor``)."""
+    amap = _axis_map(volume)
+    if amap is None:
+        g = (float(xs[1] - xs[0]) if len(xs) > 1 else 1.0, float(ys[1] - ys[0]) if len(ys) > 1 else 1.0)
+        return np.stack([sampler((xs[0], ys[0], z), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (len(ys), len(xs)), (g[1], g[0]))
+                         for z in zs])
+    a = np.asarray(volume.array, dtype=np.float32)
+    start = [0, 0, 0]
+    if floor is not None:
+        plane = a.max(axis=0) > floor - 1.0
+        rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+        slices = np.flatnonzero(a.reshape(a.shape[0], -1).max(axis=1) > floor - 1.0)
+        if not len(slices):
+            return np.full((len(zs), len(ys), len(xs)), sampler.outside, dtype=np.float32)
+        box = [(max(0, int(r[0]) - 1), min(n, int(r[-1]) + 2)) for r, n in zip((slices, rows, cols), a.shape)]
+        a = a[box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]]
+        start = [lo for lo, _ in box]
+    coords = (xs, ys, zs)
+    patient_of = {axis: m for m, (axis, _, _) in enumerate(amap)}  # array axis -> patient axis
+    todo = [0, 1, 2]
+    while todo:  # the axis that shrinks the array most first: it makes every later step cheaper
+        axis = min(todo, key=lambda ax: len(coords[patient_of[ax]]) / a.shape[ax])
+        todo.remove(axis)
+        _, origin, step = amap[patient_of[axis]]
+        t = (np.asarray(coords[patient_of[axis]], dtype=np.float64) - origin) / step - start[axis]
+        a = _lerp_axis(a, t, axis, sampler.outside)
+    order = [next(ax for ax in range(3) if patient_of[ax] == m) for m in (2, 1, 0)]  # to (z, y, x)
+    return np.ascontiguousarray(np.transpose(a, order))
+
+
+def _fill_holes_per_slice(bone: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` of every axial slice of a ``(z, y, x)`` mask, in one
+    labelling: background 4-connected within its slice and not reaching the slice's edge is a
+    hole.  Only the mask's bounding box grown by one voxel is labelled (the background around
+    it reaches the edge in every slice)."""
+    box = ndimage.find_objects(bone.astype(np.int8))
+    out = bone.copy()
+    if not box or box[0] is None:
+        return out
+    grown = tuple(slice(max(0, sl.start - 1), min(n, sl.stop + 1)) for sl, n in zip(box[0], bone.shape))
+    sub = bone[grown]
+    st = np.zeros((3, 3, 3), dtype=bool)
+    st[1] = ndimage.generate_binary_structure(2, 1)
+    lab, n = ndimage.label(~sub, structure=st)
+    edge = np.zeros(n + 1, dtype=bool)
+    for face in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
+        edge[face] = True
+    edge[0] = True  # bone
+    out[grown] |= ~edge[lab]
+    return out
+
+
+def _head_sized_distances(filled: np.ndarray, g: float, lateral: np.ndarray, radius_mm: tuple[float, float]
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels in the ``lateral`` columns (``x`` mask) of ``filled`` whose distance to the
+    background is ``radius_mm[0]`` to ``radius_mm[1]`` (a head's), and those distances (mm),
+    exactly as ``_distance_in_bounding_box(filled) * g`` gives them, at the cost of a coarse
+    transform.
+
+    How: the mask min-pooled onto ``2 x 2 x 2`` blocks (a block is bone when all 8 voxels are)
+    has a distance transform within ``sqrt(3) * g`` of the fine one of each of its voxels; the
+    fine transform is computed only in boxes around the lateral blocks whose coarse distance
+    allows a head-sized fine one, each box grown by ``radius_mm[1]`` (plus a voxel) so that the
+    nearest background of every voxel within ``radius_mm[1]`` of it lies inside the box: there
+    the box's transform is the whole array's.
+
+    Returns
+    -------
+    flat : numpy.ndarray
+        Flat (C order) indices into ``filled``, ascending.
+    distance : numpy.ndarray
+        Their distances (mm).
+    """
+    m = np.pad(filled, [(0, n % 2) for n in filled.shape], constant_values=True)  # nothing beyond the faces
+    core = m[0::2, 0::2, 0::2].copy()
+    for dz, dy, dx in ((0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)):
+        core &= m[dz::2, dy::2, dx::2]
+    if core.all():  # no background at all: the fine transform over the whole array
+        boxes = [tuple(slice(0, n) for n in filled.shape)]
+    else:
+        coarse = _distance_in_bounding_box(core) * (2.0 * g)
+        slack = np.sqrt(3.0) * g + 1e-6
+        lat = np.pad(lateral, (0, len(lateral) % 2)).reshape(-1, 2).any(axis=1)
+        candidate = ((coarse >= radius_mm[0] - slack) & (coarse <= radius_mm[1] + slack)) & lat[None, None, :]
+        labels, _ = ndimage.label(candidate, structure=np.ones((3, 3, 3), dtype=bool))
+        boxes = [tuple(slice(2 * s.start, min(n, 2 * s.stop)) for s, n in zip(sl, filled.shape))
+                 for sl in ndimage.find_objects(labels) if sl is not None]
+    margin = int(np.ceil(radius_mm[1] / g)) + 1
+    flats, dists = [np.zeros(0, dtype=np.intp)], [np.zeros(0, dtype=np.float64)]
+    xmask = np.asarray(lateral, dtype=bool)
+    for inner in _merge_boxes(boxes, margin, filled.shape):
+        box = tuple(slice(max(0, s.start - margin), min(n, s.stop + margin)) for s, n in zip(inner, filled.shape))
+        sub = filled[box]
+        if sub.all():  # no background within radius_mm[1] + a voxel: every distance here is larger
+            continue
+        e = ndimage.distance_transform_edt(sub) * g
+        rel = tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inner, box))
+        d = e[rel]
+        keep = (d >= radius_mm[0]) & (d <= radius_mm[1]) & xmask[inner[2]][None, None, :]
+        k, j, i = np.nonzero(keep)
+        flats.append(np.ravel_multi_index((k + inner[0].start, j + inner[1].start, i + inner[2].start), filled.shape))
+        dists.append(d[k, j, i])
+    flat, first = np.unique(np.concatenate(flats), return_index=True)  # boxes overlap: same values
+    return flat, np.concatenate(dists)[first]
+
+
+def _merge_boxes(boxes: list[tuple[slice, ...]], margin: int, shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    """Boxes whose grown (by ``margin``, clipped to ``shape``) versions cost no more as one box than
+    as two are merged into their bounding box, until no pair is."""
+    def grown_size(b: tuple[slice, ...]) -> int:
+        return int(np.prod([min(n, s.stop + margin) - max(0, s.start - margin) for s, n in zip(b, shape)]))
+
+    out = list(boxes)
+    merged = True
+    while merged and len(out) > 1:
+        merged = False
+        for p in range(len(out)):
+            for q in range(p + 1, len(out)):
+                u = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(out[p], out[q]))
+                if grown_size(u) <= grown_size(out[p]) + grown_size(out[q]):
+                    out[p] = u
+                    del out[q]
+                    merged = True
+                    break
+            if merged:
+                break
+    return out
+
+
 def _distance_in_bounding_box(mask: np.ndarray) -> np.ndarray:
     """``scipy.ndimage.distance_transform_edt(mask)``, computed only inside the mask's bounding box
     grown by one voxel (clipped to the array): that layer is all background, so every voxel's
@@ -481,12 +686,38 @@ def _shell(radius_lo: float, radius_hi: float, g: float) -> np.ndarray:
     return k / max(float(k.sum()), 1.0)
 
 
+#: sphere radii tried by :func:`_refine_sphere` (mm)
+_REFINE_RADII = tuple(float(r) for r in np.arange(_HEAD_RADIUS_MM[0] + 2.0, 31.0, 2.0))
+
+
+@lru_cache(maxsize=4)
+def _shell_spectra(g: float, n_cube: int, n_fft: int) -> tuple[np.ndarray, int]:
+    """Spectra (``rfftn`` at ``n_fft``) of the :func:`_refine_sphere` kernels, one per radius of
+    :data:`_REFINE_RADII`: inner shell minus outer shell, centred in a common odd size ``m``;
+    returns them stacked and ``m``.  Computed once per grid."""
+    from scipy import fft
+
+    m = 2 * int(np.ceil((max(_REFINE_RADII) + 4.0) / g)) + 1
+    kernels = np.zeros((len(_REFINE_RADII), m, m, m), dtype=np.float64)
+    for q, r in enumerate(_REFINE_RADII):
+        for sign, (lo_r, hi_r) in ((1.0, (r - 3.0, r)), (-1.0, (r + 0.75, r + 4.0))):
+            k = _shell(lo_r, hi_r, g).astype(np.float64)
+            p = (m - k.shape[0]) // 2
+            kernels[q, p:p + k.shape[0], p:p + k.shape[1], p:p + k.shape[2]] += sign * k
+    return fft.rfftn(kernels, s=(n_fft,) * 3, axes=(1, 2, 3)), m
+
+
 def _refine_sphere(sampler: Any, c0: np.ndarray, z_limits: tuple[float, float],
                    g: float = 1.5, half: float = 42.0, search: float = 18.0
                    ) -> tuple[float, tuple[float, float, float] | None, float]:
     """Refine a head centre: the sphere whose inner shell (cortex) is brightest over its outer
-    shell (joint space / soft tissue), searched within ``search`` mm of ``c0``."""
-    from scipy.signal import fftconvolve
+    shell (joint space / soft tissue), searched within ``search`` mm of ``c0``.
+
+    The score of every radius is ``fftconvolve(cube, inner shell, "same") - fftconvolve(cube,
+    outer shell, "same")``, evaluated as one convolution with their difference and only where
+    it is searched: a circular convolution just long enough that nothing wraps onto the
+    searched centres (the cube's spectrum once, the kernels' spectra cached)."""
+    from scipy import fft
 
     ax = np.arange(-half, half + 1e-6, g)
     n = len(ax)
@@ -494,16 +725,21 @@ def _refine_sphere(sampler: Any, c0: np.ndarray, z_limits: tuple[float, float],
     cube = np.stack([sampler((c0[0] + ax[0], c0[1] + ax[0], z), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (n, n), (g, g))
                      for z in zs])  # (z, y, x)
     cube = np.clip(np.nan_to_num(cube, nan=-1000.0), -200.0, 1500.0)
-    best = (-np.inf, None, 0.0)
     inside = np.abs(ax) <= search
-    for r in np.arange(_HEAD_RADIUS_MM[0] + 2.0, 31.0, 2.0):
-        s_in = fftconvolve(cube, _shell(r - 3.0, r, g), mode="same")
-        s_out = fftconvolve(cube, _shell(r + 0.75, r + 4.0, g), mode="same")
-        score = s_in - s_out
-        sub = score[np.ix_(inside, inside, inside)]
+    idx = np.flatnonzero(inside)
+    # "same" output t is full output t + (m - 1) // 2; a circular convolution of length L equals
+    # the full one at output o when o + L exceeds the last full index (n + m - 2)
+    m = 2 * int(np.ceil((max(_REFINE_RADII) + 4.0) / g)) + 1
+    o_lo, o_hi = idx[0] + (m - 1) // 2, idx[-1] + (m - 1) // 2
+    n_fft = fft.next_fast_len(max(n + m - 1 - o_lo, o_hi + 1), real=True)
+    spectra, _ = _shell_spectra(float(g), n, n_fft)
+    cube_f = fft.rfftn(cube.astype(np.float64), s=(n_fft,) * 3)
+    best = (-np.inf, None, 0.0)
+    for q, r in enumerate(_REFINE_RADII):
+        score = fft.irfftn(cube_f * spectra[q], s=(n_fft,) * 3)
+        sub = score[o_lo:o_hi + 1, o_lo:o_hi + 1, o_lo:o_hi + 1]
         kk, jj, ii = np.unravel_index(int(np.argmax(sub)), sub.shape)
         if sub[kk, jj, ii] > best[0]:
-            idx = np.flatnonzero(inside)
             best = (float(sub[kk, jj, ii]), (idx[kk], idx[jj], idx[ii]), float(r))
     if best[1] is None or best[0] < _MIN_SPHERE_SCORE:
         return best[0], None, 0.0

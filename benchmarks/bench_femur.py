@@ -1,0 +1,78 @@
+"""Time of protocol ``femur_coronal`` per CT study, and of its femoral-head locator (issue 21: <= 500 ms).
+
+Renders a few virtual-cohort abdomen-pelvis CTs (different scanners, slice thicknesses and patients),
+loads each as the daemon does, then runs :class:`~screener.protocols.femur_coronal.FemurCoronalProtocol`
+with the shipped bundle ``--repeats`` times (after one run that loads the bundle) and
+:func:`~screener.preprocess.femur_coronal.locate_femoral_heads` alone, and prints the median
+milliseconds of each, per CT and over all of them, with the located heads' distance to the phantom's
+truth.  The machine's load average is printed too: on a shared machine the figures move with it::
+
+    python benchmarks/bench_femur.py [--repeats 3] [--cases 4]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: (cohort seed, patient index, scanner profile): 96 to 196 slices of 512 x 512
+CASES = ((21, 4, "canon_ap_native"), (11, 5, "philips_ap_arterial"), (11, 2, "ge_ap_pv"), (41, 0, "siemens_ap_pv"),
+         (51, 6, "philips_ap_arterial"), (31, 2, "canon_ap_native"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cases", type=int, default=4, help=f"how many of the {len(CASES)} cohort CTs")
+    args = ap.parse_args(argv)
+
+    from screener.config import Config
+    from screener.preprocess.femur_coronal import locate_femoral_heads
+    from screener.protocols.base import ProtocolContext
+    from screener.protocols.femur_coronal import FemurCoronalProtocol
+    from screener.series import load_volume, read_series_info
+    from training.phantoms.anatomy import build_scene
+    from training.phantoms.ct import render_ct, write_series
+    from training.phantoms.population import make_patient
+
+    cfg = Config(models_dir=ROOT / "models", device="cpu")
+    proto = FemurCoronalProtocol()
+    runs, locs = [], []
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'CT':<34}{'slices':>7}{'run ms':>9}{'locator ms':>12}{'head error mm':>15}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed, index, profile in CASES[:args.cases]:
+            scene = build_scene(make_patient(seed, index))
+            paths = write_series(render_ct(scene, profile, seed), Path(tmp) / f"{seed}-{index}")
+            volume = load_volume(paths)
+            ctx = ProtocolContext(config=cfg, info=read_series_info(paths))
+            proto.run(volume, ctx)  # loads the bundle
+            run_ms, loc_ms = [], []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                proto.run(volume, ctx)
+                run_ms.append(1000 * (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                heads = locate_femoral_heads(volume)
+                loc_ms.append(1000 * (time.perf_counter() - t0))
+            err = max(float(np.linalg.norm(np.subtract(heads[s], scene.femoral_heads[s]))) for s in ("R", "L"))
+            runs.append(statistics.median(run_ms))
+            locs.append(statistics.median(loc_ms))
+            print(f"{f'{seed}/{index} {profile}':<34}{volume.array.shape[0]:>7}{runs[-1]:>9.0f}{locs[-1]:>12.0f}{err:>15.2f}")
+    print(f"femur_coronal per study: median {statistics.median(runs):.0f} ms, max {max(runs):.0f} ms "
+          f"(locator median {statistics.median(locs):.0f} ms); goal <= 500 ms; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
