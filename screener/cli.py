@@ -17,7 +17,10 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from screener.config import Config
 
 #: sub-command -> (module, function, one-line help); each function takes argv (list of str)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -59,7 +62,8 @@ def command_parser(name: str, description: str, epilog: str | None = None
     return p
 
 
-def command_config(name: str, args: argparse.Namespace, *, writes: bool = False):  # type: ignore[no-untyped-def]
+def command_config(name: str, args: argparse.Namespace, *, writes: bool = False
+                   ) -> Config | None:
     """The effective :class:`~screener.config.Config` for parsed ``args``, with logging
     configured (``--log-format``) and the data directory checked; or ``None`` after printing
     the one-line error (the caller exits with status 2).
@@ -151,9 +155,12 @@ def _dispatch(args: list[str]) -> int:
     except ValueError as exc:
         print(f"screener {name}: {exc}", file=sys.stderr)
         return 2
+    from screener.logs import LOG_FORMAT_ENV, configure_logging
     if log_format:
-        from screener.logs import LOG_FORMAT_ENV
         os.environ[LOG_FORMAT_ENV] = log_format  # read by configure_logging in the command
+    # every command logs to stderr in the chosen format from the start; commands that read a
+    # configuration set its log_level again (command_config, serve)
+    configure_logging("info")
     module, func, _ = COMMANDS[name]
     fn: Callable[[list[str]], int | None] = getattr(importlib.import_module(module), func)
     try:

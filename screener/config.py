@@ -345,13 +345,20 @@ def load_config(path: str | os.PathLike[str] | None = None,
     values: dict[str, Any] = {}
     if path:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass an existing TOML file or omit it")
-        with p.open("rb") as fh:
-            try:
+        try:
+            with p.open("rb") as fh:
                 raw = tomllib.load(fh)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist; pass an existing TOML file or "
+                              "omit it") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+        except PermissionError as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc.strerror}; run as the "
+                              "service user (sudo -u screener ...) or root") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc.strerror}; pass a TOML "
+                              "file") from None
         # sections are for readability only: [network] port = 11112 == port = 11112
         for key, val in raw.items():
             if key == "destinations":

@@ -84,7 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     source = find_config_path(args.config)
     where = f"data directory {cfg.data_dir.resolve()} (config: {source or 'none, built-in defaults'})"
-    if not cfg.db_path.is_file():
+    try:
+        exists = cfg.db_path.is_file()
+    except PermissionError as exc:
+        print(f"screener status: cannot read the database at {cfg.db_path.resolve()}: "
+              f"{exc.strerror}; run as the service user (sudo -u screener screener status) "
+              "or root", file=sys.stderr)
+        return 2
+    if not exists:
         if args.data_dir is not None:
             hint = "the service has not run with this data directory (is it its data_dir?)"
         elif source is None:

@@ -26,10 +26,13 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if k.startswith("SCREENER_"):
             monkeypatch.delenv(k)
     monkeypatch.setattr("screener.config.DEFAULT_CONFIG_PATH", tmp_path / "etc" / "screener.toml")
+    # "" = unset; the dispatcher sets it from --log-format, and monkeypatch restores it after
+    monkeypatch.setenv("SCREENER_LOG_FORMAT", "")
 
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SCREENER_")}
+
 
 
 def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -308,3 +311,45 @@ def test_wrong_called_ae_is_rejected_with_called_ae_not_recognised(
     assert assoc.is_rejected
     rj = assoc.acceptor.primitive
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
+
+
+def test_log_format_applies_to_commands_that_do_not_list_it(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``phantom``, ``train`` and ``evaluate`` have their own parsers: the dispatcher takes the
+    option out and configures the log lines for them."""
+    import structlog
+
+    seen: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> int:
+        seen.append(argv)
+        structlog.get_logger("training").info("cohort written", patients=1)
+        return 0
+
+    monkeypatch.setattr("training.phantoms.cli.main", fake_main)
+    assert cli.main(["phantom", "--n", "1", "--log-format", "json"]) == 0
+    assert seen == [["--n", "1"]]
+    [line] = capsys.readouterr().err.splitlines()
+    assert json.loads(line)["event"] == "cohort written" and json.loads(line)["patients"] == 1
+
+
+def test_status_without_permission_on_the_data_dir_says_whom_to_run_as(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An operator's own account cannot look into /var/lib/screener (0750 screener). Root, who
+    runs the tests, bypasses modes: the refusal is simulated where stat() would raise it."""
+    d = tmp_path / "var-lib-screener"
+    d.mkdir()
+
+    is_file = Path.is_file
+
+    def denied(self: Path) -> bool:
+        if self.parent == d:
+            raise PermissionError(13, "Permission denied", str(self))
+        return is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    assert cli.main(["status", "--data-dir", str(d)]) == 2
+    assert capsys.readouterr().err == (
+        f"screener status: cannot read the database at {d / 'screener.db'}: Permission denied; "
+        "run as the service user (sudo -u screener screener status) or root\n")
