@@ -2,8 +2,9 @@
 
 Walks a directory tree, groups DICOM files by series, records them in the same
 database as ``screener serve`` (files stay where they are), and runs each
-series through the same job runner (:func:`screener.worker.run_job`) with N
-workers and a progress bar. Series already done are skipped unless
+series through the same pipeline and records it as the daemon's job runner
+(:func:`screener.worker.run_job`) does, on N worker processes (or threads, or a
+Dask cluster: :mod:`screener.executors`) with a progress bar. Series already done are skipped unless
 ``--force``. Results go to the configured destinations or the outbox. Ends with
 a summary table; the exit status is 1 when any series failed or any file was
 unusable, 2 when the folder holds no DICOM file at all (empty, or only JPEGs: one
@@ -14,10 +15,9 @@ from __future__ import annotations
 import os
 import sys
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import structlog
 from tqdm import tqdm
@@ -25,6 +25,8 @@ from tqdm import tqdm
 from screener.cli import command_config, command_parser
 from screener.config import Config
 from screener.db import Database
+from screener.executors import (EXECUTORS, SeriesOutcome, SeriesTask, prepare_task, record_outcome, run_dask,
+                                run_processes, run_threads)
 from screener.logs import accession_hash
 from screener.validation import Rejected, read_instance
 
@@ -183,7 +185,8 @@ def _record(db: Database, s: ScannedSeries, found: ScanResult) -> int:
 
 
 def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
-           progress: bool = True) -> tuple[list[dict[str, object]], ScanResult]:
+           progress: bool = True, executor: str = "threads", scheduler: Any = None,
+           process: str | None = None) -> tuple[list[dict[str, object]], ScanResult]:
     """Process every series below ``root``.
 
     Parameters
@@ -198,6 +201,14 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
         Re-process series already done (the new SR supersedes the old one).
     progress : bool
         Show a tqdm progress bar on stderr.
+    executor : {"threads", "processes", "dask"}
+        Where the series run (:mod:`screener.executors`): threads of this process, ``workers``
+        processes that keep their bundles loaded, or the Dask cluster at ``scheduler``.  The walk,
+        the database and the export stay here whichever it is.
+    scheduler : str or distributed.Client, optional
+        With ``executor="dask"``: ``tcp://HOST:8786`` (or a client).
+    process : str, optional
+        ``"module:function"`` of the pipeline (default :func:`screener.pipeline.process_series`).
 
     Returns
     -------
@@ -207,8 +218,11 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
         What the walk found, including unusable files.
     """
     from screener.export import Exporter
-    from screener.worker import run_job
 
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+    if executor == "dask" and scheduler is None:
+        raise ValueError("executor 'dask' needs the scheduler's address: --scheduler tcp://HOST:8786")
     config.ensure_dirs()
     db = Database(config.db_path)
     db.requeue_running_jobs()
@@ -233,17 +247,27 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
         rows[uid] = row
         todo.append(job_id)
 
-    def _run(job_id: int) -> None:
-        job = db.get_job(job_id)
-        run_job(job, db, config)
-
     bar = tqdm(total=len(todo), unit="series", disable=not progress or not todo,
                file=sys.stderr, desc="replay")
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(_run, j) for j in todo]
-        for fut in as_completed(futures):
-            fut.result()
+    if executor == "threads":
+        run_threads(todo, db, config, workers, lambda _job_id: bar.update(1), process=process)
+    else:
+        tasks = []
+        for job_id in todo:  # settled here (missing files, not quantitative) or sent to a worker
+            task = prepare_task(db.get_job(job_id), db, config, process=process)
+            if task is None:
+                bar.update(1)
+            else:
+                tasks.append(task)
+
+        def _done(task: SeriesTask, outcome: SeriesOutcome) -> None:
+            record_outcome(task, outcome, db, config)
             bar.update(1)
+
+        if executor == "processes":
+            run_processes(tasks, config, workers, _done)
+        elif tasks:
+            run_dask(tasks, config, scheduler, _done)
     bar.close()
     for job_id in todo:
         job = db.get_job(job_id)
@@ -333,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("study_dir", type=Path, help="folder tree of DICOM files")
     p.add_argument("--workers", type=int, default=None, help="series processed in parallel")
     p.add_argument("--force", action="store_true", help="re-process series already done")
+    p.add_argument("--executor", choices=EXECUTORS, default="processes",
+                   help="where the series run: worker processes that keep their models loaded (default), "
+                        "threads of this process, or a Dask cluster (--scheduler)")
+    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:8786",
+                   help="the Dask scheduler's address (with --executor dask)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     cfg = command_config("replay", args, writes=True)
@@ -341,8 +370,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.study_dir.is_dir():
         print(f"screener replay: {args.study_dir} is not a directory", file=sys.stderr)
         return 2
+    if args.executor == "dask" and not args.scheduler:
+        print("screener replay: --executor dask needs --scheduler tcp://HOST:8786 (the address "
+              "dask-scheduler prints)", file=sys.stderr)
+        return 2
+    if args.scheduler and args.executor != "dask":
+        print("screener replay: --scheduler is for --executor dask", file=sys.stderr)
+        return 2
     rows, found = replay(args.study_dir, cfg, workers=args.workers or cfg.workers,
-                         force=args.force, progress=not args.no_progress)
+                         force=args.force, progress=not args.no_progress, executor=args.executor,
+                         scheduler=args.scheduler)
     if not rows and not found.unusable and not found.ignored and not found.duplicates:
         print(f"screener replay: {no_dicom_message(args.study_dir, found)}", file=sys.stderr)
         return 2
