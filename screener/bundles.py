@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from screener import __version__ as SCREENER_VERSION
+from screener.jsonable import to_jsonable
 
 log = structlog.get_logger(__name__)
 
@@ -299,22 +300,6 @@ def _framework_versions() -> dict[str, str]:
     return out
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
 def save_bundle(
     out_dir: str | Path,
     *,
@@ -410,7 +395,7 @@ def save_bundle(
     }
     if extra:
         card.update(dict(extra))
-    card = _jsonable(card)
+    card = to_jsonable(card)
     (out / CARD).write_text(json.dumps(card, indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8")
     (out / README).write_text(render_readme(card), encoding="utf-8")
     log.info("bundle.saved", protocol=protocol, version=version, path=str(out), folds=len(models),

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from pydicom.sr.coding import Code
 
+from screener.jsonable import to_jsonable
+
 
 @dataclass
 class Measurement:
@@ -237,18 +239,5 @@ class Finding:
             "roi_source_sop_instance_uid": roi.source_sop_instance_uid if roi is not None else None,
             "roi_source_frame_number": roi.frame_number if roi is not None else None,
             "referenced_sop_instance_uids": list(self.referenced_sop_instance_uids),
-            "details": _jsonable(self.details),
+            "details": to_jsonable(self.details),
         }
-
-
-def _jsonable(value: Any) -> Any:
-    """Convert numpy scalars/arrays and tuples inside ``value`` to plain JSON types."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -1,7 +1,7 @@
 """T-score reference populations: ONE table for every protocol and site.
 
 A T-score is ``(BMD - young-adult mean) / young-adult SD`` of a reference population.  Every
-T-score the screener reports is computed here (:func:`t_score_for`), from the reference that the
+T-score the screener reports is computed by :func:`screener.scores.t_score_for` from the reference that the
 configuration selects for its site (:func:`selection_for`), so two protocols that report the
 same site use the same reference, and the SR states that reference (population, mean, SD,
 source) next to the T-score.
@@ -33,12 +33,11 @@ Numbers marked [R] in ``../shared/reference/clinical-physics.md`` are recalled, 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 __all__ = ["DEFAULT_SELECTIONS", "REFERENCES", "Reference", "SELECTIONS", "SITES", "check_config", "describe",
-           "patient_sex", "reference_site", "resolve", "selection_for", "t_score_for", "who_grade"]
+           "patient_sex", "reference_site", "resolve", "selection_for"]
 
 
 @dataclass(frozen=True)
@@ -173,50 +172,6 @@ def resolve(site: str, sex: str | None = None, config: Any = None) -> tuple[Refe
         return REFERENCES[table[sx]], sx
     ref = REFERENCES[table[""]]
     return ref, f"{ref.sex} (sex not stated)"
-
-
-def t_score_for(bmd: float, site: str, sex: str | None = None, config: Any = None
-                ) -> tuple[float, dict[str, Any]]:
-    """T-score of an areal BMD at ``site`` and the record of the reference used.
-
-    Parameters
-    ----------
-    bmd : float
-        Areal BMD, g/cm2.
-    site : str
-        The finding's site label (:func:`reference_site`).
-    sex : str, optional
-        PatientSex.
-    config : Config, optional
-        Selects the reference per site (``reference_l1``, ``reference_l1_l4``,
-        ``reference_femoral_neck``, ``reference_total_hip``).
-
-    Returns
-    -------
-    (float, dict)
-        The T-score and :meth:`Reference.to_record` plus ``selection`` and ``sex_used``.
-
-    Raises
-    ------
-    ValueError
-        For a non-finite BMD.
-    """
-    if not math.isfinite(float(bmd)):
-        raise ValueError(f"BMD must be finite (got {bmd})")
-    ref, sex_used = resolve(site, sex, config)
-    rec = {**ref.to_record(), "selection": selection_for(site, config), "sex_used": sex_used}
-    return (float(bmd) - ref.mean) / ref.sd, rec
-
-
-def who_grade(t: float) -> str:
-    """WHO category of a T-score: ``"osteoporosis"`` (<= -2.5), ``"osteopenia"`` (< -1) or ``"normal"``."""
-    if not math.isfinite(t):
-        raise ValueError(f"T-score must be finite (got {t})")
-    if t <= -2.5:
-        return "osteoporosis"
-    if t < -1.0:
-        return "osteopenia"
-    return "normal"
 
 
 def patient_sex(header: Any) -> str:

@@ -1,12 +1,17 @@
-"""Bone density scores shared by the model protocols: T-scores, WHO grades and the
+"""Bone density scores, their one home: T-scores, WHO and JOS grades, and the
 :class:`~screener.findings.Measurement` objects that carry them into the SR.
 
 T-score references live in ONE table, :mod:`screener.references` (selectable per site in
-the configuration); :func:`apply_references` puts the selected one on every T-score.
+the configuration); :func:`t_score_for` computes a T-score with the selected one and
+:func:`apply_references` puts it on every T-score of a study. The training code
+(``training.phantoms.labels``, ``training.metrics``) grades with these same functions.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
+
+import numpy as np
 
 from pydicom.sr.coding import Code
 
@@ -14,18 +19,23 @@ from screener import references
 from screener.findings import Finding, Measurement
 from screener.reporting import codes
 
-__all__ = ["apply_references", "bmd_measurement", "flag", "grade_category", "probability_measurement",
-           "t_score", "t_score_measurement", "tbs_measurement", "who_grade", "yam_percent_measurement"]
-
-#: WHO grade of a T-score (one definition: :func:`screener.references.who_grade`)
-who_grade = references.who_grade
+__all__ = ["apply_references", "bmd_measurement", "flag", "grade_category", "jos_grade", "probability_measurement",
+           "t_score", "t_score_for", "t_score_measurement", "tbs_measurement", "who_grade",
+           "yam_percent_measurement"]
 
 
-def t_score(bmd: float, mean: float, sd: float) -> float:
+def t_score(bmd: Any, mean: float, sd: float) -> Any:
     """T-score ``(bmd - mean) / sd`` against an explicit reference.
 
-    Reports take their reference from :func:`screener.references.t_score_for` (or have it
-    replaced by :func:`apply_references`); this stays for callers that state their own.
+    Reports take their reference from :func:`t_score_for` (or have it replaced by
+    :func:`apply_references`); this is for callers that state their own (training metrics).
+
+    Parameters
+    ----------
+    bmd : float or array_like
+        Areal BMD (g/cm2); an array gives an array (float64).
+    mean, sd : float
+        The reference's young-adult mean and SD.
 
     Raises
     ------
@@ -34,7 +44,77 @@ def t_score(bmd: float, mean: float, sd: float) -> float:
     """
     if not sd > 0:
         raise ValueError(f"T-score reference SD must be > 0 (got {sd})")
+    if np.ndim(bmd):
+        return (np.asarray(bmd, dtype=np.float64) - float(mean)) / float(sd)
     return (float(bmd) - float(mean)) / float(sd)
+
+
+def t_score_for(bmd: float, site: str, sex: str | None = None, config: Any = None
+                ) -> tuple[float, dict[str, Any]]:
+    """T-score of an areal BMD at ``site`` and the record of the reference used.
+
+    Parameters
+    ----------
+    bmd : float
+        Areal BMD, g/cm2.
+    site : str
+        The finding's site label (:func:`screener.references.reference_site`).
+    sex : str, optional
+        PatientSex.
+    config : Config, optional
+        Selects the reference per site (``reference_l1``, ``reference_l1_l4``,
+        ``reference_femoral_neck``, ``reference_total_hip``).
+
+    Returns
+    -------
+    (float, dict)
+        The T-score and :meth:`screener.references.Reference.to_record` plus ``selection`` and
+        ``sex_used``.
+
+    Raises
+    ------
+    ValueError
+        For a non-finite BMD.
+    """
+    if not math.isfinite(float(bmd)):
+        raise ValueError(f"BMD must be finite (got {bmd})")
+    ref, sex_used = references.resolve(site, sex, config)
+    rec = {**ref.to_record(), "selection": references.selection_for(site, config), "sex_used": sex_used}
+    return t_score(bmd, ref.mean, ref.sd), rec
+
+
+def who_grade(t: float) -> str:
+    """WHO category of a T-score: ``"osteoporosis"`` (<= -2.5), ``"osteopenia"`` (< -1) or ``"normal"``.
+
+    Raises
+    ------
+    ValueError
+        For a non-finite T-score.
+    """
+    if not math.isfinite(t):
+        raise ValueError(f"T-score must be finite (got {t})")
+    if t <= -2.5:
+        return "osteoporosis"
+    if t < -1.0:
+        return "osteopenia"
+    return "normal"
+
+
+def jos_grade(yam_pct: float) -> str:
+    """JOS 2012 category of a %YAM: ``"osteoporosis"`` (<= 70), ``"low bone mass"`` (< 80) or ``"normal"``.
+
+    Raises
+    ------
+    ValueError
+        For a non-finite %YAM.
+    """
+    if not math.isfinite(yam_pct):
+        raise ValueError(f"%YAM must be finite (got {yam_pct})")
+    if yam_pct <= 70.0:
+        return "osteoporosis"
+    if yam_pct < 80.0:
+        return "low bone mass"
+    return "normal"
 
 
 def bmd_measurement(value: float, *, site: str = "", name: str = "") -> Measurement:
@@ -66,7 +146,7 @@ def apply_references(findings: Sequence[Finding], *, sex: str | None = None, con
         if bmd is None or not tms:
             continue
         try:
-            t, rec = references.t_score_for(bmd.value, f.site, sex, config)
+            t, rec = t_score_for(bmd.value, f.site, sex, config)
         except KeyError:
             continue
         for m in tms:

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from screener.findings import Finding
+from screener.reporting import codes
 
 __all__ = ["CLASS_SET_MASS", "DEFAULT_T_TOLERANCE", "DISCORDANT", "EVIDENCE", "GRADES", "HU_LSC", "NOT_GRADED",
            "Contribution", "StudyResult", "study_result"]
@@ -178,8 +179,6 @@ def _attenuation_vote(f: Finding, rank: int, method: str) -> Contribution | None
 
 
 def _t_vote(f: Finding, rank: int, method: str) -> Contribution | None:
-    from screener.reporting import codes
-
     t = next((m for m in f.measurements if m.concept == codes.TSCORE_ESTIMATE), None)
     if t is None:
         return None

@@ -37,11 +37,11 @@ def ct_run(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 def model_finding(protocol: str, site: str, bmd: float, uid: str, *, interval: tuple[float, float] | None = None,
                   side: str | None = None) -> Finding:
     """A model protocol's finding with a BMD estimate and its T-score (default references)."""
-    t, ref = references.t_score_for(bmd, site)
+    t, ref = scores.t_score_for(bmd, site)
     tm = scores.t_score_measurement(t, site=site, name=f"{site} T-score", reference=ref)
     if interval is not None:
         tm.interval = ((interval[0] - ref["mean"]) / ref["sd"], (interval[1] - ref["mean"]) / ref["sd"])
-    grade = references.who_grade(t)
+    grade = scores.who_grade(t)
     site_key = site if site in codes.SITES else "lumbar spine"
     return Finding(protocol, "9.9.9", site, [scores.bmd_measurement(bmd, site=site, name=f"{site} BMD"), tm],
                    category=grade, category_code=codes.category_code(grade), site_code=codes.site_code(site_key),
@@ -246,13 +246,13 @@ def test_vbmd_caveat_sits_under_the_vbmd_and_not_under_a_bmd_estimate(ct_run) ->
 
 # ------------------------------------------------------------------ references
 def test_one_reference_per_site_selectable_and_sex_specific() -> None:
-    t, rec = references.t_score_for(0.70, "left femoral neck", "M")
+    t, rec = scores.t_score_for(0.70, "left femoral neck", "M")
     assert rec["key"] == "nhanes3_fn_women" and t == pytest.approx((0.70 - 0.858) / 0.120)  # default: women's
     cfg = load_config(env={"SCREENER_REFERENCE_FEMORAL_NECK": "nhanes3_fn"})
-    t_m, rec_m = references.t_score_for(0.70, "right femoral neck", "M", cfg)
+    t_m, rec_m = scores.t_score_for(0.70, "right femoral neck", "M", cfg)
     assert rec_m["key"] == "nhanes3_fn_men" and t_m == pytest.approx((0.70 - 0.934) / 0.137)
-    _, rec_f = references.t_score_for(0.70, "femoral neck", "F", cfg)
-    _, rec_u = references.t_score_for(0.70, "femoral neck", "", cfg)
+    _, rec_f = scores.t_score_for(0.70, "femoral neck", "F", cfg)
+    _, rec_u = scores.t_score_for(0.70, "femoral neck", "", cfg)
     assert rec_f["key"] == rec_u["key"] == "nhanes3_fn_women" and rec_u["sex_used"] == "F (sex not stated)"
     with pytest.raises(ConfigError, match="reference_l1 = 'nhanes3_fn' is a femoral neck reference"):
         load_config(env={"SCREENER_REFERENCE_L1": "nhanes3_fn"})

@@ -54,11 +54,11 @@ def header(tmp_path_factory: pytest.TempPathFactory) -> pydicom.Dataset:
 
 
 def _l1_axial(bmd: float, uid: str, folds: list[float]) -> Finding:
-    t, ref = references.t_score_for(bmd, "L1")
+    t, ref = scores.t_score_for(bmd, "L1")
     return Finding("l1_axial", "1.1.0", "L1",
                    [scores.bmd_measurement(bmd, site="L1", name="L1 BMD estimate"),
                     scores.t_score_measurement(t, site="L1", name="L1 T-score estimate", reference=ref)],
-                   category=references.who_grade(t), site_code=codes.site_code("L1"),
+                   category=scores.who_grade(t), site_code=codes.site_code("L1"),
                    referenced_sop_instance_uids=[uid],
                    details={"bundle_id": "l1_axial@1.1.0", "bundle_version": "1.1.0", "bmd_per_fold": folds})
 

@@ -36,6 +36,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from screener.references import REFERENCES
+from screener.scores import t_score
+
 __all__ = [
     "KANG_T_REFERENCE",
     "PAPER_NUMBERS",
@@ -55,13 +58,13 @@ __all__ = [
     "roc_auc",
     "roc_curve",
     "see",
-    "t_score",
 ]
 
-#: Kang et al.'s T-score reference (mean, SD) in g/cm^2, "used as the paper states".
-KANG_T_REFERENCE = (0.9747, 0.1185)
+#: Kang et al.'s T-score reference (mean, SD) in g/cm^2, "used as the paper states" (from the one
+#: reference table, :mod:`screener.references`)
+KANG_T_REFERENCE = (REFERENCES["kang_l1"].mean, REFERENCES["kang_l1"].sd)
 #: NHANES III femoral-neck reference (white women 20-29, Hologic), g/cm^2 (Gu et al. / hip_xray).
-FEMORAL_NECK_REFERENCE = (0.858, 0.120)
+FEMORAL_NECK_REFERENCE = (REFERENCES["nhanes3_fn_women"].mean, REFERENCES["nhanes3_fn_women"].sd)
 
 
 def _pair(y_true: Any, y_pred: Any, *, min_n: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -221,14 +224,6 @@ def bland_altman(y_true: Any, y_pred: Any) -> BlandAltman:
     bias = float(d.mean())
     sd = float(d.std(ddof=1))
     return BlandAltman(bias, sd, bias - 1.96 * sd, bias + 1.96 * sd, 0.5 * (a + b), d)
-
-
-def t_score(bmd: Any, reference: tuple[float, float] = KANG_T_REFERENCE) -> np.ndarray:
-    """T-score ``(BMD - mean) / SD`` for a (mean, SD) reference (default: Kang et al.'s)."""
-    mean, sd = reference
-    if sd <= 0:
-        raise ValueError(f"T-score reference SD must be positive (got {sd})")
-    return (np.asarray(bmd, dtype=np.float64) - mean) / sd
 
 
 # --- classification ---------------------------------------------------------------------------
@@ -531,8 +526,8 @@ def paper_table(
         a, b = _pair(y_true, y_pred)
         ref = t_reference or KANG_T_REFERENCE
         thr = -1.0 if threshold is None else threshold
-        abnormal_true = t_score(a, ref) < thr
-        scores = binary_scores(abnormal_true, t_score(b, ref), thr, greater=False)
+        abnormal_true = t_score(a, *ref) < thr
+        scores = binary_scores(abnormal_true, t_score(b, *ref), thr, greater=False)
         rows.append(_row("Pearson r", pearson_r(a, b), paper["pearson_r"]))
         rows.append(_row("MAPE", mape(a, b), paper["mape_pct"], "%"))
         for key, label in (("accuracy", "Accuracy"), ("precision", "Precision"),

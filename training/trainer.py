@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from screener.protocols.model import resolve_device
 from training import losses as L
 from training.folds import Fold, SplitPlan
 from training.recipes import AugmentationSpec, LossSpec, OptimizerSpec, Recipe, SchedulerSpec
@@ -51,7 +52,6 @@ __all__ = [
     "build_loss",
     "fit",
     "predict",
-    "resolve_device",
     "sample_augmentation",
     "train_folds",
 ]
@@ -163,17 +163,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` fails clearly without a GPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available; use device = \"auto\" or \"cpu\"")
-    return torch.device(device)
 
 
 # --- augmentation -----------------------------------------------------------------------------
@@ -605,7 +594,7 @@ def fit(
     -------
     FitResult
     """
-    dev = resolve_device(device)
+    dev = torch.device(resolve_device(device))
     loss = build_loss(config.loss, train.targets)
     x = torch.from_numpy(np.ascontiguousarray(train.images))
     y = torch.from_numpy(np.ascontiguousarray(train.targets))
@@ -764,7 +753,7 @@ def predict(
         raise ValueError("predict needs at least one model")
     if task not in ("regression", "multiclass", "binary"):
         raise ValueError(f"task must be regression, multiclass or binary (got {task!r})")
-    dev = resolve_device(device)
+    dev = torch.device(resolve_device(device))
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     e = None if extras is None else torch.from_numpy(np.asarray(extras, dtype=np.float32))
     acc: torch.Tensor | None = None
@@ -857,7 +846,7 @@ def train_folds(
     -------
     KFoldResult
     """
-    dev = resolve_device(device)
+    dev = torch.device(resolve_device(device))
     models, results, preds = [], [], {}
     for fold in plan.folds:
         seed = fold_seed(recipe.seed, fold)

@@ -35,8 +35,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from screener.localizer.column import BONE_HU, Column
-from screener.localizer.segments import Segment, ellipse_radius
+from screener.localizer.column import BONE_HU, Column, ellipse_radius
+from screener.localizer.segments import Segment
 
 #: a rib reaches at least this far (mm) from the canal centre
 RIB_REACH_MM = 60.0

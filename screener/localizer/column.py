@@ -60,6 +60,12 @@ class Column:
     bone_hu: float = BONE_HU
 
 
+def ellipse_radius(shape: tuple[int, int], by: float, bx: float, hd: float, hw: float) -> np.ndarray:
+    """Normalised elliptical radius of every pixel about the body centre."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    return np.sqrt(((yy - by) / hd) ** 2 + ((xx - bx) / hw) ** 2)
+
+
 def body_masks(hu: np.ndarray) -> np.ndarray:
     """Per-slice patient body mask (largest soft-tissue component, holes filled).
 
@@ -346,7 +352,6 @@ def bone_scale(hu: np.ndarray, col: Column) -> float:
     multiplied by it, so a thin, faint skeleton is searched with thresholds in
     proportion to its own bone; it is never raised above the defaults.
     """
-    from screener.localizer.segments import ellipse_radius
 
     vals = []
     for z in np.nonzero(col.valid)[0]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from screener.localizer.column import Column
+from screener.localizer.column import Column, ellipse_radius
 
 MIN_DISC_SPACING_MM = 18.0
 #: with a median core below this (HU) a trabecular core may read darker than a disc
@@ -76,12 +76,6 @@ class Segment:
     def n_slices(self) -> int:
         """Body height in working slices (``hi - lo + 1``)."""
         return self.hi - self.lo + 1
-
-
-def ellipse_radius(shape: tuple[int, int], by: float, bx: float, hd: float, hw: float) -> np.ndarray:
-    """Normalised elliptical radius of every pixel about the body centre."""
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
-    return np.sqrt(((yy - by) / hd) ** 2 + ((xx - bx) / hw) ** 2)
 
 
 def core_profile(hu: np.ndarray, col: Column, scale: float = 1.0) -> np.ndarray:

@@ -34,7 +34,7 @@ import structlog
 from screener.domain import Volume
 from screener.findings import Finding, RoiGeometry
 from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined, axial_ct_decision
-from screener.protocols.model import ModelProtocol, model_details, spine_localization
+from screener.protocols.model import ModelProtocol, model_details, nearest_slice, spine_localization
 from screener.series import SeriesInfo, frame_number
 
 log = structlog.get_logger(__name__)
@@ -111,10 +111,10 @@ class L1AxialProtocol(ModelProtocol):
         ram = grad_ram(bundle.models, ref)[0]
         t3 = time.perf_counter()
 
-        from screener.references import describe, patient_sex, t_score_for
+        from screener.references import describe, patient_sex
         from screener.uncertainty import input_stats
 
-        t, tref = t_score_for(bmd, "L1", patient_sex(context.info.header), context.config)
+        t, tref = scores.t_score_for(bmd, "L1", patient_sex(context.info.header), context.config)
         grade = scores.who_grade(t)
         category, category_code = scores.grade_category(grade)
         abnormal = t < ABNORMAL_T
@@ -127,7 +127,7 @@ class L1AxialProtocol(ModelProtocol):
             f"T-score against {describe(tref)}; {'abnormal' if abnormal else 'normal'} at T {ABNORMAL_T:g} "
             "as in the paper"))
 
-        k_src = _nearest_slice(volume, info.z_reference)
+        k_src = nearest_slice(volume, (*volume.origin[:2], info.z_reference))
         polygon = _crop_outline(volume, info, k_src)
         centre = np.asarray(info.crop_origins[0]) + 0.5 * (size - 1) * info.spacing_mm[0] * (
             np.asarray(info.u) + np.asarray(info.v))
@@ -152,7 +152,8 @@ class L1AxialProtocol(ModelProtocol):
             **model_details(bundle),
             "bmd_per_fold": per_fold,
             "input_stats": input_stats(images),
-            "bmd_per_slice": [{"z_mm": z, "bmd": float(b), "sop_instance_uid": volume.sop_instance_uid(_nearest_slice(volume, z))}
+            "bmd_per_slice": [{"z_mm": z, "bmd": float(b),
+                               "sop_instance_uid": volume.sop_instance_uid(nearest_slice(volume, (*volume.origin[:2], z)))}
                               for z, b in zip(info.z_samples, per_slice)],
             "t_score_reference": tref,
             "abnormal_t_below": ABNORMAL_T, "abnormal": bool(abnormal),
@@ -190,10 +191,6 @@ def _peak(heat: np.ndarray) -> list[float]:
     """(row, column) of a map's maximum as fractions of the crop side."""
     j, i = np.unravel_index(int(np.argmax(heat)), heat.shape)
     return [float(j) / heat.shape[0], float(i) / heat.shape[1]]
-
-
-def _nearest_slice(volume: Volume, z_mm: float) -> int:
-    return int(np.argmin(np.abs(volume.slice_positions()[:, 2] - z_mm)))
 
 
 def _crop_outline(volume: Volume, info: Any, k: int) -> np.ndarray:

@@ -72,15 +72,6 @@ def preprocessing_options(card: dict[str, Any]) -> dict[str, Any]:
             "energy_correction": bool(p.get("energy_correction", False))}
 
 
-def jos_grade(yam_pct: float) -> str:
-    """JOS 2012 category of a %YAM: ``osteoporosis`` (<= 70), ``low bone mass`` (< 80) or ``normal``."""
-    if yam_pct <= 70.0:
-        return "osteoporosis"
-    if yam_pct < 80.0:
-        return "low bone mass"
-    return "normal"
-
-
 class LumbarSagittalProtocol(ModelProtocol):
     """Yoshida et al. 2023 BMD / TBS from sagittal L1-L4 reformats (see module docstring)."""
 
@@ -184,13 +175,13 @@ class LumbarSagittalProtocol(ModelProtocol):
 
         bmd = float(pred[:, ib].mean())
         tbs = float(pred[:, it].mean())
-        from screener.references import patient_sex, t_score_for
+        from screener.references import patient_sex
         from screener.uncertainty import input_stats
 
-        t, tref = t_score_for(bmd, "L1-L4", patient_sex(info.header), context.config)
+        t, tref = scores.t_score_for(bmd, "L1-L4", patient_sex(info.header), context.config)
         grade = scores.who_grade(t)
         yam = 100.0 * bmd / YAM_BMD
-        jos = jos_grade(yam)
+        jos = scores.jos_grade(yam)
         impaired = tbs <= TBS_IMPAIRED
         flags = list(common_flags)
         if impaired:

@@ -25,12 +25,23 @@ _CACHE: dict[tuple[str, str], "Bundle"] = {}
 _LOCK = threading.Lock()
 
 
-def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; other values unchanged."""
-    if device == "auto":
-        import torch
+def resolve_device(device: Any = "auto") -> str:
+    """The torch device for the configured ``device``: ``"auto"`` -> ``"cuda"`` when available,
+    else ``"cpu"``; other values unchanged (a ``torch.device`` as its string).
 
+    Raises
+    ------
+    RuntimeError
+        ``"cuda"`` requested with no CUDA GPU, naming the settings that work.
+    """
+    import torch
+
+    device = str(device)
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but no CUDA GPU is available; "
+                           "use device = \"auto\" or \"cpu\"")
     return device
 
 

@@ -92,12 +92,13 @@ def render_patient(index: int, seed: int, out: Path, kinds: Sequence[str], profi
         row[f"{kind}_study_uid"] = str(ds.StudyInstanceUID)
         write_json(study_json(scene, row, {"kind": kind, "study_uid": str(ds.StudyInstanceUID),
                                            "series_uid": str(ds.SeriesInstanceUID),
-                                           "render": {k: v for k, v in info.items() if _jsonable(v)}}),
+                                           "render": {k: v for k, v in info.items() if _small_json_value(v)}}),
                    d / "labels.json")
     return row
 
 
-def _jsonable(v: Any) -> bool:
+def _small_json_value(v: Any) -> bool:
+    """Whether a render-info value is small and plain enough to go into labels.json."""
     import numpy as np
     if isinstance(v, np.ndarray):
         return v.size <= 64

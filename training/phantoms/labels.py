@@ -47,40 +47,40 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import structlog
 
+from screener import scores
+from screener.references import REFERENCES
 from training.phantoms import physics
 from training.phantoms.anatomy import Scene
 from training.phantoms.population import CORE_LEVELS, LUMBAR
 
 log = structlog.get_logger(__name__)
 
-KANG_L1 = (0.9747, 0.1185)
-NHANES_FN = (0.858, 0.120)
-NHANES_TH = (0.942, 0.122)
-SPINE_L1L4 = (1.047, 0.110)
-YAM_L1L4 = 1.047
+def _ref(key: str) -> tuple[float, float]:
+    return REFERENCES[key].mean, REFERENCES[key].sd
+
+
+# the label's T-score references (mean, SD), from the one table the reports use
+KANG_L1 = _ref("kang_l1")
+NHANES_FN = _ref("nhanes3_fn_women")
+NHANES_TH = _ref("nhanes3_th_women")
+SPINE_L1L4 = _ref("spine_l1l4_young_adult")
+YAM_L1L4 = REFERENCES["spine_l1l4_young_adult"].mean  # the %YAM base (seed 002), one table
 KEV_120 = physics.effective_energy(120.0)
 
 
 def who_grade(t: float, fragility_fracture: bool = False) -> str:
-    """WHO category from a T-score (clinical-physics.md section 3)."""
+    """WHO category of a T-score (:func:`screener.scores.who_grade`), ``"severe"`` for osteoporosis with a
+    fragility fracture, ``""`` for a non-finite T-score (clinical-physics.md section 3)."""
     if not math.isfinite(t):
         return ""
-    if t <= -2.5:
-        return "severe" if fragility_fracture else "osteoporosis"
-    if t < -1.0:
-        return "osteopenia"
-    return "normal"
+    grade = scores.who_grade(t)
+    return "severe" if fragility_fracture and grade == "osteoporosis" else grade
 
 
 def jos_grade(yam_pct: float) -> str:
-    """Japanese (JOS 2012) category from %YAM: <= 70 osteoporosis, < 80 low bone mass."""
-    if not math.isfinite(yam_pct):
-        return ""
-    if yam_pct <= 70.0:
-        return "osteoporosis"
-    if yam_pct < 80.0:
-        return "low_bone_mass"
-    return "normal"
+    """Japanese (JOS 2012) category of a %YAM as a label (:func:`screener.scores.jos_grade`, spaces as
+    underscores: ``"low_bone_mass"``), ``""`` for a non-finite %YAM."""
+    return scores.jos_grade(yam_pct).replace(" ", "_") if math.isfinite(yam_pct) else ""
 
 
 def acr_category(vbmd: float) -> str:
