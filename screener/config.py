@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from screener.destinations import Destination, parse_destination
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -30,16 +32,6 @@ DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and why."""
-
-
-@dataclass
-class Destination:
-    """A DICOM node results are sent to (C-STORE SCU)."""
-
-    ae_title: str
-    host: str
-    port: int
-    name: str = ""
 
 
 @dataclass
@@ -301,17 +293,10 @@ def find_config_path(path: str | os.PathLike[str] | None = None,
 
 
 def _parse_destination(item: Any, where: str) -> Destination:
-    if isinstance(item, str):  # "AE@host:port"
-        try:
-            ae, hostport = item.split("@", 1)
-            host, port = hostport.rsplit(":", 1)
-            return Destination(ae_title=ae, host=host, port=int(port))
-        except ValueError as exc:
-            raise ConfigError(f"{where}: expected 'AE@host:port', got {item!r}") from exc
-    if not isinstance(item, dict) or not {"ae_title", "host", "port"} <= set(item):
-        raise ConfigError(f"{where}: each destination needs ae_title, host and port")
-    return Destination(ae_title=str(item["ae_title"]), host=str(item["host"]),
-                       port=int(item["port"]), name=str(item.get("name", "")))
+    try:
+        return parse_destination(item)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None,
@@ -325,7 +310,8 @@ def load_config(path: str | os.PathLike[str] | None = None,
         when not given; no file means defaults.
     env : dict, optional
         Environment to read ``SCREENER_*`` overrides from (default ``os.environ``).
-        ``SCREENER_DESTINATIONS`` takes ``AE@host:port`` items separated by commas.
+        ``SCREENER_DESTINATIONS`` takes ``AE@host:port`` or ``dicomweb+https://host/dicom-web``
+        items separated by commas (or a JSON list).
     **overrides
         Highest-priority values (e.g. from command-line flags); ``None`` is ignored.
 

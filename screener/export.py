@@ -1,4 +1,5 @@
-"""Export of results: C-STORE SCU to PACS destinations, or a filesystem outbox.
+"""Export of results: C-STORE SCU to PACS destinations, STOW-RS to DICOMweb destinations
+(:mod:`screener.dicomweb`), or a filesystem outbox.
 
 Every result file is queued once per destination (``exports`` table). The
 exporter sends what is due; a failure schedules the next attempt with
@@ -21,29 +22,15 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from screener.config import Config
+from screener.destinations import Destination, parse_destination
 from screener.db import Database, now
+from screener.dicomweb import stow
 from screener.storage import copy_atomic, sanitise_uid
 
 log = structlog.get_logger(__name__)
 
 #: C-STORE response statuses that mean "stored" (success and the storage warnings).
 STORED_STATUSES = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}
-
-
-def parse_destination(dest: str) -> tuple[str, str, int]:
-    """Split ``"AE@host:port"`` into ``(ae_title, host, port)``.
-
-    Raises
-    ------
-    ValueError
-        The string is not of that form.
-    """
-    try:
-        ae, hostport = dest.split("@", 1)
-        host, port = hostport.rsplit(":", 1)
-        return ae, host, int(port)
-    except ValueError as exc:
-        raise ValueError(f"destination {dest!r} is not 'AE@host:port'") from exc
 
 
 class Exporter:
@@ -108,14 +95,37 @@ class Exporter:
             return self._failed_attempt(row, f"outbox copy failed: {type(exc).__name__}: {exc}", at)
         return self._sent(row)
 
-    def _to_dicom(self, destination: str, rows: list[dict[str, Any]], at: float) -> dict[str, int]:
+    def _to_dicomweb(self, dest: Destination, rows: list[dict[str, Any]], at: float) -> dict[str, int]:
+        """STOW-RS of the due files to ``dest``; each row is sent, retried or failed by the server's
+        per-instance answer (an instance it does not confirm is retried)."""
         out: dict[str, int] = defaultdict(int)
-        try:
-            ae_title, host, port = parse_destination(destination)
-        except ValueError as exc:
-            for r in rows:
-                out[self._failed_attempt(r, str(exc), at)] += 1
+        files: list[tuple[dict[str, Any], bytes]] = []
+        for r in rows:
+            try:
+                files.append((r, Path(r["path"]).read_bytes()))
+            except OSError as exc:
+                out[self._failed_attempt(r, f"cannot read {r['path']}: {exc}", at)] += 1
+        if not files:
             return out
+        try:
+            res = stow(dest.url, [data for _, data in files], timeout=60.0)
+        except OSError as exc:  # unreachable, timeout, TLS
+            for r, _ in files:
+                out[self._failed_attempt(r, f"STOW-RS to {dest.url} failed: {exc}", at)] += 1
+            return out
+        for r, _ in files:
+            uid = str(r["sop_instance_uid"])
+            if uid in res.stored and uid not in res.failed:
+                out[self._sent(r)] += 1
+            elif uid in res.failed:
+                out[self._failed_attempt(r, f"STOW-RS {res.message}: failure reason {res.failed[uid]}", at)] += 1
+            else:
+                out[self._failed_attempt(r, f"STOW-RS {res.message}: instance not confirmed stored", at)] += 1
+        return out
+
+    def _to_dicom(self, dest: Destination, rows: list[dict[str, Any]], at: float) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        destination, ae_title, host, port = dest.key, dest.ae_title, dest.host, dest.port
         datasets: list[tuple[dict[str, Any], Any]] = []
         contexts: dict[str, list[str]] = {}
         for r in rows:
@@ -187,7 +197,14 @@ class Exporter:
                 for r in rows:
                     counts[self._to_outbox(r, at)] += 1
             else:
-                for k, v in self._to_dicom(dest, rows, at).items():
+                try:
+                    target = parse_destination(dest)
+                except ValueError as exc:
+                    for r in rows:
+                        counts[self._failed_attempt(r, str(exc), at)] += 1
+                    continue
+                send = self._to_dicomweb if target.kind == "dicomweb" else self._to_dicom
+                for k, v in send(target, rows, at).items():
                     counts[k] += v
         return dict(counts)
 
@@ -218,8 +235,7 @@ class Exporter:
         """Start the background thread."""
         self._thread = threading.Thread(target=self._loop, name="screener-exporter", daemon=True)
         self._thread.start()
-        log.info("exporter started", destinations=[f"{d.ae_title}@{d.host}:{d.port}"
-                                                   for d in self.config.destinations] or ["outbox"])
+        log.info("exporter started", destinations=[d.key for d in self.config.destinations] or ["outbox"])
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the current pass."""

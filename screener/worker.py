@@ -65,9 +65,10 @@ def load_process(spec: str | None = None) -> ProcessFn:
 
 
 def export_destinations(config: Config) -> list[str]:
-    """Export targets of every result: ``AE@host:port`` per destination, or ``["outbox"]``."""
+    """Export targets of every result: each destination's :attr:`~screener.destinations.Destination.key`
+    (``AE@host:port`` or ``dicomweb+URL``), or ``["outbox"]``."""
     if config.destinations:
-        return [f"{d.ae_title}@{d.host}:{d.port}" for d in config.destinations]
+        return [d.key for d in config.destinations]
     return ["outbox"]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pytest
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -242,6 +243,10 @@ class Daemon:
         return Database(self.data_dir / "screener.db")
 
 
+#: where Debian's orthanc-dicomweb package puts the plugin
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
 @dataclass
 class Orthanc:
     """A throw-away Orthanc on loopback ports (DICOM + REST)."""
@@ -252,6 +257,7 @@ class Orthanc:
     http_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     modalities: dict[str, list[Any]] = field(default_factory=dict)  # name -> [AET, host, port]
+    dicomweb: bool = False  # load the DICOMweb plugin (Debian orthanc-dicomweb): /dicom-web/ and /wado
 
     def start(self) -> "Orthanc":
         """Start it (ports are kept across restarts) and wait until both ports answer."""
@@ -270,6 +276,13 @@ class Orthanc:
             "DicomThreadsCount": 2, "LimitFindResults": 0, "SaveJobs": False,
             "DicomModalities": self.modalities,
         }
+        if self.dicomweb:
+            plugin = Path(DICOMWEB_PLUGIN)
+            if not plugin.exists():
+                pytest.skip(f"Orthanc's DICOMweb plugin {plugin} is not installed (apt-get install orthanc-dicomweb)")
+            cfg["Plugins"] = [str(plugin)]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+                               "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
         cfg_path = self.work_dir / "orthanc.json"
         cfg_path.write_text(json.dumps(cfg))
         log = open(self.work_dir / "orthanc.log", "ab")

@@ -121,7 +121,8 @@ def test_scu_sop_classes_and_proposed_transfer_syntaxes_are_exactly_the_exporter
     db = Database(cfg.db_path)
     for o in outputs:
         db.queue_export(0, str(o.path), o.sop_instance_uid, "PACS@127.0.0.1:104")
-    counts = export.Exporter(db, cfg)._to_dicom("PACS@127.0.0.1:104", db.due_exports(), 0.0)
+    from screener.destinations import parse_destination
+    counts = export.Exporter(db, cfg)._to_dicom(parse_destination("PACS@127.0.0.1:104"), db.due_exports(), 0.0)
     db.close()
     assert dict(counts) == {"retry": 2}
     assert proposed == _contexts(tables, "scu-sop-classes")

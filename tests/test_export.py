@@ -13,7 +13,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from screener.config import Config, Destination, load_config
 from screener.db import Database, now
-from screener.export import Exporter, parse_destination
+from screener.destinations import parse_destination
+from screener.export import Exporter
 from screener.worker import WorkerPool, load_process, run_job
 from tests.conftest import free_port, require_tool
 from tests.daemon_helpers import (Daemon, Orthanc, fake_failing_process_series,
@@ -51,9 +52,14 @@ def test_backoff_is_exponential_and_capped(env: tuple[Config, Database]) -> None
     cfg, db = env
     ex = Exporter(db, cfg)
     assert [ex.backoff(a) for a in range(1, 10)] == [5, 10, 20, 40, 80, 160, 320, 600, 600]
-    assert parse_destination("PACS@10.1.2.3:104") == ("PACS", "10.1.2.3", 104)
-    with pytest.raises(ValueError, match="AE@host:port"):
-        parse_destination("PACS:104")
+    assert parse_destination("PACS@10.1.2.3:104") == Destination("PACS", "10.1.2.3", 104)
+    assert parse_destination("PACS@10.1.2.3:104").key == "PACS@10.1.2.3:104"
+    web = parse_destination("dicomweb+https://pacs.example.org/dicom-web/")
+    assert (web.kind, web.url, web.key) == ("dicomweb", "https://pacs.example.org/dicom-web",
+                                            "dicomweb+https://pacs.example.org/dicom-web")
+    for bad in ("PACS:104", "dicomweb+ftp://x/dicom-web", "@h:104"):
+        with pytest.raises(ValueError, match="AE@host:port|http"):
+            parse_destination(bad)
 
 
 def test_run_job_records_outcome_and_outbox_delivers(tmp_path: Path,
