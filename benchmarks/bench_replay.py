@@ -1,0 +1,80 @@
+"""Replay of a CT cohort with 1 and with 2 worker processes (issue 21: >= 1.7x on a 2-core machine).
+
+Renders ``--series`` virtual-cohort abdomen-pelvis CTs (5 mm, about 95 slices each), then replays the
+folder twice into fresh data directories with ``--executor processes``: once with one worker, once
+with ``--workers`` workers, every CT protocol with the shipped bundles, and prints the wall time of
+each whole replay (walk, pool start with its bundle loading, series, export) and their ratio.  The
+two runs must agree on every series' status.  The machine's load average is printed too: other
+jobs on a shared machine take cores from the parallel run::
+
+    python benchmarks/bench_replay.py [--series 8] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROFILES = ("canon_ap_native", "siemens_ap_pv")
+
+
+def render(out: Path, n: int, seed: int = 31) -> None:
+    """``n`` cohort CTs below ``out`` (one folder per patient)."""
+    from training.phantoms.anatomy import build_scene
+    from training.phantoms.ct import render_ct, write_series
+    from training.phantoms.population import make_patient
+
+    for i in range(n):
+        scene = build_scene(make_patient(seed, i))
+        write_series(render_ct(scene, PROFILES[i % len(PROFILES)], seed), out / f"patient{i:02d}" / "ct")
+
+
+def timed_replay(folder: Path, data: Path, workers: int) -> tuple[float, dict[str, str]]:
+    """Seconds of one whole replay and each series' status."""
+    from screener.config import load_config
+    from screener.replay import replay
+
+    cfg = load_config(env={"SCREENER_DEVICE": "cpu", "SCREENER_LOG_LEVEL": "warning"}, data_dir=data)
+    t0 = time.perf_counter()
+    rows, _ = replay(folder, cfg, workers=workers, progress=False, executor="processes")
+    return time.perf_counter() - t0, {str(r["series_uid"]): str(r["status"]) for r in rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--series", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    from screener.logs import configure_logging
+
+    configure_logging("warning")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "cohort"
+        t0 = time.perf_counter()
+        render(folder, args.series)
+        print(f"rendered {args.series} CT series in {time.perf_counter() - t0:.0f} s; "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        one, s1 = timed_replay(folder, Path(tmp) / "one", 1)
+        print(f"1 worker process:  {one:6.1f} s  ({one / args.series:.1f} s per series)  "
+              f"load average {os.getloadavg()[0]:.1f}")
+        many, s2 = timed_replay(folder, Path(tmp) / "many", args.workers)
+        print(f"{args.workers} worker processes: {many:6.1f} s  ({many / args.series:.1f} s per series)  "
+              f"load average {os.getloadavg()[0]:.1f}")
+        if s1 != s2:
+            print(f"the two runs disagree: {s1} vs {s2}")
+            return 1
+        done = sum(s == "done" for s in s1.values())
+        print(f"{done}/{len(s1)} series done in both; speed-up {one / many:.2f}x with {args.workers} workers "
+              f"(goal >= 1.7x on 2 cores)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
