@@ -116,15 +116,22 @@ def test_sr_is_valid_renders_and_round_trips(first_run) -> None:  # noqa: ANN001
     got = [(m.name.value, m.value, m.unit.value,
             m.derivation.value if m.derivation is not None else None)
            for m in group.get_measurements()]
-    want = [(m.concept.value, pytest.approx(m.value, abs=1e-6), m.unit,
-             m.derivation.value if m.derivation is not None else None)
-            for m in finding.measurements]
+    want = [(c.value, pytest.approx(m.value, abs=1e-6), m.unit, d.value if d is not None else None)
+            for m in finding.measurements for c, d in [codes.sr_concept(m.concept, m.derivation)]]
     assert got == want
     names = {m.name for m in finding.measurements}
     assert names == {"L1 attenuation mean", "L1 attenuation SD", "L1 vBMD estimate", "ROI area",
                      "L1 attenuation mean, contrast-adjusted"}
-    assert ("112031", pytest.approx(finding.measurement("L1 attenuation mean").value),
-            "[hnsf'U]", "373098007") in got
+    # issue 20: the ROI statistics carry PS3.16's own concepts, so a viewer that shows only the
+    # concept name (OHIF) reads "Standard Deviation of Attenuation Coefficient", not a second
+    # "Attenuation Coefficient"
+    assert ("112181", pytest.approx(finding.measurement("L1 attenuation mean").value),
+            "[hnsf'U]", None) in got
+    assert ("112183", pytest.approx(finding.measurement("L1 attenuation SD").value),
+            "[hnsf'U]", None) in got
+    assert "112031" not in {g[0] for g in got}
+    meanings = {m.name.meaning for m in group.get_measurements()}
+    assert {"Mean Attenuation Coefficient", "Standard Deviation of Attenuation Coefficient"} <= meanings
     evals = {(e.name.value, e.value.value) for e in group.get_qualitative_evaluations()}
     assert ("BMDCAT", "LIKELYOP") in evals and ("INTUSE", "NODXREV") in evals
     assert ("FLAG", "CONTRAST") in evals and ("FLAG", "KVPNOT120") in evals
@@ -232,8 +239,8 @@ def test_generic_builder_accepts_findings_without_geometry(first_run, tmp_path: 
     render_html(sr_path)
     sr = hd.sr.srread(sr_path)
     assert len(sr.content.get_planar_roi_measurement_groups()) == 1
-    study, g1501 = sr.content.get_image_measurement_groups()
-    assert study.tracking_identifier == "Study screening result"
+    (g1501,) = sr.content.get_image_measurement_groups()
+    assert g1501.tracking_identifier == "lumbar spine dxa_from_ct"
     vals = {m.name.value: (m.value, m.unit.value, m.method.value) for m in g1501.get_measurements()}
     assert vals == {"ABMDEST": (pytest.approx(0.812), "g/cm2", "ALGCT"),
                     "TSCOREEST": (pytest.approx(-2.7), "1", "ALGCT")}

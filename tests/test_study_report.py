@@ -126,7 +126,17 @@ def _tracking(group: pydicom.Dataset) -> str:
                 if i.ConceptNameCodeSequence[0].CodeValue == "112039")
 
 
-def test_sr_of_three_protocols_starts_with_the_study_result(ct_run, tmp_path: Path) -> None:  # noqa: ANN001
+def _qualitative(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """TID 1500's Qualitative Evaluations (UMLS C0034375): the study result and the coverage."""
+    (container,) = [i for i in sr.ContentSequence
+                    if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    return list(container.ContentSequence)
+
+
+def test_sr_of_three_protocols_gives_the_study_result_outside_the_measurement_groups(
+        ct_run, tmp_path: Path) -> None:  # noqa: ANN001
+    """Issue 20: the study result and the coverage have no image region, so they are TID 1500
+    Qualitative Evaluations, not measurement groups (OHIF 3.13 fails on a group it cannot draw)."""
     res, headers, _ = ct_run
     uid = str(headers[0].SOPInstanceUID)
     found = [res.findings[0], model_finding("l1_axial", "L1", kang_bmd(-3.0), uid),
@@ -138,19 +148,20 @@ def test_sr_of_three_protocols_starts_with_the_study_result(ct_run, tmp_path: Pa
     assert_valid_dicom(path)
     sr = pydicom.dcmread(path)
     groups = _imaging_measurements(sr)
-    assert [_tracking(g) for g in groups] == ["Study screening result", "Protocol coverage",
-                                              "L1 l1_attenuation", "L1 l1_axial", "L1-L4 lumbar_sagittal"]
-    first = groups[0].ContentSequence
+    assert [_tracking(g) for g in groups] == ["L1 l1_attenuation", "L1 l1_axial", "L1-L4 lumbar_sagittal"]
+    top = [i.ConceptNameCodeSequence[0].CodeValue for i in sr.ContentSequence]
+    assert top.index("126010") < top.index("C0034375")  # TID 1500 row order
+    qual = _qualitative(sr)
     coded = [(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
-             for i in first if i.ValueType == "CODE"]
-    assert ("STUDYRES", "LIKELYOP") in coded
+             for i in qual if i.ValueType == "CODE"]
+    assert coded[:2] == [("STUDYRES", "LIKELYOP"), ("INTUSE", "NODXREV")]
+    assert [c for c in coded if c[0] == "PROTOUT"] == [("PROTOUT", "PROTRAN")] * 3 + [("PROTOUT", "PROTNOTRUN")]
     html = render_html(path)
     at = html.index("Study result: likely osteoporosis; all 3 methods agree")
     for method in ("L1 attenuation measured on CT", "L1 BMD estimated by algorithm from CT",
                    "L1-L4 BMD estimated by algorithm from CT"):
-        assert at < html.index(method) < html.index("L1 l1_attenuation"), method
-    assert html.index("femur WHO class from CT (femur_coronal) not measured: femoral heads not in coverage") < \
-        html.index("L1 l1_attenuation")
+        assert at < html.index(method, at), method
+    assert at < html.index("femur WHO class from CT (femur_coronal) not measured: femoral heads not in coverage")
     assert not dxa_loinc_codes(sr)
 
 
@@ -160,8 +171,8 @@ def test_discordant_sr_says_review_and_gives_no_grade(ct_run, tmp_path: Path) ->
     path = write_sr(build_sr([res.findings[0], model_finding("l1_axial", "L1", kang_bmd(0.5), uid)], headers),
                     tmp_path)
     assert_valid_dicom(path)
-    first = _imaging_measurements(pydicom.dcmread(path))[0].ContentSequence
-    values = {i.ConceptCodeSequence[0].CodeValue for i in first if i.ValueType == "CODE"}
+    qual = _qualitative(pydicom.dcmread(path))
+    values = {i.ConceptCodeSequence[0].CodeValue for i in qual if i.ValueType == "CODE"}
     assert "DISCORDANT" in values and not values & {"LIKELYOP", "LIKELYNORM", "LIKELYPENIA"}
     assert "Study result: discordant - review" in render_html(path)
 
@@ -210,7 +221,7 @@ def test_left_and_right_femoral_necks_differ_by_laterality(ct_run, tmp_path: Pat
     assert_valid_dicom(path)
     sr = pydicom.dcmread(path)
     lat = {}
-    for g in _imaging_measurements(sr)[1:]:
+    for g in _imaging_measurements(sr):
         site = next(i for i in g.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "363698007")
         assert site.ConceptCodeSequence[0].CodeValue == "29627003"
         (mod,) = site.ContentSequence
@@ -234,7 +245,7 @@ def test_probabilities_name_their_event() -> None:
 def test_vbmd_caveat_sits_under_the_vbmd_and_not_under_a_bmd_estimate(ct_run) -> None:  # noqa: ANN001
     res, _, _ = ct_run
     sr = pydicom.dcmread(res.outputs[0].path)
-    group = _imaging_measurements(sr)[2]
+    (group,) = _imaging_measurements(sr)
     nums = {i.ConceptNameCodeSequence[0].CodeValue: i for i in group.ContentSequence if i.ValueType == "NUM"}
     under = [c for c in nums["VBMD"].ContentSequence if c.ValueType in ("CODE", "TEXT")]
     assert any(c.ValueType == "CODE" and c.ConceptCodeSequence[0].CodeValue == "VBMDEST" for c in under)
@@ -349,3 +360,42 @@ def test_a_series_sr_combines_the_findings_of_earlier_series_of_its_study(tmp_pa
     html = render_html(res.outputs[0].path)
     assert html.index("Study result: discordant - review") < html.index("(l1_attenuation): measured")
     assert "femoral neck BMD estimated by algorithm from radiograph (BMD-GAN), left femoral neck" in html
+
+
+def test_every_group_is_drawn_per_vertebra_values_as_a_point_on_their_slice(ct_run, tmp_path: Path) -> None:  # noqa: ANN001
+    """Issue 20: a per-vertebra value (no ROI of its own) and a protocol that reads sagittal
+    reformats get a SCOORD POINT at the vertebra's centre on the axial slice through it (INFERRED
+    FROM under every NUM), so stock OHIF draws every group; the L1 ROI stays a closed polyline."""
+    import numpy as np
+
+    from screener.findings import RoiGeometry
+
+    res, headers, _ = ct_run
+    h = headers[5]
+    ipp = np.array([float(v) for v in h.ImagePositionPatient])
+    iop = np.array([float(v) for v in h.ImageOrientationPatient])
+    dr, dc = (float(v) for v in h.PixelSpacing)
+    centre = ipp + 20.0 * iop[:3] + 30.0 * iop[3:]
+    uid = str(h.SOPInstanceUID)
+    vertebra = model_finding("lumbar_sagittal", "L1", spine_bmd(-1.0), uid)
+    vertebra.site, vertebra.site_code = "L2", codes.site_code("L2")
+    vertebra.details["centroid_mm"] = centre.tolist()
+    column = model_finding("lumbar_sagittal", "L1-L4", spine_bmd(-1.0), uid)
+    column.roi = RoiGeometry(uid, str(h.SOPClassUID), np.array([[1.0, 1.0], [5.0, 1.0], [5.0, 90.0], [1.0, 1.0]]),
+                             tuple(centre.tolist()), 25.0)
+    path = write_sr(build_sr([res.findings[0], vertebra, column], headers), tmp_path)
+    assert_valid_dicom(path)
+    sr = pydicom.dcmread(path)
+    groups = _imaging_measurements(sr)
+    assert [_tracking(g) for g in groups] == ["L1 l1_attenuation", "L2 lumbar_sagittal", "L1-L4 lumbar_sagittal"]
+    want = [20.0 / dc + 0.5, 30.0 / dr + 0.5]
+    for g in groups[1:]:
+        assert not [i for i in g.ContentSequence if i.ValueType == "SCOORD"]
+        for num in (i for i in g.ContentSequence if i.ValueType == "NUM"):
+            (sc,) = [c for c in num.ContentSequence if c.ValueType == "SCOORD"]
+            assert sc.RelationshipType == "INFERRED FROM" and sc.GraphicType == "POINT"
+            np.testing.assert_allclose([float(v) for v in sc.GraphicData], want, atol=1e-3)
+            assert sc.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+    (roi,) = [i for i in groups[0].ContentSequence if i.ValueType == "SCOORD"]
+    assert roi.GraphicType == "POLYLINE"
+    assert "Point" in render_html(path)

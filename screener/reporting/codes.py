@@ -90,6 +90,26 @@ def method_for_modality(modality: str, *, dxa_image: bool = False) -> Code:
 # --- derivations ------------------------------------------------------------
 MEAN = codes.SCT.Mean                                      # (SCT,373098007)
 STANDARD_DEVIATION = codes.SCT.StandardDeviation           # (SCT,386136009)
+#: the ROI statistics of an attenuation as the SR names them (PS3.16 CID 6141): a viewer that
+#: shows only a NUM's concept name (OHIF) then reads "Standard Deviation of Attenuation
+#: Coefficient", not a second "Attenuation Coefficient"
+MEAN_ATTENUATION = codes.DCM.MeanAttenuationCoefficient    # (DCM,112181)
+SD_ATTENUATION = codes.DCM.StandardDeviationOfAttenuationCoefficient  # (DCM,112183)
+
+
+def sr_concept(concept: Code, derivation: Code | None) -> tuple[Code, Code | None]:
+    """The concept name and derivation a NUM carries in the SR.
+
+    An attenuation with a Mean / Standard Deviation derivation becomes PS3.16's own concept
+    for that statistic (DCM 112181 Mean Attenuation Coefficient, DCM 112183 Standard Deviation
+    of Attenuation Coefficient) without a derivation modifier: the statistic is in the name a
+    reader sees.  Every other concept is returned as it is.
+    """
+    if concept == ATTENUATION and derivation == MEAN:
+        return MEAN_ATTENUATION, None
+    if concept == ATTENUATION and derivation == STANDARD_DEVIATION:
+        return SD_ATTENUATION, None
+    return concept, derivation
 
 # --- units (UCUM code, meaning) ------------------------------------------------
 UNIT_HU = ("[hnsf'U]", "Hounsfield unit")
@@ -181,6 +201,8 @@ STUDY_CATEGORIES: dict[str, Code] = {
 }
 CONTRIBUTING = Code("CONTRIB", SCHEME, "Contributing measurement")
 STUDY_RULE = Code("STUDYRULE", SCHEME, "Rule that combined the measurements")
+#: TID 1500 row "Qualitative Evaluations": the study-level content that has no image region
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 PROTOCOL_OUTCOME = Code("PROTOUT", SCHEME, "Screening protocol outcome")
 PROTOCOL_RAN = Code("PROTRAN", SCHEME, "Measured")
 PROTOCOL_NOT_RUN = Code("PROTNOTRUN", SCHEME, "Not measured")

@@ -6,8 +6,8 @@
   that qualify it (HAS PROPERTIES under its NUM);
 * per finding: the finding-site laterality, the caveats of the whole finding, the algorithm
   identification of the bundle that ran (TID 4019);
-* per report: the study-level result group (:func:`study_group`, first) and the protocol coverage
-  group (:func:`coverage_group`).
+* per report: TID 1500's Qualitative Evaluations (:func:`qualitative_evaluations`): the
+  study-level result (:func:`study_items`) and the protocol coverage (:func:`coverage_items`).
 
 docs/sr.md lists every concept with its code, unit and why.
 """
@@ -26,9 +26,9 @@ from screener.findings import Finding, Measurement
 from screener.reporting import codes
 from screener.study_result import StudyResult
 
-__all__ = ["PROTOCOL_WORDS", "algorithm", "caveat_split", "cc", "coverage_group", "coverage_lines",
+__all__ = ["PROTOCOL_WORDS", "algorithm", "caveat_split", "cc", "coverage_items", "coverage_lines",
            "fix_uncertainty_units", "laterality", "measurement_notes", "method_of", "properties_of",
-           "source_modality", "study_group", "text_item"]
+           "qualitative_evaluations", "source_modality", "study_items", "text_item"]
 
 
 def cc(code: Code) -> CodedConcept:
@@ -184,42 +184,48 @@ def algorithm(finding: Finding) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=name[:64], version=version[:64], parameters=params or None)
 
 
-def study_group(result: StudyResult) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """The study-level result as the FIRST measurement group (TID 1501): the category as a coded
-    evaluation, the agreement, each contributing measurement with its method, and the rule."""
+def study_items(result: StudyResult) -> list[Dataset]:
+    """The study-level result: the category as a coded evaluation, the intended use, the result in
+    words with the agreement, each contributing measurement with its method, notes and the rule."""
     code = codes.STUDY_CATEGORIES[result.category]
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="Study screening result"),
-        finding_type=cc(codes.FINDING_TYPE_BONE),
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=cc(codes.STUDY_RESULT), value=cc(code)),
-            hd.sr.QualitativeEvaluation(name=cc(codes.INTENDED_USE), value=cc(codes.NOT_FOR_DIAGNOSTIC_USE))])
-    seq = group[0].ContentSequence
-    seq.append(text_item(cc(codes.STUDY_RESULT),
-                     f"Study result: {result.category.replace(chr(0x2014), '-')}; {result.agreement}"))
-    for c in result.contributions:
-        seq.append(text_item(cc(codes.CONTRIBUTING), c.line()))
-    for n in result.notes:
-        seq.append(text_item(pcodes.DCM.Comment, n))
-    seq.append(text_item(cc(codes.STUDY_RULE),
-                     "Rule (docs/study-result.md): measured L1 attenuation first, then model estimates by "
-                     "validated accuracy; methods whose uncertainty ranges do not overlap give "
-                     "'discordant - review' and no grade"))
-    return group
+    items: list[Dataset] = [
+        hd.sr.CodeContentItem(name=cc(codes.STUDY_RESULT), value=cc(code),
+                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS),
+        hd.sr.CodeContentItem(name=cc(codes.INTENDED_USE), value=cc(codes.NOT_FOR_DIAGNOSTIC_USE),
+                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS),
+        text_item(cc(codes.STUDY_RESULT),
+                  f"Study result: {result.category.replace(chr(0x2014), '-')}; {result.agreement}")]
+    items += [text_item(cc(codes.CONTRIBUTING), c.line()) for c in result.contributions]
+    items += [text_item(pcodes.DCM.Comment, n) for n in result.notes]
+    items.append(text_item(cc(codes.STUDY_RULE),
+                           "Rule (docs/study-result.md): measured L1 attenuation first, then model estimates by "
+                           "validated accuracy; methods whose uncertainty ranges do not overlap give "
+                           "'discordant - review' and no grade"))
+    return items
 
 
-def coverage_group(decisions: Sequence[tuple[str, bool, str]]) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def coverage_items(decisions: Sequence[tuple[str, bool, str]]) -> list[Dataset]:
     """Every protocol the router considered: measured, or not measured with the reason in words
     (one coded outcome per protocol, then one TEXT line per protocol, in the same order)."""
-    evaluations = [hd.sr.QualitativeEvaluation(
-        name=cc(codes.PROTOCOL_OUTCOME), value=cc(codes.PROTOCOL_RAN if ran else codes.PROTOCOL_NOT_RUN))
-        for _, ran, _ in decisions]
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="Protocol coverage"),
-        qualitative_evaluations=evaluations)
-    for line in coverage_lines(decisions):
-        group[0].ContentSequence.append(text_item(cc(codes.PROTOCOL_OUTCOME), line))
-    return group
+    items: list[Dataset] = [hd.sr.CodeContentItem(
+        name=cc(codes.PROTOCOL_OUTCOME), value=cc(codes.PROTOCOL_RAN if ran else codes.PROTOCOL_NOT_RUN),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS) for _, ran, _ in decisions]
+    items += [text_item(cc(codes.PROTOCOL_OUTCOME), line) for line in coverage_lines(decisions)]
+    return items
+
+
+def qualitative_evaluations(result: StudyResult, decisions: Sequence[tuple[str, bool, str]] | None
+                            ) -> hd.sr.ContainerContentItem:
+    """TID 1500's "Qualitative Evaluations" container (UMLS C0034375): the study-level result
+    (:func:`study_items`) and, when given, the protocol coverage (:func:`coverage_items`).
+
+    They have no image region, so they are not measurement groups: OHIF 3.13 draws every
+    measurement group on its image and fails on a group without a graphic.
+    """
+    container = hd.sr.ContainerContentItem(name=cc(codes.QUALITATIVE_EVALUATIONS),
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = [*study_items(result), *coverage_items(decisions or [])]
+    return container
 
 
 def coverage_lines(decisions: Sequence[tuple[str, bool, str]]) -> list[str]:

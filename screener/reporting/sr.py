@@ -1,13 +1,14 @@
 """TID 1500 measurement reports (Comprehensive SR, SOP class .88.33) from findings.
 
-:func:`build_sr` is generic (content items: :mod:`.content`).  The first measurement group is the study-level
-screening result (:mod:`screener.study_result`), the second the protocol
-coverage (every protocol the router considered: measured, or not measured and
-why), then the findings of ANY protocol, one measurement group each --
+:func:`build_sr` is generic (content items: :mod:`.content`).  The Imaging Measurements hold the
+findings of ANY protocol, one measurement group each, every one drawn on an image so that stock
+OHIF 3.13 displays it (docs/sr.md, "What OHIF shows") --
 
-* TID 1410 (planar ROI) when the finding has an ROI: the ROI is a closed
-  POLYLINE SCOORD on its source slice, so OHIF draws it;
-* TID 1501 (no geometry) otherwise (patient-level results, later protocols);
+* TID 1410 (planar ROI) when the finding has an ROI on the image the model measured: a closed
+  POLYLINE SCOORD on its source slice;
+* TID 1501 whose measurements are INFERRED FROM a SCOORD POINT at the measured structure's
+  centre on the axial slice through it: per-vertebra values, and protocols that read
+  sagittal / coronal reformats (their axial ROI is only a reformat's footprint);
 
 with a tracking identifier and UID, finding type Bone, the finding site,
 finding-site laterality (left / right), algorithm identification (TID 4019:
@@ -20,7 +21,9 @@ caveats under the measurement they qualify (the rest under the group), the
 category as a coded qualitative evaluation, coded caveat flags (known kinds)
 and a coded "Not for diagnostic use without review" evaluation. The document carries observation context (device observer with
 a stable UID), procedure reported (LN CT unspecified body region for CT, SCT bone
-density scan), an Image Library of the referenced slices, the source study's
+density scan), an Image Library of the referenced slices, TID 1500's Qualitative Evaluations
+with the study-level screening result (:mod:`screener.study_result`) and the protocol coverage
+(every protocol the router considered: measured, or not measured and why), the source study's
 patient/study modules, and ``PredecessorDocumentsSequence`` when it
 supersedes an earlier SR (dicom-sr.md).
 """
@@ -42,9 +45,9 @@ from screener import __version__
 from screener.findings import Finding
 from screener.radiograph import PROJECTION_MODALITIES, detector_pixel_spacing_mm, patient_orientation
 from screener.reporting import codes
-from screener.reporting.content import (algorithm, caveat_split, cc, coverage_group, fix_uncertainty_units,
-                                        laterality, measurement_notes, method_of, properties_of,
-                                        source_modality, study_group, text_item)
+from screener.reporting.content import (algorithm, caveat_split, cc, fix_uncertainty_units, laterality,
+                                        measurement_notes, method_of, properties_of,
+                                        qualitative_evaluations, source_modality, text_item)
 from screener.reporting.sc import demographic_problems, fix_type2
 from screener.study_result import StudyResult, study_result
 
@@ -54,10 +57,83 @@ DEVICE_NAME = "screener"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
+#: protocols whose model reads reformatted planes (sagittal slabs of L1-L4, coronal crops of the
+#: femora): their axial ROI is only the footprint of a reformat (a bar a few mm wide across the
+#: slice), so the SR marks the measured structure's centre as a POINT on the axial slice through it
+REFORMAT_PROTOCOLS = frozenset({"lumbar_sagittal", "femur_coronal"})
+
+
+def _plane(ds: Dataset, frame: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Position, row and column direction cosines and (row, column) spacing of an image (or of
+    ``frame`` of a multi-frame image); ``None`` when the header has no plane geometry."""
+    ipp, iop, ps = (ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"),
+                    ds.get("PixelSpacing"))
+    if (ipp is None or iop is None or ps is None) and "PerFrameFunctionalGroupsSequence" in ds:
+        groups = [g for g in (ds.PerFrameFunctionalGroupsSequence[(frame or 1) - 1],
+                              (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0])]
+
+        def find(seq: str, kw: str):  # noqa: ANN202 - a DICOM value
+            for g in groups:
+                if seq in g and g[seq].value and kw in g[seq][0]:
+                    return g[seq][0].get(kw)
+            return None
+        ipp = ipp if ipp is not None else find("PlanePositionSequence", "ImagePositionPatient")
+        iop = iop if iop is not None else find("PlaneOrientationSequence", "ImageOrientationPatient")
+        ps = ps if ps is not None else find("PixelMeasuresSequence", "PixelSpacing")
+    if ipp is None or iop is None or ps is None or len(iop) != 6 or len(ps) != 2:
+        return None
+    iop_a = np.asarray([float(v) for v in iop])
+    return (np.asarray([float(v) for v in ipp]), iop_a[:3], iop_a[3:], np.asarray([float(v) for v in ps]))
+
+
+def point_on_image(ds: Dataset, point_mm: Sequence[float], frame: int | None = None) -> np.ndarray | None:
+    """SCOORD image coordinates ``(column, row)`` of a patient point (LPS mm) projected onto the
+    plane of ``ds`` (clipped to the image); ``None`` when the header has no plane geometry."""
+    plane = _plane(ds, frame)
+    if plane is None:
+        return None
+    ipp, row_dir, col_dir, (dr, dc) = plane
+    d = np.asarray(point_mm, dtype=float) - ipp
+    col = float(np.dot(d, row_dir)) / dc + 0.5
+    row = float(np.dot(d, col_dir)) / dr + 0.5
+    cols, rows = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+    if cols and rows:
+        col, row = float(np.clip(col, 0.0, cols)), float(np.clip(row, 0.0, rows))
+    return np.array([[col, row]])
+
+
+def _centre_point(finding: Finding, sources: dict[str, Dataset]
+                  ) -> tuple[Dataset, int | None, np.ndarray] | None:
+    """The image, frame and SCOORD POINT at the centre of the structure a finding measured: its
+    ``details["centroid_mm"]`` on its first referenced image, else its ROI's centre on the ROI's
+    image; ``None`` when neither is known or the image has no plane geometry."""
+    centre = finding.details.get("centroid_mm")
+    if centre is not None:
+        uid = next((u for u in finding.referenced_sop_instance_uids if u in sources), None)
+        frame = None
+    elif finding.roi is not None:
+        centre, uid, frame = finding.roi.centre_mm, finding.roi.source_sop_instance_uid, finding.roi.frame_number
+    else:
+        return None
+    if uid is None or uid not in sources:
+        return None
+    point = point_on_image(sources[uid], centre, frame)
+    return (sources[uid], frame, point) if point is not None else None
+
+
 def _group(finding: Finding, sources: dict[str, Dataset], notes: Sequence[str] = ()
            ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | \
         hd.sr.MeasurementsAndQualitativeEvaluations:
-    """One TID 1410 (with ROI) or TID 1501 (without) measurement group for ``finding``."""
+    """One measurement group for ``finding``, drawn on its image where the image allows:
+
+    * TID 1410 with the ROI as a closed POLYLINE on its source slice when the finding has an ROI
+      on the image the model measured;
+    * TID 1501 whose measurements are each INFERRED FROM a SCOORD POINT at the structure's centre
+      on the axial slice through it, for a per-vertebra value (``details["centroid_mm"]``) and for
+      a protocol that reads reformats (:data:`REFORMAT_PROTOCOLS`);
+    * TID 1501 with image references only when there is no geometry at all (OHIF 3.13 cannot
+      display such a group; every shipped protocol gives geometry).
+    """
     algo = algorithm(finding)
     tracking = hd.sr.TrackingIdentifier(uid=generate_uid(),
                                         identifier=f"{finding.site} {finding.protocol}"[:64])
@@ -67,14 +143,24 @@ def _group(finding: Finding, sources: dict[str, Dataset], notes: Sequence[str] =
         if finding.site_code is not None else None
     modality = source_modality(finding, sources)
     group_flags, per = caveat_split(finding)
+    polyline = finding.roi is not None and finding.protocol not in REFORMAT_PROTOCOLS
+    centre = None if polyline else _centre_point(finding, sources)
+    inferred_from = None
+    if centre is not None:
+        src, frame, point = centre
+        inferred_from = [hd.sr.CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=point,
+            source_image=hd.sr.SourceImageForRegion.from_source_image(
+                src, referenced_frame_numbers=[frame] if frame else None))]
     measurements = []
     for m in finding.measurements:
         method = method_of(m, finding, modality)
+        name, derivation = codes.sr_concept(m.concept, m.derivation)
         measurements.append(hd.sr.Measurement(
-            name=cc(m.concept), value=float(m.value), unit=cc(m.unit_code()),
-            derivation=cc(m.derivation) if m.derivation is not None else None,
+            name=cc(name), value=float(m.value), unit=cc(m.unit_code()),
+            derivation=cc(derivation) if derivation is not None else None,
             method=cc(method) if method is not None else None,
-            properties=properties_of(m), algorithm_id=algo))
+            properties=properties_of(m), algorithm_id=algo, referenced_coordinates=inferred_from))
     evaluations = []
     if finding.category:
         value = finding.category_code or codes.category_code(finding.category)
@@ -90,7 +176,8 @@ def _group(finding: Finding, sources: dict[str, Dataset], notes: Sequence[str] =
     common = dict(tracking_identifier=tracking, finding_type=cc(codes.FINDING_TYPE_BONE),
                   algorithm_id=algo, finding_sites=sites, measurements=measurements or None,
                   qualitative_evaluations=evaluations)
-    if finding.roi is not None:
+    if polyline:
+        assert finding.roi is not None
         src = sources[finding.roi.source_sop_instance_uid]
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -192,9 +279,10 @@ def build_sr(findings: Sequence[Finding], sources: Sequence[Dataset], *,
              result: StudyResult | None = None) -> Dataset:
     """Build a TID 1500 Comprehensive SR of ``findings``.
 
-    The Imaging Measurements container holds, in this order: the study-level screening result
-    (:func:`study_group`), the protocol coverage when ``decisions`` are given
-    (:func:`coverage_group`), then one group per finding.
+    The Imaging Measurements container holds one measurement group per finding, each drawn on
+    its image (:func:`_group`); the study-level screening result and the protocol coverage (when
+    ``decisions`` are given) follow in TID 1500's Qualitative Evaluations
+    (:func:`screener.reporting.content.qualitative_evaluations`).
 
     Parameters
     ----------
@@ -256,10 +344,7 @@ def build_sr(findings: Sequence[Finding], sources: Sequence[Dataset], *,
             model_name="screener", ))
     library = [library_image(ds) for ds in evidence]
     result = result if result is not None else study_result(findings)
-    groups = [study_group(result)]
-    if decisions:
-        groups.append(coverage_group(decisions))
-    groups += [_group(f, by_uid, notes) for f in findings]
+    groups = [_group(f, by_uid, notes) for f in findings]
     is_ct = any(str(ds.get("Modality", "")).strip().upper() == "CT" for ds in evidence)
     procedures = ([cc(codes.PROCEDURE_CT)] if is_ct else []) + [cc(codes.PROCEDURE_BONE_DENSITY)]
     report = hd.sr.MeasurementReport(
@@ -267,6 +352,7 @@ def build_sr(findings: Sequence[Finding], sources: Sequence[Dataset], *,
         procedure_reported=procedures, imaging_measurements=groups,
         referenced_images=[ds for ds, _ in library])
     _drop_descriptors(report[0], {str(ds.SOPInstanceUID): drop for ds, drop in library if drop})
+    report[0].ContentSequence.append(qualitative_evaluations(result, decisions))
     kwargs = {}
     if institution_name:
         kwargs["institution_name"] = institution_name
