@@ -667,16 +667,43 @@ def load_volume(paths: Sequence[Path]) -> Volume:
         raise SeriesUnusable("series has no instances")
     headers = [_read_full(p) for p in paths]
     keep = _without_scouts(headers)
-    scout_warning = []
+    warnings: list[str] = []
     if len(keep) < len(headers):
-        scout_warning = [f"{len(headers) - len(keep)} localizer/scout image(s) in the series "
-                         "left out"]
+        warnings.append(f"{len(headers) - len(keep)} localizer/scout image(s) in the series left out")
         headers = [headers[i] for i in keep]
         paths = [paths[i] for i in keep]
     series_uids = {str(h.get("SeriesInstanceUID", "") or "") for h in headers}
     if len(series_uids) > 1:
         raise SeriesUnusable(f"files of {len(series_uids)} different series were given as one")
-    sources: list[tuple[Dataset, int | None]] = []  # (dataset holding the pixels, frame index)
+    headers, paths, sources = _expand_frames(headers, paths)
+    row_dir, col_dir, normal, pos = _orientation(headers, paths)
+    proj = pos @ normal
+    order = np.argsort(proj, kind="stable")
+    pos, proj = pos[order], proj[order]
+    headers = [headers[i] for i in order]
+    paths = [paths[i] for i in order]
+    sources = [sources[i] for i in order]
+    spacing_k = _slice_spacing(headers, pos, proj, normal, warnings)
+    array = _hu_array(sources, headers, paths, warnings)
+    for h in headers:  # keep headers only
+        for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if kw in h:
+                del h[kw]
+    ps = headers[0].PixelSpacing
+    direction = np.stack([row_dir, col_dir, normal], axis=1)
+    vol = Volume(array=array, spacing=(float(spacing_k), float(ps[0]), float(ps[1])),
+                 origin=pos[0].astype(float), direction=direction,
+                 datasets=headers, paths=paths, warnings=warnings)
+    log.debug("volume loaded", series_uid=str(headers[0].get("SeriesInstanceUID", "")),
+              shape=list(array.shape), spacing=list(vol.spacing))
+    return vol
+
+
+def _expand_frames(headers: list[Dataset], paths: list[Path]
+                   ) -> tuple[list[Dataset], list[Path], list[tuple[Dataset, int | None]]]:
+    """One header and path per slice (the frames of a multi-frame object each become one, with
+    :func:`_frame_headers`), and the (dataset holding the pixels, frame index or ``None``) of each."""
+    sources: list[tuple[Dataset, int | None]] = []
     expanded_h: list[Dataset] = []
     expanded_p: list[Path] = []
     for h, p in zip(headers, paths):
@@ -689,7 +716,18 @@ def load_volume(paths: Sequence[Path]) -> Volume:
             expanded_h.append(h)
             expanded_p.append(p)
             sources.append((h, None))
-    headers, paths = expanded_h, expanded_p
+    return expanded_h, expanded_p, sources
+
+
+def _orientation(headers: list[Dataset], paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column direction, slice normal (unit vectors) and every slice's position.
+
+    Raises
+    ------
+    SeriesUnusable
+        Inconsistent geometry (:func:`_check_geometry`), an orientation that is not orthonormal,
+        or a geometry value that is not a number.
+    """
     try:
         _check_geometry(headers, paths)
         iop = np.array([float(v) for v in headers[0].ImageOrientationPatient])
@@ -709,52 +747,65 @@ def load_volume(paths: Sequence[Path]) -> Volume:
         raise SeriesUnusable("a geometry attribute (ImagePositionPatient, ImageOrientationPatient, "
                              "PixelSpacing) is not a number; fix or remove the offending instance"
                              ) from exc
-    proj = pos @ normal
-    order = np.argsort(proj, kind="stable")
-    pos, proj = pos[order], proj[order]
-    headers = [headers[i] for i in order]
-    paths = [paths[i] for i in order]
-    sources = [sources[i] for i in order]
+    return row_dir, col_dir, normal, pos
 
-    warnings: list[str] = list(scout_warning)
-    n = len(headers)
-    if n > 1:
-        steps = np.diff(proj)
-        if np.any(steps < 1e-3):
-            k = int(np.argmin(steps))
-            raise SeriesUnusable(
-                f"duplicate slice positions ({proj[k]:.2f} mm along the normal): the series "
-                "holds overlapping acquisitions or duplicated instances")
-        med = float(np.median(steps))
-        big = np.where(steps > GAP_FACTOR * med)[0]
-        if len(big):
-            k = int(big[0])
-            raise SeriesUnusable(
-                f"missing slices: gap of {steps[k]:.2f} mm between slices at "
-                f"{proj[k]:.2f} and {proj[k + 1]:.2f} mm along the normal "
-                f"(median spacing {med:.2f} mm; {len(big)} gap(s)); the series is incomplete")
-        dev = np.abs(steps - med)
-        if np.any(dev > max(UNEVEN_TOLERANCE * med, 0.05)):
-            raise SeriesUnusable(
-                f"uneven slice spacing: steps from {steps.min():.2f} to {steps.max():.2f} mm "
-                f"(median {med:.2f} mm); resample or re-reconstruct with constant spacing")
-        # positions must move along the normal: in-plane drift means shear (tilt)
-        disp = pos[-1] - pos[0]
-        along = float(disp @ normal)
-        inplane = float(np.linalg.norm(disp - along * normal))
-        angle = np.degrees(np.arctan2(inplane, abs(along)))
-        if angle > TILT_TOLERANCE_DEG:
-            raise SeriesUnusable(
-                f"gantry tilt / sheared geometry: slice positions deviate {angle:.1f} degrees "
-                "from the slice normal; reconstruct without tilt")
-        spacing_k = med
-    else:
-        spacing_k = _float(headers[0].get("SpacingBetweenSlices")) or \
-            _float(headers[0].get("SliceThickness")) or 1.0
+
+def _slice_spacing(headers: list[Dataset], pos: np.ndarray, proj: np.ndarray, normal: np.ndarray,
+                   warnings: list[str]) -> float:
+    """Slice spacing (mm) of slices sorted along the normal (``proj``: their positions on it).
+
+    Raises
+    ------
+    SeriesUnusable
+        Duplicate positions, missing slices (a gap > :data:`GAP_FACTOR` x the median step),
+        uneven spacing, or positions that drift in plane (gantry tilt).
+    """
+    if len(headers) == 1:
         warnings.append("single slice: slice spacing taken from the header")
+        return _float(headers[0].get("SpacingBetweenSlices")) or _float(headers[0].get("SliceThickness")) or 1.0
+    steps = np.diff(proj)
+    if np.any(steps < 1e-3):
+        k = int(np.argmin(steps))
+        raise SeriesUnusable(
+            f"duplicate slice positions ({proj[k]:.2f} mm along the normal): the series "
+            "holds overlapping acquisitions or duplicated instances")
+    med = float(np.median(steps))
+    big = np.where(steps > GAP_FACTOR * med)[0]
+    if len(big):
+        k = int(big[0])
+        raise SeriesUnusable(
+            f"missing slices: gap of {steps[k]:.2f} mm between slices at "
+            f"{proj[k]:.2f} and {proj[k + 1]:.2f} mm along the normal "
+            f"(median spacing {med:.2f} mm; {len(big)} gap(s)); the series is incomplete")
+    dev = np.abs(steps - med)
+    if np.any(dev > max(UNEVEN_TOLERANCE * med, 0.05)):
+        raise SeriesUnusable(
+            f"uneven slice spacing: steps from {steps.min():.2f} to {steps.max():.2f} mm "
+            f"(median {med:.2f} mm); resample or re-reconstruct with constant spacing")
+    # positions must move along the normal: in-plane drift means shear (tilt)
+    disp = pos[-1] - pos[0]
+    along = float(disp @ normal)
+    inplane = float(np.linalg.norm(disp - along * normal))
+    angle = np.degrees(np.arctan2(inplane, abs(along)))
+    if angle > TILT_TOLERANCE_DEG:
+        raise SeriesUnusable(
+            f"gantry tilt / sheared geometry: slice positions deviate {angle:.1f} degrees "
+            "from the slice normal; reconstruct without tilt")
+    return med
 
+
+def _hu_array(sources: list[tuple[Dataset, int | None]], headers: list[Dataset], paths: list[Path],
+              warnings: list[str]) -> np.ndarray:
+    """The slices' pixels decoded (each multi-frame object once) and rescaled to HU (float32); the
+    encoded pixel data are dropped from the datasets as soon as they are decoded.
+
+    Raises
+    ------
+    SeriesUnusable
+        A slice without pixel data, or a frame that is not one grey-scale Rows x Columns image.
+    """
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
-    array = np.empty((n, rows, cols), dtype=np.float32)
+    array = np.empty((len(headers), rows, cols), dtype=np.float32)
     decoded: dict[int, np.ndarray] = {}
     for k, ((src, frame), ds, p) in enumerate(zip(sources, headers, paths)):
         if frame is None:
@@ -784,16 +835,4 @@ def load_volume(paths: Sequence[Path]) -> Volume:
                 not any("MONOCHROME1" in w for w in warnings):
             warnings.append("MONOCHROME1: rescaled values used as HU (the inversion of "
                             "MONOCHROME1 applies to display only)")
-
-    for h in headers:  # keep headers only
-        for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            if kw in h:
-                del h[kw]
-    ps = headers[0].PixelSpacing
-    direction = np.stack([row_dir, col_dir, normal], axis=1)
-    vol = Volume(array=array, spacing=(float(spacing_k), float(ps[0]), float(ps[1])),
-                 origin=pos[0].astype(float), direction=direction,
-                 datasets=headers, paths=paths, warnings=warnings)
-    log.debug("volume loaded", series_uid=str(headers[0].get("SeriesInstanceUID", "")),
-              shape=list(array.shape), spacing=list(vol.spacing))
-    return vol
+    return array

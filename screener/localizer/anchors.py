@@ -126,34 +126,59 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
         evidence, used only to word a decline).
     """
     dz, dy, dx = spacing
-    nz, ny, nx = hu.shape
+    win = _rib_window(col, seg, hu.shape, spacing)
+    if win is None:
+        return {"right": 0.0, "left": 0.0}
+    zs, top, (y0, y1), (x0, x1) = win
+    thr = rib_hu(scale) if hu_threshold is None else hu_threshold
+    sub = hu[zs[0]:zs[-1] + 1, y0:y1, x0:x1] > thr
+    if close_gaps:
+        sub = ndi.binary_closing(sub, structure=_CLOSE_2D, border_value=0)
+    sub &= body[zs[0]:zs[-1] + 1, y0:y1, x0:x1]
+    contact, lateral, posterior, side = _rib_geometry(sub, col, seg, zs[0], top, (y0, y1), (x0, x1), spacing)
+    _drop_thick(sub, spacing)
+    return _reach_by_side(sub, contact, lateral, posterior, side, zs[0], dz,
+                          RIB_REACH_MM if min_reach_mm is None else min_reach_mm)
+
+
+def _rib_window(col: Column, seg: Segment, shape: tuple[int, int, int], spacing: tuple[float, float, float]
+                ) -> tuple[list[int], int, tuple[int, int], tuple[int, int]] | None:
+    """Slices (from :data:`RIB_DESCENT_MM` below the vertebra to its upper disc), the top slice, and the
+    y and x ranges of the box where a vertebra's ribs are looked for; ``None`` without column there."""
+    dz, dy, dx = spacing
+    nz, ny, nx = shape
     top = seg.hi
     if seg.disc_above is not None:
         top = min(nz - 1, seg.disc_above)
     z0 = max(0, seg.lo - int(round(RIB_DESCENT_MM / dz)))
     zs = [z for z in range(z0, top + 1) if col.valid[z]]
     if not zs:
-        return {"right": 0.0, "left": 0.0}
+        return None
     zc = int(np.clip(np.round((seg.lo + seg.hi) / 2), 0, nz - 1))
     cx0 = float(col.canal_x[zc])
     half = int(round(130.0 / dx))
     x0, x1 = max(0, int(cx0) - half), min(nx, int(cx0) + half + 1)
     yb = int(np.nanmin(col.body_y[zs] - 60.0 / dy))
     ye = int(np.nanmax(col.canal_y[zs] + 60.0 / dy))
-    y0, y1 = max(0, yb), min(ny, ye)
-    thr = rib_hu(scale) if hu_threshold is None else hu_threshold
-    reach_min = RIB_REACH_MM if min_reach_mm is None else min_reach_mm
-    sub = hu[zs[0]:zs[-1] + 1, y0:y1, x0:x1] > thr
-    if close_gaps:
-        sub = ndi.binary_closing(sub, structure=_CLOSE_2D, border_value=0)
-    sub &= body[zs[0]:zs[-1] + 1, y0:y1, x0:x1]
+    return zs, top, (max(0, yb), min(ny, ye)), (x0, x1)
+
+
+def _rib_geometry(sub: np.ndarray, col: Column, seg: Segment, z_first: int, top: int, yr: tuple[int, int],
+                  xr: tuple[int, int], spacing: tuple[float, float, float]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per voxel of the rib box: the rib-head contact zone beside the body, lateral and posterior
+    distance from the canal (mm) and side (+1 left, -1 right); the body and canal are removed from
+    ``sub`` in place."""
+    dz, dy, dx = spacing
+    (y0, y1), (x0, x1) = yr, xr
     contact = np.zeros_like(sub)
     lateral = np.zeros(sub.shape, np.float32)
     posterior = np.zeros(sub.shape, np.float32)
     side = np.zeros(sub.shape, np.int8)
     xx = np.arange(x0, x1)[None, :]
     yy = np.arange(y0, y1)[:, None]
-    for n, z in enumerate(range(zs[0], zs[-1] + 1)):
+    for n in range(sub.shape[0]):
+        z = z_first + n
         if not col.valid[z]:
             sub[n] = False
             continue
@@ -170,16 +195,27 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
             contact[n] = ((rho > 1.1) & (rho <= 1.1 + CONTACT_MM / (hw * dx))
                           & (yy >= by - 0.2 * hd) & (yy <= cyz + crz + CONTACT_BEHIND_MM / dy)
                           & (np.abs(xx - bx) >= 0.5 * hw))
-    # contrast-enhanced organs (kidneys, bowel, vessels) can read above the bone threshold:
-    # they are thick, ribs and transverse processes are not
-    thick_r = max(1, int(round(THICK_MM / min(dy, dx))))
-    disk = _disk(thick_r)
+    return contact, lateral, posterior, side
+
+
+def _drop_thick(sub: np.ndarray, spacing: tuple[float, float, float]) -> None:
+    """Remove thick structures (and a 3 mm margin) from every slice of ``sub``, in place:
+    contrast-enhanced organs (kidneys, bowel, vessels) can read above the bone threshold; they are
+    thick (survive an opening by :data:`THICK_MM`), ribs and transverse processes are not."""
+    dz, dy, dx = spacing
+    disk = _disk(max(1, int(round(THICK_MM / min(dy, dx)))))
     margin = _disk(max(1, int(round(3.0 / min(dy, dx)))))
     for n_ in range(sub.shape[0]):
         if sub[n_].any():
             thick = ndi.binary_opening(sub[n_], structure=disk)
             if thick.any():
                 sub[n_] &= ~ndi.binary_dilation(thick, structure=margin)
+
+
+def _reach_by_side(sub: np.ndarray, contact: np.ndarray, lateral: np.ndarray, posterior: np.ndarray,
+                   side: np.ndarray, z_first: int, dz: float, reach_min: float) -> dict[str, float]:
+    """Lateral reach (mm) of the longest bone touching the contact zone on each side (see
+    :func:`rib_evidence` for the keys)."""
     lab, n = ndi.label(sub, structure=np.ones((3, 3, 3), bool))
     out = {"right": 0.0, "left": 0.0}
     touching = np.unique(lab[contact & sub])
@@ -196,8 +232,8 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
             # articulates well above the end of the coverage (a transverse process is level
             # with its root) and is still lateral in the last slice
             zt = np.nonzero(touch.any(axis=(1, 2)))[0]
-            leaves = (zs[0] == 0 and reach >= RIB_LEAVING_REACH_MM and zt.size > 0
-                      and (zs[0] + zt.min()) * dz >= 12.0
+            leaves = (z_first == 0 and reach >= RIB_LEAVING_REACH_MM and zt.size > 0
+                      and (z_first + zt.min()) * dz >= 12.0
                       and bool((lateral[0][ms[0]] >= 35.0).any()))
             if reach >= reach_min:
                 out[name] = max(out[name], reach)

@@ -142,27 +142,7 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
     scale = bone_scale(hu, col)
     details["bone_scale"] = round(scale, 3)
     details["column_bone_hu"] = col.bone_hu
-    prof = core_profile(hu, col, scale)
-    discs = find_discs(prof, dz, scale)
-    segs = split_segments(prof, discs, col.valid, dz, scale)
-    # ribs first (not in the pelvis: the iliac crests lie beside L4-L5 like ribs), then the
-    # sacrum among the lowest rib-free vertebrae
-    crest = pelvis_top(hu, body, col, spacing, scale)
-    if crest is not None:
-        details["iliac_crest_z_mm"] = round(grid.z_mm(crest), 1)
-    pelvic = {i for i, sg in enumerate(segs) if crest is not None and sg.lo <= crest + int(round(10.0 / dz))}
-    for i, s in enumerate(segs):
-        s.ribs = {"right": 0.0, "left": 0.0} if i in pelvic else rib_evidence(hu, body, col, s, spacing, scale)
-    _recheck_rib_gaps(segs, lambda s: rib_evidence(hu, body, col, s, spacing, scale, close_gaps=True))
-    for s in segs[:3]:
-        if not _rib_bearing(s):
-            s.sacral = sacral_evidence(hu, body, col, s, spacing, scale)
-    below = None
-    if segs and not segs[0].complete and _sacral_s1(segs) is None:
-        # the column stopped inside its lowest body: a steeply tilted sacrum may lie just below
-        below = sacrum_below(hu, body, col, spacing, scale)
-        if below is not None:
-            details["sacrum_below_column"] = below
+    segs, crest, pelvic, below = _vertebrae_and_anchors(grid, body, col, scale, details)
     details["segments"] = [
         {"z_mm": [round(grid.z_mm(s.lo - 0.5), 1), round(grid.z_mm(s.hi + 0.5), 1)],
          "complete": s.complete, "ribs_mm": {k: round(v, 1) for k, v in s.ribs.items()},
@@ -213,6 +193,36 @@ def _locate(grid: WorkGrid) -> SpineLocalization:
 
 #: a run of at most this many rib-free vertebrae between rib-bearing ones is looked at again
 RIB_GAP_MAX = 2
+
+
+def _vertebrae_and_anchors(grid: WorkGrid, body: np.ndarray, col, scale: float, details: dict[str, Any]
+                           ) -> tuple[list[Segment], int | None, set[int], dict[str, float] | None]:
+    """The column split into vertebral bodies, each with its rib and sacral evidence, and the
+    pelvic anchors: ``(segments, iliac-crest slice, indices of pelvic segments, sacrum below the
+    column)`` (the crest and the sacrum below are noted in ``details``)."""
+    hu, spacing = grid.hu, grid.spacing
+    dz = spacing[0]
+    prof = core_profile(hu, col, scale)
+    segs = split_segments(prof, find_discs(prof, dz, scale), col.valid, dz, scale)
+    # ribs first (not in the pelvis: the iliac crests lie beside L4-L5 like ribs), then the
+    # sacrum among the lowest rib-free vertebrae
+    crest = pelvis_top(hu, body, col, spacing, scale)
+    if crest is not None:
+        details["iliac_crest_z_mm"] = round(grid.z_mm(crest), 1)
+    pelvic = {i for i, sg in enumerate(segs) if crest is not None and sg.lo <= crest + int(round(10.0 / dz))}
+    for i, s in enumerate(segs):
+        s.ribs = {"right": 0.0, "left": 0.0} if i in pelvic else rib_evidence(hu, body, col, s, spacing, scale)
+    _recheck_rib_gaps(segs, lambda s: rib_evidence(hu, body, col, s, spacing, scale, close_gaps=True))
+    for s in segs[:3]:
+        if not _rib_bearing(s):
+            s.sacral = sacral_evidence(hu, body, col, s, spacing, scale)
+    below = None
+    if segs and not segs[0].complete and _sacral_s1(segs) is None:
+        # the column stopped inside its lowest body: a steeply tilted sacrum may lie just below
+        below = sacrum_below(hu, body, col, spacing, scale)
+        if below is not None:
+            details["sacrum_below_column"] = below
+    return segs, crest, pelvic, below
 
 
 def _recheck_rib_gaps(segs: list[Segment], evidence: Callable[[Segment], dict[str, float]]) -> None:
@@ -384,13 +394,7 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: in
         anchors.append("sacrum")
     info["anchors"] = anchors
     if l1_rib is None and l1_sac is None:
-        lowest = next((s for s in segs if s.complete), None)
-        if "decline" not in info and lowest is not None and lowest.ribs.get("leaving", 0.0) > 0:
-            info["decline"] = ("coverage ends at T12 (no rib-free vertebra below the last rib-bearing one; "
-                               "its ribs leave the coverage)")
-        if "decline" not in info:
-            info["decline"] = ("no level anchor in coverage (no rib-bearing vertebra with a rib-free one "
-                               "below it, no sacrum)")
+        _no_anchor(segs, info)
         return {}, 0.0, info
     if l1_rib is None and _checked_sacral_count(segs, l1_sac, info, vote, dz, crest) is None:
         return {}, 0.0, info
@@ -402,14 +406,7 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: in
     l1, conf = _combine_anchors(segs, l1_rib, l1_sac, info, sacral_count_regular=regular, crest_pick=crest_pick)
     if conf <= 0.05:
         return {}, 0.0, info
-    # label every segment from L1's index: index l1 + k is k levels above L1
-    labels: dict[int, str] = {}
-    pos_l1 = _ORDER.index("L1")
-    for i in range(n):
-        p = pos_l1 - (i - l1)
-        if 0 <= p < len(_ORDER):
-            labels[i] = _ORDER[p]
-    # segments below S1 (sacrum, coccyx) get no label other than S1
+    labels = _labels_from(l1, n)
     if not 0 <= l1 < n:
         info["decline"] = "coverage ends above L1" if l1 < 0 else "coverage ends below L1"
         return {k: v for k, v in labels.items()}, conf, info
@@ -417,6 +414,24 @@ def _assign_levels(segs: list[Segment], reach: Reach | None = None, *, crest: in
     height = s.n_slices
     info["l1_height_slices"] = int(height)
     return labels, float(np.clip(conf, 0.05, 0.99)), info
+
+
+def _no_anchor(segs: list[Segment], info: dict[str, Any]) -> None:
+    """Word the decline when neither the ribs nor the sacrum anchor the count (``info["decline"]``)."""
+    lowest = next((s for s in segs if s.complete), None)
+    if "decline" not in info and lowest is not None and lowest.ribs.get("leaving", 0.0) > 0:
+        info["decline"] = ("coverage ends at T12 (no rib-free vertebra below the last rib-bearing one; "
+                           "its ribs leave the coverage)")
+    if "decline" not in info:
+        info["decline"] = ("no level anchor in coverage (no rib-bearing vertebra with a rib-free one "
+                           "below it, no sacrum)")
+
+
+def _labels_from(l1: int, n: int) -> dict[int, str]:
+    """Level names of segment indices ``0 .. n-1`` when L1 is segment ``l1`` (index ``l1 + k`` is ``k``
+    levels above L1; segments below S1, the sacrum and coccyx, get no label)."""
+    pos_l1 = _ORDER.index("L1")
+    return {i: _ORDER[pos_l1 - (i - l1)] for i in range(n) if 0 <= pos_l1 - (i - l1) < len(_ORDER)}
 
 
 def _checked_sacral_count(segs: list[Segment], l1_sac: int | None, info: dict[str, Any],
