@@ -14,6 +14,8 @@ finds each hip first:
    lies towards increasing column ("plus"), and of the hip whose pelvis lies towards decreasing
    column ("minus").  In the standard display (patient's right on the image left) the plus hip is
    the patient's right hip.
+   From 0.5.0 the maps are averaged with those of the left-right mirrored input (:func:`heatmaps`,
+   test-time flip averaging; the card's ``decoding.flip_average`` can turn it off).
 3. :func:`decode_heatmaps` -- per anatomical side: presence probability (peak of the head map),
    head and neck centres (peak with a local centroid), and a confidence.
 4. :func:`decide_side` -- which patient side a hip is: from ``PatientOrientation`` when the header
@@ -43,9 +45,9 @@ from torch import nn
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["ANATOMY", "CHANNELS", "INPUT_SIZE", "METAL_CHANNELS", "OUTPUT_STRIDE", "HeaderSides", "HipLandmark", "HipLandmarkNet",
-           "LandmarkInput", "decide_side", "decode_heatmaps", "find_hips", "header_sides", "landmark_input",
-           "load_landmark_bundle", "metal_in_hip"]
+__all__ = ["ANATOMY", "CHANNELS", "FLIP_AVERAGE", "INPUT_SIZE", "METAL_CHANNELS", "OUTPUT_STRIDE", "HeaderSides", "HipLandmark", "HipLandmarkNet",
+           "LandmarkInput", "decide_side", "decode_heatmaps", "find_hips", "header_sides", "heatmaps", "landmark_input",
+           "load_landmark_bundle", "metal_in_hip", "mirror_input", "unmirror_heatmaps"]
 
 #: square network input (pixels)
 INPUT_SIZE = 256
@@ -67,6 +69,8 @@ METAL_FRACTION = 0.04
 METAL_MIN_MM2 = 30.0
 #: a femoral-head candidate this fraction of the presence threshold counts as a hip when it holds metal
 METAL_RESCUE = 0.5
+#: average the maps of the input and of its left-right mirror (:func:`heatmaps`; bundle card may override)
+FLIP_AVERAGE = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,13 +557,57 @@ def load_landmark_bundle(path: str | Path, device: str = "cpu") -> Any:
         return _CACHE[key]
 
 
-def heatmaps(bundle: Any, inp: LandmarkInput) -> np.ndarray:
-    """Sigmoid heat maps ``(4, S/2, S/2)`` of one input (mean over the bundle's folds)."""
-    x = torch.from_numpy(inp.image[None, None]).to(bundle.device)
+#: the map of a left-right mirrored input that holds each channel: the plus and minus hips swap
+_MIRRORED_CHANNEL = (2, 3, 0, 1, 5, 4)
+
+
+def mirror_input(image: np.ndarray, content_shape: tuple[int, int]) -> np.ndarray:
+    """The network input with its radiograph (the top-left ``content_shape``) mirrored left-right."""
+    h, w = int(content_shape[0]), int(content_shape[1])
+    out = np.zeros_like(image)
+    out[:h, :w] = image[:h, :w][:, ::-1]
+    return out
+
+
+def unmirror_heatmaps(heat: np.ndarray, content_width: int) -> np.ndarray:
+    """Heat maps of a :func:`mirror_input` input -> the maps of the input as it is.
+
+    Mirrored back about the radiograph's own width (output column ``j`` of the input lies at
+    fractional column ``(w - s) / s - j`` of the mirrored input's maps, ``s`` the output stride; linear
+    interpolation where ``w`` is odd) and the plus and minus channels swapped.
+    """
+    n, _, wo = heat.shape
+    wc = min(wo, int(np.ceil(content_width / OUTPUT_STRIDE)))
+    src = (content_width - OUTPUT_STRIDE) / OUTPUT_STRIDE - np.arange(wc, dtype=np.float64)
+    src = np.clip(src, 0.0, wo - 1.0)
+    lo = np.minimum(np.floor(src).astype(int), wo - 2)
+    fr = src - lo
+    out = np.zeros_like(heat)
+    for a in range(n):
+        m = heat[_MIRRORED_CHANNEL[a]]
+        out[a, :, :wc] = m[:, lo] * (1.0 - fr) + m[:, lo + 1] * fr
+    return out
+
+
+def heatmaps(bundle: Any, inp: LandmarkInput, flip: bool | None = None) -> np.ndarray:
+    """Sigmoid heat maps ``(4 or 6, S/2, S/2)`` of one input (mean over the bundle's folds).
+
+    With ``flip`` (default: the card's ``decoding.flip_average``, else :data:`FLIP_AVERAGE`) the
+    maps are the mean of the input's and its left-right mirror's (:func:`mirror_input`,
+    :func:`unmirror_heatmaps`): test-time flip averaging, which the network's training (random
+    left-right flips) makes a second, slightly different reading of the same hips.
+    """
+    if flip is None:
+        flip = bool((bundle.card.get("decoding") or {}).get("flip_average", FLIP_AVERAGE))
+    batch = [inp.image]
+    if flip:
+        batch.append(mirror_input(inp.image, inp.content_shape))
+    x = torch.from_numpy(np.stack(batch)[:, None]).to(bundle.device)
     acc = None
     with torch.no_grad():
         for m in bundle.models:
-            y = torch.sigmoid(m(x).float())[0].cpu().numpy()
+            y = torch.sigmoid(m(x).float()).cpu().numpy()
+            y = y[0] if not flip else 0.5 * (y[0] + unmirror_heatmaps(y[1], inp.content_shape[1]))
             acc = y if acc is None else acc + y
     assert acc is not None
     return acc / len(bundle.models)

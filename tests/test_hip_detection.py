@@ -191,3 +191,48 @@ def test_wide_training_profile_is_its_own_sampler_and_leaves_variety_unchanged()
 
 #: the variety profile's first acquisition of seed 1517 as drawn before the wide profile was added (0.3.0)
 V0_SPEC = ("pelvis", 16, {"R": "none", "L": "none"}, 15.617439)
+
+
+def test_flip_average_reads_a_mirrored_radiograph_as_the_mirror_of_the_original():
+    """Test-time flip averaging (0.5.0): maps of a mirrored input go back exactly about the radiograph's own
+    width with the plus and minus hips swapped, so a mirrored radiograph's averaged maps are the mirror of
+    the original's (the network is not symmetric; the average is)."""
+    from screener.hip_landmarks import (CHANNELS, heatmaps, load_landmark_bundle, mirror_input,
+                                        unmirror_heatmaps)
+
+    rng = np.random.default_rng(0)
+    w = 200  # even: output column j of the input is column (w - 2) / 2 - j of the mirrored input's maps
+    maps = rng.uniform(size=(len(CHANNELS), 128, 128))
+    mirrored = np.zeros_like(maps)
+    for a, b in enumerate((2, 3, 0, 1)):
+        mirrored[a, :, : w // 2] = maps[b, :, : w // 2][:, ::-1]
+    assert np.allclose(unmirror_heatmaps(mirrored, w)[:, :, : w // 2], maps[:, :, : w // 2])
+
+    bundle = load_landmark_bundle(MODELS / "hip_landmarks")
+    inp = landmark_input(_case(5, collimation="pelvis").dataset)
+    if inp.content_shape[1] % 2:
+        pytest.skip("odd content width: the mirror is interpolated, not exact")
+    flipped = type(inp)(**{**inp.__dict__, "image": mirror_input(inp.image, inp.content_shape)})
+    a = heatmaps(bundle, inp, flip=True)
+    b = heatmaps(bundle, flipped, flip=True)
+    assert np.allclose(unmirror_heatmaps(b, inp.content_shape[1]), a, atol=1e-4)
+
+
+def test_oversampled_training_weights_follow_the_hard_factors():
+    """--oversample-hard (0.5.0) draws frog-leg and heavily obese patients of the wide profile more often,
+    single-hip images 1.5x; the standard profile has neither pose nor fat, only single hips."""
+    from training.hip_landmarks import hard_weights
+    from training.phantoms.xray_variety import PROFILES, sample_spec
+
+    patients = np.arange(1000, 1040)
+    t = np.zeros((len(patients), 2, 5), dtype=np.float32)
+    t[:, 0, 0] = 1.0
+    t[::2, 1, 0] = 1.0  # even rows: both hips, odd rows: one
+    w = hard_weights("wide_train", {"patient": patients, "t": t}, factor=2.5)
+    for i, p in enumerate(patients):
+        s = sample_spec("wide", np.random.default_rng([1515, int(p), 15, PROFILES.index("wide")]))
+        f = min((2.5 if s.pose.name == "frog_leg" else 1.0) * (2.5 if s.obese_mm >= 80 else 1.0), 5.0)
+        assert w[i] == pytest.approx(f * (1.5 if i % 2 else 1.0))
+    assert w.max() > 2.0
+    ws = hard_weights("train", {"patient": np.arange(10), "t": t[:10]}, factor=2.5)
+    assert set(np.round(ws, 3)) <= {1.0, 1.5}

@@ -84,6 +84,31 @@ def sample_arrays(case: Any) -> dict[str, Any]:
             "side": np.array(side), "metal": np.array(metal)}
 
 
+def hard_weights(name: str, data: dict[str, np.ndarray], factor: float = 3.0) -> np.ndarray:
+    """Sampling weight of each image of split ``name`` (0.5.0's ``--oversample-hard``): ``factor`` for a
+    patient drawn frog-leg, ``factor`` for one with >= 80 mm extra fat (multiplied when both, capped at
+    ``2 * factor``), 1.5 for an image with a single hip present.
+
+    The patient's pose and fat are read by drawing its acquisition again with the generator
+    :func:`training.phantoms.xray_variety.render_cases` seeds (the first view's spec; the other views of
+    a render share pose and fat), so the cached images need no re-render.
+    """
+    from training.phantoms.xray_variety import PROFILES, sample_spec
+
+    spec = SPLITS[name]
+    w = np.ones(len(data["patient"]), dtype=np.float64)
+    memo: dict[int, float] = {}
+    for i, p in enumerate(data["patient"]):
+        p = int(p)
+        if p not in memo:
+            rng = np.random.default_rng([int(spec["seed"]), p, 15, PROFILES.index(spec["profile"])])
+            s = sample_spec(spec["profile"], rng)
+            f = (factor if s.pose.name == "frog_leg" else 1.0) * (factor if s.obese_mm >= 80.0 else 1.0)
+            memo[p] = min(f, 2.0 * factor)
+        w[i] = memo[p] * (1.5 if int((data["t"][i, :, 0] > 0.5).sum()) == 1 else 1.0)
+    return w
+
+
 def _render_job(job: tuple[int, int, str, int, dict[str, float]]) -> list[dict[str, Any]]:
     seed, index, profile, views, render = job
     torch.set_num_threads(1)
@@ -329,20 +354,22 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
           widths: Sequence[int] = (16, 24, 32, 48, 64, 96), workers: int = 2, init: Path | None = None,
           version: str = "0.1.0", changelog: dict[str, str] | None = None, steps: int | None = None,
           command: str = "nice -n 5 python -m training.hip_landmarks train --out models/hip_landmarks",
-          soft_tissue_p: float = 0.0, wide: bool = False, metal_p: float = 0.15) -> dict[str, Any]:
+          soft_tissue_p: float = 0.0, wide: bool = False, metal_p: float = 0.15,
+          oversample_hard: float = 0.0) -> dict[str, Any]:
     """Build the splits, train, pick the presence threshold and write the bundle to ``out``.
 
     ``init``: start from this bundle's weights (a continued run; the card's ``history`` says so);
     ``steps``: a fixed number of optimiser steps instead of the wall-clock budget; ``wide``: train on
     the standard and the ``wide`` profile together (:data:`WIDE_TRAIN`) and add the two metal maps
-    (a 4-map ``init`` bundle gets them freshly initialised).
+    (a 4-map ``init`` bundle gets them freshly initialised); ``oversample_hard``: draw each epoch's
+    images with :func:`hard_weights` (frog-leg, heavy obesity, single hips more often; 0: uniform).
     """
     from screener.bundles import InputSpec, save_bundle
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    tr = _joined(WIDE_TRAIN if wide else ("train",), workers, metal=wide)
+    tr = _joined(WIDE_TRAIN if wide else ("train",), workers, metal=wide, weights=oversample_hard)
     va = _joined(WIDE_VAL if wide else ("val",), workers, metal=wide)
     n_out = len(CHANNELS) + (len(METAL_CHANNELS) if wide else 0)
     previous: list[Any] = []
@@ -372,7 +399,10 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
     total_steps = steps
     history = []
     while True:
-        order = rng.permutation(n)
+        if oversample_hard > 0:
+            order = rng.choice(n, size=n, replace=True, p=tr["weight"] / tr["weight"].sum())
+        else:
+            order = rng.permutation(n)
         model.train()
         ep_loss = []
         for i in range(0, n - batch + 1, batch):
@@ -443,6 +473,8 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
 
 
 CHANGELOG = {
+    "0.5.0": ("continued from 0.4.0 on the standard and 'wide' training profiles with frog-leg, heavily obese "
+              "(>= 80 mm extra fat) and single-hip images drawn more often (--oversample-hard)"),
     "0.4.0": ("continued from 0.3.0 on the standard profile and the new 'wide' training profile together "
               "(physically rendered rotation, abduction, frog-leg, implants, children, obesity, 8-16 bit, lossy JPEG; "
               "the variety profile stays held out by seed and sampler) and two metal maps added"),
@@ -452,10 +484,13 @@ CHANGELOG = {
 }
 
 
-def _joined(names: Sequence[str], workers: int, metal: bool) -> dict[str, np.ndarray]:
-    """Splits concatenated; with ``metal`` the targets gain a sixth column (the hip holds metal)."""
+def _joined(names: Sequence[str], workers: int, metal: bool, weights: float = 0.0) -> dict[str, np.ndarray]:
+    """Splits concatenated; with ``metal`` the targets gain a sixth column (the hip holds metal); with
+    ``weights`` > 0 a ``weight`` per image (:func:`hard_weights` with that factor)."""
     parts = [build_split(n, workers=workers) for n in names]
     d = {k: np.concatenate([p[k] for p in parts]) for k in ("x", "t", "content", "side", "metal", "patient")}
+    if weights > 0:
+        d["weight"] = np.concatenate([hard_weights(n, p, weights) for n, p in zip(names, parts)])
     if metal:
         d["t"] = np.concatenate([d["t"], d["metal"][..., None].astype(np.float32)], axis=-1)
     return d
@@ -487,6 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--wide", action="store_true",
                    help="train on the standard and the 'wide' profile and add the metal maps (0.4.0)")
     t.add_argument("--metal-paint", type=float, default=0.15, help="share of hips given a painted implant")
+    t.add_argument("--oversample-hard", type=float, default=0.0,
+                   help="draw frog-leg and >= 80 mm-fat patients this many times as often, single-hip images 1.5x "
+                        "(hard_weights; 0: uniform)")
     t.add_argument("--soft-tissue", type=float, default=0.0,
                    help="share of training images given a thick uneven soft-tissue look (thick_soft_tissue)")
     args = ap.parse_args(argv)
@@ -498,7 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           init=Path(args.init) if args.init else None, version=args.version, steps=args.steps or None,
           command="nice -n 5 python -m training.hip_landmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
           soft_tissue_p=args.soft_tissue, wide=args.wide, metal_p=args.metal_paint,
-          changelog=CHANGELOG if args.version == "0.4.0" else {"0.2.0": "continued from 0.1.0 with bright implants painted at 15 % of the training hips",
+          oversample_hard=args.oversample_hard,
+          changelog=CHANGELOG if args.version in ("0.4.0", "0.5.0") else {"0.2.0": "continued from 0.1.0 with bright implants painted at 15 % of the training hips",
                      "0.1.0": "first release (issue 15): head and neck heat maps per anatomical side"}
           if args.version == "0.2.0" else None)
     return 0
