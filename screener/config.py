@@ -370,12 +370,13 @@ def load_config(path: str | os.PathLike[str] | None = None,
             setattr(cfg, key, _coerce(key, val, getattr(Config(), key)))
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"config key 'device' must be auto, cpu or cuda, not {cfg.device!r}")
-    from screener.protocols import REGISTRY
+    from screener.protocols import registry
 
-    unknown = [n for n in cfg.protocols if n not in REGISTRY]
+    known = registry()
+    unknown = [n for n in cfg.protocols if n not in known]
     if unknown:
         raise ConfigError(f"config key 'protocols': unknown {', '.join(unknown)}; "
-                          f"registered: {', '.join(REGISTRY)}")
+                          f"registered: {', '.join(known)}")
     from screener.references import check_config
 
     try:

@@ -1,20 +1,35 @@
 """Protocols: analyses the router can send a series to.
 
-``default_protocols()`` builds the protocols of :data:`REGISTRY` that the daemon and
-``screener replay`` run (``Config.protocols`` narrows the list).  The deep-learning
-protocols subclass :class:`~screener.protocols.model.ModelProtocol`.
+The registry is built, not edited: the built-in protocols of :data:`BUILTIN`,
+then every protocol a site has installed under the entry-point group
+:data:`ENTRY_POINT_GROUP` (``screener.protocols``), e.g. in the site package's
+``pyproject.toml``::
+
+    [project.entry-points."screener.protocols"]
+    my_protocol = "my_package.my_module:MyProtocol"
+
+:func:`registry` lists them in routing order and :func:`default_protocols`
+builds those the daemon and ``screener replay`` run (``Config.protocols``
+narrows the list). The deep-learning protocols subclass
+:class:`~screener.protocols.model.ModelProtocol`.
 """
 from __future__ import annotations
+
+import importlib
+import importlib.metadata
+
+import structlog
 
 from screener.protocols.base import (Decision, Protocol, ProtocolContext, ProtocolDeclined,
                                      axial_ct_decision)
 
-__all__ = ["REGISTRY", "Decision", "Protocol", "ProtocolContext", "ProtocolDeclined", "axial_ct_decision",
-           "default_protocols"]
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "Decision", "Protocol", "ProtocolContext", "ProtocolDeclined",
+           "axial_ct_decision", "default_protocols", "registry"]
 
+log = structlog.get_logger(__name__)
 
-#: Registered protocols in routing order: name -> "module:class".
-REGISTRY: dict[str, str] = {
+#: Built-in protocols in routing order: name -> "module:class".
+BUILTIN: dict[str, str] = {
     "l1_attenuation": "screener.protocols.l1_attenuation:L1AttenuationProtocol",
     "l1_axial": "screener.protocols.l1_axial:L1AxialProtocol",
     "femur_coronal": "screener.protocols.femur_coronal:FemurCoronalProtocol",
@@ -23,6 +38,28 @@ REGISTRY: dict[str, str] = {
     "dxa_spine": "screener.protocols.dxa_spine:DxaSpineProtocol",
 }
 
+#: entry-point group under which installed packages register further protocols
+ENTRY_POINT_GROUP = "screener.protocols"
+
+
+def registry() -> dict[str, str]:
+    """Every protocol the router can use, in routing order: name -> ``"module:class"``.
+
+    The built-ins first, then the installed entry points of
+    :data:`ENTRY_POINT_GROUP` in name order. An entry point whose name is a
+    built-in's is ignored with a warning (a plug-in cannot replace a protocol
+    silently).
+    """
+    out = dict(BUILTIN)
+    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name in out:
+            if out[ep.name] != ep.value:
+                log.warning("protocol entry point ignored: the name is taken", name=ep.name,
+                            entry_point=ep.value, registered=out[ep.name])
+            continue
+        out[ep.name] = ep.value
+    return out
+
 
 def default_protocols(names: list[str] | None = None) -> list[Protocol]:
     """Instances of the registered protocols (all, or those named).
@@ -30,21 +67,31 @@ def default_protocols(names: list[str] | None = None) -> list[Protocol]:
     Parameters
     ----------
     names : list of str, optional
-        Protocol names to keep (``Config.protocols``); empty or None means all.
+        Protocol names to keep (``Config.protocols``); empty or None means all of :func:`registry`.
 
     Raises
     ------
     ValueError
-        For a name that is not registered (the message lists the known ones).
+        For a name that is not registered (the message lists the known ones), or an entry point
+        that does not load or is not a :class:`Protocol`.
     """
-    import importlib
-
-    wanted = list(names or REGISTRY)
-    unknown = [n for n in wanted if n not in REGISTRY]
+    known = registry()
+    wanted = list(names or known)
+    unknown = [n for n in wanted if n not in known]
     if unknown:
-        raise ValueError(f"unknown protocol(s) {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
+        raise ValueError(f"unknown protocol(s) {', '.join(unknown)}; registered: {', '.join(known)}")
     out: list[Protocol] = []
     for name in wanted:
-        module, _, cls = REGISTRY[name].partition(":")
-        out.append(getattr(importlib.import_module(module), cls)())
+        module, _, attr = known[name].partition(":")
+        try:
+            obj = getattr(importlib.import_module(module), attr)()
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in is named, not a traceback
+            raise ValueError(f"protocol {name!r} ({known[name]}) could not be loaded: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(obj, Protocol):
+            raise ValueError(f"protocol {name!r} ({known[name]}) is not a screener.protocols.Protocol")
+        if obj.name != name:
+            raise ValueError(f"protocol {name!r} ({known[name]}) calls itself {obj.name!r}: the "
+                             "registered name and Protocol.name must be the same")
+        out.append(obj)
     return out
