@@ -135,27 +135,7 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
             return PipelineResult("failed", f"loading failed: {type(exc).__name__}: {exc}",
                                   list(decisions.values()))
 
-    findings: list[Finding] = []
-    errors: list[str] = []
-    context = ProtocolContext(config=config, info=info)
-    for p in accepted:
-        try:
-            got = p.run(volume, context)  # type: ignore[arg-type]
-        except ProtocolDeclined as exc:
-            decisions[p.name] = (p.name, False, exc.reason)
-            continue
-        except Exception as exc:  # noqa: BLE001 - one protocol's bug must not hide the others
-            log.error("protocol failed", protocol=p.name, series_uid=info.series_uid,
-                      error=str(exc), traceback=traceback.format_exc())
-            decisions[p.name] = (p.name, False, f"error: {type(exc).__name__}: {exc}")
-            errors.append(f"{p.name}: {type(exc).__name__}: {exc}")
-            continue
-        for f in got:
-            f.study_uid = f.study_uid or info.study_uid
-            f.series_uid = f.series_uid or info.series_uid
-            f.protocol_version = p.algorithm_version(f)  # the bundle's version for model protocols
-        findings.extend(got)
-        decisions[p.name] = (p.name, True, f"{decisions[p.name][2]}; {len(got)} finding(s)")
+    findings, errors = _run_protocols(accepted, volume, ProtocolContext(config=config, info=info), decisions)
     dl = list(decisions.values())
     if not findings:
         if errors:
@@ -176,6 +156,35 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
     log.info("series done", series_uid=info.series_uid, findings=len(findings),
              outputs=[o.kind for o in outputs])
     return PipelineResult("done", reason, dl, findings, outputs)
+
+
+def _run_protocols(accepted: list[Protocol], volume: Volume | None, context: ProtocolContext,
+                   decisions: dict[str, tuple[str, bool, str]]) -> tuple[list[Finding], list[str]]:
+    """Run each accepted protocol; a decline or an error updates its decision in place and the
+    others go on. Returns the findings (with their study, series and algorithm version set) and
+    the errors."""
+    info = context.info
+    findings: list[Finding] = []
+    errors: list[str] = []
+    for p in accepted:
+        try:
+            got = p.run(volume, context)  # type: ignore[arg-type]
+        except ProtocolDeclined as exc:
+            decisions[p.name] = (p.name, False, exc.reason)
+            continue
+        except Exception as exc:  # noqa: BLE001 - one protocol's bug must not hide the others
+            log.error("protocol failed", protocol=p.name, series_uid=info.series_uid,
+                      error=str(exc), traceback=traceback.format_exc())
+            decisions[p.name] = (p.name, False, f"error: {type(exc).__name__}: {exc}")
+            errors.append(f"{p.name}: {type(exc).__name__}: {exc}")
+            continue
+        for f in got:
+            f.study_uid = f.study_uid or info.study_uid
+            f.series_uid = f.series_uid or info.series_uid
+            f.protocol_version = p.algorithm_version(f)  # the bundle's version for model protocols
+        findings.extend(got)
+        decisions[p.name] = (p.name, True, f"{decisions[p.name][2]}; {len(got)} finding(s)")
+    return findings, errors
 
 
 def report_findings(findings: list[Finding], info: SeriesInfo, config: Config) -> "StudyResult":

@@ -79,6 +79,16 @@ IDENTIFYING_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 #: CT storage classes (HU images): the quantitative check applies to these
 CT_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1",
                         "1.2.840.10008.5.1.4.1.1.2.2"})
+#: projection radiograph storage classes (CR; DX for presentation / processing)
+PROJECTION_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
+                                "1.2.840.10008.5.1.4.1.1.1.1.1"})
+
+
+#: the spacing attributes of a projection radiograph: it has up to three sources of its pixel size
+#: (:func:`screener.radiograph.pixel_spacing_mm`), so one that is not a finite number is a problem
+#: for that protocol to weigh (it may use another, or decline with the reason), not a reason to
+#: refuse the image; a CT's PixelSpacing stays strict (its geometry has no other source)
+RADIOGRAPH_SPACING_TAGS = frozenset({0x00280030, 0x00181164})
 
 
 class Rejected(Exception):
@@ -168,17 +178,19 @@ def _raw_ok(raw: object, tag: int) -> bool:
     return False
 
 
-def _walk(ds: Dataset, depth: int = 0) -> None:
+def _walk(ds: Dataset, depth: int = 0, lenient: frozenset[int] = frozenset()) -> None:
     """Convert every element whose conversion can fail (raising what pydicom raises) and
     check rescale values. Text VRs that pydicom always decodes (with replacement
-    characters at worst) are left raw: converting everything cost ~4 ms per CT slice."""
+    characters at worst) are left raw: converting everything cost ~4 ms per CT slice.
+    Tags in ``lenient`` are checked like any other element, not as numbers the pipeline
+    needs (:data:`RADIOGRAPH_SPACING_TAGS`)."""
     if depth > 16:
         raise Rejected(STATUS_CANNOT_PARSE, "sequences nested deeper than 16 levels")
     for tag in list(ds.keys()):
         itag = int(tag)
         if itag in _PIXEL_TAGS and depth == 0:
             continue
-        if itag not in _RESCALE_TAGS and _raw_ok(ds.get_item(tag), itag):
+        if (itag not in _RESCALE_TAGS or itag in lenient) and _raw_ok(ds.get_item(tag), itag):
             continue
         try:
             elem = ds[tag]
@@ -189,8 +201,8 @@ def _walk(ds: Dataset, depth: int = 0) -> None:
             raise Rejected(STATUS_CANNOT_PARSE,
                            f"attribute {Tag(tag)} unreadable (VR {vr}): {_short(exc)}") from exc
         for item in items or ():
-            _walk(item, depth + 1)
-        name = _RESCALE_TAGS.get(itag)
+            _walk(item, depth + 1, lenient)
+        name = _RESCALE_TAGS.get(itag) if itag not in lenient else None
         if name and value not in (None, ""):
             _check_rescale(name, value)
 
@@ -438,7 +450,11 @@ def validate_dataset(ds: Dataset, transfer_syntax: str, *, image: bool = True) -
         raise Rejected(STATUS_CANNOT_PARSE,
                        "data set unreadable: truncated or not DICOM (no UIDs found)")
     try:
-        _walk(ds)
+        sop_class = clean_uid(ds.get("SOPClassUID"))
+    except Exception:  # noqa: BLE001 - an unreadable class is reported by check_identifiers
+        sop_class = ""
+    try:
+        _walk(ds, lenient=RADIOGRAPH_SPACING_TAGS if sop_class in PROJECTION_CLASSES else frozenset())
     except Rejected:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. a broken data set structure

@@ -388,3 +388,29 @@ def test_real_public_files_end_as_recorded_declines_through_the_scp(tmp_path: Pa
     finally:
         assert d.stop() == 0
     assert "Traceback" not in d.log()
+
+
+def test_a_radiograph_whose_pixel_spacing_is_not_a_number_is_received_and_measured(radiograph: Dataset,
+                                                                                 tmp_path: Path) -> None:
+    # PixelSpacing NaN (or text) beside a good ImagerPixelSpacing: the ingest validation used to refuse
+    # the image (0xC002) although the hip protocol has two other sources of the pixel size. For a
+    # projection radiograph the spacing attributes are the protocol's to weigh; a CT's stay strict.
+    from screener.pipeline import process_series
+    from screener.validation import Rejected, validate_dataset
+
+    for bad in ("nan\\nan", "abc\\0.2"):
+        p = _write(radiograph, tmp_path / bad[:3], 2)
+        ds = pydicom.dcmread(p)
+        set_raw_text(ds, "PixelSpacing", bad)
+        ds.save_as(p, enforce_file_format=True)
+        ds = pydicom.dcmread(p)
+        validate_dataset(ds, str(ds.file_meta.TransferSyntaxUID))  # no Rejected
+        res = process_series([p], config=Config(device="cpu"), out_dir=tmp_path / f"out-{bad[:3]}")
+        assert res.status == "done", res.reason
+        assert {o.kind for o in res.outputs} == {"SR", "SC"}
+        assert all(_dciodvfy_errors(o.path) == [] for o in res.outputs)
+    ct = pydicom.dcmread(p)
+    ct.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    set_raw_text(ct, "PixelSpacing", "nan\\nan")
+    with pytest.raises(Rejected, match="PixelSpacing is not finite"):
+        validate_dataset(ct, str(ct.file_meta.TransferSyntaxUID))

@@ -43,6 +43,7 @@ import structlog
 from screener.findings import Finding, RoiGeometry
 from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined
 from screener.protocols.model import ModelProtocol, model_details, resolve_device
+from screener.references import REFERENCES
 from screener.reporting import codes
 
 log = structlog.get_logger(__name__)
@@ -59,7 +60,6 @@ SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing",
     "1.2.840.10008.5.1.4.1.1.1": "CR",
 }
-NHANES_FN = (0.858, 0.120)
 _AUX: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
 _AUX_LOCK = threading.Lock()
 
@@ -287,7 +287,8 @@ class HipXrayProtocol(ModelProtocol):
         thr = float(dec["threshold_t"])
         w_lin = float(dec.get("linear_weight", 0.0))
         ref = bundle.card.get("t_score_reference") or {}
-        mean, sd = float(ref.get("mean") or NHANES_FN[0]), float(ref.get("sd") or NHANES_FN[1])
+        fallback = REFERENCES["nhanes3_fn_women"]  # the one table's default femoral-neck reference
+        mean, sd = float(ref.get("mean") or fallback.mean), float(ref.get("sd") or fallback.sd)
         uid, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
         sr_mm, sc_mm = inp.spacing_mm
         findings: list[Finding] = []
