@@ -167,30 +167,7 @@ class HipXrayProtocol(ModelProtocol):
         return hip_decision(info)
 
     # ----------------------------------------------------------------- bundle
-    def load_bundle(self, context: ProtocolContext) -> Any:
-        """The stage-3 bundle (cached), loaded with the BMD-GAN networks."""
-        from screener.bundles import BundleError, load_bundle
-        from screener.nets.bmdgan import BMDGenerator, BMDRegressor
-        from screener.protocols import model as M
-
-        path = self.bundle_path(context)
-        device = resolve_device(context.config.device)
-        key = (str(path.resolve()), device)
-        with M._LOCK:
-            if key in M._CACHE:
-                return M._CACHE[key]
-            if not (path / "model_card.json").is_file():
-                raise ProtocolDeclined(f"model bundle {path} not installed: run screener train "
-                                       f"training/recipes/{self.name}-cohort.toml --out {path.parent}")
-            try:
-                bundle = load_bundle(path, device, networks={"BMDRegressor": BMDRegressor,
-                                                             "BMDGenerator": BMDGenerator})
-            except BundleError as exc:
-                raise ProtocolDeclined(f"model bundle {path} unusable: {exc}") from exc
-            if bundle.protocol != self.name:
-                raise ProtocolDeclined(f"model bundle {path} is for {bundle.protocol}, not {self.name}")
-            M._CACHE[key] = bundle
-            return bundle
+    # the stage-3 bundle: ModelProtocol.load_bundle (its BMD-GAN networks are built-ins of bundles.py)
 
     def load_generator(self, bundle: Any) -> tuple[Any, dict[str, Any]]:
         """The stage-2 generator and the card's ``decomposition`` entry (cached)."""
