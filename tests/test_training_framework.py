@@ -467,7 +467,8 @@ def test_square_pixel_rotation_is_rigid_on_a_non_square_image() -> None:
 
 def test_torch_threads_recipe_default_and_environment_override(monkeypatch) -> None:
     """A recipe's ``[training] torch_threads`` sets the threads; ``SCREENER_TORCH_THREADS`` wins."""
-    from training.cli import CliError, limit_torch_threads
+    from training.cli import CliError
+    from training.plan import limit_torch_threads
 
     before = torch.get_num_threads()
     try:

@@ -27,7 +27,7 @@ across a fixed threshold (the T-score cut-off) and changes MAPE and the bias.
 The record :func:`fit_linear` returns is what the model card stores as
 ``card["calibration"]``; :meth:`screener.bundles.Bundle.predict` applies it to
 the ensemble output.  :func:`calibrate_bundle` is the post-train hook
-(:data:`training.cli.POST_TRAIN`): it recomputes the validation predictions
+(:data:`training.plan.POST_TRAIN`): it recomputes the validation predictions
 from the bundle's own (float16) fold weights and the recipe's split plan,
 fits, writes the card and prints the calibrated test / held-out tables.
 It runs only when the recipe asks for it: ``[bundle] preprocessing =
@@ -149,7 +149,7 @@ def calibrate_bundle(bundle_dir: str | Path, *, device: str = "cpu", dataset: An
         A regression bundle, e.g. ``models/l1_axial``.
     device : str
     dataset : ArrayDataset, optional
-        The recipe's full data set (default: :func:`training.cli.build_dataset` of the card's recipe).
+        The recipe's full data set (default: :func:`training.plan.build_dataset` of the card's recipe).
     fit : {"inverse", "direct"}, optional
         Overrides the recipe's ``calibration_fit``; giving it also calibrates a recipe without
         ``calibration = "linear"``.
@@ -167,7 +167,7 @@ def calibrate_bundle(bundle_dir: str | Path, *, device: str = "cpu", dataset: An
         When the bundle is not a regression bundle, or its folds do not match the recipe's plan.
     """
     from screener.bundles import CARD, README, load_bundle, render_readme
-    from training.cli import _markdown, _plan, build_dataset, evaluation_tables
+    from training.plan import build_dataset, evaluation_tables, markdown_sections, split_plan
     from training.recipes import recipe_from_dict
     from training.trainer import predict
 
@@ -186,7 +186,7 @@ def calibrate_bundle(bundle_dir: str | Path, *, device: str = "cpu", dataset: An
         raise ValueError(f"{bundle_dir}: no output {name!r} to calibrate (outputs: {', '.join(names)})")
     j = names.index(name)
     ds = build_dataset(recipe) if dataset is None else dataset
-    plan = _plan(ds, recipe)
+    plan = split_plan(ds, recipe)
     folds = [f for f in plan.folds if f.repeat == 0]
     if len(folds) != len(bundle.models):
         raise ValueError(f"{bundle_dir}: {len(bundle.models)} fold models but the recipe gives {len(folds)} folds "
@@ -219,7 +219,7 @@ def calibrate_bundle(bundle_dir: str | Path, *, device: str = "cpu", dataset: An
     for label, y, p, pid in groups:
         for tag, q in (("uncalibrated", p), ("calibrated", bundle.apply_calibration(p))):
             t = evaluation_tables(bundle.protocol, "regression", y, q, patient_ids=pid, outputs=names)
-            tables.update(_markdown(t, f"{label}, {tag} ({len(y)} samples, synthetic)"))
+            tables.update(markdown_sections(t, f"{label}, {tag} ({len(y)} samples, synthetic)"))
     rec["tables"] = tables
     card_path = Path(bundle_dir) / CARD
     card = json.loads(card_path.read_text(encoding="utf-8"))

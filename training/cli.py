@@ -18,7 +18,7 @@ the test set with the paper's table, and writes the bundle ``<out>/<protocol>/``
 
 Dataset builders are passed in as ``dataset_factories`` (protocol -> callable
 taking the :class:`~training.recipes.Recipe` and returning an
-:class:`~training.trainer.ArrayDataset`).  :data:`DATASET_FACTORIES` is the
+:class:`~training.trainer.ArrayDataset`).  :data:`training.plan.DATASET_FACTORIES` is the
 default registry; it is empty until the protocols' builders exist.
 """
 from __future__ import annotations
@@ -26,202 +26,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from training.plan import (CUSTOM_TRAINERS, EXTRA_EVALUATIONS, POST_TRAIN, DatasetFactory,
+                           SetupError, build_dataset, evaluation_tables, limit_torch_threads,
+                           markdown_sections, resolve_ref, split_plan)
 from training.recipes import DataSpec, Recipe, RecipeError, load_recipe, recipe_from_dict
 
-__all__ = ["CUSTOM_TRAINERS", "DATASET_FACTORIES", "DatasetFactory", "build_dataset", "dataset_cache_dir", "evaluate_main", "evaluation_tables",
-           "limit_torch_threads", "train_main"]
+__all__ = ["CliError", "evaluate_main", "train_main"]
 
-DatasetFactory = Callable[[Recipe], Any]  # -> training.trainer.ArrayDataset
-
-#: protocol -> dataset builder, as ``"module:function"`` (imported on first use) or a callable.
-#: Each builder lives in ``training/datasets/<protocol>.py``.
-DATASET_FACTORIES: dict[str, DatasetFactory | str] = {
-    "l1_axial": "training.datasets.l1_axial:build",
-    "femur_coronal": "training.datasets.femur_coronal:build",
-    "lumbar_sagittal": "training.datasets.lumbar_sagittal:build",
-    "hip_xray": "training.datasets.hip_xray:build",
-    "dxa_spine": "training.datasets.dxa_spine:build",
-}
-
-#: protocol -> its own training entry point (``"module:function"``), for protocols whose recipe
-#: is not a plain fold ensemble (the BMD-GAN of ``hip_xray``).  Called as ``fn(recipe, args)``
-#: and returns the exit status.
-CUSTOM_TRAINERS: dict[str, str] = {
-    "hip_xray": "training.hip_xray:train_recipe",
-}
-
-#: protocol -> extra tables printed by ``screener evaluate`` after the paper table
-#: (``fn(["evaluate", BUNDLE, "--data", DATA]) -> exit status``): ``hip_xray`` compares
-#: decomposition + regression with the PF-DRR fit and the direct baseline, by pose and after JPEG.
-EXTRA_EVALUATIONS: dict[str, str] = {
-    "hip_xray": "training.hip_xray:evaluate_main",
-}
-
-#: protocol -> step run on the written bundle after training (``fn(bundle_dir, device=...)``):
-#: ``dxa_spine`` matches its fracture threshold to the minimum-T-score sensitivity (Nissinen);
-#: ``l1_axial`` fits the linear calibration of its BMD on the validation predictions when the recipe
-#: asks for it (``[bundle] preprocessing = { calibration = "linear" }``, :mod:`training.calibration`).
-POST_TRAIN: dict[str, str] = {
-    "dxa_spine": "training.datasets.dxa_spine:calibrate_fracture_threshold",
-    "l1_axial": "training.calibration:calibrate_bundle",
-}
-
-
-def _resolve(ref: Any) -> Any:
-    """Import ``"module:attr"`` references; return callables unchanged."""
-    if not isinstance(ref, str):
-        return ref
-    import importlib
-
-    module, _, attr = ref.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise CliError(f"cannot load {ref}: {exc}") from exc
-
-PAPER_PROTOCOLS = ("l1_axial", "femur_coronal", "lumbar_sagittal", "dxa_spine", "hip_xray")
-
-
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
-
-
-def _factory(protocol: str, factories: Mapping[str, DatasetFactory] | None) -> DatasetFactory:
-    table = DATASET_FACTORIES if factories is None else factories
-    if protocol not in table:
-        known = ", ".join(sorted(table)) or "none yet"
-        raise CliError(f"protocol {protocol!r} has no dataset builder yet (registered: {known}); "
-                       "add one to training.cli.DATASET_FACTORIES")
-    return _resolve(table[protocol])
-
-
-def dataset_cache_dir() -> Path | None:
-    """Folder of cached cohort data sets (``SCREENER_DATASET_CACHE``; ``0`` disables caching).
-
-    Default ``~/.cache/screener/datasets``.
-    """
-    import os
-
-    env = os.environ.get("SCREENER_DATASET_CACHE", "")
-    if env == "0":
-        return None
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "screener" / "datasets"
-
-
-def build_dataset(recipe: Recipe, factories: Mapping[str, DatasetFactory] | None = None) -> Any:
-    """The recipe's data set from its protocol's builder, cached for cohort sources.
-
-    Rendering the virtual cohort is the slow part of ``screener train``; ``screener evaluate
-    --data test|holdout`` rebuilds the same samples, so a cohort data set is cached as
-    ``.npz`` keyed by the protocol, the ``[data]`` section, the builder's source code and
-    the sources of the shared preprocessing (``screener/preprocess``) and the phantom
-    (``training/phantoms``), so a changed builder, preprocessing step or phantom never reads
-    a stale cache.  Site manifests are never cached.
-    """
-    import hashlib
-    import inspect
-
-    from training.trainer import ArrayDataset
-
-    factory = _factory(recipe.protocol, factories)
-    cache = dataset_cache_dir() if recipe.data.source == "cohort" else None
-    if cache is None:
-        return factory(recipe)
-    try:
-        code = inspect.getsource(inspect.getmodule(factory))  # type: ignore[arg-type]
-    except (OSError, TypeError):
-        return factory(recipe)
-    roots = [Path(__file__).resolve().parents[1] / "screener" / "preprocess", Path(__file__).resolve().parent / "phantoms"]
-    code += "".join(f.read_text() for root in roots for f in sorted(root.rglob("*.py")))
-    key = hashlib.sha256(json.dumps([recipe.protocol, dataclasses.asdict(recipe.data), code],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = cache / f"{recipe.protocol}-{key}.npz"
-    if path.is_file():
-        print(f"data set from cache {path}", file=sys.stderr)
-        return ArrayDataset.load_npz(path)
-    ds = factory(recipe)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    ds.save_npz(tmp)
-    tmp.replace(path)
-    return ds
-
-
-def _holdout_mask(ds: Any, recipe: Recipe) -> np.ndarray | None:
-    hold = recipe.data.holdout_profiles
-    if not hold:
-        return None
-    if "profile" not in ds.attributes:
-        raise CliError(f"[data] holdout_profiles is set but the {recipe.protocol} dataset builder "
-                       "gives no per-sample 'profile' attribute")
-    return np.isin(np.asarray(ds.attributes["profile"]).astype(str), list(hold))
-
-
-def _plan(ds: Any, recipe: Recipe) -> Any:
-    from training.folds import make_splits
-
-    t = recipe.training
-    return make_splits(ds.patient_ids, mode=t.split, folds=t.folds, repeats=t.repeats,
-                       val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=recipe.seed,
-                       strata=ds.strata if t.stratify else None, exclude=_holdout_mask(ds, recipe))
-
-
-def evaluation_tables(protocol: str, task: str, y_true: np.ndarray, y_pred: np.ndarray, *,
-                      patient_ids: Sequence[Any] | None = None,
-                      outputs: Sequence[str] = (),
-                      thresholds: Mapping[str, float] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """The paper's table(s) for a protocol, or task-generic metrics for any other protocol.
-
-    Parameters
-    ----------
-    protocol, task : str
-    y_true : numpy.ndarray
-        Targets as in the data set.
-    y_pred : numpy.ndarray
-        ``(N, K)`` ensemble output (values or probabilities).
-    patient_ids : sequence, optional
-    outputs : sequence of str
-        Output names (``dxa_spine``: the task of each column).
-    thresholds : mapping, optional
-        ``dxa_spine``: task -> probability threshold (the bundle's calibrated fracture threshold).
-
-    Returns
-    -------
-    dict
-        Table name -> rows (see :func:`training.metrics.paper_table`).
-    """
-    from training import metrics as M
-
-    y_pred = np.asarray(y_pred, dtype=np.float64)
-    if protocol == "dxa_spine":
-        t = np.asarray(y_true).reshape(len(y_true), -1)
-        names = list(outputs) or ["scoliosis"]
-        return {f"dxa_spine {n}": M.paper_table("dxa_spine", t[:, j], y_pred[:, j], task=n,
-                                                threshold=(thresholds or {}).get(n))
-                for j, n in enumerate(names)}
-    if protocol in ("l1_axial", "hip_xray"):
-        return {protocol: M.paper_table(protocol, np.asarray(y_true).ravel(), y_pred[:, 0])}
-    if protocol == "femur_coronal":
-        return {protocol: M.paper_table(protocol, y_true, y_pred)}
-    if protocol == "lumbar_sagittal":
-        from training.phantoms.labels import YAM_L1L4  # the young-adult mean the labels use
-
-        return {protocol: M.paper_table(protocol, y_true, y_pred, patient_ids=patient_ids, yam=YAM_L1L4)}
-    return {protocol: M.generic_table(task, y_true, y_pred, outputs=outputs or None)}
-
-
-def _markdown(tables: Mapping[str, list[dict[str, Any]]], heading: str) -> dict[str, str]:
-    from training.metrics import markdown_table
-
-    return {f"{name} — {heading}": markdown_table(rows) for name, rows in tables.items()}
-
+#: the user-facing error of training's command line (printed without a traceback, exit status 2)
+CliError = SetupError
 
 def _plots(out: Path, tag: str, task: str, y_true: np.ndarray, y_pred: np.ndarray,
            outputs: Sequence[str], units: Sequence[str]) -> list[Path]:
@@ -248,25 +67,6 @@ def _outputs(recipe: Recipe, ds: Any, n_out: int) -> tuple[list[str], list[str]]
     return names, units
 
 
-def limit_torch_threads(default: int = 0) -> int:
-    """Cap torch's intra-op threads for training and evaluation; returns the number set.
-
-    The small networks here gain little from many threads, and on a shared 2-core machine
-    torch's default (one thread per core, spinning) made an epoch about 4x slower than one
-    thread.  ``SCREENER_TORCH_THREADS`` overrides ``default`` (a recipe's ``[training]
-    torch_threads``), and that overrides half the CPU cores (at least 1).
-    """
-    import torch
-
-    env = os.environ.get("SCREENER_TORCH_THREADS", "").strip()
-    try:
-        n = int(env) if env else (int(default) if default > 0 else max(1, (os.cpu_count() or 2) // 2))
-    except ValueError:
-        raise CliError(f"SCREENER_TORCH_THREADS must be a whole number of threads (got {env!r})") from None
-    torch.set_num_threads(max(1, n))
-    return max(1, n)
-
-
 def _train(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] | None,
            networks: Mapping[str, Callable[..., Any]] | None) -> int:
     from screener.bundles import InputSpec, build_network, save_bundle
@@ -276,9 +76,9 @@ def _train(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] | N
     if recipe.training.torch_threads:
         limit_torch_threads(recipe.training.torch_threads)
     if factories is None and recipe.protocol in CUSTOM_TRAINERS:
-        return int(_resolve(CUSTOM_TRAINERS[recipe.protocol])(recipe, args))
+        return int(resolve_ref(CUSTOM_TRAINERS[recipe.protocol])(recipe, args))
     ds = build_dataset(recipe, factories)
-    plan = _plan(ds, recipe)
+    plan = split_plan(ds, recipe)
     out_root = Path(args.out)
     ckpt_dir = Path(args.checkpoints) if args.checkpoints else out_root / ".checkpoints" / f"{recipe.protocol}-{recipe.variant}"
     device = args.device or recipe.training.device
@@ -311,7 +111,7 @@ def _train(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] | N
         tables = evaluation_tables(recipe.protocol, recipe.task, sub.targets, pred,
                                    patient_ids=sub.patient_ids, outputs=names)
         metrics["rows"][label] = tables
-        metrics["tables"].update(_markdown(tables, f"{label} ({idx.size} samples, synthetic)"))
+        metrics["tables"].update(markdown_sections(tables, f"{label} ({idx.size} samples, synthetic)"))
         _plots(bundle_dir / "evaluation", label.split()[0], recipe.task, sub.targets, pred, names, units)
     b = recipe.bundle
     spec = InputSpec(
@@ -339,7 +139,7 @@ def _train(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] | N
                                "holdout_profiles": list(recipe.data.holdout_profiles)}},
     )
     if factories is None and recipe.protocol in POST_TRAIN:
-        _resolve(POST_TRAIN[recipe.protocol])(bundle_dir, device="cpu")
+        resolve_ref(POST_TRAIN[recipe.protocol])(bundle_dir, device="cpu")
     for name, md in metrics["tables"].items():
         print(f"\n## {name}\n\n{md}")
     print(f"bundle written to {bundle_dir}")
@@ -356,7 +156,7 @@ def train_main(argv: Sequence[str] | None = None, *,
     argv : sequence of str, optional
         Arguments after ``train`` (default ``sys.argv[1:]``).
     dataset_factories : mapping, optional
-        Protocol -> dataset builder (default :data:`DATASET_FACTORIES`).
+        Protocol -> dataset builder (default :data:`training.plan.DATASET_FACTORIES`).
     networks : mapping, optional
         Extra network factories by name (besides ``screener.nets``).
 
@@ -408,7 +208,7 @@ def _evaluate(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] 
             label = Path(data).name
         else:
             full = build_dataset(recipe, factories)
-            plan = _plan(full, recipe)
+            plan = split_plan(full, recipe)
             idx = plan.test if data == "test" else plan.excluded
             if idx.size == 0:
                 raise CliError(f"the recipe has no {'test set' if data == 'test' else 'holdout_profiles'}")
@@ -438,14 +238,14 @@ def _evaluate(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] 
             print(f"{glabel}: no table ({exc})", file=sys.stderr)
             continue
         rows_out[glabel] = tables
-        md.update(_markdown(tables, f"{glabel} ({idx.size} samples)"))
+        md.update(markdown_sections(tables, f"{glabel} ({idx.size} samples)"))
     text = "".join(f"## {name}\n\n{table}\n" for name, table in md.items())
     header = (f"# {bundle.bundle_id} evaluation\n\n{card.get('training_data', '')}. "
               "Numbers on synthetic data are not clinical accuracy.\n\n")
     print(header + text)
     if factories is None and bundle.protocol in EXTRA_EVALUATIONS and data in ("test", "holdout"):
         sys.stdout.flush()
-        status = _resolve(EXTRA_EVALUATIONS[bundle.protocol])(["evaluate", str(args.bundle), "--data", data])
+        status = resolve_ref(EXTRA_EVALUATIONS[bundle.protocol])(["evaluate", str(args.bundle), "--data", data])
         if status:
             return int(status)
     if args.out:

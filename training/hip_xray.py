@@ -1,10 +1,10 @@
 """``screener train training/recipes/hip_xray-*.toml``: BMD-GAN (Gu et al. 2023, seed ``004``).
 
-Called by ``screener train`` through :data:`training.cli.CUSTOM_TRAINERS` (the recipe is not a plain
+Called by ``screener train`` through :data:`training.plan.CUSTOM_TRAINERS` (the recipe is not a plain
 fold ensemble).  One run:
 
 1. data: :func:`training.datasets.hip_xray.build` and the same patient-level split as every protocol
-   (:func:`training.cli._plan`: test patients and the held-out radiograph profile out first; the
+   (:func:`training.plan.split_plan`: test patients and the held-out radiograph profile out first; the
    first fold's train / validation patients);
 2. **stage 1** -- generator ``G`` (:class:`screener.nets.bmdgan.BMDGenerator`, light HRNet encoder +
    pix2pixHD decoder) against multi-scale conditional discriminators learns radiograph -> pelvis +
@@ -412,7 +412,7 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     int
         Exit status (0).
     """
-    from training.cli import _plan, build_dataset
+    from training.plan import build_dataset, split_plan
 
     t_start = time.time()
     kw = _kw(recipe)
@@ -424,7 +424,7 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     gan_mode = str(lk.get("gan_mode", "lsgan"))
 
     ds = build_dataset(recipe)  # training.datasets.hip_xray.build, cached like every cohort data set
-    plan = _plan(ds, recipe)
+    plan = split_plan(ds, recipe)
     fold = plan.folds[0]
     t_data = time.time() - t_start
     print(f"hip_xray ({recipe.variant}): {len(ds)} hips, {len(np.unique(ds.patient_ids))} patients; train {fold.train.size}, "
@@ -520,7 +520,7 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     rows, md, estimates = _evaluate_sets(ds, plan, regs, g2, base, dec, hold_label)
     wall = time.time() - t_start
 
-    from training.cli import evaluation_tables, _markdown
+    from training.plan import evaluation_tables, markdown_sections
 
     metrics: dict[str, Any] = {"split": plan.to_dict(), "tables": {}, "rows": {}, "comparison": rows,
                                "wall_s": {"total": wall, "data": t_data, "stage1": t1, "stage2": t2},
@@ -532,7 +532,7 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
             continue
         tables = evaluation_tables("hip_xray", "regression", ds.subset(idx).targets, estimates[label][:, None])
         metrics["rows"][label] = tables
-        metrics["tables"].update(_markdown(tables, f"{label} ({idx.size} hips, synthetic)"))
+        metrics["tables"].update(markdown_sections(tables, f"{label} ({idx.size} hips, synthetic)"))
     metrics["tables"].update(md)
     out_dir = Path(args.out) / "hip_xray"
     b = recipe.bundle
@@ -586,14 +586,14 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("bundle")
     ap.add_argument("--data", default="test", choices=["test", "holdout"])
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from training.cli import _plan, build_dataset
+    from training.plan import build_dataset, split_plan
     from training.recipes import recipe_from_dict
 
     bundle = load_bundle(args.bundle, "cpu", networks=NETWORKS)
     recipe = recipe_from_dict(bundle.card["recipe"], where=f"{args.bundle}/model_card.json recipe")
     gen, base, dec = load_aux(args.bundle)
     ds = build_dataset(recipe)
-    plan = _plan(ds, recipe)
+    plan = split_plan(ds, recipe)
     idx = plan.test if args.data == "test" else plan.excluded
     if idx.size == 0:
         print(f"the recipe has no {args.data} set", file=sys.stderr)

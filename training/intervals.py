@@ -129,7 +129,7 @@ def fit_bundle_intervals(bundle_dir: str | Path, *, level: float = 0.9, device: 
     level : float
     device : str
     dataset : ArrayDataset, optional
-        The recipe's full data set (default: :func:`training.cli.build_dataset` of the card's recipe).
+        The recipe's full data set (default: :func:`training.plan.build_dataset` of the card's recipe).
     output : str, optional
         Output column (default: the first).
 
@@ -140,7 +140,7 @@ def fit_bundle_intervals(bundle_dir: str | Path, *, level: float = 0.9, device: 
         ``n_test`` (and ``coverage_holdout`` when the recipe holds a profile out).
     """
     from screener.bundles import CARD, README, load_bundle, render_readme
-    from training.cli import _plan, build_dataset
+    from training.plan import build_dataset, split_plan
     from training.recipes import recipe_from_dict
     from training.trainer import predict
 
@@ -152,7 +152,7 @@ def fit_bundle_intervals(bundle_dir: str | Path, *, level: float = 0.9, device: 
     name = output or names[0]
     j = names.index(name)
     ds = build_dataset(recipe) if dataset is None else dataset
-    plan = _plan(ds, recipe)
+    plan = split_plan(ds, recipe)
     folds = [f for f in plan.folds if f.repeat == 0]
     if len(folds) != len(bundle.models):
         raise ValueError(f"{bundle_dir}: {len(bundle.models)} fold models but the recipe gives {len(folds)} folds")
@@ -199,7 +199,7 @@ def fit_hip_xray_intervals(bundle_dir: str | Path, *, level: float = 0.9) -> dic
     the recipe's validation hips; coverage on the test and held-out hips.  Stored as
     ``card["intervals"]["femoral_neck_bmd"]``."""
     from screener.bundles import CARD, load_bundle
-    from training.cli import _plan, build_dataset
+    from training.plan import build_dataset, split_plan
     from training.hip_xray import NETWORKS, load_aux, predict_all
     from training.recipes import recipe_from_dict
 
@@ -207,7 +207,7 @@ def fit_hip_xray_intervals(bundle_dir: str | Path, *, level: float = 0.9) -> dic
     recipe = recipe_from_dict(bundle.card["recipe"], where=f"{bundle_dir}/model_card.json recipe")
     gen, base, dec = load_aux(bundle_dir)
     ds = build_dataset(recipe)
-    plan = _plan(ds, recipe)
+    plan = split_plan(ds, recipe)
     folds = [f for f in plan.folds if f.repeat == 0]
     y = np.asarray(ds.targets, dtype=np.float64).reshape(len(ds), -1)[:, 0]
 

@@ -123,7 +123,7 @@ class TrainingSpec:
         Write the resumable checkpoint every this many epochs.
     torch_threads : int
         torch intra-op threads for this recipe (a recipe meant to run alone on the machine);
-        0 = the default of :func:`training.cli.limit_torch_threads`.  ``SCREENER_TORCH_THREADS``
+        0 = the default of :func:`training.plan.limit_torch_threads`.  ``SCREENER_TORCH_THREADS``
         overrides it.
     """
 

@@ -288,14 +288,14 @@ def calibrate_fracture_threshold(bundle_dir: str | Path, *, device: str = "cpu")
         The ``fracture_threshold`` record written to the card.
     """
     from screener.bundles import CARD, README, load_bundle, render_readme
-    from training.cli import _plan, build_dataset
+    from training.plan import build_dataset, split_plan
     from training.recipes import recipe_from_dict
     from training.trainer import predict
 
     bundle = load_bundle(bundle_dir, device)
     recipe = recipe_from_dict(bundle.card["recipe"], where=f"{bundle_dir}/model_card.json recipe")
     ds = build_dataset(recipe)  # the cached cohort of `screener train`
-    plan = _plan(ds, recipe)
+    plan = split_plan(ds, recipe)
     folds = [f for f in plan.folds if f.repeat == 0]
     if len(folds) != len(bundle.models):
         raise ValueError(f"{bundle_dir}: {len(bundle.models)} fold models but the recipe gives {len(folds)} "

@@ -269,7 +269,7 @@ def build_manifest(recipe: Any) -> ArrayDataset:
 
 
 def build(recipe: Any) -> ArrayDataset:
-    """Dataset builder registered in :data:`training.cli.DATASET_FACTORIES` for ``l1_axial``."""
+    """Dataset builder registered in :data:`training.plan.DATASET_FACTORIES` for ``l1_axial``."""
     if recipe.data.source == "manifest":
         return build_manifest(recipe)
     return build_cohort(recipe)

@@ -295,7 +295,7 @@ def build_manifest(path: str | Path, *, fov_mm: float = pp.FOV_MM, size: int = p
 
 
 def build(recipe: Any) -> Any:
-    """``training.cli`` entry point: the recipe's ``[data]`` -> :class:`~training.trainer.ArrayDataset`."""
+    """Data-set builder (:data:`training.plan.DATASET_FACTORIES`): the recipe's ``[data]`` -> :class:`~training.trainer.ArrayDataset`."""
     d = recipe.data
     opts = _pp_options(d.options)
     if d.source == "manifest":
