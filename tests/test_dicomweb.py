@@ -12,12 +12,12 @@ import json
 import threading
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pydicom
 import pytest
 
-from screener.config import Config, load_config
+from screener.config import Config
 from screener.db import Database, now
 from screener.destinations import parse_destination
 from screener.dicomweb import stow
@@ -25,29 +25,12 @@ from screener.export import Exporter
 from screener.worker import run_job
 from tests.conftest import free_port
 from tests.daemon_helpers import Orthanc, fake_process_series, make_ct_series
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[tuple[Config, Database]]:
-    cfg = load_config(env={}, data_dir=tmp_path / "data", export_backoff_seconds=5,
-                      export_backoff_max_seconds=600, export_max_attempts=4)
-    cfg.ensure_dirs()
-    db = Database(cfg.db_path)
-    yield cfg, db
-    db.close()
+from tests.test_export import _claim, _ingest, env  # noqa: F401 - env is the shared fixture
 
 
 def _processed(db: Database, cfg: Config, files: list[Path]) -> None:
-    """Record ``files`` as one received series and run the (fake) pipeline on it: one SR-like result."""
-    for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        db.record_instance(sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-                           study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-                           path=str(f), source="test", modality="CT")
-    db.enqueue_job(str(ds.SeriesInstanceUID))
-    job = db.claim_job()
-    assert job is not None
-    run_job(job, db, cfg, process=fake_process_series)
+    """Record ``files`` as one received series and run the (fake) pipeline on it: one result."""
+    run_job(_claim(db, _ingest(db, files)), db, cfg, process=fake_process_series)
 
 
 def _upload(orthanc: Orthanc, f: Path) -> None:
