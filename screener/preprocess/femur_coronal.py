@@ -554,15 +554,23 @@ def _grid_hu(volume: Any, sampler: Any, xs: np.ndarray, ys: np.ndarray, zs: np.n
         start = [lo for lo, _ in box]
     coords = (xs, ys, zs)
     patient_of = {axis: m for m, (axis, _, _) in enumerate(amap)}  # array axis -> patient axis
+    out = np.full((len(zs), len(ys), len(xs)), sampler.outside, dtype=np.float32)
+    inside: dict[int, slice] = {}  # patient axis -> the grid points inside the (cut) volume
     todo = [0, 1, 2]
     while todo:  # the axis that shrinks the array most first: it makes every later step cheaper
         axis = min(todo, key=lambda ax: len(coords[patient_of[ax]]) / a.shape[ax])
         todo.remove(axis)
-        _, origin, step = amap[patient_of[axis]]
-        t = (np.asarray(coords[patient_of[axis]], dtype=np.float64) - origin) / step - start[axis]
-        a = _lerp_axis(a, t, axis, sampler.outside)
+        m = patient_of[axis]
+        _, origin, step = amap[m]
+        t = (np.asarray(coords[m], dtype=np.float64) - origin) / step - start[axis]
+        ok = np.flatnonzero((t >= 0.0) & (t <= a.shape[axis] - 1))  # one run: t is monotonic
+        if not len(ok):
+            return out
+        inside[m] = slice(int(ok[0]), int(ok[-1]) + 1)
+        a = _lerp_axis(a, t[inside[m]], axis, sampler.outside)
     order = [next(ax for ax in range(3) if patient_of[ax] == m) for m in (2, 1, 0)]  # to (z, y, x)
-    return np.ascontiguousarray(np.transpose(a, order))
+    out[inside[2], inside[1], inside[0]] = np.transpose(a, order)
+    return out
 
 
 def _fill_holes_per_slice(bone: np.ndarray) -> np.ndarray:
