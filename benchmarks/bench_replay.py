@@ -4,7 +4,8 @@ Renders ``--series`` virtual-cohort abdomen-pelvis CTs (5 mm, about 95 slices ea
 folder twice into fresh data directories with ``--executor processes``: once with one worker, once
 with ``--workers`` workers, every CT protocol with the shipped bundles, and prints the wall time of
 each whole replay (walk, pool start with its bundle loading, series, export) and their ratio.  The
-two runs must agree on every series' status.  The machine's load average is printed too: other
+two runs must agree on every series' status; a third run through a 2-worker ``dask`` ``LocalCluster``
+must give the same results JSON as the 1-worker one.  The machine's load average is printed too: other
 jobs on a shared machine take cores from the parallel run::
 
     python benchmarks/bench_replay.py [--series 8] [--workers 2]
@@ -12,6 +13,7 @@ jobs on a shared machine take cores from the parallel run::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -35,21 +37,35 @@ def render(out: Path, n: int, seed: int = 31) -> None:
         write_series(render_ct(scene, PROFILES[i % len(PROFILES)], seed), out / f"patient{i:02d}" / "ct")
 
 
-def timed_replay(folder: Path, data: Path, workers: int) -> tuple[float, dict[str, str]]:
-    """Seconds of one whole replay and each series' status."""
+def timed_replay(folder: Path, data: Path, workers: int, scheduler: str | None = None
+                 ) -> tuple[float, dict[str, str]]:
+    """Seconds of one whole replay (on ``workers`` processes, or the Dask ``scheduler``) and each
+    series' status."""
     from screener.config import load_config
     from screener.replay import replay
 
     cfg = load_config(env={"SCREENER_DEVICE": "cpu", "SCREENER_LOG_LEVEL": "warning"}, data_dir=data)
     t0 = time.perf_counter()
-    rows, _ = replay(folder, cfg, workers=workers, progress=False, executor="processes")
+    rows, _ = replay(folder, cfg, workers=workers, progress=False,
+                     executor="dask" if scheduler else "processes", scheduler=scheduler)
     return time.perf_counter() - t0, {str(r["series_uid"]): str(r["status"]) for r in rows}
+
+
+def results_json(data: Path) -> str:
+    """``screener results --format json`` of a data directory, in a fixed order."""
+    from screener.db import Database
+    from screener.results import finding_records
+
+    recs = finding_records(Database(data / "screener.db"))
+    recs.sort(key=lambda r: (r["study_uid"], r["protocol"] != "study result", r["series_uid"], r["protocol"]))
+    return json.dumps(recs, sort_keys=True, default=float)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--series", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-dask", action="store_true", help="skip the run through a 2-worker dask LocalCluster")
     args = ap.parse_args(argv)
 
     from screener.logs import configure_logging
@@ -73,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         done = sum(s == "done" for s in s1.values())
         print(f"{done}/{len(s1)} series done in both; speed-up {one / many:.2f}x with {args.workers} workers "
               f"(goal >= 1.7x on 2 cores)")
+        if not args.no_dask:
+            from distributed import LocalCluster
+
+            with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+                secs, s3 = timed_replay(folder, Path(tmp) / "dask", 1, scheduler=cluster.scheduler_address)
+            same = s3 == s1 and results_json(Path(tmp) / "dask") == results_json(Path(tmp) / "one")
+            print(f"2-worker dask LocalCluster: {secs:6.1f} s; results JSON {'identical to' if same else 'DIFFERENT from'} "
+                  f"the 1-worker run")
+            if not same:
+                return 1
     return 0
 
 

@@ -14,12 +14,14 @@ Executors
     the GIL, so this is about one core).
 ``processes`` (the command's default)
     A pool of ``N`` worker processes; each loads the configured protocols' model bundles once, in
-    its initializer (:func:`warm_worker`), and keeps them.  A worker that dies (killed, out of
-    memory) breaks the pool: a new pool is started and the series that were running are sent
-    again, up to :data:`MAX_ATTEMPTS` times each, then recorded as failed.
+    its initializer (:func:`warm_worker`), and keeps them, and runs torch on one thread
+    (:data:`WORKER_TORCH_THREADS`), so its numbers do not depend on the worker count.  A worker
+    that dies (killed, out of memory) breaks the pool: a new pool is started and the series that
+    were running are sent again, up to :data:`MAX_ATTEMPTS` times each, then recorded as failed.
 ``dask``
     A ``dask.distributed`` cluster (``--scheduler tcp://HOST:8786``): a worker plugin
-    (:func:`bundle_plugin`) loads the bundles once per worker process; the scheduler reruns the
+    (:func:`bundle_plugin`) loads the bundles once per worker process (torch on one thread, as
+    above); the scheduler reruns the
     series of a worker that dies on another worker (``distributed.scheduler.allowed-failures``
     times, then it is recorded as failed).  The workers must see the archive, the models and the
     data directory's ``results/`` at the same paths as the client (a shared file system), and
@@ -47,12 +49,16 @@ from screener.db import Database
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["EXECUTORS", "MAX_ATTEMPTS", "SeriesOutcome", "SeriesTask", "bundle_plugin", "compute_series",
+__all__ = ["EXECUTORS", "MAX_ATTEMPTS", "WORKER_TORCH_THREADS", "SeriesOutcome", "SeriesTask", "bundle_plugin", "compute_series",
            "prepare_task", "record_outcome", "run_dask", "run_processes", "run_threads", "warm_worker"]
 
 EXECUTORS = ("threads", "processes", "dask")
 #: times a series is sent to a process worker that then dies before it is recorded as failed
 MAX_ATTEMPTS = 3
+#: torch threads of a worker process: one, so that a series' numbers are the same to the last bit
+#: whichever executor and however many workers ran it (a network's float32 sums depend on the
+#: thread count: 1e-7 apart in a BMD between 1 and 2 threads); the workers share out the cores
+WORKER_TORCH_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -335,9 +341,8 @@ def _pool(config: Config, workers: int) -> ProcessPoolExecutor:
     import multiprocessing
 
     # spawn: a fresh interpreter per worker (a forked copy of a process that has run torch can hang)
-    threads = max(1, (os.cpu_count() or 1) // workers)
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=warm_worker, initargs=(config, threads))
+                               initializer=warm_worker, initargs=(config, WORKER_TORCH_THREADS))
 
 
 def run_processes(tasks: list[SeriesTask], config: Config, workers: int, on_done: OnDone) -> None:
@@ -409,8 +414,7 @@ def bundle_plugin(config: Config) -> Any:
             self.config = config
 
         def setup(self, worker: Any) -> None:
-            state = getattr(worker, "state", None)
-            warm_worker(self.config, torch_threads=getattr(state, "nthreads", None))
+            warm_worker(self.config, torch_threads=WORKER_TORCH_THREADS)
 
     return BundlePlugin(config)
 
