@@ -20,7 +20,6 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as pcodes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from screener.findings import Finding, Measurement
 from screener.reporting import codes

@@ -8,7 +8,7 @@ OHIF 3.13 displays it (docs/sr.md, "What OHIF shows") --
   POLYLINE SCOORD on its source slice;
 * TID 1501 whose measurements are INFERRED FROM a SCOORD POINT at the measured structure's
   centre on the axial slice through it: per-vertebra values, and protocols that read
-  sagittal / coronal reformats (their axial ROI is only a reformat's footprint);
+  sagittal reformats (their axial ROI is only a slab's footprint);
 
 with a tracking identifier and UID, finding type Bone, the finding site,
 finding-site laterality (left / right), algorithm identification (TID 4019:
@@ -57,10 +57,11 @@ DEVICE_NAME = "screener"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
-#: protocols whose model reads reformatted planes (sagittal slabs of L1-L4, coronal crops of the
-#: femora): their axial ROI is only the footprint of a reformat (a bar a few mm wide across the
-#: slice), so the SR marks the measured structure's centre as a POINT on the axial slice through it
-REFORMAT_PROTOCOLS = frozenset({"lumbar_sagittal", "femur_coronal"})
+#: protocols whose model reads sagittal reformats (mid-vertebral slabs of L1-L4): their axial ROI
+#: is only a slab's footprint (a bar 5 mm wide from the front of the abdomen to the back), so the SR
+#: marks the measured structure's centre as a POINT on the axial slice through it.  femur_coronal
+#: keeps its ROI: the footprint of its coronal crops is a line through both femoral heads, on bone.
+REFORMAT_PROTOCOLS = frozenset({"lumbar_sagittal"})
 
 
 def _plane(ds: Dataset, frame: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
@@ -200,8 +201,12 @@ def _group(finding: Finding, sources: dict[str, Dataset], notes: Sequence[str] =
             if "ContentSequence" not in num:
                 num.ContentSequence = []
             num.ContentSequence.extend(extra)
-    for text in [*group_flags, *(f"source header: {n}" for n in notes)]:
-        container.ContentSequence.append(text_item(pcodes.DCM.Comment, text))
+    # the finding's caveats as "Screening caveat" TEXT (not DCM Comment: OHIF prints every group-level
+    # Comment of a group without a planar ROI into the viewport, over the values)
+    for text in group_flags:
+        container.ContentSequence.append(text_item(cc(codes.FLAG), text))
+    for n in notes:
+        container.ContentSequence.append(text_item(pcodes.DCM.Comment, f"source header: {n}"))
     return group
 
 
