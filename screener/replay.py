@@ -4,8 +4,8 @@ Walks a directory tree, groups DICOM files by series, records them in the same
 database as ``screener serve`` (files stay where they are), and runs each
 series through the same pipeline and records it as the daemon's job runner
 (:func:`screener.worker.run_job`) does, on N worker processes (or threads, or a
-Dask cluster: :mod:`screener.executors`) with a progress bar. Series already done are skipped unless
-``--force``. Results go to the configured destinations or the outbox. Ends with
+Dask cluster: :mod:`screener.executors`) with a progress bar. Series already
+done are skipped unless ``--force``. Results go to the configured destinations or the outbox. Ends with
 a summary table; the exit status is 1 when any series failed or any file was
 unusable, 2 when the folder holds no DICOM file at all (empty, or only JPEGs: one
 line on stderr says how many files were seen), else 0.

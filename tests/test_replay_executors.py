@@ -137,3 +137,13 @@ def test_a_dead_dask_worker_has_its_series_run_elsewhere(archive: Path, tmp_path
                          scheduler=cluster.scheduler_address, process=PROCESS)
     assert (folder / "died.txt").is_file()
     assert [r["status"] for r in rows] == ["done"]
+
+
+def test_cli_dask_needs_a_scheduler_and_a_scheduler_needs_dask(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from screener.replay import main
+
+    (tmp_path / "in").mkdir()
+    assert main([str(tmp_path / "in"), "--data-dir", str(tmp_path / "d"), "--executor", "dask"]) == 2
+    assert "--executor dask needs --scheduler tcp://HOST:8786" in capsys.readouterr().err
+    assert main([str(tmp_path / "in"), "--data-dir", str(tmp_path / "d"), "--scheduler", "tcp://h:8786"]) == 2
+    assert "--scheduler is for --executor dask" in capsys.readouterr().err
