@@ -285,3 +285,35 @@ def test_enhanced_ct_reports_reference_the_frame(tmp_path: Path) -> None:
     src = pydicom.dcmread(sc_path).SourceImageSequence[0]
     assert src.ReferencedSOPInstanceUID == enh.stem
     assert int(src.ReferencedFrameNumber) == f.roi.frame_number
+
+
+def test_seg_of_the_l1_roi_references_its_slice_and_round_trips(first_run, tmp_path: Path) -> None:  # noqa: ANN001
+    """Issue 20 item 2: the L1 ROI as a binary DICOM SEG on its source slice: dciodvfy-clean, the
+    segment labelled and coded with the site and the algorithm, its pixels those of the ROI."""
+    from screener.reporting.seg import build_seg, roi_mask
+
+    res, ct, _ = first_run
+    (finding,) = res.findings
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct.paths]
+    seg = build_seg(res.findings, headers, series_uid=output_series_uid(ct.series_uid, "SEG"))
+    assert seg is not None
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    assert_valid_dicom(path)
+    back = hd.seg.segread(path)
+    assert back.StudyInstanceUID == ct.study_uid and back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    (desc,) = back.SegmentSequence
+    assert desc.SegmentLabel == "L1 ROI (l1_attenuation)"
+    assert desc.SegmentedPropertyTypeCodeSequence[0].CodeValue == pcodes.SCT.L1Vertebra.value
+    assert desc.SegmentAlgorithmName == "screener l1_attenuation"
+    refs = {i.ReferencedSOPInstanceUID for s in back.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    assert refs == {finding.roi.source_sop_instance_uid}
+    src = next(h for h in headers if str(h.SOPInstanceUID) == finding.roi.source_sop_instance_uid)
+    mask = back.get_pixels_by_source_instance([finding.roi.source_sop_instance_uid],
+                                              segment_numbers=[1])[0, :, :, 0].astype(bool)
+    np.testing.assert_array_equal(mask, roi_mask(finding.roi.polygon, int(src.Rows), int(src.Columns)))
+    # the polygon is the outline of the measured pixels: the mask's area is the ROI's area
+    px = float(src.PixelSpacing[0]) * float(src.PixelSpacing[1])
+    assert mask.sum() * px == pytest.approx(finding.roi.area_mm2, rel=0.15)
+    # nothing to segment: no SEG
+    assert build_seg([Finding("x", "1", "L1", [])], headers) is None
