@@ -59,6 +59,7 @@ import structlog
 from scipy import ndimage
 
 from screener.domain import SpineLocalization, Volume
+from screener.preprocess.morphology import fill_holes
 from screener.series import header_contrast_agent, header_kvp
 
 log = structlog.get_logger(__name__)
@@ -238,7 +239,7 @@ def _spine(s: _Slice, prior_xy: tuple[float, float] | None) -> tuple[float, floa
     if n == 0:
         return None
     sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
-    body = ndimage.binary_fill_holes(lab == (1 + int(np.argmax(sizes))))
+    body = fill_holes(lab == (1 + int(np.argmax(sizes))))
     if body.sum() * px * px < 5000:  # < 50 cm^2: no trunk
         return None
     bx = float(np.median(s.x[body]))
@@ -268,7 +269,7 @@ def _spine_candidates(h: np.ndarray, ar: np.ndarray, xs: np.ndarray, ys2: np.nda
     bone = h > thr
     rc = max(1, int(round(close_mm / px)))
     bone = ndimage.binary_closing(bone, structure=np.ones((3, 3)), iterations=rc)
-    bone = ndimage.binary_fill_holes(bone)
+    bone = fill_holes(bone)
     dt = ndimage.distance_transform_edt(bone) * px
     d = np.where(ar, dt, 0.0)
     for _ in range(4):

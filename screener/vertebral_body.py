@@ -57,6 +57,8 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from screener.preprocess.morphology import fill_holes
+
 #: crop half-sizes (mm) around the seed
 CROP_XY_MM = 40.0
 #: working pixel (mm): finer pixels are block-averaged to at least this for the outline
@@ -266,7 +268,7 @@ def robust_sd(values: np.ndarray) -> float:
 
 def enclosed_regions(barrier: np.ndarray) -> tuple[np.ndarray, int]:
     """Label the regions enclosed by ``barrier`` (its holes; border-touching background excluded)."""
-    holes = ndimage.binary_fill_holes(barrier) & ~barrier
+    holes = fill_holes(barrier) & ~barrier
     return ndimage.label(holes)
 
 
@@ -292,7 +294,7 @@ def _pick_region(labels: np.ndarray, n: int, target: np.ndarray | tuple[float, f
         area = float(region.sum() * px)
         if ref_area is not None and not AREA_RATIO[0] * ref_area <= area <= AREA_RATIO[1] * ref_area:
             return None
-        return ndimage.binary_fill_holes(region)
+        return fill_holes(region)
     sj, si = target
     rows, cols = labels.shape
     jj, ii = np.nonzero(labels)
@@ -307,7 +309,7 @@ def _pick_region(labels: np.ndarray, n: int, target: np.ndarray | tuple[float, f
         if q in seen:
             continue
         seen.add(q)
-        region = ndimage.binary_fill_holes(labels == q)
+        region = fill_holes(labels == q)
         area = float(region.sum() * px)
         if AREA_MIN_MM2 <= area <= AREA_MAX_MM2:
             best, best_d = region, float(d[idx])
@@ -317,7 +319,7 @@ def _pick_region(labels: np.ndarray, n: int, target: np.ndarray | tuple[float, f
         j0, i0 = int(round(sj)), int(round(si))
         if 0 <= j0 < rows and 0 <= i0 < cols:
             for q in range(1, n + 1):
-                region = ndimage.binary_fill_holes(labels == q)
+                region = fill_holes(labels == q)
                 if region[j0, i0] and AREA_MIN_MM2 <= region.sum() * px <= AREA_MAX_MM2:
                     return region
     return best

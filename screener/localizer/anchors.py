@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from screener.localizer.column import BONE_HU, Column, ellipse_radius
+from screener.preprocess.morphology import fill_holes
 from screener.localizer.segments import Segment
 
 #: a rib reaches at least this far (mm) from the canal centre
@@ -294,7 +295,7 @@ def short_rib_sides(reach: dict[str, float], reach_below: dict[str, float]) -> l
 
 def _sacral_bone(hu_z: np.ndarray, body_z: np.ndarray, scale: float) -> np.ndarray:
     """One slice's bone for the sacral tests (closed, holes filled; threshold follows the skeleton)."""
-    return ndi.binary_fill_holes(ndi.binary_closing((hu_z > BONE_HU * max(scale, MIN_SACRAL_SCALE))
+    return fill_holes(ndi.binary_closing((hu_z > BONE_HU * max(scale, MIN_SACRAL_SCALE))
                                                     & body_z, iterations=1))
 
 

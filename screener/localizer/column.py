@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from screener.preprocess.morphology import fill_holes
+
 #: HU above which a voxel of the working grid counts as bone
 BONE_HU = 180.0
 #: bone thresholds tried in turn when the column is not tracked (low-density skeletons)
@@ -81,7 +83,7 @@ def body_masks(hu: np.ndarray) -> np.ndarray:
             continue
         sizes = np.bincount(lab.ravel())
         sizes[0] = 0
-        out[z] = ndi.binary_fill_holes(lab == int(np.argmax(sizes)))
+        out[z] = fill_holes(lab == int(np.argmax(sizes)))
     return out
 
 
@@ -97,7 +99,7 @@ def _run(line: np.ndarray, start: int, step: int) -> int:
 
 def _slab_candidates(U: np.ndarray, body: np.ndarray, dy: float, dx: float) -> list[dict]:
     """Score the holes of one slab's bone union as spinal-canal candidates."""
-    Uf = ndi.binary_fill_holes(U)
+    Uf = fill_holes(U)
     holes = Uf & ~U
     lab, n = ndi.label(holes)
     if n == 0:

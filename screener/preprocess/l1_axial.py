@@ -59,6 +59,7 @@ from scipy import ndimage
 from screener.domain import VertebraLocation, Volume
 from screener.preprocess.energy import energy_scale
 from screener.preprocess.energy import energy_constants as _energy_constants
+from screener.preprocess.morphology import fill_holes
 from screener.preprocess.sampling import PlaneSource
 
 __all__ = ["CONSTANTS", "ENERGY_CORRECTION", "L1Geometry", "PreprocessInfo", "energy_constants",
@@ -272,7 +273,7 @@ def trabecular_area(hu: np.ndarray, spacing_mm: float) -> float:
     t_c = float(np.median(sm[near]))
     cortex = sm > max(CORTEX_MIN_HU, t_c + CORTEX_STEP_HU)
     cortex = ndimage.binary_closing(cortex, structure=np.ones((3, 3), bool), iterations=1)
-    inner = ndimage.binary_fill_holes(cortex) & ~cortex
+    inner = fill_holes(cortex) & ~cortex
     lab, n = ndimage.label(inner)
     if n == 0:
         return 0.0
