@@ -32,7 +32,7 @@ Choices
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -520,88 +520,109 @@ def paper_table(
         Rows ``{"metric", "value", "paper", "unit", "level"}``; ``paper`` is None
         where the paper reports no number.
     """
-    rows: list[dict[str, Any]] = []
-    if protocol == "l1_axial":
-        paper = PAPER_NUMBERS["l1_axial"]
-        a, b = _pair(y_true, y_pred)
-        ref = t_reference or KANG_T_REFERENCE
-        thr = -1.0 if threshold is None else threshold
-        abnormal_true = t_score(a, *ref) < thr
-        scores = binary_scores(abnormal_true, t_score(b, *ref), thr, greater=False)
-        rows.append(_row("Pearson r", pearson_r(a, b), paper["pearson_r"]))
-        rows.append(_row("MAPE", mape(a, b), paper["mape_pct"], "%"))
-        for key, label in (("accuracy", "Accuracy"), ("precision", "Precision"),
-                           ("specificity", "Specificity"), ("sensitivity", "Sensitivity"), ("f1", "F1")):
-            rows.append(_row(f"{label} (T < {thr:g})", scores[key], paper[key]))
-        return rows
-    if protocol == "femur_coronal":
-        paper = PAPER_NUMBERS["femur_coronal"]
-        t = np.asarray(y_true).ravel().astype(np.int64)
-        p = np.asarray(y_pred, dtype=np.float64)
-        if p.ndim != 2:
-            raise ValueError("femur_coronal y_pred must be (n, 3) class probabilities")
-        ovr = one_vs_rest_auc(t, p)
-        ms = multiclass_scores(t, p.argmax(axis=1), n_classes=p.shape[1])
-        for k, name in enumerate(("normal", "osteopenia", "osteoporosis")[: p.shape[1]]):
-            rows.append(_row(f"AUC {name} vs rest", ovr["per_class"][k], None))
-        rows.append(_row("Macro AUC", ovr["macro"], paper["macro_auc"]))
-        rows.append(_row("Accuracy", ms["accuracy"], paper["accuracy"]))
-        for key, label in (("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
-                           ("precision", "Precision"), ("f1", "F1")):
-            rows.append(_row(f"{label} (weighted)", ms[f"weighted_{key}"], paper[key]))
-        return rows
-    if protocol == "lumbar_sagittal":
-        paper = PAPER_NUMBERS["lumbar_sagittal"]
-        t = np.asarray(y_true, dtype=np.float64)
-        p = np.asarray(y_pred, dtype=np.float64)
-        if t.ndim != 2 or t.shape[1] != 2 or p.shape != t.shape:
-            raise ValueError("lumbar_sagittal y_true and y_pred must both be (n, 2): BMD, TBS per vertebra")
-        rows.append(_row("BMD r", pearson_r(t[:, 0], p[:, 0]), paper["bmd_r_vertebra"], level="vertebra"))
-        rows.append(_row("TBS r", pearson_r(t[:, 1], p[:, 1]), paper["tbs_r_vertebra"], level="vertebra"))
-        ids = np.asarray(patient_ids if patient_ids is not None else np.arange(len(t)))
-        if ids.shape[0] != len(t):
-            raise ValueError(f"{ids.shape[0]} patient ids for {len(t)} vertebrae")
-        uniq, inv = np.unique(ids, return_inverse=True)
-        counts = np.bincount(inv).astype(np.float64)
-        pt = np.stack([np.bincount(inv, weights=t[:, j]) / counts for j in range(2)], axis=1)
-        pp = np.stack([np.bincount(inv, weights=p[:, j]) / counts for j in range(2)], axis=1)
-        rows.append(_row("BMD r", pearson_r(pt[:, 0], pp[:, 0]), None, level="patient"))
-        rows.append(_row("TBS r", pearson_r(pt[:, 1], pp[:, 1]), None, level="patient"))
-        yam_true, yam_pred = 100 * pt[:, 0] / yam, 100 * pp[:, 0] / yam
-        for name, cut in (("osteopenia", 80.0), ("osteoporosis", 70.0)):
-            truth = yam_true < cut
-            rows.append(_row(f"AUC {name} (%YAM < {cut:g})", _safe_auc(truth, -pp[:, 0]),
-                             paper[f"auc_{name}"], level="patient"))
-            s = binary_scores(truth, yam_pred, cut, greater=False)
-            rows.append(_row(f"Sensitivity {name}", s["sensitivity"], paper[f"{name}_sensitivity"], level="patient"))
-            rows.append(_row(f"Specificity {name}", s["specificity"], paper[f"{name}_specificity"], level="patient"))
-        rows.append(_row("AUC TBS impaired (<= 1.31)", _safe_auc(pt[:, 1] <= 1.31, -pp[:, 1]),
-                         paper["auc_tbs_impaired"], level="patient"))
-        return rows
-    if protocol == "dxa_spine":
-        if task not in NISSINEN_THRESHOLDS:
-            raise ValueError(f"dxa_spine needs task= one of {sorted(NISSINEN_THRESHOLDS)} (got {task!r})")
-        paper = PAPER_NUMBERS[f"dxa_spine:{task}"]
-        t = np.asarray(y_true).ravel()
-        p = np.asarray(y_pred, dtype=np.float64).ravel()
-        thr = NISSINEN_THRESHOLDS[task] if threshold is None else threshold
-        s = binary_scores(t, p, thr)
-        rows.append(_row(f"AUC {task}", _safe_auc(t.astype(bool), p), paper["auc"]))
-        for key, label in (("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity")):
-            rows.append(_row(f"{label} (p >= {thr:g})", s[key], paper[key]))
-        return rows
-    if protocol == "hip_xray":
-        paper = PAPER_NUMBERS["hip_xray"]
-        a, b = _pair(y_true, y_pred, min_n=3)
-        rows.append(_row("PCC", pearson_r(a, b), paper["pcc"]))
-        rows.append(_row("ICC(2,1)", icc(a, b, "2,1"), paper["icc"]))
-        rows.append(_row("MAE", mae(a, b), paper["mae"], "g/cm²"))
-        rows.append(_row("SEE", see(a, b), paper["see"], "g/cm²"))
-        return rows
-    raise ValueError(
-        f"no paper table for protocol {protocol!r}; known: l1_axial, femur_coronal, lumbar_sagittal, "
-        "dxa_spine, hip_xray"
-    )
+    table = PAPER_TABLES.get(protocol)
+    if table is None:
+        raise ValueError(f"no paper table for protocol {protocol!r}; known: {', '.join(PAPER_TABLES)}")
+    return table(y_true, y_pred, patient_ids=patient_ids, task=task, threshold=threshold,
+                 t_reference=t_reference, yam=yam)
+
+
+def _kang_table(y_true: Any, y_pred: Any, *, threshold: float | None = None,
+                t_reference: tuple[float, float] | None = None, **_: Any) -> list[dict[str, Any]]:
+    """Kang et al. (l1_axial): Pearson r, MAPE and the T < -1 classification."""
+    paper = PAPER_NUMBERS["l1_axial"]
+    a, b = _pair(y_true, y_pred)
+    ref = t_reference or KANG_T_REFERENCE
+    thr = -1.0 if threshold is None else threshold
+    abnormal_true = t_score(a, *ref) < thr
+    scores = binary_scores(abnormal_true, t_score(b, *ref), thr, greater=False)
+    rows = [_row("Pearson r", pearson_r(a, b), paper["pearson_r"]), _row("MAPE", mape(a, b), paper["mape_pct"], "%")]
+    for key, label in (("accuracy", "Accuracy"), ("precision", "Precision"),
+                       ("specificity", "Specificity"), ("sensitivity", "Sensitivity"), ("f1", "F1")):
+        rows.append(_row(f"{label} (T < {thr:g})", scores[key], paper[key]))
+    return rows
+
+
+def _ha_table(y_true: Any, y_pred: Any, **_: Any) -> list[dict[str, Any]]:
+    """Ha et al. (femur_coronal): per-class and macro AUC, weighted three-class scores."""
+    paper = PAPER_NUMBERS["femur_coronal"]
+    t = np.asarray(y_true).ravel().astype(np.int64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError("femur_coronal y_pred must be (n, 3) class probabilities")
+    ovr = one_vs_rest_auc(t, p)
+    ms = multiclass_scores(t, p.argmax(axis=1), n_classes=p.shape[1])
+    rows = [_row(f"AUC {name} vs rest", ovr["per_class"][k], None)
+            for k, name in enumerate(("normal", "osteopenia", "osteoporosis")[: p.shape[1]])]
+    rows.append(_row("Macro AUC", ovr["macro"], paper["macro_auc"]))
+    rows.append(_row("Accuracy", ms["accuracy"], paper["accuracy"]))
+    for key, label in (("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
+                       ("precision", "Precision"), ("f1", "F1")):
+        rows.append(_row(f"{label} (weighted)", ms[f"weighted_{key}"], paper[key]))
+    return rows
+
+
+def _yoshida_table(y_true: Any, y_pred: Any, *, patient_ids: Sequence[Any] | None = None, yam: float = 1.18,
+                   **_: Any) -> list[dict[str, Any]]:
+    """Yoshida et al. (lumbar_sagittal): BMD / TBS r per vertebra and patient, %YAM and TBS AUCs."""
+    paper = PAPER_NUMBERS["lumbar_sagittal"]
+    t = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    if t.ndim != 2 or t.shape[1] != 2 or p.shape != t.shape:
+        raise ValueError("lumbar_sagittal y_true and y_pred must both be (n, 2): BMD, TBS per vertebra")
+    rows = [_row("BMD r", pearson_r(t[:, 0], p[:, 0]), paper["bmd_r_vertebra"], level="vertebra"),
+            _row("TBS r", pearson_r(t[:, 1], p[:, 1]), paper["tbs_r_vertebra"], level="vertebra")]
+    ids = np.asarray(patient_ids if patient_ids is not None else np.arange(len(t)))
+    if ids.shape[0] != len(t):
+        raise ValueError(f"{ids.shape[0]} patient ids for {len(t)} vertebrae")
+    uniq, inv = np.unique(ids, return_inverse=True)
+    counts = np.bincount(inv).astype(np.float64)
+    pt = np.stack([np.bincount(inv, weights=t[:, j]) / counts for j in range(2)], axis=1)
+    pp = np.stack([np.bincount(inv, weights=p[:, j]) / counts for j in range(2)], axis=1)
+    rows.append(_row("BMD r", pearson_r(pt[:, 0], pp[:, 0]), None, level="patient"))
+    rows.append(_row("TBS r", pearson_r(pt[:, 1], pp[:, 1]), None, level="patient"))
+    yam_true, yam_pred = 100 * pt[:, 0] / yam, 100 * pp[:, 0] / yam
+    for name, cut in (("osteopenia", 80.0), ("osteoporosis", 70.0)):
+        truth = yam_true < cut
+        rows.append(_row(f"AUC {name} (%YAM < {cut:g})", _safe_auc(truth, -pp[:, 0]),
+                         paper[f"auc_{name}"], level="patient"))
+        s = binary_scores(truth, yam_pred, cut, greater=False)
+        rows.append(_row(f"Sensitivity {name}", s["sensitivity"], paper[f"{name}_sensitivity"], level="patient"))
+        rows.append(_row(f"Specificity {name}", s["specificity"], paper[f"{name}_specificity"], level="patient"))
+    rows.append(_row("AUC TBS impaired (<= 1.31)", _safe_auc(pt[:, 1] <= 1.31, -pp[:, 1]),
+                     paper["auc_tbs_impaired"], level="patient"))
+    return rows
+
+
+def _nissinen_table(y_true: Any, y_pred: Any, *, task: str | None = None, threshold: float | None = None,
+                    **_: Any) -> list[dict[str, Any]]:
+    """Nissinen et al. (dxa_spine): AUC, accuracy, sensitivity, specificity of one task."""
+    if task not in NISSINEN_THRESHOLDS:
+        raise ValueError(f"dxa_spine needs task= one of {sorted(NISSINEN_THRESHOLDS)} (got {task!r})")
+    paper = PAPER_NUMBERS[f"dxa_spine:{task}"]
+    t = np.asarray(y_true).ravel()
+    p = np.asarray(y_pred, dtype=np.float64).ravel()
+    thr = NISSINEN_THRESHOLDS[task] if threshold is None else threshold
+    s = binary_scores(t, p, thr)
+    rows = [_row(f"AUC {task}", _safe_auc(t.astype(bool), p), paper["auc"])]
+    for key, label in (("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity")):
+        rows.append(_row(f"{label} (p >= {thr:g})", s[key], paper[key]))
+    return rows
+
+
+def _gu_table(y_true: Any, y_pred: Any, **_: Any) -> list[dict[str, Any]]:
+    """Gu et al. (hip_xray, BMD-GAN): PCC, ICC(2,1), MAE, SEE."""
+    paper = PAPER_NUMBERS["hip_xray"]
+    a, b = _pair(y_true, y_pred, min_n=3)
+    return [_row("PCC", pearson_r(a, b), paper["pcc"]), _row("ICC(2,1)", icc(a, b, "2,1"), paper["icc"]),
+            _row("MAE", mae(a, b), paper["mae"], "g/cm²"), _row("SEE", see(a, b), paper["see"], "g/cm²")]
+
+
+#: protocol -> the function writing its paper's table (the seeds' metrics, their numbers beside)
+PAPER_TABLES: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "l1_axial": _kang_table, "femur_coronal": _ha_table, "lumbar_sagittal": _yoshida_table,
+    "dxa_spine": _nissinen_table, "hip_xray": _gu_table,
+}
 
 
 def generic_table(task: str, y_true: Any, y_pred: Any, *, outputs: Sequence[str] | None = None) -> list[dict[str, Any]]:
