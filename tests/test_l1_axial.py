@@ -279,3 +279,28 @@ def test_a_card_without_energy_correction_or_calibration_runs_without_them(rende
     d = finding.details
     assert d["energy_scale"] == 1.0 and d["calibration"] is None
     assert finding.measurement("L1 BMD estimate").value == pytest.approx(float(np.mean(raw[0][:, 0])))
+
+
+@pytest.mark.skipif(not (BUNDLE / "model_card.json").is_file(), reason="models/l1_axial not trained yet")
+def test_an_input_without_an_enclosed_trabecular_body_is_declined_not_estimated(tmp_path: Path) -> None:
+    # issue 19: a model input that does not contain the target bone is a decline, not a flagged
+    # estimate. L1 without a cortical ring (cortex as dense as the trabecular bone): nothing is
+    # enclosed, so the preprocessing can only fall back to the centroid slice; the protocol says why
+    from screener.config import Config
+    from screener.protocols.base import ProtocolContext, ProtocolDeclined
+    from screener.protocols.l1_axial import L1AxialProtocol
+    from screener.series import load_volume, read_series_info
+    from tests.ct_factory import make_ct_series
+
+    cfg = dataclasses.replace(Config(), models_dir=str(ROOT / "models"), device="cpu")
+    for cortex_hu, declined in ((150.0, True), (600.0, False)):
+        syn = make_ct_series(tmp_path / f"c{cortex_hu:g}", n_slices=24, slice_spacing=3.0, l1_hu=150.0,
+                             cortex_hu=cortex_hu)
+        ctx = ProtocolContext(config=cfg, info=read_series_info(syn.paths))
+        ctx.extras["spine_localization"] = syn.localization
+        if declined:
+            with pytest.raises(ProtocolDeclined, match="no L1 trabecular body"):
+                L1AxialProtocol().run(load_volume(syn.paths), ctx)
+        else:  # the same phantom with its cortex: measured (the decline is about the missing body)
+            (finding,) = L1AxialProtocol().run(load_volume(syn.paths), ctx)
+            assert finding.measurement("L1 BMD estimate").value > 0

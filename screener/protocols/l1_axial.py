@@ -98,6 +98,11 @@ class L1AxialProtocol(ModelProtocol):
                                              energy_correction=energy, kvp=kvp)
         except ValueError as exc:
             raise ProtocolDeclined(f"L1 not in view: {exc}") from exc
+        if info.fallback:
+            # the network would read a crop that holds no trabecular body (a disc, an endplate, or
+            # a vertebra the localizer misplaced): decline rather than estimate from it
+            raise ProtocolDeclined("the model's input would hold no L1 trabecular body: no slice in L1's "
+                                   "z range has a body enclosed by cortex at the localizer's centroid")
         t1 = time.perf_counter()
         per_slice = bundle.predict(images)[:, 0]
         x = torch.as_tensor(images).to(bundle.device)
@@ -143,9 +148,6 @@ class L1AxialProtocol(ModelProtocol):
             flags.append(scores.flag(f"kVp {kvp:g}: the paper used 120 kVp only; "
                                      + (f"HU rescaled to 120 kVp (x{info.extras.get('energy_scale', 1.0):.3f})"
                                         if energy else "estimate less certain")))
-        if info.fallback:
-            flags.append(scores.flag("no slice enclosed an L1 trabecular body: the slice nearest the "
-                                     "localizer's centroid was used"))
         if l1.confidence < 0.7:
             flags.append(scores.flag(f"L1 level label uncertain (localizer confidence {l1.confidence:.2f})"))
         details: dict[str, Any] = {
