@@ -49,7 +49,7 @@ from screener.db import Database
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["EXECUTORS", "MAX_ATTEMPTS", "WORKER_TORCH_THREADS", "SeriesOutcome", "SeriesTask", "bundle_plugin", "compute_series",
+__all__ = ["EXECUTORS", "MAX_ATTEMPTS", "WORKER_TORCH_THREADS", "ProcessRunner", "SeriesOutcome", "SeriesTask", "bundle_plugin", "compute_series",
            "prepare_task", "record_outcome", "run_dask", "run_processes", "run_threads", "warm_worker"]
 
 EXECUTORS = ("threads", "processes", "dask")
@@ -337,20 +337,106 @@ def run_threads(job_ids: Iterable[int], db: Database, config: Config, workers: i
             on_done(fut.result())
 
 
-def _pool(config: Config, workers: int) -> ProcessPoolExecutor:
+def _context() -> Any:
+    """Worker processes forked from a server that has imported torch and the pipeline once.
+
+    Not ``fork``: a forked copy of a process that has run torch can hang.  Not ``spawn``: every
+    worker would import torch and the pipeline itself (seconds each, all at once on a busy machine)."""
     import multiprocessing
 
-    # spawn: a fresh interpreter per worker (a forked copy of a process that has run torch can hang)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=warm_worker, initargs=(config, WORKER_TORCH_THREADS))
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "screener.pipeline", "screener.protocols", "screener.executors"])
+    return ctx
 
 
-def run_processes(tasks: list[SeriesTask], config: Config, workers: int, on_done: OnDone) -> None:
-    """Run tasks on a pool of ``workers`` processes that keep their bundles (module docstring).
+class ProcessRunner:
+    """A pool of ``workers`` processes that keep their bundles (module docstring), started ahead of
+    the work: :meth:`start` launches the workers at once, so they load their bundles while the
+    client is still walking the archive.
 
     At most ``workers`` series are in flight, so a pool that breaks (a worker died) names the
     series that may have caused it: each is sent again to a new pool, up to :data:`MAX_ATTEMPTS`
     times, then handed to ``on_done`` as failed ("worker died").
+
+    Parameters
+    ----------
+    config : Config
+    workers : int
+    """
+
+    def __init__(self, config: Config, workers: int) -> None:
+        self.config = config
+        self.workers = max(1, int(workers))
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_context(), initializer=warm_worker,
+                                   initargs=(self.config, WORKER_TORCH_THREADS))
+        for _ in range(self.workers):  # a worker process is started per task waiting for one: all now
+            pool.submit(os.getpid)
+        return pool
+
+    def start(self) -> "ProcessRunner":
+        """Start the workers (they load their bundles now); a second call does nothing."""
+        if self._pool is None:
+            self._pool = self._new_pool()
+        return self
+
+    def run(self, tasks: list[SeriesTask], on_done: OnDone) -> None:
+        """Run the tasks; ``on_done(task, outcome)`` is called in this thread as each finishes.
+
+        Parameters
+        ----------
+        tasks : list of SeriesTask
+        on_done : callable
+        """
+        queue = list(tasks)
+        attempts: dict[int, int] = {}
+        while queue:
+            pool = self.start()._pool
+            assert pool is not None
+            running: dict[Future[SeriesOutcome], SeriesTask] = {}
+            broken = False
+            while queue or running:
+                while queue and len(running) < self.workers and not broken:
+                    t = queue.pop(0)
+                    attempts[t.job_id] = attempts.get(t.job_id, 0) + 1
+                    running[pool.submit(compute_series, t)] = t
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    t = running.pop(fut)
+                    try:
+                        outcome = fut.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        if attempts[t.job_id] < MAX_ATTEMPTS:
+                            log.warning("worker died, series sent again", job_id=t.job_id, attempt=attempts[t.job_id])
+                            queue.insert(0, t)
+                            continue
+                        outcome = _lost(t, f"the worker process died {attempts[t.job_id]} times while processing "
+                                           "this series (killed, or out of memory?)")
+                    on_done(t, outcome)
+                if broken and not running:
+                    break
+            if broken:
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+    def close(self) -> None:
+        """Stop the workers."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "ProcessRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def run_processes(tasks: list[SeriesTask], config: Config, workers: int, on_done: OnDone) -> None:
+    """Run tasks on a :class:`ProcessRunner` of ``workers`` processes, then stop it.
 
     Parameters
     ----------
@@ -360,37 +446,8 @@ def run_processes(tasks: list[SeriesTask], config: Config, workers: int, on_done
     on_done : callable
         ``on_done(task, outcome)`` in this thread, as each series finishes.
     """
-    workers = max(1, int(workers))
-    queue = list(tasks)
-    attempts: dict[int, int] = {}
-    while queue:
-        pool = _pool(config, workers)
-        running: dict[Future[SeriesOutcome], SeriesTask] = {}
-        broken = False
-        try:
-            while queue or running:
-                while queue and len(running) < workers and not broken:
-                    t = queue.pop(0)
-                    attempts[t.job_id] = attempts.get(t.job_id, 0) + 1
-                    running[pool.submit(compute_series, t)] = t
-                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for fut in done:
-                    t = running.pop(fut)
-                    try:
-                        on_done(t, fut.result())
-                    except BrokenProcessPool:
-                        broken = True
-                        if attempts[t.job_id] >= MAX_ATTEMPTS:
-                            on_done(t, _lost(t, f"the worker process died {attempts[t.job_id]} times while "
-                                                "processing this series (killed, or out of memory?)"))
-                        else:
-                            log.warning("worker died, series sent again", job_id=t.job_id,
-                                        attempt=attempts[t.job_id])
-                            queue.insert(0, t)
-                if broken and not running:
-                    break
-        finally:
-            pool.shutdown(wait=not broken, cancel_futures=True)
+    with ProcessRunner(config, workers) as runner:
+        runner.run(tasks, on_done)
 
 
 def bundle_plugin(config: Config) -> Any:

@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import structlog
 from tqdm import tqdm
@@ -25,8 +25,8 @@ from tqdm import tqdm
 from screener.cli import command_config, command_parser
 from screener.config import Config
 from screener.db import Database
-from screener.executors import (EXECUTORS, SeriesOutcome, SeriesTask, prepare_task, record_outcome, run_dask,
-                                run_processes, run_threads)
+from screener.executors import (EXECUTORS, ProcessRunner, SeriesOutcome, SeriesTask, prepare_task, record_outcome,
+                                run_dask, run_threads)
 from screener.logs import accession_hash
 from screener.validation import Rejected, read_instance
 
@@ -135,7 +135,7 @@ def _scan_one(path: Path, found: ScanResult, seen: dict[str, Path]) -> None:
     s.files.append((path.resolve(), sop, uids["SOPClassUID"], ts))
 
 
-def scan(root: Path) -> ScanResult:
+def scan(root: Path, on_series: Callable[[], object] | None = None) -> ScanResult:
     """Validate every file below ``root`` and group DICOM instances by series.
 
     Every file goes through the validation layer the SCP uses
@@ -145,7 +145,8 @@ def scan(root: Path) -> ScanResult:
     with the reason, never dropped silently. Other files are counted as not
     DICOM; instances of classes the screener does not process are counted as
     ignored; a second file with the same SOP Instance UID and different content
-    is unusable (the first is kept).
+    is unusable (the first is kept). ``on_series()`` is called when the first
+    series is found (replay starts its workers then, while the walk goes on).
     """
     found = ScanResult(series={}, unusable=[])
     seen: dict[str, Path] = {}
@@ -154,6 +155,9 @@ def scan(root: Path) -> ScanResult:
             _scan_one(path, found, seen)
         except Exception as exc:  # noqa: BLE001 - one odd file never stops a replay
             found.unusable.append((path, f"cannot be read: {type(exc).__name__}: {exc}"))
+        if on_series is not None and found.series:
+            on_series()
+            on_series = None
     return found
 
 
@@ -217,16 +221,28 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
     scan : ScanResult
         What the walk found, including unusable files.
     """
-    from screener.export import Exporter
-
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
     if executor == "dask" and scheduler is None:
         raise ValueError("executor 'dask' needs the scheduler's address: --scheduler tcp://HOST:8786")
     config.ensure_dirs()
+    runner = ProcessRunner(config, workers) if executor == "processes" else None
+    try:
+        return _replay(root, config, workers, force, progress, executor, scheduler, process, runner)
+    finally:
+        if runner is not None:
+            runner.close()
+
+
+def _replay(root: Path, config: Config, workers: int, force: bool, progress: bool, executor: str,
+            scheduler: Any, process: str | None, runner: ProcessRunner | None
+            ) -> tuple[list[dict[str, object]], ScanResult]:
+    """:func:`replay` with its process workers (``runner``) made: started as the walk finds a series."""
+    from screener.export import Exporter
+
     db = Database(config.db_path)
     db.requeue_running_jobs()
-    found = scan(root)
+    found = scan(root, on_series=runner.start if runner is not None else None)
     log.info("replay.scanned", root=str(root), series=len(found.series),
              unusable=len(found.unusable), not_dicom=found.not_dicom, ignored=found.ignored,
              duplicates=len(found.duplicates))
@@ -264,8 +280,8 @@ def replay(root: Path, config: Config, *, workers: int = 1, force: bool = False,
             record_outcome(task, outcome, db, config)
             bar.update(1)
 
-        if executor == "processes":
-            run_processes(tasks, config, workers, _done)
+        if runner is not None:
+            runner.run(tasks, _done)
         elif tasks:
             run_dask(tasks, config, scheduler, _done)
     bar.close()
