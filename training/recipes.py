@@ -386,6 +386,17 @@ def recipe_from_dict(doc: Mapping[str, Any], where: str = "recipe") -> Recipe:
     )
     s.done()
 
+    training = _training_spec(where, doc)
+    augmentation = _augmentation_spec(where, doc)
+    data = _data_spec(where, doc)
+    bundle = _bundle_spec(where, doc)
+    return Recipe(protocol=protocol, variant=variant, seed=seed, network=network, loss=loss,
+                  optimizer=optimizer, training=training, data=data, augmentation=augmentation,
+                  scheduler=scheduler, bundle=bundle, description=description, path=where)
+
+
+def _training_spec(where: str, doc: Mapping[str, Any]) -> "TrainingSpec":
+    """The ``[training]`` section, checked (folds and repeats against the split mode)."""
     s = _Section(where, "training", doc.get("training"))
     training = TrainingSpec(
         epochs=s.get("epochs", "int", lo=1),
@@ -408,6 +419,11 @@ def recipe_from_dict(doc: Mapping[str, Any], where: str = "recipe") -> Recipe:
     if training.split == "shuffle" and training.repeats != 1:
         raise RecipeError(f"{where}: [training] repeats must be 1 for split = \"shuffle\" (folds counts the splits)")
 
+    return training
+
+
+def _augmentation_spec(where: str, doc: Mapping[str, Any]) -> "AugmentationSpec":
+    """The optional ``[augmentation]`` section."""
     s = _Section(where, "augmentation", doc.get("augmentation"), required=False)
     augmentation = AugmentationSpec(
         rotation_deg=s.get("rotation_deg", "float", 0.0, lo=0.0, hi=180.0),
@@ -421,6 +437,11 @@ def recipe_from_dict(doc: Mapping[str, Any], where: str = "recipe") -> Recipe:
     )
     s.done()
 
+    return augmentation
+
+
+def _data_spec(where: str, doc: Mapping[str, Any]) -> "DataSpec":
+    """The ``[data]`` section, checked (cohort size, manifest path, held-out profiles apart)."""
     s = _Section(where, "data", doc.get("data"))
     source = s.get("source", "str", choices=SOURCES)
     data = DataSpec(
@@ -441,6 +462,11 @@ def recipe_from_dict(doc: Mapping[str, Any], where: str = "recipe") -> Recipe:
     if overlap:
         raise RecipeError(f"{where}: [data] holdout_profiles repeats training profile {sorted(overlap)[0]!r}")
 
+    return data
+
+
+def _bundle_spec(where: str, doc: Mapping[str, Any]) -> "BundleSpec":
+    """The optional ``[bundle]`` section, checked (one unit per output)."""
     s = _Section(where, "bundle", doc.get("bundle"), required=False)
     bundle = BundleSpec(
         version=s.get("version", "str", "0.1.0"),
@@ -462,10 +488,7 @@ def recipe_from_dict(doc: Mapping[str, Any], where: str = "recipe") -> Recipe:
                           f"({len(bundle.outputs)} outputs, {len(bundle.units)} units)")
     if (bundle.t_score_mean > 0) != (bundle.t_score_sd > 0):
         raise RecipeError(f"{where}: [bundle] t_score_mean and t_score_sd go together (give both or neither)")
-
-    return Recipe(protocol=protocol, variant=variant, seed=seed, network=network, loss=loss,
-                  optimizer=optimizer, training=training, data=data, augmentation=augmentation,
-                  scheduler=scheduler, bundle=bundle, description=description, path=where)
+    return bundle
 
 
 def load_recipe(path: str | Path) -> Recipe:
