@@ -332,6 +332,11 @@ def test_manifest_parses_and_derives(tmp_path: Path) -> None:
     assert m.rows[1].dicom_paths == (tmp_path / "a", tmp_path / "b.dcm")
     np.testing.assert_allclose(m.column("grade"), [0, 2])
     np.testing.assert_allclose(m.rows[0].demographics(), [64, 0, 160, 64, 25.0])
+    # the WHO cut-offs as the reports grade them (screener.scores.who_grade): T = -1.0 is still
+    # normal, T = -2.5 osteoporosis (the manifest's own copy graded -1.0 osteopenia)
+    edge = [{"patient_id": f"E{k}", "dicom_path": "a", "t_score": t} for k, t in enumerate((-1.0, -2.5, -1.01))]
+    assert [r.grade for r in read_manifest(write_manifest(tmp_path / "edge.csv", edge)).rows] == [
+        "normal", "osteoporosis", "osteopenia"]
 
 
 def test_manifest_errors_are_row_numbered(tmp_path: Path) -> None:

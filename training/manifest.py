@@ -44,6 +44,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from screener.scores import who_grade
+
 __all__ = ["COLUMNS", "Manifest", "ManifestError", "ManifestRow", "read_manifest"]
 
 GRADES = ("normal", "osteopenia", "osteoporosis")
@@ -147,8 +149,58 @@ class Manifest:
         return np.asarray([np.nan if getattr(r, name) is None else float(getattr(r, name)) for r in self.rows])
 
 
-def _grade_from_t(t: float) -> str:
-    return "normal" if t > -1.0 else ("osteopenia" if t > -2.5 else "osteoporosis")
+def _cell_value(col: str, text: str, base: Path, check_paths: bool) -> tuple[str, Any]:
+    """``(key, value)`` of one non-empty manifest cell; ``ValueError`` says what is wrong with it."""
+    kind, lo, hi = COLUMNS[col]
+    if kind == "float":
+        try:
+            v = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        if not np.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise ValueError(f"{v:g} is outside the plausible range {rng}")
+        return col, v
+    if kind == "flag":
+        if text not in ("0", "1"):
+            raise ValueError(f"{text!r} must be 0 or 1")
+        return col, int(text)
+    if kind in _CHOICES:
+        choices, normalise = _CHOICES[kind]
+        value = normalise(text)
+        if value not in choices:
+            allowed = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+            raise ValueError(f"{text!r} must be {allowed}")
+        return col, value
+    if kind == "paths":
+        parts = [s.strip() for s in text.split(";") if s.strip()]
+        resolved = tuple((Path(s) if Path(s).is_absolute() else (base / s)) for s in parts)
+        if check_paths:
+            gone = [str(r) for r in resolved if not r.exists()]
+            if gone:
+                raise ValueError(f"{gone[0]} does not exist")
+        return "dicom_paths", resolved
+    return col, text
+
+
+def _complete_row(vals: dict[str, Any]) -> tuple[str, str] | None:
+    """Fill a row's derived values in place (grade from T-score, BMI from weight and height);
+    ``(column, problem)`` when the row has no DXA value or contradicts itself."""
+    if not ({"bmd", "t_score", "grade"} & set(vals)):
+        return "bmd", "the row has no DXA value (bmd, t_score or grade)"
+    if "t_score" in vals:
+        grade = who_grade(vals["t_score"])
+        if "grade" not in vals:
+            vals["grade"] = grade
+        elif vals["grade"] != grade:
+            return "grade", f"{vals['grade']!r} contradicts t_score {vals['t_score']:g} (WHO: {grade})"
+    if "height_cm" in vals and "weight_kg" in vals:
+        derived = vals["weight_kg"] / (vals["height_cm"] / 100.0) ** 2
+        if "bmi" not in vals:
+            vals["bmi"] = round(derived, 2)
+        elif abs(vals["bmi"] - derived) > 0.1 * derived:
+            return "bmi", f"{vals['bmi']:g} disagrees with weight/height^2 = {derived:.1f}"
+    return None
 
 
 def read_manifest(
@@ -225,72 +277,24 @@ def read_manifest(
         vals: dict[str, Any] = {}
         ok = True
         for col, text in cells.items():
-            kind, lo, hi = COLUMNS[col]
             if text == "":
-                if col in REQUIRED or col in require:
-                    if not (col == "grade" and cells.get("t_score")):
-                        bad(i, col, "is empty but required")
-                        ok = False
+                if (col in REQUIRED or col in require) and not (col == "grade" and cells.get("t_score")):
+                    bad(i, col, "is empty but required")
+                    ok = False
                 continue
-            if kind == "float":
-                try:
-                    v = float(text)
-                except ValueError:
-                    bad(i, col, f"{text!r} is not a number")
-                    ok = False
-                    continue
-                if not np.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-                    rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-                    bad(i, col, f"{v:g} is outside the plausible range {rng}")
-                    ok = False
-                    continue
-                vals[col] = v
-            elif kind == "flag":
-                if text not in ("0", "1"):
-                    bad(i, col, f"{text!r} must be 0 or 1")
-                    ok = False
-                    continue
-                vals[col] = int(text)
-            elif kind in _CHOICES:
-                choices, normalise = _CHOICES[kind]
-                value = normalise(text)
-                if value not in choices:
-                    allowed = (" or ".join(choices) if len(choices) == 2
-                               else "one of " + ", ".join(choices))
-                    bad(i, col, f"{text!r} must be {allowed}")
-                    ok = False
-                    continue
-                vals[col] = value
-            elif kind == "paths":
-                parts = [s.strip() for s in text.split(";") if s.strip()]
-                resolved = tuple((Path(s) if Path(s).is_absolute() else (p.parent / s)) for s in parts)
-                if check_paths:
-                    gone = [str(r) for r in resolved if not r.exists()]
-                    if gone:
-                        bad(i, col, f"{gone[0]} does not exist")
-                        ok = False
-                        continue
-                vals["dicom_paths"] = resolved
-            else:
-                vals[col] = text
+            try:
+                key, value = _cell_value(col, text, p.parent, check_paths)
+            except ValueError as exc:
+                bad(i, col, str(exc))
+                ok = False
+                continue
+            vals[key] = value
         if not ok:
             continue
-        if not ({"bmd", "t_score", "grade"} & set(vals)):
-            bad(i, "bmd", "the row has no DXA value (bmd, t_score or grade)")
+        problem = _complete_row(vals)
+        if problem is not None:
+            bad(i, *problem)
             continue
-        if "grade" not in vals and "t_score" in vals:
-            vals["grade"] = _grade_from_t(vals["t_score"])
-        elif "grade" in vals and "t_score" in vals and vals["grade"] != _grade_from_t(vals["t_score"]):
-            bad(i, "grade", f"{vals['grade']!r} contradicts t_score {vals['t_score']:g} "
-                            f"(WHO: {_grade_from_t(vals['t_score'])})")
-            continue
-        if "height_cm" in vals and "weight_kg" in vals:
-            derived = vals["weight_kg"] / (vals["height_cm"] / 100.0) ** 2
-            if "bmi" not in vals:
-                vals["bmi"] = round(derived, 2)
-            elif abs(vals["bmi"] - derived) > 0.1 * derived:
-                bad(i, "bmi", f"{vals['bmi']:g} disagrees with weight/height^2 = {derived:.1f}")
-                continue
         key = (vals["patient_id"], tuple(str(x) for x in vals["dicom_paths"]))
         if key in seen:
             bad(i, "dicom_path", f"same patient and path(s) as row {seen[key]}")
