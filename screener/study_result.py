@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 from screener.findings import Finding
 from screener.reporting import codes
+from screener.scores import who_grade
 
 __all__ = ["CLASS_SET_MASS", "DEFAULT_T_TOLERANCE", "DISCORDANT", "EVIDENCE", "GRADES", "HU_LSC", "NOT_GRADED",
            "Contribution", "StudyResult", "study_result"]
@@ -154,10 +155,6 @@ def _t_set(lo: float, hi: float) -> list[str]:
     return out
 
 
-def _who(t: float) -> str:
-    return "osteoporosis" if t <= -2.5 else "osteopenia" if t < -1.0 else "normal"
-
-
 def _measure(f: Finding, *names: str) -> Any:
     for n in names:
         for m in f.measurements:
@@ -195,7 +192,7 @@ def _t_vote(f: Finding, rank: int, method: str) -> Contribution | None:
         lo, hi = tv - DEFAULT_T_TOLERANCE, tv + DEFAULT_T_TOLERANCE
         unc = f"no prediction interval: T +/- {DEFAULT_T_TOLERANCE:g}"
     value = f"T {tv:+.2f}" + (f" (BMD {float(bmd.value):.3f} g/cm2)" if bmd is not None else "")
-    return Contribution(f.protocol, f.site, method, value, _who(tv), _t_set(lo, hi), unc, rank)
+    return Contribution(f.protocol, f.site, method, value, who_grade(tv), _t_set(lo, hi), unc, rank)
 
 
 def _class_vote(f: Finding, rank: int, method: str) -> Contribution | None:

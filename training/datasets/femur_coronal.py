@@ -38,6 +38,7 @@ import numpy as np
 import structlog
 
 from screener.preprocess import femur_coronal as P
+from screener.scores import who_grade
 
 log = structlog.get_logger(__name__)
 
@@ -55,13 +56,7 @@ HIP_TRUTH_GRID_MM = 1.5
 
 def grade_index(t: float) -> int:
     """WHO class index of a T-score (0 normal, 1 osteopenia, 2 osteoporosis)."""
-    if not math.isfinite(t):
-        raise ValueError("T-score is not finite")
-    if t <= -2.5:
-        return 2
-    if t < -1.0:
-        return 1
-    return 0
+    return ("normal", "osteopenia", "osteoporosis").index(who_grade(t))  # who_grade refuses a non-finite T
 
 
 class PhantomCoronalSource:

@@ -44,11 +44,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from screener.preprocess import l1_axial as P
+from training.metrics import KANG_T_REFERENCE
 from training.trainer import ArrayDataset
 
 __all__ = ["build", "build_cohort", "build_manifest", "cohort_sample", "l1_abmd", "l1_dxa_status", "options"]
 
-KANG_T = (0.9747, 0.1185)
+KANG_T = KANG_T_REFERENCE  # Kang et al.'s L1 T-score reference, from the one table
 DEFAULT_OPTIONS: dict[str, Any] = {"size": P.SIZE, "fov_mm": P.FOV_MM, "n_neighbours": P.N_NEIGHBOURS,
                                    "centroid_jitter_mm": 1.5, "energy_correction": P.ENERGY_CORRECTION,
                                    "exclude_l1_affected": False}
