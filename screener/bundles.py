@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from screener import __version__ as SCREENER_VERSION
+from screener.devices import resolve_device
 from screener.jsonable import to_jsonable
 
 log = structlog.get_logger(__name__)
@@ -536,10 +537,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", *,
             raise BundleError(f"{card_path}: model card lacks {key!r}")
     spec = InputSpec.from_dict(card["input_spec"])
     _check_calibration(card, card_path)
-    if isinstance(device, str) and device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
+    dev = torch.device(resolve_device(device))
     try:
         blob = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling errors vary by torch version

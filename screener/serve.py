@@ -18,7 +18,6 @@ the CPU because the service cannot see ``/dev/nvidia*``.
 from __future__ import annotations
 
 import argparse
-import glob
 import signal
 import sqlite3
 import threading
@@ -30,6 +29,7 @@ from screener import __version__
 from screener.completion import CompletionMonitor
 from screener.config import ConfigError, find_config_path, load_config
 from screener.db import Database
+from screener.devices import inference_device
 from screener.export import Exporter
 from screener.ingest import start_scp
 from screener.logs import LOG_FORMATS, configure_logging, resolve_log_format
@@ -37,44 +37,6 @@ from screener.storage import clean_tmp
 from screener.worker import WorkerPool
 
 log = structlog.get_logger(__name__)
-
-
-def inference_device(setting: str) -> tuple[str, str]:
-    """The device model inference will use for a ``device`` setting, and why.
-
-    Parameters
-    ----------
-    setting : str
-        The config key ``device``: ``auto``, ``cpu`` or ``cuda``.
-
-    Returns
-    -------
-    device : str
-        ``"cpu"`` or ``"cuda"``.
-    reason : str
-        In words, e.g. ``device = auto: no /dev/nvidia* device is visible to this process
-        (systemd PrivateDevices=yes hides them; see deploy/README.md)``.
-    """
-    if setting == "cpu":
-        return "cpu", "device = cpu in the configuration"
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - torch is a dependency
-        return "cpu", f"torch cannot be imported ({exc})"
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        return "cuda", (f"device = {setting}: CUDA GPU found ({name}, "
-                        f"{torch.cuda.device_count()} device(s), CUDA {torch.version.cuda})")
-    if torch.version.cuda is None:
-        why = "this torch build has no CUDA support (a CPU wheel): install a CUDA build"
-    elif not glob.glob("/dev/nvidia[0-9]*"):
-        why = ("no /dev/nvidia* device is visible to this process (systemd PrivateDevices=yes "
-               "or a missing DeviceAllow hides them; see deploy/README.md, GPU)")
-    else:
-        why = "torch.cuda.is_available() is false (driver missing or too old for this torch?)"
-    if setting == "cuda":
-        return "cuda", f"device = cuda but CUDA is not usable: {why}; model jobs will fail"
-    return "cpu", f"device = auto, running on the CPU: {why}"
 
 
 def _log_inference_device(setting: str) -> None:

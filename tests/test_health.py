@@ -156,11 +156,11 @@ def test_serve_answers_healthz_and_logs_the_inference_device(tmp_path: Path) -> 
 def test_inference_device_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from screener import serve
+    from screener import devices, serve
     assert serve.inference_device("cpu") == ("cpu", "device = cpu in the configuration")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", "12.4")
-    monkeypatch.setattr(serve.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(devices.glob, "glob", lambda pattern: [])
     assert serve.inference_device("auto") == (
         "cpu", "device = auto, running on the CPU: no /dev/nvidia* device is visible to this "
         "process (systemd PrivateDevices=yes or a missing DeviceAllow hides them; see "
@@ -178,3 +178,17 @@ def test_inference_device_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     assert serve.inference_device("auto") == (
         "cuda", "device = auto: CUDA GPU found (NVIDIA H100 80GB HBM3, 1 device(s), CUDA 12.4)")
+
+
+def test_resolve_device_is_the_same_choice_and_refuses_an_unusable_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from screener import devices
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(devices.glob, "glob", lambda pattern: [])
+    assert devices.resolve_device("auto") == devices.resolve_device(torch.device("cpu")) == "cpu"
+    with pytest.raises(RuntimeError, match=r"CUDA is not usable: no /dev/nvidia\*.*use device = \"auto\""):
+        devices.resolve_device("cuda")
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        devices.resolve_device("cuda:1")

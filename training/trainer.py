@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from screener.protocols.model import resolve_device
+from screener.devices import resolve_device
 from training import losses as L
 from training.folds import Fold, SplitPlan
 from training.recipes import AugmentationSpec, LossSpec, OptimizerSpec, Recipe, SchedulerSpec

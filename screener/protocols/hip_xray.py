@@ -42,7 +42,8 @@ import structlog
 
 from screener.findings import Finding, RoiGeometry
 from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined
-from screener.protocols.model import ModelProtocol, model_details, resolve_device
+from screener.devices import resolve_device
+from screener.protocols.model import ModelProtocol, model_details
 from screener.references import REFERENCES
 from screener.reporting import codes
 

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from screener.devices import resolve_device
 from screener.protocols.base import Protocol, ProtocolContext, ProtocolDeclined
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -19,30 +20,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from screener.domain import SpineLocalization, Volume
     from screener.findings import Finding, RoiGeometry
 
-__all__ = ["ModelProtocol", "axial_rectangle_roi", "model_details", "nearest_slice", "resolve_device", "spine_localization"]
+__all__ = ["ModelProtocol", "axial_rectangle_roi", "model_details", "nearest_slice", "spine_localization"]
 
 _CACHE: dict[tuple[str, str], "Bundle"] = {}
 _LOCK = threading.Lock()
-
-
-def resolve_device(device: Any = "auto") -> str:
-    """The torch device for the configured ``device``: ``"auto"`` -> ``"cuda"`` when available,
-    else ``"cpu"``; other values unchanged (a ``torch.device`` as its string).
-
-    Raises
-    ------
-    RuntimeError
-        ``"cuda"`` requested with no CUDA GPU, naming the settings that work.
-    """
-    import torch
-
-    device = str(device)
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but no CUDA GPU is available; "
-                           "use device = \"auto\" or \"cpu\"")
-    return device
 
 
 class ModelProtocol(Protocol):
