@@ -10,7 +10,9 @@ OHIF's built viewer (``npm pack @ohif/app@3.13.2``, ``package/dist``; ``.ci/run`
 opens each study, double-clicks the SR, and steps through its measurement groups with OHIF's own
 arrows.  For every group the test asserts, from the page and cornerstone's state, that the
 viewport shows the group's referenced image, that the group's graphic is drawn there with its
-values as the label, and -- at the end -- that the browser console logged no error.
+values as the label; it opens the CT's ROI SEG (:func:`screener.reporting.seg.build_seg`, issue 20
+item 2) and checks OHIF loaded every segment; and -- at the end -- that the browser console logged
+no error.
 
 Screenshots of every group go to ``artifacts/ohif/`` (ignored by git; override with
 ``SCREENER_ARTIFACTS``); the path is printed.
@@ -29,9 +31,11 @@ from typing import Any, Iterator
 import pydicom
 import pytest
 
+from screener.reporting.seg import SEG_SERIES_DESCRIPTION, build_seg
 from screener.reporting.sr import REFORMAT_PROTOCOLS
 from tests.conftest import ROOT, free_port, require_tool
 from tests.daemon_helpers import Orthanc
+from tests.test_reporting import assert_valid_dicom
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -179,7 +183,14 @@ def _process(tmp: Path) -> dict[str, Any]:
     hip_res = process_series([rx["hip"]], config=cfg, out_dir=tmp / "rx_out")
     for res in (ct_res, hip_res):
         assert res.status == "done", res.reason
-    return {"ct": (ct, ct_res), "hip": ([rx["hip"]], hip_res)}
+    # the CT's ROIs as a DICOM SEG (issue 20 item 2), beside the pipeline's outputs
+    seg = build_seg(ct_res.findings, [pydicom.dcmread(p, stop_before_pixels=True) for p in ct])
+    assert seg is not None
+    seg_path = tmp / "ct_out" / "seg.dcm"
+    seg.save_as(seg_path)
+    for path in [*(o.path for o in ct_res.outputs), *(o.path for o in hip_res.outputs), seg_path]:
+        assert_valid_dicom(Path(path))
+    return {"ct": (ct, ct_res), "hip": ([rx["hip"]], hip_res), "seg": seg_path}
 
 
 @pytest.fixture(scope="module")
@@ -190,15 +201,15 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     orthanc = Orthanc(tmp / "orthanc", dicomweb=True).start()
     server = None
     try:
-        for files, res in studies.values():
-            for p in [*files, *(o.path for o in res.outputs)]:
-                with open(p, "rb") as fh:
-                    conn = http.client.HTTPConnection("127.0.0.1", orthanc.http_port, timeout=60)
-                    conn.request("POST", "/instances", body=fh.read())
-                    r = conn.getresponse()
-                    r.read()
-                    assert r.status == 200, (p, r.status)
-                    conn.close()
+        uploads = [p for files, res in (studies["ct"], studies["hip"])
+                   for p in [*files, *(o.path for o in res.outputs)]] + [studies["seg"]]
+        for p in uploads:  # REST upload, one file per request
+            conn = http.client.HTTPConnection("127.0.0.1", orthanc.http_port, timeout=60)
+            conn.request("POST", "/instances", body=Path(p).read_bytes())
+            r = conn.getresponse()
+            r.read()
+            conn.close()
+            assert r.status == 200, (p, r.status)
         server, origin = serve_ohif(dist, orthanc.http_port)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         print(f"\nOHIF screenshots: {ARTIFACTS}")
@@ -250,8 +261,9 @@ def _wait(driver: Any, cond: Any, timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def open_sr(driver: Any, origin: str, study_uid: str) -> None:
-    """Open a study and double-click its SR thumbnail (OHIF's read-only SR view)."""
+def open_sr(driver: Any, origin: str, study_uid: str, description: str = SR_DESCRIPTION) -> None:
+    """Open a study and double-click the thumbnail of its series ``description`` (for the SR:
+    OHIF's read-only SR view)."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
@@ -259,10 +271,10 @@ def open_sr(driver: Any, origin: str, study_uid: str) -> None:
 
     def thumb(d: Any) -> Any:
         for el in d.find_elements(By.CSS_SELECTOR, "[data-cy^='study-browser-thumbnail']"):
-            if SR_DESCRIPTION in (el.text or ""):
+            if description in (el.text or ""):
                 return el
         return None
-    el = _wait(driver, thumb, 120, "the SR thumbnail")
+    el = _wait(driver, thumb, 120, f"the thumbnail of {description!r}")
     time.sleep(2)
     ActionChains(driver).double_click(el).perform()
 
@@ -318,9 +330,16 @@ def check_study(driver: Any, origin: str, files: list[Path], res: Any, stem: str
         values = [f"{float(m.value):.2f} {m.unit}" for m in finding.measurements]
 
         def drawn(d: Any, values: list[str] = values) -> Any:
+            # a render, as a mouse move over the viewport would trigger: cornerstone draws an
+            # annotation added after the image's last render only with the next one
+            d.execute_script("window.cornerstone.getEnabledElements().forEach(e => e.viewport.render());")
             text = d.find_element(By.TAG_NAME, "body").text  # the annotation's SVG text included
             return text if all(v in text for v in values) else None
-        page = _wait(driver, drawn, 60, f"{g['tracking']}: its values drawn in the viewport")
+        try:
+            page = _wait(driver, drawn, 60, f"{g['tracking']}: its values drawn in the viewport")
+        except AssertionError:
+            driver.save_screenshot(str(ARTIFACTS / f"{stem}-{i + 1}-FAILED.png"))
+            raise
         time.sleep(0.5)
         driver.save_screenshot(str(ARTIFACTS / f"{stem}-{i + 1}-{g['tracking'].replace(' ', '_')}.png"))
         # the group's graphic is an annotation on that very image ...
@@ -333,6 +352,38 @@ def check_study(driver: Any, origin: str, files: list[Path], res: Any, stem: str
             assert any(label.endswith(value) for label in g["labels"]), (g["tracking"], value, g["labels"])
         shown[g["tracking"]] = {"sop": want_sop, "labels": g["labels"], "page": page}
     return shown
+
+
+_SEGMENTS_JS = """
+const segs = window.services.segmentationService.getSegmentations() || [];
+return segs.map(s => ({label: s.label, segments: Object.values(s.segments || {}).filter(x => x).map(x => x.label)}));
+"""
+
+
+def check_seg(driver: Any, origin: str, files: list[Path], res: Any) -> None:
+    """Open the study's SEG (OHIF asks whether to load it: yes) and check its segments are loaded:
+    one per planar ROI of the CT's findings; screenshot."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    open_sr(driver, origin, study_uid, SEG_SERIES_DESCRIPTION)
+    yes = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-cy='yes-hydrate-btn']"), 60,
+                "OHIF's 'open this Segmentation?' prompt")
+    ActionChains(driver).move_to_element(yes[0]).click().perform()
+    want = [f"{f.site} ROI ({f.protocol})" for f in res.findings
+            if f.roi is not None and f.protocol not in REFORMAT_PROTOCOLS]
+    got = _wait(driver, lambda d: (d.execute_script(_SEGMENTS_JS) or None), 60, "the SEG's segments loaded")
+    assert [g["segments"] for g in got] == [want], got
+    # the screenshot on the L1 ROI's slice (the first segment)
+    first = next(f for f in res.findings if f.roi is not None and f.protocol not in REFORMAT_PROTOCOLS)
+    assert first.roi is not None
+    driver.execute_script("""
+      const vp = window.cornerstone.getEnabledElements()[0].viewport;
+      const i = vp.getImageIds().findIndex(id => id.includes('/instances/' + arguments[0] + '/'));
+      if (i >= 0) { vp.setImageIdIndex(i); }""", first.roi.source_sop_instance_uid)
+    time.sleep(2)
+    driver.save_screenshot(str(ARTIFACTS / "ct-seg.png"))
 
 
 def test_ohif_draws_every_group_on_its_image_with_its_values(viewer: dict[str, Any]) -> None:
@@ -354,6 +405,7 @@ def test_ohif_draws_every_group_on_its_image_with_its_values(viewer: dict[str, A
         by_sop = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in ct_files}
         z = float(pydicom.dcmread(by_sop[l1["sop"]], stop_before_pixels=True).ImagePositionPatient[2])
         assert abs(z - truth.centroid_mm[2]) < 12.0, (z, truth.centroid_mm)
+        check_seg(driver, viewer["origin"], ct_files, ct_res)
         hip_files, hip_res = viewer["studies"]["hip"]
         shown_hip = check_study(driver, viewer["origin"], hip_files, hip_res, "hip")
         assert {"right femoral neck hip_xray", "left femoral neck hip_xray"} == set(shown_hip)

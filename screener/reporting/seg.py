@@ -29,6 +29,8 @@ from screener.radiograph import PROJECTION_MODALITIES
 from screener.reporting.content import algorithm
 
 SEG_SERIES_DESCRIPTION = "Bone density screening ROIs (SEG)"
+#: display colours of the segments in order (RGB; stored as RecommendedDisplayCIELabValue)
+SEGMENT_COLOURS = ((0, 200, 0), (255, 200, 0), (0, 160, 255), (255, 80, 80), (200, 0, 255), (0, 220, 220))
 
 
 def roi_mask(polygon: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -117,7 +119,8 @@ def build_seg(findings: Sequence[Finding], sources: Sequence[Dataset], *,
             segment_number=s, segment_label=f"{f.site} ROI ({f.protocol})"[:64],
             segmented_property_category=pcodes.SCT.AnatomicalStructure, segmented_property_type=site,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=_algorithm(f),
-            tracking_uid=generate_uid(), tracking_id=f"{f.site} {f.protocol}"[:64]))
+            tracking_uid=generate_uid(), tracking_id=f"{f.site} {f.protocol}"[:64],
+            display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLOURS[(s - 1) % len(SEGMENT_COLOURS)])))
     seg = hd.seg.Segmentation(
         source_images=source_images, pixel_array=masks,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
