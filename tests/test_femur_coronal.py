@@ -242,21 +242,6 @@ def test_bounding_box_distance_transform_equals_full_one():
     assert not _distance_in_bounding_box(np.zeros((4, 4, 4), dtype=bool)).any()
 
 
-def test_fill_holes_per_slice_equals_scipy_slice_by_slice():
-    """The locator's one-labelling hole fill is scipy's ``binary_fill_holes`` of each axial slice."""
-    from scipy import ndimage
-
-    from screener.preprocess.femur_coronal import _fill_holes_per_slice
-
-    rng = np.random.default_rng(3)
-    for shape, p in (((12, 40, 50), 0.55), ((6, 30, 30), 0.7), ((5, 20, 25), 0.4)):
-        m = rng.random(shape) < p
-        m[:, 0, :] = False if p < 0.6 else m[:, 0, :]  # some masks touch the slice edges, some do not
-        want = np.stack([ndimage.binary_fill_holes(s) for s in m])
-        np.testing.assert_array_equal(_fill_holes_per_slice(m), want)
-    assert not _fill_holes_per_slice(np.zeros((3, 5, 5), dtype=bool)).any()
-
-
 def test_head_sized_distances_are_the_full_transform_ones():
     """Coarse-then-boxed distance transform: the same head-sized voxels and values as the whole one."""
     from screener.preprocess.femur_coronal import _distance_in_bounding_box, _head_sized_distances

@@ -34,3 +34,14 @@ def test_same_as_scipy_on_every_slice_and_in_one_labelling(seed: int) -> None:
 def test_a_3d_mask_is_refused_by_the_2d_fill() -> None:
     with pytest.raises(ValueError, match="2-D"):
         fill_holes(np.zeros((2, 4, 4), bool))
+
+
+def test_fill_holes_per_slice_equals_scipy_on_random_masks() -> None:
+    """The femoral-head locator's one-labelling hole fill (random masks) is scipy's ``binary_fill_holes`` of each axial slice."""
+    rng = np.random.default_rng(3)
+    for shape, p in (((12, 40, 50), 0.55), ((6, 30, 30), 0.7), ((5, 20, 25), 0.4)):
+        m = rng.random(shape) < p
+        m[:, 0, :] = False if p < 0.6 else m[:, 0, :]  # some masks touch the slice edges, some do not
+        want = np.stack([ndimage.binary_fill_holes(s) for s in m])
+        np.testing.assert_array_equal(fill_holes_per_slice(m), want)
+    assert not fill_holes_per_slice(np.zeros((3, 5, 5), dtype=bool)).any()

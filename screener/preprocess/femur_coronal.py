@@ -40,6 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from screener.preprocess.energy import energy_constants, energy_scale
+from screener.preprocess.morphology import fill_holes_per_slice
 from screener.preprocess.sampling import PlaneSource
 
 __all__ = [
@@ -414,7 +415,7 @@ def locate_femoral_heads(volume: Any) -> dict[str, tuple[float, float, float]]:
     bone = vol > _BONE_HU
     if bone.sum() < 50:
         return {}
-    filled = _fill_holes_per_slice(bone)
+    filled = fill_holes_per_slice(bone)
     mid_x = _median_of_counts(xs, bone.sum(axis=(0, 1)))  # median x of the bone voxels
     offs = {side: sgn * (xs - mid_x) for side, sgn in (("R", -1.0), ("L", 1.0))}
     lateral = np.zeros(len(xs), dtype=bool)
@@ -570,28 +571,6 @@ def _grid_hu(volume: Any, sampler: Any, xs: np.ndarray, ys: np.ndarray, zs: np.n
         a = _lerp_axis(a, t[inside[m]], axis, sampler.outside)
     order = [next(ax for ax in range(3) if patient_of[ax] == m) for m in (2, 1, 0)]  # to (z, y, x)
     out[inside[2], inside[1], inside[0]] = np.transpose(a, order)
-    return out
-
-
-def _fill_holes_per_slice(bone: np.ndarray) -> np.ndarray:
-    """``scipy.ndimage.binary_fill_holes`` of every axial slice of a ``(z, y, x)`` mask, in one
-    labelling: background 4-connected within its slice and not reaching the slice's edge is a
-    hole.  Only the mask's bounding box grown by one voxel is labelled (the background around
-    it reaches the edge in every slice)."""
-    box = ndimage.find_objects(bone.astype(np.int8))
-    out = bone.copy()
-    if not box or box[0] is None:
-        return out
-    grown = tuple(slice(max(0, sl.start - 1), min(n, sl.stop + 1)) for sl, n in zip(box[0], bone.shape))
-    sub = bone[grown]
-    st = np.zeros((3, 3, 3), dtype=bool)
-    st[1] = ndimage.generate_binary_structure(2, 1)
-    lab, n = ndimage.label(~sub, structure=st)
-    edge = np.zeros(n + 1, dtype=bool)
-    for face in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
-        edge[face] = True
-    edge[0] = True  # bone
-    out[grown] |= ~edge[lab]
     return out
 
 
