@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -409,6 +410,15 @@ def test_ohif_draws_every_group_on_its_image_with_its_values(viewer: dict[str, A
         hip_files, hip_res = viewer["studies"]["hip"]
         shown_hip = check_study(driver, viewer["origin"], hip_files, hip_res, "hip")
         assert {"right femoral neck hip_xray", "left femoral neck hip_xray"} == set(shown_hip)
+        # each hip ROI OHIF drew (the SR's polygon) is centred on the phantom's femoral neck
+        from training.phantoms.xray import render_hip_xray
+
+        _, xray_truth = render_hip_xray(build_scene(make_patient(12, 5)), 12)  # as tests' _radiographs
+        for f in hip_res.findings:
+            row, col = xray_truth["femoral_necks_px"][f.details["side"]]
+            centre = np.asarray(f.roi.polygon[:-1], dtype=float).mean(axis=0)  # (column, row)
+            radius = xray_truth["head_radius_px"][f.details["side"]]
+            assert np.hypot(centre[0] - col, centre[1] - row) < 0.6 * radius, (f.site, centre, (col, row), radius)
         errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
         assert not errors, errors
     finally:
