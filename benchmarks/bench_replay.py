@@ -6,8 +6,9 @@ shipped bundles, alternately with one worker and with ``--workers`` workers (``-
 each; the fastest of each counts), and prints the wall time of each whole replay (walk, pool start
 with its bundle loading, series, export) and the ratio.  Every run must agree on every series'
 status; a last run through a 2-worker ``dask`` ``LocalCluster`` must give the same results JSON as
-the first 1-worker one.  The machine's load average is printed after each run: other jobs on a
-shared machine take cores from the parallel run::
+the first 1-worker one.  After each pair of runs, ``--workers`` processes that only burn CPU
+measure how many cores the machine gives them now (other jobs on a shared machine take cores from
+the parallel run: the speed-up cannot exceed that figure)::
 
     python benchmarks/bench_replay.py [--series 8] [--workers 2] [--repeats 2] [--no-dask]
 """
@@ -52,6 +53,24 @@ def timed_replay(folder: Path, data: Path, workers: int, scheduler: str | None =
     return time.perf_counter() - t0, {str(r["series_uid"]): str(r["status"]) for r in rows}
 
 
+def _burn(seconds: float) -> float:
+    t0 = time.process_time()
+    while time.process_time() - t0 < seconds:
+        pass
+    return seconds
+
+
+def cpu_ceiling(workers: int, seconds: float = 2.0) -> float:
+    """How many cores ``workers`` CPU-bound processes get on this machine now: each burns ``seconds``
+    of CPU; the CPU seconds over the wall seconds (``workers`` on an idle machine)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+        t0 = time.perf_counter()
+        pool.map(_burn, [seconds] * workers)
+        return workers * seconds / (time.perf_counter() - t0)
+
+
 def results_json(data: Path) -> str:
     """``screener results --format json`` of a data directory, in a fixed order."""
     from screener.db import Database
@@ -80,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         render(folder, args.series)
         print(f"rendered {args.series} CT series in {time.perf_counter() - t0:.0f} s; "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-        ones, manys, s1, s2 = [], [], {}, {}
+        ones, manys, ceilings, s1, s2 = [], [], [], {}, {}
         for r in range(args.repeats):  # alternated, each into a fresh data directory
             secs, s1 = timed_replay(folder, Path(tmp) / f"one-{r}", 1)
             ones.append(secs)
@@ -93,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             if s1 != s2:
                 print(f"the two runs disagree: {s1} vs {s2}")
                 return 1
+            ceilings.append(cpu_ceiling(args.workers))
+            print(f"{args.workers} CPU-bound processes get {ceilings[-1]:.2f} cores here now", flush=True)
         one, many = min(ones), min(manys)
         done = sum(s == "done" for s in s1.values())
         print(f"{done}/{len(s1)} series done in every run; speed-up {one / many:.2f}x with {args.workers} workers "
-              f"(fastest of {args.repeats} runs each: {one:.1f} s vs {many:.1f} s; goal >= 1.7x on 2 cores)")
+              f"(fastest of {args.repeats} runs each: {one:.1f} s vs {many:.1f} s; goal >= 1.7x on 2 cores); "
+              f"the machine gave {args.workers} CPU-bound processes {min(ceilings):.2f}-{max(ceilings):.2f} cores")
         if not args.no_dask:
             from distributed import LocalCluster
 
