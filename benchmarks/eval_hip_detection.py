@@ -1,6 +1,6 @@
 """Hip detection on held-out cohort radiographs (issue 15): presence, neck ROI, side, metal, BMD.
 
-``python benchmarks/eval_hip_detection.py [--n-standard 100] [--n-variety 150] [--sheet sheet.png]``
+``python benchmarks/eval_hip_detection.py [--n-standard 100] [--n-variety 150] [--flip off] [--sheet sheet.png]``
 
 Renders held-out patients (:mod:`training.phantoms.xray_variety`; patients and seeds the landmark
 model never saw: standard profile seed 1516, variety profile seed 1517, two acquisitions per
@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--models", default=str(ROOT / "models"))
     ap.add_argument("--landmarks", default="", help="landmark bundle to evaluate (default <models>/hip_landmarks)")
+    ap.add_argument("--flip", choices=["card", "on", "off"], default="card",
+                    help="test-time flip averaging of the landmark maps: as the bundle's card says (default), or forced")
     ap.add_argument("--cache", default="", help="folder to keep the rendered cases in (re-runs skip rendering)")
     ap.add_argument("--render-only", action="store_true", help="render (into --cache) and stop")
     ap.add_argument("--json", default="", help="write the summaries and per-hip records here")
@@ -324,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     from screener.hip_landmarks import load_landmark_bundle
 
     landmarks = load_landmark_bundle(Path(args.landmarks) if args.landmarks else Path(args.models) / "hip_landmarks")
+    if args.flip != "card":  # the loaded bundle is cached per process: this run only
+        landmarks.card.setdefault("decoding", {})["flip_average"] = args.flip == "on"
     bmdgan = None
     if args.bmd:
         from screener.bundles import load_bundle
