@@ -709,8 +709,7 @@ def _refine_sphere(sampler: Any, c0: np.ndarray, z_limits: tuple[float, float],
     ax = np.arange(-half, half + 1e-6, g)
     n = len(ax)
     zs = c0[2] + ax
-    cube = np.stack([sampler((c0[0] + ax[0], c0[1] + ax[0], z), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (n, n), (g, g))
-                     for z in zs])  # (z, y, x)
+    cube = _grid_hu(sampler.volume, sampler, c0[0] + ax, c0[1] + ax, zs)  # (z, y, x)
     cube = np.clip(np.nan_to_num(cube, nan=-1000.0), -200.0, 1500.0)
     inside = np.abs(ax) <= search
     idx = np.flatnonzero(inside)
