@@ -275,7 +275,7 @@ def compute_series(task: SeriesTask) -> SeriesOutcome:
     """
     import socket
 
-    from screener.worker import _reported_findings, _result_rows, load_process
+    from screener.worker import job_outcome, load_process
 
     t0 = time.perf_counter()
     where = f"{socket.gethostname()}:{os.getpid()}"
@@ -283,18 +283,10 @@ def compute_series(task: SeriesTask) -> SeriesOutcome:
         process = load_process(task.process)
         result = process([Path(p) for p in task.paths], config=task.config, out_dir=Path(task.out_dir),
                          supersedes=task.supersedes)
-        status = str(getattr(result, "status", "failed"))
-        reason = str(getattr(result, "reason", "") or "")
-        if status not in ("done", "skipped", "failed"):
-            reason = f"pipeline returned unknown status {status!r}; {reason}"
-            status = "failed"
-        prev = {"sop_instance_uid": task.previous_sr_uid} if task.previous_sr_uid else None
-        results = _result_rows(result, prev)
-        findings = _reported_findings(result, status, results)
-        decisions = [(str(p), bool(a), str(r)) for p, a, r in (getattr(result, "decisions", []) or [])]
-        return SeriesOutcome(job_id=task.job_id, status=status, reason=reason,
-                             error=reason if status == "failed" else "", decisions=decisions, findings=findings,
-                             results=results, seconds=time.perf_counter() - t0, worker=where)
+        out = job_outcome(result, task.previous_sr_uid or "")
+        return SeriesOutcome(job_id=task.job_id, status=out.status, reason=out.reason, error=out.error,
+                             decisions=out.decisions, findings=out.findings, results=out.results,
+                             seconds=time.perf_counter() - t0, worker=where)
     except Exception as exc:  # noqa: BLE001 - one series' failure never stops the others
         log.debug("job failure traceback", job_id=task.job_id, traceback=traceback.format_exc())
         return SeriesOutcome(job_id=task.job_id, status="failed", error=f"{type(exc).__name__}: {exc}",

@@ -12,7 +12,7 @@ transaction (:meth:`Database.record_job_outcome`). Where a crash can happen:
   its exports are pending in the database and the exporter resumes them.
 
 Findings are recorded only for a ``done`` job together with the SR that reports
-them (:func:`_reported_findings`): a failed job has no results.
+them (:func:`job_outcome`): a failed job has no results.
 
 So a killed daemon resumes, nothing is processed twice and nothing is lost.
 """
@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import pydicom
@@ -31,13 +32,16 @@ import structlog
 
 from screener.config import Config
 from screener.db import Database
+from screener.findings import Finding
 from screener.logs import FailureState
+from screener.pipeline import PipelineResult
 from screener.storage import make_private_dir, sanitise_uid
 from screener.validation import quantitative_problems
 
 log = structlog.get_logger(__name__)
 
-ProcessFn = Callable[..., Any]
+#: the pipeline's signature: ``process(paths, *, config, out_dir, supersedes) -> PipelineResult``
+ProcessFn = Callable[..., PipelineResult]
 
 
 def load_process(spec: str | None = None) -> ProcessFn:
@@ -72,38 +76,53 @@ def export_destinations(config: Config) -> list[str]:
     return ["outbox"]
 
 
-def _finding_row(f: Any) -> dict[str, Any]:
-    data = f.to_record() if hasattr(f, "to_record") else dict(getattr(f, "__dict__", {}))
-    return {"protocol": str(getattr(f, "protocol", "")), "site": str(getattr(f, "site", "")),
-            "category": str(getattr(f, "category", "") or ""), "data": data}
+@dataclass
+class JobOutcome:
+    """What a job records (:meth:`Database.record_job_outcome`), read from a
+    :class:`~screener.pipeline.PipelineResult`: the daemon's :func:`run_job` and replay's
+    executors (:func:`screener.executors.compute_series`) record the same rows."""
+
+    status: str
+    reason: str
+    decisions: list[tuple[str, bool, str]]
+    findings: list[dict[str, Any]]
+    results: list[dict[str, Any]]
+
+    @property
+    def error(self) -> str:
+        """The job's error: its reason when it failed."""
+        return self.reason if self.status == "failed" else ""
 
 
-def _result_rows(result: Any, prev: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The ``results`` rows of a pipeline result (an SR supersedes the previous SR)."""
-    rows = []
-    for o in getattr(result, "outputs", []) or []:
-        supersedes = str(getattr(o, "supersedes", "") or "")
-        if not supersedes and prev and o.kind == "SR":
-            supersedes = str(prev["sop_instance_uid"])
-        rows.append({"sop_instance_uid": str(o.sop_instance_uid),
-                     "sop_class_uid": str(o.sop_class_uid), "kind": str(o.kind),
-                     "path": str(o.path), "supersedes": supersedes})
-    return rows
+def job_outcome(result: PipelineResult, prev_sr_uid: str = "") -> JobOutcome:
+    """The rows a pipeline result records; an SR supersedes ``prev_sr_uid`` (the series' last SR)
+    unless the pipeline said which one it replaces. A status the pipeline should not give is a
+    failure that says so."""
+    status, reason = str(result.status), str(result.reason or "")
+    if status not in ("done", "skipped", "failed"):
+        reason, status = f"pipeline returned unknown status {status!r}; {reason}", "failed"
+    results = []
+    for o in result.outputs:
+        supersedes = str(o.supersedes or "") or (prev_sr_uid if o.kind == "SR" else "")
+        results.append({"sop_instance_uid": str(o.sop_instance_uid), "sop_class_uid": str(o.sop_class_uid),
+                        "kind": str(o.kind), "path": str(o.path), "supersedes": supersedes})
+    decisions = [(str(n), bool(a), str(r)) for n, a, r in result.decisions]
+    return JobOutcome(status, reason, decisions, _reported_findings(result.findings, status, results), results)
 
 
-def _reported_findings(result: Any, status: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _reported_findings(found: list[Finding], status: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The ``findings`` rows of a pipeline result: only a ``done`` job whose SR was written has any.
 
     A finding becomes a result (``screener results``) only together with the SR that reports it;
     a job that failed after inference (e.g. the report could not be written) records none.
     """
-    found = list(getattr(result, "findings", []) or [])
     if status != "done" or not any(r["kind"] == "SR" for r in results):
         if found:
             log.warning("findings not recorded: no SR was written for them", status=status,
                         findings=len(found))
         return []
-    return [_finding_row(f) for f in found]
+    return [{"protocol": f.protocol, "site": f.site, "category": f.category or "", "data": f.to_record()}
+            for f in found]
 
 
 def _not_quantitative(paths: list[Path]) -> list[str]:
@@ -167,20 +186,12 @@ def run_job(job: dict[str, Any], db: Database, config: Config,
         prev = db.latest_sr(series_uid)
         result = process(paths, config=config, out_dir=out_dir,
                          supersedes=prev["path"] if prev else None)
-        status = str(getattr(result, "status", "failed"))
-        reason = str(getattr(result, "reason", "") or "")
-        if status not in ("done", "skipped", "failed"):
-            reason = f"pipeline returned unknown status {status!r}; {reason}"
-            status = "failed"
-        results = _result_rows(result, prev)
-        findings = _reported_findings(result, status, results)
+        out = job_outcome(result, str(prev["sop_instance_uid"]) if prev else "")
+        status, reason = out.status, out.reason
         ids = db.record_job_outcome(
-            job_id, series_uid=series_uid, study_uid=study_uid, status=status,
-            reason=reason, error=reason if status == "failed" else "",
-            decisions=[(str(p), bool(a), str(r)) for p, a, r in
-                       (getattr(result, "decisions", []) or [])],
-            findings=findings,
-            results=results, destinations=export_destinations(config))
+            job_id, series_uid=series_uid, study_uid=study_uid, status=status, reason=reason,
+            error=out.error, decisions=out.decisions, findings=out.findings, results=out.results,
+            destinations=export_destinations(config))
         log.info("job finished", job_id=job_id, series_uid=series_uid, status=status,
                  reason=reason, n_instances=len(paths), results=len(ids),
                  seconds=round(time.perf_counter() - t0, 2))

@@ -97,7 +97,7 @@ def fake_process_series(paths: list[Path], *, config: Any, out_dir: Path,
 
     The SC copies the patient/study of the first instance; ``supersedes`` is echoed.
     """
-    from types import SimpleNamespace
+    from screener.pipeline import OutputObject, PipelineResult
     ref = pydicom.dcmread(sorted(paths)[0], stop_before_pixels=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = Dataset()
@@ -117,10 +117,9 @@ def fake_process_series(paths: list[Path], *, config: Any, out_dir: Path,
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     path = out_dir / "sc.dcm"
     ds.save_as(path, enforce_file_format=True)
-    out = SimpleNamespace(kind="SC", path=path, sop_instance_uid=ds.SOPInstanceUID,
-                          sop_class_uid=ds.SOPClassUID, supersedes=supersedes or "")
-    return SimpleNamespace(status="done", reason="", decisions=[("fake", True, "test")],
-                           findings=[], outputs=[out])
+    out = OutputObject(kind="SC", path=path, sop_instance_uid=ds.SOPInstanceUID,
+                       sop_class_uid=ds.SOPClassUID, supersedes=supersedes or "")
+    return PipelineResult(status="done", reason="", decisions=[("fake", True, "test")], outputs=[out])
 
 
 def fake_failing_process_series(paths: list[Path], **_: Any) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import subprocess
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pydicom
@@ -15,6 +14,7 @@ from screener.config import Config, Destination, load_config
 from screener.db import Database, now
 from screener.destinations import parse_destination
 from screener.export import Exporter
+from screener.pipeline import PipelineResult
 from screener.worker import WorkerPool, load_process, run_job
 from tests.conftest import free_port, require_tool
 from tests.daemon_helpers import (Daemon, Orthanc, fake_failing_process_series,
@@ -117,10 +117,8 @@ def test_failed_and_skipped_jobs_are_recorded(tmp_path: Path, env: tuple[Config,
         "failed", "RuntimeError: simulated pipeline crash")
 
     def skipping(paths: list[Path], **_: Any) -> Any:
-        return SimpleNamespace(status="skipped", reason="no protocol accepted the series: "
-                               "l1_attenuation: L1 not in view",
-                               decisions=[("l1_attenuation", False, "L1 not in view")],
-                               findings=[], outputs=[])
+        return PipelineResult("skipped", "no protocol accepted the series: l1_attenuation: L1 not in view",
+                              decisions=[("l1_attenuation", False, "L1 not in view")])
     s2 = _ingest(db, make_ct_series(tmp_path / "b", 2))
     j2 = _claim(db, s2)
     run_job(j2, db, cfg, process=skipping)

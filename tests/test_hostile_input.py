@@ -15,7 +15,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pydicom
@@ -28,6 +27,7 @@ from structlog.testing import capture_logs
 from screener.completion import CompletionMonitor
 from screener.config import Config, ConfigError, load_config
 from screener.db import Database
+from screener.pipeline import PipelineResult
 from screener.ingest import IMAGE_STORAGE_CLASSES, start_scp
 from screener.replay import format_table, scan
 from screener.storage import copy_atomic, encode_file_meta
@@ -451,8 +451,7 @@ def test_case13_lossy_8bit_ct_is_declined_for_that_reason_and_aborts_are_logged(
 
     def pipeline(paths: list[Path], **_: Any) -> Any:
         calls.append(paths)
-        return SimpleNamespace(status="skipped", outputs=[], findings=[], decisions=[],
-                               reason="no protocol applies: L1 not in view: coverage ends at T12")
+        return PipelineResult("skipped", "no protocol applies: L1 not in view: coverage ends at T12")
     db.enqueue_job(series_uid)
     run_job(db.claim_job(), db, cfg, process=pipeline)
     [job] = db.jobs()

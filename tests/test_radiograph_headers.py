@@ -280,9 +280,9 @@ def test_a_pipeline_result_that_failed_with_findings_records_none() -> None:
     finding = SimpleNamespace(protocol="hip_xray", site="left femoral neck", category="normal",
                               to_record=lambda: {"protocol_version": "0.5.0"})
     sr = [{"kind": "SR"}, {"kind": "SC"}]
-    assert _reported_findings(SimpleNamespace(findings=[finding]), "failed", sr) == []
-    assert _reported_findings(SimpleNamespace(findings=[finding]), "done", [{"kind": "SC"}]) == []
-    assert len(_reported_findings(SimpleNamespace(findings=[finding]), "done", sr)) == 1
+    assert _reported_findings([finding], "failed", sr) == []
+    assert _reported_findings([finding], "done", [{"kind": "SC"}]) == []
+    assert len(_reported_findings([finding], "done", sr)) == 1
 
 
 def test_results_and_the_sr_carry_the_bundle_version(radiograph: Dataset, tmp_path: Path) -> None:
