@@ -81,6 +81,9 @@ class Config:
     health_host, health_port : str, int
         Where ``screener serve`` answers ``GET /healthz`` and Prometheus ``GET /metrics``
         (:mod:`screener.health`); port 0 (default) = off.
+    seg_output : bool
+        Also write a DICOM SEG of the measured ROIs on their CT slices
+        (:mod:`screener.reporting.seg`) beside the SR and the overlays; default on.
     """
 
     data_dir: Path = Path("screener-data")
@@ -110,6 +113,7 @@ class Config:
     log_level: str = "info"
     health_host: str = "127.0.0.1"
     health_port: int = 0
+    seg_output: bool = True
 
     @property
     def db_path(self) -> Path:

@@ -35,13 +35,14 @@ log = structlog.get_logger(__name__)
 
 SR_SERIES_NUMBER = 901
 SC_SERIES_NUMBER = 902
+SEG_SERIES_NUMBER = 903
 
 
 @dataclass
 class OutputObject:
     """A DICOM object the pipeline wrote (to be recorded and exported)."""
 
-    kind: str  # "SR" | "SC"
+    kind: str  # "SR" | "SC" | "SEG"
     path: Path
     sop_instance_uid: str
     sop_class_uid: str
@@ -145,7 +146,8 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
     result = report_findings(findings, info, config)
     try:
         outputs = _write_outputs(findings, _source_headers(volume, info), info.series_uid,
-                                 Path(out_dir), supersedes, decisions=dl, result=result)
+                                 Path(out_dir), supersedes, decisions=dl, result=result,
+                                 seg=config.seg_output)
     except Exception as exc:  # noqa: BLE001
         log.error("report writing failed", series_uid=info.series_uid,
                   error=f"{type(exc).__name__}: {exc}")
@@ -239,7 +241,7 @@ def _source_headers(volume: "Volume | None", info: SeriesInfo) -> list[pydicom.D
 def _write_outputs(findings: list[Finding], sources: list[pydicom.Dataset], series_uid: str,
                    out_dir: Path, supersedes: str | Path | None, *,
                    decisions: list[tuple[str, bool, str]] | None = None,
-                   result: "StudyResult | None" = None) -> list[OutputObject]:
+                   result: "StudyResult | None" = None, seg: bool = True) -> list[OutputObject]:
     from screener.reporting.sc import SC_SOP_CLASS, build_sc, write_sc
     from screener.reporting.sr import COMPREHENSIVE_SR, build_sr, write_sr
 
@@ -266,4 +268,27 @@ def _write_outputs(findings: list[Finding], sources: list[pydicom.Dataset], seri
                       instance_number=(instance_number - 1) * max(len(findings), 1) + n)
         outputs.append(OutputObject("SC", write_sc(sc, out_dir), str(sc.SOPInstanceUID),
                                     SC_SOP_CLASS))
+    if seg:
+        outputs += _write_seg(findings, sources, series_uid, out_dir, instance_number)
     return outputs
+
+
+def _write_seg(findings: list[Finding], sources: list[pydicom.Dataset], series_uid: str, out_dir: Path,
+               instance_number: int) -> list[OutputObject]:
+    """The ROI SEG of a CT series' findings (:func:`screener.reporting.seg.build_seg`), if any has a
+    region on a CT slice. A SEG that cannot be built is logged and left out: the SR (the
+    result) and the overlays stand without it."""
+    from screener.reporting.sc import write_private
+    from screener.reporting.seg import build_seg
+
+    if not any(str(ds.get("Modality", "")).upper() == "CT" for ds in sources[:1]):
+        return []
+    try:
+        seg = build_seg(findings, sources, series_uid=output_series_uid(series_uid, "SEG"),
+                        series_number=SEG_SERIES_NUMBER, instance_number=instance_number)
+    except Exception as exc:  # noqa: BLE001 - the report is written; the SEG is an extra
+        log.warning("ROI SEG not written", series_uid=series_uid, error=f"{type(exc).__name__}: {exc}")
+        return []
+    if seg is None:
+        return []
+    return [OutputObject("SEG", write_private(seg, out_dir), str(seg.SOPInstanceUID), str(seg.SOPClassUID))]

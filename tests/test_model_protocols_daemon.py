@@ -98,7 +98,7 @@ def test_ct_study_gets_one_sr_with_every_ct_protocol_and_one_overlay_each(tmp_pa
         assert {("lumbar_sagittal", s) for s in ("L1", "L2", "L3", "L4")} <= set(by)
         results = _results(db, series_uid)
         kinds = sorted(r["kind"] for r in results)
-        assert kinds == ["SC"] * len(CT_PROTOCOLS) + ["SR"], kinds
+        assert kinds == ["SC"] * len(CT_PROTOCOLS) + ["SEG", "SR"], kinds
         sr_path = [r["path"] for r in results if r["kind"] == "SR"][0]
         text = subprocess.run([require_tool("dsr2html"), sr_path], capture_output=True,
                               text=True).stdout

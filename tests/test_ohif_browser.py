@@ -32,7 +32,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from screener.reporting.seg import SEG_SERIES_DESCRIPTION, build_seg
+from screener.reporting.seg import SEG_SERIES_DESCRIPTION
 from screener.reporting.sr import REFORMAT_PROTOCOLS
 from tests.conftest import ROOT, free_port, require_tool
 from tests.daemon_helpers import Orthanc
@@ -184,12 +184,10 @@ def _process(tmp: Path) -> dict[str, Any]:
     hip_res = process_series([rx["hip"]], config=cfg, out_dir=tmp / "rx_out")
     for res in (ct_res, hip_res):
         assert res.status == "done", res.reason
-    # the CT's ROIs as a DICOM SEG (issue 20 item 2), beside the pipeline's outputs
-    seg = build_seg(ct_res.findings, [pydicom.dcmread(p, stop_before_pixels=True) for p in ct])
-    assert seg is not None
-    seg_path = tmp / "ct_out" / "seg.dcm"
-    seg.save_as(seg_path)
-    for path in [*(o.path for o in ct_res.outputs), *(o.path for o in hip_res.outputs), seg_path]:
+    # the CT's ROIs as a DICOM SEG (issue 20 item 2): one of the pipeline's outputs (seg_output)
+    [seg_path] = [o.path for o in ct_res.outputs if o.kind == "SEG"]
+    assert not [o for o in hip_res.outputs if o.kind == "SEG"]  # a radiograph has no SEG
+    for path in [*(o.path for o in ct_res.outputs), *(o.path for o in hip_res.outputs)]:
         assert_valid_dicom(Path(path))
     return {"ct": (ct, ct_res), "hip": ([rx["hip"]], hip_res), "seg": seg_path}
 
@@ -203,7 +201,7 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     server = None
     try:
         uploads = [p for files, res in (studies["ct"], studies["hip"])
-                   for p in [*files, *(o.path for o in res.outputs)]] + [studies["seg"]]
+                   for p in [*files, *(o.path for o in res.outputs)]]
         for p in uploads:  # REST upload, one file per request
             conn = http.client.HTTPConnection("127.0.0.1", orthanc.http_port, timeout=60)
             conn.request("POST", "/instances", body=Path(p).read_bytes())

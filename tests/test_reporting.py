@@ -65,7 +65,7 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineResult,
 def test_pipeline_writes_sr_and_sc(first_run) -> None:  # noqa: ANN001
     res, ct, root = first_run
     assert res.status == "done" and res.reason == ""
-    assert [o.kind for o in res.outputs] == ["SR", "SC"]
+    assert [o.kind for o in res.outputs] == ["SR", "SC", "SEG"]  # the ROI SEG: seg_output is on by default
     for o in res.outputs:
         assert isinstance(o, OutputObject) and o.path.parent == root / "job-1"
         assert o.path.name == f"{o.sop_instance_uid}.dcm" and o.supersedes == ""
