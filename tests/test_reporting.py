@@ -317,3 +317,23 @@ def test_seg_of_the_l1_roi_references_its_slice_and_round_trips(first_run, tmp_p
     assert mask.sum() * px == pytest.approx(finding.roi.area_mm2, rel=0.15)
     # nothing to segment: no SEG
     assert build_seg([Finding("x", "1", "L1", [])], headers) is None
+
+
+def test_the_roi_seg_is_switchable_and_marks_the_measured_pixels(first_run, tmp_path: Path) -> None:  # noqa: ANN001
+    # issue 20: the ROI SEG (on by default, first_run) covers exactly the pixels inside the SR's ROI
+    # polygon on the ROI's slice, and seg_output = false leaves it out
+    from screener.reporting.seg import roi_mask
+
+    res, ct, _ = first_run
+    [seg_out] = [o for o in res.outputs if o.kind == "SEG"]
+    seg = pydicom.dcmread(seg_out.path)
+    [finding] = res.findings
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.StudyInstanceUID == finding.study_uid
+    assert seg.SegmentSequence[0].SegmentLabel == "L1 ROI (l1_attenuation)"
+    src = pydicom.dcmread(next(p for p in ct.paths if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+                               == finding.roi.source_sop_instance_uid), stop_before_pixels=True)
+    want = roi_mask(finding.roi.polygon, int(src.Rows), int(src.Columns))
+    assert np.array_equal(seg.pixel_array.astype(bool), want) and want.sum() > 100
+    res2 = process_series(ct.paths, config=Config(seg_output=False), out_dir=tmp_path / "no-seg",
+                          protocols=[L1AttenuationProtocol(localizer=ct.fake_localizer())])
+    assert [o.kind for o in res2.outputs] == ["SR", "SC"]
