@@ -45,7 +45,7 @@ Demographics are never used, so none is ever defaulted.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import structlog
@@ -131,48 +131,11 @@ class L1AttenuationProtocol(Protocol):
     # --------------------------------------------------------------------- run
     def run(self, volume: Volume, context: ProtocolContext) -> list[Finding]:
         """Measure L1; raises :class:`ProtocolDeclined` when L1 cannot be measured."""
-        if not volume.is_axial:
-            raise ProtocolDeclined("volume is not axial")
-        if self.localizer is not None:
-            loc = self.localizer(volume)
-        else:  # shared with the other spine protocols of this series (one localizer run)
-            from screener.protocols.model import spine_localization
-            loc = spine_localization(volume, context)
-        l1 = loc.get("L1")
-        if l1 is None:
-            reason = loc.reason or "L1 not in view"
-            raise ProtocolDeclined(reason if "L1" in reason else f"L1 not in view: {reason}")
-        try:
-            seg = vertebral_body.segment_body(volume.array, volume.spacing, l1.centroid_index)
-            tr = vertebral_body.place_trabecular_roi(
-                volume.array, volume.spacing, seg, _anterior(volume),
-                edge_margin_mm=self.edge_margin_mm)
-        except vertebral_body.BodyNotFound as exc:
-            raise ProtocolDeclined(f"could not outline the L1 vertebral body: {exc.reason}") \
-                from None
+        loc, l1, seg, tr, rep = self._outline(volume, context)
         _, dj, di = volume.spacing
         rs, cs = seg.crop
-        big = [q for q, s in enumerate(tr.slices) if s.area_mm2 >= self.min_roi_area_mm2]
-        if not big:
-            raise ProtocolDeclined(
-                f"L1 trabecular body too small for a {self.min_roi_area_mm2:.0f} mm2 ROI (largest "
-                f"ROI {max(s.area_mm2 for s in tr.slices):.0f} mm2 once the cortex margin, the "
-                "posterior quarter and any focal lesion are left out)")
-        # the representative slice (SR polyline, overlay): nearest mid-body among those with an ROI
-        mid = 0.5 * (seg.first_slice + seg.last_slice)
-        rep = tr.slices[min(big, key=lambda q: (abs(tr.slices[q].slice_index - mid), q))]
         k_mid = rep.slice_index
-        per_slice = []
-        for s in tr.slices:
-            vals = volume.array[s.slice_index, rs, cs][s.roi].astype(np.float64)
-            per_slice.append({"slice_index": s.slice_index,
-                              "sop_instance_uid": volume.sop_instance_uid(s.slice_index),
-                              "frame_number": frame_number(volume.datasets[s.slice_index])
-                              if volume.datasets else None,
-                              "mean_hu": float(vals.mean()) if vals.size else None,
-                              "sd_hu": float(vals.std()) if vals.size else None,
-                              "roi_area_mm2": s.area_mm2,
-                              "excluded_fraction": float(s.excluded_fraction)})
+        per_slice = _per_slice(volume, tr, rs, cs)
         mean_hu, sd_hu, median_hu = tr.mean_hu, tr.sd_hu, tr.median_hu
         area_mm2 = rep.area_mm2
         info = context.info
@@ -183,46 +146,8 @@ class L1AttenuationProtocol(Protocol):
             Measurement("L1 attenuation SD", sd_hu, codes.UNIT_HU[0], codes.ATTENUATION,
                         codes.UNIT_HU[1], derivation=codes.STANDARD_DEVIATION),
         ]
-        cat_hu = mean_hu
-        # contrast from the image (aorta, IVC, kidneys beside the localised spine), checked
-        # against the header: archives often lack ContrastBolusAgent
-        ca = contrast.assess_contrast(volume, loc, info)
-        if ca.enhanced:
-            # config.contrast_adjust_hu is the portal-venous value; other phases scale with it
-            adj = round(ca.trabecular_adjustment_hu * float(context.config.contrast_adjust_hu)
-                        / contrast.PORTAL_VENOUS_ENHANCEMENT_HU, 1)
-            cat_hu = mean_hu - adj
-            agent = f"{ca.header_agent.strip()}, " if ca.header_agent.strip() else ""
-            flags.append(f"contrast-enhanced ({agent}{ca.phase.replace('_', '-')} phase from the "
-                         f"{ca.source}): L1 reads ~{adj:g} higher in this phase; category uses "
-                         f"{mean_hu:.1f} - {adj:g} = {cat_hu:.1f} HU")
-            measurements.append(Measurement("L1 attenuation mean, contrast-adjusted", cat_hu,
-                                            codes.UNIT_HU[0], codes.HU_ADJUSTED, codes.UNIT_HU[1],
-                                            derivation=codes.MEAN))
-        if ca.conflict:
-            flags.append(f"header and image disagree about contrast: {ca.conflict}")
+        cat_hu, ca, qualifier, slope = _categorised(volume, loc, context, mean_hu, measurements, flags)
         category = categorize(cat_hu)
-        qualifier = ""
-        if info.kvp is None:
-            qualifier = "kVp unknown"
-            flags.append(f"kVp unknown: thresholds assume 120 kVp ({KVP_MEANS}); category "
-                         "qualified")
-        elif abs(info.kvp - 120.0) > 5.0:
-            qualifier = f"kVp {info.kvp:g}"
-            flags.append(f"kVp {info.kvp:g}: thresholds assume 120 kVp ({KVP_MEANS}); "
-                         "category qualified")
-        if cat_hu <= RISK_HU:
-            flags.append(f"L1 {cat_hu:.0f} HU <= 135 HU: below the risk-of-osteoporosis threshold")
-        slope = hu_per_mg(info.kvp)
-        vbmd = cat_hu / slope
-        measurements.append(Measurement("L1 vBMD estimate", vbmd, codes.UNIT_MG_CM3[0], codes.VBMD,
-                                        codes.UNIT_MG_CM3[1]))
-        kvp_txt = f"{info.kvp:g}" if info.kvp is not None else "unknown (120 assumed)"
-        if info.kvp is not None and not HU_PER_MG[0][0] <= info.kvp <= HU_PER_MG[-1][0]:
-            kvp_txt += f", outside the {HU_PER_MG[0][0]:g}-{HU_PER_MG[-1][0]:g} kVp table: clamped"
-        source = "contrast-adjusted HU" if ca.enhanced else "HU"
-        flags.append(f"vBMD is an estimate: {1 / slope:.2f} mg/cm3 per {source} (hydroxyapatite, "
-                     f"kVp {kvp_txt}), not a calibrated QCT measurement")
         measurements.append(Measurement("ROI area", area_mm2, codes.UNIT_MM2[0], codes.AREA,
                                         codes.UNIT_MM2[1]))
         if area_mm2 < self.roi_area_mm2:
@@ -287,6 +212,40 @@ class L1AttenuationProtocol(Protocol):
                  category=category, slices=len(per_slice), roi_mm2=round(area_mm2))
         return [finding]
 
+    def _outline(self, volume: Volume, context: ProtocolContext) -> tuple[SpineLocalization, Any, Any, Any, Any]:
+        """L1 located, its body outlined and its trabecular ROI placed: ``(localization, L1,
+        body segmentation, ROI, the representative ROI slice nearest mid-body)``; a
+        :class:`ProtocolDeclined` with the reason when any step cannot be done."""
+        if not volume.is_axial:
+            raise ProtocolDeclined("volume is not axial")
+        if self.localizer is not None:
+            loc = self.localizer(volume)
+        else:  # shared with the other spine protocols of this series (one localizer run)
+            from screener.protocols.model import spine_localization
+            loc = spine_localization(volume, context)
+        l1 = loc.get("L1")
+        if l1 is None:
+            reason = loc.reason or "L1 not in view"
+            raise ProtocolDeclined(reason if "L1" in reason else f"L1 not in view: {reason}")
+        try:
+            seg = vertebral_body.segment_body(volume.array, volume.spacing, l1.centroid_index)
+            tr = vertebral_body.place_trabecular_roi(
+                volume.array, volume.spacing, seg, _anterior(volume),
+                edge_margin_mm=self.edge_margin_mm)
+        except vertebral_body.BodyNotFound as exc:
+            raise ProtocolDeclined(f"could not outline the L1 vertebral body: {exc.reason}") \
+                from None
+        big = [q for q, s in enumerate(tr.slices) if s.area_mm2 >= self.min_roi_area_mm2]
+        if not big:
+            raise ProtocolDeclined(
+                f"L1 trabecular body too small for a {self.min_roi_area_mm2:.0f} mm2 ROI (largest "
+                f"ROI {max(s.area_mm2 for s in tr.slices):.0f} mm2 once the cortex margin, the "
+                "posterior quarter and any focal lesion are left out)")
+        # the representative slice (SR polyline, overlay): nearest mid-body among those with an ROI
+        mid = 0.5 * (seg.first_slice + seg.last_slice)
+        rep = tr.slices[min(big, key=lambda q: (abs(tr.slices[q].slice_index - mid), q))]
+        return loc, l1, seg, tr, rep
+
     # -------------------------------------------------------------- internals
     def _overlay(self, volume: Volume, k: int, polygon: np.ndarray, finding: Finding,
                  mean_hu: float, sd_hu: float, cat_hu: float) -> np.ndarray | None:
@@ -303,6 +262,70 @@ class L1AttenuationProtocol(Protocol):
         lines.append(f"vBMD ~{finding.measurement('L1 vBMD estimate').value:.0f} mg/cm3 (estimate)")
         return render_overlay(volume.array[k], polygon, lines)
 
+
+
+def _categorised(volume: Volume, loc: SpineLocalization, context: ProtocolContext, mean_hu: float,
+                 measurements: list[Measurement], flags: list[str]) -> tuple[float, Any, str, float]:
+    """The HU the Pickhardt category is read from, with what qualifies it: contrast from the image
+    (adjusted by phase), the tube voltage, the vBMD estimate; the measurements and flags these add
+    are appended. Returns ``(categorised HU, contrast assessment, kVp qualifier, HU per mg/cm3)``."""
+    info, config = context.info, context.config
+    kvp = info.kvp
+    cat_hu = mean_hu
+    # contrast from the image (aorta, IVC, kidneys beside the localised spine), checked
+    # against the header: archives often lack ContrastBolusAgent
+    ca = contrast.assess_contrast(volume, loc, info)
+    if ca.enhanced:
+        # config.contrast_adjust_hu is the portal-venous value; other phases scale with it
+        adj = round(ca.trabecular_adjustment_hu * float(config.contrast_adjust_hu)
+                    / contrast.PORTAL_VENOUS_ENHANCEMENT_HU, 1)
+        cat_hu = mean_hu - adj
+        agent = f"{ca.header_agent.strip()}, " if ca.header_agent.strip() else ""
+        flags.append(f"contrast-enhanced ({agent}{ca.phase.replace('_', '-')} phase from the "
+                     f"{ca.source}): L1 reads ~{adj:g} higher in this phase; category uses "
+                     f"{mean_hu:.1f} - {adj:g} = {cat_hu:.1f} HU")
+        measurements.append(Measurement("L1 attenuation mean, contrast-adjusted", cat_hu,
+                                        codes.UNIT_HU[0], codes.HU_ADJUSTED, codes.UNIT_HU[1],
+                                        derivation=codes.MEAN))
+    if ca.conflict:
+        flags.append(f"header and image disagree about contrast: {ca.conflict}")
+    qualifier = ""
+    if kvp is None:
+        qualifier = "kVp unknown"
+        flags.append(f"kVp unknown: thresholds assume 120 kVp ({KVP_MEANS}); category "
+                     "qualified")
+    elif abs(kvp - 120.0) > 5.0:
+        qualifier = f"kVp {kvp:g}"
+        flags.append(f"kVp {kvp:g}: thresholds assume 120 kVp ({KVP_MEANS}); "
+                     "category qualified")
+    if cat_hu <= RISK_HU:
+        flags.append(f"L1 {cat_hu:.0f} HU <= 135 HU: below the risk-of-osteoporosis threshold")
+    slope = hu_per_mg(kvp)
+    vbmd = cat_hu / slope
+    measurements.append(Measurement("L1 vBMD estimate", vbmd, codes.UNIT_MG_CM3[0], codes.VBMD,
+                                    codes.UNIT_MG_CM3[1]))
+    kvp_txt = f"{kvp:g}" if kvp is not None else "unknown (120 assumed)"
+    if kvp is not None and not HU_PER_MG[0][0] <= kvp <= HU_PER_MG[-1][0]:
+        kvp_txt += f", outside the {HU_PER_MG[0][0]:g}-{HU_PER_MG[-1][0]:g} kVp table: clamped"
+    source = "contrast-adjusted HU" if ca.enhanced else "HU"
+    flags.append(f"vBMD is an estimate: {1 / slope:.2f} mg/cm3 per {source} (hydroxyapatite, "
+                 f"kVp {kvp_txt}), not a calibrated QCT measurement")
+    return cat_hu, ca, qualifier, slope
+
+
+def _per_slice(volume: Volume, tr: Any, rs: slice, cs: slice) -> list[dict[str, Any]]:
+    """Mean, SD and area of the ROI on each slice it was placed on (the SR's per-slice record)."""
+    out = []
+    for s in tr.slices:
+        vals = volume.array[s.slice_index, rs, cs][s.roi].astype(np.float64)
+        out.append({"slice_index": s.slice_index,
+                    "sop_instance_uid": volume.sop_instance_uid(s.slice_index),
+                    "frame_number": frame_number(volume.datasets[s.slice_index]) if volume.datasets else None,
+                    "mean_hu": float(vals.mean()) if vals.size else None,
+                    "sd_hu": float(vals.std()) if vals.size else None,
+                    "roi_area_mm2": s.area_mm2,
+                    "excluded_fraction": float(s.excluded_fraction)})
+    return out
 
 def _anterior(volume: Volume) -> tuple[float, float]:
     """Unit (row, column) vector of the slice plane pointing to the patient's anterior (-y)."""
