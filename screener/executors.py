@@ -33,7 +33,6 @@ go on; a second run skips what is done (the caller's walk decides what is to do)
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -133,10 +132,9 @@ def prepare_task(job: dict[str, Any], db: Database, config: Config,
                  process: str | None = None) -> SeriesTask | None:
     """The task of a queued job, or ``None`` when the job was settled here without a worker.
 
-    The checks :func:`screener.worker.run_job` makes before the pipeline, with the same outcomes:
-    a finished job is left alone; a series with no stored file fails; a series that is not
-    quantitative (lossy, 8-bit) is skipped with the reason.  Otherwise the output folder is made
-    afresh (leftovers of an interrupted attempt removed).
+    The same checks as :func:`screener.worker.run_job` before the pipeline, by the same function
+    (:func:`screener.worker.prepare_job`): a finished job is left alone; a series with no stored
+    file fails; a series that is not quantitative (lossy, 8-bit) is skipped with the reason.
 
     Parameters
     ----------
@@ -151,34 +149,14 @@ def prepare_task(job: dict[str, Any], db: Database, config: Config,
     -------
     SeriesTask or None
     """
-    from screener.storage import make_private_dir, sanitise_uid
-    from screener.worker import _not_quantitative
+    from screener.worker import prepare_job
 
+    ready = prepare_job(job, db, config)
+    if ready is None:
+        return None
+    paths, out_dir, prev = ready
     job_id, series_uid = int(job["id"]), str(job["series_uid"])
     study_uid = str(job.get("study_uid") or "")
-    current = db.get_job(job_id)
-    if current is not None and current["status"] in ("done", "skipped", "failed"):
-        return None
-    paths = [Path(r["path"]) for r in db.series_instances(series_uid)]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        log.warning("stored files missing, processing the rest", job_id=job_id, series_uid=series_uid,
-                    missing=len(missing))
-        paths = [p for p in paths if p.is_file()]
-    if not paths:
-        db.finish_job(job_id, "failed", error="no stored instance files for this series")
-        return None
-    not_quantitative = _not_quantitative(paths)
-    if not_quantitative:
-        reason = (f"series not quantitative: {'; '.join(not_quantitative)}; send the "
-                  "original (lossless, 12/16-bit) series")
-        db.record_job_outcome(job_id, series_uid=series_uid, study_uid=study_uid, status="skipped", reason=reason)
-        return None
-    out_dir = config.results_dir / sanitise_uid(series_uid) / f"job-{job_id}"
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    make_private_dir(out_dir)
-    prev = db.latest_sr(series_uid)
     return SeriesTask(job_id=job_id, series_uid=series_uid, study_uid=study_uid, paths=[str(p) for p in paths],
                       out_dir=str(out_dir), supersedes=str(prev["path"]) if prev else None,
                       previous_sr_uid=str(prev["sop_instance_uid"]) if prev else "", config=config,

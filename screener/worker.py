@@ -134,6 +134,51 @@ def _not_quantitative(paths: list[Path]) -> list[str]:
     return quantitative_problems(ds)
 
 
+def prepare_job(job: dict[str, Any], db: Database, config: Config
+                ) -> tuple[list[Path], Path, dict[str, Any] | None] | None:
+    """What a job needs before the pipeline runs, or ``None`` when it is settled without it.
+
+    A finished job is left alone; a series with no stored file fails; a series that is not
+    quantitative (lossy, 8-bit) is skipped with the reason (each recorded here). Otherwise the
+    output folder ``results/<series>/job-<id>`` is made afresh (leftovers of an attempt interrupted
+    by a crash removed).
+
+    Returns
+    -------
+    (paths, out_dir, previous SR row) or None
+        The series' stored files, the output folder and the series' latest SR (``None`` if none).
+    """
+    job_id, series_uid = int(job["id"]), str(job["series_uid"])
+    current = db.get_job(job_id)
+    if current is not None and current["status"] in ("done", "skipped", "failed"):
+        log.info("job already finished, not re-run", job_id=job_id, status=current["status"])
+        return None
+    paths = [Path(r["path"]) for r in db.series_instances(series_uid)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        log.warning("stored files missing, processing the rest", job_id=job_id,
+                    series_uid=series_uid, missing=len(missing))
+        paths = [p for p in paths if p.is_file()]
+    if not paths:
+        db.finish_job(job_id, "failed", error="no stored instance files for this series")
+        log.error("job failed: no files", job_id=job_id, series_uid=series_uid)
+        return None
+    not_quantitative = _not_quantitative(paths)
+    if not_quantitative:
+        reason = (f"series not quantitative: {'; '.join(not_quantitative)}; send the "
+                  "original (lossless, 12/16-bit) series")
+        db.record_job_outcome(job_id, series_uid=series_uid, study_uid=str(job.get("study_uid") or ""),
+                              status="skipped", reason=reason)
+        log.info("job finished", job_id=job_id, series_uid=series_uid, status="skipped",
+                 reason=reason, n_instances=len(paths))
+        return None
+    out_dir = config.results_dir / sanitise_uid(series_uid) / f"job-{job_id}"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    make_private_dir(out_dir)
+    return paths, out_dir, db.latest_sr(series_uid)
+
+
 def run_job(job: dict[str, Any], db: Database, config: Config,
             process: ProcessFn | None = None) -> None:
     """Process one claimed job and record its outcome; never raises for pipeline errors.
@@ -152,38 +197,13 @@ def run_job(job: dict[str, Any], db: Database, config: Config,
     """
     job_id, series_uid = int(job["id"]), str(job["series_uid"])
     study_uid = str(job.get("study_uid") or "")
-    current = db.get_job(job_id)
-    if current is not None and current["status"] in ("done", "skipped", "failed"):
-        log.info("job already finished, not re-run", job_id=job_id, status=current["status"])
-        return
     t0 = time.perf_counter()
     try:
         process = process or load_process()
-        rows = db.series_instances(series_uid)
-        paths = [Path(r["path"]) for r in rows]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            log.warning("stored files missing, processing the rest", job_id=job_id,
-                        series_uid=series_uid, missing=len(missing))
-            paths = [p for p in paths if p.is_file()]
-        if not paths:
-            db.finish_job(job_id, "failed", error="no stored instance files for this series")
-            log.error("job failed: no files", job_id=job_id, series_uid=series_uid)
+        ready = prepare_job(job, db, config)
+        if ready is None:
             return
-        not_quantitative = _not_quantitative(paths)
-        if not_quantitative:
-            reason = (f"series not quantitative: {'; '.join(not_quantitative)}; send the "
-                      "original (lossless, 12/16-bit) series")
-            db.record_job_outcome(job_id, series_uid=series_uid, study_uid=study_uid,
-                                  status="skipped", reason=reason)
-            log.info("job finished", job_id=job_id, series_uid=series_uid, status="skipped",
-                     reason=reason, n_instances=len(paths))
-            return
-        out_dir = config.results_dir / sanitise_uid(series_uid) / f"job-{job_id}"
-        if out_dir.exists():  # leftovers of an attempt interrupted by a crash
-            shutil.rmtree(out_dir)
-        make_private_dir(out_dir)
-        prev = db.latest_sr(series_uid)
+        paths, out_dir, prev = ready
         result = process(paths, config=config, out_dir=out_dir,
                          supersedes=prev["path"] if prev else None)
         out = job_outcome(result, str(prev["sop_instance_uid"]) if prev else "")
