@@ -61,15 +61,15 @@ def resolve_device(device: Any = "auto") -> str:
         (:func:`inference_device`) and which settings work.
     """
     device = str(device)
-    if device in ("auto", "cuda"):
-        chosen, why = inference_device(device)
-        if device == "cuda" and "not usable" in why:
-            raise RuntimeError(f"{why}; use device = \"auto\" or \"cpu\"")
-        return chosen
-    if device.startswith("cuda"):
-        import torch
+    if device != "auto" and not device.startswith("cuda"):
+        return device
+    import torch
 
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but no CUDA GPU is available; "
-                               "use device = \"auto\" or \"cpu\"")
-    return device
+    if torch.cuda.is_available():
+        return "cuda" if device == "auto" else device
+    if device == "auto":
+        return "cpu"
+    # only a refusal needs the reason (the device probe runs on every model protocol's run)
+    why = (inference_device("cuda")[1] if device == "cuda"
+           else f"device {device!r} requested but no CUDA GPU is available")
+    raise RuntimeError(f"{why}; use device = \"auto\" or \"cpu\"")
