@@ -79,9 +79,12 @@ IDENTIFYING_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 #: CT storage classes (HU images): the quantitative check applies to these
 CT_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1",
                         "1.2.840.10008.5.1.4.1.1.2.2"})
-#: projection radiograph storage classes (CR; DX for presentation / processing)
-PROJECTION_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
-                                "1.2.840.10008.5.1.4.1.1.1.1.1"})
+#: projection radiograph storage classes and their names (the hip protocol takes these)
+PROJECTION_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.1.1": "DX for presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing",
+    "1.2.840.10008.5.1.4.1.1.1": "CR",
+}
 
 
 #: the spacing attributes of a projection radiograph: it has up to three sources of its pixel size

@@ -45,6 +45,7 @@ from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined
 from screener.devices import resolve_device
 from screener.protocols.model import ModelProtocol, model_details
 from screener.references import REFERENCES
+from screener.validation import PROJECTION_CLASSES
 from screener.reporting import codes
 
 log = structlog.get_logger(__name__)
@@ -56,11 +57,6 @@ HIP_WORDS = ("PELVIS", "HIP", "FEMUR", "COXA", "HUEFTE", "HÜFTE", "BECKEN")
 #: Words of other radiographs, named in the decline.
 OTHER_WORDS = ("CHEST", "THORAX", "LUNG", "SKULL", "HAND", "KNEE", "SPINE", "ABDOMEN", "SHOULDER", "FOOT")
 LATERAL_VIEWS = ("LL", "RL", "LAT", "LATERAL", "LLO", "RLO", "XTABLE")
-SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1.1": "DX for presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing",
-    "1.2.840.10008.5.1.4.1.1.1": "CR",
-}
 _AUX: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
 _AUX_LOCK = threading.Lock()
 
@@ -88,7 +84,7 @@ def hip_decision(info: Any) -> Decision:
     ds = info.header
     if ds is None:
         return Decision(False, "no header to identify the radiograph")
-    if info.sop_class_uid and info.sop_class_uid not in SOP_CLASSES:
+    if info.sop_class_uid and info.sop_class_uid not in PROJECTION_CLASSES:
         return Decision(False, f"SOP class {info.sop_class_uid} is not a DX or CR image")
     photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -130,7 +126,7 @@ def hip_decision(info: Any) -> Decision:
         return Decision(False, "no PixelSpacing or ImagerPixelSpacing: the image scale is unknown")
     lat = layout.laterality
     which = {"R": "right hip", "L": "left hip"}.get(lat or "", "both hips")
-    return Decision(True, f"{SOP_CLASSES.get(info.sop_class_uid, modality)} {view or 'AP'} pelvis/hip radiograph "
+    return Decision(True, f"{PROJECTION_CLASSES.get(info.sop_class_uid, modality)} {view or 'AP'} pelvis/hip radiograph "
                           f"({which})")
 
 
