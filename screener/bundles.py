@@ -5,7 +5,9 @@ A bundle is a folder ``models/<protocol>/`` holding
 * ``weights.pt`` -- ``{"format": "screener-bundle-1", "folds": [state_dict, ...]}``
   with every floating-point tensor stored as float16 (half the size), read
   with ``torch.load(weights_only=True)`` (no pickled code is ever executed);
-* ``model_card.json`` -- architecture (network name + constructor kwargs),
+* ``model_card.json`` -- architecture (network name, its class as ``"module:Class"``
+  and constructor kwargs; a card without the class, written before it was recorded,
+  is read by name among the networks :func:`discovered_networks` finds),
   input spec (shape, spacing, window), preprocessing constants, outputs and
   units, T-score reference, training-data statement, recipe, command, seed,
   metrics, intended use, version, changelog and framework versions (after the
@@ -24,6 +26,7 @@ against every batch given to :meth:`Bundle.predict`.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import platform
 from dataclasses import asdict, dataclass, field
@@ -51,6 +54,8 @@ __all__ = [
     "INTENDED_USE",
     "build_network",
     "bundle_size",
+    "discovered_networks",
+    "network_class_path",
     "check_bundle_sizes",
     "load_bundle",
     "save_bundle",
@@ -74,49 +79,119 @@ class BundleError(ValueError):
     """A bundle is missing, malformed, or does not fit its input."""
 
 
-def _networks() -> dict[str, Callable[..., nn.Module]]:
-    from screener.nets import HaClassifier, KangRegressor, NissinenCNN, ResNet50Regressor
-    from screener.nets.bmdgan import BMDGenerator, BMDRegressor
-
-    return {
-        "KangRegressor": KangRegressor,
-        "HaClassifier": HaClassifier,
-        "ResNet50Regressor": ResNet50Regressor,
-        "NissinenCNN": NissinenCNN,
-        "BMDGenerator": BMDGenerator,
-        "BMDRegressor": BMDRegressor,
-    }
+#: entry-point group through which an installed package offers its own networks (name -> class)
+NETWORK_ENTRY_POINTS = "screener.networks"
 
 
-#: Names of the built-in networks (``screener.nets``); others are passed as ``networks=``.
-NETWORKS = ("KangRegressor", "HaClassifier", "ResNet50Regressor", "NissinenCNN", "BMDGenerator",
-            "BMDRegressor")
+@functools.lru_cache(maxsize=1)
+def discovered_networks() -> dict[str, Callable[..., nn.Module]]:
+    """Every network the installation offers, by class name, found rather than listed.
+
+    The ``torch.nn.Module`` classes named in the ``__all__`` of each module of
+    :mod:`screener.nets`, then every entry point of the group ``screener.networks``
+    (a site package's ``[project.entry-points."screener.networks"]``; it cannot take a
+    built-in's name).
+
+    Returns
+    -------
+    dict
+        ``{class name: class}``.
+    """
+    import importlib
+    import pkgutil
+    from importlib.metadata import entry_points
+
+    import screener.nets as nets_pkg
+
+    table: dict[str, Callable[..., nn.Module]] = {}
+    for info in sorted(pkgutil.iter_modules(nets_pkg.__path__), key=lambda i: i.name):
+        mod = importlib.import_module(f"{nets_pkg.__name__}.{info.name}")
+        for name in getattr(mod, "__all__", ()):
+            obj = getattr(mod, name, None)
+            if isinstance(obj, type) and issubclass(obj, nn.Module):
+                table.setdefault(name, obj)
+    for ep in entry_points(group=NETWORK_ENTRY_POINTS):
+        if ep.name in table:
+            log.warning("bundle.network_entry_point_ignored", name=ep.name, reason="a built-in has this name")
+            continue
+        table[ep.name] = ep.load()
+    return table
+
+
+def __getattr__(name: str) -> Any:
+    """``NETWORKS``: the names of the discovered networks (computed on first use)."""
+    if name == "NETWORKS":
+        return tuple(discovered_networks())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def network_class_path(model: nn.Module) -> str:
+    """``"module:Class"`` of ``model``, as a model card's ``architecture.class`` names it."""
+    cls = type(model)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _class_from_path(path: str) -> Callable[..., nn.Module]:
+    """The network class a card names as ``"module:Class"``.
+
+    Only a module of the screener package or of a ``screener.networks`` entry point is
+    imported: a card is data, and naming a class must not run an arbitrary module.
+    """
+    import importlib
+    from importlib.metadata import entry_points
+
+    module, _, attr = path.partition(":")
+    allowed = module == "screener" or module.startswith("screener.") or any(
+        ep.value.partition(":")[0] == module for ep in entry_points(group=NETWORK_ENTRY_POINTS))
+    if not (module and attr and allowed):
+        raise BundleError(f"network class {path!r} is not a screener network or a '{NETWORK_ENTRY_POINTS}' "
+                          "entry point")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise BundleError(f"network class {path!r} cannot be imported: {exc}") from exc
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise BundleError(f"network class {path!r} is not a torch.nn.Module")
+    return obj
 
 
 def build_network(name: str, kwargs: Mapping[str, Any] | None = None,
-                  networks: Mapping[str, Callable[..., nn.Module]] | None = None) -> nn.Module:
-    """Construct a network by name.
+                  networks: Mapping[str, Callable[..., nn.Module]] | None = None, *,
+                  class_path: str | None = None) -> nn.Module:
+    """Construct a network by name (or by the class its model card names).
 
     Parameters
     ----------
     name : str
-        A built-in network (:data:`NETWORKS`) or a key of ``networks``.
+        A discovered network (:func:`discovered_networks`) or a key of ``networks``.
     kwargs : mapping, optional
         Constructor keyword arguments (lists become tuples).
     networks : mapping, optional
         Extra name -> factory entries (they take precedence), e.g. a site's own net.
+    class_path : str, optional
+        ``"module:Class"`` from the card's ``architecture.class``; used when ``networks``
+        has no entry for ``name``. Cards written before that key existed leave it out and
+        the name is looked up among the discovered networks.
 
     Returns
     -------
     torch.nn.Module
     """
-    table = dict(_networks())
-    table.update(networks or {})
-    if name not in table:
-        raise BundleError(f"unknown network {name!r}; known: {', '.join(sorted(table))}")
+    if networks and name in networks:
+        factory = networks[name]
+    elif class_path:
+        factory = _class_from_path(class_path)
+    else:
+        table = discovered_networks()
+        if name not in table:
+            known = sorted(set(table) | set(networks or {}))
+            raise BundleError(f"unknown network {name!r}; known: {', '.join(known)}")
+        factory = table[name]
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in (kwargs or {}).items()}
     try:
-        return table[name](**kw)
+        return factory(**kw)
     except TypeError as exc:
         raise BundleError(f"network {name} does not accept kwargs {sorted(kw)}: {exc}") from exc
 
@@ -377,7 +452,9 @@ def save_bundle(
         "protocol": protocol,
         "version": version,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "architecture": {"name": architecture["name"], "kwargs": dict(architecture.get("kwargs", {})),
+        "architecture": {"name": architecture["name"],
+                         "class": str(architecture.get("class") or network_class_path(models[0])),
+                         "kwargs": dict(architecture.get("kwargs", {})),
                          "parameters": int(n_params), "folds": len(models), "weights_dtype": "float16"},
         "input_spec": input_spec.to_dict(),
         "preprocessing": dict(preprocessing or {}),
@@ -548,7 +625,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", *,
     arch = card["architecture"]
     models: list[nn.Module] = []
     for i, state in enumerate(blob["folds"]):
-        m = build_network(arch["name"], arch.get("kwargs", {}), networks)
+        m = build_network(arch["name"], arch.get("kwargs", {}), networks, class_path=arch.get("class"))
         try:
             m.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
         except RuntimeError as exc:

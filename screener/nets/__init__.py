@@ -31,12 +31,11 @@ __all__ = [
     "count_parameters",
 ]
 
-#: Paper input sizes (square side, pixels) by network class name.
-INPUT_SIZES = {
-    "KangRegressor": 256,
-    "HaClassifier": 250,
-    "ResNet50Regressor": 256,
-    "NissinenCNN": 150,
+#: Paper input sizes (square side, pixels) by network class name, read from each network's
+#: ``paper_input_size`` (a network describes itself; a new one needs no line here).
+INPUT_SIZES: dict[str, int] = {
+    name: int(obj.paper_input_size) for name, obj in sorted(globals().items())
+    if isinstance(obj, type) and issubclass(obj, nn.Module) and hasattr(obj, "paper_input_size")
 }
 
 

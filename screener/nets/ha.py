@@ -35,7 +35,7 @@ after its ReLU, exposed as :attr:`HaClassifier.target_layer`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -108,6 +108,9 @@ class HaClassifier(nn.Module):
     is ``(B, 5)`` in :data:`DEMOGRAPHICS` order.  Returns ``(B, n_classes)``
     logits.
     """
+
+    #: the paper's input side (pixels); :data:`screener.nets.INPUT_SIZES` is read from here
+    paper_input_size: ClassVar[int] = INPUT_SIZE
 
     def __init__(
         self,

@@ -35,6 +35,8 @@ selects (``layers[-6]``).
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -101,6 +103,9 @@ class KangRegressor(nn.Module):
     authors min-max scale the cropped HU slice to 0-1).  Output: ``(B, 1)``
     BMD estimate (g/cm^2), linear.
     """
+
+    #: the paper's input side (pixels); :data:`screener.nets.INPUT_SIZES` is read from here
+    paper_input_size: ClassVar[int] = INPUT_SIZE
 
     def __init__(self, input_size: int = INPUT_SIZE, in_channels: int = 1) -> None:
         super().__init__()

@@ -37,7 +37,7 @@ convolution (:attr:`NissinenCNN.target_layer`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -90,6 +90,9 @@ class NissinenCNN(nn.Module):
     -----
     Input ``(B, in_channels, S, S)``; output ``(B, n_tasks)`` logits.
     """
+
+    #: the paper's input side (pixels); :data:`screener.nets.INPUT_SIZES` is read from here
+    paper_input_size: ClassVar[int] = INPUT_SIZE
 
     def __init__(
         self,

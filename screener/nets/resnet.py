@@ -32,7 +32,7 @@ residual addition and ReLU), exposed as :attr:`ResNet50Regressor.target_layer`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -105,6 +105,9 @@ class ResNet50Regressor(nn.Module):
     FOV); output ``(B, len(outputs))``.  Any input size works thanks to global
     average pooling.
     """
+
+    #: the paper's input side (pixels); :data:`screener.nets.INPUT_SIZES` is read from here
+    paper_input_size: ClassVar[int] = INPUT_SIZE
 
     def __init__(
         self,
