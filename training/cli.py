@@ -19,7 +19,7 @@ the test set with the paper's table, and writes the bundle ``<out>/<protocol>/``
 Dataset builders are passed in as ``dataset_factories`` (protocol -> callable
 taking the :class:`~training.recipes.Recipe` and returning an
 :class:`~training.trainer.ArrayDataset`).  :data:`training.plan.DATASET_FACTORIES` is the
-default registry; it is empty until the protocols' builders exist.
+default registry, read from the protocols' training specs (``training/protocols/<name>.py``).
 """
 from __future__ import annotations
 

@@ -53,11 +53,14 @@ __all__ = [
     "markdown_table",
     "multiclass_scores",
     "one_vs_rest_auc",
+    "paired",
     "paper_table",
     "pearson_r",
     "roc_auc",
     "roc_curve",
+    "safe_auc",
     "see",
+    "table_row",
 ]
 
 #: Kang et al.'s T-score reference (mean, SD) in g/cm^2, "used as the paper states" (from the one
@@ -67,7 +70,8 @@ KANG_T_REFERENCE = (REFERENCES["kang_l1"].mean, REFERENCES["kang_l1"].sd)
 FEMORAL_NECK_REFERENCE = (REFERENCES["nhanes3_fn_women"].mean, REFERENCES["nhanes3_fn_women"].sd)
 
 
-def _pair(y_true: Any, y_pred: Any, *, min_n: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def paired(y_true: Any, y_pred: Any, *, min_n: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """``y_true`` and ``y_pred`` as flat float64 arrays of the same length, at least ``min_n`` long."""
     a = np.asarray(y_true, dtype=np.float64).ravel()
     b = np.asarray(y_pred, dtype=np.float64).ravel()
     if a.shape != b.shape:
@@ -94,7 +98,7 @@ def pearson_r(y_true: Any, y_pred: Any) -> float:
     float
         r in [-1, 1]; NaN when either input is constant.
     """
-    a, b = _pair(y_true, y_pred)
+    a, b = paired(y_true, y_pred)
     a = a - a.mean()
     b = b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
@@ -103,7 +107,7 @@ def pearson_r(y_true: Any, y_pred: Any) -> float:
 
 def mae(y_true: Any, y_pred: Any) -> float:
     """Mean absolute error ``mean |yhat - y|`` (units of the inputs)."""
-    a, b = _pair(y_true, y_pred, min_n=1)
+    a, b = paired(y_true, y_pred, min_n=1)
     return float(np.mean(np.abs(b - a)))
 
 
@@ -115,7 +119,7 @@ def mape(y_true: Any, y_pred: Any) -> float:
     ValueError
         If a reference value is zero.
     """
-    a, b = _pair(y_true, y_pred, min_n=1)
+    a, b = paired(y_true, y_pred, min_n=1)
     if np.any(a == 0):
         raise ValueError("MAPE is undefined for a zero reference value")
     return float(100.0 * np.mean(np.abs(b - a) / np.abs(a)))
@@ -127,7 +131,7 @@ def see(y_true: Any, y_pred: Any) -> float:
     ``sqrt(sum (y - (a + b yhat))^2 / (n - 2))`` with ``a, b`` the least-squares
     fit (Gu et al.'s SEE; units of ``y_true``).  Needs n >= 3.
     """
-    a, b = _pair(y_true, y_pred, min_n=3)
+    a, b = paired(y_true, y_pred, min_n=3)
     bc = b - b.mean()
     sxx = float((bc * bc).sum())
     if sxx == 0:
@@ -162,7 +166,7 @@ def icc(y_true: Any, y_pred: Any = None, kind: str = "2,1") -> float:
         if x.ndim != 2 or x.shape[1] < 2:
             raise ValueError("icc needs an (n, k>=2) matrix, or y_true and y_pred")
     else:
-        a, b = _pair(y_true, y_pred)
+        a, b = paired(y_true, y_pred)
         x = np.stack([a, b], axis=1)
     n, k = x.shape
     if n < 2:
@@ -219,7 +223,7 @@ class BlandAltman:
 
 def bland_altman(y_true: Any, y_pred: Any) -> BlandAltman:
     """Bland-Altman bias and 95 % limits of agreement (mean +- 1.96 SD, as Gu et al. Fig. 9)."""
-    a, b = _pair(y_true, y_pred)
+    a, b = paired(y_true, y_pred)
     d = b - a
     bias = float(d.mean())
     sd = float(d.std(ddof=1))
@@ -435,40 +439,17 @@ def multiclass_scores(y_true: Any, y_pred: Any, n_classes: int | None = None) ->
 
 
 # --- the papers' tables -----------------------------------------------------------------------
-
-#: Headline numbers of the papers (seeds/README.md and the papers' tables), by protocol.
-PAPER_NUMBERS: dict[str, dict[str, float]] = {
-    "l1_axial": {  # Kang et al. 2023, Table 2, case 1 (cropped)
-        "pearson_r": 0.905, "mape_pct": 5.66, "accuracy": 0.862, "precision": 0.842,
-        "specificity": 0.827, "sensitivity": 0.897, "f1": 0.868,
-    },
-    "femur_coronal": {  # Ha et al. 2024, Table 2, multi-modality
-        "accuracy": 0.802, "sensitivity": 0.802, "specificity": 0.901, "precision": 0.804,
-        "f1": 0.803, "macro_auc": 0.939,
-    },
-    "lumbar_sagittal": {  # Yoshida et al. 2023, Results
-        "bmd_r_vertebra": 0.81, "tbs_r_vertebra": 0.54, "auc_osteopenia": 0.921,
-        "auc_osteoporosis": 0.969, "auc_tbs_impaired": 0.768,
-        "osteopenia_sensitivity": 0.93, "osteopenia_specificity": 0.90,
-        "osteoporosis_sensitivity": 1.00, "osteoporosis_specificity": 0.94,
-    },
-    "dxa_spine:scoliosis": {"auc": 0.96, "accuracy": 0.941, "sensitivity": 0.705, "specificity": 0.976},
-    "dxa_spine:unreliable": {"auc": 0.91, "accuracy": 0.824, "sensitivity": 0.783, "specificity": 0.857},
-    "dxa_spine:fracture": {"auc": 0.63, "accuracy": 0.589, "sensitivity": 0.600, "specificity": 0.589},
-    "hip_xray": {  # Gu et al. 2023, Table 2, DXA-BMD, decomposition + regression (tune R)
-        "pcc": 0.880, "icc": 0.848, "mae": 0.055, "see": 0.074,
-    },
-}
-
-#: Nissinen et al.'s decision thresholds per task (fracture lowered to match min-T-score sensitivity).
-NISSINEN_THRESHOLDS = {"scoliosis": 0.5, "unreliable": 0.5, "fracture": 0.15}
+# Each paper's table and headline numbers live in its protocol's training spec
+# (training/protocols/<name>.py); PAPER_NUMBERS and PAPER_TABLES are read from those.
 
 
-def _row(metric: str, value: float, paper: float | None, unit: str = "", level: str = "") -> dict[str, Any]:
+def table_row(metric: str, value: float, paper: float | None, unit: str = "", level: str = "") -> dict[str, Any]:
+    """One row of a metrics table: ``{"metric", "value", "paper", "unit", "level"}``."""
     return {"metric": metric, "value": float(value), "paper": paper, "unit": unit, "level": level}
 
 
-def _safe_auc(y: np.ndarray, s: np.ndarray) -> float:
+def safe_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """:func:`roc_auc`, or NaN when one class is missing."""
     try:
         return roc_auc(y, s)
     except ValueError:
@@ -520,109 +501,39 @@ def paper_table(
         Rows ``{"metric", "value", "paper", "unit", "level"}``; ``paper`` is None
         where the paper reports no number.
     """
-    table = PAPER_TABLES.get(protocol)
+    tables = _paper_tables()
+    table = tables.get(protocol)
     if table is None:
-        raise ValueError(f"no paper table for protocol {protocol!r}; known: {', '.join(PAPER_TABLES)}")
+        raise ValueError(f"no paper table for protocol {protocol!r}; known: {', '.join(tables)}")
     return table(y_true, y_pred, patient_ids=patient_ids, task=task, threshold=threshold,
                  t_reference=t_reference, yam=yam)
 
 
-def _kang_table(y_true: Any, y_pred: Any, *, threshold: float | None = None,
-                t_reference: tuple[float, float] | None = None, **_: Any) -> list[dict[str, Any]]:
-    """Kang et al. (l1_axial): Pearson r, MAPE and the T < -1 classification."""
-    paper = PAPER_NUMBERS["l1_axial"]
-    a, b = _pair(y_true, y_pred)
-    ref = t_reference or KANG_T_REFERENCE
-    thr = -1.0 if threshold is None else threshold
-    abnormal_true = t_score(a, *ref) < thr
-    scores = binary_scores(abnormal_true, t_score(b, *ref), thr, greater=False)
-    rows = [_row("Pearson r", pearson_r(a, b), paper["pearson_r"]), _row("MAPE", mape(a, b), paper["mape_pct"], "%")]
-    for key, label in (("accuracy", "Accuracy"), ("precision", "Precision"),
-                       ("specificity", "Specificity"), ("sensitivity", "Sensitivity"), ("f1", "F1")):
-        rows.append(_row(f"{label} (T < {thr:g})", scores[key], paper[key]))
-    return rows
+def _paper_tables() -> dict[str, Callable[..., list[dict[str, Any]]]]:
+    """protocol -> the function writing its paper's table, from the training specs."""
+    from training.protocols import specs
+
+    return {name: spec.paper_table for name, spec in specs().items() if spec.paper_table is not None}
 
 
-def _ha_table(y_true: Any, y_pred: Any, **_: Any) -> list[dict[str, Any]]:
-    """Ha et al. (femur_coronal): per-class and macro AUC, weighted three-class scores."""
-    paper = PAPER_NUMBERS["femur_coronal"]
-    t = np.asarray(y_true).ravel().astype(np.int64)
-    p = np.asarray(y_pred, dtype=np.float64)
-    if p.ndim != 2:
-        raise ValueError("femur_coronal y_pred must be (n, 3) class probabilities")
-    ovr = one_vs_rest_auc(t, p)
-    ms = multiclass_scores(t, p.argmax(axis=1), n_classes=p.shape[1])
-    rows = [_row(f"AUC {name} vs rest", ovr["per_class"][k], None)
-            for k, name in enumerate(("normal", "osteopenia", "osteoporosis")[: p.shape[1]])]
-    rows.append(_row("Macro AUC", ovr["macro"], paper["macro_auc"]))
-    rows.append(_row("Accuracy", ms["accuracy"], paper["accuracy"]))
-    for key, label in (("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
-                       ("precision", "Precision"), ("f1", "F1")):
-        rows.append(_row(f"{label} (weighted)", ms[f"weighted_{key}"], paper[key]))
-    return rows
+def _paper_numbers() -> dict[str, dict[str, float]]:
+    """Headline numbers of the papers by table key (``protocol`` or ``protocol:task``), from the specs."""
+    from training.protocols import specs
+
+    return {key: dict(nums) for spec in specs().values() for key, nums in spec.paper_numbers.items()}
 
 
-def _yoshida_table(y_true: Any, y_pred: Any, *, patient_ids: Sequence[Any] | None = None, yam: float = 1.18,
-                   **_: Any) -> list[dict[str, Any]]:
-    """Yoshida et al. (lumbar_sagittal): BMD / TBS r per vertebra and patient, %YAM and TBS AUCs."""
-    paper = PAPER_NUMBERS["lumbar_sagittal"]
-    t = np.asarray(y_true, dtype=np.float64)
-    p = np.asarray(y_pred, dtype=np.float64)
-    if t.ndim != 2 or t.shape[1] != 2 or p.shape != t.shape:
-        raise ValueError("lumbar_sagittal y_true and y_pred must both be (n, 2): BMD, TBS per vertebra")
-    rows = [_row("BMD r", pearson_r(t[:, 0], p[:, 0]), paper["bmd_r_vertebra"], level="vertebra"),
-            _row("TBS r", pearson_r(t[:, 1], p[:, 1]), paper["tbs_r_vertebra"], level="vertebra")]
-    ids = np.asarray(patient_ids if patient_ids is not None else np.arange(len(t)))
-    if ids.shape[0] != len(t):
-        raise ValueError(f"{ids.shape[0]} patient ids for {len(t)} vertebrae")
-    uniq, inv = np.unique(ids, return_inverse=True)
-    counts = np.bincount(inv).astype(np.float64)
-    pt = np.stack([np.bincount(inv, weights=t[:, j]) / counts for j in range(2)], axis=1)
-    pp = np.stack([np.bincount(inv, weights=p[:, j]) / counts for j in range(2)], axis=1)
-    rows.append(_row("BMD r", pearson_r(pt[:, 0], pp[:, 0]), None, level="patient"))
-    rows.append(_row("TBS r", pearson_r(pt[:, 1], pp[:, 1]), None, level="patient"))
-    yam_true, yam_pred = 100 * pt[:, 0] / yam, 100 * pp[:, 0] / yam
-    for name, cut in (("osteopenia", 80.0), ("osteoporosis", 70.0)):
-        truth = yam_true < cut
-        rows.append(_row(f"AUC {name} (%YAM < {cut:g})", _safe_auc(truth, -pp[:, 0]),
-                         paper[f"auc_{name}"], level="patient"))
-        s = binary_scores(truth, yam_pred, cut, greater=False)
-        rows.append(_row(f"Sensitivity {name}", s["sensitivity"], paper[f"{name}_sensitivity"], level="patient"))
-        rows.append(_row(f"Specificity {name}", s["specificity"], paper[f"{name}_specificity"], level="patient"))
-    rows.append(_row("AUC TBS impaired (<= 1.31)", _safe_auc(pt[:, 1] <= 1.31, -pp[:, 1]),
-                     paper["auc_tbs_impaired"], level="patient"))
-    return rows
+def __getattr__(name: str) -> Any:
+    """``PAPER_NUMBERS``, ``PAPER_TABLES`` and ``NISSINEN_THRESHOLDS``, read from the training specs."""
+    if name == "PAPER_NUMBERS":
+        return _paper_numbers()
+    if name == "PAPER_TABLES":
+        return _paper_tables()
+    if name == "NISSINEN_THRESHOLDS":
+        from training.protocols.dxa_spine import NISSINEN_THRESHOLDS
 
-
-def _nissinen_table(y_true: Any, y_pred: Any, *, task: str | None = None, threshold: float | None = None,
-                    **_: Any) -> list[dict[str, Any]]:
-    """Nissinen et al. (dxa_spine): AUC, accuracy, sensitivity, specificity of one task."""
-    if task not in NISSINEN_THRESHOLDS:
-        raise ValueError(f"dxa_spine needs task= one of {sorted(NISSINEN_THRESHOLDS)} (got {task!r})")
-    paper = PAPER_NUMBERS[f"dxa_spine:{task}"]
-    t = np.asarray(y_true).ravel()
-    p = np.asarray(y_pred, dtype=np.float64).ravel()
-    thr = NISSINEN_THRESHOLDS[task] if threshold is None else threshold
-    s = binary_scores(t, p, thr)
-    rows = [_row(f"AUC {task}", _safe_auc(t.astype(bool), p), paper["auc"])]
-    for key, label in (("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity")):
-        rows.append(_row(f"{label} (p >= {thr:g})", s[key], paper[key]))
-    return rows
-
-
-def _gu_table(y_true: Any, y_pred: Any, **_: Any) -> list[dict[str, Any]]:
-    """Gu et al. (hip_xray, BMD-GAN): PCC, ICC(2,1), MAE, SEE."""
-    paper = PAPER_NUMBERS["hip_xray"]
-    a, b = _pair(y_true, y_pred, min_n=3)
-    return [_row("PCC", pearson_r(a, b), paper["pcc"]), _row("ICC(2,1)", icc(a, b, "2,1"), paper["icc"]),
-            _row("MAE", mae(a, b), paper["mae"], "g/cm²"), _row("SEE", see(a, b), paper["see"], "g/cm²")]
-
-
-#: protocol -> the function writing its paper's table (the seeds' metrics, their numbers beside)
-PAPER_TABLES: dict[str, Callable[..., list[dict[str, Any]]]] = {
-    "l1_axial": _kang_table, "femur_coronal": _ha_table, "lumbar_sagittal": _yoshida_table,
-    "dxa_spine": _nissinen_table, "hip_xray": _gu_table,
-}
+        return NISSINEN_THRESHOLDS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def generic_table(task: str, y_true: Any, y_pred: Any, *, outputs: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -648,8 +559,8 @@ def generic_table(task: str, y_true: Any, y_pred: Any, *, outputs: Sequence[str]
         t = np.asarray(y_true).ravel().astype(np.int64)
         p = np.asarray(y_pred, dtype=np.float64)
         ovr = one_vs_rest_auc(t, p)
-        rows.append(_row("Macro AUC", ovr["macro"], None))
-        rows.append(_row("Accuracy", multiclass_scores(t, p.argmax(axis=1), p.shape[1])["accuracy"], None))
+        rows.append(table_row("Macro AUC", ovr["macro"], None))
+        rows.append(table_row("Accuracy", multiclass_scores(t, p.argmax(axis=1), p.shape[1])["accuracy"], None))
         return rows
     t = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(y_pred, dtype=np.float64)
@@ -661,14 +572,14 @@ def generic_table(task: str, y_true: Any, y_pred: Any, *, outputs: Sequence[str]
     for j in range(t.shape[1]):
         name = names[j] if j < len(names) else f"output {j}"
         if task == "binary":
-            rows.append(_row(f"AUC {name}", _safe_auc(t[:, j].astype(bool), p[:, j]), None))
-            rows.append(_row(f"Accuracy {name} (p >= 0.5)", binary_scores(t[:, j], p[:, j])["accuracy"], None))
+            rows.append(table_row(f"AUC {name}", safe_auc(t[:, j].astype(bool), p[:, j]), None))
+            rows.append(table_row(f"Accuracy {name} (p >= 0.5)", binary_scores(t[:, j], p[:, j])["accuracy"], None))
         elif task == "regression":
-            rows.append(_row(f"Pearson r {name}", pearson_r(t[:, j], p[:, j]), None))
-            rows.append(_row(f"MAE {name}", mae(t[:, j], p[:, j]), None))
+            rows.append(table_row(f"Pearson r {name}", pearson_r(t[:, j], p[:, j]), None))
+            rows.append(table_row(f"MAE {name}", mae(t[:, j], p[:, j]), None))
             if len(t) >= 3:
-                rows.append(_row(f"ICC(2,1) {name}", icc(t[:, j], p[:, j]), None))
-            rows.append(_row(f"Bias {name}", bland_altman(t[:, j], p[:, j]).bias, None))
+                rows.append(table_row(f"ICC(2,1) {name}", icc(t[:, j], p[:, j]), None))
+            rows.append(table_row(f"Bias {name}", bland_altman(t[:, j], p[:, j]).bias, None))
         else:
             raise ValueError(f"task must be 'regression', 'multiclass' or 'binary' (got {task!r})")
     return rows

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from training.protocols import specs
 from training.recipes import Recipe
 
 __all__ = ["CUSTOM_TRAINERS", "DATASET_FACTORIES", "DatasetFactory", "EXTRA_EVALUATIONS", "PAPER_PROTOCOLS",
@@ -24,38 +25,28 @@ __all__ = ["CUSTOM_TRAINERS", "DATASET_FACTORIES", "DatasetFactory", "EXTRA_EVAL
 
 DatasetFactory = Callable[[Recipe], Any]  # -> training.trainer.ArrayDataset
 
+# The registries below are read from the training specs (training/protocols/<name>.py, found by
+# training.protocols.specs); no protocol is listed here by hand.
+
 #: protocol -> dataset builder, as ``"module:function"`` (imported on first use) or a callable.
 #: Each builder lives in ``training/datasets/<protocol>.py``.
-DATASET_FACTORIES: dict[str, DatasetFactory | str] = {
-    "l1_axial": "training.datasets.l1_axial:build",
-    "femur_coronal": "training.datasets.femur_coronal:build",
-    "lumbar_sagittal": "training.datasets.lumbar_sagittal:build",
-    "hip_xray": "training.datasets.hip_xray:build",
-    "dxa_spine": "training.datasets.dxa_spine:build",
-}
+DATASET_FACTORIES: dict[str, DatasetFactory | str] = {n: s.dataset for n, s in specs().items()}
 
 #: protocol -> its own training entry point (``"module:function"``), for protocols whose recipe
 #: is not a plain fold ensemble (the BMD-GAN of ``hip_xray``).  Called as ``fn(recipe, args)``
 #: and returns the exit status.
-CUSTOM_TRAINERS: dict[str, str] = {
-    "hip_xray": "training.hip_xray:train_recipe",
-}
+CUSTOM_TRAINERS: dict[str, str] = {n: s.trainer for n, s in specs().items() if s.trainer}
 
 #: protocol -> extra tables printed by ``screener evaluate`` after the paper table
 #: (``fn(["evaluate", BUNDLE, "--data", DATA]) -> exit status``): ``hip_xray`` compares
 #: decomposition + regression with the PF-DRR fit and the direct baseline, by pose and after JPEG.
-EXTRA_EVALUATIONS: dict[str, str] = {
-    "hip_xray": "training.hip_xray:evaluate_main",
-}
+EXTRA_EVALUATIONS: dict[str, str] = {n: s.extra_evaluation for n, s in specs().items() if s.extra_evaluation}
 
 #: protocol -> step run on the written bundle after training (``fn(bundle_dir, device=...)``):
 #: ``dxa_spine`` matches its fracture threshold to the minimum-T-score sensitivity (Nissinen);
 #: ``l1_axial`` fits the linear calibration of its BMD on the validation predictions when the recipe
 #: asks for it (``[bundle] preprocessing = { calibration = "linear" }``, :mod:`training.calibration`).
-POST_TRAIN: dict[str, str] = {
-    "dxa_spine": "training.datasets.dxa_spine:calibrate_fracture_threshold",
-    "l1_axial": "training.calibration:calibrate_bundle",
-}
+POST_TRAIN: dict[str, str] = {n: s.post_train for n, s in specs().items() if s.post_train}
 
 
 def resolve_ref(ref: Any) -> Any:
@@ -70,7 +61,8 @@ def resolve_ref(ref: Any) -> Any:
     except (ImportError, AttributeError) as exc:
         raise SetupError(f"cannot load {ref}: {exc}") from exc
 
-PAPER_PROTOCOLS = ("l1_axial", "femur_coronal", "lumbar_sagittal", "dxa_spine", "hip_xray")
+#: protocols whose spec carries a paper table
+PAPER_PROTOCOLS: tuple[str, ...] = tuple(n for n, s in specs().items() if s.paper_table is not None)
 
 
 class SetupError(Exception):
@@ -83,7 +75,7 @@ def _factory(protocol: str, factories: Mapping[str, DatasetFactory] | None) -> D
     if protocol not in table:
         known = ", ".join(sorted(table)) or "none yet"
         raise SetupError(f"protocol {protocol!r} has no dataset builder yet (registered: {known}); "
-                       "add one to training.plan.DATASET_FACTORIES")
+                       "add a training spec training/protocols/<protocol>.py naming one")
     return resolve_ref(table[protocol])
 
 
@@ -161,7 +153,8 @@ def evaluation_tables(protocol: str, task: str, y_true: np.ndarray, y_pred: np.n
                       patient_ids: Sequence[Any] | None = None,
                       outputs: Sequence[str] = (),
                       thresholds: Mapping[str, float] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """The paper's table(s) for a protocol, or task-generic metrics for any other protocol.
+    """The paper's table(s) for a protocol (its training spec's ``evaluate``), or task-generic
+    metrics for a protocol whose spec has none.
 
     Parameters
     ----------
@@ -184,20 +177,9 @@ def evaluation_tables(protocol: str, task: str, y_true: np.ndarray, y_pred: np.n
     from training import metrics as M
 
     y_pred = np.asarray(y_pred, dtype=np.float64)
-    if protocol == "dxa_spine":
-        t = np.asarray(y_true).reshape(len(y_true), -1)
-        names = list(outputs) or ["scoliosis"]
-        return {f"dxa_spine {n}": M.paper_table("dxa_spine", t[:, j], y_pred[:, j], task=n,
-                                                threshold=(thresholds or {}).get(n))
-                for j, n in enumerate(names)}
-    if protocol in ("l1_axial", "hip_xray"):
-        return {protocol: M.paper_table(protocol, np.asarray(y_true).ravel(), y_pred[:, 0])}
-    if protocol == "femur_coronal":
-        return {protocol: M.paper_table(protocol, y_true, y_pred)}
-    if protocol == "lumbar_sagittal":
-        from training.phantoms.labels import YAM_L1L4  # the young-adult mean the labels use
-
-        return {protocol: M.paper_table(protocol, y_true, y_pred, patient_ids=patient_ids, yam=YAM_L1L4)}
+    spec = specs().get(protocol)
+    if spec is not None and spec.evaluate is not None:
+        return spec.evaluate(y_true, y_pred, patient_ids=patient_ids, outputs=outputs, thresholds=thresholds)
     return {protocol: M.generic_table(task, y_true, y_pred, outputs=outputs or None)}
 
 
