@@ -85,6 +85,36 @@ def _block_mean(a: np.ndarray, fy: int, fx: int) -> np.ndarray:
     return a.reshape(a.shape[:-2] + (ny, fy, nx, fx)).mean(axis=(-3, -1), dtype=np.float32)
 
 
+#: below this block width the strided sums of :func:`_slab_mean` add in numpy's order (longer
+#: contiguous runs are summed pairwise by numpy: :func:`_block_mean` is used for them)
+_STRIDED_MAX = 8
+
+
+def _slab_mean(slab: np.ndarray, fy: int, fx: int) -> np.ndarray:
+    """Mean of ``fz x fy x fx`` blocks of a slab of ``fz`` slices (any strides): the same float32
+    values as ``_block_mean(slab, fy, fx).mean(axis=0)`` of a C-ordered slab, summed in the same
+    order (along x within a block row, then the rows, then the slices), but as whole-plane adds of
+    strided views: about 20 times faster than numpy's reduction over two interleaved axes."""
+    if fx >= _STRIDED_MAX or fy >= _STRIDED_MAX:
+        return _block_mean(np.array(slab, dtype=np.float32), fy, fx).mean(axis=0)
+    ny, nx = slab.shape[-2] // fy, slab.shape[-1] // fx
+    total: np.ndarray | None = None
+    for plane in slab:
+        acc: np.ndarray | None = None
+        for i in range(fy):
+            row: np.ndarray | None = None
+            for j in range(fx):
+                part = plane[i:ny * fy:fy, j:nx * fx:fx]
+                row = np.array(part, dtype=np.float32) if row is None else np.add(row, part, out=row)
+            acc = row if acc is None else np.add(acc, row, out=acc)
+        assert acc is not None
+        acc /= np.float32(fy * fx)
+        total = acc if total is None else np.add(total, acc, out=total)
+    assert total is not None
+    total /= np.float32(slab.shape[0])
+    return total
+
+
 def make_grid(volume: Volume) -> WorkGrid:
     """Build the working grid of ``volume``.
 
@@ -133,7 +163,9 @@ def make_grid(volume: Volume) -> WorkGrid:
         raise GeometryError("too few slices for spine localization")
     out = np.empty((nz, view.shape[1] // fy, view.shape[2] // fx), np.float32)
     for z in range(nz):
-        block = np.nan_to_num(np.asarray(view[z * fz:(z + 1) * fz], dtype=np.float32), nan=-1000.0)
-        out[z] = _block_mean(block, fy, fx).mean(axis=0)
+        block = view[z * fz:(z + 1) * fz]
+        if block.dtype != np.float32 or np.isnan(block).any():
+            block = np.nan_to_num(np.asarray(block, dtype=np.float32), nan=-1000.0)
+        out[z] = _slab_mean(block, fy, fx)
     return WorkGrid(hu=out, spacing=(dz * fz, dy * fy, dx * fx), factors=(fz, fy, fx),
                     perm=perm, flip=flip, shape_src=tuple(arr.shape), volume=volume)
