@@ -324,3 +324,19 @@ def test_sphere_refinement_equals_per_radius_fftconvolve(hip_ct, hip_volume):
         assert score == pytest.approx(best[0], rel=1e-5) and r == best[2]
         assert c == (float(c0[0] + ax[i]), float(c0[1] + ax[j]), float(c0[2] + ax[k]))
         assert np.linalg.norm(np.subtract(c, scene.femoral_heads[side])) < 2.0
+
+
+def test_grid_interpolation_in_chunks_equals_whole_array_passes():
+    """The slab-by-slab interpolation of two axes gives the float32 values of one pass per axis
+    over the whole array (what _grid_hu did before), for every axis order."""
+    from itertools import permutations
+
+    from screener.preprocess.femur_coronal import _lerp_axis, _lerp_two_axes_in_chunks
+
+    rng = np.random.default_rng(5)
+    a = (rng.standard_normal((11, 23, 19)) * 400.0).astype(np.float32)
+    ts = {0: np.linspace(-0.5, 10.2, 7), 1: np.linspace(0.0, 22.0, 9), 2: np.linspace(0.3, 18.6, 8)}
+    for order in permutations(range(3)):
+        want = _lerp_axis(_lerp_axis(a, ts[order[0]], order[0], -1000.0), ts[order[1]], order[1], -1000.0)
+        got = _lerp_two_axes_in_chunks(a, ts, order, -1000.0)
+        assert got.dtype == np.float32 and np.array_equal(got, want)
