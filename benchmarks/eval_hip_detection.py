@@ -96,6 +96,10 @@ def _factors(spec: Any, side: str) -> list[str]:
         out.append("lossy JPEG")
     if spec.bits == 8:
         out.append("8-bit")
+    if getattr(spec, "shutter_mm", None) is not None:
+        out.append("white collimator margins")
+    if spec.markers:
+        out.append("side marker burned in")
     return out
 
 

@@ -553,6 +553,12 @@ def load_landmark_bundle(path: str | Path, device: str = "cpu") -> Any:
             if int(y.shape[1]) not in (len(CHANNELS), len(CHANNELS) + len(METAL_CHANNELS)):
                 raise BundleError(f"bundle {path}: the network gives {tuple(y.shape)}, expected {len(CHANNELS)} heat maps "
                                   f"(or {len(CHANNELS) + len(METAL_CHANNELS)} with metal maps)")
+            refine = Path(path) / REFINE_DIR
+            if (refine / "model_card.json").is_file():  # 0.6.0: the refine stage travels inside the bundle
+                sub = load_bundle(refine, device, networks={"HipLandmarkNet": HipLandmarkNet}, check=False)
+                if sub.protocol != "hip_landmarks_refine":
+                    raise BundleError(f"bundle {refine} is for {sub.protocol}, not hip_landmarks_refine")
+                bundle._hip_refine = sub  # type: ignore[attr-defined]
             _CACHE[key] = bundle
         return _CACHE[key]
 
@@ -638,6 +644,7 @@ def find_hips(ds: Any, bundle: Any) -> tuple[list[HipLandmark], dict[str, HipLan
     amb = float((bundle.card.get("decoding") or {}).get("ambiguity_limit", 0.6))
     metal_thr = float((bundle.card.get("decoding") or {}).get("metal_threshold", METAL_NET_THRESHOLD))
     both = decode_heatmaps(heatmaps(bundle, inp), inp, threshold=thr)
+    refine_hips(bundle, inp, both)
     image = inp.raw if inp.raw is not None else inp.display
     for h in both.values():
         if h.present or h.probability >= METAL_RESCUE * thr:
@@ -661,6 +668,109 @@ def find_hips(ds: Any, bundle: Any) -> tuple[list[HipLandmark], dict[str, HipLan
     log.debug("hip_landmarks.found", n=len(present),
               hips=[(h.anatomy, h.side, round(h.probability, 3), h.metal) for h in present])
     return present, both, inp
+
+
+# ---------------------------------------------------------------------------------------------
+# refine stage (0.6.0): a second network on a crop around each coarse femoral head
+# ---------------------------------------------------------------------------------------------
+#: side of the refine crop in landmark-input pixels, and of the refine network's input (the crop
+#: resampled 1.6x); the refine maps are at ``REFINE_SIZE // OUTPUT_STRIDE``
+REFINE_CROP = 80
+REFINE_SIZE = 128
+REFINE_CHANNELS = ("head", "neck")
+#: sub-folder of the landmark bundle that holds the refine network (a bundle of its own)
+REFINE_DIR = "refine"
+
+
+def refine_matrix(head_rc: tuple[float, float], anatomy: str, *, crop: float = REFINE_CROP, size: int = REFINE_SIZE,
+                  angle_deg: float = 0.0, zoom: float = 1.0) -> np.ndarray:
+    """``(3, 3)`` map from refine-patch pixels ``(i, j, 1)`` to landmark-input pixels ``(r, c, 1)``.
+
+    The patch is centred on ``head_rc`` and shows the hip as a ``"plus"`` hip (pelvis towards
+    increasing column): a ``"minus"`` hip is mirrored.  ``angle_deg`` / ``zoom`` turn and scale it
+    (training augmentation; 0 / 1 at inference).
+    """
+    step = crop / float(size) * zoom
+    a = np.deg2rad(angle_deg)
+    sgn = 1.0 if anatomy == "plus" else -1.0
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * step
+    rot[:, 1] *= sgn
+    c0 = (size - 1) / 2.0
+    m = np.eye(3)
+    m[:2, :2] = rot
+    m[:2, 2] = np.asarray(head_rc, dtype=np.float64) - rot @ np.array([c0, c0])
+    return m
+
+
+def refine_patch(image: np.ndarray, m: np.ndarray, size: int = REFINE_SIZE) -> np.ndarray:
+    """The refine network's input: ``image`` (landmark input) sampled through :func:`refine_matrix`."""
+    ii, jj = np.mgrid[0:size, 0:size].astype(np.float64)
+    r = m[0, 0] * ii + m[0, 1] * jj + m[0, 2]
+    c = m[1, 0] * ii + m[1, 1] * jj + m[1, 2]
+    return ndimage.map_coordinates(np.asarray(image, dtype=np.float32), [r, c], order=1, mode="constant",
+                                   cval=0.0).astype(np.float32)
+
+
+def _refine_bundle(bundle: Any) -> Any:
+    """The refine bundle inside a landmark bundle (``<bundle>/refine``), or ``None`` (bundles < 0.6.0)."""
+    return getattr(bundle, "_hip_refine", None)
+
+
+def refine_hips(bundle: Any, inp: LandmarkInput, hips: dict[str, HipLandmark]) -> None:
+    """Re-read the femoral-neck ROI centre of each candidate hip with the refine network, in place.
+
+    A patch of :data:`REFINE_CROP` input pixels around the coarse femoral head, resampled to
+    :data:`REFINE_SIZE` and shown as a plus hip, gives a neck map at 1.25 input pixels (the coarse
+    map: 2); the neck is its peak within 70 mm of the head (and the head, when the refine head map's
+    peak lies within 6 mm of the coarse one, the refine head's).  The coarse reading stays in
+    ``details["coarse_neck_px"]``.  Nothing changes for a bundle without a refine stage.
+    """
+    ref = _refine_bundle(bundle)
+    if ref is None:
+        return
+    todo = [h for h in hips.values() if h.probability > 0.05]
+    if not todo:
+        return
+    mats, batch = [], []
+    for h in todo:
+        hr, hc = inp.from_stored(h.head_px[0], h.head_px[1])
+        m = refine_matrix((float(hr), float(hc)), h.anatomy)
+        mats.append(m)
+        batch.append(refine_patch(inp.image, m))
+    x = torch.from_numpy(np.stack(batch)[:, None]).to(ref.device)
+    with torch.no_grad():
+        y = None
+        for net in ref.models:
+            p = torch.sigmoid(net(x).float()).cpu().numpy()
+            y = p if y is None else y + p
+    assert y is not None
+    y = y / len(ref.models)
+    mm_in = inp.scale[0] * inp.spacing_mm[0]  # mm per landmark-input pixel
+    step_out = OUTPUT_STRIDE  # patch pixels per refine-map pixel
+    for h, m, maps in zip(todo, mats, y):
+        hm, nm = maps[0], maps[1].copy()
+        hv, hi, hj = _peak(hm)
+        ci, cj = ((REFINE_SIZE - 1) / 2.0 + 0.5) / step_out - 0.5, ((REFINE_SIZE - 1) / 2.0 + 0.5) / step_out - 0.5
+        mm_out = step_out * REFINE_CROP / REFINE_SIZE * mm_in
+        ii, jj = np.mgrid[0 : nm.shape[0], 0 : nm.shape[1]]
+        nm[np.hypot(ii - ci, jj - cj) * mm_out > 70.0] = 0.0
+        nv, ni, nj = _peak(nm)
+
+        def to_stored(i: float, j: float) -> tuple[float, float]:
+            pi, pj = (i + 0.5) * step_out - 0.5, (j + 0.5) * step_out - 0.5
+            r, c = m[0, 0] * pi + m[0, 1] * pj + m[0, 2], m[1, 0] * pi + m[1, 1] * pj + m[1, 2]
+            rs, cs = inp.to_stored(r, c)
+            return float(rs), float(cs)
+
+        h.details["coarse_neck_px"] = tuple(round(v, 2) for v in h.neck_px)
+        h.neck_px = to_stored(ni, nj)
+        if hv > 0.1 and np.hypot(hi - ci, hj - cj) * mm_out <= 6.0:
+            h.details["coarse_head_px"] = tuple(round(v, 2) for v in h.head_px)
+            h.head_px = to_stored(hi, hj)
+        h.details["refine_neck_peak"] = round(float(nv), 3)
+
+
+__all__ += ["REFINE_CHANNELS", "REFINE_CROP", "REFINE_SIZE", "refine_hips", "refine_matrix", "refine_patch"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -236,3 +236,94 @@ def test_oversampled_training_weights_follow_the_hard_factors():
     assert w.max() > 2.0
     ws = hard_weights("train", {"patient": np.arange(10), "t": t[:10]}, factor=2.5)
     assert set(np.round(ws, 3)) <= {1.0, 1.5}
+
+
+def test_variety_white_collimator_margins_keep_the_truth_and_the_window_on_the_field():
+    """Variety views may keep white (unexposed) collimator margins: brighter than any bone, outside the
+    device's window, and the hips' truth follows the enlarged image."""
+    from training.phantoms.xray_variety import _apply_shutter, _shutter_spec
+
+    spec = RadiographSpec(profile="variety", pose=sample_pose("supine"), collimation="hip_L",
+                          shutter_mm=(30.0, 0.0, 25.0, 0.0), markers=False, text=False)
+    plain = render_case(SEED, 3, "variety", spec=replace_spec(spec, shutter_mm=None), **RENDER)
+    case = render_case(SEED, 3, "variety", spec=spec, **RENDER)
+    ds = case.dataset
+    img = ds.pixel_array.astype(np.float64)
+    assert case.spec.shutter_mm == (30.0, 0.0, 25.0, 0.0)
+    r0, r1, c0, c1 = case.extras["box"]
+    f0 = case.extras["field_box"]
+    mm = case.pixel_spacing_mm  # at the patient
+    assert abs((f0[0] - r0) - 30.0 / mm) <= 1.0 and abs((f0[2] - c0) - 25.0 / mm) <= 1.0
+    # the margin (top-left corner band) is above the window and above the field's bone
+    centre, width = float(ds.WindowCenter), float(ds.WindowWidth)
+    band = img[:10, 30:-30]
+    assert np.median(band) > centre + width / 2
+    assert np.median(band) > np.percentile(img[30:, 30:], 99)
+    # the truth moved with the image: the same hip, offset by the margin
+    assert case.present_sides == plain.present_sides == ["L"]
+    h, p = case.hips["L"].head_px, plain.hips["L"].head_px
+    pb = plain.extras["box"]  # (its view may draw margins of its own)
+    assert plain.extras["field_box"] == f0
+    assert abs((h[0] - p[0]) - (pb[0] - r0)) < 1e-6 and abs((h[1] - p[1]) - (pb[2] - c0)) < 1e-6
+    # only the variety profile draws margins, from its own generator (standard and wide unchanged)
+    std = RadiographSpec(profile="standard", pose=sample_pose("supine"))
+    assert _shutter_spec(std, 123).shutter_mm is None
+    drawn = [_shutter_spec(replace_spec(spec, shutter_mm=None), k).shutter_mm for k in range(200)]
+    assert 0.3 < np.mean([d is not None for d in drawn]) < 0.7
+    assert _apply_shutter  # noqa: B018 - exported for the renderer
+
+
+def replace_spec(spec, **kw):
+    from dataclasses import replace
+
+    return replace(spec, **kw)
+
+
+def test_refine_crop_maps_back_and_mirrors_minus_hips():
+    """The refine stage's patch is centred on the head, shows every hip as a plus hip, and its matrix
+    maps patch pixels back to the landmark input."""
+    from screener.hip_landmarks import REFINE_CROP, REFINE_SIZE, refine_matrix, refine_patch
+
+    img = np.zeros((256, 256), dtype=np.float32)
+    img[100, 150] = 1.0  # a dot 30 px towards increasing column from the head at (100, 120)
+    c = (REFINE_SIZE - 1) / 2.0
+    for anat, col in (("plus", 120.0), ("minus", 180.0)):
+        m = refine_matrix((100.0, col), anat)
+        assert np.allclose(m @ np.array([c, c, 1.0]), [100.0, col, 1.0])
+        patch = refine_patch(ndimage_blur(img), m)
+        i, j = divmod(int(patch.argmax()), REFINE_SIZE)
+        step = REFINE_CROP / REFINE_SIZE
+        assert abs(i - c) <= 1.5
+        # plus: the dot lies towards increasing patch column; minus (mirrored): also, seen from its head
+        assert abs((j - c) * step - 30.0) <= 1.5
+
+
+def ndimage_blur(img):
+    from scipy import ndimage
+
+    out = ndimage.gaussian_filter(img, 2.0)
+    return out / out.max()
+
+
+def test_refine_stage_moves_the_neck_only_with_a_refine_bundle():
+    """A bundle without the refine sub-bundle reads the coarse maps as before; the shipped bundle, when it
+    has one, records the coarse neck it replaced."""
+    from screener.hip_landmarks import find_hips, load_landmark_bundle, refine_hips
+
+    bundle = load_landmark_bundle(MODELS / "hip_landmarks")
+    case = _case(4, collimation="pelvis")
+    present, both, inp = find_hips(case.dataset, bundle)
+    assert len(present) == 2
+    has = getattr(bundle, "_hip_refine", None) is not None
+    for h in present:
+        assert ("coarse_neck_px" in h.details) == has
+    if has:
+        for h in present:
+            truth = case.hips[h.side]
+            sp = inp.spacing_mm
+            assert np.hypot((h.neck_px[0] - truth.neck_px[0]) * sp[0], (h.neck_px[1] - truth.neck_px[1]) * sp[1]) < 5.0
+    class NoRefine:  # a bundle without the refine stage: nothing changes
+        pass
+    before = {k: v.neck_px for k, v in both.items()}
+    refine_hips(NoRefine(), inp, both)
+    assert {k: v.neck_px for k, v in both.items()} == before

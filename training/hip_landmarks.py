@@ -40,7 +40,7 @@ from scipy import ndimage
 from screener.hip_landmarks import (ANATOMY, CHANNELS, INPUT_SIZE, METAL_CHANNELS, OUTPUT_STRIDE, HipLandmarkNet,
                                     landmark_input)
 
-__all__ = ["build_split", "sample_arrays", "train", "main"]
+__all__ = ["build_split", "refine_sample", "sample_arrays", "train", "train_refine", "main"]
 
 CACHE = Path(os.environ.get("SCREENER_DATASET_CACHE_DIR", Path.home() / ".cache" / "screener" / "hip_landmarks"))
 SPLITS: dict[str, dict[str, Any]] = {
@@ -472,6 +472,186 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
     return {"threshold": threshold, **rep}
 
 
+# ---------------------------------------------------------------------------------------------
+# refine stage (0.6.0)
+# ---------------------------------------------------------------------------------------------
+def _glyph(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A bright burned-in letter or word (``[0, 1]``, ``(size, size)``) at a random place (augmentation)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    k = int(rng.integers(8, 24))
+    font = ImageFont.load_default(size=k)
+    word = str(rng.choice(["R", "L", "AP", "HIP", "85 kV", "STANDING"]))
+    x, y = int(rng.integers(0, size - k)), int(rng.integers(0, size - k))
+    if rng.uniform() < 0.5:
+        draw.rectangle([x - 2, y - 2, x + k, y + k + 2], outline=int(rng.integers(150, 256)), width=max(1, k // 10))
+    draw.text((x + 2, y), word, fill=255, font=font)
+    return np.asarray(canvas, dtype=np.float32) / 255.0
+
+
+def refine_sample(x: np.ndarray, t: np.ndarray, k: int, rng: np.random.Generator, *, jitter: float = 1.5,
+                  augment_p: float = 1.0, metal_p: float = 0.1, soft_tissue_p: float = 0.2,
+                  marks_p: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """One refine training patch (``REFINE_SIZE`` square, ``[0, 1]``) and its targets ``(4,)`` patch
+    pixels ``[head_i, head_j, neck_i, neck_j]`` from a landmark input ``x`` (float) and hip ``k`` of its
+    targets ``t``: centred on the true head moved by a Gaussian jitter (the coarse head's error; 10 %
+    of patches 3x), turned +-20 deg, zoomed 0.8-1.25; then painted metal, a thick soft-tissue look,
+    white collimator margins and burned-in letters, gamma / contrast / noise."""
+    from screener.hip_landmarks import REFINE_SIZE, refine_matrix, refine_patch
+
+    aug = rng.uniform() < augment_p
+    anat = ANATOMY[k]
+    head = t[k, 1:3].astype(np.float64)
+    neck = t[k, 3:5].astype(np.float64)
+    j = jitter * (3.0 if rng.uniform() < 0.1 else 1.0)
+    centre = head + rng.normal(0.0, j, 2)
+    m = refine_matrix(tuple(centre), anat, angle_deg=float(rng.uniform(-20.0, 20.0)) if aug else 0.0,
+                      zoom=float(rng.uniform(0.8, 1.25)) if aug else 1.0)
+    patch = refine_patch(x, m)
+    inv = np.linalg.inv(m)
+    pts = np.array([(inv @ np.array([p[0], p[1], 1.0]))[:2] for p in (head, neck)])
+    if aug:
+        if rng.uniform() < metal_p:
+            patch = paste_metal(patch, pts[0], pts[1], rng)
+        if rng.uniform() < soft_tissue_p:
+            patch = thick_soft_tissue(patch, rng)
+        if rng.uniform() < marks_p:  # white (unexposed) collimator margin along one side of the patch
+            w = int(rng.integers(4, 26))
+            side = int(rng.integers(4))
+            band = np.zeros_like(patch)
+            sl = [(slice(0, w), slice(None)), (slice(-w, None), slice(None)), (slice(None), slice(0, w)),
+                  (slice(None), slice(-w, None))][side]
+            band[sl] = 1.0
+            band = ndimage.gaussian_filter(band, rng.uniform(0.5, 1.5))
+            patch = patch * (1.0 - band) + band * rng.uniform(0.9, 1.0)
+        if rng.uniform() < marks_p:
+            g = _glyph(REFINE_SIZE, rng)
+            patch = np.maximum(patch, g * rng.uniform(0.85, 1.0))
+        v = np.clip(patch, 0, 1) ** rng.uniform(0.6, 1.6)
+        v = v * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)
+        patch = np.clip(v + rng.normal(0.0, rng.uniform(0.0, 0.03), v.shape), 0.0, 1.0).astype(np.float32)
+    return patch, pts.reshape(-1).astype(np.float32)
+
+
+def refine_targets(p: np.ndarray, sigma: float = SIGMA_OUT) -> np.ndarray:
+    """``(B, 4)`` patch-pixel head / neck -> ``(B, 2, S, S)`` Gaussian maps at the refine output grid."""
+    from screener.hip_landmarks import REFINE_SIZE
+
+    size = REFINE_SIZE // OUTPUT_STRIDE
+    g = np.arange(size, dtype=np.float32)
+    out = np.zeros((len(p), 2, size, size), dtype=np.float32)
+    for i in range(len(p)):
+        for j in range(2):
+            ro = (p[i, 2 * j] + 0.5) / OUTPUT_STRIDE - 0.5
+            co = (p[i, 2 * j + 1] + 0.5) / OUTPUT_STRIDE - 0.5
+            out[i, j] = np.exp(-((g[:, None] - ro) ** 2 + (g[None, :] - co) ** 2) / (2 * sigma**2))
+    return out
+
+
+def _hips_of(d: dict[str, np.ndarray]) -> np.ndarray:
+    """``(n, 2)`` (image, anatomical slot) of every present hip."""
+    i, k = np.nonzero(d["t"][:, :, 0] > 0.5)
+    return np.stack([i, k], axis=1)
+
+
+def refine_eval(model: torch.nn.Module, d: dict[str, np.ndarray], seed: int = 7) -> dict[str, float]:
+    """Neck error (landmark-input pixels) of the refine network on patches around jittered true heads."""
+    from screener.hip_landmarks import REFINE_CROP, REFINE_SIZE
+
+    rng = np.random.default_rng(seed)
+    hips = _hips_of(d)
+    errs = []
+    model.eval()
+    with torch.no_grad():
+        for a in range(0, len(hips), 64):
+            xs, ps = [], []
+            for i, k in hips[a : a + 64]:
+                x, p = refine_sample(d["x"][i].astype(np.float32) / 255.0, d["t"][i], int(k), rng, augment_p=0.0)
+                xs.append(x)
+                ps.append(p)
+            y = torch.sigmoid(model(torch.from_numpy(np.stack(xs)[:, None]))).numpy()
+            for yy, p in zip(y, ps):
+                r, c = divmod(int(yy[1].argmax()), yy.shape[-1])
+                pr, pc = (r + 0.5) * OUTPUT_STRIDE - 0.5, (c + 0.5) * OUTPUT_STRIDE - 0.5
+                errs.append(float(np.hypot(pr - p[2], pc - p[3])) * REFINE_CROP / REFINE_SIZE)
+    e = np.array(errs)
+    return {"n": int(e.size), "neck_err_px_median": float(np.median(e)), "neck_err_px_p95": float(np.percentile(e, 95)),
+            "neck_within_3px": float(np.mean(e <= 3.0))}
+
+
+def train_refine(out: Path, *, minutes: float = 30.0, seed: int = 1516, batch: int = 16, lr: float = 2e-3,
+                 widths: Sequence[int] = (16, 24, 32, 48, 64), workers: int = 1, oversample_hard: float = 2.5,
+                 init: Path | None = None, version: str = "0.6.0", command: str = "") -> dict[str, Any]:
+    """Train the refine stage on patches of the standard and ``wide`` training splits (never the variety
+    profile) and write it as ``<out>/refine`` (a bundle of protocol ``hip_landmarks_refine``)."""
+    from screener.bundles import InputSpec, load_bundle, save_bundle
+    from screener.hip_landmarks import REFINE_CHANNELS, REFINE_CROP, REFINE_SIZE
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tr = _joined(WIDE_TRAIN, workers, metal=False, weights=oversample_hard)
+    va = _joined(WIDE_VAL, workers, metal=False)
+    hips = _hips_of(tr)
+    w = tr["weight"][hips[:, 0]] if "weight" in tr else np.ones(len(hips))
+    w = w / w.sum()
+    model = HipLandmarkNet(tuple(widths), out_channels=len(REFINE_CHANNELS))
+    if init is not None:
+        model.load_state_dict(load_bundle(init, "cpu", networks={"HipLandmarkNet": HipLandmarkNet}, check=False)
+                              .models[0].state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    t0 = time.time()
+    step, total = 0, None
+    history: list[dict[str, Any]] = []
+    while True:
+        model.train()
+        pick = rng.choice(len(hips), size=batch, p=w)
+        xs, ps = [], []
+        for i, k in hips[pick]:
+            x, p = refine_sample(tr["x"][i].astype(np.float32) / 255.0, tr["t"][i], int(k), rng)
+            xs.append(x)
+            ps.append(p)
+        logits = model(torch.from_numpy(np.stack(xs)[:, None]))
+        loss = _loss(logits, torch.from_numpy(refine_targets(np.stack(ps))))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if step == 20:
+            per = (time.time() - t0) / 20
+            total = int(minutes * 60.0 / per)
+            print(f"{per:.3f} s/step -> {total} steps", flush=True)
+        if total:
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(step / total, 1.0)))
+        if step % 500 == 0 or (total and step >= total):
+            rep = refine_eval(model, va)
+            history.append({"step": step, "loss": float(loss.detach()), **rep, "elapsed_s": round(time.time() - t0)})
+            print(json.dumps(history[-1]), flush=True)
+        if total and step >= total:
+            break
+    rep = history[-1]
+    arch = {"name": "HipLandmarkNet", "kwargs": {"widths": list(widths), "out_channels": len(REFINE_CHANNELS)}}
+    save_bundle(
+        out / "refine", protocol="hip_landmarks_refine", models=[model.eval()], architecture=arch,
+        input_spec=InputSpec(shape=(1, REFINE_SIZE, REFINE_SIZE), value_range=(0.0, 1.0)),
+        outputs=list(REFINE_CHANNELS), task="regression", units=["probability"] * len(REFINE_CHANNELS),
+        preprocessing={"function": "screener.hip_landmarks.refine_patch", "crop_input_px": REFINE_CROP,
+                       "size": REFINE_SIZE, "output_stride": OUTPUT_STRIDE,
+                       "geometry": "landmark input around the coarse femoral head, minus hips mirrored"},
+        command=command, seed=seed, metrics={"validation": rep, "history": history},
+        training_data=("patches of the hip landmark training splits: profile 'standard' (seed 1515, patients 0-599) "
+                       "and 'wide' (seed 1515, patients 1000-1599), frog-leg and >= 80 mm-fat patients drawn "
+                       f"{oversample_hard}x; the variety profile (seed 1517) is never trained on; synthetic patients, "
+                       "not clinical accuracy"),
+        version=version, changelog={version: "first release: the refine stage of hip_landmarks 0.6.0"},
+        differences_from_paper="not from a paper: the second (fine) stage of a two-stage heat-map landmark cascade")
+    print(json.dumps({"refine": rep, "steps": step}), flush=True)
+    return rep
+
+
 CHANGELOG = {
     "0.5.0": ("continued from 0.4.0 on the standard and 'wide' training profiles with frog-leg, heavily obese "
               "(>= 80 mm extra fat) and single-hip images drawn more often (--oversample-hard)"),
@@ -527,7 +707,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(hard_weights; 0: uniform)")
     t.add_argument("--soft-tissue", type=float, default=0.0,
                    help="share of training images given a thick uneven soft-tissue look (thick_soft_tissue)")
+    r = sub.add_parser("refine", help="train the refine stage into <out>/refine (0.6.0)")
+    r.add_argument("--out", default="models/hip_landmarks")
+    r.add_argument("--minutes", type=float, default=30.0)
+    r.add_argument("--lr", type=float, default=2e-3)
+    r.add_argument("--oversample-hard", type=float, default=2.5)
+    r.add_argument("--init", default="", help="continue from this refine bundle")
     args = ap.parse_args(argv)
+    if args.cmd == "refine":
+        train_refine(Path(args.out), minutes=args.minutes, lr=args.lr, oversample_hard=args.oversample_hard,
+                     init=Path(args.init) if args.init else None,
+                     command="nice -n 19 python -m training.hip_landmarks " + " ".join(argv if argv is not None else sys.argv[1:]))
+        return 0
     if args.cmd == "data":
         for name in (args.splits or list(SPLITS)):
             build_split(name, workers=args.workers)

@@ -102,6 +102,10 @@ class RadiographSpec:
         Technique (see :func:`training.phantoms.xray.render_hip_xray`).
     implant_scale : float
         Implant radii and lengths relative to the reference implants (``wide`` profile only).
+    shutter_mm : tuple of float or None
+        Unexposed collimator margins kept in the stored image ``(top, bottom, left, right)`` in mm,
+        rendered white (``variety`` profile only: drawn per view by :func:`_shutter_spec`, ``None``:
+        the image ends at the collimated field).
     """
 
     profile: str
@@ -123,6 +127,7 @@ class RadiographSpec:
     quanta_per_pixel: float = 2.0e4
     processing_strength: float = 1.0
     implant_scale: float = 1.0
+    shutter_mm: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -414,6 +419,73 @@ def _presence(head: np.ndarray, neck: np.ndarray, box: tuple[int, int, int, int]
     return "partial"
 
 
+#: share of ``variety`` views whose stored image keeps white (unexposed) collimator margins
+SHUTTER_P = 0.5
+
+
+def _shutter_spec(spec: RadiographSpec, uid_seed: int) -> RadiographSpec:
+    """A ``variety`` view with white collimator margins drawn (:data:`SHUTTER_P` of views; each side
+    8-45 mm with probability 0.7).  Drawn from its own generator (seeded by the view), so that the
+    acquisition draws of :func:`sample_spec` -- and every other profile -- stay as they were."""
+    if spec.profile != "variety" or spec.shutter_mm is not None:
+        return spec
+    rng = np.random.default_rng([int(uid_seed) % (2**32), 4242])
+    if rng.uniform() >= SHUTTER_P:
+        return spec
+    m = tuple(float(rng.uniform(8.0, 45.0)) if rng.uniform() < 0.7 else 0.0 for _ in range(4))
+    if not any(m):
+        m = (0.0, 0.0, float(rng.uniform(8.0, 45.0)), 0.0)
+    return replace(spec, shutter_mm=m)
+
+
+def _apply_shutter(stored: np.ndarray, box: tuple[int, int, int, int], spec: RadiographSpec, mm: float,
+                   rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int], np.ndarray]:
+    """Keep the collimator margins of ``spec.shutter_mm`` around the field ``box``, rendered as on a CR
+    plate whose shutter was not masked by the workstation: unexposed, hence white (above the brightest
+    bone), a blurred edge (penumbra 0.7-2 mm), scatter lowering it near the field (10-40 mm, up to 20 %),
+    quantum noise; the collimator turned by up to 1.5 deg.
+
+    Returns
+    -------
+    (numpy.ndarray, tuple, numpy.ndarray)
+        The stored image of the enlarged box, that box, and the exposed-field mask (``True`` in the field).
+    """
+    from scipy import ndimage as ndi
+
+    r0, r1, c0, c1 = box
+    top, bottom, left, right = (float(v) / mm for v in spec.shutter_mm or (0.0, 0.0, 0.0, 0.0))
+    R0, R1 = int(max(0, round(r0 - top))), int(min(stored.shape[0], round(r1 + bottom)))
+    C0, C1 = int(max(0, round(c0 - left))), int(min(stored.shape[1], round(c1 + right)))
+    img = stored[R0:R1, C0:C1].astype(np.float64)
+    rr, cc = np.mgrid[R0:R1, C0:C1].astype(np.float64)
+    cr, ccn = 0.5 * (r0 + r1 - 1), 0.5 * (c0 + c1 - 1)
+    th = math.radians(float(rng.uniform(-1.5, 1.5)))
+    u = (rr - cr) * math.cos(th) + (cc - ccn) * math.sin(th)
+    v = -(rr - cr) * math.sin(th) + (cc - ccn) * math.cos(th)
+    # signed distance inside the (turned) field, pixels; only the sides with a margin are shuttered
+    d = np.full(img.shape, np.inf)
+    half_r, half_c = 0.5 * (r1 - r0), 0.5 * (c1 - c0)
+    if top > 0:
+        d = np.minimum(d, u + half_r)
+    if bottom > 0:
+        d = np.minimum(d, half_r - u)
+    if left > 0:
+        d = np.minimum(d, v + half_c)
+    if right > 0:
+        d = np.minimum(d, half_c - v)
+    field = d >= 0
+    if field.all():
+        return img, (R0, R1, C0, C1), field
+    body = img[field & (img > 200)]
+    bright = float(np.percentile(body, 99.9)) if body.size else 3000.0
+    level = min(4095.0, max(bright * rng.uniform(1.08, 1.25), 3000.0))
+    scatter = rng.uniform(0.05, 0.2) * np.exp(-np.clip(-d, 0.0, None) * mm / rng.uniform(10.0, 40.0))
+    white = level * (1.0 - scatter) + rng.normal(0.0, rng.uniform(5.0, 25.0), img.shape)
+    soft = ndi.gaussian_filter(field.astype(np.float64), rng.uniform(0.7, 2.0) / mm)
+    out = soft * img + (1.0 - soft) * white
+    return np.clip(out, 0.0, 4095.0), (R0, R1, C0, C1), field
+
+
 def _burn(img: np.ndarray, spec: RadiographSpec, side_letter: str, rng: np.random.Generator,
           value: float) -> np.ndarray:
     """Burn a lead side marker and text lines into ``img`` (float, stored units)."""
@@ -426,10 +498,11 @@ def _burn(img: np.ndarray, spec: RadiographSpec, side_letter: str, rng: np.rando
         size = max(8, int(round(min(h, w) * rng.uniform(0.05, 0.09))))
         font = ImageFont.load_default(size=size)
         # the marker sits on the patient's side it names (image left for R in the standard view)
-        x = int(rng.uniform(0.03, 0.12) * w)
+        # variety: lead markers anywhere from the corner to beside the hip, over soft tissue or bone
+        x = int(rng.uniform(0.03, 0.12 if spec.profile != "variety" else 0.35) * w)
         if (side_letter == "L") != spec.mirror:
             x = w - x - size
-        y = int(rng.uniform(0.03, 0.2) * h)
+        y = int(rng.uniform(0.03, 0.2 if spec.profile != "variety" else 0.6) * h)
         draw.rectangle([x - 2, y - 2, x + size, y + size + 2], outline=180, width=max(1, size // 10))
         draw.text((x + size // 6, y), side_letter, fill=255, font=font)
     if spec.text:
@@ -532,11 +605,17 @@ def _cut_view(stored: np.ndarray, truth: dict[str, Any], spec: RadiographSpec, p
     heads = {s: np.array(truth["femoral_heads_px"][s]) for s in ("R", "L")}
     necks = {s: np.array(truth["femoral_necks_px"][s]) for s in ("R", "L")}
     box = _crop_box(spec, heads, necks, stored.shape, mm, rng)
+    spec = _shutter_spec(spec, uid_seed)
+    field_box = box
+    field_mask = None
+    if spec.shutter_mm is not None:
+        img, box, field_mask = _apply_shutter(stored, box, spec, mm, np.random.default_rng([int(uid_seed) % (2**32), 4243]))
     r0, r1, c0, c1 = box
-    img = stored[r0:r1, c0:c1]
+    if field_mask is None:
+        img = stored[r0:r1, c0:c1]
     hips: dict[str, HipTruth] = {}
     for s in ("R", "L"):
-        state = _presence(heads[s], necks[s], box, mm)
+        state = _presence(heads[s], necks[s], field_box, mm)
         h = heads[s] - (r0, c0)
         n = necks[s] - (r0, c0)
         if spec.mirror:
@@ -547,6 +626,7 @@ def _cut_view(stored: np.ndarray, truth: dict[str, Any], spec: RadiographSpec, p
                            metal=spec.metal.get(s, "none"))
     if spec.mirror:
         img = img[:, ::-1]
+        field_mask = field_mask[:, ::-1] if field_mask is not None else None
     present = [s for s in ("R", "L") if hips[s].present]
     side_letter = present[0] if len(present) == 1 else str(rng.choice(["R", "L"]))
     if spec.markers or spec.text:
@@ -556,7 +636,8 @@ def _cut_view(stored: np.ndarray, truth: dict[str, Any], spec: RadiographSpec, p
 
         img = np.clip(jpeg_recompress(img / 4095.0, int(spec.jpeg_quality), value_range=(0.0, 1.0)), 0.0, 1.0) * 4095.0
     # window of the cropped field, then re-encode at the stored bit depth
-    body = img[img > 200]
+    # the device's window is set on the exposed field (a white shutter margin lies above it)
+    body = img[(img > 200) & (field_mask if field_mask is not None else True)]
     lo, hi = (np.percentile(body, [3.0, 99.8]) if body.size else (0.0, 4095.0))
     scale = (2 ** spec.bits - 1) / 4095.0
     out = np.clip(np.round(img * scale), 0, 2 ** spec.bits - 1)
@@ -598,7 +679,7 @@ def _cut_view(stored: np.ndarray, truth: dict[str, Any], spec: RadiographSpec, p
         ds.PatientAge = f"{age:03d}Y"
         ds.PatientBirthDate = f"{int(str(ds.StudyDate)[:4]) - age}0601"
     spacing = mm * spec.child_scale
-    log_info = {"box": box, "rendered_shape": stored.shape}
+    log_info = {"box": box, "field_box": field_box, "rendered_shape": stored.shape}
     return RadiographCase(dataset=ds, spec=spec, hips=hips, pixel_spacing_mm=spacing, patient_id=patient.patient_id,
                           extras=log_info)
 
