@@ -582,10 +582,58 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
         ``(z_min, z_max)`` in mm: only solids reaching into this slab are built (the fast
         2-D training path, e.g. ``(-40, 40)`` around L1). Truth (vertebrae, femoral heads,
         landmarks) is complete either way; densities outside the window are not.
+
+    Notes
+    -----
+    Built in stages that share one :class:`_Parts`: the body (habitus and tissues, variants,
+    torso, limbs, chest and upper abdomen, kidneys and vessels, bowel, muscles), then the
+    skeleton (spine levels, each vertebra with its posterior elements and ribs, sacrum,
+    pelvis and femurs), then the scene the renderers sample (:func:`_finish`).
     """
     p = patient
     b = _Builder(p)
     b.window = None if z_window is None else (float(min(z_window)), float(max(z_window)))
+    ns = _Parts(p=p, b=b)
+    _habitus_and_tissues(ns)
+    _variants(ns)
+    _spine_levels(ns)
+    _torso(ns)
+    _limbs(ns)
+    _chest_and_upper_abdomen(ns)
+    _kidneys_and_vessels(ns)
+    _bowel(ns)
+    _spinal_muscles(ns)
+    _vertebrae(ns)
+    _sacrum_and_pelvis(ns)
+    return _finish(ns)
+
+
+class _Parts:
+    """What the stages of :func:`build_scene` hand on to the next, under the names the stages use.
+
+    Each stage reads what it needs at its top and stores what later stages read at its end, so
+    the stages run the statements of the one long function they came from, in its order (the
+    main random stream's draws, the tissues' ids and the solids' paint order are unchanged).
+    """
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+def _vertebra(ns: _Parts, lv: str) -> None:
+    """One vertebra: tissues and truth always; its solids only where they reach the build window."""
+    _vertebra_tissues(ns, lv)
+    _vertebra_truth(ns, lv)
+    if not ns.b.near(float(ns.c[2]) - ns.reach, float(ns.c[2]) + 45.0):
+        return
+    _vertebra_solids(ns, lv)
+    _posterior_elements(ns, lv)
+    _ribs(ns, lv)
+
+
+def _habitus_and_tissues(ns: _Parts) -> None:
+    """Body habitus (fat, muscle) from the main stream, the soft tissues, and the bones' mineral."""
+    b, p = ns.b, ns.p
     rng = b.rng
     s = b.s
     bmi = p.bmi
@@ -634,7 +682,18 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
     rib_k = float(np.clip(0.70 + 0.30 * vbase["T12"] / (1.02 * 180.0), 0.70, 1.06))
     rib_t = 1.3 * float(np.clip(p.cortical_mm, 0.5, 1.5))
     rib_mar = 0.16 * float(np.clip(vbase["T12"] / (1.02 * 180.0), 0.25, 1.2))
+    ns.BLADDER, ns.BLOOD_A, ns.BLOOD_V, ns.BOWEL_W, ns.CART = BLADDER, BLOOD_A, BLOOD_V, BOWEL_W, CART
+    ns.CSF, ns.DISC, ns.FAT, ns.FLUID, ns.GAS, ns.HEART, ns.JOINT = CSF, DISC, FAT, FLUID, GAS, HEART, JOINT
+    ns.KID, ns.LIVER, ns.LUNG, ns.MUS, ns.PARA, ns.PSOAS, ns.SKIN = KID, LIVER, LUNG, MUS, PARA, PSOAS, SKIN
+    ns.SPLEEN, ns.STOOL, ns.T, ns.TABLE_FOAM, ns.TABLE_SHELL = SPLEEN, STOOL, T, TABLE_FOAM, TABLE_SHELL
+    ns.VFAT, ns.cort_ha, ns.fat_scale, ns.female, ns.ff = VFAT, cort_ha, fat_scale, female, ff
+    ns.muscle_k, ns.post_ha, ns.rib_k, ns.rib_mar, ns.rib_t = muscle_k, post_ha, rib_k, rib_mar, rib_t
+    ns.rng, ns.s, ns.t_sc, ns.vb_lv, ns.vbase = rng, s, t_sc, vb_lv, vbase
 
+
+def _variants(ns: _Parts) -> None:
+    """Anatomical variants (issue 14), drawn from their own stream so the main one is untouched."""
+    p = ns.p
     # anatomical variants: details from their own stream (the main rng's draws are untouched)
     trans = p.transitional
     vrng = np.random.default_rng([int(p.anatomy_seed), 7919])
@@ -664,6 +723,13 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
         variants["sacralised_sides"] = sac_sides
     sd_name = {-1.0: "R", 1.0: "L"}
 
+    ns.hypo_faint, ns.hypo_len, ns.hypo_r, ns.lrib_len = hypo_faint, hypo_len, hypo_r, lrib_len
+    ns.sac_sides, ns.sd_name, ns.trans, ns.variants, ns.vrng = sac_sides, sd_name, trans, variants, vrng
+
+
+def _spine_levels(ns: _Parts) -> None:
+    """The spine's centre line and each level's position along it (L1 at arc length 0)."""
+    p, s, trans = ns.p, ns.s, ns.trans
     # ---------------------------------------------------------------- spine curve
     sg = np.arange(-420.0, 360.0, 1.0)
     curve = _spine_curve(p, sg)
@@ -709,6 +775,15 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
     c_l1, _, _ = at(0.0)
     c_l3, _, _ = at(pos["L3"])
 
+    ns.at, ns.c_l3, ns.c_s1, ns.curve, ns.discs, ns.heights = at, c_l3, c_s1, curve, discs, heights
+    ns.levels_b, ns.pos, ns.s_sac = levels_b, pos, s_sac
+
+
+def _torso(ns: _Parts) -> None:
+    """Key heights, the torso outline: skin, subcutaneous fat, abdominal wall, visceral cavity."""
+    FAT, MUS, SKIN, VFAT, at, b, c_l3, c_s1 = ns.FAT, ns.MUS, ns.SKIN, ns.VFAT, ns.at, ns.b, ns.c_l3, ns.c_s1
+    curve, fat_scale, female, muscle_k, pos, s = ns.curve, ns.fat_scale, ns.female, ns.muscle_k, ns.pos, ns.s
+    t_sc = ns.t_sc
     # ---------------------------------------------------------------- torso outline
     # key z levels
     z_s1 = float(c_s1[2])
@@ -755,6 +830,18 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
     b.add(cav)
     del torso
 
+    ns.back, ns.body_bounds_z, ns.cav, ns.cy, ns.depth, ns.dk = back, body_bounds_z, cav, cy, depth, dk
+    ns.half_w, ns.hip_k, ns.spine_x, ns.spine_y, ns.wall_t, ns.wk = half_w, hip_k, spine_x, spine_y, wall_t, wk
+    ns.y_table, ns.z_bot, ns.z_crest, ns.z_crotch, ns.z_hip = y_table, z_bot, z_crest, z_crotch, z_hip
+    ns.z_s1, ns.z_top, ns.zs_ = z_s1, z_top, zs_
+
+
+def _limbs(ns: _Parts) -> None:
+    """Thighs below the crotch and, when down, the arms beside the body."""
+    FAT, MUS, SKIN, T, b, cy, depth = ns.FAT, ns.MUS, ns.SKIN, ns.T, ns.b, ns.cy, ns.depth
+    fat_scale, half_w, hip_k, p, rng, s = ns.fat_scale, ns.half_w, ns.hip_k, ns.p, ns.rng, ns.s
+    y_table, z_bot, z_crest, z_crotch, z_hip = ns.y_table, ns.z_bot, ns.z_crest, ns.z_crotch, ns.z_hip
+    z_top, zs_ = ns.z_top, ns.zs_
     # thighs below the crotch
     x_th = 95.0 * s * hip_k
     r_th = 85.0 * s * (1 + 0.5 * (fat_scale - 1))
@@ -791,6 +878,15 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
                 b.add(*b.chain(HUM_C, fo, 6.5 * s))
                 b.add(*b.chain(HUM_M, fo, 3.5 * s))
 
+    ns.arm_r, ns.r_th, ns.x_th, ns.y_th = arm_r, r_th, x_th, y_th
+
+
+def _chest_and_upper_abdomen(ns: _Parts) -> None:
+    """Diaphragm dome, lungs and heart; liver, spleen and stomach under the dome."""
+    BOWEL_W, FLUID, GAS, HEART, LIVER, LUNG = ns.BOWEL_W, ns.FLUID, ns.GAS, ns.HEART, ns.LIVER, ns.LUNG
+    SPLEEN, at, b, cav, cy, depth, dk = ns.SPLEEN, ns.at, ns.b, ns.cav, ns.cy, ns.depth, ns.dk
+    half_w, pos, rng, s, t_sc, wall_t, wk = ns.half_w, ns.pos, ns.rng, ns.s, ns.t_sc, ns.wall_t, ns.wk
+    z_top, zs_ = ns.z_top, ns.zs_
     # ---------------------------------------------------------------- diaphragm and chest
     b.layer = 1
     zd_r = float(at(pos["T9"])[0][2]) + rng.normal(0, 6)
@@ -837,6 +933,14 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
                             np.array([0.26 * a_l1, 0.2 * d_l1, 26.0]), clip=cav),
                   lambda x, y: dome(x, y) - 6.0, above=False))
 
+    ns.a_l1, ns.d_l1, ns.yc_l1, ns.zd_l, ns.zd_r = a_l1, d_l1, yc_l1, zd_l, zd_r
+
+
+def _kidneys_and_vessels(ns: _Parts) -> None:
+    """Kidneys with perirenal and sinus fat; aorta, IVC and the iliac vessels."""
+    BLOOD_A, BLOOD_V, KID, VFAT, at, b, c_s1 = ns.BLOOD_A, ns.BLOOD_V, ns.KID, ns.VFAT, ns.at, ns.b, ns.c_s1
+    cav, female, p, pos, rng, s, spine_x = ns.cav, ns.female, ns.p, ns.pos, ns.rng, ns.s, ns.spine_x
+    spine_y, z_hip, z_s1 = ns.spine_y, ns.z_hip, ns.z_s1
     # kidneys
     b.layer = 3
     kid_truth = {}
@@ -880,6 +984,15 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
         ilv[0] = ivc_pts[-1]
         b.add(*b.chain(BLOOD_V, ilv, [9.0 * s, 7.0 * s, 6.0 * s, 5.5 * s]))
 
+    ns.hx, ns.hy, ns.kid_truth, ns.y_s1 = hx, hy, kid_truth, y_s1
+
+
+def _bowel(ns: _Parts) -> None:
+    """Colon along a fixed route, bladder, and small-bowel loops at random."""
+    BLADDER, BOWEL_W, FLUID, GAS, STOOL, a_l1 = ns.BLADDER, ns.BOWEL_W, ns.FLUID, ns.GAS, ns.STOOL, ns.a_l1
+    b, cav, cy, d_l1, depth, half_w, hy, rng = ns.b, ns.cav, ns.cy, ns.d_l1, ns.depth, ns.half_w, ns.hy, ns.rng
+    s, t_sc, wall_t, y_s1, yc_l1, z_hip, z_s1 = ns.s, ns.t_sc, ns.wall_t, ns.y_s1, ns.yc_l1, ns.z_hip, ns.z_s1
+    zs_ = ns.zs_
     # bowel: colon along a fixed route, small-bowel loops at random
     yc_mid = float(np.interp(-90.0, zs_, cy))
     a_mid = float(np.interp(-90.0, zs_, half_w)) - t_sc - wall_t
@@ -923,6 +1036,13 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
         lum = [FLUID, FLUID, GAS, STOOL][int(rng.integers(0, 4))]
         b.add(*b.chain(lum, parr, r_sb - 2.5, clip=cav))
 
+
+def _spinal_muscles(ns: _Parts) -> None:
+    """Paraspinal, quadratus lumborum, psoas, gluteal and thigh muscles."""
+    MUS, PARA, PSOAS, at, b, hx, hy = ns.MUS, ns.PARA, ns.PSOAS, ns.at, ns.b, ns.hx, ns.hy
+    muscle_k, pos, s, spine_x, spine_y, x_th = ns.muscle_k, ns.pos, ns.s, ns.spine_x, ns.spine_y, ns.x_th
+    y_th, z_bot, z_crest, z_crotch, z_hip, z_s1 = ns.y_th, ns.z_bot, ns.z_crest, ns.z_crotch, ns.z_hip, ns.z_s1
+    z_top = ns.z_top
     # muscles along the spine
     b.layer = 4
     zz = np.arange(z_s1 - 40.0, z_top + 1.0, 20.0)
@@ -970,210 +1090,261 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
                      [y_th] * 3, np.array([70.0, 68.0, 40.0]) * s * muscle_k,
                      np.array([70.0, 68.0, 45.0]) * s * muscle_k))
 
+
+def _vertebrae(ns: _Parts) -> None:
+    """Every vertebra T6-L5 (and a lumbarised S1), superior to inferior."""
+    b, p = ns.b, ns.p
     # ---------------------------------------------------------------- vertebrae
     verts: list[VertebraTruth] = []
     b.layer = 6
     deg = p.degeneration_level
-    for idx, lv in enumerate(levels_b):
-        c, tan, rot = at(pos[lv])
-        R = frame_from_axis(tan, rot)
-        h0 = _H[lv] * s
-        r_lv = vrng if lv == "S1" else rng  # the extra S1 never shifts the main stream
-        a = 0.5 * _W[lv] * s * r_lv.uniform(0.96, 1.04)
-        bb = 0.5 * _D[lv] * s * r_lv.uniform(0.96, 1.04)
-        loss = p.height_loss.get(lv, 0.0)
-        shape = p.fracture_shape.get(lv, "none")
-        tc = p.cortical_mm * r_lv.uniform(0.9, 1.1)
-        t_end = tc * (1.0 + 0.5 * deg.get(lv, 0.0))
+    ns.deg, ns.verts = deg, verts
+    for lv in ns.levels_b:
+        _vertebra(ns, lv)
 
-        def hfun(un: Arr, vn: Arr, h0: float = h0, loss: float = loss, shape: str = shape,
-                 shrink: float = 0.0) -> tuple[Arr, Arr]:
-            r2 = np.minimum(un * un + vn * vn, 1.0)
-            if shape == "wedge":
-                lf = loss * np.clip(0.5 - 0.5 * vn, 0.0, 1.0) + 0.1 * loss
-            elif shape == "biconcave":
-                lf = loss * (1.0 - r2) + 0.1 * loss
-            elif shape == "crush":
-                lf = loss + 0.0 * r2
-            else:
-                lf = loss * (1.0 - 0.5 * r2)
-            hh = 0.5 * h0 * (1.0 - lf) - 0.6 * (1.0 - r2) * (1.0 + 2.0 * (shape == "biconcave")) - shrink
-            return hh, hh
 
-        tag = {lv, "spine", "bone"}
-        CORT = T(f"{lv}_cortex", {"ha": cort_ha * (1.0 + 0.15 * deg.get(lv, 0.0)), "soft": 0.75}, "",
-                 tag | {f"{lv}_body", "cortical"})
-        ha = vb_lv[lv] / 1000.0
-        TRAB = T(f"{lv}_trabecular", _marrow(ha, ff), "marrow", tag | {f"{lv}_body", "trabecular"})
-        b.trab[TRAB] = (vb_lv[lv], ff)
-        islands = []
-        for isl in p.bone_islands:
-            if isl["level"] != lv:
-                continue
-            # its own label: ``<lv>_trabecular`` (hence the trabecular truth) never includes it
-            ISL = T(f"{lv}_bone_island", {"ha": float(isl["density"]), "soft": 0.8}, "",
-                    tag | {f"{lv}_body", f"{lv}_bone_island", "bone_island", "cortical"})
-            r_i = 0.5 * float(isl["diameter_mm"])
-            lim = np.array([a - tc, bb - tc, 0.5 * h0 * (1.0 - loss) - tc]) - r_i - 1.0
-            off = np.clip(np.asarray(isl["offset_mm"], float), -np.maximum(lim, 0.0), np.maximum(lim, 0.0))
-            ctr = c + R @ off
-            islands.append((ISL, ctr, r_i))
-            variants.setdefault("bone_islands", []).append(
-                {"level": lv, "centre_mm": tuple(float(q) for q in ctr), "offset_mm": tuple(float(q) for q in off),
-                 "diameter_mm": 2.0 * r_i, "density": float(isl["density"])})
-        POST = T(f"{lv}_posterior", {"ha": post_ha, "soft": 0.95}, "", tag | {f"{lv}_posterior"})
-        # truth
-        thor_ = lv.startswith("T")
-        corners = []
-        for un, vn in ((1, 0), (-1, 0), (0, 1), (0, -1), (0.7, 0.7), (-0.7, -0.7), (0.7, -0.7), (-0.7, 0.7)):
-            hh = hfun(np.array(float(un)), np.array(float(vn)))[0]
-            for sg_ in (-1, 1):
-                corners.append(c + R @ np.array([un * a, vn * bb, sg_ * float(hh)]))
-        cz = np.array(corners)[:, 2]
-        h_ant = 2 * float(hfun(np.array(0.0), np.array(-1.0))[0])
-        h_mid = 2 * float(hfun(np.array(0.0), np.array(0.0))[0])
-        h_post = 2 * float(hfun(np.array(0.0), np.array(0.9))[0])
-        if thor_:
-            kind = "hypoplastic" if (lv == "T12" and hypo_len) else "true"
-            sides = tuple(k for k in ("R", "L") if hypo_len.get(k, 1.0) > 0.0) if kind == "hypoplastic" else ("R", "L")
-        elif lv == "L1" and any(v > 0 for v in lrib_len.values()):
-            kind, sides = "lumbar", tuple(k for k in ("R", "L") if lrib_len[k] > 0.0)
+def _vertebra_tissues(ns: _Parts, lv: str) -> None:
+    """A vertebra's frame, size, endplate shape (``hfun``) and tissues (cortex, core, islands, posterior)."""
+    T, at, b, cort_ha, deg, ff, p, pos = ns.T, ns.at, ns.b, ns.cort_ha, ns.deg, ns.ff, ns.p, ns.pos
+    post_ha, rng, s, variants, vb_lv, vrng = ns.post_ha, ns.rng, ns.s, ns.variants, ns.vb_lv, ns.vrng
+    c, tan, rot = at(pos[lv])
+    R = frame_from_axis(tan, rot)
+    h0 = _H[lv] * s
+    r_lv = vrng if lv == "S1" else rng  # the extra S1 never shifts the main stream
+    a = 0.5 * _W[lv] * s * r_lv.uniform(0.96, 1.04)
+    bb = 0.5 * _D[lv] * s * r_lv.uniform(0.96, 1.04)
+    loss = p.height_loss.get(lv, 0.0)
+    shape = p.fracture_shape.get(lv, "none")
+    tc = p.cortical_mm * r_lv.uniform(0.9, 1.1)
+    t_end = tc * (1.0 + 0.5 * deg.get(lv, 0.0))
+
+    def hfun(un: Arr, vn: Arr, h0: float = h0, loss: float = loss, shape: str = shape,
+             shrink: float = 0.0) -> tuple[Arr, Arr]:
+        r2 = np.minimum(un * un + vn * vn, 1.0)
+        if shape == "wedge":
+            lf = loss * np.clip(0.5 - 0.5 * vn, 0.0, 1.0) + 0.1 * loss
+        elif shape == "biconcave":
+            lf = loss * (1.0 - r2) + 0.1 * loss
+        elif shape == "crush":
+            lf = loss + 0.0 * r2
         else:
-            kind, sides = "none", ()
-        verts.append(VertebraTruth(label=lv, z_range_mm=(float(cz.min()), float(cz.max())),
-                                   centroid_mm=(float(c[0]), float(c[1]), float(c[2])),
-                                   body_height_mm=min(h_ant, h_mid, h_post), width_mm=2 * a, depth_mm=2 * bb,
-                                   has_ribs=bool(sides), axis=tuple(float(q) for q in R[:, 2]), rotation_deg=rot,
-                                   cortical_mm=tc, nominal_height_mm=h0, rib_kind=kind, rib_sides=sides,
-                                   sacral_like=bool(lv == "L5" and sac_sides)))
+            lf = loss * (1.0 - 0.5 * r2)
+        hh = 0.5 * h0 * (1.0 - lf) - 0.6 * (1.0 - r2) * (1.0 + 2.0 * (shape == "biconcave")) - shrink
+        return hh, hh
 
-        if thor_ and lv in _RIB:
-            fnt = hypo_faint if (lv == "T12" and hypo_len) else 1.0
-            RIBC = T(f"{lv}_rib_cortex", {"ha": 0.85 * rib_k * fnt, "soft": 0.8}, "", {f"{lv}_rib", "ribs", "bone"})
-            RIBT = T(f"{lv}_rib_marrow", _marrow(rib_mar * fnt, ff), "marrow", {f"{lv}_rib", "ribs", "bone"})
-        if lv == "L1" and lrib_len:
-            LRC = T("L1_rib_cortex", {"ha": 0.85 * rib_k, "soft": 0.8}, "",
-                    {"L1_rib", "lumbar_rib", "ribs", "bone"})
-            LRT = T("L1_rib_marrow", _marrow(rib_mar, ff), "marrow", {"L1_rib", "lumbar_rib", "ribs", "bone"})
-        if lv == "L5" and sac_sides:
-            ALA = T("L5_ala", {"ha": post_ha, "soft": 0.95}, "", tag | {"L5_posterior", "L5_ala", "sacral_ala"})
-        reach = 130.0 if thor_ else 45.0  # ribs descend ~ 1-4 levels
-        if not b.near(float(c[2]) - reach, float(c[2]) + 45.0):
+    tag = {lv, "spine", "bone"}
+    CORT = T(f"{lv}_cortex", {"ha": cort_ha * (1.0 + 0.15 * deg.get(lv, 0.0)), "soft": 0.75}, "",
+             tag | {f"{lv}_body", "cortical"})
+    ha = vb_lv[lv] / 1000.0
+    TRAB = T(f"{lv}_trabecular", _marrow(ha, ff), "marrow", tag | {f"{lv}_body", "trabecular"})
+    b.trab[TRAB] = (vb_lv[lv], ff)
+    islands = []
+    for isl in p.bone_islands:
+        if isl["level"] != lv:
             continue
-        # disc below (fills gaps), canal contents, then bone
-        dh = discs[lv]
-        c_disc, tan_d, rot_d = at(pos[lv] - heights[lv] / 2 - dh / 2)
-        Rd = frame_from_axis(tan_d, rot_d)
-        b.layer = 5
-        b.add(Prism(DISC, c_disc, Rd, a * 0.98, bb * 0.98, dh / 2 + 2.5, n=2.4, posterior_flat=0.12))
-        canal_v = bb + 9.0 * s
-        b.add(Prism(VFAT, c, R, 11.0 * s, 8.5 * s, h0 / 2 + dh + 1.0, v_offset=canal_v))
-        b.add(Prism(CSF, c, R, 7.5 * s, 6.5 * s, h0 / 2 + dh + 1.0, v_offset=canal_v + 0.5))
-        b.layer = 6
-        if deg.get(lv, 0.0) > 0.5:  # osteophyte rims at both endplates
-            osz = (deg[lv] - 0.5) * 7.0 * s
-            for sgn in (-1.0, 1.0):
-                co = c + R @ np.array([0.0, 0.0, sgn * (0.5 * h0 * (1 - 0.3 * loss) - 1.5)])
-                b.add(Prism(CORT, co, R, a + osz, bb + 0.6 * osz, 2.2, n=2.4))
-        b.add(Prism(CORT, c, R, a, bb, hfun, n=2.4, posterior_flat=0.12))
-        b.add(Prism(TRAB, c, R, a - tc, bb - tc, lambda un, vn, hf=hfun, te=t_end: hf(un, vn, shrink=te),
-                    n=2.4, posterior_flat=0.12))
-        for ISL, ctr, r_i in islands:
-            b.add(Ellipsoid(ISL, ctr, np.full(3, r_i)))
-        # posterior elements (local coordinates -> world)
-        def W(u_: float, v_: float, w_: float, c: Arr = c, R: Arr = R) -> Arr:
-            return c + R @ np.array([u_, v_, w_])
-        rp = _PED[lv] * s
-        pu = a * 0.62
-        thor = lv.startswith("T")
-        for sd in (-1.0, 1.0):
-            for dw in (-0.24 * h0, 0.0, 0.2 * h0):
-                b.add(Segment(POST, W(sd * pu, bb * 0.7, dw), W(sd * pu, bb + 13.0 * s, dw), rp))
-            lam_a = W(sd * pu, bb + 14.0 * s, 0.0)
-            lam_b = W(sd * 2.0, bb + 24.0 * s, -2.0)
-            for dw in (-0.3 * h0, 0.0, 0.3 * h0):
-                b.add(Segment(POST, lam_a + R[:, 2] * dw, lam_b + R[:, 2] * dw, 3.6 * s))
-            # articular processes
-            b.add(Ellipsoid(POST, W(sd * (pu + 2.0 * s), bb + 17.0 * s, 0.55 * h0), np.array([5.0, 6.5, 8.0]) * s,
-                            R=R))
-            b.add(Ellipsoid(POST, W(sd * (pu - 1.0 * s), bb + 21.0 * s, -0.55 * h0 - 2.0),
-                            np.array([5.0, 6.0, 8.0]) * s, R=R))
-            # transverse process
-            if thor:
-                tp_end = W(sd * (pu + _TP[lv] * s), bb + 25.0 * s, 2.0)
-                b.add(Segment(POST, W(sd * pu, bb + 14.0 * s, 2.0), tp_end, 5.0 * s, 4.0 * s))
-            else:
-                tp_root = W(sd * pu, bb + 13.0 * s, 0.0)
-                tp_end = W(sd * (pu + _TP[lv] * s), bb + 9.0 * s, 0.0)
-                b.add(Segment(POST, tp_root, tp_end, 4.5 * s, 3.2 * s))
-                if lv == "L1" and lrib_len.get(sd_name[sd], 0.0) > 0.0:
-                    # lumbar rib: starts beyond the transverse-process tip (a pseudo-joint ~1 mm wide),
-                    # runs laterally, a little down and forward; no joint with the vertebral body
-                    tdir = (tp_end - tp_root) / max(float(np.linalg.norm(tp_end - tp_root)), 1e-6)
-                    r_lr = 3.4 * s
-                    st = tp_end + tdir * (3.2 * s + 1.0 + r_lr)
-                    ldir = np.array([sd * 0.86, -0.22, -0.46])
-                    ldir /= np.linalg.norm(ldir)
-                    L_ = lrib_len[sd_name[sd]]
-                    lpts = np.array([st, st + ldir * 0.5 * L_, st + ldir * L_ + np.array([0.0, -0.12 * L_, 0.0])])
-                    b.add(*b.chain(LRC, lpts, np.array([r_lr, 3.0 * s, 2.4 * s])))
-                    b.add(*b.chain(LRT, lpts, np.maximum(np.array([r_lr, 3.0 * s, 2.4 * s]) - rib_t, 0.6)))
-                if lv == "L5" and sd_name[sd] in sac_sides:
-                    # sacralised L5: the transverse process widens into an ala that reaches the sacral
-                    # ala and the ilium at the sacro-iliac joint (Castellvi type III on this side)
-                    c_top, _, _ = at(s_sac - 9.0 * s)
-                    tgt = np.array([c_top[0] + sd * (52.0 * s + 4.0), c_top[1] + 9.0 * s, c_top[2] + 8.0 * s])
-                    b.add(Segment(ALA, tp_root, tgt, 8.0 * s, 10.0 * s))
-                    b.add(Ellipsoid(ALA, tgt, np.array([15.0, 11.0, 9.0]) * s))
-        # spinous process: a tall plate (three stacked capsules)
+        # its own label: ``<lv>_trabecular`` (hence the trabecular truth) never includes it
+        ISL = T(f"{lv}_bone_island", {"ha": float(isl["density"]), "soft": 0.8}, "",
+                tag | {f"{lv}_body", f"{lv}_bone_island", "bone_island", "cortical"})
+        r_i = 0.5 * float(isl["diameter_mm"])
+        lim = np.array([a - tc, bb - tc, 0.5 * h0 * (1.0 - loss) - tc]) - r_i - 1.0
+        off = np.clip(np.asarray(isl["offset_mm"], float), -np.maximum(lim, 0.0), np.maximum(lim, 0.0))
+        ctr = c + R @ off
+        islands.append((ISL, ctr, r_i))
+        variants.setdefault("bone_islands", []).append(
+            {"level": lv, "centre_mm": tuple(float(q) for q in ctr), "offset_mm": tuple(float(q) for q in off),
+             "diameter_mm": 2.0 * r_i, "density": float(isl["density"])})
+    POST = T(f"{lv}_posterior", {"ha": post_ha, "soft": 0.95}, "", tag | {f"{lv}_posterior"})
+    ns.CORT, ns.POST, ns.R, ns.TRAB, ns.a, ns.bb, ns.c, ns.h0 = CORT, POST, R, TRAB, a, bb, c, h0
+    ns.hfun, ns.islands, ns.loss, ns.rot, ns.t_end, ns.tag, ns.tc = hfun, islands, loss, rot, t_end, tag, tc
+
+
+def _vertebra_truth(ns: _Parts, lv: str) -> None:
+    """A vertebra's truth (extent, heights, ribs) and the tissues of its ribs or alae."""
+    R, T, a, bb, c, ff, h0, hfun = ns.R, ns.T, ns.a, ns.bb, ns.c, ns.ff, ns.h0, ns.hfun
+    hypo_faint, hypo_len, lrib_len, post_ha = ns.hypo_faint, ns.hypo_len, ns.lrib_len, ns.post_ha
+    rib_k, rib_mar, rot, sac_sides, tag, tc = ns.rib_k, ns.rib_mar, ns.rot, ns.sac_sides, ns.tag, ns.tc
+    verts = ns.verts
+    # truth
+    thor_ = lv.startswith("T")
+    corners = []
+    for un, vn in ((1, 0), (-1, 0), (0, 1), (0, -1), (0.7, 0.7), (-0.7, -0.7), (0.7, -0.7), (-0.7, 0.7)):
+        hh = hfun(np.array(float(un)), np.array(float(vn)))[0]
+        for sg_ in (-1, 1):
+            corners.append(c + R @ np.array([un * a, vn * bb, sg_ * float(hh)]))
+    cz = np.array(corners)[:, 2]
+    h_ant = 2 * float(hfun(np.array(0.0), np.array(-1.0))[0])
+    h_mid = 2 * float(hfun(np.array(0.0), np.array(0.0))[0])
+    h_post = 2 * float(hfun(np.array(0.0), np.array(0.9))[0])
+    if thor_:
+        kind = "hypoplastic" if (lv == "T12" and hypo_len) else "true"
+        sides = tuple(k for k in ("R", "L") if hypo_len.get(k, 1.0) > 0.0) if kind == "hypoplastic" else ("R", "L")
+    elif lv == "L1" and any(v > 0 for v in lrib_len.values()):
+        kind, sides = "lumbar", tuple(k for k in ("R", "L") if lrib_len[k] > 0.0)
+    else:
+        kind, sides = "none", ()
+    verts.append(VertebraTruth(label=lv, z_range_mm=(float(cz.min()), float(cz.max())),
+                               centroid_mm=(float(c[0]), float(c[1]), float(c[2])),
+                               body_height_mm=min(h_ant, h_mid, h_post), width_mm=2 * a, depth_mm=2 * bb,
+                               has_ribs=bool(sides), axis=tuple(float(q) for q in R[:, 2]), rotation_deg=rot,
+                               cortical_mm=tc, nominal_height_mm=h0, rib_kind=kind, rib_sides=sides,
+                               sacral_like=bool(lv == "L5" and sac_sides)))
+
+    RIBC = RIBT = LRC = LRT = ALA = None  # the rib / lumbar-rib / ala tissues of the levels that have them
+    if thor_ and lv in _RIB:
+        fnt = hypo_faint if (lv == "T12" and hypo_len) else 1.0
+        RIBC = T(f"{lv}_rib_cortex", {"ha": 0.85 * rib_k * fnt, "soft": 0.8}, "", {f"{lv}_rib", "ribs", "bone"})
+        RIBT = T(f"{lv}_rib_marrow", _marrow(rib_mar * fnt, ff), "marrow", {f"{lv}_rib", "ribs", "bone"})
+    if lv == "L1" and lrib_len:
+        LRC = T("L1_rib_cortex", {"ha": 0.85 * rib_k, "soft": 0.8}, "",
+                {"L1_rib", "lumbar_rib", "ribs", "bone"})
+        LRT = T("L1_rib_marrow", _marrow(rib_mar, ff), "marrow", {"L1_rib", "lumbar_rib", "ribs", "bone"})
+    if lv == "L5" and sac_sides:
+        ALA = T("L5_ala", {"ha": post_ha, "soft": 0.95}, "", tag | {"L5_posterior", "L5_ala", "sacral_ala"})
+    reach = 130.0 if thor_ else 45.0  # ribs descend ~ 1-4 levels
+    ns.ALA, ns.LRC, ns.LRT, ns.RIBC, ns.RIBT, ns.reach = ALA, LRC, LRT, RIBC, RIBT, reach
+
+
+def _vertebra_solids(ns: _Parts, lv: str) -> None:
+    """The disc below, the canal's contents, osteophytes, the body's cortex and core, bone islands."""
+    CORT, CSF, DISC, R, TRAB, VFAT, a, at = ns.CORT, ns.CSF, ns.DISC, ns.R, ns.TRAB, ns.VFAT, ns.a, ns.at
+    b, bb, c, deg, discs, h0, heights, hfun = ns.b, ns.bb, ns.c, ns.deg, ns.discs, ns.h0, ns.heights, ns.hfun
+    islands, loss, pos, s, t_end, tc = ns.islands, ns.loss, ns.pos, ns.s, ns.t_end, ns.tc
+    # disc below (fills gaps), canal contents, then bone
+    dh = discs[lv]
+    c_disc, tan_d, rot_d = at(pos[lv] - heights[lv] / 2 - dh / 2)
+    Rd = frame_from_axis(tan_d, rot_d)
+    b.layer = 5
+    b.add(Prism(DISC, c_disc, Rd, a * 0.98, bb * 0.98, dh / 2 + 2.5, n=2.4, posterior_flat=0.12))
+    canal_v = bb + 9.0 * s
+    b.add(Prism(VFAT, c, R, 11.0 * s, 8.5 * s, h0 / 2 + dh + 1.0, v_offset=canal_v))
+    b.add(Prism(CSF, c, R, 7.5 * s, 6.5 * s, h0 / 2 + dh + 1.0, v_offset=canal_v + 0.5))
+    b.layer = 6
+    if deg.get(lv, 0.0) > 0.5:  # osteophyte rims at both endplates
+        osz = (deg[lv] - 0.5) * 7.0 * s
+        for sgn in (-1.0, 1.0):
+            co = c + R @ np.array([0.0, 0.0, sgn * (0.5 * h0 * (1 - 0.3 * loss) - 1.5)])
+            b.add(Prism(CORT, co, R, a + osz, bb + 0.6 * osz, 2.2, n=2.4))
+    b.add(Prism(CORT, c, R, a, bb, hfun, n=2.4, posterior_flat=0.12))
+    b.add(Prism(TRAB, c, R, a - tc, bb - tc, lambda un, vn, hf=hfun, te=t_end: hf(un, vn, shrink=te),
+                n=2.4, posterior_flat=0.12))
+    for ISL, ctr, r_i in islands:
+        b.add(Ellipsoid(ISL, ctr, np.full(3, r_i)))
+
+
+def _posterior_elements(ns: _Parts, lv: str) -> None:
+    """Pedicles, laminae, articular and transverse processes (lumbar rib, sacral ala), spinous process."""
+    ALA, LRC, LRT, POST, R, a, at, b, bb = ns.ALA, ns.LRC, ns.LRT, ns.POST, ns.R, ns.a, ns.at, ns.b, ns.bb
+    c, h0, lrib_len, rib_t, s, s_sac = ns.c, ns.h0, ns.lrib_len, ns.rib_t, ns.s, ns.s_sac
+    sac_sides, sd_name = ns.sac_sides, ns.sd_name
+    # posterior elements (local coordinates -> world)
+    def W(u_: float, v_: float, w_: float, c: Arr = c, R: Arr = R) -> Arr:
+        return c + R @ np.array([u_, v_, w_])
+    rp = _PED[lv] * s
+    pu = a * 0.62
+    thor = lv.startswith("T")
+    for sd in (-1.0, 1.0):
+        for dw in (-0.24 * h0, 0.0, 0.2 * h0):
+            b.add(Segment(POST, W(sd * pu, bb * 0.7, dw), W(sd * pu, bb + 13.0 * s, dw), rp))
+        lam_a = W(sd * pu, bb + 14.0 * s, 0.0)
+        lam_b = W(sd * 2.0, bb + 24.0 * s, -2.0)
+        for dw in (-0.3 * h0, 0.0, 0.3 * h0):
+            b.add(Segment(POST, lam_a + R[:, 2] * dw, lam_b + R[:, 2] * dw, 3.6 * s))
+        # articular processes
+        b.add(Ellipsoid(POST, W(sd * (pu + 2.0 * s), bb + 17.0 * s, 0.55 * h0), np.array([5.0, 6.5, 8.0]) * s,
+                        R=R))
+        b.add(Ellipsoid(POST, W(sd * (pu - 1.0 * s), bb + 21.0 * s, -0.55 * h0 - 2.0),
+                        np.array([5.0, 6.0, 8.0]) * s, R=R))
+        # transverse process
         if thor:
-            sp_a, sp_b = W(0.0, bb + 24.0 * s, -2.0), W(0.0, bb + 52.0 * s, -28.0 * s)
+            tp_end = W(sd * (pu + _TP[lv] * s), bb + 25.0 * s, 2.0)
+            b.add(Segment(POST, W(sd * pu, bb + 14.0 * s, 2.0), tp_end, 5.0 * s, 4.0 * s))
         else:
-            sp_a, sp_b = W(0.0, bb + 24.0 * s, -2.0), W(0.0, bb + 52.0 * s, -6.0 * s)
-        for dw, rr in ((-6.0, 3.4), (0.0, 3.8), (6.0, 3.2)):
-            b.add(Segment(POST, sp_a + R[:, 2] * dw * s, sp_b + R[:, 2] * dw * s, rr * s))
-        # ribs (T-levels): head at the body, neck to the transverse process, shaft around the chest
-        if thor and lv in _RIB:
-            az_end, drop = _RIB[lv]
-            for sd in (-1.0, 1.0):
-                head = W(sd * (a * 0.92), bb * 0.55, 0.35 * h0)
-                tub = W(sd * (pu + _TP[lv] * s - 2.0), bb + 24.0 * s, 4.0)
-                zr = float(tub[2])
-                z_end = zr - drop * s
-                hw = min(float(np.interp(zr, zs_, half_w)), float(np.interp(z_end, zs_, half_w))) - t_sc - 14.0 * s
-                hd = min(float(np.interp(zr, zs_, depth)), float(np.interp(z_end, zs_, depth))) / 2 - t_sc - 16.0 * s
-                ycr = float(np.interp(zr, zs_, cy)) - 6.0
-                # posterior angle of the rib cage: start where the cage passes the tubercle
-                az0 = float(np.arctan2(abs(tub[0]) / hw, max((tub[1] - ycr) / hd, 0.05)))
-                azs = np.deg2rad(np.linspace(np.rad2deg(az0) + 8.0, az_end, 9))
-                frac = (azs - azs[0]) / max(azs[-1] - azs[0], 1e-6)
-                ribpts = [head, tub]
-                for az, fr in zip(azs, frac):
-                    bulge = 1.0 + 0.06 * np.sin(np.pi * fr)
-                    zi = zr - drop * s * fr ** 1.9 - 4.0 * fr
-                    # the cage follows the body outline at the rib's current height
-                    hwi = min(hw, float(np.interp(zi, zs_, half_w)) - t_sc - 14.0 * s)
-                    hdi = min(hd, float(np.interp(zi, zs_, depth)) / 2 - t_sc - 16.0 * s)
-                    yci = float(np.interp(zi, zs_, cy)) - 6.0
-                    yc_ = ycr * (1 - fr) + yci * fr
-                    ribpts.append(np.array([spine_x(zr) * (1 - fr) + sd * hwi * bulge * np.sin(az),
-                                            yc_ + hdi * bulge * np.cos(az), zi]))
-                rp_ = np.array(ribpts)
-                rr = np.full(len(rp_), 4.6 * s)
-                rr[0] = 5.5 * s
-                rr[-1] = 3.8 * s
-                if lv == "T12" and hypo_len:
-                    free = hypo_len[sd_name[sd]]
-                    if free <= 0.0:
-                        continue  # one-sided hypoplasia: no rib on this side
-                    rp_, rr = _truncate(rp_, rr, float(np.linalg.norm(tub - head)) + free)
-                    rr = rr * hypo_r
-                b.add(*b.chain(RIBC, rp_, rr))
-                b.add(*b.chain(RIBT, rp_, np.maximum(rr - rib_t, 0.5)))
-                if az_end > 120.0:  # costal cartilage toward the sternum
-                    end = rp_[-1]
-                    tip = np.array([sd * 25.0 * s, end[1] + 4.0, end[2] + 35.0])
-                    b.add(*b.chain(CART, np.array([end, tip]), 4.0 * s))
+            tp_root = W(sd * pu, bb + 13.0 * s, 0.0)
+            tp_end = W(sd * (pu + _TP[lv] * s), bb + 9.0 * s, 0.0)
+            b.add(Segment(POST, tp_root, tp_end, 4.5 * s, 3.2 * s))
+            if lv == "L1" and lrib_len.get(sd_name[sd], 0.0) > 0.0:
+                # lumbar rib: starts beyond the transverse-process tip (a pseudo-joint ~1 mm wide),
+                # runs laterally, a little down and forward; no joint with the vertebral body
+                tdir = (tp_end - tp_root) / max(float(np.linalg.norm(tp_end - tp_root)), 1e-6)
+                r_lr = 3.4 * s
+                st = tp_end + tdir * (3.2 * s + 1.0 + r_lr)
+                ldir = np.array([sd * 0.86, -0.22, -0.46])
+                ldir /= np.linalg.norm(ldir)
+                L_ = lrib_len[sd_name[sd]]
+                lpts = np.array([st, st + ldir * 0.5 * L_, st + ldir * L_ + np.array([0.0, -0.12 * L_, 0.0])])
+                b.add(*b.chain(LRC, lpts, np.array([r_lr, 3.0 * s, 2.4 * s])))
+                b.add(*b.chain(LRT, lpts, np.maximum(np.array([r_lr, 3.0 * s, 2.4 * s]) - rib_t, 0.6)))
+            if lv == "L5" and sd_name[sd] in sac_sides:
+                # sacralised L5: the transverse process widens into an ala that reaches the sacral
+                # ala and the ilium at the sacro-iliac joint (Castellvi type III on this side)
+                c_top, _, _ = at(s_sac - 9.0 * s)
+                tgt = np.array([c_top[0] + sd * (52.0 * s + 4.0), c_top[1] + 9.0 * s, c_top[2] + 8.0 * s])
+                b.add(Segment(ALA, tp_root, tgt, 8.0 * s, 10.0 * s))
+                b.add(Ellipsoid(ALA, tgt, np.array([15.0, 11.0, 9.0]) * s))
+    # spinous process: a tall plate (three stacked capsules)
+    if thor:
+        sp_a, sp_b = W(0.0, bb + 24.0 * s, -2.0), W(0.0, bb + 52.0 * s, -28.0 * s)
+    else:
+        sp_a, sp_b = W(0.0, bb + 24.0 * s, -2.0), W(0.0, bb + 52.0 * s, -6.0 * s)
+    for dw, rr in ((-6.0, 3.4), (0.0, 3.8), (6.0, 3.2)):
+        b.add(Segment(POST, sp_a + R[:, 2] * dw * s, sp_b + R[:, 2] * dw * s, rr * s))
+    ns.W, ns.pu, ns.thor = W, pu, thor
+
+
+def _ribs(ns: _Parts, lv: str) -> None:
+    """A thoracic level's ribs: head at the body, neck to the transverse process, shaft around the chest."""
+    CART, RIBC, RIBT, W, a, b, bb, cy = ns.CART, ns.RIBC, ns.RIBT, ns.W, ns.a, ns.b, ns.bb, ns.cy
+    depth, h0, half_w, hypo_len, hypo_r, pu = ns.depth, ns.h0, ns.half_w, ns.hypo_len, ns.hypo_r, ns.pu
+    rib_t, s, sd_name, spine_x, t_sc, thor = ns.rib_t, ns.s, ns.sd_name, ns.spine_x, ns.t_sc, ns.thor
+    zs_ = ns.zs_
+    # ribs (T-levels): head at the body, neck to the transverse process, shaft around the chest
+    if thor and lv in _RIB:
+        az_end, drop = _RIB[lv]
+        for sd in (-1.0, 1.0):
+            head = W(sd * (a * 0.92), bb * 0.55, 0.35 * h0)
+            tub = W(sd * (pu + _TP[lv] * s - 2.0), bb + 24.0 * s, 4.0)
+            zr = float(tub[2])
+            z_end = zr - drop * s
+            hw = min(float(np.interp(zr, zs_, half_w)), float(np.interp(z_end, zs_, half_w))) - t_sc - 14.0 * s
+            hd = min(float(np.interp(zr, zs_, depth)), float(np.interp(z_end, zs_, depth))) / 2 - t_sc - 16.0 * s
+            ycr = float(np.interp(zr, zs_, cy)) - 6.0
+            # posterior angle of the rib cage: start where the cage passes the tubercle
+            az0 = float(np.arctan2(abs(tub[0]) / hw, max((tub[1] - ycr) / hd, 0.05)))
+            azs = np.deg2rad(np.linspace(np.rad2deg(az0) + 8.0, az_end, 9))
+            frac = (azs - azs[0]) / max(azs[-1] - azs[0], 1e-6)
+            ribpts = [head, tub]
+            for az, fr in zip(azs, frac):
+                bulge = 1.0 + 0.06 * np.sin(np.pi * fr)
+                zi = zr - drop * s * fr ** 1.9 - 4.0 * fr
+                # the cage follows the body outline at the rib's current height
+                hwi = min(hw, float(np.interp(zi, zs_, half_w)) - t_sc - 14.0 * s)
+                hdi = min(hd, float(np.interp(zi, zs_, depth)) / 2 - t_sc - 16.0 * s)
+                yci = float(np.interp(zi, zs_, cy)) - 6.0
+                yc_ = ycr * (1 - fr) + yci * fr
+                ribpts.append(np.array([spine_x(zr) * (1 - fr) + sd * hwi * bulge * np.sin(az),
+                                        yc_ + hdi * bulge * np.cos(az), zi]))
+            rp_ = np.array(ribpts)
+            rr = np.full(len(rp_), 4.6 * s)
+            rr[0] = 5.5 * s
+            rr[-1] = 3.8 * s
+            if lv == "T12" and hypo_len:
+                free = hypo_len[sd_name[sd]]
+                if free <= 0.0:
+                    continue  # one-sided hypoplasia: no rib on this side
+                rp_, rr = _truncate(rp_, rr, float(np.linalg.norm(tub - head)) + free)
+                rr = rr * hypo_r
+            b.add(*b.chain(RIBC, rp_, rr))
+            b.add(*b.chain(RIBT, rp_, np.maximum(rr - rib_t, 0.5)))
+            if az_end > 120.0:  # costal cartilage toward the sternum
+                end = rp_[-1]
+                tip = np.array([sd * 25.0 * s, end[1] + 4.0, end[2] + 35.0])
+                b.add(*b.chain(CART, np.array([end, tip]), 4.0 * s))
+
+
+def _sacrum_and_pelvis(ns: _Parts) -> None:
+    """The sacrum, the pelvis' tissues, the hip joints' shared draws; then each side's ilium and femur."""
+    CSF, T, at, b, cort_ha, female, ff, rng = ns.CSF, ns.T, ns.at, ns.b, ns.cort_ha, ns.female, ns.ff, ns.rng
+    s, s_sac, trans, vbase = ns.s, ns.s_sac, ns.trans, ns.vbase
     # ---------------------------------------------------------------- sacrum and pelvis
     SAC_C = T("sacrum_cortex", {"ha": cort_ha * 0.85, "soft": 0.8}, "", {"sacrum", "pelvis", "bone"})
     SAC_T = T("sacrum_trabecular", _marrow(vbase["L5"] * 0.85 / 1000.0, ff), "marrow",
@@ -1203,90 +1374,117 @@ def build_scene(patient: Patient, z_window: tuple[float, float] | None = None) -
     rh = (23.8 if not female else 21.6) * s * rng.uniform(0.96, 1.04)
     nsa = float(np.clip(rng.normal(125.5, 5.5), 112.0, 140.0))
     version = float(np.clip(rng.normal(12.0, 7.0), -5.0, 30.0))
+    ns.PEL_C, ns.PEL_T, ns.PLATE, ns.heads, ns.necks, ns.nsa = PEL_C, PEL_T, PLATE, heads, necks, nsa
+    ns.rh, ns.sac_w, ns.version = rh, sac_w, version
     for sd, name in ((-1, "R"), (1, "L")):
-        H = np.array([sd * hx, hy, z_hip])
-        b.layer = 6
-        # iliac wing: part of an ellipsoidal shell, from the sacro-iliac joint to the ASIS
-        wc = np.array([sd * 22.0 * s, hy + 8.0 * s, z_hip + 10.0 * s])
-        wr = np.array([hx + 38.0 * s, 78.0 * s, (z_crest - z_hip) + 10.0 * s])
-        zr_w = (z_hip + 22.0, z_crest)
-        if sd < 0:  # arctan2 wraps at +-180 deg: the right wing's sector is split in two
-            b.add(Shell(PLATE, wc, wr, 7.0 * s, (float(np.deg2rad(108.0)), float(np.pi)), zr_w))
-            b.add(Shell(PLATE, wc, wr, 7.0 * s, (float(-np.pi), float(np.deg2rad(-168.0))), zr_w))
-        else:
-            b.add(Shell(PLATE, wc, wr, 7.0 * s, (float(np.deg2rad(-12.0)), float(np.deg2rad(72.0))), zr_w))
-        # posterior ilium near the SI joint and the ilium body above the acetabulum
-        si = np.array([sd * (sac_w[0] * s + 8.0), y_s1 + 12.0 * s, z_s1 - 22.0 * s])
-        b.add(Segment(PEL_C, si + np.array([0, 0, 30.0 * s]), si - np.array([0, 0, 28.0 * s]), 13.0 * s))
-        b.add(Segment(PEL_T, si + np.array([0, 0, 30.0 * s]), si - np.array([0, 0, 28.0 * s]), 10.5 * s))
-        body_pts = np.array([si - np.array([0, 0, 10.0 * s]), H + np.array([-sd * 2.0, 10.0 * s, 28.0 * s])])
-        b.add(*b.chain(PEL_C, body_pts, [14.0 * s, 20.0 * s]))
-        b.add(*b.chain(PEL_T, body_pts, [11.5 * s, 17.5 * s]))
-        # acetabulum: a cup open laterally-inferiorly (the neck leaves through the opening)
-        cup_n = np.array([sd * 0.85, 0.0, -0.55])
-        b.add(HalfSpaceCut(Ellipsoid(PEL_C, H + np.array([sd * -4.0, 3.0, 6.0]),
-                                     np.array([rh + 11.0, rh + 13.0, rh + 14.0])), H, cup_n, 0.45 * rh))
-        b.add(HalfSpaceCut(Ellipsoid(PEL_T, H + np.array([sd * -4.0, 3.0, 6.0]),
-                                     np.array([rh + 8.5, rh + 10.5, rh + 11.5])), H, cup_n, 0.45 * rh - 2.5))
-        # rami
-        sym = np.array([sd * 9.0 * s, hy - 58.0 * s, z_hip - 28.0 * s])
-        tub = np.array([sd * (hx - 30.0 * s), hy + 22.0 * s, z_hip - 58.0 * s])
-        for pts, r in ((np.array([H + np.array([-sd * 18.0, -20.0, -6.0]) * s, sym]), 9.0 * s),
-                       (np.array([sym + np.array([0, 5.0, -14.0 * s]), tub]), 7.0 * s),
-                       (np.array([H + np.array([-sd * 10.0, 22.0, -18.0]) * s, tub]), 11.0 * s)):
-            b.add(*b.chain(PEL_C, pts, r))
-            b.add(*b.chain(PEL_T, pts, r - 2.0))
-        b.layer = 7
-        b.add(Ellipsoid(JOINT, H, np.array([rh + 2.2] * 3)))
-        b.layer = 8
-        # femur
-        FC = T(f"femur_{name}_cortex", {"ha": 0.80 + 0.12 * min(vbase["femur_neck"] / 180.0, 1.2), "soft": 0.75},
-               "", {f"femur_{name}", "femur", "bone", "cortical"})
-        FN = T(f"femur_{name}_neck_trabecular", _marrow(vbase["femur_neck"] / 1000.0, ff), "marrow",
-               {f"femur_{name}", "femur", "bone", "trabecular", f"femur_{name}_neck"})
-        FT = T(f"femur_{name}_troch_trabecular", _marrow(vbase["femur_troch"] / 1000.0, ff), "marrow",
-               {f"femur_{name}", "femur", "bone", "trabecular", f"femur_{name}_troch"})
-        FM = T(f"femur_{name}_medullary", {"fat": 0.90, "soft": 0.08}, "", {f"femur_{name}", "femur", "bone"})
-        b.trab[FN] = (vbase["femur_neck"], ff)
-        b.trab[FT] = (vbase["femur_troch"], ff)
-        beta = np.deg2rad(8.0)
-        u_dist = np.array([-sd * np.sin(beta), 0.0, -np.cos(beta)])
-        ang = np.deg2rad(180.0 - nsa) - beta  # neck axis from vertical, toward medial
-        vv = np.deg2rad(version)
-        n_ax = np.array([-sd * np.sin(ang) * np.cos(vv), -np.sin(vv), np.cos(ang) * np.cos(vv)])
-        n_ax /= np.linalg.norm(n_ax)
-        Ln = 52.0 * s * rng.uniform(0.94, 1.06)
-        B = H - Ln * n_ax
-        rn = (16.0 if not female else 14.5) * s
-        tcort = p.cortical_mm
-        shaft_top = B - u_dist * 12.0
-        shaft_end = B + u_dist * 420.0
-        rs = (14.5 if not female else 13.0) * s
-        gt = B + np.array([sd * 22.0 * s, 6.0 * s, 12.0 * s])
-        lt = B + u_dist * 38.0 * s + np.array([-sd * 14.0 * s, 10.0 * s, 0.0])
-        outer = [Ellipsoid(FC, H, np.array([rh] * 3)), Segment(FC, H, B, rn * 0.95, rn * 1.1),
-                 Ellipsoid(FC, B + u_dist * 8.0, np.array([24.0, 21.0, 28.0]) * s),
-                 Ellipsoid(FC, gt, np.array([15.0, 17.0, 24.0]) * s),
-                 Ellipsoid(FC, lt, np.array([9.0, 9.0, 12.0]) * s),
-                 Segment(FC, shaft_top, B + u_dist * 60.0 * s, 20.0 * s, rs),
-                 Segment(FC, B + u_dist * 60.0 * s, shaft_end, rs, rs * 0.95)]
-        b.add(*outer)
-        # intertrochanteric / trochanteric cortex thickened like the neck's (total hip > neck)
-        b.add(Segment(FT, shaft_top, B + u_dist * 60.0 * s, 20.0 * s - 3.5 * tcort, rs - 4.0 * tcort),
-              Ellipsoid(FT, B + u_dist * 8.0, np.array([24.0, 21.0, 28.0]) * s - 2.3 * tcort),
-              Ellipsoid(FT, gt, np.array([15.0, 17.0, 24.0]) * s - 2.0 * tcort),
-              Ellipsoid(FT, lt, np.array([9.0, 9.0, 12.0]) * s - 1.8 * tcort))
-        b.add(Segment(FM, B + u_dist * 75.0 * s, shaft_end, rs - 5.5 * tcort, rs * 0.95 - 5.5 * tcort))
-        # femoral-neck cortex ~1.5 mm (inferior 2-4 mm, superior thinner): ~1.8x the vertebral shell,
-        # which puts young-adult femoral-neck aBMD near the NHANES III mean (0.858 g/cm2)
-        b.add(Segment(FN, H, B + n_ax * 8.0, rn * 0.95 - 1.7 * tcort, rn * 1.1 - 1.9 * tcort),
-              Ellipsoid(FN, H, np.array([rh - 1.4 * tcort] * 3)))
-        heads[name] = (float(H[0]), float(H[1]), float(H[2]))
-        necks[name] = {"head": H.tolist(), "base": B.tolist(), "axis": n_ax.tolist(), "radius": rn,
-                       "length": Ln, "shaft_axis": u_dist.tolist(), "neck_shaft_deg": nsa,
-                       "version_deg": version, "head_radius": rh,
-                       "greater_trochanter": gt.tolist(), "lesser_trochanter": lt.tolist()}
+        _hip_bone(ns, sd, name)
+        _femur(ns, sd, name)
 
+
+def _hip_bone(ns: _Parts, sd: int, name: str) -> None:
+    """One side's iliac wing, ilium, acetabulum, rami and hip joint space."""
+    JOINT, PEL_C, PEL_T, PLATE, b, hx, hy = ns.JOINT, ns.PEL_C, ns.PEL_T, ns.PLATE, ns.b, ns.hx, ns.hy
+    rh, s, sac_w, y_s1, z_crest, z_hip, z_s1 = ns.rh, ns.s, ns.sac_w, ns.y_s1, ns.z_crest, ns.z_hip, ns.z_s1
+    H = np.array([sd * hx, hy, z_hip])
+    b.layer = 6
+    # iliac wing: part of an ellipsoidal shell, from the sacro-iliac joint to the ASIS
+    wc = np.array([sd * 22.0 * s, hy + 8.0 * s, z_hip + 10.0 * s])
+    wr = np.array([hx + 38.0 * s, 78.0 * s, (z_crest - z_hip) + 10.0 * s])
+    zr_w = (z_hip + 22.0, z_crest)
+    if sd < 0:  # arctan2 wraps at +-180 deg: the right wing's sector is split in two
+        b.add(Shell(PLATE, wc, wr, 7.0 * s, (float(np.deg2rad(108.0)), float(np.pi)), zr_w))
+        b.add(Shell(PLATE, wc, wr, 7.0 * s, (float(-np.pi), float(np.deg2rad(-168.0))), zr_w))
+    else:
+        b.add(Shell(PLATE, wc, wr, 7.0 * s, (float(np.deg2rad(-12.0)), float(np.deg2rad(72.0))), zr_w))
+    # posterior ilium near the SI joint and the ilium body above the acetabulum
+    si = np.array([sd * (sac_w[0] * s + 8.0), y_s1 + 12.0 * s, z_s1 - 22.0 * s])
+    b.add(Segment(PEL_C, si + np.array([0, 0, 30.0 * s]), si - np.array([0, 0, 28.0 * s]), 13.0 * s))
+    b.add(Segment(PEL_T, si + np.array([0, 0, 30.0 * s]), si - np.array([0, 0, 28.0 * s]), 10.5 * s))
+    body_pts = np.array([si - np.array([0, 0, 10.0 * s]), H + np.array([-sd * 2.0, 10.0 * s, 28.0 * s])])
+    b.add(*b.chain(PEL_C, body_pts, [14.0 * s, 20.0 * s]))
+    b.add(*b.chain(PEL_T, body_pts, [11.5 * s, 17.5 * s]))
+    # acetabulum: a cup open laterally-inferiorly (the neck leaves through the opening)
+    cup_n = np.array([sd * 0.85, 0.0, -0.55])
+    b.add(HalfSpaceCut(Ellipsoid(PEL_C, H + np.array([sd * -4.0, 3.0, 6.0]),
+                                 np.array([rh + 11.0, rh + 13.0, rh + 14.0])), H, cup_n, 0.45 * rh))
+    b.add(HalfSpaceCut(Ellipsoid(PEL_T, H + np.array([sd * -4.0, 3.0, 6.0]),
+                                 np.array([rh + 8.5, rh + 10.5, rh + 11.5])), H, cup_n, 0.45 * rh - 2.5))
+    # rami
+    sym = np.array([sd * 9.0 * s, hy - 58.0 * s, z_hip - 28.0 * s])
+    tub = np.array([sd * (hx - 30.0 * s), hy + 22.0 * s, z_hip - 58.0 * s])
+    for pts, r in ((np.array([H + np.array([-sd * 18.0, -20.0, -6.0]) * s, sym]), 9.0 * s),
+                   (np.array([sym + np.array([0, 5.0, -14.0 * s]), tub]), 7.0 * s),
+                   (np.array([H + np.array([-sd * 10.0, 22.0, -18.0]) * s, tub]), 11.0 * s)):
+        b.add(*b.chain(PEL_C, pts, r))
+        b.add(*b.chain(PEL_T, pts, r - 2.0))
+    b.layer = 7
+    b.add(Ellipsoid(JOINT, H, np.array([rh + 2.2] * 3)))
+    ns.H = H
+
+
+def _femur(ns: _Parts, sd: int, name: str) -> None:
+    """One side's femur (head, neck, trochanters, shaft) and its truth."""
+    H, T, b, female, ff, heads, necks, nsa = ns.H, ns.T, ns.b, ns.female, ns.ff, ns.heads, ns.necks, ns.nsa
+    p, rh, rng, s, vbase, version = ns.p, ns.rh, ns.rng, ns.s, ns.vbase, ns.version
+    b.layer = 8
+    # femur
+    FC = T(f"femur_{name}_cortex", {"ha": 0.80 + 0.12 * min(vbase["femur_neck"] / 180.0, 1.2), "soft": 0.75},
+           "", {f"femur_{name}", "femur", "bone", "cortical"})
+    FN = T(f"femur_{name}_neck_trabecular", _marrow(vbase["femur_neck"] / 1000.0, ff), "marrow",
+           {f"femur_{name}", "femur", "bone", "trabecular", f"femur_{name}_neck"})
+    FT = T(f"femur_{name}_troch_trabecular", _marrow(vbase["femur_troch"] / 1000.0, ff), "marrow",
+           {f"femur_{name}", "femur", "bone", "trabecular", f"femur_{name}_troch"})
+    FM = T(f"femur_{name}_medullary", {"fat": 0.90, "soft": 0.08}, "", {f"femur_{name}", "femur", "bone"})
+    b.trab[FN] = (vbase["femur_neck"], ff)
+    b.trab[FT] = (vbase["femur_troch"], ff)
+    beta = np.deg2rad(8.0)
+    u_dist = np.array([-sd * np.sin(beta), 0.0, -np.cos(beta)])
+    ang = np.deg2rad(180.0 - nsa) - beta  # neck axis from vertical, toward medial
+    vv = np.deg2rad(version)
+    n_ax = np.array([-sd * np.sin(ang) * np.cos(vv), -np.sin(vv), np.cos(ang) * np.cos(vv)])
+    n_ax /= np.linalg.norm(n_ax)
+    Ln = 52.0 * s * rng.uniform(0.94, 1.06)
+    B = H - Ln * n_ax
+    rn = (16.0 if not female else 14.5) * s
+    tcort = p.cortical_mm
+    shaft_top = B - u_dist * 12.0
+    shaft_end = B + u_dist * 420.0
+    rs = (14.5 if not female else 13.0) * s
+    gt = B + np.array([sd * 22.0 * s, 6.0 * s, 12.0 * s])
+    lt = B + u_dist * 38.0 * s + np.array([-sd * 14.0 * s, 10.0 * s, 0.0])
+    outer = [Ellipsoid(FC, H, np.array([rh] * 3)), Segment(FC, H, B, rn * 0.95, rn * 1.1),
+             Ellipsoid(FC, B + u_dist * 8.0, np.array([24.0, 21.0, 28.0]) * s),
+             Ellipsoid(FC, gt, np.array([15.0, 17.0, 24.0]) * s),
+             Ellipsoid(FC, lt, np.array([9.0, 9.0, 12.0]) * s),
+             Segment(FC, shaft_top, B + u_dist * 60.0 * s, 20.0 * s, rs),
+             Segment(FC, B + u_dist * 60.0 * s, shaft_end, rs, rs * 0.95)]
+    b.add(*outer)
+    # intertrochanteric / trochanteric cortex thickened like the neck's (total hip > neck)
+    b.add(Segment(FT, shaft_top, B + u_dist * 60.0 * s, 20.0 * s - 3.5 * tcort, rs - 4.0 * tcort),
+          Ellipsoid(FT, B + u_dist * 8.0, np.array([24.0, 21.0, 28.0]) * s - 2.3 * tcort),
+          Ellipsoid(FT, gt, np.array([15.0, 17.0, 24.0]) * s - 2.0 * tcort),
+          Ellipsoid(FT, lt, np.array([9.0, 9.0, 12.0]) * s - 1.8 * tcort))
+    b.add(Segment(FM, B + u_dist * 75.0 * s, shaft_end, rs - 5.5 * tcort, rs * 0.95 - 5.5 * tcort))
+    # femoral-neck cortex ~1.5 mm (inferior 2-4 mm, superior thinner): ~1.8x the vertebral shell,
+    # which puts young-adult femoral-neck aBMD near the NHANES III mean (0.858 g/cm2)
+    b.add(Segment(FN, H, B + n_ax * 8.0, rn * 0.95 - 1.7 * tcort, rn * 1.1 - 1.9 * tcort),
+          Ellipsoid(FN, H, np.array([rh - 1.4 * tcort] * 3)))
+    heads[name] = (float(H[0]), float(H[1]), float(H[2]))
+    necks[name] = {"head": H.tolist(), "base": B.tolist(), "axis": n_ax.tolist(), "radius": rn,
+                   "length": Ln, "shaft_axis": u_dist.tolist(), "neck_shaft_deg": nsa,
+                   "version_deg": version, "head_radius": rh,
+                   "greater_trochanter": gt.tolist(), "lesser_trochanter": lt.tolist()}
+
+
+def _finish(ns: _Parts) -> Scene:
+    """Skeleton scaling, texture waves, the couch, and the Scene with its truth and variants."""
+    TABLE_FOAM, TABLE_SHELL, arm_r, at, b, back = ns.TABLE_FOAM, ns.TABLE_SHELL, ns.arm_r, ns.at, ns.b, ns.back
+    body_bounds_z, cy, depth, ff, half_w, heads = ns.body_bounds_z, ns.cy, ns.depth, ns.ff, ns.half_w, ns.heads
+    kid_truth, lrib_len, necks, p, r_th, rng = ns.kid_truth, ns.lrib_len, ns.necks, ns.p, ns.r_th, ns.rng
+    s_sac, sac_sides, t_sc, trans, variants = ns.s_sac, ns.sac_sides, ns.t_sc, ns.trans, ns.variants
+    verts, x_th, y_table, yc_l1, z_bot, z_crest = ns.verts, ns.x_th, ns.y_table, ns.yc_l1, ns.z_bot, ns.z_crest
+    z_crotch, z_hip, z_s1, z_top, zd_l, zd_r = ns.z_crotch, ns.z_hip, ns.z_s1, ns.z_top, ns.zd_l, ns.zd_r
+    zs_ = ns.zs_
     # ---------------------------------------------------------------- skeleton attenuation intervention
     k_sk = float(p.skeleton_scale)
     if k_sk != 1.0:
