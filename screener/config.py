@@ -84,6 +84,9 @@ class Config:
     seg_output : bool
         Also write a DICOM SEG of the measured ROIs on their CT slices
         (:mod:`screener.reporting.seg`) beside the SR and the overlays; default on.
+    pmap_output : bool
+        Also write each explanation map a protocol made on CT slices (l1_axial's Grad-RAMP) as a
+        DICOM Parametric Map (:mod:`screener.reporting.pmap`); default on.
     """
 
     data_dir: Path = Path("screener-data")
@@ -114,6 +117,7 @@ class Config:
     health_host: str = "127.0.0.1"
     health_port: int = 0
     seg_output: bool = True
+    pmap_output: bool = True
 
     @property
     def db_path(self) -> Path:

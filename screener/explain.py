@@ -30,12 +30,15 @@ dropout); each model's previous mode is restored afterwards.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from screener.domain import Volume
 
 __all__ = [
     "fuse_overlay",
@@ -43,6 +46,7 @@ __all__ = [
     "grad_ram",
     "grad_ramp",
     "jet_colormap",
+    "map_onto_slice",
     "vanilla_gradient",
 ]
 
@@ -380,3 +384,46 @@ def fuse_overlay(
     g = np.nan_to_num(g)
     rgb = (1.0 - alpha) * g[..., None] + alpha * jet_colormap(np.nan_to_num(heat))
     return np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def map_onto_slice(values: np.ndarray, origin: Sequence[float], u: Sequence[float], v: Sequence[float],
+                   spacing: tuple[float, float], volume: "Volume", k: int) -> np.ndarray:
+    """A map made on an oblique or cropped plane, resampled onto slice ``k``'s pixel grid.
+
+    The plane is the one :func:`screener.preprocess.sampling.plane_points` describes: pixel
+    ``[j, i]`` of ``values`` has its centre at ``origin + i * spacing[1] * u + j * spacing[0] * v``
+    (patient mm; ``u`` and ``v`` orthonormal).  Each pixel centre of slice ``k`` is projected onto
+    that plane and the map read there (bilinear); pixels outside the plane's square get 0.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        ``(H, W)`` map, e.g. a network input's Grad-RAMP.
+    origin, u, v : sequence of float
+        The plane's first pixel centre and its column (``u``) and row (``v``) directions.
+    spacing : tuple of float
+        ``(row, column)`` pixel spacing of the plane (mm).
+    volume : screener.domain.Volume
+    k : int
+        Slice of ``volume`` to resample onto.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32 (rows, columns)`` of slice ``k``.
+    """
+    from scipy import ndimage
+
+    rows, cols = volume.array.shape[1:]
+    dk, dj, di = volume.spacing
+    direction = np.asarray(volume.direction, dtype=np.float64)
+    jj, ii = np.mgrid[0:rows, 0:cols].astype(np.float64)
+    # patient position of every pixel centre of slice k, relative to the plane's origin
+    start = np.asarray(volume.origin, dtype=np.float64) + direction[:, 2] * (k * dk) \
+        - np.asarray(origin, dtype=np.float64)
+    rel = start[None, None, :] + (ii * di)[..., None] * direction[:, 0] + (jj * dj)[..., None] * direction[:, 1]
+    col = rel @ np.asarray(u, dtype=np.float64) / float(spacing[1])
+    row = rel @ np.asarray(v, dtype=np.float64) / float(spacing[0])
+    out = ndimage.map_coordinates(np.asarray(values, dtype=np.float32), [row, col], order=1,
+                                  mode="constant", cval=0.0, prefilter=False)
+    return out.astype(np.float32)

@@ -138,6 +138,37 @@ class RoiGeometry:
 
 
 @dataclass
+class ImageLayer:
+    """A per-pixel layer a protocol made on source slices: a mask (a segmented structure, e.g. the
+    vertebral body it outlined) or a map (an explanation map, values in [0, 1]).
+
+    The SEG writer (:mod:`screener.reporting.seg`) adds each mask as a segment beside the ROIs; the
+    Parametric Map writer (:mod:`screener.reporting.pmap`) writes the maps.  Layers are kept in
+    memory only: they are not part of :meth:`Finding.to_record`.
+
+    Attributes
+    ----------
+    kind : str
+        ``"mask"`` (boolean planes) or ``"map"`` (``float32`` planes in [0, 1]).
+    label : str
+        What it shows, e.g. ``"L1 vertebral body"`` or ``"Grad-RAMP"``.
+    planes : dict of str to numpy.ndarray
+        Source SOP Instance UID -> ``(rows, columns)`` plane on that image's pixel grid.
+    method : str
+        How it was made (the algorithm and its reference), for the object's description.
+    """
+
+    kind: str
+    label: str
+    planes: dict[str, np.ndarray]
+    method: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("mask", "map"):
+            raise ValueError(f"ImageLayer kind must be 'mask' or 'map', not {self.kind!r}")
+
+
+@dataclass
 class Finding:
     """A protocol's result for one anatomical site.
 
@@ -167,6 +198,8 @@ class Finding:
         All source images the measurement used (ROI slice first).
     overlay : numpy.ndarray, optional
         ``uint8 (rows, cols, 3)`` RGB image for a secondary capture.
+    layers : list of ImageLayer
+        Masks and explanation maps on source slices (for the SEG and the Parametric Map).
     details : dict
         JSON-able extras (per-slice values, ROI radius, localizer confidence).
     """
@@ -186,6 +219,7 @@ class Finding:
     referenced_sop_instance_uids: list[str] = field(default_factory=list)
     overlay: np.ndarray | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    layers: list[ImageLayer] = field(default_factory=list, repr=False, compare=False)
 
     def measurement(self, name: str) -> Measurement:
         """Return the measurement called ``name``.

@@ -36,13 +36,15 @@ log = structlog.get_logger(__name__)
 SR_SERIES_NUMBER = 901
 SC_SERIES_NUMBER = 902
 SEG_SERIES_NUMBER = 903
+PMAP_SERIES_NUMBER = 904
+LAYER_SEG_SERIES_NUMBER = 905
 
 
 @dataclass
 class OutputObject:
     """A DICOM object the pipeline wrote (to be recorded and exported)."""
 
-    kind: str  # "SR" | "SC" | "SEG"
+    kind: str  # "SR" | "SC" | "SEG" | "PMAP"
     path: Path
     sop_instance_uid: str
     sop_class_uid: str
@@ -147,7 +149,7 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
     try:
         outputs = _write_outputs(findings, _source_headers(volume, info), info.series_uid,
                                  Path(out_dir), supersedes, decisions=dl, result=result,
-                                 seg=config.seg_output)
+                                 seg=config.seg_output, pmap=config.pmap_output)
     except Exception as exc:  # noqa: BLE001
         log.error("report writing failed", series_uid=info.series_uid,
                   error=f"{type(exc).__name__}: {exc}")
@@ -241,7 +243,8 @@ def _source_headers(volume: "Volume | None", info: SeriesInfo) -> list[pydicom.D
 def _write_outputs(findings: list[Finding], sources: list[pydicom.Dataset], series_uid: str,
                    out_dir: Path, supersedes: str | Path | None, *,
                    decisions: list[tuple[str, bool, str]] | None = None,
-                   result: "StudyResult | None" = None, seg: bool = True) -> list[OutputObject]:
+                   result: "StudyResult | None" = None, seg: bool = True,
+                   pmap: bool = True) -> list[OutputObject]:
     from screener.reporting.sc import SC_SOP_CLASS, build_sc, write_sc
     from screener.reporting.sr import COMPREHENSIVE_SR, build_sr, write_sr
 
@@ -270,25 +273,54 @@ def _write_outputs(findings: list[Finding], sources: list[pydicom.Dataset], seri
                                     SC_SOP_CLASS))
     if seg:
         outputs += _write_seg(findings, sources, series_uid, out_dir, instance_number)
+    if pmap:
+        outputs += _write_pmaps(findings, by_uid, series_uid, out_dir, instance_number)
     return outputs
 
 
 def _write_seg(findings: list[Finding], sources: list[pydicom.Dataset], series_uid: str, out_dir: Path,
                instance_number: int) -> list[OutputObject]:
-    """The ROI SEG of a CT series' findings (:func:`screener.reporting.seg.build_seg`), if any has a
-    region on a CT slice. A SEG that cannot be built is logged and left out: the SR (the
-    result) and the overlays stand without it."""
+    """The SEGs of a CT series' findings (:func:`screener.reporting.seg.build_seg`): the measured
+    ROIs, and the outlined structures with the explanation maps' top deciles, each if there is
+    anything to put in it. A SEG that cannot be built is logged and left out: the SR (the result)
+    and the overlays stand without it."""
     from screener.reporting.sc import write_private
     from screener.reporting.seg import build_seg
 
     if not any(str(ds.get("Modality", "")).upper() == "CT" for ds in sources[:1]):
         return []
-    try:
-        seg = build_seg(findings, sources, series_uid=output_series_uid(series_uid, "SEG"),
-                        series_number=SEG_SERIES_NUMBER, instance_number=instance_number)
-    except Exception as exc:  # noqa: BLE001 - the report is written; the SEG is an extra
-        log.warning("ROI SEG not written", series_uid=series_uid, error=f"{type(exc).__name__}: {exc}")
-        return []
-    if seg is None:
-        return []
-    return [OutputObject("SEG", write_private(seg, out_dir), str(seg.SOPInstanceUID), str(seg.SOPClassUID))]
+    out: list[OutputObject] = []
+    for content, kind, number in (("rois", "SEG", SEG_SERIES_NUMBER), ("layers", "SEG", LAYER_SEG_SERIES_NUMBER)):
+        try:
+            seg = build_seg(findings, sources, content=content,
+                            series_uid=output_series_uid(series_uid, "SEG" if content == "rois" else "SEG-layers"),
+                            series_number=number, instance_number=instance_number)
+        except Exception as exc:  # noqa: BLE001 - the report is written; the SEG is an extra
+            log.warning("SEG not written", series_uid=series_uid, content=content,
+                        error=f"{type(exc).__name__}: {exc}")
+            continue
+        if seg is not None:
+            out.append(OutputObject(kind, write_private(seg, out_dir), str(seg.SOPInstanceUID), str(seg.SOPClassUID)))
+    return out
+
+
+def _write_pmaps(findings: list[Finding], by_uid: dict[str, pydicom.Dataset], series_uid: str,
+                 out_dir: Path, instance_number: int) -> list[OutputObject]:
+    """A Parametric Map of each explanation map on CT slices (:func:`screener.reporting.pmap.build_pmap`).
+    One that cannot be built is logged and left out, as the SEG."""
+    from screener.reporting.pmap import build_pmap, pmap_layers
+    from screener.reporting.sc import write_private
+
+    out: list[OutputObject] = []
+    layers = pmap_layers(findings, by_uid)
+    for n, (finding, layer) in enumerate(layers, start=1):
+        try:
+            pm = build_pmap(finding, layer, [by_uid[u] for u in layer.planes],
+                            series_uid=output_series_uid(series_uid, "PMAP"), series_number=PMAP_SERIES_NUMBER,
+                            instance_number=(instance_number - 1) * len(layers) + n)
+        except Exception as exc:  # noqa: BLE001 - the report is written; the map is an extra
+            log.warning("explanation Parametric Map not written", series_uid=series_uid, protocol=finding.protocol,
+                        error=f"{type(exc).__name__}: {exc}")
+            continue
+        out.append(OutputObject("PMAP", write_private(pm, out_dir), str(pm.SOPInstanceUID), str(pm.SOPClassUID)))
+    return out

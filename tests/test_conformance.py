@@ -81,18 +81,19 @@ def test_scp_sop_classes_and_transfer_syntaxes_are_exactly_those_accepted(tables
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
-    """The SR and SC of a real pipeline run (l1_attenuation on a small synthetic CT)."""
+    """Every kind of object a real pipeline run writes: l1_attenuation on a small synthetic CT, with
+    an explanation map added to its finding (as l1_axial's Grad-RAMP) for the Parametric Map."""
     from screener.config import Config
     from screener.pipeline import process_series
-    from screener.protocols.l1_attenuation import L1AttenuationProtocol
     from tests.ct_factory import make_ct_series
+    from tests.test_pmap import WithMap
 
     root = tmp_path_factory.mktemp("conformance")
     ct = make_ct_series(root / "in", l1_hu=97.0, noise_sd=8.0, seed=11, rows=160, cols=160,
                         pixel_spacing=1.2, n_slices=30, z_start=-36.0)
     res = process_series(ct.paths, config=Config(), out_dir=root / "job",
-                         protocols=[L1AttenuationProtocol(localizer=ct.fake_localizer())])
-    assert res.status == "done" and [o.kind for o in res.outputs] == ["SR", "SC", "SEG"]
+                         protocols=[WithMap(localizer=ct.fake_localizer())])
+    assert res.status == "done" and [o.kind for o in res.outputs] == ["SR", "SC", "SEG", "SEG", "PMAP"]
     return list(res.outputs)
 
 

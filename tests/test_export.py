@@ -293,13 +293,13 @@ def test_real_pipeline_sr_and_sc_reach_orthanc_and_late_instances_supersede(
         early, late = files[:-4], files[-4:]     # the series arrives in two pieces
         assert storescu(d.port, early).returncode == 0
         db = d.db()
-        wait_for(lambda: len(db.exports("sent")) == 3, 120, what="first SR + SC + SEG in Orthanc")
+        wait_for(lambda: len(db.exports("sent")) == 4, 120, what="first SR + SC + 2 SEGs in Orthanc")
         [j1] = db.jobs()
         assert (j1["status"], j1["n_instances"]) == ("done", len(early))
         first = {r["kind"]: r for r in db.iter_table("results")}
         assert set(first) == {"SR", "SC", "SEG"}
         assert storescu(d.port, late).returncode == 0
-        wait_for(lambda: len(db.exports("sent")) == 6, 120, what="second SR + SC + SEG in Orthanc")
+        wait_for(lambda: len(db.exports("sent")) == 8, 120, what="second SR + SC + 2 SEGs in Orthanc")
         j2 = db.jobs()[-1]
         assert (j2["status"], j2["n_instances"]) == ("done", len(files))
         sr2 = db.latest_sr(j2["series_uid"])

@@ -98,7 +98,13 @@ def test_ct_study_gets_one_sr_with_every_ct_protocol_and_one_overlay_each(tmp_pa
         assert {("lumbar_sagittal", s) for s in ("L1", "L2", "L3", "L4")} <= set(by)
         results = _results(db, series_uid)
         kinds = sorted(r["kind"] for r in results)
-        assert kinds == ["SC"] * len(CT_PROTOCOLS) + ["SEG", "SR"], kinds
+        # issue 20 item 2: the ROIs as a SEG, the L1 body and the Grad-RAMP top decile as another;
+        # l1_axial's Grad-RAMP as a Parametric Map
+        assert kinds == ["PMAP"] + ["SC"] * len(CT_PROTOCOLS) + ["SEG", "SEG", "SR"], kinds
+        [pm] = [pydicom.dcmread(r["path"]) for r in results if r["kind"] == "PMAP"]
+        assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and pm.StudyInstanceUID == l1["study_uid"]
+        assert "screener l1_axial model bundle l1_axial" in [e.get("ManufacturerModelName")
+                                                             for e in pm.ContributingEquipmentSequence]
         sr_path = [r["path"] for r in results if r["kind"] == "SR"][0]
         text = subprocess.run([require_tool("dsr2html"), sr_path], capture_output=True,
                               text=True).stdout

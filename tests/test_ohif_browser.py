@@ -10,9 +10,10 @@ OHIF's built viewer (``npm pack @ohif/app@3.13.2``, ``package/dist``; ``.ci/run`
 opens each study, double-clicks the SR, and steps through its measurement groups with OHIF's own
 arrows.  For every group the test asserts, from the page and cornerstone's state, that the
 viewport shows the group's referenced image, that the group's graphic is drawn there with its
-values as the label; it opens the CT's ROI SEG (:func:`screener.reporting.seg.build_seg`, issue 20
-item 2) and checks OHIF loaded every segment; and -- at the end -- that the browser console logged
-no error.
+values as the label; it opens the CT's SEG (:func:`screener.reporting.seg.build_seg`, issue 20
+item 2: the ROIs; and the outlines -- the L1 trabecular body, the top decile of l1_axial's Grad-RAMP)
+and checks OHIF loaded every segment and listed the Parametric Map of the Grad-RAMP; and -- at the end -- that the
+browser console logged no error.
 
 Screenshots of every group go to ``artifacts/ohif/`` (ignored by git; override with
 ``SCREENER_ARTIFACTS``); the path is printed.
@@ -32,7 +33,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from screener.reporting.seg import SEG_SERIES_DESCRIPTION
+from screener.reporting.seg import LAYER_SEG_SERIES_DESCRIPTION, SEG_SERIES_DESCRIPTION
 from screener.reporting.sr import REFORMAT_PROTOCOLS
 from tests.conftest import ROOT, free_port, require_tool
 from tests.daemon_helpers import Orthanc
@@ -185,8 +186,9 @@ def _process(tmp: Path) -> dict[str, Any]:
     for res in (ct_res, hip_res):
         assert res.status == "done", res.reason
     # the CT's ROIs as a DICOM SEG (issue 20 item 2): one of the pipeline's outputs (seg_output)
-    [seg_path] = [o.path for o in ct_res.outputs if o.kind == "SEG"]
-    assert not [o for o in hip_res.outputs if o.kind == "SEG"]  # a radiograph has no SEG
+    seg_path, _ = [o.path for o in ct_res.outputs if o.kind == "SEG"]  # the ROIs', the outlines'
+    assert [o.kind for o in ct_res.outputs].count("PMAP") == 1  # l1_axial's Grad-RAMP
+    assert not [o for o in hip_res.outputs if o.kind in ("SEG", "PMAP")]  # a radiograph has neither
     for path in [*(o.path for o in ct_res.outputs), *(o.path for o in hip_res.outputs)]:
         assert_valid_dicom(Path(path))
     return {"ct": (ct, ct_res), "hip": ([rx["hip"]], hip_res), "seg": seg_path}
@@ -359,30 +361,70 @@ return segs.map(s => ({label: s.label, segments: Object.values(s.segments || {})
 """
 
 
-def check_seg(driver: Any, origin: str, files: list[Path], res: Any) -> None:
-    """Open the study's SEG (OHIF asks whether to load it: yes) and check its segments are loaded:
-    one per planar ROI of the CT's findings; screenshot."""
+def _open_seg(driver: Any, origin: str, study_uid: str, description: str) -> list[dict]:
+    """Open one of the study's SEGs (OHIF asks whether to load it: yes); the segmentations OHIF
+    then holds, with their segments' labels."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    open_sr(driver, origin, study_uid, SEG_SERIES_DESCRIPTION)
+    open_sr(driver, origin, study_uid, description)
     yes = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-cy='yes-hydrate-btn']"), 60,
                 "OHIF's 'open this Segmentation?' prompt")
     ActionChains(driver).move_to_element(yes[0]).click().perform()
-    want = [f"{f.site} ROI ({f.protocol})" for f in res.findings
-            if f.roi is not None and f.protocol not in REFORMAT_PROTOCOLS]
-    got = _wait(driver, lambda d: (d.execute_script(_SEGMENTS_JS) or None), 60, "the SEG's segments loaded")
-    assert [g["segments"] for g in got] == [want], got
-    # the screenshot on the L1 ROI's slice (the first segment)
-    first = next(f for f in res.findings if f.roi is not None and f.protocol not in REFORMAT_PROTOCOLS)
-    assert first.roi is not None
+    return _wait(driver, lambda d: (d.execute_script(_SEGMENTS_JS) or None), 60, f"the segments of {description!r}")
+
+
+def _show_slice(driver: Any, sop_instance_uid: str, screenshot: str) -> None:
     driver.execute_script("""
       const vp = window.cornerstone.getEnabledElements()[0].viewport;
       const i = vp.getImageIds().findIndex(id => id.includes('/instances/' + arguments[0] + '/'));
-      if (i >= 0) { vp.setImageIdIndex(i); }""", first.roi.source_sop_instance_uid)
+      if (i >= 0) { vp.setImageIdIndex(i); }""", sop_instance_uid)
     time.sleep(2)
-    driver.save_screenshot(str(ARTIFACTS / "ct-seg.png"))
+    driver.save_screenshot(str(ARTIFACTS / screenshot))
+
+
+_LABELMAP_JS = """
+const cs = window.cornerstone, out = {};
+for (const s of window.services.segmentationService.getSegmentations()) {
+  for (const id of ((s.representationData.Labelmap || {}).imageIds || [])) {
+    const img = cs.cache.getImage(id);
+    if (!img) { continue; }
+    for (const p of img.getPixelData()) { if (p) { out[p] = (out[p] || 0) + 1; } }
+  }
+}
+return out;
+"""
+
+
+def check_seg(driver: Any, origin: str, files: list[Path], res: Any) -> None:
+    """Open the study's two SEGs and check OHIF loaded every segment with its pixels: the ROIs
+    (one per planar ROI of the CT's findings), then the outlines (the L1 trabecular body, the top
+    decile of l1_axial's Grad-RAMP); screenshots on the L1 ROI's and the Grad-RAMP's slices."""
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    got = _open_seg(driver, origin, study_uid, SEG_SERIES_DESCRIPTION)
+    want = [f"{f.site} ROI ({f.protocol})" for f in res.findings
+            if f.roi is not None and f.protocol not in REFORMAT_PROTOCOLS]
+    assert [g["segments"] for g in got] == [want], got
+    first = next(f for f in res.findings if f.roi is not None and f.protocol not in REFORMAT_PROTOCOLS)
+    _show_slice(driver, first.roi.source_sop_instance_uid, "ct-seg.png")
+    # the outlines: the body l1_attenuation outlined and where l1_axial's estimate depended most
+    got = _open_seg(driver, origin, study_uid, LAYER_SEG_SERIES_DESCRIPTION)
+    want = [f"{layer.label}{' top decile' if layer.kind == 'map' else ''} ({f.protocol})"
+            for f in res.findings for layer in f.layers]
+    assert want == ["L1 trabecular body (l1_attenuation)", "Grad-RAMP top decile (l1_axial)"], want
+    assert [g["segments"] for g in got] == [want], got
+    # every segment has its pixels in OHIF's labelmap (a viewer that merges overlapping segments
+    # into one labelmap drops some: hence the ROIs and the outlines are two SEGs)
+    counts = _wait(driver, lambda d: (lambda c: c if len(c) == len(want) else None)(
+        d.execute_script(_LABELMAP_JS) or {}), 60, "every outline segment in OHIF's labelmap")
+    assert sorted(int(k) for k in counts) == list(range(1, len(want) + 1)), counts
+    axial = next(f for f in res.findings if f.protocol == "l1_axial")
+    _show_slice(driver, next(iter(axial.layers[0].planes)), "ct-seg-gradramp.png")
+    # the Parametric Map of the Grad-RAMP is in the study, recognised as one (OHIF's loader of it
+    # needs a frame for every slice of the series: ours has the L1 slice only, so it is not opened)
+    sops = driver.execute_script("return window.services.displaySetService.getActiveDisplaySets()"
+                                 ".map(ds => ds.SOPClassUID)")
+    assert "1.2.840.10008.5.1.4.1.1.30" in sops, sops
 
 
 def test_ohif_draws_every_group_on_its_image_with_its_values(viewer: dict[str, Any]) -> None:

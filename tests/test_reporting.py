@@ -65,7 +65,7 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineResult,
 def test_pipeline_writes_sr_and_sc(first_run) -> None:  # noqa: ANN001
     res, ct, root = first_run
     assert res.status == "done" and res.reason == ""
-    assert [o.kind for o in res.outputs] == ["SR", "SC", "SEG"]  # the ROI SEG: seg_output is on by default
+    assert [o.kind for o in res.outputs] == ["SR", "SC", "SEG", "SEG"]  # ROIs, outlines: seg_output is on by default
     for o in res.outputs:
         assert isinstance(o, OutputObject) and o.path.parent == root / "job-1"
         assert o.path.name == f"{o.sop_instance_uid}.dcm" and o.supersedes == ""
@@ -315,6 +315,23 @@ def test_seg_of_the_l1_roi_references_its_slice_and_round_trips(first_run, tmp_p
     # the polygon is the outline of the measured pixels: the mask's area is the ROI's area
     px = float(src.PixelSpacing[0]) * float(src.PixelSpacing[1])
     assert mask.sum() * px == pytest.approx(finding.roi.area_mm2, rel=0.15)
+    # the second SEG: the L1 trabecular body the protocol outlined, on every slice it walked
+    outlines = build_seg(res.findings, headers, content="layers")
+    assert outlines is not None
+    outlines.save_as(tmp_path / "outlines.dcm")
+    assert_valid_dicom(tmp_path / "outlines.dcm")
+    (body_desc,) = outlines.SegmentSequence
+    assert body_desc.SegmentLabel == "L1 trabecular body (l1_attenuation)"
+    assert body_desc.SegmentedPropertyTypeCodeSequence[0].CodeValue == pcodes.SCT.L1Vertebra.value
+    [body] = finding.layers
+    refs = {i.ReferencedSOPInstanceUID for s in outlines.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    assert refs == set(body.planes) and finding.roi.source_sop_instance_uid in refs and len(refs) >= 5
+    for uid, plane in body.planes.items():
+        got = outlines.get_pixels_by_source_instance([uid], segment_numbers=[1])[0, :, :, 0].astype(bool)
+        np.testing.assert_array_equal(got, plane)
+    # the ROI lies inside the trabecular body (its margin from the cortex), which is larger
+    in_body = body.planes[finding.roi.source_sop_instance_uid]
+    assert (mask & in_body).sum() >= 0.95 * mask.sum() and in_body.sum() > 1.3 * mask.sum()
     # nothing to segment: no SEG
     assert build_seg([Finding("x", "1", "L1", [])], headers) is None
 
@@ -325,8 +342,8 @@ def test_the_roi_seg_is_switchable_and_marks_the_measured_pixels(first_run, tmp_
     from screener.reporting.seg import roi_mask
 
     res, ct, _ = first_run
-    [seg_out] = [o for o in res.outputs if o.kind == "SEG"]
-    seg = pydicom.dcmread(seg_out.path)
+    roi_out, outlines_out = [o for o in res.outputs if o.kind == "SEG"]
+    seg = pydicom.dcmread(roi_out.path)
     [finding] = res.findings
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.StudyInstanceUID == finding.study_uid
     assert seg.SegmentSequence[0].SegmentLabel == "L1 ROI (l1_attenuation)"
@@ -334,6 +351,9 @@ def test_the_roi_seg_is_switchable_and_marks_the_measured_pixels(first_run, tmp_
                                == finding.roi.source_sop_instance_uid), stop_before_pixels=True)
     want = roi_mask(finding.roi.polygon, int(src.Rows), int(src.Columns))
     assert np.array_equal(seg.pixel_array.astype(bool), want) and want.sum() > 100
+    outlines = pydicom.dcmread(outlines_out.path)
+    assert [d.SegmentLabel for d in outlines.SegmentSequence] == ["L1 trabecular body (l1_attenuation)"]
+    assert outlines.SeriesNumber == 905 and seg.SeriesNumber == 903
     res2 = process_series(ct.paths, config=Config(seg_output=False), out_dir=tmp_path / "no-seg",
                           protocols=[L1AttenuationProtocol(localizer=ct.fake_localizer())])
     assert [o.kind for o in res2.outputs] == ["SR", "SC"]

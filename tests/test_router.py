@@ -153,4 +153,4 @@ def test_a_crashing_protocol_fails_the_job_only_when_nothing_else_succeeds(tmp_p
                          protocols=[CrashingCT(), L1AttenuationProtocol(localizer=ct.fake_localizer())])
     assert res.status == "done" and res.reason == "crashing_ct: RuntimeError: bug on 24 slices"
     assert [d[:2] for d in res.decisions] == [("crashing_ct", False), ("l1_attenuation", True)]
-    assert [o.kind for o in res.outputs] == ["SR", "SC", "SEG"]
+    assert [o.kind for o in res.outputs] == ["SR", "SC", "SEG", "SEG"]

@@ -52,7 +52,7 @@ import structlog
 
 from screener import contrast, vertebral_body
 from screener.domain import SpineLocalization, Volume
-from screener.findings import Finding, Measurement, RoiGeometry
+from screener.findings import Finding, ImageLayer, Measurement, RoiGeometry
 from screener.protocols.base import Decision, Protocol, ProtocolContext, ProtocolDeclined, \
     axial_ct_decision
 from screener.reporting import codes
@@ -208,6 +208,7 @@ class L1AttenuationProtocol(Protocol):
                                 "focal outliers excluded"},
         )
         finding.overlay = self._overlay(volume, k_mid, polygon, finding, mean_hu, sd_hu, cat_hu)
+        finding.layers.append(_body_layer(volume, seg))
         log.info("l1 measured", series_uid=info.series_uid, mean_hu=round(mean_hu, 1),
                  category=category, slices=len(per_slice), roi_mm2=round(area_mm2))
         return [finding]
@@ -311,6 +312,21 @@ def _categorised(volume: Volume, loc: SpineLocalization, context: ProtocolContex
     flags.append(f"vBMD is an estimate: {1 / slope:.2f} mg/cm3 per {source} (hydroxyapatite, "
                  f"kVp {kvp_txt}), not a calibrated QCT measurement")
     return cat_hu, ca, qualifier, slope
+
+
+def _body_layer(volume: Volume, seg: Any) -> ImageLayer:
+    """The outlined L1 trabecular body (inside the cortex) on each slice the outline walked, on the
+    slices' pixel grid: a mask layer for the SEG (:mod:`screener.reporting.seg`)."""
+    rs, cs = seg.crop
+    planes: dict[str, np.ndarray] = {}
+    for k in sorted(seg.masks):
+        full = np.zeros(volume.array.shape[1:], dtype=bool)
+        full[rs, cs] = seg.masks[k]
+        if full.any():
+            planes[volume.sop_instance_uid(k)] = full
+    return ImageLayer("mask", "L1 trabecular body", planes,
+                      method="the body enclosed by cortex, followed from the localizer's L1 centroid "
+                             "(screener.vertebral_body.segment_body)")
 
 
 def _per_slice(volume: Volume, tr: Any, rs: slice, cs: slice) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ import numpy as np
 import structlog
 
 from screener.domain import Volume
-from screener.findings import Finding, RoiGeometry
+from screener.findings import Finding, ImageLayer, RoiGeometry
 from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined, axial_ct_decision
 from screener.protocols.model import ModelProtocol, model_details, nearest_slice, spine_localization
 from screener.series import SeriesInfo, frame_number
@@ -182,11 +182,24 @@ class L1AxialProtocol(ModelProtocol):
                 [roi.source_sop_instance_uid] + [d["sop_instance_uid"] for d in details["bmd_per_slice"]])),
             details=details)
         finding.overlay = _overlay(volume, info, ramp, fov, bmd, t, grade, len(bundle.models))
+        finding.layers.append(_map_layer(volume, info, ramp, k_src, bundle.bundle_id, len(bundle.models)))
         t4 = time.perf_counter()
         finding.details["timing_ms"] = {"preprocess": 1000 * (t1 - t0), "model": 1000 * (t2 - t1),
                                         "explain": 1000 * (t4 - t2), "explain_maps": 1000 * (t3 - t2)}
         log.info("l1_axial estimated", series_uid=context.info.series_uid, bmd=round(bmd, 3), t_score=round(t, 2))
         return [finding]
+
+
+def _map_layer(volume: Volume, info: Any, ramp: np.ndarray, k: int, bundle_id: str, n_models: int) -> ImageLayer:
+    """The reference crop's Grad-RAMP on source slice ``k``'s pixel grid (0 outside the crop), for
+    the Parametric Map (:mod:`screener.reporting.pmap`)."""
+    from screener.explain import map_onto_slice
+
+    plane = map_onto_slice(ramp, info.crop_origins[0], info.u, info.v,
+                           (float(info.spacing_mm[0]), float(info.spacing_mm[-1])), volume, k)
+    return ImageLayer("map", "Grad-RAMP", {volume.sop_instance_uid(k): plane},
+                      method=f"Grad-RAMP (Kang et al. 2023, eq. 3), mean of the {n_models}-model ensemble "
+                             f"of {bundle_id}, on the model's {info.shape[0]}-pixel L1 crop")
 
 
 def _peak(heat: np.ndarray) -> list[float]:

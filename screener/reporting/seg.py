@@ -2,14 +2,19 @@
 
 :func:`build_seg` turns the planar ROIs of a series' findings -- the same regions the SR draws as
 closed polylines (:func:`screener.reporting.sr._group`) -- into one binary SEG that references the
-source slices: one segment per finding, labelled ``"<site> ROI (<protocol>)"``, the segmented
+source slices: one segment per finding, labelled ``"<site> ROI (<protocol>)"``.  A second SEG
+(``content="layers"``) holds one segment per mask a protocol outlined
+(:class:`screener.findings.ImageLayer`, e.g. l1_attenuation's ``"L1 trabecular body"`` on every
+slice its outline walked) and the top decile of each explanation map (l1_axial's ``"Grad-RAMP top
+decile"``: where the model's estimate depended most; the whole map goes to a Parametric Map,
+:mod:`screener.reporting.pmap`).  In each, the segmented
 property the finding's site (e.g. SCT L1 vertebra), the algorithm the finding's (TID 4019 name and
 version; family "Artificial Intelligence" for a model bundle, "Morphological Operations" for the
 classical L1 attenuation ROI).  A viewer that fuses a SEG (OHIF, 3D Slicer) shows where each value
 was measured as a filled region over the CT.
 
 Left out: ROIs that are only the footprint of a reformat (:data:`screener.reporting.sr.REFORMAT_PROTOCOLS`),
-ROIs on a frame of a multi-frame image, ROIs on projection images (radiographs have no frame of
+ROIs and masks on frames of a multi-frame image, ROIs on projection images (radiographs have no frame of
 reference a SEG of a volume needs), and ROIs of another series than the first one's.
 """
 from __future__ import annotations
@@ -29,6 +34,7 @@ from screener.radiograph import PROJECTION_MODALITIES
 from screener.reporting.content import algorithm
 
 SEG_SERIES_DESCRIPTION = "Bone density screening ROIs (SEG)"
+LAYER_SEG_SERIES_DESCRIPTION = "Bone density screening outlines (SEG)"
 #: display colours of the segments in order (RGB; stored as RecommendedDisplayCIELabValue)
 SEGMENT_COLOURS = ((0, 200, 0), (255, 200, 0), (0, 160, 255), (255, 80, 80), (200, 0, 255), (0, 220, 220))
 
@@ -45,8 +51,17 @@ def roi_mask(polygon: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return np.asarray(img, dtype=bool)
 
 
+def _on_ct_slice(uid: str, sources: dict[str, Dataset]) -> bool:
+    """Whether ``uid`` is a source image a SEG of a volume can reference (a CT-like slice with a
+    frame of reference and a position; not a projection radiograph)."""
+    src = sources.get(uid)
+    return src is not None and str(src.get("Modality", "")).strip().upper() not in PROJECTION_MODALITIES \
+        and "FrameOfReferenceUID" in src and "ImagePositionPatient" in src \
+        and int(src.get("NumberOfFrames", 1) or 1) == 1
+
+
 def seg_findings(findings: Sequence[Finding], sources: dict[str, Dataset]) -> list[Finding]:
-    """The findings :func:`build_seg` makes a segment of (see the module's docstring)."""
+    """The findings whose ROI :func:`build_seg` makes a segment of (see the module's docstring)."""
     from screener.reporting.sr import REFORMAT_PROTOCOLS
 
     out: list[Finding] = []
@@ -54,16 +69,58 @@ def seg_findings(findings: Sequence[Finding], sources: dict[str, Dataset]) -> li
     for f in findings:
         roi = f.roi
         if roi is None or f.protocol in REFORMAT_PROTOCOLS or roi.frame_number \
-                or roi.source_sop_instance_uid not in sources:
+                or not _on_ct_slice(roi.source_sop_instance_uid, sources):
             continue
         src = sources[roi.source_sop_instance_uid]
-        if str(src.get("Modality", "")).strip().upper() in PROJECTION_MODALITIES \
-                or "FrameOfReferenceUID" not in src or "ImagePositionPatient" not in src:
-            continue
         series = series or str(src.SeriesInstanceUID)
         if str(src.SeriesInstanceUID) == series:
             out.append(f)
     return out
+
+
+def _segments(findings: Sequence[Finding], sources: dict[str, Dataset], content: str = "rois"
+              ) -> list[tuple[Finding, str, dict[str, np.ndarray]]]:
+    """``(finding, label, {source UID: mask})`` of every segment of one SEG: for ``content="rois"``
+    each ROI of :func:`seg_findings`; for ``"layers"`` each mask layer
+    (:class:`~screener.findings.ImageLayer`) and the top decile of each map layer whose planes all
+    lie on single-frame CT slices of one series (the first such layer's)."""
+    if content not in ("rois", "layers"):
+        raise ValueError(f"SEG content is 'rois' or 'layers', not {content!r}")
+    out: list[tuple[Finding, str, dict[str, np.ndarray]]] = []
+    if content == "rois":
+        for f in seg_findings(findings, sources):
+            assert f.roi is not None
+            src = sources[f.roi.source_sop_instance_uid]
+            mask = roi_mask(f.roi.polygon, int(src.Rows), int(src.Columns))
+            out.append((f, f"{f.site} ROI ({f.protocol})", {f.roi.source_sop_instance_uid: mask}))
+        return out
+    series: set[str] = set()
+    for f in findings:
+        for layer in f.layers:
+            if not layer.planes or not all(_on_ct_slice(u, sources) for u in layer.planes):
+                continue
+            layer_series = {str(sources[u].SeriesInstanceUID) for u in layer.planes}
+            if len(layer_series) != 1 or (series and layer_series != series):
+                continue
+            series = layer_series
+            if layer.kind == "mask":
+                out.append((f, f"{layer.label} ({f.protocol})", dict(layer.planes)))
+            else:
+                out.append((f, f"{layer.label} top decile ({f.protocol})", top_decile(layer.planes)))
+    return out
+
+
+def top_decile(planes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Where an explanation map is in its top decile: the pixels whose value is at least the 90th
+    percentile of the map's values over the region it covers (its non-zero pixels, i.e. the model's
+    input crop), over all its planes together."""
+    values = np.concatenate([np.asarray(p, dtype=np.float32).ravel() for p in planes.values()])
+    covered = values[values > 0]
+    if covered.size == 0:
+        return {u: np.zeros(np.shape(p), dtype=bool) for u, p in planes.items()}
+    threshold = float(np.quantile(covered, 0.9))
+    return {u: np.asarray(p, dtype=np.float32) >= max(threshold, np.finfo(np.float32).tiny)
+            for u, p in planes.items()}
 
 
 def _algorithm(finding: Finding) -> hd.AlgorithmIdentificationSequence:
@@ -75,7 +132,7 @@ def _algorithm(finding: Finding) -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(name=name, family=family, version=version or "0")
 
 
-def build_seg(findings: Sequence[Finding], sources: Sequence[Dataset], *,
+def build_seg(findings: Sequence[Finding], sources: Sequence[Dataset], *, content: str = "rois",
               series_uid: str | None = None, sop_instance_uid: str | None = None,
               series_number: int = 903, instance_number: int = 1,
               manufacturer: str = "screener") -> hd.seg.Segmentation | None:
@@ -87,6 +144,12 @@ def build_seg(findings: Sequence[Finding], sources: Sequence[Dataset], *,
     sources : sequence of pydicom.dataset.Dataset
         Headers of the source images (pixel data not needed); each ROI's slice must be among
         them for its segment to be made.
+    content : {"rois", "layers"}
+        ``"rois"``: the measured ROIs (series "Bone density screening ROIs (SEG)"); ``"layers"``:
+        the outlined structures and the explanation maps' top deciles (series "Bone density
+        screening outlines (SEG)").  Two objects, because a viewer that turns a SEG into one
+        labelmap (OHIF 3.13) drops segments where more than two overlap on a slice -- an ROI,
+        the body around it and the map's top decile would.
     series_uid, sop_instance_uid : str, optional
         Generated when omitted.
     series_number, instance_number : int
@@ -98,28 +161,24 @@ def build_seg(findings: Sequence[Finding], sources: Sequence[Dataset], *,
         ``None`` when no finding has a region a SEG can hold (:func:`seg_findings`).
     """
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
-    chosen = seg_findings(findings, by_uid)
-    if not chosen:
+    segments = _segments(findings, by_uid, content)
+    if not segments:
         return None
-    slices: list[str] = []
-    for f in chosen:
-        assert f.roi is not None
-        if f.roi.source_sop_instance_uid not in slices:
-            slices.append(f.roi.source_sop_instance_uid)
+    slices = list(dict.fromkeys(u for _, _, planes in segments for u in planes))
     source_images = [by_uid[u] for u in slices]
     rows, cols = int(source_images[0].Rows), int(source_images[0].Columns)
-    masks = np.zeros((len(slices), rows, cols, len(chosen)), dtype=bool)
+    masks = np.zeros((len(slices), rows, cols, len(segments)), dtype=bool)
     descriptions = []
-    for s, f in enumerate(chosen, start=1):
-        assert f.roi is not None
-        masks[slices.index(f.roi.source_sop_instance_uid), :, :, s - 1] = roi_mask(f.roi.polygon, rows, cols)
+    for s, (f, label, planes) in enumerate(segments, start=1):
+        for uid, plane in planes.items():
+            masks[slices.index(uid), :, :, s - 1] = plane
         site = hd.sr.CodedConcept(value=f.site_code.value, scheme_designator=f.site_code.scheme_designator,
                                   meaning=f.site_code.meaning) if f.site_code is not None else pcodes.SCT.Bone
         descriptions.append(hd.seg.SegmentDescription(
-            segment_number=s, segment_label=f"{f.site} ROI ({f.protocol})"[:64],
+            segment_number=s, segment_label=label[:64],
             segmented_property_category=pcodes.SCT.AnatomicalStructure, segmented_property_type=site,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=_algorithm(f),
-            tracking_uid=generate_uid(), tracking_id=f"{f.site} {f.protocol}"[:64],
+            tracking_uid=generate_uid(), tracking_id=label[:64],
             display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLOURS[(s - 1) % len(SEGMENT_COLOURS)])))
     seg = hd.seg.Segmentation(
         source_images=source_images, pixel_array=masks,
@@ -128,6 +187,8 @@ def build_seg(findings: Sequence[Finding], sources: Sequence[Dataset], *,
         sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=instance_number,
         manufacturer=manufacturer, manufacturer_model_name="screener",
         software_versions=f"screener {__version__}", device_serial_number="0",
-        content_label="ROIS", content_description="Regions the screener measured",
-        series_description=SEG_SERIES_DESCRIPTION)
+        content_label="ROIS" if content == "rois" else "OUTLINES",
+        content_description="Regions the screener measured" if content == "rois"
+        else "Structures the screener outlined; where its models looked",
+        series_description=SEG_SERIES_DESCRIPTION if content == "rois" else LAYER_SEG_SERIES_DESCRIPTION)
     return seg
