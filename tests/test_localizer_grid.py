@@ -36,3 +36,98 @@ def test_make_grid_block_means_and_nan_as_air() -> None:
         ref = _block_mean(src[2 * z:2 * z + 2], 2, 2).mean(axis=0)
         assert np.array_equal(grid.hu[z], ref)
     assert np.isfinite(grid.hu).all()
+
+
+# --------------------------------------------------------------------------- body masks and trunk
+
+
+def _body_masks_slice_by_slice(hu: np.ndarray) -> np.ndarray:
+    """body_masks as it was: every slice opened, labelled and filled on its own."""
+    from scipy import ndimage as ndi
+
+    from screener.preprocess.morphology import fill_holes
+
+    out = np.zeros(hu.shape, bool)
+    st = ndi.generate_binary_structure(2, 1)
+    for z in range(hu.shape[0]):
+        m = ndi.binary_opening(hu[z] > -400.0, structure=st, iterations=2)
+        lab, n = ndi.label(m)
+        if n == 0:
+            continue
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        out[z] = fill_holes(lab == int(np.argmax(sizes)))
+    return out
+
+
+def _trunk_whole_slice(body: np.ndarray, canal_yx: tuple[float, float], r: int) -> np.ndarray:
+    """_trunk as it was: both distance transforms over the whole slice."""
+    from scipy import ndimage as ndi
+
+    inside = ndi.distance_transform_edt(np.pad(body, 1))[1:-1, 1:-1] > r
+    lab, _ = ndi.label(inside)
+    y, x = int(round(canal_yx[0])), int(round(canal_yx[1]))
+    keep = lab[y, x] if 0 <= y < body.shape[0] and 0 <= x < body.shape[1] else 0
+    if keep == 0:
+        return body
+    return body & (ndi.distance_transform_edt(lab != keep) <= r)
+
+
+def _blobs(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """HU-like slices: a few soft-tissue ellipses (some touching, some with air holes, equal-sized
+    pairs), a thin table, empty slices."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    hu = np.full(shape, -1000.0, np.float32)
+    for z in range(nz):
+        if z % 7 == 3:
+            continue  # nothing in this slice
+        for _ in range(int(rng.integers(1, 5))):
+            cy, cx = rng.uniform(5, ny - 5), rng.uniform(5, nx - 5)
+            a, b = rng.uniform(3, ny / 2), rng.uniform(3, nx / 2)
+            hu[z][((yy - cy) / a) ** 2 + ((xx - cx) / b) ** 2 <= 1] = 40.0
+            if rng.random() < 0.5:
+                hu[z][((yy - cy) / (a / 3)) ** 2 + ((xx - cx) / (b / 3)) ** 2 <= 1] = -900.0
+        if z % 5 == 0:  # two equal squares: the first one wins
+            hu[z] = -1000.0
+            hu[z, 2:12, 2:12] = 40.0
+            hu[z, 20:30, 20:30] = 40.0
+        hu[z, ny - 3, 5:nx - 5] = 100.0  # table, removed by the opening
+    return hu
+
+
+def test_body_masks_of_the_stack_equal_slice_by_slice() -> None:
+    from screener.localizer.column import body_masks
+
+    for seed in range(3):
+        hu = _blobs(seed, (23, 48, 57))
+        assert np.array_equal(body_masks(hu), _body_masks_slice_by_slice(hu))
+    assert not body_masks(np.full((3, 10, 10), -1000.0, np.float32)).any()
+
+
+def test_trunk_in_the_body_box_equals_the_whole_slice() -> None:
+    from types import SimpleNamespace
+
+    from screener.localizer.anchors import ARM_CUT_MM, _trunk
+
+    dx = 1.5
+    r = max(1, int(round(ARM_CUT_MM / dx)))
+    hu = _blobs(7, (30, 64, 80))
+    yy, xx = np.mgrid[0:64, 0:80]
+    n_cut = 0
+    for z in range(hu.shape[0]):
+        body = hu[z] > -400.0
+        # a trunk with an arm joined by a narrow neck, besides the random blobs
+        body |= ((yy - 32) / 25.0) ** 2 + ((xx - 30) / 24.0) ** 2 <= 1
+        body |= ((yy - 32) / 12.0) ** 2 + ((xx - 70) / 9.0) ** 2 <= 1
+        body[30:34, 50:64] = True
+        for canal in ((32.0, 30.0), (2.0, 2.0), (32.0, 70.0), (-5.0, 3.0)):
+            col = SimpleNamespace(canal_y={z: canal[0]}, canal_x={z: canal[1]})
+            got = _trunk(body, col, z, dx)
+            want = _trunk_whole_slice(body, canal, r)
+            assert np.array_equal(got, want)
+            n_cut += int((got != body).any())
+    assert n_cut > 0  # the arm was cut off somewhere
+    empty = np.zeros((20, 20), bool)
+    assert not _trunk(empty, SimpleNamespace(canal_y={0: 5.0}, canal_x={0: 5.0}), 0, dx).any()

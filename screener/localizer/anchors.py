@@ -406,14 +406,25 @@ def _trunk(body: np.ndarray, col: Column, z: int, dx: float) -> np.ndarray:
     # erode by a disk of radius r, keep the spine's component, grow it back by the same disk: an arm
     # joined by a neck narrower than the disk falls away (an opening would keep the two touching).
     # Both by exact distance transforms (a pixel survives the erosion when the nearest pixel
-    # outside the body, or outside the image, lies further than r), far faster than a large disk
-    inside = ndi.distance_transform_edt(np.pad(body, 1))[1:-1, 1:-1] > r
+    # outside the body, or outside the image, lies further than r), far faster than a large disk.
+    # Both are taken in the body's bounding box only: with a ring of background around it, every
+    # pixel's nearest background pixel (its clamp onto the ring is as close as any outside) and
+    # every pixel's nearest pixel of the spine's component lie inside, so the distances are those
+    # of the whole slice
+    rows, cols = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
+    if not rows.size:
+        return body
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    sub = body[y0:y1, x0:x1]
+    inside = ndi.distance_transform_edt(np.pad(sub, 1))[1:-1, 1:-1] > r
     lab, _ = ndi.label(inside)
-    y, x = int(round(col.canal_y[z])), int(round(col.canal_x[z]))
-    keep = lab[y, x] if 0 <= y < body.shape[0] and 0 <= x < body.shape[1] else 0
+    y, x = int(round(col.canal_y[z])) - y0, int(round(col.canal_x[z])) - x0
+    keep = lab[y, x] if 0 <= y < sub.shape[0] and 0 <= x < sub.shape[1] else 0
     if keep == 0:
         return body
-    return body & (ndi.distance_transform_edt(lab != keep) <= r)
+    out = np.zeros_like(body)
+    out[y0:y1, x0:x1] = sub & (ndi.distance_transform_edt(lab != keep) <= r)
+    return out
 
 
 def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[float, float, float],

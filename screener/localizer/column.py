@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from screener.preprocess.morphology import fill_holes
+from screener.preprocess.morphology import fill_holes, fill_holes_per_slice
 
 #: HU above which a voxel of the working grid counts as bone
 BONE_HU = 180.0
@@ -73,18 +73,30 @@ def body_masks(hu: np.ndarray) -> np.ndarray:
 
     The patient table and a separate arm are excluded because they are not
     part of the largest component; a light opening cuts thin contacts.
+
+    Every step is done on the whole stack at once with in-plane structures (nothing connects
+    two slices), which gives exactly the masks of the same steps slice by slice.
     """
+    st = np.zeros((3, 3, 3), bool)
+    st[1] = ndi.generate_binary_structure(2, 1)
+    m = ndi.binary_opening(hu > -400.0, structure=st, iterations=2)
+    lab, n = ndi.label(m, structure=st)
     out = np.zeros(hu.shape, bool)
-    st = ndi.generate_binary_structure(2, 1)
-    for z in range(hu.shape[0]):
-        m = ndi.binary_opening(hu[z] > -400.0, structure=st, iterations=2)
-        lab, n = ndi.label(m)
-        if n == 0:
-            continue
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        out[z] = fill_holes(lab == int(np.argmax(sizes)))
-    return out
+    if n == 0:
+        return out
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    # labels are numbered in raster order, so slice z holds the run of labels after those of the
+    # slices above it; the largest of the run (the first of equals, as argmax of the slice's own
+    # labelling) is its body
+    last = lab.reshape(lab.shape[0], -1).max(axis=1)
+    keep = np.zeros(n + 1, bool)
+    lo = 1
+    for hi in last:
+        if hi >= lo:
+            keep[lo + int(np.argmax(sizes[lo:hi + 1]))] = True
+            lo = int(hi) + 1
+    return fill_holes_per_slice(keep[lab])
 
 
 def _run(line: np.ndarray, start: int, step: int) -> int:
