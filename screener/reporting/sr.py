@@ -221,7 +221,8 @@ _STAND_IN_ORIENTATION, _STAND_IN_SPACING = ["L", "F"], ["1", "1"]
 
 
 def library_image(ds: Dataset) -> tuple[Dataset, frozenset[str]]:
-    """A deep copy of a source header that highdicom's Image Library (TID 1601-1603) can describe.
+    """A source header that highdicom's Image Library (TID 1601-1603) can describe: ``ds`` itself for
+    a cross-sectional image (CT, MR, ...), else a deep copy of it (a projection image's).
 
     highdicom reads ``ImagerPixelSpacing`` and two ``PatientOrientation`` values from every
     projection image (CR, DX, MG, ...).  When ``ImagerPixelSpacing`` is absent or unusable the copy
@@ -240,12 +241,12 @@ def library_image(ds: Dataset) -> tuple[Dataset, frozenset[str]]:
     Returns
     -------
     (pydicom.dataset.Dataset, frozenset of str)
-        The copy, and the code values of the TID 1603 descriptors to leave out of its entry
+        The header (or its copy), and the code values of the TID 1603 descriptors to leave out of its entry
         (:func:`_drop_descriptors`).
     """
+    if str(ds.get("Modality", "") or "").strip().upper() not in PROJECTION_MODALITIES:
+        return ds, frozenset()  # nothing to add: highdicom only reads it (no copy needed)
     out = copy.deepcopy(ds)
-    if str(out.get("Modality", "") or "").strip().upper() not in PROJECTION_MODALITIES:
-        return out, frozenset()
     leave_out: frozenset[str] = frozenset()
     spacing = detector_pixel_spacing_mm(out)
     if spacing is None:
@@ -273,6 +274,33 @@ def _drop_descriptors(report: Dataset, leave_out: dict[str, frozenset[str]]) -> 
             elif "ContentSequence" in item:
                 walk(item.ContentSequence)
     walk(report.ContentSequence)
+
+
+def _comprehensive_sr(*, evidence: Sequence[Dataset], content: Dataset, **kwargs) -> hd.sr.ComprehensiveSR:
+    """``highdicom.sr.ComprehensiveSR(evidence=evidence, content=content, **kwargs)``, the same
+    dataset without highdicom's passes over the content tree.
+
+    highdicom deep-copies the tree (to parse the copy into ``.content``) and walks it three times
+    to validate it (every IMAGE and COMPOSITE reference among the evidence, no SCOORD3D item): a
+    third of the report's cost for a few thousand items.  :func:`build_sr` has checked the
+    references already (every instance a finding references is among the evidence) and writes no
+    SCOORD3D, so the document is built on the content's root attributes alone, then given the
+    tree as highdicom gives it (``sr[tag] = element`` for each root element) and ``.content``
+    parsed from the tree itself (the tree is the report's own, built for this document).  The
+    evidence sequences depend on ``evidence`` only, so every attribute is what highdicom writes.
+    """
+    from highdicom.sr.value_types import ContentItem, ContentSequence
+
+    root = Dataset()
+    for elem in content:
+        if elem.keyword != "ContentSequence":
+            root.add(elem)
+    root.ContentSequence = []  # highdicom looks for one
+    sr = hd.sr.ComprehensiveSR(evidence=evidence, content=root, **kwargs)
+    for tag, value in content.items():
+        sr[tag] = value
+    sr._content = ContentSequence([ContentItem._from_dataset_derived(content)], is_root=True)
+    return sr
 
 
 def build_sr(findings: Sequence[Finding], sources: Sequence[Dataset], *,
@@ -361,7 +389,7 @@ def build_sr(findings: Sequence[Finding], sources: Sequence[Dataset], *,
     kwargs = {}
     if institution_name:
         kwargs["institution_name"] = institution_name
-    sr = hd.sr.ComprehensiveSR(
+    sr = _comprehensive_sr(
         evidence=evidence, content=report[0],
         series_instance_uid=series_uid or generate_uid(), series_number=series_number,
         sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=instance_number,
