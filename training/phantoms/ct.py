@@ -284,7 +284,6 @@ def render_ct(scene: Scene, profile: ScannerProfile | str, seed: int,
     p = scene.patient
     vol = render_volume(scene, prof, seed, z_range)
     hdr = patient_study_header(scene, "ct", seed)
-    date = hdr.StudyDate
     series_uid = uid("series", seed, p.patient_id, "ct", prof.name)
     for_uid = uid("for", seed, p.patient_id, "ct")
     slope = 1.0
@@ -304,52 +303,10 @@ def render_ct(scene: Scene, profile: ScannerProfile | str, seed: int,
         stored = np.where(np.isnan(hu), np.nan, np.round((hu - icpt) / slope))
         stored = np.clip(np.nan_to_num(stored, nan=pad), lo, hi).astype(dtype)
         ds = Dataset()
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
+        _ct_series_attributes(ds, hdr, prof, show_contrast=show_contrast, agent=agent,
+                              fov_mm=vol['pixel_spacing'] * N)
         ds.SOPInstanceUID = uid("sop", series_uid, k)
-        ds.StudyDate = date
-        ds.SeriesDate = date
-        ds.AcquisitionDate = date
-        ds.ContentDate = date
-        ds.StudyTime = hdr.StudyTime
-        ds.SeriesTime = hdr.StudyTime
-        ds.AcquisitionTime = hdr.StudyTime
-        ds.ContentTime = hdr.StudyTime
-        ds.AccessionNumber = hdr.AccessionNumber
-        ds.Modality = "CT"
-        ds.Manufacturer = prof.manufacturer
-        ds.InstitutionName = "Virtual Cohort Hospital"
-        ds.ReferringPhysicianName = hdr.ReferringPhysicianName
-        ds.StationName = prof.station
-        ds.InstitutionalDepartmentName = "Radiology"
-        ds.StudyDescription = hdr.StudyDescription
-        ds.SeriesDescription = {
-            "abdomen_pelvis": "Abdomen-Pelvis", "abdomen": "Abdomen", "chest": "Thorax",
-            "lumbar_spine": "L-Spine"}[prof.coverage] + f" {prof.slice_thickness:g}mm {prof.kernel.name}" + (
-            "" if (prof.phase == "native" or not show_contrast)
-            else {"arterial": " arterial", "portal_venous": " PV"}[prof.phase])
-        ds.ManufacturerModelName = prof.model
-        for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-                    "PatientSize", "PatientWeight", "PatientIdentityRemoved", "PatientComments"):
-            setattr(ds, key, getattr(hdr, key))
-        if agent:
-            ds.ContrastBolusAgent = agent
-            ds.ContrastBolusRoute = "IV"
-        ds.BodyPartExamined = {"abdomen_pelvis": "ABDOMEN", "abdomen": "ABDOMEN", "chest": "CHEST",
-                               "lumbar_spine": "LSPINE"}[prof.coverage]
-        ds.SliceThickness = f"{prof.slice_thickness:g}"
-        ds.KVP = f"{prof.kvp:g}"
-        ds.DataCollectionDiameter = "500"
-        ds.SoftwareVersions = SOFTWARE
-        ds.ReconstructionDiameter = f"{vol['pixel_spacing'] * N:.1f}"
-        ds.XRayTubeCurrent = int(prof.mas / 0.5)
-        ds.Exposure = int(prof.mas)
-        ds.ConvolutionKernel = prof.kernel.name
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = hdr.StudyInstanceUID
         ds.SeriesInstanceUID = series_uid
-        ds.StudyID = hdr.StudyID
         ds.SeriesNumber = series_number
         ds.AcquisitionNumber = 1
         ds.InstanceNumber = k + 1
@@ -384,6 +341,55 @@ def render_ct(scene: Scene, profile: ScannerProfile | str, seed: int,
         ds.file_meta = fm
         out.append(ds)
     return out
+
+
+def _ct_series_attributes(ds: Dataset, hdr: Dataset, prof: ScannerProfile, *, show_contrast: bool, agent: str,
+                          fov_mm: float) -> None:
+    """Set what every slice of the series shares: patient, study, equipment, acquisition, contrast."""
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    ds.StudyDate = hdr.StudyDate
+    ds.SeriesDate = hdr.StudyDate
+    ds.AcquisitionDate = hdr.StudyDate
+    ds.ContentDate = hdr.StudyDate
+    ds.StudyTime = hdr.StudyTime
+    ds.SeriesTime = hdr.StudyTime
+    ds.AcquisitionTime = hdr.StudyTime
+    ds.ContentTime = hdr.StudyTime
+    ds.AccessionNumber = hdr.AccessionNumber
+    ds.Modality = "CT"
+    ds.Manufacturer = prof.manufacturer
+    ds.InstitutionName = "Virtual Cohort Hospital"
+    ds.ReferringPhysicianName = hdr.ReferringPhysicianName
+    ds.StationName = prof.station
+    ds.InstitutionalDepartmentName = "Radiology"
+    ds.StudyDescription = hdr.StudyDescription
+    ds.SeriesDescription = {
+        "abdomen_pelvis": "Abdomen-Pelvis", "abdomen": "Abdomen", "chest": "Thorax",
+        "lumbar_spine": "L-Spine"}[prof.coverage] + f" {prof.slice_thickness:g}mm {prof.kernel.name}" + (
+        "" if (prof.phase == "native" or not show_contrast)
+        else {"arterial": " arterial", "portal_venous": " PV"}[prof.phase])
+    ds.ManufacturerModelName = prof.model
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+                "PatientSize", "PatientWeight", "PatientIdentityRemoved", "PatientComments"):
+        setattr(ds, key, getattr(hdr, key))
+    if agent:
+        ds.ContrastBolusAgent = agent
+        ds.ContrastBolusRoute = "IV"
+    ds.BodyPartExamined = {"abdomen_pelvis": "ABDOMEN", "abdomen": "ABDOMEN", "chest": "CHEST",
+                           "lumbar_spine": "LSPINE"}[prof.coverage]
+    ds.SliceThickness = f"{prof.slice_thickness:g}"
+    ds.KVP = f"{prof.kvp:g}"
+    ds.DataCollectionDiameter = "500"
+    ds.SoftwareVersions = SOFTWARE
+    ds.ReconstructionDiameter = f"{fov_mm:.1f}"
+    ds.XRayTubeCurrent = int(prof.mas / 0.5)
+    ds.Exposure = int(prof.mas)
+    ds.ConvolutionKernel = prof.kernel.name
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = hdr.StudyInstanceUID
+    ds.StudyID = hdr.StudyID
 
 
 def write_series(datasets: Sequence[Dataset], folder: str | Path) -> list[Path]:

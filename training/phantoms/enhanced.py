@@ -150,6 +150,34 @@ def to_enhanced_ct(datasets: Sequence[Dataset], *, series_uid: str | None = None
     shared = ds.SharedFunctionalGroupsSequence[0]
     un = _unassigned(shared, "UnassignedSharedConvertedAttributesSequence") or Dataset()
 
+    _ct_shared_groups(shared, un, first, src_series)
+    _contrast_groups(ds, shared)
+    _drop_conversion_groups(ds, shared, first)
+
+    # CT Image module / Enhanced General Equipment / Acquisition attributes of the Enhanced IOD
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]  # value 3 as Enhanced CT scanners write it
+    ft = _unassigned(shared, "CTImageFrameTypeSequence")
+    if ft is not None:
+        ft.FrameType = list(ds.ImageType)
+    ds.AcquisitionNumber = first.get("AcquisitionNumber", 1)
+    ds.AcquisitionDuration = 5.0
+    ds.ManufacturerModelName = first.get("ManufacturerModelName", "virtual")
+    ds.DeviceSerialNumber = first.get("DeviceSerialNumber", "0000")
+    ds.SoftwareVersions = first.get("SoftwareVersions", "screener virtual cohort")
+    ds.ContentQualification = "PRODUCT"
+    ds.ImageComments = first.get("ImageComments", "")
+    ds.IsocenterPosition = [0.0, 0.0, 0.0]
+    ds.LossyImageCompression = "00"
+    if "ReferencedSeriesSequence" in ds:  # Legacy Converted's Common Instance Reference to the source
+        delattr(ds, "ReferencedSeriesSequence")
+    if "ContributingEquipmentSequence" in ds:
+        delattr(ds, "ContributingEquipmentSequence")
+    return ds
+
+
+def _ct_shared_groups(shared: Dataset, un: Dataset, first: Dataset, src_series: str) -> None:
+    """The Enhanced CT shared functional groups (X-ray details, acquisition, reconstruction, exposure,
+    table dynamics, irradiation event, geometry), moving their attributes out of ``un``."""
     # CT X-Ray Details: the only home of KVP in the Enhanced CT IOD
     xr = Dataset()
     _move(un, xr, ["KVP"])
@@ -212,7 +240,9 @@ def to_enhanced_ct(datasets: Sequence[Dataset], *, series_uid: str | None = None
     geo.DistanceSourceToDataCollectionCenter = 595.0
     shared.CTGeometrySequence = DicomSequence([geo])
 
-    # Enhanced Contrast/Bolus module + shared Contrast/Bolus Usage group
+
+def _contrast_groups(ds: Dataset, shared: Dataset) -> None:
+    """The Enhanced Contrast/Bolus module and the shared Contrast/Bolus Usage group (when there is an agent)."""
     agent = str(ds.get("ContrastBolusAgent", "") or "")
     for kw in ("ContrastBolusAgent", "ContrastBolusRoute"):
         if kw in ds:
@@ -233,7 +263,9 @@ def to_enhanced_ct(datasets: Sequence[Dataset], *, series_uid: str | None = None
         use.ContrastBolusAgentDetected = "NO"
         shared.ContrastBolusUsageSequence = DicomSequence([use])
 
-    # what is left unassigned has no place in Enhanced CT: drop the unassigned / conversion groups
+
+def _drop_conversion_groups(ds: Dataset, shared: Dataset, first: Dataset) -> None:
+    """Drop what Legacy Converted leaves unassigned (no place in Enhanced CT); per-frame CT position and timing."""
     for kw in ("UnassignedSharedConvertedAttributesSequence",):
         if kw in shared:
             delattr(shared, kw)
@@ -257,26 +289,6 @@ def to_enhanced_ct(datasets: Sequence[Dataset], *, series_uid: str | None = None
         item.CTPositionSequence = DicomSequence([pos])
     if "ConversionSourceAttributesSequence" in shared:
         delattr(shared, "ConversionSourceAttributesSequence")
-
-    # CT Image module / Enhanced General Equipment / Acquisition attributes of the Enhanced IOD
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]  # value 3 as Enhanced CT scanners write it
-    ft = _unassigned(shared, "CTImageFrameTypeSequence")
-    if ft is not None:
-        ft.FrameType = list(ds.ImageType)
-    ds.AcquisitionNumber = first.get("AcquisitionNumber", 1)
-    ds.AcquisitionDuration = 5.0
-    ds.ManufacturerModelName = first.get("ManufacturerModelName", "virtual")
-    ds.DeviceSerialNumber = first.get("DeviceSerialNumber", "0000")
-    ds.SoftwareVersions = first.get("SoftwareVersions", "screener virtual cohort")
-    ds.ContentQualification = "PRODUCT"
-    ds.ImageComments = first.get("ImageComments", "")
-    ds.IsocenterPosition = [0.0, 0.0, 0.0]
-    ds.LossyImageCompression = "00"
-    if "ReferencedSeriesSequence" in ds:  # Legacy Converted's Common Instance Reference to the source
-        delattr(ds, "ReferencedSeriesSequence")
-    if "ContributingEquipmentSequence" in ds:
-        delattr(ds, "ContributingEquipmentSequence")
-    return ds
 
 
 def write_multiframe(ds: Dataset, folder: str | Path) -> Path:

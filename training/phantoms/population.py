@@ -293,7 +293,42 @@ def make_patient(seed: int, index: int, *, age: float | None = None, sex: str | 
     cortical = float(np.clip(1.0 - 0.003 * (a - 25.0) + 0.08 * z + rng.normal(0.0, 0.1), 0.5, 1.5))
     texture = float(1.0 / (1.0 + np.exp(-(0.9 * z_spine - 0.03 * (a - 50.0) + rng.normal(0.0, 0.6)))))
 
-    # scoliosis (degenerative, rising with age)
+    cobb, apex, side = _scoliosis(rng, a)
+    t_like = (l1 - VBMD_YOUNG["F" if s == "F" else "M"]) / VBMD_SD
+    grades, loss, shapes = _vertebral_fractures(rng, t_like, a, s)
+
+    deg = float(np.clip(rng.normal((a - 38.0) / 55.0, 0.18), 0.0, 1.0))
+    deg_level = {lv: float(np.clip(deg * _DEG_WEIGHT[lv] * rng.uniform(0.6, 1.3), 0.0, 1.0))
+                 for lv in LEVELS}
+    lordosis = float(np.clip(rng.normal(37.0, 11.0), 12.0, 65.0))
+
+    prior = any(g >= 1 for g in grades.values())
+    lam = fracture_hazard(a, s, t_like, prior, bmi)
+    p5 = float(1.0 - np.exp(-5.0 * lam))
+    fx5 = bool(rng.random() < p5)
+    size = float(np.clip(height / (162.0 if s == "F" else 176.0), 0.85, 1.15)) * (1.0 if s == "F" else 1.06)
+
+    anat_seed = int(rng.integers(0, 2**31 - 1))
+    arms_down = bool(rng.random() < 0.15)  # arms beside the body in the CT field (drawn last)
+    var = _variants_with_overrides(seed, index, t12_ribs=t12_ribs, lumbar_rib=lumbar_rib,
+                                   transitional=transitional, bone_islands=bone_islands)
+    if not float(skeleton_scale) > 0.0:
+        raise ValueError(f"skeleton_scale must be > 0, not {skeleton_scale!r}")
+    return Patient(
+        patient_id=f"VC{int(seed):04d}-{int(index):05d}", index=int(index), seed=int(seed),
+        age=round(a, 2), sex=s, height_cm=round(height, 1), weight_kg=round(weight, 1),
+        vbmd=vbmd, marrow_fat=fat, cortical_mm=cortical, texture=texture, cobb_deg=cobb,
+        scoliosis=cobb > 10.0, fracture_grade=grades, degeneration=deg, fracture_5y=fx5,
+        fracture_5y_prob=p5, height_loss=loss, fracture_shape=shapes, degeneration_level=deg_level,
+        scoliosis_apex=apex, scoliosis_side=side, lordosis_deg=lordosis, bone_z=z,
+        menopause_age=meno, anatomy_seed=anat_seed, size_factor=size, arms_down=arms_down,
+        t12_ribs=var["t12_ribs"], lumbar_rib=var["lumbar_rib"], transitional=var["transitional"],
+        bone_islands=var["bone_islands"], skeleton_scale=float(skeleton_scale),
+    )
+
+
+def _scoliosis(rng: np.random.Generator, a: float) -> tuple[float, str, int]:
+    """Cobb angle (degenerative, rising with age), apex level and side, from the patient's stream."""
     p_sc = 1.0 / (1.0 + np.exp(-(a - 78.0) / 9.0)) * 0.45 + 0.02
     if rng.random() < p_sc:
         cobb = float(min(10.5 + rng.exponential(9.0), 45.0))
@@ -301,9 +336,12 @@ def make_patient(seed: int, index: int, *, age: float | None = None, sex: str | 
         cobb = float(min(abs(rng.normal(0.0, 3.5)), 9.0))
     apex = str(rng.choice(["T12", "L1", "L2", "L2", "L3", "L3"]))
     side = 1 if rng.random() < 0.5 else -1
+    return cobb, apex, side
 
-    # vertebral fractures
-    t_like = (l1 - VBMD_YOUNG["F" if s == "F" else "M"]) / VBMD_SD
+
+def _vertebral_fractures(rng: np.random.Generator, t_like: float, a: float,
+                         s: str) -> tuple[dict[str, int], dict[str, float], dict[str, str]]:
+    """Genant grade, height loss and shape per level (osteoporotic fractures by T-score, age, sex)."""
     logit = -3.4 - 0.75 * t_like + 0.03 * (a - 65.0) + (0.3 if s == "F" else 0.0)
     p_fx = 1.0 / (1.0 + np.exp(-logit))
     grades = {lev: 0 for lev in LEVELS}
@@ -322,20 +360,12 @@ def make_patient(seed: int, index: int, *, age: float | None = None, sex: str | 
             shapes[lev] = str(rng.choice(["wedge", "wedge", "biconcave", "crush"]))
     for lev in LEVELS:  # grade follows height loss (Genant)
         grades[lev] = genant_grade(loss[lev])
+    return grades, loss, shapes
 
-    deg = float(np.clip(rng.normal((a - 38.0) / 55.0, 0.18), 0.0, 1.0))
-    deg_level = {lv: float(np.clip(deg * _DEG_WEIGHT[lv] * rng.uniform(0.6, 1.3), 0.0, 1.0))
-                 for lv in LEVELS}
-    lordosis = float(np.clip(rng.normal(37.0, 11.0), 12.0, 65.0))
 
-    prior = any(g >= 1 for g in grades.values())
-    lam = fracture_hazard(a, s, t_like, prior, bmi)
-    p5 = float(1.0 - np.exp(-5.0 * lam))
-    fx5 = bool(rng.random() < p5)
-    size = float(np.clip(height / (162.0 if s == "F" else 176.0), 0.85, 1.15)) * (1.0 if s == "F" else 1.06)
-
-    anat_seed = int(rng.integers(0, 2**31 - 1))
-    arms_down = bool(rng.random() < 0.15)  # arms beside the body in the CT field (drawn last)
+def _variants_with_overrides(seed: int, index: int, *, t12_ribs: str | None, lumbar_rib: bool | None,
+                             transitional: str | None, bone_islands: Sequence[Any] | None) -> dict[str, Any]:
+    """:func:`draw_variants` with the forced ones of :func:`make_patient` applied (checked)."""
     var = draw_variants(seed, index)
     if t12_ribs is not None:
         if t12_ribs not in T12_RIBS:
@@ -349,19 +379,7 @@ def make_patient(seed: int, index: int, *, age: float | None = None, sex: str | 
         var["transitional"] = transitional
     if bone_islands is not None:
         var["bone_islands"] = [_island(b) for b in bone_islands]
-    if not float(skeleton_scale) > 0.0:
-        raise ValueError(f"skeleton_scale must be > 0, not {skeleton_scale!r}")
-    return Patient(
-        patient_id=f"VC{int(seed):04d}-{int(index):05d}", index=int(index), seed=int(seed),
-        age=round(a, 2), sex=s, height_cm=round(height, 1), weight_kg=round(weight, 1),
-        vbmd=vbmd, marrow_fat=fat, cortical_mm=cortical, texture=texture, cobb_deg=cobb,
-        scoliosis=cobb > 10.0, fracture_grade=grades, degeneration=deg, fracture_5y=fx5,
-        fracture_5y_prob=p5, height_loss=loss, fracture_shape=shapes, degeneration_level=deg_level,
-        scoliosis_apex=apex, scoliosis_side=side, lordosis_deg=lordosis, bone_z=z,
-        menopause_age=meno, anatomy_seed=anat_seed, size_factor=size, arms_down=arms_down,
-        t12_ribs=var["t12_ribs"], lumbar_rib=var["lumbar_rib"], transitional=var["transitional"],
-        bone_islands=var["bone_islands"], skeleton_scale=float(skeleton_scale),
-    )
+    return var
 
 
 def _island(b: Any) -> dict[str, Any]:
