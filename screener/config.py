@@ -87,6 +87,11 @@ class Config:
     pmap_output : bool
         Also write each explanation map a protocol made on CT slices (l1_axial's Grad-RAMP) as a
         DICOM Parametric Map (:mod:`screener.reporting.pmap`); default on.
+    ingest_group_window_ms : float
+        Group commit of received instances (:class:`screener.ingest.GroupCommitter`): how long
+        a group waits for instances of other associations before its files and rows are made
+        durable together (it closes early once every open association has one in it, so a
+        single sender never waits); default 5 ms.
     """
 
     data_dir: Path = Path("screener-data")
@@ -118,6 +123,7 @@ class Config:
     health_port: int = 0
     seg_output: bool = True
     pmap_output: bool = True
+    ingest_group_window_ms: float = 5.0
 
     @property
     def db_path(self) -> Path:

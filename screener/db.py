@@ -2,7 +2,7 @@
 
 One :class:`Database` per process. SQLite in WAL mode with ``synchronous=FULL``:
 a row committed here survives a power cut, which is what lets the C-STORE
-handler answer success only after ``record_instance`` returned.
+handler answer success only after its group's ``record_instances`` returned.
 
 Tables
 ------
@@ -30,7 +30,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import sqlite_utils
 
@@ -188,25 +188,77 @@ class Database:
         bool
             ``True`` if the instance is new, ``False`` if it was already recorded.
         """
+        return self.record_instances([dict(
+            sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid, study_uid=study_uid,
+            series_uid=series_uid, path=path, transfer_syntax=transfer_syntax,
+            calling_ae=calling_ae, source=source, modality=modality,
+            accession_hash=accession_hash, size=size)])[0]
+
+    def record_instances(self, rows: Sequence[Mapping[str, Any]]) -> list[bool]:
+        """Record several durably stored instances and update their series in ONE transaction
+        (the group commit of the SCP: one SQLite commit, one WAL fsync, for all of them).
+
+        Parameters
+        ----------
+        rows : sequence of mapping
+            Each with the keyword arguments of :meth:`record_instance`
+            (``sop_instance_uid``, ``sop_class_uid``, ``study_uid``, ``series_uid``,
+            ``path``; optional ``transfer_syntax``, ``calling_ae``, ``source``,
+            ``modality``, ``accession_hash``, ``size``).
+
+        Returns
+        -------
+        list of bool
+            Per row, ``True`` if the instance is new, ``False`` if it was already recorded.
+            Either every row is committed or none (the error is raised).
+        """
         t = now()
+        out: list[bool] = []
         with self.lock:
-            with self.transaction():  # one transaction
-                cur = self._conn.execute(
-                    "insert or ignore into instances (sop_instance_uid, sop_class_uid, study_uid,"
-                    " series_uid, path, transfer_syntax, calling_ae, source, received_at, size)"
-                    " values (?,?,?,?,?,?,?,?,?,?)",
-                    (sop_instance_uid, sop_class_uid, study_uid, series_uid, path,
-                     transfer_syntax, calling_ae, source, t, size))
-                new = cur.rowcount == 1
-                if new:
-                    self._conn.execute(
-                        "insert into series (series_uid, study_uid, modality, accession_hash,"
-                        " n_instances, first_received_at, last_received_at, source,"
-                        " processed_instances) values (?,?,?,?,1,?,?,?,0)"
-                        " on conflict(series_uid) do update set n_instances = n_instances + 1,"
-                        " last_received_at = excluded.last_received_at",
-                        (series_uid, study_uid, modality, accession_hash, t, t, source))
-        return new
+            with self.transaction() as c:
+                for r in rows:
+                    source = r.get("source", "scp")
+                    cur = c.execute(
+                        "insert or ignore into instances (sop_instance_uid, sop_class_uid,"
+                        " study_uid, series_uid, path, transfer_syntax, calling_ae, source,"
+                        " received_at, size) values (?,?,?,?,?,?,?,?,?,?)",
+                        (r["sop_instance_uid"], r["sop_class_uid"], r["study_uid"],
+                         r["series_uid"], str(r["path"]), r.get("transfer_syntax", ""),
+                         r.get("calling_ae", ""), source, t, int(r.get("size", 0))))
+                    new = cur.rowcount == 1
+                    out.append(new)
+                    if new:
+                        c.execute(
+                            "insert into series (series_uid, study_uid, modality, accession_hash,"
+                            " n_instances, first_received_at, last_received_at, source,"
+                            " processed_instances) values (?,?,?,?,1,?,?,?,0)"
+                            " on conflict(series_uid) do update set n_instances = n_instances + 1,"
+                            " last_received_at = excluded.last_received_at",
+                            (r["series_uid"], r["study_uid"], r.get("modality", ""),
+                             r.get("accession_hash", ""), t, t, source))
+        return out
+
+    def instances_by_uid(self, sop_instance_uids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The recorded rows of these SOP Instance UIDs (missing ones are left out).
+
+        Parameters
+        ----------
+        sop_instance_uids : sequence of str
+
+        Returns
+        -------
+        dict
+            SOP Instance UID -> instance row.
+        """
+        uids = list(dict.fromkeys(sop_instance_uids))
+        out: dict[str, dict[str, Any]] = {}
+        with self.lock:
+            for i in range(0, len(uids), 500):
+                part = uids[i:i + 500]
+                out.update((r["sop_instance_uid"], r) for r in self.db.query(
+                    "select * from instances where sop_instance_uid in"
+                    f" ({','.join('?' * len(part))})", part))
+        return out
 
     def series_instances(self, series_uid: str) -> list[dict[str, Any]]:
         """All recorded instances of a series."""

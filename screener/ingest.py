@@ -4,6 +4,10 @@ The C-STORE handler is thin and runs inline in the association thread, so the
 sender waits for exactly this: check -> save durably -> record -> status.
 Success (0x0000) is returned only after the file is fsync'ed under its final
 name and its row is committed, so an acknowledged instance survives a crash.
+Saving and recording are a group commit (:class:`GroupCommitter`): the
+instances that the open associations deliver within ``ingest_group_window_ms``
+are renamed into place, their folders fsync'ed and their rows committed in
+one transaction, and each handler answers only after its group is durable.
 
 Every storage SOP class is accepted at negotiation (a PACS forwarding a whole
 study must not fail on our own SR or on an MR); instances of classes the
@@ -35,11 +39,14 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import ssl
 import threading
 import time
+import types
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -56,8 +63,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from screener.config import Config
 from screener.db import Database
 from screener.logs import accession_hash
-from screener.storage import (StorageError, encode_file_meta, free_mb, fsync_dir,
-                              instance_path, write_atomic)
+from screener.storage import (StorageError, commit_rename, encode_file_meta, free_mb,
+                              fsync_dir, instance_path, write_temp)
 from screener.validation import (STATUS_BAD_PIXEL_DATA, STATUS_CANNOT_PARSE,  # noqa: F401
                                  STATUS_DATASET_MISMATCH, STATUS_DUPLICATE_CONFLICT,
                                  STATUS_INVALID_VALUE, STATUS_OUT_OF_DISK,
@@ -145,12 +152,7 @@ def _existing(db: Database, sop_uid: str) -> dict[str, Any] | None:
     """The recorded instance if its file is in place with the recorded size (else ``None``:
     a power cut after the commit but before the folder fsync; the instance is written again)."""
     row = db.get_instance(sop_uid)
-    if row is None:
-        return None
-    try:
-        return row if os.stat(row["path"]).st_size == int(row["size"] or 0) else None
-    except OSError:
-        return None
+    return row if row is not None and _in_place(row) else None
 
 
 def _duplicate_status(event: evt.Event, db: Database, row: dict[str, Any], ts: str,
@@ -210,9 +212,11 @@ def _ignore(event: evt.Event, db: Database, uids: dict[str, str], sop_class: str
     return STATUS_SUCCESS
 
 
-def _store(event: evt.Event, db: Database, config: Config, syncer: Executor | None,
-           ds: Dataset, uids: dict[str, str], ts: str, calling_ae: str) -> int:
-    """Write, fsync and record an accepted instance; returns 0x0000."""
+def _store(event: evt.Event, db: Database, config: Config, committer: "GroupCommitter",
+           ds: Dataset, uids: dict[str, str], ts: str, calling_ae: str) -> int | Dataset:
+    """Write and fdatasync an accepted instance to a temp file, hand it to the group
+    commit and wait until its group is durable; returns 0x0000 (or the duplicate status
+    when another association stored the same SOP Instance UID first)."""
     sop_class = str(event.request.AffectedSOPClassUID or "")
     study_uid, series_uid = uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
     sop_uid = uids["SOPInstanceUID"]
@@ -220,27 +224,22 @@ def _store(event: evt.Event, db: Database, config: Config, syncer: Executor | No
     try:
         meta = encode_file_meta(sop_class, sop_uid, ts, PYNETDICOM_IMPLEMENTATION_UID,
                                 PYNETDICOM_IMPLEMENTATION_VERSION, calling_ae)
-        size = write_atomic(path, (meta, event.encoded_dataset(include_meta=False)),
-                            config.tmp_dir, sync_dir=False)
-        dir_synced = (syncer.submit(fsync_dir, path.parent) if syncer is not None
-                      else _done(fsync_dir, path.parent))
+        tmp, size = write_temp((meta, event.encoded_dataset(include_meta=False)),
+                               config.tmp_dir)
     except StorageError as exc:
         status = STATUS_OUT_OF_DISK if exc.errno == errno.ENOSPC else STATUS_WRITE_FAILED
         raise Rejected(status, f"cannot write the file: {exc.strerror}") from exc
-    try:
-        db.record_instance(sop_instance_uid=sop_uid, sop_class_uid=sop_class,
-                           study_uid=study_uid, series_uid=series_uid, path=str(path),
-                           transfer_syntax=ts, calling_ae=calling_ae, source="scp",
-                           modality=str(ds.get("Modality") or ""),
-                           accession_hash=accession_hash(str(ds.get("AccessionNumber") or "")),
-                           size=size)
-    except Exception as exc:  # noqa: BLE001 - e.g. "database or disk is full"
-        raise Rejected(STATUS_OUT_OF_DISK if "full" in str(exc) else STATUS_WRITE_FAILED,
-                       f"cannot record the instance: {exc}") from exc
-    try:
-        dir_synced.result()
-    except OSError as exc:
-        raise Rejected(STATUS_WRITE_FAILED, f"cannot sync the folder: {exc.strerror}") from exc
+    row = dict(sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_uid=study_uid,
+               series_uid=series_uid, path=str(path), transfer_syntax=ts, calling_ae=calling_ae,
+               source="scp", modality=str(ds.get("Modality") or ""),
+               accession_hash=accession_hash(str(ds.get("AccessionNumber") or "")), size=size)
+    outcome = committer.commit(_Pending(tmp=tmp, dest=path, row=row))
+    if outcome == DUPLICATE:
+        existing = _existing(db, sop_uid)
+        if existing is not None:
+            return _duplicate_status(event, db, existing, ts, calling_ae)
+        raise Rejected(STATUS_WRITE_FAILED, "stored concurrently by another association"
+                                            " and not in place; send it again")
     st = _stats(event)
     st["stored"] += 1
     st["bytes"] += size
@@ -251,24 +250,254 @@ def _store(event: evt.Event, db: Database, config: Config, syncer: Executor | No
     return STATUS_SUCCESS
 
 
+#: :meth:`GroupCommitter.commit` outcomes.
+STORED = "stored"
+DUPLICATE = "duplicate"
+
+#: Most instances in one group commit.
+GROUP_MAX = 64
+
+#: Seconds a handler waits for its group beyond the window before it answers 0xA701.
+GROUP_TIMEOUT_SECONDS = 120.0
+
+#: Queued by :meth:`GroupCommitter.association_closed`: look at the waiting group again.
+_WAKE = object()
+
+
+@dataclass
+class _Pending:
+    """One received instance waiting in a group: its fdatasync'ed temp file, its final
+    name, its ``instances`` row, and the future its handler waits on."""
+
+    tmp: Path
+    dest: Path
+    row: dict[str, Any]
+    done: Future[str] = field(default_factory=Future)
+
+
+class GroupCommitter:
+    """The commit thread of the SCP: instances of all associations, one group at a time.
+
+    Each C-STORE handler writes and fdatasyncs its instance to a temp file
+    (in its own association thread, in parallel with the others), then
+    :meth:`commit` queues it here and waits. The commit thread takes the first
+    waiting instance and gathers more for up to ``window`` seconds, but no
+    longer than needed: it stops waiting as soon as every open association
+    has an instance in the group (an association has at most one C-STORE
+    outstanding: asynchronous operations are not negotiated), so a single
+    sender never waits for the window. Then, for the whole group: renames
+    into ``store/`` (folders created durably), one fsync per folder beside ONE
+    SQLite transaction for every row, and only then are the handlers released
+    to answer 0x0000. A crash before that leaves temp files only
+    (:func:`screener.storage.clean_tmp` removes them at start) and nothing
+    acknowledged.
+
+    Parameters
+    ----------
+    db : Database
+    syncer : concurrent.futures.Executor
+        Runs the folder fsyncs beside the database commit.
+    window : float
+        Seconds to hold a group open for more instances (``ingest_group_window_ms``).
+    max_group : int
+        Most instances in one group.
+    """
+
+    def __init__(self, db: Database, syncer: Executor, window: float,
+                 max_group: int = GROUP_MAX) -> None:
+        self.db = db
+        self.syncer = syncer
+        self.window = max(0.0, float(window))
+        self.max_group = max(1, int(max_group))
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._open = 0
+        self._stopped = False
+        self.groups = 0
+        self.committed = 0
+        self._thread = threading.Thread(target=self._run, name="screener-group-commit",
+                                        daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ associations
+    def association_opened(self) -> None:
+        """Count an open association (one that may add an instance to a group)."""
+        with self._lock:
+            self._open += 1
+
+    def association_closed(self) -> None:
+        """Count a closed association (a group waiting for it is looked at again)."""
+        with self._lock:
+            self._open = max(0, self._open - 1)
+        self._queue.put(_WAKE)
+
+    def open_associations(self) -> int:
+        """Associations open now."""
+        with self._lock:
+            return self._open
+
+    # ------------------------------------------------------------------ commit
+    def commit(self, pending: _Pending) -> str:
+        """Queue one instance and wait until its group is durable.
+
+        Returns
+        -------
+        str
+            :data:`STORED` (file in place and fsync'ed, row committed) or
+            :data:`DUPLICATE` (the SOP Instance UID was stored by another
+            instance first; the temp file is removed).
+
+        Raises
+        ------
+        Rejected
+            0xA700 / 0xA701 with the reason (nothing was acknowledged).
+        """
+        with self._lock:
+            if self._stopped:
+                _unlink(pending.tmp)
+                raise Rejected(STATUS_WRITE_FAILED, "the service is stopping; send it again")
+            self._queue.put(pending)
+        try:
+            return pending.done.result(timeout=self.window + GROUP_TIMEOUT_SECONDS)
+        except TimeoutError:
+            raise Rejected(STATUS_WRITE_FAILED, "the group commit did not finish in time; "
+                                                "send it again") from None
+
+    def stop(self) -> None:
+        """Commit what is queued, then end the thread; later instances are refused."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._queue.put(None)
+        self._thread.join()
+
+    def _gather(self, first: _Pending) -> tuple[list[_Pending], bool]:
+        """The group that starts with ``first``; and whether the stop sentinel came."""
+        group = [first]
+        deadline = time.monotonic() + self.window
+        while len(group) < self.max_group:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                if len(group) >= self.open_associations():
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is None:
+                return group, True
+            if item is not _WAKE:
+                group.append(item)
+        return group, False
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            if first is _WAKE:
+                continue
+            group, stop = self._gather(first)
+            try:
+                self._commit(group)
+            except BaseException as exc:  # noqa: BLE001 - never leave a handler waiting
+                log.exception("group commit failed")
+                for p in group:
+                    if not p.done.done():
+                        _unlink(p.tmp)
+                        p.done.set_exception(Rejected(
+                            STATUS_WRITE_FAILED, f"internal error: {type(exc).__name__}"))
+            if stop:
+                return
+
+    def _commit(self, group: list[_Pending]) -> None:
+        """Rename, fsync the folders, record every row in one transaction, release."""
+        rows = self.db.instances_by_uid([p.row["sop_instance_uid"] for p in group])
+        live: list[_Pending] = []
+        seen: set[str] = set()
+        for p in group:
+            sop = p.row["sop_instance_uid"]
+            row = rows.get(sop)
+            if sop in seen or (row is not None and _in_place(row)):
+                _unlink(p.tmp)        # stored first by another instance: answered as a duplicate
+                p.done.set_result(DUPLICATE)
+                continue
+            seen.add(sop)
+            try:
+                commit_rename(p.tmp, p.dest)
+            except StorageError as exc:
+                _unlink(p.tmp)
+                p.done.set_exception(Rejected(
+                    STATUS_OUT_OF_DISK if exc.errno == errno.ENOSPC else STATUS_WRITE_FAILED,
+                    f"cannot write the file: {exc.strerror}"))
+                continue
+            live.append(p)
+        if not live:
+            return
+        folders = {d: self.syncer.submit(fsync_dir, d) for d in {p.dest.parent for p in live}}
+        try:
+            self.db.record_instances([p.row for p in live])
+        except Exception as exc:  # noqa: BLE001 - e.g. "database or disk is full"
+            for f in folders.values():
+                f.exception()
+            rej_status = STATUS_OUT_OF_DISK if "full" in str(exc) else STATUS_WRITE_FAILED
+            for p in live:
+                _unlink(p.dest)       # not recorded, not acknowledged: no orphan in store/
+                p.done.set_exception(Rejected(rej_status, f"cannot record the instance: {exc}"))
+            return
+        failed = {d: f.exception() for d, f in folders.items()}
+        self.groups += 1
+        self.committed += len(live)
+        for p in live:
+            exc = failed[p.dest.parent]
+            if exc is not None:
+                p.done.set_exception(Rejected(
+                    STATUS_WRITE_FAILED,
+                    f"cannot sync the folder: {getattr(exc, 'strerror', None) or exc}"))
+            else:
+                p.done.set_result(STORED)
+
+
+def _in_place(row: dict[str, Any]) -> bool:
+    """Whether a recorded instance's file is in place with its recorded size."""
+    try:
+        return os.stat(row["path"]).st_size == int(row["size"] or 0)
+    except OSError:
+        return False
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def handle_store(event: evt.Event, db: Database, config: Config,
-                 syncer: Executor | None = None) -> int | Dataset:
+                 committer: GroupCommitter) -> int | Dataset:
     """``EVT_C_STORE`` handler: check, store durably, record, return the status.
 
-    Durability: the file is written to a temp name and fdatasync'ed, renamed
-    into place, then the folder fsync and the database commit run in
-    parallel (``syncer``), and success is returned only after both. A power
-    cut between them can leave a row whose file is missing; a re-sent
-    instance is then written again, because "already stored" means recorded
-    *and* the file present with its recorded size.
+    Durability (group commit, :class:`GroupCommitter`): the file is written to
+    a temp name and fdatasync'ed in this association's thread; the commit
+    thread then renames it into place with the other instances of its group,
+    fsyncs their folders beside ONE database transaction for all of their
+    rows, and only then does this handler return success. A power cut between
+    the folder fsync and the commit can leave a row whose file is missing; a
+    re-sent instance is then written again, because "already stored" means
+    recorded *and* the file present with its recorded size.
 
     Parameters
     ----------
     event : pynetdicom.events.Event
     db : screener.db.Database
     config : screener.config.Config
-    syncer : concurrent.futures.Executor, optional
-        Runs the folder fsync beside the database commit; ``None`` runs it first.
+    committer : GroupCommitter
+        The SCP's commit thread.
 
     Returns
     -------
@@ -293,7 +522,7 @@ def handle_store(event: evt.Event, db: Database, config: Config,
         row = _existing(db, uids["SOPInstanceUID"])
         if row is not None:
             return _duplicate_status(event, db, row, ts, calling_ae)
-        return _store(event, db, config, syncer, ds, uids, ts, calling_ae)
+        return _store(event, db, config, committer, ds, uids, ts, calling_ae)
     except Rejected as rej:
         _stats(event)["refused"] += 1
         log.warning("instance refused", sop_instance_uid=sop_instance, calling_ae=calling_ae,
@@ -306,19 +535,12 @@ def handle_store(event: evt.Event, db: Database, config: Config,
         return _failure(STATUS_WRITE_FAILED, f"internal error: {type(exc).__name__}")
 
 
-def _done(fn: Any, *args: Any) -> Future[Any]:
-    """Run ``fn`` now and return its outcome as a completed future."""
-    fut: Future[Any] = Future()
-    try:
-        fut.set_result(fn(*args))
-    except Exception as exc:  # noqa: BLE001 - re-raised by .result()
-        fut.set_exception(exc)
-    return fut
-
-
-def handle_conn_close(event: evt.Event) -> None:
+def handle_conn_close(event: evt.Event, committer: GroupCommitter | None = None) -> None:
     """``EVT_CONN_CLOSE``: one summary line per association that sent instances or was
-    aborted (a warning then: the sender may not have finished)."""
+    aborted (a warning then: the sender may not have finished); the association no
+    longer counts for ``committer``'s groups."""
+    if committer is not None:
+        committer.association_closed()
     st = getattr(event.assoc, "_screener_stats", None)
     if not st:
         return
@@ -356,11 +578,34 @@ def handle_echo(event: evt.Event) -> int:
 DUL_POLL_SECONDS = 0.0002
 
 
-def handle_conn_open(event: evt.Event) -> None:
-    """``EVT_CONN_OPEN``: shorten the network loop's idle poll for this association."""
+def _recv_exact(self: Any, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` reading straight into one buffer: pynetdicom's reads
+    4096 bytes per ``socket.recv`` and extends a bytearray each time (128 calls for one
+    512 KiB slice). Same contract: ``nr_bytes`` bytes, fewer only when the peer closed."""
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    got = 0
+    while got < nr_bytes:
+        n = self.socket.recv_into(view[got:], nr_bytes - got)
+        if not n:
+            del view
+            del buf[got:]
+            return buf
+        got += n
+    return buf
+
+
+def handle_conn_open(event: evt.Event, committer: GroupCommitter | None = None) -> None:
+    """``EVT_CONN_OPEN``: shorten the network loop's idle poll for this association, read
+    its PDUs with :func:`_recv_exact`, and count it for ``committer``'s groups."""
+    if committer is not None:
+        committer.association_opened()
     dul = getattr(event.assoc, "dul", None)
     if dul is not None and hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_POLL_SECONDS
+    sock = getattr(dul, "socket", None)
+    if sock is not None and callable(getattr(sock, "recv", None)):
+        sock.recv = types.MethodType(_recv_exact, sock)
 
 
 class RejectionCounter:
@@ -515,6 +760,7 @@ class IngestServer:
     server: ThreadedAssociationServer
     syncer: ThreadPoolExecutor
     rejections: RejectionCounter
+    committer: GroupCommitter
 
     @property
     def port(self) -> int:
@@ -529,6 +775,7 @@ class IngestServer:
         self._stopped = True
         self.server.shutdown()
         self.ae.shutdown()
+        self.committer.stop()
         self.syncer.shutdown(wait=True)
         self.rejections.flush()
 
@@ -559,12 +806,13 @@ def start_scp(config: Config, db: Database) -> IngestServer:
     if config.allow_any_ae:
         log.warning("allow_any_ae is set: any calling AE title is accepted")
     syncer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="screener-fsync")
+    committer = GroupCommitter(db, syncer, config.ingest_group_window_ms / 1000.0)
     counter = RejectionCounter(db)
     handlers: list[Any] = [
-        (evt.EVT_C_STORE, handle_store, [db, config, syncer]),
+        (evt.EVT_C_STORE, handle_store, [db, config, committer]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_CONN_OPEN, handle_conn_open),
-        (evt.EVT_CONN_CLOSE, handle_conn_close),
+        (evt.EVT_CONN_OPEN, handle_conn_open, [committer]),
+        (evt.EVT_CONN_CLOSE, handle_conn_close, [committer]),
         (evt.EVT_ABORTED, handle_aborted),
         (evt.EVT_REJECTED, handle_rejected, [counter, config]),
     ]
@@ -572,9 +820,11 @@ def start_scp(config: Config, db: Database) -> IngestServer:
         server = ae.start_server((config.host, config.port), block=False,
                                  evt_handlers=handlers, ssl_context=ssl_context_from_config(config))
     except BaseException:
+        committer.stop()
         syncer.shutdown(wait=False)
         raise
-    srv = IngestServer(ae=ae, server=server, syncer=syncer, rejections=counter)
+    srv = IngestServer(ae=ae, server=server, syncer=syncer, rejections=counter,
+                       committer=committer)
     log.info("SCP listening", ae_title=config.ae_title, host=config.host, port=srv.port,
              tls=bool(config.tls_cert), sop_classes=len(ALL_STORAGE_CLASSES),
              processed_classes=len(IMAGE_STORAGE_CLASSES),

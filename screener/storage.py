@@ -242,6 +242,75 @@ def write_atomic(dest: Path, chunks: bytes | Iterable[bytes], tmp_dir: Path,
                 pass
 
 
+def write_temp(chunks: bytes | Iterable[bytes], tmp_dir: Path) -> tuple[Path, int]:
+    """Write bytes to a new private temp file in ``tmp_dir`` and ``fdatasync`` it.
+
+    The first half of :func:`write_atomic`, for a caller that renames the file
+    into place later (:func:`commit_rename`), e.g. together with other files in
+    one group commit. A crash before that rename leaves only the temp file,
+    which :func:`clean_tmp` removes at the next start.
+
+    Parameters
+    ----------
+    chunks : bytes or iterable of bytes
+        The content.
+    tmp_dir : pathlib.Path
+        Folder for the temporary file, on the same file system as the store.
+
+    Returns
+    -------
+    (pathlib.Path, int)
+        The temp file (``.rx-*.part``) and the number of bytes written.
+
+    Raises
+    ------
+    StorageError
+        Writing or fdatasync failed (the temp file is removed).
+    """
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        chunks = (bytes(chunks),)
+    tmp_path = ""
+    try:
+        fd, tmp_path = tempfile.mkstemp(dir=str(tmp_dir), prefix=".rx-", suffix=".part")
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+        size = 0
+        with os.fdopen(fd, "wb") as fh:
+            for c in chunks:
+                fh.write(c)
+                size += len(c)
+            fh.flush()
+            os.fdatasync(fh.fileno())
+        done, tmp_path = Path(tmp_path), ""
+        return done, size
+    except OSError as exc:
+        raise StorageError(exc.errno, f"cannot write a temp file: {exc.strerror or exc}") from exc
+    finally:
+        if tmp_path:
+            try:
+                os.unlink(tmp_path)
+            except OSError:
+                pass
+
+
+def commit_rename(tmp: Path, dest: Path) -> None:
+    """Move a :func:`write_temp` file to its final name, creating its folders durably.
+
+    The rename itself is durable only after :func:`fsync_dir` of ``dest.parent``
+    (left to the caller, so that one fsync covers every file of a folder).
+
+    Raises
+    ------
+    StorageError
+        A folder could not be created or the rename failed (``tmp`` is left as it is).
+    """
+    dest = Path(dest)
+    try:
+        _makedirs_durable(dest.parent)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise StorageError(exc.errno, f"cannot store {dest.name}: {exc.strerror or exc}") from exc
+
+
 def copy_atomic(src: Path, dest: Path, tmp_dir: Path, chunk_size: int = 1 << 20) -> int:
     """Copy a file durably and atomically (see :func:`write_atomic`); returns its size."""
     def chunks() -> Iterable[bytes]:
