@@ -551,6 +551,64 @@ def _mean_loss(model: nn.Module, loss: LossFn, x: torch.Tensor, y: torch.Tensor,
     return total / max(count, 1)
 
 
+def _fit_tensors(ds: ArrayDataset, loss: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                      torch.Tensor | None]:
+    """Images, targets, extras and the loss's sample weights of ``ds`` as CPU tensors."""
+    x = torch.from_numpy(np.ascontiguousarray(ds.images))
+    y = torch.from_numpy(np.ascontiguousarray(ds.targets))
+    e = None if ds.extras is None else torch.from_numpy(ds.extras)
+    w_np = loss.weights(ds.targets)
+    w = None if w_np is None else torch.from_numpy(w_np)
+    return x, y, e, w
+
+
+def _resume(ckpt: Path, model: nn.Module, opt: Any, sched: Any, gen: torch.Generator) -> tuple[Any, ...]:
+    """Load a :func:`fit` checkpoint into ``model``, ``opt``, ``sched`` and ``gen``.
+
+    Returns ``(start epoch, best_val, best_epoch, wait, best_state, history, stopped_early)``.
+    """
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{ckpt} is not a screener training checkpoint; delete it or train without --resume")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None and state.get("scheduler") is not None:
+        sched.load_state_dict(state["scheduler"])
+    start = int(state["epoch"])
+    best_val, best_epoch, wait = float(state["best_val"]), int(state["best_epoch"]), int(state["wait"])
+    best_state = state["best_state"]
+    history = [dict(h) for h in state["history"]]
+    stopped = bool(state["stopped_early"])
+    _set_rng_state(gen, state["rng"])
+    log.info("training.resume", checkpoint=str(ckpt), epoch=start)
+    return start, best_val, best_epoch, wait, best_state, history, stopped
+
+
+def _train_epoch(model: nn.Module, loss: Any, opt: Any, data: tuple[Any, Any, Any, Any], config: "FitConfig",
+                 gen: torch.Generator, dev: torch.device, desc: str, epoch: int) -> float:
+    """One pass over the training samples in a shuffled order (augmented as configured); mean loss."""
+    x, y, e, w = data
+    model.train()
+    order = torch.randperm(len(x), generator=gen)
+    total, count = 0.0, 0
+    for idx in _batches(order, config.batch_size):
+        xb = x[idx].to(dev)
+        if config.augmentation.enabled:
+            xb = apply_augmentation(xb, sample_augmentation(len(idx), config.augmentation, gen))
+        eb = None if e is None else e[idx].to(dev)
+        wb = None if w is None else w[idx].to(dev)
+        opt.zero_grad(set_to_none=True)
+        out = _call(model, xb, eb)
+        lv = loss(out, y[idx].to(dev), wb)
+        if not torch.isfinite(lv):
+            raise FloatingPointError(f"{desc}: loss became {float(lv)} at epoch {epoch}; lower [optimizer] lr")
+        lv.backward()
+        opt.step()
+        total += float(lv.detach()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
 def fit(
     model: nn.Module,
     train: ArrayDataset,
@@ -596,19 +654,8 @@ def fit(
     """
     dev = torch.device(resolve_device(device))
     loss = build_loss(config.loss, train.targets)
-    x = torch.from_numpy(np.ascontiguousarray(train.images))
-    y = torch.from_numpy(np.ascontiguousarray(train.targets))
-    e = None if train.extras is None else torch.from_numpy(train.extras)
-    w_np = loss.weights(train.targets)
-    w = None if w_np is None else torch.from_numpy(w_np)
-    if val is not None and len(val):
-        vx = torch.from_numpy(np.ascontiguousarray(val.images))
-        vy = torch.from_numpy(np.ascontiguousarray(val.targets))
-        ve = None if val.extras is None else torch.from_numpy(val.extras)
-        vw_np = loss.weights(val.targets)
-        vw = None if vw_np is None else torch.from_numpy(vw_np)
-    else:
-        vx, vy, ve, vw = x, y, e, w
+    x, y, e, w = _fit_tensors(train, loss)
+    vx, vy, ve, vw = _fit_tensors(val, loss) if val is not None and len(val) else (x, y, e, w)
 
     model.to(dev)
     opt = _optimizer(model, config.optimizer)
@@ -623,20 +670,7 @@ def fit(
     ckpt = Path(checkpoint) if checkpoint is not None else None
 
     if resume and ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt} is not a screener training checkpoint; delete it or train without --resume")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state.get("scheduler") is not None:
-            sched.load_state_dict(state["scheduler"])
-        start = int(state["epoch"])
-        best_val, best_epoch, wait = float(state["best_val"]), int(state["best_epoch"]), int(state["wait"])
-        best_state = state["best_state"]
-        history = [dict(h) for h in state["history"]]
-        stopped = bool(state["stopped_early"])
-        _set_rng_state(gen, state["rng"])
-        log.info("training.resume", checkpoint=str(ckpt), epoch=start)
+        start, best_val, best_epoch, wait, best_state, history, stopped = _resume(ckpt, model, opt, sched, gen)
 
     def _save(next_epoch: int) -> None:
         if ckpt is None:
@@ -663,25 +697,7 @@ def fit(
         while epoch < config.epochs and not stopped:
             if stop_after is not None and done_now >= stop_after:
                 break
-            model.train()
-            order = torch.randperm(len(x), generator=gen)
-            total, count = 0.0, 0
-            for idx in _batches(order, config.batch_size):
-                xb = x[idx].to(dev)
-                if config.augmentation.enabled:
-                    xb = apply_augmentation(xb, sample_augmentation(len(idx), config.augmentation, gen))
-                eb = None if e is None else e[idx].to(dev)
-                wb = None if w is None else w[idx].to(dev)
-                opt.zero_grad(set_to_none=True)
-                out = _call(model, xb, eb)
-                lv = loss(out, y[idx].to(dev), wb)
-                if not torch.isfinite(lv):
-                    raise FloatingPointError(f"{desc}: loss became {float(lv)} at epoch {epoch}; lower [optimizer] lr")
-                lv.backward()
-                opt.step()
-                total += float(lv.detach()) * len(idx)
-                count += len(idx)
-            train_loss = total / max(count, 1)
+            train_loss = _train_epoch(model, loss, opt, (x, y, e, w), config, gen, dev, desc, epoch)
             val_loss = _mean_loss(model, loss, vx, vy, ve, vw, config.batch_size, dev)
             if sched is not None:
                 sched.step(val_loss) if config.scheduler.name == "plateau" else sched.step()
