@@ -11,7 +11,8 @@ opens each study, double-clicks the SR, and steps through its measurement groups
 arrows.  For every group the test asserts, from the page and cornerstone's state, that the
 viewport shows the group's referenced image, that the group's graphic is drawn there with its
 values as the label; it opens the CT's SEG (:func:`screener.reporting.seg.build_seg`, issue 20
-item 2: the ROIs; and the outlines -- the L1 trabecular body, the top decile of l1_axial's Grad-RAMP)
+item 2: the ROIs; and the outlines -- the L1 trabecular body, the top decile of l1_axial's Grad-RAMP,
+the femoral heads)
 and checks OHIF loaded every segment and listed the Parametric Map of the Grad-RAMP; and -- at the end -- that the
 browser console logged no error.
 
@@ -399,7 +400,8 @@ return out;
 def check_seg(driver: Any, origin: str, files: list[Path], res: Any) -> None:
     """Open the study's two SEGs and check OHIF loaded every segment with its pixels: the ROIs
     (one per planar ROI of the CT's findings), then the outlines (the L1 trabecular body, the top
-    decile of l1_axial's Grad-RAMP); screenshots on the L1 ROI's and the Grad-RAMP's slices."""
+    decile of l1_axial's Grad-RAMP, the femoral heads); screenshots on the L1 ROI's, the
+    Grad-RAMP's and a femoral head's slices."""
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     got = _open_seg(driver, origin, study_uid, SEG_SERIES_DESCRIPTION)
     want = [f"{f.site} ROI ({f.protocol})" for f in res.findings
@@ -411,7 +413,8 @@ def check_seg(driver: Any, origin: str, files: list[Path], res: Any) -> None:
     got = _open_seg(driver, origin, study_uid, LAYER_SEG_SERIES_DESCRIPTION)
     want = [f"{layer.label}{' top decile' if layer.kind == 'map' else ''} ({f.protocol})"
             for f in res.findings for layer in f.layers]
-    assert want == ["L1 trabecular body (l1_attenuation)", "Grad-RAMP top decile (l1_axial)"], want
+    assert set(want) == {"L1 trabecular body (l1_attenuation)", "Grad-RAMP top decile (l1_axial)",
+                         "right femoral head (femur_coronal)", "left femoral head (femur_coronal)"}, want
     assert [g["segments"] for g in got] == [want], got
     # every segment has its pixels in OHIF's labelmap (a viewer that merges overlapping segments
     # into one labelmap drops some: hence the ROIs and the outlines are two SEGs)
@@ -420,6 +423,9 @@ def check_seg(driver: Any, origin: str, files: list[Path], res: Any) -> None:
     assert sorted(int(k) for k in counts) == list(range(1, len(want) + 1)), counts
     axial = next(f for f in res.findings if f.protocol == "l1_axial")
     _show_slice(driver, next(iter(axial.layers[0].planes)), "ct-seg-gradramp.png")
+    femur = next(f for f in res.findings if f.protocol == "femur_coronal")
+    right = list(femur.layers[0].planes)
+    _show_slice(driver, right[len(right) // 2], "ct-seg-femoral-heads.png")
     # the Parametric Map of the Grad-RAMP is in the study, recognised as one (OHIF's loader of it
     # needs a frame for every slice of the series: ours has the L1 slice only, so it is not opened)
     sops = driver.execute_script("return window.services.displaySetService.getActiveDisplaySets()"

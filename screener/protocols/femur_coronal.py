@@ -183,6 +183,8 @@ class FemurCoronalProtocol(ModelProtocol):
             f"crops through the femoral necks, right femur left, left femur right, window C {pp.WINDOW_CENTER:g} / "
             f"W {pp.WINDOW_WIDTH:g}")
         finding.details["overlay_pixel_spacing_mm"] = [pp.CROP_SPACING_MM / 2.0, pp.CROP_SPACING_MM / 2.0]
+        from screener.preprocess.femoral_head import femoral_head_layers
+        finding.layers += femoral_head_layers(volume, heads)  # the heads on their slices: the outlines SEG
         log.info("femur_coronal measured", series_uid=info.series_uid, grade=grade,
                  p=[round(float(p), 3) for p in prob], ms={k: round(v) for k, v in timing.items()})
         return [finding]
