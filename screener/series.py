@@ -128,6 +128,10 @@ class SeriesInfo:
     header : pydicom.dataset.Dataset or None
         Header of the first instance (no pixel data), for protocols that need
         more than the fields above (radiographs: ViewPosition, Laterality, ...).
+    datasets : list of pydicom.dataset.Dataset or None
+        With ``read_series_info(..., with_pixels=True)``: the whole files read (pixel data
+        still encoded), one per path, for :func:`load_volume` (``datasets=``) to decode without
+        reading the files again; ``None`` otherwise.
     """
 
     study_uid: str = ""
@@ -150,6 +154,7 @@ class SeriesInfo:
     n_scouts_excluded: int = 0
     paths: list[Path] = field(default_factory=list)
     header: Any = field(default=None, repr=False, compare=False)
+    datasets: list[Dataset] | None = field(default=None, repr=False, compare=False)
 
     @property
     def z_coverage_mm(self) -> float:
@@ -400,13 +405,17 @@ def header_body_part(ds: Any) -> str:
     return _body_part_of_region(regions[0]) if regions else ""
 
 
-def read_series_info(paths: Sequence[Path]) -> SeriesInfo:
+def read_series_info(paths: Sequence[Path], *, with_pixels: bool = False) -> SeriesInfo:
     """Summarise a series from its headers only (no pixel decoding).
 
     Parameters
     ----------
     paths : sequence of pathlib.Path
         The instance files of one series.
+    with_pixels : bool
+        Read the whole files (pixel data still encoded) and keep them in
+        ``SeriesInfo.datasets``: :func:`load_volume` given them (``datasets=info.datasets``)
+        decodes without reading and parsing every file a second time.
 
     Returns
     -------
@@ -420,7 +429,7 @@ def read_series_info(paths: Sequence[Path]) -> SeriesInfo:
     paths = [Path(p) for p in paths]
     if not paths:
         raise SeriesUnusable("series has no instances")
-    headers = [_read_header(p) for p in paths]
+    headers = [(_read_full if with_pixels else _read_header)(p) for p in paths]
     keep = _without_scouts(headers)
     n_scouts = len(headers) - len(keep)
     headers = [headers[i] for i in keep]
@@ -474,6 +483,7 @@ def read_series_info(paths: Sequence[Path]) -> SeriesInfo:
         mixed_series=len(series_uids) > 1,
         manufacturer=str(first.get("Manufacturer", "") or ""),
         paths=paths,
+        datasets=headers if with_pixels else None,
     )
 
 
@@ -634,7 +644,7 @@ def _check_geometry(headers: list[Dataset], paths: list[Path]) -> None:
                 "be resampled to an orthogonal grid (reconstruct without tilt)")
 
 
-def load_volume(paths: Sequence[Path]) -> Volume:
+def load_volume(paths: Sequence[Path], *, datasets: Sequence[Dataset] | None = None) -> Volume:
     """Read the instances of one series and build a HU :class:`~screener.domain.Volume`.
 
     Slices are sorted by their position along the slice normal (not by
@@ -648,6 +658,10 @@ def load_volume(paths: Sequence[Path]) -> Volume:
     ----------
     paths : sequence of pathlib.Path
         Instance files of one series.
+    datasets : sequence of pydicom.dataset.Dataset, optional
+        The files already read whole, one per path (``SeriesInfo.datasets`` of
+        ``read_series_info(paths, with_pixels=True)``): decoded without reading the files
+        again.  They become the volume's headers (their pixel data are dropped).
 
     Returns
     -------
@@ -665,7 +679,9 @@ def load_volume(paths: Sequence[Path]) -> Volume:
     paths = [Path(p) for p in paths]
     if not paths:
         raise SeriesUnusable("series has no instances")
-    headers = [_read_full(p) for p in paths]
+    if datasets is not None and len(datasets) != len(paths):
+        raise ValueError(f"{len(datasets)} datasets given for {len(paths)} paths")
+    headers = list(datasets) if datasets is not None else [_read_full(p) for p in paths]
     keep = _without_scouts(headers)
     warnings: list[str] = []
     if len(keep) < len(headers):

@@ -284,3 +284,31 @@ def test_few_frame_multiframe_ct_is_not_a_volume(tmp_path: Path) -> None:
     assert info.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2.2"
     d = axial_ct_decision(info)
     assert not d.accepted and d.reason.startswith("only 5 frames (< 10)")
+
+
+def test_series_read_once_loads_the_volume_read_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_series_info(with_pixels=True) + load_volume(datasets=...) read every file once and give
+    the info and volume of the two separate reads (a scout left out, an enhanced CT's frames)."""
+    import screener.series as series
+
+    ct = make_ct_series(tmp_path / "ax", seed=4, noise_sd=10, shuffle_instance_numbers=True, **SMALL)
+    scout = make_ct_series(tmp_path / "sc", series_uid=ct.series_uid, n_slices=1, rows=96, cols=96,
+                           pixel_spacing=3.4, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+                           orientation=(0, 1, 0, 0, 0, -1))
+    enh = make_enhanced_ct(ct.paths, tmp_path / "mf")
+    for paths in (scout.paths + ct.paths, [enh]):
+        ref_info, ref_vol = read_series_info(paths), load_volume(read_series_info(paths).paths)
+        reads: list[Path] = []
+        real = pydicom.dcmread
+        monkeypatch.setattr(series.pydicom, "dcmread", lambda p, *a, **k: reads.append(Path(p)) or real(p, *a, **k))
+        info = read_series_info(paths, with_pixels=True)
+        vol = load_volume(info.paths, datasets=info.datasets)
+        monkeypatch.setattr(series.pydicom, "dcmread", real)
+        assert sorted(reads) == sorted(paths)  # once each
+        assert info == ref_info and ref_info.datasets is None
+        np.testing.assert_array_equal(vol.array, ref_vol.array)
+        assert vol.spacing == ref_vol.spacing and vol.paths == ref_vol.paths and vol.warnings == ref_vol.warnings
+        assert [d.SOPInstanceUID for d in vol.datasets] == [d.SOPInstanceUID for d in ref_vol.datasets]
+        assert "PixelData" not in vol.datasets[0]
+    with pytest.raises(ValueError, match="datasets given"):
+        load_volume(ct.paths, datasets=[])
