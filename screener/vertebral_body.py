@@ -498,62 +498,14 @@ def segment_body(hu: np.ndarray, spacing: tuple[float, float, float],
     BodyNotFound
         With a plain-words reason.
     """
-    n_k, rows, cols = hu.shape
-    dk, dj, di = (abs(float(s)) for s in spacing)
-    sk, sj, si = (float(v) for v in seed)
-    if not (-0.5 <= sk <= n_k - 0.5 and 0 <= sj < rows and 0 <= si < cols):
-        raise BodyNotFound("the localizer's L1 centroid lies outside the image")
-    k0 = int(np.clip(round(sk), 0, n_k - 1))
-    hj, hi_ = int(np.ceil(CROP_XY_MM / dj)), int(np.ceil(CROP_XY_MM / di))
-    # fine pixels are block-averaged to a working grid of >= WORK_PIXEL_MM (speed, noise)
-    fj, fi = max(1, int(round(WORK_PIXEL_MM / dj))), max(1, int(round(WORK_PIXEL_MM / di)))
-    r0, c0 = max(0, int(sj) - hj), max(0, int(si) - hi_)
-    r1, c1 = min(rows, int(sj) + hj + 1), min(cols, int(si) + hi_ + 1)
-    r1, c1 = r0 + (r1 - r0) // fj * fj, c0 + (c1 - c0) // fi * fi
-    rs, cs = slice(r0, r1), slice(c0, c1)
-    hk = int(np.ceil(CROP_Z_MM / dk))
-    ks = range(max(0, k0 - hk), min(n_k, k0 + hk + 1))
-    nj, ni = (r1 - r0) // fj, (c1 - c0) // fi
-    dj, di = dj * fj, di * fi
-    sp2 = (dj, di)
-    sig = _sigma_px(BARRIER_SIGMA_MM, sp2)
-
-    def block(a: np.ndarray) -> np.ndarray:
-        if fj == 1 and fi == 1:
-            return a
-        return a.reshape(nj, fj, ni, fi).mean(axis=(1, 3))
-
-    def up(m: np.ndarray) -> np.ndarray:
-        if fj == 1 and fi == 1:
-            return m
-        return np.repeat(np.repeat(m, fj, axis=0), fi, axis=1)
-
-    # along the slices: Gaussian weights of the neighbouring slices (thin slices only)
-    sz = BARRIER_SIGMA_MM / dk
-    m = int(np.ceil(3 * sz)) if sz > 0.3 else 0
-    wz = np.exp(-0.5 * (np.arange(-m, m + 1) / max(sz, 1e-6)) ** 2) if m else np.ones(1)
-    cache2: dict[int, np.ndarray] = {}
-    cache: dict[int, np.ndarray] = {}
-
-    def sm2(k: int) -> np.ndarray:
-        if k not in cache2:
-            cache2[k] = ndimage.gaussian_filter(block(hu[k, rs, cs].astype(np.float32)), sigma=sig)
-        return cache2[k]
-
-    def sm(k: int) -> np.ndarray:
-        if k not in cache:
-            ws = [(w, k + o) for w, o in zip(wz, range(-m, m + 1)) if 0 <= k + o < n_k]
-            tot = sum(w for w, _ in ws)
-            cache[k] = sum(w * sm2(q) for w, q in ws) / tot
-        return cache[k]
-
-    seed2 = ((sj - r0 + 0.5) / fj - 0.5, (si - c0 + 0.5) / fi - 0.5)
+    g = _WorkGrid(hu, spacing, seed)
+    sm, dj, di, sp2, seed2, sk = g.sm, g.dj, g.di, g.sp2, g.seed2, g.sk
     # trabecular level near the seed, then the outline, then the level inside the outline
-    jj, ii = np.ogrid[:nj, :ni]
+    jj, ii = np.ogrid[:g.nj, :g.ni]
     near = ((jj - seed2[0]) * dj) ** 2 + ((ii - seed2[1]) * di) ** 2 <= 6.0 ** 2
-    t0 = float(np.median(sm(k0)[near]))
+    t0 = float(np.median(sm(g.k0)[near]))
     # the seed slice itself, else the nearest slices within 6 mm (a bad slice, the seed on an endplate)
-    tries = sorted((k for k in ks if abs(k - sk) * dk <= 6.0 + 1e-6), key=lambda k: (abs(k - sk), k))
+    tries = sorted((k for k in g.ks if abs(k - sk) * g.dk <= 6.0 + 1e-6), key=lambda k: (abs(k - sk), k))
     found = None
     for k in tries:
         found = _first_outline(sm(k), t0, sp2, seed2)
@@ -586,6 +538,25 @@ def segment_body(hu: np.ndarray, spacing: tuple[float, float, float],
         return region
 
     masks = {k_seed: mask0}
+    ends, notes, stride = _track(follow, masks, areas, k_seed, g.ks, g.dk, (dj, di))
+    seg = BodySegmentation(masks={k: g.up(m) for k, m in masks.items()}, first_slice=min(ends),
+                           last_slice=max(ends), crop=(g.rs, g.cs), trabecular_hu=t_body,
+                           cortex_threshold_hu=thr[1], low_threshold_hu=thr[0], closing_mm=r_close,
+                           seed_slice=k_seed, stride=stride, notes=notes, follow=follow,
+                           work_masks=masks, upsample=g.up)
+    return seg
+
+
+def _track(follow: Callable[[int, np.ndarray], np.ndarray | None], masks: dict[int, np.ndarray],
+           areas: list[float], k_seed: int, ks: range, dk: float,
+           pixel_mm: tuple[float, float]) -> tuple[list[int], list[str], int]:
+    """Follow the body up and down from the seed slice (step 3), filling ``masks`` and ``areas``.
+
+    Every ``stride``-th slice (about 2 mm) until ``follow`` loses the body, the crop ends or
+    :data:`MAX_HEIGHT_MM` is reached; then the slices the stride skipped past each end.
+    Returns ``(last slice each way, notes, stride)``.
+    """
+    dj, di = pixel_mm
     stride = max(1, int(np.floor(2.0 / dk + 1e-6)))
     ends = []
     notes: list[str] = []
@@ -613,12 +584,82 @@ def segment_body(hu: np.ndarray, spacing: tuple[float, float, float],
             if region is None:
                 break
             masks[k], ends[-1] = region, k
-    seg = BodySegmentation(masks={k: up(m) for k, m in masks.items()}, first_slice=min(ends),
-                           last_slice=max(ends), crop=(rs, cs), trabecular_hu=t_body,
-                           cortex_threshold_hu=thr[1], low_threshold_hu=thr[0], closing_mm=r_close,
-                           seed_slice=k_seed, stride=stride, notes=notes, follow=follow,
-                           work_masks=masks, upsample=up)
-    return seg
+    return ends, notes, stride
+
+
+class _WorkGrid:
+    """The crop around the seed, block-averaged to >= :data:`WORK_PIXEL_MM` and smoothed per slice.
+
+    Smoothing is in-plane (:data:`BARRIER_SIGMA_MM`) and, on thin slices, with Gaussian weights
+    of the neighbouring slices; both are cached per slice.
+
+    Raises
+    ------
+    BodyNotFound
+        When the seed lies outside the image.
+    """
+
+    def __init__(self, hu: np.ndarray, spacing: tuple[float, float, float],
+                 seed: tuple[float, float, float]) -> None:
+        self.hu = hu
+        n_k, rows, cols = hu.shape
+        dk, dj, di = (abs(float(s)) for s in spacing)
+        sk, sj, si = (float(v) for v in seed)
+        if not (-0.5 <= sk <= n_k - 0.5 and 0 <= sj < rows and 0 <= si < cols):
+            raise BodyNotFound("the localizer's L1 centroid lies outside the image")
+        k0 = int(np.clip(round(sk), 0, n_k - 1))
+        hj, hi_ = int(np.ceil(CROP_XY_MM / dj)), int(np.ceil(CROP_XY_MM / di))
+        # fine pixels are block-averaged to a working grid of >= WORK_PIXEL_MM (speed, noise)
+        fj, fi = max(1, int(round(WORK_PIXEL_MM / dj))), max(1, int(round(WORK_PIXEL_MM / di)))
+        r0, c0 = max(0, int(sj) - hj), max(0, int(si) - hi_)
+        r1, c1 = min(rows, int(sj) + hj + 1), min(cols, int(si) + hi_ + 1)
+        r1, c1 = r0 + (r1 - r0) // fj * fj, c0 + (c1 - c0) // fi * fi
+        rs, cs = slice(r0, r1), slice(c0, c1)
+        hk = int(np.ceil(CROP_Z_MM / dk))
+        ks = range(max(0, k0 - hk), min(n_k, k0 + hk + 1))
+        nj, ni = (r1 - r0) // fj, (c1 - c0) // fi
+        dj, di = dj * fj, di * fi
+        sp2 = (dj, di)
+        sig = _sigma_px(BARRIER_SIGMA_MM, sp2)
+
+        # along the slices: Gaussian weights of the neighbouring slices (thin slices only)
+        sz = BARRIER_SIGMA_MM / dk
+        m = int(np.ceil(3 * sz)) if sz > 0.3 else 0
+        wz = np.exp(-0.5 * (np.arange(-m, m + 1) / max(sz, 1e-6)) ** 2) if m else np.ones(1)
+        self.n_k, self.k0, self.sk, self.ks, self.nj, self.ni = n_k, k0, sk, ks, nj, ni
+        self.fj, self.fi, self.dk, self.dj, self.di, self.sp2 = fj, fi, dk, dj, di, sp2
+        self.rs, self.cs, self.sig, self.m, self.wz = rs, cs, sig, m, wz
+        self.seed2 = ((sj - r0 + 0.5) / fj - 0.5, (si - c0 + 0.5) / fi - 0.5)
+        self._cache2: dict[int, np.ndarray] = {}
+        self._cache: dict[int, np.ndarray] = {}
+
+    def block(self, a: np.ndarray) -> np.ndarray:
+        """Block-average crop pixels to the working grid."""
+        if self.fj == 1 and self.fi == 1:
+            return a
+        return a.reshape(self.nj, self.fj, self.ni, self.fi).mean(axis=(1, 3))
+
+    def up(self, m: np.ndarray) -> np.ndarray:
+        """A working-grid mask repeated back to crop pixels."""
+        if self.fj == 1 and self.fi == 1:
+            return m
+        return np.repeat(np.repeat(m, self.fj, axis=0), self.fi, axis=1)
+
+    def sm2(self, k: int) -> np.ndarray:
+        """Slice ``k`` on the working grid, smoothed in-plane."""
+        if k not in self._cache2:
+            self._cache2[k] = ndimage.gaussian_filter(self.block(self.hu[k, self.rs, self.cs].astype(np.float32)),
+                                                      sigma=self.sig)
+        return self._cache2[k]
+
+    def sm(self, k: int) -> np.ndarray:
+        """Slice ``k`` smoothed in-plane and across the neighbouring slices."""
+        if k not in self._cache:
+            m, wz = self.m, self.wz
+            ws = [(w, k + o) for w, o in zip(wz, range(-m, m + 1)) if 0 <= k + o < self.n_k]
+            tot = sum(w for w, _ in ws)
+            self._cache[k] = sum(w * self.sm2(q) for w, q in ws) / tot
+        return self._cache[k]
 
 
 def _threshold(smooth: np.ndarray, mask: np.ndarray, spacing: tuple[float, float]
