@@ -61,6 +61,10 @@ class Config:
         Retry policy of the exporter (exponential backoff).
     tls_cert, tls_key, tls_ca : str
         Optional TLS for the SCP (PEM paths); all empty = plain TCP.
+    export_tls_ca, export_tls_cert, export_tls_key : str
+        For ``tls:AE@host:port`` destinations (PEM paths): the CA that signed the PACS's
+        certificate (empty: the system's CAs), and the screener's own certificate and key when the
+        PACS asks for one (both or neither).
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda"`` for model inference.
     models_dir : pathlib.Path
@@ -110,6 +114,9 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    export_tls_ca: str = ""
+    export_tls_cert: str = ""
+    export_tls_key: str = ""
     device: str = "auto"
     models_dir: Path = DEFAULT_MODELS_DIR
     protocols: list[str] = field(default_factory=list)
@@ -207,12 +214,12 @@ class Config:
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "tls_key" and v:
+            if f.name in ("tls_key", "export_tls_key") and v:
                 v = "<set>"
             elif isinstance(v, Path):
                 v = str(v)
             elif f.name == "destinations":
-                v = [f"{d.ae_title}@{d.host}:{d.port}" for d in v]
+                v = [d.key for d in v]
             out[f.name] = v
         return out
 
@@ -404,4 +411,6 @@ def load_config(path: str | os.PathLike[str] | None = None,
                           f"not {cfg.health_port}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("TLS needs both tls_cert and tls_key (PEM files), or neither")
+    if bool(cfg.export_tls_cert) != bool(cfg.export_tls_key):
+        raise ConfigError("export TLS needs both export_tls_cert and export_tls_key (PEM files), or neither")
     return cfg

@@ -9,6 +9,10 @@ Forms
 -----
 ``AE@host:port``
     A DICOM node, sent to by C-STORE with our AE title as the calling AE.
+``tls:AE@host:port``
+    The same over TLS (PS3.15 secure transport): the node's certificate is checked against
+    ``export_tls_ca`` (else the system's CAs) and its host name; with ``export_tls_cert`` /
+    ``export_tls_key`` the screener presents its own certificate.
 ``dicomweb+https://host/dicom-web`` (or ``dicomweb+http://``)
     A DICOMweb service root; results are stored with STOW-RS
     (``POST {root}/studies``), with the same retries and back-off as C-STORE.
@@ -19,10 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-__all__ = ["DICOMWEB_PREFIX", "Destination", "parse_destination"]
+__all__ = ["DICOMWEB_PREFIX", "Destination", "TLS_PREFIX", "parse_destination"]
 
 #: prefix that marks a DICOMweb destination
 DICOMWEB_PREFIX = "dicomweb+"
+#: prefix that marks a DICOM node reached over TLS
+TLS_PREFIX = "tls:"
 
 
 @dataclass
@@ -37,6 +43,8 @@ class Destination:
         A label for logs (optional).
     url : str
         The DICOMweb service root (``https://host/dicom-web``), empty for a DICOM node.
+    tls : bool
+        A DICOM node reached over TLS.
     """
 
     ae_title: str = ""
@@ -44,6 +52,7 @@ class Destination:
     port: int = 0
     name: str = ""
     url: str = ""
+    tls: bool = False
 
     @property
     def kind(self) -> str:
@@ -52,13 +61,17 @@ class Destination:
 
     @property
     def key(self) -> str:
-        """The destination as written in the export queue: ``AE@host:port`` or ``dicomweb+URL``."""
-        return f"{DICOMWEB_PREFIX}{self.url}" if self.url else f"{self.ae_title}@{self.host}:{self.port}"
+        """The destination as written in the export queue: ``AE@host:port``, ``tls:AE@host:port``
+        or ``dicomweb+URL``."""
+        if self.url:
+            return f"{DICOMWEB_PREFIX}{self.url}"
+        return f"{TLS_PREFIX if self.tls else ''}{self.ae_title}@{self.host}:{self.port}"
 
 
 def parse_destination(item: str | Mapping[str, Any]) -> Destination:
-    """A :class:`Destination` from ``"AE@host:port"``, ``"dicomweb+https://host/dicom-web"`` or a
-    table with ``ae_title``, ``host``, ``port`` (and ``name``) or ``url`` (and ``name``).
+    """A :class:`Destination` from ``"AE@host:port"``, ``"tls:AE@host:port"``,
+    ``"dicomweb+https://host/dicom-web"`` or a table with ``ae_title``, ``host``, ``port`` (and
+    ``name``, ``tls``) or ``url`` (and ``name``).
 
     Raises
     ------
@@ -72,22 +85,35 @@ def parse_destination(item: str | Mapping[str, Any]) -> Destination:
         if not {"ae_title", "host", "port"} <= set(item):
             raise ValueError("a destination table needs ae_title, host and port (a DICOM node) or url "
                              "(a DICOMweb service root)")
+        tls = _flag(item.get("tls", False))
         try:
-            return Destination(str(item["ae_title"]), str(item["host"]), int(item["port"]), name)
+            return Destination(str(item["ae_title"]), str(item["host"]), int(item["port"]), name, tls=tls)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"destination port must be a number, got {item['port']!r}") from exc
     text = str(item).strip()
     if text.startswith(DICOMWEB_PREFIX):
         return _dicomweb(text[len(DICOMWEB_PREFIX):], "")
+    tls = text.startswith(TLS_PREFIX)
     try:
-        ae, hostport = text.split("@", 1)
+        ae, hostport = text[len(TLS_PREFIX) if tls else 0:].split("@", 1)
         host, port = hostport.rsplit(":", 1)
         if not ae or not host:
             raise ValueError
-        return Destination(ae, host, int(port))
+        return Destination(ae, host, int(port), tls=tls)
     except ValueError as exc:
-        raise ValueError(f"destination {text!r} is not 'AE@host:port' or "
+        raise ValueError(f"destination {text!r} is not 'AE@host:port', 'tls:AE@host:port' or "
                          "'dicomweb+https://host/dicom-web'") from exc
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(f"destination tls must be true or false, got {value!r}")
 
 
 def _dicomweb(url: str, name: str) -> Destination:

@@ -11,6 +11,7 @@ last error (``screener status`` shows it).
 """
 from __future__ import annotations
 
+import ssl
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -146,7 +147,16 @@ class Exporter:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         for sop_class, syntaxes in contexts.items():
             ae.add_requested_context(sop_class, syntaxes)
-        assoc = ae.associate(host, port, ae_title=ae_title)
+        if dest.tls:
+            try:
+                tls_args = (client_ssl_context(self.config), host)
+            except ValueError as exc:  # the configured PEM files cannot be read: retried, with the reason
+                for r, _ in datasets:
+                    out[self._failed_attempt(r, str(exc), at)] += 1
+                return out
+            assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
+        else:
+            assoc = ae.associate(host, port, ae_title=ae_title)
         if not assoc.is_established:
             why = ("rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted
                    else "no connection")
@@ -244,3 +254,23 @@ class Exporter:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+
+def client_ssl_context(config: Config) -> ssl.SSLContext:
+    """The TLS context the exporter uses for ``tls:AE@host:port`` destinations: the PACS's
+    certificate checked against ``export_tls_ca`` (else the system's trusted CAs) and its host name,
+    TLS 1.2 or later; with ``export_tls_cert`` / ``export_tls_key``, the screener's own certificate.
+
+    Raises
+    ------
+    ValueError
+        A configured PEM file cannot be read (the message names the config keys).
+    """
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.export_tls_ca or None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if config.export_tls_cert:
+            ctx.load_cert_chain(certfile=config.export_tls_cert, keyfile=config.export_tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"export TLS: cannot load export_tls_ca/export_tls_cert/export_tls_key: {exc}") from exc
+    return ctx
