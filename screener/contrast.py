@@ -454,14 +454,11 @@ def _consensus(values: list[float], valid: list[bool]) -> list[int]:
     return [int(i) for i in best]
 
 
-def _image_reading(volume: Volume, localization: SpineLocalization | None,
-                   kvp: float | None) -> tuple[str, float, dict[str, float]]:
-    """Phase, confidence and evidence from the pixels alone."""
-    ev: dict[str, float] = {}
-    if not volume.is_axial or volume.array.ndim != 3:
-        return "unknown", 0.0, ev
-    fk = kvp_factor(kvp)
-    ev["kvp_factor"] = round(fk, 3)
+def _slice_readings(volume: Volume, localization: SpineLocalization | None, fk: float
+                    ) -> tuple[list[float], list[float], list[tuple[float, float, float]], list[float], list[bool]]:
+    """Per picked slice with a spine and an aorta: aorta HU, IVC HU (NaN when not found), kidney
+    readings (where found), the noise of a 4 mm disc's mean (every slice with a spine) and whether
+    the aorta was round."""
     aortas: list[float] = []
     ivcs: list[float] = []
     kid: list[tuple[float, float, float]] = []
@@ -489,6 +486,49 @@ def _image_reading(volume: Volume, localization: SpineLocalization | None,
         kr = _kidneys(s, spine, a)
         if kr is not None:
             kid.append(kr)
+    return aortas, ivcs, kid, noises, valids
+
+
+def _phase(enh: float, aorta: float, ratio: float | None, kid_cortex: float | None, n_round: int,
+           noises: list[float], fk: float, ev: dict[str, float]) -> tuple[str, float]:
+    """Native or enhanced, and which phase, with a confidence (adds ``disc_noise_hu`` to ``ev``)."""
+    # enhanced or native
+    # on a noisy scan the brightest disc of a native scan reads high: raise the bar by 3 SD
+    bias = 3.0 * float(np.median(noises)) / fk if noises else 0.0
+    ev["disc_noise_hu"] = round(float(np.median(noises)), 1) if noises else 0.0
+    lo_t, hi_t = _NATIVE_MAX + bias, _ENHANCED_MIN + bias
+    if n_round == 0:  # no round vessel anywhere (a native aorta amid soft tissue): only a bright reading counts
+        lo_t, hi_t = max(lo_t, 150.0), max(hi_t, 150.0)
+    if enh < lo_t or (enh < hi_t and (kid_cortex is None or (kid_cortex - _NATIVE_BLOOD_HU) / fk < 80.0)):
+        conf = float(np.clip(0.6 + (hi_t - enh) / 50.0, 0.5, 0.99))
+        return "native", conf
+    p_enh = float(np.clip(0.6 + (enh - hi_t) / 60.0, 0.5, 0.99))
+    if ratio is not None:
+        margin = (_ARTERIAL_RATIO - ratio) / 0.25
+        # the aorta's absolute enhancement adds a little evidence
+        margin += 0.3 * float(np.clip((enh - 200.0) / 80.0, -1.5, 1.5))
+    else:
+        margin = (enh - _ARTERIAL_AORTA) / 60.0
+    if margin > 0:
+        phase = "arterial"
+    else:
+        phase = "portal_venous"
+        if (ratio is not None and ratio > 0.7 and enh < 80.0 and kid_cortex is not None
+                and kid_cortex > aorta + 30.0 * fk):
+            phase = "delayed"
+    conf = p_enh * float(np.clip(0.5 + 0.25 * abs(margin), 0.5, 0.99))
+    return phase, round(conf, 3)
+
+
+def _image_reading(volume: Volume, localization: SpineLocalization | None,
+                   kvp: float | None) -> tuple[str, float, dict[str, float]]:
+    """Phase, confidence and evidence from the pixels alone."""
+    ev: dict[str, float] = {}
+    if not volume.is_axial or volume.array.ndim != 3:
+        return "unknown", 0.0, ev
+    fk = kvp_factor(kvp)
+    ev["kvp_factor"] = round(fk, 3)
+    aortas, ivcs, kid, noises, valids = _slice_readings(volume, localization, fk)
     keep = _consensus(aortas, valids)
     n_round = sum(valids[i] for i in keep)
     aortas = [aortas[i] for i in keep]
@@ -517,32 +557,8 @@ def _image_reading(volume: Volume, localization: SpineLocalization | None,
         # the liver's dome, where the right-hand window reads liver: lean to the upper readings
         ratio = float(np.percentile(ratios, 75)) if localization is None else float(np.median(ratios))
         ev["ivc_aorta_ratio"] = round(ratio, 3)
-    # enhanced or native
-    # on a noisy scan the brightest disc of a native scan reads high: raise the bar by 3 SD
-    bias = 3.0 * float(np.median(noises)) / fk if noises else 0.0
-    ev["disc_noise_hu"] = round(float(np.median(noises)), 1) if noises else 0.0
-    lo_t, hi_t = _NATIVE_MAX + bias, _ENHANCED_MIN + bias
-    if n_round == 0:  # no round vessel anywhere (a native aorta amid soft tissue): only a bright reading counts
-        lo_t, hi_t = max(lo_t, 150.0), max(hi_t, 150.0)
-    if enh < lo_t or (enh < hi_t and (kid_cortex is None or (kid_cortex - _NATIVE_BLOOD_HU) / fk < 80.0)):
-        conf = float(np.clip(0.6 + (hi_t - enh) / 50.0, 0.5, 0.99))
-        return "native", conf, ev
-    p_enh = float(np.clip(0.6 + (enh - hi_t) / 60.0, 0.5, 0.99))
-    if ratio is not None:
-        margin = (_ARTERIAL_RATIO - ratio) / 0.25
-        # the aorta's absolute enhancement adds a little evidence
-        margin += 0.3 * float(np.clip((enh - 200.0) / 80.0, -1.5, 1.5))
-    else:
-        margin = (enh - _ARTERIAL_AORTA) / 60.0
-    if margin > 0:
-        phase = "arterial"
-    else:
-        phase = "portal_venous"
-        if (ratio is not None and ratio > 0.7 and enh < 80.0 and kid_cortex is not None
-                and kid_cortex > aorta + 30.0 * fk):
-            phase = "delayed"
-    conf = p_enh * float(np.clip(0.5 + 0.25 * abs(margin), 0.5, 0.99))
-    return phase, round(conf, 3), ev
+    phase, conf = _phase(enh, aorta, ratio, kid_cortex, n_round, noises, fk, ev)
+    return phase, conf, ev
 
 
 # --------------------------------------------------------------------------- public
