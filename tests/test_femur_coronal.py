@@ -340,3 +340,48 @@ def test_grid_interpolation_in_chunks_equals_whole_array_passes():
         want = _lerp_axis(_lerp_axis(a, ts[order[0]], order[0], -1000.0), ts[order[1]], order[1], -1000.0)
         got = _lerp_two_axes_in_chunks(a, ts, order, -1000.0)
         assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
+def _grid_hu_whole_array(volume, sampler, xs, ys, zs):
+    """_grid_hu as it was before the chunks and the cut (no floor): one pass per axis over the
+    whole array, the axis that shrinks it most first."""
+    from screener.preprocess.femur_coronal import _axis_map, _lerp_axis
+
+    amap = _axis_map(volume)
+    a = np.asarray(volume.array, dtype=np.float32)
+    coords = (xs, ys, zs)
+    patient_of = {axis: m for m, (axis, _, _) in enumerate(amap)}
+    out = np.full((len(zs), len(ys), len(xs)), sampler.outside, dtype=np.float32)
+    inside = {}
+    todo = [0, 1, 2]
+    while todo:
+        axis = min(todo, key=lambda ax: len(coords[patient_of[ax]]) / a.shape[ax])
+        todo.remove(axis)
+        m = patient_of[axis]
+        _, origin, step = amap[m]
+        t = (np.asarray(coords[m], dtype=np.float64) - origin) / step
+        ok = np.flatnonzero((t >= 0.0) & (t <= a.shape[axis] - 1))
+        if not len(ok):
+            return out
+        inside[m] = slice(int(ok[0]), int(ok[-1]) + 1)
+        a = _lerp_axis(a, t[inside[m]], axis, sampler.outside)
+    order = [next(ax for ax in range(3) if patient_of[ax] == m) for m in (2, 1, 0)]
+    out[inside[2], inside[1], inside[0]] = np.transpose(a, order)
+    return out
+
+
+def test_grid_of_a_small_cube_reads_only_its_part_of_the_volume(hip_volume):
+    """The sphere refinement's cube: _grid_hu cut to the part of the volume it reads gives the
+    float32 values of the passes over the whole volume (cubes inside, across an edge, outside)."""
+    from screener.preprocess.femur_coronal import _grid_hu
+    from screener.preprocess.sampling import VolumeSampler
+
+    s = VolumeSampler(hip_volume)
+    ax = np.arange(-42.0, 42.0 + 1e-6, 1.5)
+    lo = np.asarray(hip_volume.index_to_patient(0, 0, 0))
+    hi = np.asarray(hip_volume.index_to_patient(*(n - 1 for n in hip_volume.array.shape)))
+    mid = (lo + hi) / 2.0
+    for c in (mid, mid + np.array([13.3, -7.1, 4.9]), np.where(np.arange(3) == 2, lo, mid), hi + 100.0):
+        want = _grid_hu_whole_array(hip_volume, s, c[0] + ax, c[1] + ax, c[2] + ax)
+        got = _grid_hu(hip_volume, s, c[0] + ax, c[1] + ax, c[2] + ax)
+        assert np.array_equal(got, want)

@@ -568,13 +568,33 @@ def _grid_hu(volume: Any, sampler: Any, xs: np.ndarray, ys: np.ndarray, zs: np.n
         inside[m] = slice(int(ok[0]), int(ok[-1]) + 1)
         ts[axis] = t[inside[m]]
     # the axis that shrinks the array most first: it makes every later step cheaper (a stable sort:
-    # ties in axis order)
+    # ties in axis order); then only the part of the array the grid reads
     order = sorted(range(3), key=lambda ax: len(coords[patient_of[ax]]) / a.shape[ax])
+    a, ts = _cut_to_reach(a, ts)
     a = _lerp_two_axes_in_chunks(a, ts, order, sampler.outside)
     a = _lerp_axis(a, ts[order[2]], order[2], sampler.outside)
     to_zyx = [next(ax for ax in range(3) if patient_of[ax] == m) for m in (2, 1, 0)]
     out[inside[2], inside[1], inside[0]] = np.transpose(a, to_zyx)
     return out
+
+
+def _cut_to_reach(a: np.ndarray, ts: Mapping[int, np.ndarray]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """``a`` cut, along each axis, to the indices that the interpolation at ``ts[axis]`` (fractional
+    indices inside ``[0, n - 1]``) reads, and the indices shifted to the cut: :func:`_lerp_axis`
+    gives the same values on the cut (a small cube of a large volume: the sphere refinement).
+
+    The cut runs from ``floor(min t)`` to ``floor(max t) + 1`` (or the array's end), so every
+    point keeps its two neighbours and its weight (``t - lo`` and ``i0 - lo`` are exact in float64
+    for an integer ``lo <= t``)."""
+    idx: list[slice] = []
+    out: dict[int, np.ndarray] = {}
+    for axis in range(a.ndim):
+        t = np.asarray(ts[axis], dtype=np.float64)
+        lo = int(np.floor(t.min()))
+        hi = min(a.shape[axis] - 1, int(np.floor(t.max())) + 1)
+        idx.append(slice(lo, hi + 1))
+        out[axis] = t - lo
+    return a[tuple(idx)], out
 
 
 #: slabs of the array interpolated at a time along its first two axes (:func:`_lerp_two_axes_in_chunks`)
