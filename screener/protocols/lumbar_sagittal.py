@@ -154,24 +154,7 @@ class LumbarSagittalProtocol(ModelProtocol):
 
         info = context.info
         common_flags = self._flags(volume, info, loc)
-        findings: list[Finding] = []
-        for j, lv in enumerate(pp.LEVELS):
-            v = loc.get(lv)
-            k = nearest_slice(volume, v.centroid_mm)
-            f = Finding(
-                protocol=self.name, protocol_version=self.version, site=lv, site_code=codes.site_code(lv),
-                measurements=[scores.bmd_measurement(pred[j, ib], site=lv, name=f"{lv} BMD"),
-                              scores.tbs_measurement(pred[j, it], name=f"{lv} TBS")],
-                flags=list(common_flags),
-                z_extent_mm=(float(min(v.z_range_mm)), float(max(v.z_range_mm))),
-                study_uid=info.study_uid, series_uid=info.series_uid,
-                referenced_sop_instance_uids=[u for u in [volume.sop_instance_uid(k)] if u],
-                details={**model_details(bundle), "level": lv,
-                         "per_fold": {"bmd": folds[:, j, ib].tolist(), "tbs": folds[:, j, it].tolist()},
-                         "centroid_mm": list(map(float, v.centroid_mm)),
-                         "localizer_confidence": float(v.confidence)},
-            )
-            findings.append(f)
+        findings = self._vertebra_findings(volume, loc, bundle, folds, pred, (ib, it), common_flags, info)
 
         bmd = float(pred[:, ib].mean())
         tbs = float(pred[:, it].mean())
@@ -183,12 +166,7 @@ class LumbarSagittalProtocol(ModelProtocol):
         yam = 100.0 * bmd / YAM_BMD
         jos = scores.jos_grade(yam)
         impaired = tbs <= TBS_IMPAIRED
-        flags = list(common_flags)
-        if impaired:
-            flags.append(scores.flag(f"TBS {tbs:.3f} <= {TBS_IMPAIRED}: bone microarchitecture impairment "
-                                     "suggested (Yoshida et al. 2023 threshold)"))
-        if jos != "normal":
-            flags.append(scores.flag(f"%YAM {yam:.0f} %: JOS {jos} (< 80 % low bone mass, <= 70 % osteoporosis)"))
+        flags = list(common_flags) + self._patient_flags(tbs, impaired, yam, jos)
         category, ccode = scores.grade_category(grade)
         timing = {"preprocess": 1000 * (t1 - t0), "model": 1000 * (t2 - t1), "explain": 1000 * (t3 - t2)}
         patient = Finding(
@@ -228,6 +206,42 @@ class LumbarSagittalProtocol(ModelProtocol):
         return findings
 
     # ----------------------------------------------------------------- helpers
+    def _vertebra_findings(self, volume: Volume, loc: Any, bundle: Any, folds: np.ndarray, pred: np.ndarray,
+                           columns: tuple[int, int], common_flags: list[str],
+                           info: SeriesInfo) -> list[Finding]:
+        """One finding per level of L1-L4: its BMD and TBS (fold mean ``pred``), per-fold values, centroid."""
+        ib, it = columns
+        findings: list[Finding] = []
+        for j, lv in enumerate(pp.LEVELS):
+            v = loc.get(lv)
+            k = nearest_slice(volume, v.centroid_mm)
+            f = Finding(
+                protocol=self.name, protocol_version=self.version, site=lv, site_code=codes.site_code(lv),
+                measurements=[scores.bmd_measurement(pred[j, ib], site=lv, name=f"{lv} BMD"),
+                              scores.tbs_measurement(pred[j, it], name=f"{lv} TBS")],
+                flags=list(common_flags),
+                z_extent_mm=(float(min(v.z_range_mm)), float(max(v.z_range_mm))),
+                study_uid=info.study_uid, series_uid=info.series_uid,
+                referenced_sop_instance_uids=[u for u in [volume.sop_instance_uid(k)] if u],
+                details={**model_details(bundle), "level": lv,
+                         "per_fold": {"bmd": folds[:, j, ib].tolist(), "tbs": folds[:, j, it].tolist()},
+                         "centroid_mm": list(map(float, v.centroid_mm)),
+                         "localizer_confidence": float(v.confidence)},
+            )
+            findings.append(f)
+        return findings
+
+    @staticmethod
+    def _patient_flags(tbs: float, impaired: bool, yam: float, jos: str) -> list[str]:
+        """The L1-L4 finding's own flags: impaired TBS, low %YAM (JOS)."""
+        flags: list[str] = []
+        if impaired:
+            flags.append(scores.flag(f"TBS {tbs:.3f} <= {TBS_IMPAIRED}: bone microarchitecture impairment "
+                                     "suggested (Yoshida et al. 2023 threshold)"))
+        if jos != "normal":
+            flags.append(scores.flag(f"%YAM {yam:.0f} %: JOS {jos} (< 80 % low bone mass, <= 70 % osteoporosis)"))
+        return flags
+
     @staticmethod
     def _flags(volume: Volume, info: SeriesInfo, loc: Any) -> list[str]:
         out = [scores.flag("BMD and TBS are deep-learning estimates from CT (Yoshida et al. 2023), "
