@@ -20,6 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("screener", "training")
 LIMIT = 80
 
+#: Long functions in files other sessions were editing when this check came in (issue 18); each is
+#: to be split at its seams or given a ``# long: <reason>`` by whoever next owns its file, and its
+#: line here removed. No function may join this list.
+NOT_YET_SPLIT = frozenset({
+    "screener/protocols/hip_xray.py:run",
+    "screener/protocols/l1_axial.py:run",
+    "screener/protocols/l1_attenuation.py:run",
+    "training/hip_xray.py:train_recipe",
+    "training/hip_landmarks.py:train",
+    "training/phantoms/xray.py:render_hip_xray",
+    "training/phantoms/xray_variety.py:_cut_view",
+})
+
 
 @dataclass(frozen=True)
 class LongFunction:
@@ -93,7 +106,8 @@ def test_the_counter_skips_the_docstring_and_reads_the_reason(tmp_path: Path) ->
 
 
 def test_no_function_over_80_lines_without_a_reason() -> None:
-    bare = [f"{x.path}:{x.name}:{x.lines}" for x in long_functions() if x.reason is None]
+    bare = [f"{x.path}:{x.name}:{x.lines}" for x in long_functions()
+            if x.reason is None and f"{x.path}:{x.name}" not in NOT_YET_SPLIT]
     assert bare == [], "functions over 80 body lines without a '# long: <reason>' comment"
 
 
