@@ -31,6 +31,18 @@ def test_every_protocol_has_one_spec_with_its_recipes_and_paper_numbers() -> Non
     assert M.PAPER_NUMBERS["l1_axial"]["pearson_r"] == 0.905 and M.NISSINEN_THRESHOLDS["fracture"] == 0.15
 
 
+def test_each_specs_recipes_name_its_protocol_and_a_discovered_network() -> None:
+    from screener.bundles import discovered_networks
+    from training.recipes import load_recipe
+
+    for name, spec in specs().items():
+        for variant, path in spec.recipes().items():
+            r = load_recipe(path)
+            assert (r.protocol, r.variant) == (name, variant), path
+            assert r.network.name in discovered_networks(), path
+            assert r.training.folds >= 1 and r.loss.name
+
+
 def test_a_site_package_adds_a_training_spec_through_an_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
     def knee_table(y_true, y_pred, **_):
         return [M.table_row("Pearson r", M.pearson_r(y_true, y_pred), 0.7)]
