@@ -417,25 +417,29 @@ class GroupCommitter:
 
     def _commit(self, group: list[_Pending]) -> None:
         """Rename, fsync the folders, record every row in one transaction, release."""
-        rows = self.db.instances_by_uid([p.row["sop_instance_uid"] for p in group])
         live: list[_Pending] = []
         seen: set[str] = set()
         for p in group:
             sop = p.row["sop_instance_uid"]
-            row = rows.get(sop)
-            if sop in seen or (row is not None and _in_place(row)):
-                _unlink(p.tmp)        # stored first by another instance: answered as a duplicate
-                p.done.set_result(DUPLICATE)
-                continue
-            seen.add(sop)
             try:
-                commit_rename(p.tmp, p.dest)
+                placed = sop not in seen and commit_rename(p.tmp, p.dest, replace=False)
+                if not placed and sop not in seen:
+                    # the name exists: stored first by another instance, or a file left
+                    # without its row / with a row whose size differs (written again)
+                    row = self.db.get_instance(sop)
+                    placed = not (row is not None and _in_place(row)) and commit_rename(
+                        p.tmp, p.dest)
             except StorageError as exc:
                 _unlink(p.tmp)
                 p.done.set_exception(Rejected(
                     STATUS_OUT_OF_DISK if exc.errno == errno.ENOSPC else STATUS_WRITE_FAILED,
                     f"cannot write the file: {exc.strerror}"))
                 continue
+            if not placed:
+                _unlink(p.tmp)        # answered as a duplicate of the stored one
+                p.done.set_result(DUPLICATE)
+                continue
+            seen.add(sop)
             live.append(p)
         if not live:
             return

@@ -16,6 +16,7 @@ folders 0700 whatever the process umask (:func:`make_private_dir`,
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import struct
@@ -292,11 +293,48 @@ def write_temp(chunks: bytes | Iterable[bytes], tmp_dir: Path) -> tuple[Path, in
                 pass
 
 
-def commit_rename(tmp: Path, dest: Path) -> None:
+_NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+def _link(tmp: Path, dest: Path) -> bool:
+    """Give ``tmp`` the name ``dest`` unless ``dest`` exists (then ``False``). A file system
+    without hard links falls back to check-then-rename (one committing thread: no race)."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        if os.path.lexists(dest):
+            return False
+        os.replace(tmp, dest)
+        return True
+    os.unlink(tmp)
+    return True
+
+
+def commit_rename(tmp: Path, dest: Path, replace: bool = True) -> bool:
     """Move a :func:`write_temp` file to its final name, creating its folders durably.
 
-    The rename itself is durable only after :func:`fsync_dir` of ``dest.parent``
+    The new name is durable only after :func:`fsync_dir` of ``dest.parent``
     (left to the caller, so that one fsync covers every file of a folder).
+
+    Parameters
+    ----------
+    tmp : pathlib.Path
+        The temp file.
+    dest : pathlib.Path
+        Its final name; missing folders are created (each fsync'ed into its parent).
+    replace : bool
+        Replace an existing ``dest`` (default). ``False`` leaves an existing ``dest``
+        and ``tmp`` as they are and returns ``False`` (one ``link`` + ``unlink``: the
+        check and the move are one step, so two writers of one name cannot both win).
+
+    Returns
+    -------
+    bool
+        ``True`` when ``tmp`` now has the name ``dest``.
 
     Raises
     ------
@@ -305,8 +343,20 @@ def commit_rename(tmp: Path, dest: Path) -> None:
     """
     dest = Path(dest)
     try:
-        _makedirs_durable(dest.parent)
-        os.replace(tmp, dest)
+        for attempt in (0, 1):
+            try:
+                if replace:
+                    os.replace(tmp, dest)
+                elif not _link(tmp, dest):
+                    return False
+                return True
+            except FileNotFoundError:
+                if attempt or not os.path.exists(tmp):
+                    raise
+                _makedirs_durable(dest.parent)   # a new study or series folder
+            except FileExistsError:
+                return False
+        return False  # pragma: no cover - the loop returns or raises
     except OSError as exc:
         raise StorageError(exc.errno, f"cannot store {dest.name}: {exc.strerror or exc}") from exc
 

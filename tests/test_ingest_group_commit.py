@@ -24,7 +24,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from screener.db import Database
 from screener.ingest import DUPLICATE, STORED, GroupCommitter, _Pending
-from screener.storage import write_temp
+from screener.storage import commit_rename, write_temp
 from screener.validation import STATUS_OUT_OF_DISK, Rejected
 from tests.daemon_helpers import (Daemon, acknowledged_files, dcmtk_env, make_ct_series,
                                   storescu, wait_for)
@@ -145,6 +145,28 @@ def test_a_group_whose_rows_cannot_be_written_is_refused_whole(parts: Any,
     assert "cannot record the instance" in outcomes[0].reason
     assert not [f for f in store.rglob("*") if f.is_file()]    # no file without its row
     assert not list(tmp_dir.iterdir())
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_commit_rename_without_replace_keeps_the_first_file(tmp_path: Path, monkeypatch: Any,
+                                                            hard_links: bool) -> None:
+    import errno
+    import os
+
+    if not hard_links:                   # a file system without hard links: check, then rename
+        def no_link(*_: Any) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_link)
+    tmp_dir = tmp_path / "tmp"
+    tmp_dir.mkdir()
+    dest = tmp_path / "store" / "1.2" / "3.4" / "5.dcm"
+    first, _ = write_temp(b"first", tmp_dir)
+    second, _ = write_temp(b"second", tmp_dir)
+    assert commit_rename(first, dest, replace=False)           # folders created on the way
+    assert not commit_rename(second, dest, replace=False)      # the name is taken: left alone
+    assert dest.read_bytes() == b"first" and second.read_bytes() == b"second"
+    assert commit_rename(second, dest)                         # replace=True: written again
+    assert dest.read_bytes() == b"second" and list(tmp_dir.iterdir()) == []
 
 
 # ------------------------------------------------------------------ the daemon, SIGKILLed
