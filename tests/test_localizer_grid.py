@@ -50,7 +50,9 @@ def _body_masks_slice_by_slice(hu: np.ndarray) -> np.ndarray:
     out = np.zeros(hu.shape, bool)
     st = ndi.generate_binary_structure(2, 1)
     for z in range(hu.shape[0]):
-        m = ndi.binary_opening(hu[z] > -400.0, structure=st, iterations=2)
+        m = hu[z] > -400.0
+        for op in (ndi.binary_erosion, ndi.binary_erosion, ndi.binary_dilation, ndi.binary_dilation):
+            m = op(m, structure=st)  # binary_opening(iterations=2), one step at a time (see test_morphology)
         lab, n = ndi.label(m)
         if n == 0:
             continue

@@ -45,3 +45,26 @@ def test_fill_holes_per_slice_equals_scipy_on_random_masks() -> None:
         want = np.stack([ndimage.binary_fill_holes(s) for s in m])
         np.testing.assert_array_equal(fill_holes_per_slice(m), want)
     assert not fill_holes_per_slice(np.zeros((3, 5, 5), dtype=bool)).any()
+
+
+@pytest.mark.parametrize("structure", [
+    ndimage.generate_binary_structure(2, 1), np.ones((3, 3), bool), np.ones((1, 3), bool), np.ones((3, 1), bool),
+    np.array([[0, 1, 0], [0, 1, 1], [0, 0, 0]], bool),  # not symmetric: dilation reflects it
+    (np.mgrid[-2:3, -2:3] ** 2).sum(axis=0) <= 4, (np.mgrid[-5:6, -5:6] ** 2).sum(axis=0) <= 25])
+def test_shifted_erosion_dilation_opening_equal_scipy(structure: np.ndarray) -> None:
+    from screener.preprocess.morphology import dilate_2d, erode_2d, open_2d
+
+    rng = np.random.default_rng(int(structure.sum()))
+    for _ in range(25):
+        shape = (int(rng.integers(1, 4)), int(rng.integers(1, 30)), int(rng.integers(1, 30)))
+        mask = rng.random(shape) < rng.uniform(0.2, 0.97)
+        st3 = structure[None]
+        assert np.array_equal(erode_2d(mask, structure), ndimage.binary_erosion(mask, structure=st3))
+        assert np.array_equal(dilate_2d(mask, structure), ndimage.binary_dilation(mask, structure=st3))
+        # scipy's binary_opening(iterations=2) itself corrupts the heap on such small masks (scipy
+        # 1.17.1, found here): its two erosions and two dilations are called one by one instead
+        want = mask
+        for op in (ndimage.binary_erosion, ndimage.binary_erosion, ndimage.binary_dilation, ndimage.binary_dilation):
+            want = op(want, structure=st3)
+        assert np.array_equal(open_2d(mask, structure, 2), want)
+        assert np.array_equal(erode_2d(mask[0], structure), ndimage.binary_erosion(mask[0], structure=structure))

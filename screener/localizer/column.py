@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from screener.preprocess.morphology import fill_holes, fill_holes_per_slice
+from screener.preprocess.morphology import fill_holes, fill_holes_per_slice, open_2d
 
 #: HU above which a voxel of the working grid counts as bone
 BONE_HU = 180.0
@@ -79,8 +79,8 @@ def body_masks(hu: np.ndarray) -> np.ndarray:
     """
     st = np.zeros((3, 3, 3), bool)
     st[1] = ndi.generate_binary_structure(2, 1)
-    m = ndi.binary_opening(hu > -400.0, structure=st, iterations=2)
-    lab, n = ndi.label(m, structure=st)
+    m = open_2d(hu > -400.0, st[1], iterations=2)
+    lab, n = ndi.label(m, structure=st, output=np.intp)  # intp: counted and indexed without a copy
     out = np.zeros(hu.shape, bool)
     if n == 0:
         return out
