@@ -288,9 +288,10 @@ class GroupCommitter:
     sender never waits for the window. Then, for the whole group: renames
     into ``store/`` (folders created durably), one fsync per folder beside ONE
     SQLite transaction for every row, and only then are the handlers released
-    to answer 0x0000. A crash before that leaves temp files only
-    (:func:`screener.storage.clean_tmp` removes them at start) and nothing
-    acknowledged.
+    to answer 0x0000. Nothing is acknowledged before that. A crash while a
+    group is open leaves temp files only (:func:`screener.storage.clean_tmp`
+    removes them at start); one during the commit itself can leave a placed
+    file without its row, which is written again when the sender re-sends it.
 
     Parameters
     ----------

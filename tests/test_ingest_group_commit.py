@@ -169,6 +169,42 @@ def test_commit_rename_without_replace_keeps_the_first_file(tmp_path: Path, monk
     assert dest.read_bytes() == b"second" and list(tmp_dir.iterdir()) == []
 
 
+@pytest.mark.network
+def test_scp_counts_associations_back_to_zero(tmp_path: Path) -> None:
+    """Released, rejected and aborted associations all stop counting, so no later group waits
+    for an association that is gone; concurrent senders share groups."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from screener.config import load_config
+    from screener.ingest import start_scp
+    from tests.conftest import free_port
+
+    cfg = load_config(env={}, data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(),
+                      min_free_mb=1, allowed_calling_aes=["TESTSCU"])
+    db = Database(cfg.db_path)
+    srv = start_scp(cfg, db)
+    try:
+        parts = [make_ct_series(tmp_path / f"in{i}", 4, rows=32, cols=32) for i in range(3)]
+        senders = [subprocess.Popen([require_tool("storescu"), "-aet", "TESTSCU", "-aec",
+                                     "SCREENER", "127.0.0.1", str(cfg.port), *map(str, part)],
+                                    env=dcmtk_env()) for part in parts]
+        assert [s.wait(120) for s in senders] == [0, 0, 0]
+        assert db.counts()["instances"] == 12
+        assert srv.committer.committed == 12 and srv.committer.groups <= 12
+        assert storescu(cfg.port, parts[0][:1], calling="INTRUDER").returncode != 0  # rejected
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", cfg.port, ae_title="SCREENER")
+        assert assoc.is_established
+        assoc.abort()
+        wait_for(lambda: srv.committer.open_associations() == 0, 30,
+                 what="every association counted as closed")
+    finally:
+        srv.stop()
+        db.close()
+
+
 # ------------------------------------------------------------------ the daemon, SIGKILLed
 
 def _dataset_bytes(path: Path) -> bytes:
