@@ -164,3 +164,25 @@ def test_fuse_overlay_blends_grey_and_jet() -> None:
     assert win[:, :, 0].tolist() == [[0, 255], [255, 255]]
     with pytest.raises(ValueError, match="upsample"):
         fuse_overlay(gray, np.zeros((4, 4)))
+
+
+def test_grad_ramp_fine_uses_the_deepest_stage_of_at_least_8x8() -> None:
+    """Issue 19: the explanation shown is Grad-RAMP on an 8 x 8 (or finer) feature map -- for
+    Kang's 64-pixel regressor the fourth stage, not the 2 x 2 last convolution."""
+    from screener.explain import grad_ramp, grad_ramp_fine, stage_for_side
+
+    torch.manual_seed(0)
+    nets = [KangRegressor(input_size=64).eval() for _ in range(2)]
+    x = torch.randn(1, 1, 64, 64)
+    assert stage_for_side(nets[0], x, 8) is nets[0].blocks[3]
+    assert stage_for_side(nets[0], x, 2) is nets[0].blocks[9]
+    assert stage_for_side(nets[0], x, 64) is nets[0].target_layer  # no stage that large
+    fine = grad_ramp_fine(nets, x)
+    assert fine.shape == (1, 64, 64) and fine.dtype == np.float32 and fine.max() == pytest.approx(1.0)
+    # the ensemble mean of each model's map on its own fourth stage, normalised
+    each = [grad_ramp(n, x, target_layer=n.blocks[3])[0] for n in nets]
+    want = np.mean(each, axis=0)
+    np.testing.assert_allclose(fine[0], want / want.max(), atol=1e-6)
+    # finer than the last layer's: more than 4 distinct 16-pixel blocks
+    blocks = fine[0].reshape(4, 16, 4, 16).mean(axis=(1, 3))
+    assert len(np.unique(np.round(fine[0], 4))) > 64 and blocks.std() > 0

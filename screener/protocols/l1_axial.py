@@ -19,9 +19,12 @@ Method
 4. T-score with the L1 reference of :mod:`screener.references` (default Kang's 0.9747 / 0.1185 g/cm²);
    normal / abnormal at T −1.0 as in the paper, WHO grade as the category.
 5. Explanation: Grad-RAM and Grad-RAMP (Kang eqs. 2-3) of the reference slice,
-   averaged over the ensemble; Grad-RAMP is fused onto the crop and burned in
-   with the numbers (one overlay, on the crop's own pixel grid; the ROI in the
-   SR outlines the crop on the source slice).
+   averaged over the ensemble (their peaks in ``details``); what is shown is
+   Grad-RAMP on the deepest feature map of at least 8 x 8 (the last
+   convolution's is 2 x 2 for a 64-pixel input: too coarse to tell the body from
+   the muscle beside it), fused onto the crop and burned in with the numbers (one
+   overlay, on the crop's own pixel grid; the ROI in the SR outlines the crop on
+   the source slice), and sent as a Parametric Map and a SEG top decile.
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ MAX_THICKNESS_MM = 5.0
 ABNORMAL_T = -1.0
 #: Overlay side (pixels): the crop is resampled to this size for a readable burn-in.
 OVERLAY_SIZE = 384
+#: the explanation shown is Grad-RAMP on the deepest feature map at least this many pixels a side
+EXPLANATION_MIN_SIDE = 8
 
 
 class L1AxialProtocol(ModelProtocol):
@@ -72,7 +77,7 @@ class L1AxialProtocol(ModelProtocol):
         import torch
 
         from screener import scores
-        from screener.explain import grad_ram, grad_ramp
+        from screener.explain import grad_ram, grad_ramp, grad_ramp_fine
         from screener.preprocess.l1_axial import preprocess_volume
         from screener.reporting import codes
 
@@ -113,6 +118,9 @@ class L1AxialProtocol(ModelProtocol):
         t2 = time.perf_counter()
         ref = x[:1]
         ramp = grad_ramp(bundle.models, ref)[0]
+        # the map shown and sent (overlay, Parametric Map, SEG top decile): Grad-RAMP on the deepest
+        # stage of at least 8 x 8 (issue 19: the last convolution's 2 x 2 cannot tell bone from muscle)
+        fine = grad_ramp_fine(bundle.models, ref, min_side=EXPLANATION_MIN_SIDE)[0]
         ram = grad_ram(bundle.models, ref)[0]
         t3 = time.perf_counter()
 
@@ -165,11 +173,13 @@ class L1AxialProtocol(ModelProtocol):
             "kvp": kvp, "energy_scale": float(info.extras.get("energy_scale", 1.0)),
             "calibration": ({k: bundle.calibration[k] for k in ("kind", "fit", "slope", "intercept")
                              if k in bundle.calibration} if bundle.calibration else None),
-            "explanation": {"burned_in": "Grad-RAMP", "grad_ram_peak_rc": _peak(ram),
-                            "grad_ramp_peak_rc": _peak(ramp),
+            "explanation": {"burned_in": f"Grad-RAMP on a {EXPLANATION_MIN_SIDE}x{EXPLANATION_MIN_SIDE} feature map",
+                            "grad_ram_peak_rc": _peak(ram), "grad_ramp_peak_rc": _peak(ramp),
+                            "grad_ramp_fine_peak_rc": _peak(fine),
                             "feature_map_px": int(size // 32)},
             "localizer": loc.method, "localizer_confidence": l1.confidence,
-            "overlay_description": (f"Grad-RAMP (Kang et al. 2023, eq. 3; ensemble mean) fused onto the "
+            "overlay_description": (f"Grad-RAMP (Kang et al. 2023, eq. 3; ensemble mean) on the deepest "
+                                    f"{EXPLANATION_MIN_SIDE}x{EXPLANATION_MIN_SIDE} feature map, fused onto the "
                                     f"{fov:g} mm L1 crop of the reference slice"),
             "overlay_pixel_spacing_mm": [fov / OVERLAY_SIZE, fov / OVERLAY_SIZE],
         }
@@ -181,8 +191,8 @@ class L1AxialProtocol(ModelProtocol):
             referenced_sop_instance_uids=list(dict.fromkeys(
                 [roi.source_sop_instance_uid] + [d["sop_instance_uid"] for d in details["bmd_per_slice"]])),
             details=details)
-        finding.overlay = _overlay(volume, info, ramp, fov, bmd, t, grade, len(bundle.models))
-        finding.layers.append(_map_layer(volume, info, ramp, k_src, bundle.bundle_id, len(bundle.models)))
+        finding.overlay = _overlay(volume, info, fine, fov, bmd, t, grade, len(bundle.models))
+        finding.layers.append(_map_layer(volume, info, fine, k_src, bundle.bundle_id, len(bundle.models)))
         t4 = time.perf_counter()
         finding.details["timing_ms"] = {"preprocess": 1000 * (t1 - t0), "model": 1000 * (t2 - t1),
                                         "explain": 1000 * (t4 - t2), "explain_maps": 1000 * (t3 - t2)}
@@ -198,7 +208,8 @@ def _map_layer(volume: Volume, info: Any, ramp: np.ndarray, k: int, bundle_id: s
     plane = map_onto_slice(ramp, info.crop_origins[0], info.u, info.v,
                            (float(info.spacing_mm[0]), float(info.spacing_mm[-1])), volume, k)
     return ImageLayer("map", "Grad-RAMP", {volume.sop_instance_uid(k): plane},
-                      method=f"Grad-RAMP (Kang et al. 2023, eq. 3), mean of the {n_models}-model ensemble "
+                      method=f"Grad-RAMP (Kang et al. 2023, eq. 3) on the deepest {EXPLANATION_MIN_SIDE}x"
+                             f"{EXPLANATION_MIN_SIDE} feature map, mean of the {n_models}-model ensemble "
                              f"of {bundle_id}, on the model's {info.shape[0]}-pixel L1 crop")
 
 
@@ -248,6 +259,6 @@ def _overlay(volume: Volume, info: Any, ramp: np.ndarray, fov: float, bmd: float
     img = Image.fromarray(rgb, mode="RGB")
     draw = ImageDraw.Draw(img)
     lines = [f"L1 BMD estimate {bmd:.3f} g/cm2", f"T-score {t:.1f}: {grade}",
-             f"Grad-RAMP, {n_models}-model ensemble"]
+             f"Grad-RAMP ({EXPLANATION_MIN_SIDE}x{EXPLANATION_MIN_SIDE}), {n_models}-model ensemble"]
     burn_text(draw, lines, 14, n)
     return np.asarray(img, dtype=np.uint8).copy()
