@@ -101,7 +101,7 @@ def test_categories_at_thresholds_end_to_end(tmp_path: Path, l1_hu: int, categor
     assert f.measurement("L1 attenuation mean").value == pytest.approx(l1_hu, abs=1e-6)
     assert f.category == category
     assert any("135 HU" in x for x in f.flags) is risk
-    assert f.measurement("L1 vBMD estimate").value == pytest.approx(l1_hu / 1.33, rel=1e-6)
+    assert f.measurement("L1 vBMD estimate").value == pytest.approx(l1_hu / 1.32942, rel=1e-5)
     assert not any(x.startswith(("contrast", "kVp")) for x in f.flags)
 
 
@@ -126,7 +126,7 @@ def test_contrast_flag_adjusts_category_and_reports_both(tmp_path: Path,
     (flag,) = [x for x in f.flags if x.startswith("contrast-enhanced")]
     assert "IOHEXOL, portal-venous phase from the image and header" in flag
     assert "120.0 - 11.2 = 108.8 HU" in flag
-    assert f.measurement("L1 vBMD estimate").value == pytest.approx(108.8 / 1.33, rel=1e-6)
+    assert f.measurement("L1 vBMD estimate").value == pytest.approx(108.8 / 1.32942, rel=1e-5)
     assert f.details["contrast"]["phase"] == "portal_venous"
 
 
@@ -155,9 +155,9 @@ def test_a_header_the_image_contradicts_is_flagged_and_not_applied(tmp_path: Pat
     assert f.category == "indeterminate"
 
 
-@pytest.mark.parametrize("kvp, slope, phrase", [(100.0, 1.66, "kVp 100: thresholds assume 120 kVp"),
-                                                (140.0, 1.09, "kVp 140: thresholds assume 120 kVp"),
-                                                (None, 1.33, "kVp unknown")])
+@pytest.mark.parametrize("kvp, slope, phrase", [(100.0, 1.62009, "kVp 100: thresholds assume 120 kVp"),
+                                                (140.0, 1.15690, "kVp 140: thresholds assume 120 kVp"),
+                                                (None, 1.32942, "kVp unknown")])
 def test_kvp_qualifies_category_and_corrects_vbmd(tmp_path: Path, kvp: float | None, slope: float,
                                                   phrase: str) -> None:
     _, _, f = run_l1(tmp_path, l1_hu=100.0, kvp=kvp)
@@ -165,7 +165,12 @@ def test_kvp_qualifies_category_and_corrects_vbmd(tmp_path: Path, kvp: float | N
     assert "148.1 HU at 100 kVp" in " ".join(f.flags)
     assert f.details["category_qualifier"] in ("kVp 100", "kVp 140", "kVp unknown")
     assert f.measurement("L1 vBMD estimate").value == pytest.approx(100.0 / slope, rel=1e-6)
-    assert hu_per_mg(120.0) == pytest.approx(1.33) and 1 / hu_per_mg(120.0) == pytest.approx(0.75, abs=0.01)
+    assert hu_per_mg(120.0) == pytest.approx(1.33, abs=0.005) and 1 / hu_per_mg(120.0) == pytest.approx(0.75, abs=0.01)
+    # the one table (issue 18): the models' energy correction reads the same constants
+    from screener.preprocess.energy import energy_scale
+    assert energy_scale(kvp) == pytest.approx(hu_per_mg(120.0) / slope, rel=1e-5)
+    # 80 kVp is inside the table (70-150 kVp), not clamped to 100 kVp's value
+    assert hu_per_mg(80.0) == pytest.approx(2.16755, rel=1e-5)
 
 
 def test_small_body_measured_with_small_roi_flag(tmp_path: Path) -> None:

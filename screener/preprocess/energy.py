@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["REFERENCE_KVP", "HA_HU_PER_MG", "energy_constants", "energy_scale"]
+__all__ = ["REFERENCE_KVP", "HA_HU_PER_MG", "energy_constants", "energy_scale", "ha_hu_per_mg"]
 
 #: tube voltage the energy correction maps to (the papers' scanners)
 REFERENCE_KVP = 120.0
@@ -28,6 +28,25 @@ REFERENCE_KVP = 120.0
 #: (copied from the virtual cohort's physics: training.phantoms.physics.ha_hu_per_mg(effective_energy(kvp)))
 HA_HU_PER_MG: dict[float, float] = {70.0: 2.58265, 80.0: 2.16755, 100.0: 1.62009, 120.0: 1.32942,
                                     135.0: 1.20264, 140.0: 1.15690, 150.0: 1.09291}
+
+
+def ha_hu_per_mg(kvp: float | None) -> float:
+    """HU per mg/cm^3 of hydroxyapatite displacing water at a tube voltage: :data:`HA_HU_PER_MG`,
+    log-linear in kVp between its points, constant outside 70-150 kVp; an unknown kVp counts as
+    :data:`REFERENCE_KVP`.  The one table of this constant (l1_attenuation's vBMD, the models'
+    energy correction).
+
+    Raises
+    ------
+    ValueError
+        When ``kvp`` is not a positive finite number.
+    """
+    k = REFERENCE_KVP if kvp is None else float(kvp)
+    if not np.isfinite(k) or k <= 0:
+        raise ValueError(f"kVp must be a positive number (got {kvp!r}); pass None when it is unknown")
+    xs = np.array(sorted(HA_HU_PER_MG))
+    ys = np.log([HA_HU_PER_MG[x] for x in xs])
+    return float(np.exp(np.interp(k, xs, ys)))
 
 
 def energy_scale(kvp: float | None) -> float:
@@ -51,13 +70,7 @@ def energy_scale(kvp: float | None) -> float:
     """
     if kvp is None:
         return 1.0
-    k = float(kvp)
-    if not np.isfinite(k) or k <= 0:
-        raise ValueError(f"kVp must be a positive number (got {kvp!r}); pass None when it is unknown")
-    xs = np.array(sorted(HA_HU_PER_MG))
-    ys = np.log([HA_HU_PER_MG[x] for x in xs])
-    ref = float(np.exp(np.interp(REFERENCE_KVP, xs, ys)))
-    return ref / float(np.exp(np.interp(k, xs, ys)))
+    return ha_hu_per_mg(REFERENCE_KVP) / ha_hu_per_mg(kvp)
 
 
 def energy_constants(energy_correction: bool, *, subject: str = "HU", note: str = "") -> dict[str, Any]:

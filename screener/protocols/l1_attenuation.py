@@ -53,6 +53,7 @@ import structlog
 from screener import contrast, vertebral_body
 from screener.domain import SpineLocalization, Volume
 from screener.findings import Finding, ImageLayer, Measurement, RoiGeometry
+from screener.preprocess.energy import HA_HU_PER_MG, ha_hu_per_mg
 from screener.protocols.base import Decision, Protocol, ProtocolContext, ProtocolDeclined, \
     axial_ct_decision
 from screener.reporting import codes
@@ -65,8 +66,6 @@ Localizer = Callable[[Volume], SpineLocalization]
 OSTEOPOROSIS_HU = 110.0
 NORMAL_HU = 160.0
 RISK_HU = 135.0
-#: HU per mg/cm^3 hydroxyapatite by kVp (clinical-physics.md section 2: 60/70/80 keV)
-HU_PER_MG = ((100.0, 1.66), (120.0, 1.33), (140.0, 1.09))
 #: mean L1 HU by kVp, cohort > 60 y (clinical-physics.md section 1)
 KVP_MEANS = ("published cohort means, not this patient: adults over 60 read a mean L1 of 148.1 HU at "
              "100 kVp, 140.9 at 120, 131.3 at 140")
@@ -86,10 +85,9 @@ def categorize(hu: float) -> str:
 
 
 def hu_per_mg(kvp: float | None) -> float:
-    """HU per mg/cm^3 hydroxyapatite at a tube voltage (120 kVp when unknown)."""
-    k = 120.0 if kvp is None else float(kvp)
-    xs, ys = zip(*HU_PER_MG)
-    return float(np.interp(k, xs, ys))
+    """HU per mg/cm^3 hydroxyapatite at a tube voltage (120 kVp when unknown): the screener's one
+    table, :func:`screener.preprocess.energy.ha_hu_per_mg` (70-150 kVp)."""
+    return ha_hu_per_mg(kvp)
 
 
 class L1AttenuationProtocol(Protocol):
@@ -306,8 +304,8 @@ def _categorised(volume: Volume, loc: SpineLocalization, context: ProtocolContex
     measurements.append(Measurement("L1 vBMD estimate", vbmd, codes.UNIT_MG_CM3[0], codes.VBMD,
                                     codes.UNIT_MG_CM3[1]))
     kvp_txt = f"{kvp:g}" if kvp is not None else "unknown (120 assumed)"
-    if kvp is not None and not HU_PER_MG[0][0] <= kvp <= HU_PER_MG[-1][0]:
-        kvp_txt += f", outside the {HU_PER_MG[0][0]:g}-{HU_PER_MG[-1][0]:g} kVp table: clamped"
+    if kvp is not None and not min(HA_HU_PER_MG) <= kvp <= max(HA_HU_PER_MG):
+        kvp_txt += f", outside the {min(HA_HU_PER_MG):g}-{max(HA_HU_PER_MG):g} kVp table: clamped"
     source = "contrast-adjusted HU" if ca.enhanced else "HU"
     flags.append(f"vBMD is an estimate: {1 / slope:.2f} mg/cm3 per {source} (hydroxyapatite, "
                  f"kVp {kvp_txt}), not a calibrated QCT measurement")
