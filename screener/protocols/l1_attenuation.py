@@ -148,21 +148,7 @@ class L1AttenuationProtocol(Protocol):
         category = categorize(cat_hu)
         measurements.append(Measurement("ROI area", area_mm2, codes.UNIT_MM2[0], codes.AREA,
                                         codes.UNIT_MM2[1]))
-        if area_mm2 < self.roi_area_mm2:
-            flags.append(f"ROI shrunk to {area_mm2:.0f} mm2 on the representative slice, below "
-                         f"{self.roi_area_mm2:.0f} mm2 (small trabecular body)")
-        if tr.foci:
-            # (worded so that no number is followed by "HU": the SR codes flags by their text)
-            desc = "; ".join(f"{f['kind']} focus of {f['volume_mm3']:.0f} mm3 on slice "
-                             f"{f['slice_index']} ({f['delta_hu']:+.0f} from the body's median)"
-                             for f in tr.foci)
-            flags.append(f"focal lesion excluded from the L1 ROI (bone island, Schmorl node or "
-                         f"lytic focus): {desc}; {100 * tr.excluded_fraction:.1f} % of the ROI "
-                         "left out")
-        if l1.confidence < 0.7:
-            why = loc.details.get("transitional")
-            flags.append(f"L1 level label uncertain (localizer confidence {l1.confidence:.2f}"
-                         + (f"; {why}" if why else "") + ")")
+        flags += self._roi_flags(area_mm2, tr, l1.confidence, loc.details.get("transitional"))
 
         roi_full = np.zeros(volume.array.shape[1:], bool)
         roi_full[rs, cs] = rep.roi
@@ -210,6 +196,25 @@ class L1AttenuationProtocol(Protocol):
         log.info("l1 measured", series_uid=info.series_uid, mean_hu=round(mean_hu, 1),
                  category=category, slices=len(per_slice), roi_mm2=round(area_mm2))
         return [finding]
+
+    def _roi_flags(self, area_mm2: float, tr: Any, confidence: float, transitional: Any) -> list[str]:
+        """Caveats about the ROI (shrunk, a focal lesion left out) and an uncertain level label."""
+        flags = []
+        if area_mm2 < self.roi_area_mm2:
+            flags.append(f"ROI shrunk to {area_mm2:.0f} mm2 on the representative slice, below "
+                         f"{self.roi_area_mm2:.0f} mm2 (small trabecular body)")
+        if tr.foci:
+            # (worded so that no number is followed by "HU": the SR codes flags by their text)
+            desc = "; ".join(f"{f['kind']} focus of {f['volume_mm3']:.0f} mm3 on slice "
+                             f"{f['slice_index']} ({f['delta_hu']:+.0f} from the body's median)"
+                             for f in tr.foci)
+            flags.append(f"focal lesion excluded from the L1 ROI (bone island, Schmorl node or "
+                         f"lytic focus): {desc}; {100 * tr.excluded_fraction:.1f} % of the ROI "
+                         "left out")
+        if confidence < 0.7:
+            flags.append(f"L1 level label uncertain (localizer confidence {confidence:.2f}"
+                         + (f"; {transitional}" if transitional else "") + ")")
+        return flags
 
     def _outline(self, volume: Volume, context: ProtocolContext) -> tuple[SpineLocalization, Any, Any, Any, Any]:
         """L1 located, its body outlined and its trabecular ROI placed: ``(localization, L1,

@@ -77,8 +77,6 @@ class L1AxialProtocol(ModelProtocol):
         import torch
 
         from screener import scores
-        from screener.explain import grad_ram, grad_ramp, grad_ramp_fine
-        from screener.preprocess.l1_axial import preprocess_volume
         from screener.reporting import codes
 
         if not volume.is_axial:
@@ -92,22 +90,12 @@ class L1AxialProtocol(ModelProtocol):
         prep = bundle.card.get("preprocessing", {})
         size = int(bundle.input_spec.shape[-1])
         fov = float(prep.get("fov_mm", 150.0))
-        n_nb = int(prep.get("n_neighbours", 1))
         # a card without the key predates the energy correction: its model saw uncorrected HU
         energy = bool(prep.get("energy_correction", False))
         kvp = context.info.kvp
 
         t0 = time.perf_counter()
-        try:
-            images, info = preprocess_volume(volume, l1, size=size, fov_mm=fov, n_neighbours=n_nb,
-                                             energy_correction=energy, kvp=kvp)
-        except ValueError as exc:
-            raise ProtocolDeclined(f"L1 not in view: {exc}") from exc
-        if info.fallback:
-            # the network would read a crop that holds no trabecular body (a disc, an endplate, or
-            # a vertebra the localizer misplaced): decline rather than estimate from it
-            raise ProtocolDeclined("the model's input would hold no L1 trabecular body: no slice in L1's "
-                                   "z range has a body enclosed by cortex at the localizer's centroid")
+        images, info = _inputs(volume, l1, size, fov, int(prep.get("n_neighbours", 1)), energy, kvp)
         t1 = time.perf_counter()
         per_slice = bundle.predict(images)[:, 0]
         x = torch.as_tensor(images).to(bundle.device)
@@ -116,88 +104,158 @@ class L1AxialProtocol(ModelProtocol):
         per_fold = [float(v) for v in bundle.apply_calibration(raw_fold)[:, 0]]
         bmd = float(np.mean(per_slice))
         t2 = time.perf_counter()
-        ref = x[:1]
-        ramp = grad_ramp(bundle.models, ref)[0]
-        # the map shown and sent (overlay, Parametric Map, SEG top decile): Grad-RAMP on the deepest
-        # stage of at least 8 x 8 (issue 19: the last convolution's 2 x 2 cannot tell bone from muscle)
-        fine = grad_ramp_fine(bundle.models, ref, min_side=EXPLANATION_MIN_SIDE)[0]
-        ram = grad_ram(bundle.models, ref)[0]
+        maps = _maps(bundle, x[:1])
         t3 = time.perf_counter()
 
-        from screener.references import describe, patient_sex
-        from screener.uncertainty import input_stats
-
-        t, tref = scores.t_score_for(bmd, "L1", patient_sex(context.info.header), context.config)
-        grade = scores.who_grade(t)
+        measurements, t, tref, grade = _scored(bmd, bundle, context)
         category, category_code = scores.grade_category(grade)
-        abnormal = t < ABNORMAL_T
-        measurements = [scores.bmd_measurement(bmd, site="L1", name="L1 BMD estimate"),
-                        scores.t_score_measurement(t, site="L1", name="L1 T-score estimate", reference=tref)]
-        measurements[0].caveats.append(scores.flag(
-            f"L1 aBMD estimated by a deep-learning model ({bundle.bundle_id}, {len(bundle.models)}-model "
-            f"ensemble; {bundle.card.get('training_data', 'training data not stated')}); not a DXA measurement"))
-        measurements[1].caveats.append(scores.flag(
-            f"T-score against {describe(tref)}; {'abnormal' if abnormal else 'normal'} at T {ABNORMAL_T:g} "
-            "as in the paper"))
-
         k_src = nearest_slice(volume, (*volume.origin[:2], info.z_reference))
-        polygon = _crop_outline(volume, info, k_src)
-        centre = np.asarray(info.crop_origins[0]) + 0.5 * (size - 1) * info.spacing_mm[0] * (
-            np.asarray(info.u) + np.asarray(info.v))
-        roi = RoiGeometry(source_sop_instance_uid=volume.sop_instance_uid(k_src), source_sop_class_uid=volume.sop_class_uid(k_src),
-                          polygon=polygon, centre_mm=tuple(float(c) for c in centre),
-                          area_mm2=float(fov * fov), slice_index=k_src,
-                          frame_number=frame_number(volume.datasets[k_src]) if volume.datasets else None)
-        flags = [scores.flag(w) for w in volume.warnings]
-        if kvp is None:
-            flags.append(scores.flag("kVp unknown: the paper used 120 kVp only"
-                                     + ("; no energy correction (treated as 120 kVp)" if energy else "")))
-        elif abs(kvp - 120.0) > 5.0:
-            flags.append(scores.flag(f"kVp {kvp:g}: the paper used 120 kVp only; "
-                                     + (f"HU rescaled to 120 kVp (x{info.extras.get('energy_scale', 1.0):.3f})"
-                                        if energy else "estimate less certain")))
-        if l1.confidence < 0.7:
-            flags.append(scores.flag(f"L1 level label uncertain (localizer confidence {l1.confidence:.2f})"))
+        roi = _roi(volume, info, k_src, size, fov)
         details: dict[str, Any] = {
             **model_details(bundle),
             "bmd_per_fold": per_fold,
-            "input_stats": input_stats(images),
-            "bmd_per_slice": [{"z_mm": z, "bmd": float(b),
-                               "sop_instance_uid": volume.sop_instance_uid(nearest_slice(volume, (*volume.origin[:2], z)))}
-                              for z, b in zip(info.z_samples, per_slice)],
+            **_details(volume, info, images, per_slice, bundle, maps, size, fov, kvp),
             "t_score_reference": tref,
-            "abnormal_t_below": ABNORMAL_T, "abnormal": bool(abnormal),
-            "reference_slice_z_mm": info.z_reference,
-            "trabecular_area_mm2": {f"{z:.2f}": a for z, a in info.areas_mm2.items()},
-            "slice_fallback": info.fallback,
-            "kvp": kvp, "energy_scale": float(info.extras.get("energy_scale", 1.0)),
-            "calibration": ({k: bundle.calibration[k] for k in ("kind", "fit", "slope", "intercept")
-                             if k in bundle.calibration} if bundle.calibration else None),
-            "explanation": {"burned_in": f"Grad-RAMP on a {EXPLANATION_MIN_SIDE}x{EXPLANATION_MIN_SIDE} feature map",
-                            "grad_ram_peak_rc": _peak(ram), "grad_ramp_peak_rc": _peak(ramp),
-                            "grad_ramp_fine_peak_rc": _peak(fine),
-                            "feature_map_px": int(size // 32)},
+            "abnormal_t_below": ABNORMAL_T, "abnormal": bool(t < ABNORMAL_T),
             "localizer": loc.method, "localizer_confidence": l1.confidence,
-            "overlay_description": (f"Grad-RAMP (Kang et al. 2023, eq. 3; ensemble mean) on the deepest "
-                                    f"{EXPLANATION_MIN_SIDE}x{EXPLANATION_MIN_SIDE} feature map, fused onto the "
-                                    f"{fov:g} mm L1 crop of the reference slice"),
-            "overlay_pixel_spacing_mm": [fov / OVERLAY_SIZE, fov / OVERLAY_SIZE],
         }
+        details = _ordered(details)
         finding = Finding(
             protocol=self.name, protocol_version=self.version, site="L1", site_code=codes.site_code("L1"),
-            measurements=measurements, category=category, category_code=category_code, flags=flags, roi=roi,
+            measurements=measurements, category=category, category_code=category_code,
+            flags=_flags(volume, info, kvp, energy, l1.confidence), roi=roi,
             z_extent_mm=(float(min(l1.z_range_mm)), float(max(l1.z_range_mm))),
             study_uid=context.info.study_uid, series_uid=context.info.series_uid,
             referenced_sop_instance_uids=list(dict.fromkeys(
                 [roi.source_sop_instance_uid] + [d["sop_instance_uid"] for d in details["bmd_per_slice"]])),
             details=details)
-        finding.overlay = _overlay(volume, info, fine, fov, bmd, t, grade, len(bundle.models))
-        finding.layers.append(_map_layer(volume, info, fine, k_src, bundle.bundle_id, len(bundle.models)))
+        finding.overlay = _overlay(volume, info, maps["fine"], fov, bmd, t, grade, len(bundle.models))
+        finding.layers.append(_map_layer(volume, info, maps["fine"], k_src, bundle.bundle_id, len(bundle.models)))
         t4 = time.perf_counter()
         finding.details["timing_ms"] = {"preprocess": 1000 * (t1 - t0), "model": 1000 * (t2 - t1),
                                         "explain": 1000 * (t4 - t2), "explain_maps": 1000 * (t3 - t2)}
         log.info("l1_axial estimated", series_uid=context.info.series_uid, bmd=round(bmd, 3), t_score=round(t, 2))
         return [finding]
+
+
+#: the order of the finding's details (as the run built them before it was split at its seams)
+_DETAIL_ORDER = ("bmd_per_fold", "input_stats", "bmd_per_slice", "t_score_reference", "abnormal_t_below",
+                 "abnormal", "reference_slice_z_mm", "trabecular_area_mm2", "slice_fallback", "kvp",
+                 "energy_scale", "calibration", "explanation", "localizer", "localizer_confidence",
+                 "overlay_description", "overlay_pixel_spacing_mm")
+
+
+def _ordered(details: dict[str, Any]) -> dict[str, Any]:
+    """``details`` with the model's keys first, then :data:`_DETAIL_ORDER`."""
+    head = {k: v for k, v in details.items() if k not in _DETAIL_ORDER}
+    return {**head, **{k: details[k] for k in _DETAIL_ORDER if k in details}}
+
+
+def _inputs(volume: Volume, l1: Any, size: int, fov: float, n_nb: int, energy: bool,
+            kvp: float | None) -> tuple[np.ndarray, Any]:
+    """The network's input crops around L1 (:func:`screener.preprocess.l1_axial.preprocess_volume`);
+    a :class:`ProtocolDeclined` when L1 cannot be cropped or its crop holds no trabecular body."""
+    from screener.preprocess.l1_axial import preprocess_volume
+
+    try:
+        images, info = preprocess_volume(volume, l1, size=size, fov_mm=fov, n_neighbours=n_nb,
+                                         energy_correction=energy, kvp=kvp)
+    except ValueError as exc:
+        raise ProtocolDeclined(f"L1 not in view: {exc}") from exc
+    if info.fallback:
+        # the network would read a crop that holds no trabecular body (a disc, an endplate, or
+        # a vertebra the localizer misplaced): decline rather than estimate from it
+        raise ProtocolDeclined("the model's input would hold no L1 trabecular body: no slice in L1's "
+                               "z range has a body enclosed by cortex at the localizer's centroid")
+    return images, info
+
+
+def _maps(bundle: Any, ref: Any) -> dict[str, np.ndarray]:
+    """The reference slice's explanation maps: the paper's Grad-RAM / Grad-RAMP (last convolution)
+    and the map shown and sent (overlay, Parametric Map, SEG top decile): Grad-RAMP on the deepest
+    stage of at least 8 x 8 (issue 19: the last convolution's 2 x 2 cannot tell bone from muscle)."""
+    from screener.explain import grad_ram, grad_ramp, grad_ramp_fine
+
+    ramp = grad_ramp(bundle.models, ref)[0]
+    fine = grad_ramp_fine(bundle.models, ref, min_side=EXPLANATION_MIN_SIDE)[0]
+    ram = grad_ram(bundle.models, ref)[0]
+    return {"ramp": ramp, "fine": fine, "ram": ram}
+
+
+def _scored(bmd: float, bundle: Any, context: ProtocolContext) -> tuple[list[Any], float, dict, str]:
+    """The BMD and T-score measurements with their caveats, the T-score, its reference and the WHO
+    grade."""
+    from screener import scores
+    from screener.references import describe, patient_sex
+
+    t, tref = scores.t_score_for(bmd, "L1", patient_sex(context.info.header), context.config)
+    grade = scores.who_grade(t)
+    abnormal = t < ABNORMAL_T
+    measurements = [scores.bmd_measurement(bmd, site="L1", name="L1 BMD estimate"),
+                    scores.t_score_measurement(t, site="L1", name="L1 T-score estimate", reference=tref)]
+    measurements[0].caveats.append(scores.flag(
+        f"L1 aBMD estimated by a deep-learning model ({bundle.bundle_id}, {len(bundle.models)}-model "
+        f"ensemble; {bundle.card.get('training_data', 'training data not stated')}); not a DXA measurement"))
+    measurements[1].caveats.append(scores.flag(
+        f"T-score against {describe(tref)}; {'abnormal' if abnormal else 'normal'} at T {ABNORMAL_T:g} "
+        "as in the paper"))
+    return measurements, t, tref, grade
+
+
+def _roi(volume: Volume, info: Any, k_src: int, size: int, fov: float) -> RoiGeometry:
+    """The crop's outline on the source slice nearest the reference slice."""
+    polygon = _crop_outline(volume, info, k_src)
+    centre = np.asarray(info.crop_origins[0]) + 0.5 * (size - 1) * info.spacing_mm[0] * (
+        np.asarray(info.u) + np.asarray(info.v))
+    return RoiGeometry(source_sop_instance_uid=volume.sop_instance_uid(k_src),
+                       source_sop_class_uid=volume.sop_class_uid(k_src),
+                       polygon=polygon, centre_mm=tuple(float(c) for c in centre),
+                       area_mm2=float(fov * fov), slice_index=k_src,
+                       frame_number=frame_number(volume.datasets[k_src]) if volume.datasets else None)
+
+
+def _flags(volume: Volume, info: Any, kvp: float | None, energy: bool, confidence: float) -> list[str]:
+    """The series' warnings, the tube voltage's caveat and an uncertain level label."""
+    from screener import scores
+
+    flags = [scores.flag(w) for w in volume.warnings]
+    if kvp is None:
+        flags.append(scores.flag("kVp unknown: the paper used 120 kVp only"
+                                 + ("; no energy correction (treated as 120 kVp)" if energy else "")))
+    elif abs(kvp - 120.0) > 5.0:
+        flags.append(scores.flag(f"kVp {kvp:g}: the paper used 120 kVp only; "
+                                 + (f"HU rescaled to 120 kVp (x{info.extras.get('energy_scale', 1.0):.3f})"
+                                    if energy else "estimate less certain")))
+    if confidence < 0.7:
+        flags.append(scores.flag(f"L1 level label uncertain (localizer confidence {confidence:.2f})"))
+    return flags
+
+
+def _details(volume: Volume, info: Any, images: np.ndarray, per_slice: np.ndarray, bundle: Any,
+             maps: dict[str, np.ndarray], size: int, fov: float, kvp: float | None) -> dict[str, Any]:
+    """The finding's details about its input, slices, calibration and explanation."""
+    from screener.uncertainty import input_stats
+
+    return {
+        "input_stats": input_stats(images),
+        "bmd_per_slice": [{"z_mm": z, "bmd": float(b),
+                           "sop_instance_uid": volume.sop_instance_uid(nearest_slice(volume, (*volume.origin[:2], z)))}
+                          for z, b in zip(info.z_samples, per_slice)],
+        "reference_slice_z_mm": info.z_reference,
+        "trabecular_area_mm2": {f"{z:.2f}": a for z, a in info.areas_mm2.items()},
+        "slice_fallback": info.fallback,
+        "kvp": kvp, "energy_scale": float(info.extras.get("energy_scale", 1.0)),
+        "calibration": ({k: bundle.calibration[k] for k in ("kind", "fit", "slope", "intercept")
+                         if k in bundle.calibration} if bundle.calibration else None),
+        "explanation": {"burned_in": f"Grad-RAMP on a {EXPLANATION_MIN_SIDE}x{EXPLANATION_MIN_SIDE} feature map",
+                        "grad_ram_peak_rc": _peak(maps["ram"]), "grad_ramp_peak_rc": _peak(maps["ramp"]),
+                        "grad_ramp_fine_peak_rc": _peak(maps["fine"]),
+                        "feature_map_px": int(size // 32)},
+        "overlay_description": (f"Grad-RAMP (Kang et al. 2023, eq. 3; ensemble mean) on the deepest "
+                                f"{EXPLANATION_MIN_SIDE}x{EXPLANATION_MIN_SIDE} feature map, fused onto the "
+                                f"{fov:g} mm L1 crop of the reference slice"),
+        "overlay_pixel_spacing_mm": [fov / OVERLAY_SIZE, fov / OVERLAY_SIZE],
+    }
 
 
 def _map_layer(volume: Volume, info: Any, ramp: np.ndarray, k: int, bundle_id: str, n_models: int) -> ImageLayer:
