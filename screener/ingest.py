@@ -45,6 +45,7 @@ import threading
 import time
 import types
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,7 +361,7 @@ class GroupCommitter:
             self._queue.put(pending)
         try:
             return pending.done.result(timeout=self.window + GROUP_TIMEOUT_SECONDS)
-        except TimeoutError:
+        except FutureTimeout:
             raise Rejected(STATUS_WRITE_FAILED, "the group commit did not finish in time; "
                                                 "send it again") from None
 

@@ -147,6 +147,28 @@ def test_a_group_whose_rows_cannot_be_written_is_refused_whole(parts: Any,
     assert not list(tmp_dir.iterdir())
 
 
+def test_a_handler_whose_group_hangs_answers_a_failure(parts: Any, monkeypatch: Any) -> None:
+    import screener.ingest as ingest
+    from screener.validation import STATUS_WRITE_FAILED
+
+    tmp_dir, store, db, make = parts
+    release = threading.Event()
+    record = db.record_instances
+
+    def stuck(rows: Any) -> list[bool]:
+        release.wait(60)
+        return record(rows)
+    monkeypatch.setattr(db, "record_instances", stuck)
+    monkeypatch.setattr(ingest, "GROUP_TIMEOUT_SECONDS", 0.2)
+    committer = make(window=0.0)
+    p = _pending(tmp_dir, store, "1.2.3.4.7")
+    with pytest.raises(Rejected) as err:
+        committer.commit(p)           # told a failure, never success, while the commit hangs
+    assert err.value.status == STATUS_WRITE_FAILED and "did not finish" in err.value.reason
+    release.set()                     # the late commit still records it: a re-send is a duplicate
+    assert p.done.result(60) == STORED and db.get_instance("1.2.3.4.7") is not None
+
+
 @pytest.mark.parametrize("hard_links", [True, False])
 def test_commit_rename_without_replace_keeps_the_first_file(tmp_path: Path, monkeypatch: Any,
                                                             hard_links: bool) -> None:
