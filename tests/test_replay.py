@@ -52,8 +52,8 @@ def test_replay_processes_phantom_then_skips_then_force_supersedes(
     assert "1 series: 1 done; 0 unusable files" in run.stdout
     outbox = sorted((data / "outbox").rglob("*.dcm"))
     classes = sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID) for f in outbox)
-    # one SEG of the ROI, one SC overlay, one SR
-    assert classes == ["1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.7", SR_CLASS]
+    # two SEGs (the ROI; the L1 body outline), one SC overlay, one SR
+    assert classes == ["1.2.840.10008.5.1.4.1.1.66.4"] * 2 + ["1.2.840.10008.5.1.4.1.1.7", SR_CLASS]
 
     # results: the ROI centre lies inside the true L1 body, extent overlaps the true L1
     res = _cli("results", "--format", "json", data_dir=data)
@@ -87,7 +87,7 @@ def test_replay_processes_phantom_then_skips_then_force_supersedes(
             for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
     assert refs == [older.SOPInstanceUID]
     status = _cli("status", data_dir=data)
-    assert "done 2" in status.stdout and "sent 6" in status.stdout  # SR, SC and SEG of each run
+    assert "done 2" in status.stdout and "sent 8" in status.stdout  # SR, SC and 2 SEGs of each run
 
 
 def test_replay_real_ct_unusable_then_declined_with_fresh_uids(real_ct_dir: Path,

@@ -77,7 +77,7 @@ def test_serial_run_records_the_failure_and_finishes_the_rest(serial) -> None:
     assert "RuntimeError: injected failure for this series" in str(failed[0]["reason"])
     recs = json.loads(_results(data))
     assert sum(r["protocol"] == "l1_attenuation" for r in recs) == 3
-    assert len(list((data / "outbox").rglob("*.dcm"))) == 9  # an SR, an SC and the ROI SEG per done series
+    assert len(list((data / "outbox").rglob("*.dcm"))) == 12  # an SR, an SC and 2 SEGs per done series
 
 
 def test_two_process_workers_give_the_serial_results_and_resume(archive: Path, serial, tmp_path: Path) -> None:

@@ -1,0 +1,67 @@
+"""Interventions on virtual-cohort CT patients (issue 19): the same patient with only the bone, or
+only the soft tissue, changed -- for checking that every CT estimate moves as the physics says.
+
+Used by ``benchmarks/eval_ct_interventions.py`` and ``tests/test_ct_interventions.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+#: the variants :func:`intervened_scene` makes
+VARIANTS = ("base", "bone x0.6", "muscle +30 HU", "fat -30 HU", "body x1.25", "bone x0.05")
+
+
+def intervened_scene(seed: int, index: int, variant: str) -> tuple[Any, Any]:
+    """Patient ``index`` of cohort ``seed`` (no transitional anatomy, no bone islands) as ``variant``:
+
+    * ``"base"``;
+    * ``"bone x0.6"`` / ``"bone x0.05"``: every bone's mineral scaled (``skeleton_scale``);
+    * ``"muscle +30 HU"``: the muscles' soft-tissue density x 1.03, nothing else;
+    * ``"fat -30 HU"``: the subcutaneous and visceral fat's density x 0.97, nothing else;
+    * ``"body x1.25"``: the patient 25 % heavier (body size and fat; the bone as drawn).
+
+    Returns
+    -------
+    tuple
+        ``(scene, base_patient)``: the scene to render and the unchanged patient (whose header
+        demographics a render should keep).
+
+    Raises
+    ------
+    ValueError
+        ``variant`` is not one of :data:`VARIANTS`.
+    """
+    from training.phantoms import anatomy, population
+
+    if variant not in VARIANTS:
+        raise ValueError(f"intervention {variant!r} unknown; use one of {VARIANTS}")
+    kw: dict[str, Any] = dict(t12_ribs="normal", transitional="none", bone_islands=[])
+    scale = {"bone x0.6": 0.6, "bone x0.05": 0.05}.get(variant, 1.0)
+    patient = population.make_patient(seed, index, **kw, skeleton_scale=scale)
+    base = population.make_patient(seed, index, **kw)
+    if variant == "body x1.25":
+        patient = dataclasses.replace(patient, weight_kg=patient.weight_kg * 1.25)
+    scene = anatomy.build_scene(patient)
+    changes = {"muscle +30 HU": ("muscle", "soft", 1.03), "fat -30 HU": ("fat", "fat", 0.97)}
+    if variant in changes:
+        tag, key, factor = changes[variant]
+        for i in scene.tissues.ids(tag):
+            scene.tissues.comp[int(i)][key] = scene.tissues.comp[int(i)].get(key, 0.0) * factor
+    return scene, base
+
+
+def render_for_ct_models(scene: Any, base: Any, out: Path, seed: int) -> list[Path]:
+    """A 2.5 mm abdomen-pelvis CT (``canon_ap_native``) from T11 to 60 mm below the femoral heads --
+    what every CT protocol needs -- with the base patient's weight in the header (femur_coronal reads
+    it as an input; it is not soft tissue). Returns the written files."""
+    from training.phantoms import ct, profiles
+
+    prof = profiles.get_profile("canon_ap_native").with_(slice_thickness=2.5, slice_spacing=2.5)
+    z_lo = min(c[2] for c in scene.femoral_heads.values()) - 60.0
+    z_hi = scene.vertebra("T11").centroid_mm[2]
+    dss = ct.render_ct(scene, prof, seed=seed, z_range=(z_hi, z_lo))  # (superior, inferior)
+    for ds in dss:
+        ds.PatientWeight = f"{base.weight_kg:.1f}"
+    return ct.write_series(dss, out)
