@@ -18,9 +18,10 @@ ones are **warm**, the daemon's steady state. For each study it prints
 * the CPU seconds the daemon process used for the study (all its threads; on a shared machine
   less moved by other jobs than the wall times), and the load average.
 
+The daemon runs torch on ``--threads`` threads (``OMP_NUM_THREADS``, default 1, as replay's workers).
 Run from the project root (``nice -n -10`` on a shared machine)::
 
-    python benchmarks/bench_end_to_end.py [--warm 2] [--transfer-syntax explicit|j2k|both]
+    python benchmarks/bench_end_to_end.py [--warm 2] [--transfer-syntax explicit|j2k|both] [--threads 1]
 """
 from __future__ import annotations
 
@@ -93,11 +94,11 @@ class StudyTiming:
 class Daemon:
     """``screener serve`` on a free loopback port with its own data directory."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, threads: int = 1) -> None:
         self.data = work / "data"
         self.port = free_port()
-        self.env = dict(os.environ, SCREENER_DATA_DIR=str(self.data), SCREENER_HOST="127.0.0.1",
-                        SCREENER_PORT=str(self.port), SCREENER_QUIET_SECONDS=str(QUIET),
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), SCREENER_DATA_DIR=str(self.data),
+                        SCREENER_HOST="127.0.0.1", SCREENER_PORT=str(self.port), SCREENER_QUIET_SECONDS=str(QUIET),
                         SCREENER_MIN_FREE_MB="1", SCREENER_ALLOWED_CALLING_AES="BENCH", TCP_NODELAY="1",
                         PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.log = open(work / "daemon.log", "wb")
@@ -151,10 +152,10 @@ class Daemon:
         self.log.close()
 
 
-def run(syntax: str, studies: list[list[Path]], work: Path) -> list[StudyTiming]:
+def run(syntax: str, studies: list[list[Path]], work: Path, threads: int = 1) -> list[StudyTiming]:
     """Every study through one daemon, the first one cold."""
     work.mkdir(parents=True)
-    daemon = Daemon(work)
+    daemon = Daemon(work, threads)
     try:
         return [daemon.send(paths, decode_seconds(paths)) for paths in studies]
     finally:
@@ -187,16 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--warm", type=int, default=2, help="warm studies after the cold one")
     ap.add_argument("--transfer-syntax", choices=("explicit", "j2k", "both"), default="both")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="OMP_NUM_THREADS of the daemon (torch's threads; 1 as replay's workers: on a busy "
+                         "2-core machine two spin-waiting threads made the networks 10-20 times slower)")
     args = ap.parse_args(argv)
     syntaxes = ("explicit", "j2k") if args.transfer_syntax == "both" else (args.transfer_syntax,)
     tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; daemon OMP_NUM_THREADS={args.threads}")
     ok = True
     try:
         for syntax in syntaxes:
             studies = [render_study(tmp / syntax / f"study{r}", seed=100 + r, j2k=syntax == "j2k")
                        for r in range(1 + args.warm)]
-            timings = run(syntax, studies, tmp / syntax / "run")
+            timings = run(syntax, studies, tmp / syntax / "run", args.threads)
             ok &= report(syntax, len(studies[0]), timings)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
