@@ -304,3 +304,26 @@ def test_an_input_without_an_enclosed_trabecular_body_is_declined_not_estimated(
         else:  # the same phantom with its cortex: measured (the decline is about the missing body)
             (finding,) = L1AxialProtocol().run(load_volume(syn.paths), ctx)
             assert finding.measurement("L1 BMD estimate").value > 0
+
+
+def test_a_dotted_cortex_is_outlined_rather_than_declined() -> None:
+    """Coarse pixels point-sampling a thin cortex leave it a dotted line (a 25 % heavier cohort
+    patient at 0.94 mm pixels): the one-pixel closing finds no enclosed body, the outline with
+    wider closings and rays (as l1_attenuation's) does -- and l1_axial measures instead of declining."""
+    from screener.preprocess.l1_axial import outlined_trabecular_area, trabecular_area
+
+    sp = 0.7
+    n = 100
+    jj, ii = np.mgrid[0:n, 0:n]
+    y, x = (jj - (n - 1) / 2) * sp, (ii - (n - 1) / 2) * sp
+    r = np.hypot(x / 20.0, y / 15.0)
+    img = np.full((n, n), 40.0)
+    img[r < 1.0] = 165.0
+    shell = (r >= 1.0) & (r < 1.06)
+    angle = np.degrees(np.arctan2(y, x)) % 30.0
+    img[shell & (angle < 22.0)] = 450.0  # the cortex, with a 4-5 mm gap every 30 degrees
+    assert trabecular_area(img, sp) == 0.0
+    area = outlined_trabecular_area(img, sp)
+    assert area == pytest.approx(np.pi * 20.0 * 15.0, rel=0.15)
+    # nothing body-like: still nothing
+    assert outlined_trabecular_area(np.full((n, n), 40.0), sp) == 0.0

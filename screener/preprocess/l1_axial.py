@@ -286,6 +286,28 @@ def trabecular_area(hu: np.ndarray, spacing_mm: float) -> float:
     return area if area <= MAX_BODY_AREA_MM2 else 0.0
 
 
+def outlined_trabecular_area(hu: np.ndarray, spacing_mm: float) -> float:
+    """Area (mm^2) of the trabecular body around the image centre as
+    :func:`screener.vertebral_body.outline_slice` outlines it (closings up to 8 mm, then rays from
+    the centre): the fallback of :func:`trabecular_area` for a gapped cortex. 0 when nothing
+    body-sized is outlined.
+    """
+    from screener.vertebral_body import DROP_MIN_HU, outline_slice
+
+    sm = ndimage.gaussian_filter(hu.astype(np.float64), SELECT_SMOOTH_MM / spacing_mm)
+    rows, cols = sm.shape
+    cj, ci = (rows - 1) / 2.0, (cols - 1) / 2.0
+    jj, ii = np.ogrid[:rows, :cols]
+    near = ((jj - cj) ** 2 + (ii - ci) ** 2) * spacing_mm ** 2 <= CENTRE_RADIUS_MM ** 2
+    t_c = float(np.median(sm[near]))
+    got = outline_slice(sm, (t_c - DROP_MIN_HU, max(CORTEX_MIN_HU, t_c + CORTEX_STEP_HU)),
+                        (spacing_mm, spacing_mm), (cj, ci))
+    if got is None:
+        return 0.0
+    area = float(got[0].sum()) * spacing_mm ** 2
+    return area if area <= MAX_BODY_AREA_MM2 else 0.0
+
+
 def _plane(source: PlaneSource, centre: Sequence[float], fov_mm: float, size: int, factor: int = 1
            ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """HU on a ``size`` x ``size`` axial square of side ``fov_mm`` centred on ``centre``.
@@ -357,6 +379,13 @@ def preprocess(source: PlaneSource, geometry: L1Geometry, *, size: int = SIZE, f
     for k in cand:
         img, _ = _plane(source, (cx, cy, zs[k]), SELECT_FOV_MM, nsel)
         areas[float(zs[k])] = trabecular_area(img, SELECT_FOV_MM / nsel)
+    if max(areas.values()) <= 0.0:
+        # no slice's cortex closes with the one-pixel closing (coarse pixels point-sampling a thin
+        # shell leave it a dotted line): outline each as l1_attenuation does, with wider closings
+        # and rays from the centre; a slice the simple test already enclosed is never re-read
+        for k in cand:
+            img, _ = _plane(source, (cx, cy, zs[k]), SELECT_FOV_MM, nsel)
+            areas[float(zs[k])] = outlined_trabecular_area(img, SELECT_FOV_MM / nsel)
     best_area = max(areas.values())
     fallback = best_area <= 0.0
 
