@@ -16,9 +16,12 @@ For each patient the same scene is rendered (same noise seed) as:
 
 Each series goes through the pipeline with every CT protocol (``process_series``, the shipped
 bundles).  Printed: each model's estimate per variant and its change from ``base`` (femur_coronal,
-a classifier: its P(osteoporosis)); l1_attenuation's HU; which protocols declined; and the share of l1_axial's Grad-RAMP mass (the map on the L1 slice, :class:`ImageLayer`) that
-lies inside the phantom's L1 vertebral body (cortex and trabecular bone) -- the issue's
-"map mass inside the target bone" for that model.  Synthetic patients: not clinical accuracy.
+a classifier: its P(osteoporosis)); l1_attenuation's HU; which protocols declined; and, for each
+model, the share of its explanation map's mass (on the planes the network read,
+:class:`screener.findings.PlaneMap`) that lies on the phantom's target bone: each level's vertebral
+body (cortex and trabecular bone) for l1_axial and lumbar_sagittal, each side's femur for
+femur_coronal -- the issue's "map mass inside the target bone".  Synthetic patients: not clinical
+accuracy.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/eval_ct_interventions.py --n 2 [--json out.json]``
 """
@@ -37,7 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.phantoms.interventions import VARIANTS, intervened_scene, render_for_ct_models  # noqa: E402
+from training.phantoms.interventions import (VARIANTS, intervened_scene, map_mass_on_target,  # noqa: E402
+                                             render_for_ct_models)
 #: estimate read from each protocol's findings: (protocol, site, measurement name contains)
 ESTIMATES = (("l1_axial", "L1", "BMD"), ("lumbar_sagittal", "L1", "BMD"), ("femur_coronal", None, "P(osteoporosis)"),
              ("l1_attenuation", "L1", "attenuation mean"))
@@ -56,26 +60,6 @@ def _estimates(findings: list[Any]) -> dict[str, float]:
     return out
 
 
-def map_mass_in_body(finding: Any, volume: Any, scene: Any, structure: str = "L1_body") -> float | None:
-    """Share of a finding's map-layer mass on pixels inside ``structure`` of the phantom."""
-    maps = [x for x in finding.layers if x.kind == "map"]
-    if not maps:
-        return None
-    index = {volume.sop_instance_uid(k): k for k in range(volume.array.shape[0])}
-    d = np.asarray(volume.direction, dtype=np.float64)
-    total = inside = 0.0
-    for uid, plane in maps[0].planes.items():
-        k = index[uid]
-        jj, ii = np.nonzero(plane > 0)
-        p = volume.index_to_patient(k, 0, 0)[None, :] + (ii * volume.spacing[2])[:, None] * d[:, 0] \
-            + (jj * volume.spacing[1])[:, None] * d[:, 1]
-        w = plane[jj, ii].astype(np.float64)
-        mask = scene.structure_mask(structure, p[:, 0], p[:, 1], p[:, 2])
-        total += float(w.sum())
-        inside += float(w[mask].sum())
-    return inside / total if total > 0 else None
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2, help="patients (default 2)")
@@ -84,7 +68,6 @@ def main() -> int:
     args = ap.parse_args()
     from screener.config import Config
     from screener.pipeline import process_series
-    from screener.series import load_volume
 
     cfg = Config(models_dir=ROOT / "models")
     rows: list[dict[str, Any]] = []
@@ -97,16 +80,17 @@ def main() -> int:
                 paths = render_for_ct_models(scene, base, folder / "in", seed=args.seed)
                 res = process_series(paths, config=cfg, out_dir=folder / "out")
                 est = _estimates(res.findings)
-                axial = next((f for f in res.findings if f.protocol == "l1_axial"), None)
-                mass = map_mass_in_body(axial, load_volume(paths), scene) if axial is not None else None
+                mass = {f.protocol: map_mass_on_target(f, scene) for f in res.findings if f.plane_maps}
                 declined = {d[0]: d[2] for d in res.decisions if not d[1]}
-                rows.append({"patient": index, "variant": variant, "estimates": est, "map_mass_l1_body": mass,
+                rows.append({"patient": index, "variant": variant, "estimates": est, "map_mass": mass,
                              "declined": declined})
                 print(f"# patient {index} {variant}: {est} map mass {mass} "
                       f"declined {sorted(declined)} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     protocols = [p for p, _, _ in ESTIMATES]
-    print(f"| variant | {' | '.join(f'{p} change' for p in protocols)} | l1_axial map mass in L1 body |")
-    print("|---|" + "---|" * (len(protocols) + 1))
+    mapped = ("l1_axial", "lumbar_sagittal", "femur_coronal")
+    print(f"| variant | {' | '.join(f'{p} change' for p in protocols)} | "
+          + " | ".join(f"{p} map mass on target bone" for p in mapped) + " |")
+    print("|---|" + "---|" * (len(protocols) + len(mapped)))
     for variant in VARIANTS:
         cells = []
         for p in protocols:
@@ -120,8 +104,9 @@ def main() -> int:
             text = ", ".join(f"{x:+.3f}" for x in deltas)
             cells.append(f"{text}{'; ' if text and n_declined else ''}{f'declined x{n_declined}' if n_declined else ''}"
                          or "-")
-        masses = [r["map_mass_l1_body"] for r in rows if r["variant"] == variant and r["map_mass_l1_body"] is not None]
-        cells.append(", ".join(f"{m:.2f}" for m in masses) or "-")
+        for p in mapped:
+            masses = [r["map_mass"].get(p) for r in rows if r["variant"] == variant]
+            cells.append(", ".join(f"{m:.2f}" for m in masses if m is not None) or "-")
         print(f"| {variant} | " + " | ".join(cells) + " |")
     print(f"\n{args.n} patients of cohort seed {args.seed}; changes per patient from its base render "
           "(g/cm2 for the BMD models, probability for femur_coronal, HU for l1_attenuation); "

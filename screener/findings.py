@@ -169,6 +169,41 @@ class ImageLayer:
 
 
 @dataclass
+class PlaneMap:
+    """An explanation map on the plane a network read, in patient space: pixel ``[j, i]`` of
+    ``values`` has its centre at ``origin + i * spacing[1] * u + j * spacing[0] * v``
+    (:func:`screener.preprocess.sampling.plane_points`).  Kept in memory for checks against truth
+    (``benchmarks/eval_ct_interventions.py``: the share of the map on the target bone); not recorded.
+
+    Attributes
+    ----------
+    values : numpy.ndarray
+        ``(H, W)`` map in [0, 1].
+    origin, u, v : sequence of float
+        The plane's first pixel centre (LPS mm) and its column / row directions.
+    spacing : tuple of float
+        ``(row, column)`` pixel spacing, mm.
+    label : str
+        What the plane shows, e.g. ``"L1"`` or ``"R"`` (the femur's side).
+    """
+
+    values: np.ndarray
+    origin: tuple[float, float, float]
+    u: tuple[float, float, float]
+    v: tuple[float, float, float]
+    spacing: tuple[float, float]
+    label: str = ""
+
+    @classmethod
+    def on(cls, values: np.ndarray, plane: dict[str, Any], label: str = "") -> "PlaneMap":
+        """A map on a plane given as ``{"origin", "u", "v", "spacing", ...}``."""
+        def t(x: Any) -> tuple[float, ...]:
+            return tuple(float(c) for c in np.asarray(x, dtype=np.float64).ravel())
+        return cls(np.asarray(values, dtype=np.float32), t(plane["origin"]), t(plane["u"]), t(plane["v"]),
+                   (float(plane["spacing"][0]), float(plane["spacing"][1])), label)
+
+
+@dataclass
 class Finding:
     """A protocol's result for one anatomical site.
 
@@ -200,6 +235,8 @@ class Finding:
         ``uint8 (rows, cols, 3)`` RGB image for a secondary capture.
     layers : list of ImageLayer
         Masks and explanation maps on source slices (for the SEG and the Parametric Map).
+    plane_maps : list of PlaneMap
+        The explanation maps on the planes the network read (in memory only).
     details : dict
         JSON-able extras (per-slice values, ROI radius, localizer confidence).
     """
@@ -220,6 +257,7 @@ class Finding:
     overlay: np.ndarray | None = None
     details: dict[str, Any] = field(default_factory=dict)
     layers: list[ImageLayer] = field(default_factory=list, repr=False, compare=False)
+    plane_maps: list[PlaneMap] = field(default_factory=list, repr=False, compare=False)
 
     def measurement(self, name: str) -> Measurement:
         """Return the measurement called ``name``.

@@ -26,11 +26,16 @@ SEED = 47
 CT_PROTOCOLS = ("l1_attenuation", "l1_axial", "femur_coronal", "lumbar_sagittal")
 
 
+#: (patient, variant) -> (scene, findings, input files) of each run, for the map checks
+_FINDINGS: dict[tuple[int, str], tuple[Any, list[Any], list[Path]]] = {}
+
+
 def _run(tmp: Path, index: int, variant: str) -> tuple[dict[str, float], dict[str, str]]:
     scene, base = intervened_scene(SEED, index, variant)
     folder = tmp / f"p{index}-{variant.replace(' ', '_')}"
-    res = process_series(render_for_ct_models(scene, base, folder / "in", seed=SEED),
-                         config=Config(models_dir=ROOT / "models"), out_dir=folder / "out")
+    paths = render_for_ct_models(scene, base, folder / "in", seed=SEED)
+    res = process_series(paths, config=Config(models_dir=ROOT / "models"), out_dir=folder / "out")
+    _FINDINGS[(index, variant)] = (scene, res.findings, paths)
     est: dict[str, float] = {}
     for f in res.findings:
         for m in f.measurements:
@@ -78,3 +83,31 @@ def test_a_heavier_body_moves_no_estimate(tmp_path: Path) -> None:
     assert "l1_axial" not in declined, declined
     for p in ("l1_axial", "lumbar_sagittal"):
         assert abs(heavy[p] - base[p]) <= 0.05, (p, base[p], heavy[p])
+
+
+def test_each_models_map_is_on_its_input_planes_and_measurable_against_truth(patient0: dict[str, Any]) -> None:
+    """Every CT model keeps its explanation map on the planes it read (PlaneMap); l1_axial's share on
+    the L1 body is the same whether read there or from the map it sends on the L1 slice (the
+    Parametric Map's layer): two independent geometries agree."""
+    import numpy as np
+
+    from training.phantoms.interventions import map_mass_on_target
+
+    scene, findings, paths = _FINDINGS[(0, "base")]
+    masses = {f.protocol: map_mass_on_target(f, scene) for f in findings if f.plane_maps}
+    assert set(masses) == {"l1_axial", "lumbar_sagittal", "femur_coronal"}, masses
+    assert all(0.0 < m < 1.0 for m in masses.values()), masses
+    axial = next(f for f in findings if f.protocol == "l1_axial")
+    [layer] = [x for x in axial.layers if x.kind == "map"]
+    [(uid, plane)] = layer.planes.items()
+    from screener.series import load_volume
+
+    vol = load_volume(paths)
+    k = [vol.sop_instance_uid(i) for i in range(vol.array.shape[0])].index(uid)
+    jj, ii = np.nonzero(plane > 0)
+    d = np.asarray(vol.direction, float)
+    p = vol.index_to_patient(k, 0, 0)[None, :] + (ii * vol.spacing[2])[:, None] * d[:, 0] \
+        + (jj * vol.spacing[1])[:, None] * d[:, 1]
+    w = plane[jj, ii].astype(float)
+    on_slice = float(w[scene.structure_mask("L1_body", p[:, 0], p[:, 1], p[:, 2])].sum() / w.sum())
+    assert on_slice == pytest.approx(masses["l1_axial"], abs=0.05), (on_slice, masses["l1_axial"])

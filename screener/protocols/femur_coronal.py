@@ -36,7 +36,7 @@ import structlog
 
 from screener import scores
 from screener.domain import Volume
-from screener.findings import Finding, RoiGeometry
+from screener.findings import Finding, PlaneMap, RoiGeometry
 from screener.preprocess import femur_coronal as pp
 from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined, axial_ct_decision
 from screener.protocols.model import ModelProtocol, axial_rectangle_roi, model_details, nearest_slice
@@ -185,6 +185,7 @@ class FemurCoronalProtocol(ModelProtocol):
         finding.details["overlay_pixel_spacing_mm"] = [pp.CROP_SPACING_MM / 2.0, pp.CROP_SPACING_MM / 2.0]
         from screener.preprocess.femoral_head import femoral_head_layers
         finding.layers += femoral_head_layers(volume, heads)  # the heads on their slices: the outlines SEG
+        finding.plane_maps = _plane_maps(heat, pinfo)
         log.info("femur_coronal measured", series_uid=info.series_uid, grade=grade,
                  p=[round(float(p), 3) for p in prob], ms={k: round(v) for k, v in timing.items()})
         return [finding]
@@ -252,3 +253,16 @@ class FemurCoronalProtocol(ModelProtocol):
         for text, x in (("R", img.width // 2 - 20), ("L", img.width - 16)):
             draw.text((x, img.height // 2), text, fill=(255, 255, 255), font=font)
         return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _plane_maps(heat: np.ndarray, pinfo: pp.PreprocessInfo) -> list[PlaneMap]:
+    """The Grad-CAM map (one for the two-channel input) on each side's coronal crop plane, upsampled
+    from the network frame (the pooled crop's top-left ``INPUT_PX * POOL`` pixels) to crop pixels."""
+    from scipy import ndimage
+
+    n = pp.INPUT_PX * pp.POOL
+    h = np.asarray(heat, dtype=np.float64)
+    h = ndimage.zoom(h, (n / h.shape[0], n / h.shape[1]), order=1)[:n, :n]
+    full = np.zeros((pp.CROP_PX, pp.CROP_PX), np.float32)
+    full[:n, :n] = h
+    return [PlaneMap.on(full, pinfo.planes[side], side) for side in pp.SIDES]

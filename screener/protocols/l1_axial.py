@@ -35,7 +35,7 @@ import numpy as np
 import structlog
 
 from screener.domain import Volume
-from screener.findings import Finding, ImageLayer, RoiGeometry
+from screener.findings import Finding, ImageLayer, PlaneMap, RoiGeometry
 from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined, axial_ct_decision
 from screener.protocols.model import ModelProtocol, model_details, nearest_slice, spine_localization
 from screener.series import SeriesInfo, frame_number
@@ -131,6 +131,9 @@ class L1AxialProtocol(ModelProtocol):
             details=details)
         finding.overlay = _overlay(volume, info, maps["fine"], fov, bmd, t, grade, len(bundle.models))
         finding.layers.append(_map_layer(volume, info, maps["fine"], k_src, bundle.bundle_id, len(bundle.models)))
+        finding.plane_maps.append(PlaneMap.on(maps["fine"], {
+            "origin": info.crop_origins[0], "u": info.u, "v": info.v,
+            "spacing": (info.spacing_mm[0], info.spacing_mm[-1])}, "L1"))
         t4 = time.perf_counter()
         finding.details["timing_ms"] = {"preprocess": 1000 * (t1 - t0), "model": 1000 * (t2 - t1),
                                         "explain": 1000 * (t4 - t2), "explain_maps": 1000 * (t3 - t2)}

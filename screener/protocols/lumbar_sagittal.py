@@ -35,7 +35,7 @@ import structlog
 
 from screener import scores
 from screener.domain import Volume
-from screener.findings import Finding, RoiGeometry
+from screener.findings import Finding, PlaneMap, RoiGeometry
 from screener.preprocess import lumbar_sagittal as pp
 from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined, axial_ct_decision
 from screener.protocols.model import (ModelProtocol, axial_rectangle_roi, model_details, nearest_slice,
@@ -195,6 +195,7 @@ class LumbarSagittalProtocol(ModelProtocol):
             u for f in findings for u in f.referenced_sop_instance_uids if u != roi.source_sop_instance_uid]
         overlay, spacing = self._overlay(images, heat, pred, ib, it, bmd, t, tbs, grade, pinfo)
         patient.overlay = overlay
+        patient.plane_maps = [PlaneMap.on(heat[j], pinfo.planes[j], lv) for j, lv in enumerate(pp.LEVELS)]
         patient.details["overlay_description"] = (
             f"Grad-RAMP of the BMD output (mean of {len(bundle.models)} fold models) on the mid-vertebral "
             f"sagittal {pinfo.constants['slab_mm']:g} mm reformats, 2x2 mosaic L1 L2 / L3 L4, "

@@ -1,7 +1,8 @@
 """Interventions on virtual-cohort CT patients (issue 19): the same patient with only the bone, or
 only the soft tissue, changed -- for checking that every CT estimate moves as the physics says.
 
-Used by ``benchmarks/eval_ct_interventions.py`` and ``tests/test_ct_interventions.py``.
+Used by ``benchmarks/eval_ct_interventions.py`` and ``tests/test_ct_interventions.py``; also the
+share of a model's explanation map on the target bone (:func:`map_mass_on_target`).
 """
 from __future__ import annotations
 
@@ -65,3 +66,27 @@ def render_for_ct_models(scene: Any, base: Any, out: Path, seed: int) -> list[Pa
     for ds in dss:
         ds.PatientWeight = f"{base.weight_kg:.1f}"
     return ct.write_series(dss, out)
+
+
+def target_structure(label: str) -> str:
+    """The phantom structure a map on a plane labelled ``label`` should lie on: the vertebral body
+    (cortex and trabecular bone) of a level (``"L1"``), or the femur of a side (``"R"``, ``"L"``)."""
+    return f"femur_{label}" if label in ("R", "L") else f"{label}_body"
+
+
+def map_mass_on_target(finding: Any, scene: Any) -> float | None:
+    """Share of a finding's explanation-map mass (:class:`screener.findings.PlaneMap`, on the planes
+    the network read) that lies on the phantom's target bone (:func:`target_structure`); ``None``
+    when the finding has no map."""
+    import numpy as np
+
+    from screener.preprocess.sampling import plane_points
+
+    total = inside = 0.0
+    for pm in finding.plane_maps:
+        pts = plane_points(pm.origin, pm.u, pm.v, pm.values.shape, pm.spacing)
+        w = np.asarray(pm.values, dtype=np.float64)
+        mask = scene.structure_mask(target_structure(pm.label), pts[..., 0], pts[..., 1], pts[..., 2])
+        total += float(w.sum())
+        inside += float(w[mask].sum())
+    return inside / total if total > 0 else None
