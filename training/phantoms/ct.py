@@ -14,6 +14,13 @@ Coarse-pixel profiles (``supersample`` > 1, e.g. the 3 mm pixels of
 pixel, so a 1 mm cortex or a 5 mm bone island is partial-volumed as on a real
 coarse reconstruction instead of aliased.
 
+Likeness profiles (issue 19, ``profiles.REALISM_PROFILES``) switch on two more effects through
+profile fields whose defaults leave every other profile byte-identical: ``noise_nps`` shapes the
+noise with a filtered-back-projection power spectrum (``(f + a) exp(-(f / c)^2)``, applied in the
+Fourier domain) instead of the Gaussian filter, and ``tissue_texture`` adds smooth 3-D random fields
+(sums of plane waves, continuous across slices, from their own random stream) to fat, muscle and
+organs before the slice averaging and the kernel blur.
+
 Contrast: the profile's phase sets the iodine of the scene; ``render_ct(...,
 contrast_in_header=False)`` (or a profile with ``contrast_in_header=False``)
 keeps the enhancement but writes no ContrastBolusAgent / Route and no phase in
@@ -151,6 +158,46 @@ def _size_factor(lab: Arr, table_ids: Arr, ps: float) -> float:
     return float(np.clip(np.exp(0.095 * (d - 30.0)), 0.5, 4.0))
 
 
+#: tissue texture runs along the body axis (muscle fibres, fat septa, vertical trabeculae): its
+#: wavelength along z is this many times the in-plane one, so it persists over a few slices
+TEXTURE_Z_STRETCH = 4.0
+
+
+def _texture_waves(seed: int, index: int, k: int, wavelength_mm: float, n_waves: int = 16) -> tuple[Arr, Arr]:
+    """Wave vectors (rad/mm) and phases of texture field ``k`` of a patient (own random stream)."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0x7E, int(k)])
+    d = rng.normal(size=(n_waves, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    kk = d * (2 * np.pi / (wavelength_mm * rng.uniform(0.7, 1.3, size=n_waves)))[:, None]
+    kk[:, 2] /= TEXTURE_Z_STRETCH
+    return kk, rng.uniform(0, 2 * np.pi, size=n_waves)
+
+
+def _add_tissue_texture(mu: Arr, lab: Arr, scene: Scene, origin: Arr, ps: float, mw: float,
+                        fields: list[tuple[Arr, float, Arr, Arr]]) -> Arr:
+    """``mu`` plus each texture field (``(tissue ids, SD HU, wave vectors, phases)``) on its tissues."""
+    for ids, sd, kk, phi in fields:
+        jj, ii = np.nonzero(np.isin(lab, ids))
+        if jj.size == 0:
+            continue
+        x = origin[0] + ii * ps
+        y = origin[1] + jj * ps
+        acc = np.zeros(jj.size)
+        for w in range(len(phi)):
+            acc += np.cos(kk[w, 0] * x + kk[w, 1] * y + kk[w, 2] * origin[2] + phi[w])
+        mu[jj, ii] += (sd * np.sqrt(2.0 / len(phi)) / 1000.0 * mw) * acc
+    return mu
+
+
+def _nps_noise(rng: np.random.Generator, n: int, ps: float, a: float, c: float) -> Arr:
+    """Unit-SD noise with the power spectrum ``(f + a) exp(-(f / c)^2)`` (``f`` cycles/mm)."""
+    wn = rng.standard_normal((n, n))
+    f = np.fft.fftfreq(n, d=ps)
+    fr = np.hypot(f[None, :], f[:, None])
+    out = np.real(np.fft.ifft2(np.fft.fft2(wn) * np.sqrt((fr + a) * np.exp(-(fr / c) ** 2))))
+    return (out / max(float(out.std()), 1e-9)).astype(np.float32)
+
+
 def render_volume(scene: Scene, profile: ScannerProfile, seed: int,
                   z_range: tuple[float, float] | None = None) -> dict[str, Any]:
     """Render the HU volume of a series (no DICOM): arrays plus geometry.
@@ -200,6 +247,12 @@ def render_volume(scene: Scene, profile: ScannerProfile, seed: int,
     hu_out = np.empty((n, N, N), np.float32)
     noise_sd = np.empty(n)
     bias = rng.normal(0.0, 2.0)
+    tex_fields = []
+    for t, (tag, t_sd, t_lam) in enumerate(getattr(profile, "tissue_texture", ()) or ()):
+        t_ids = scene.tissues.ids(tag)
+        if t_ids.size:
+            tex_fields.append((t_ids, float(t_sd), *_texture_waves(seed, p.index, t, float(t_lam))))
+    nps = tuple(getattr(profile, "noise_nps", ()) or ())
     for k, z in enumerate(zs):
         acc = None
         lab_c = None
@@ -209,6 +262,9 @@ def render_volume(scene: Scene, profile: ScannerProfile, seed: int,
                 o = origin_f.copy()
                 o[2] = zk
                 cache[zk] = mu_plane(scene, o, u, v, (N_f, N_f), (ps_f, ps_f), kev, profile.phase, table=True)
+                if tex_fields:
+                    cache[zk] = (_add_tissue_texture(cache[zk][0], cache[zk][1], scene, o, ps_f, mw, tex_fields),
+                                 cache[zk][1])
             mu, lab = cache[zk]
             acc = mu.copy() if acc is None else acc + mu
             if lab_c is None or abs(off) < 1e-9 or (off == offs[len(offs) // 2]):
@@ -224,8 +280,11 @@ def render_volume(scene: Scene, profile: ScannerProfile, seed: int,
             hu = ndimage.gaussian_filter(hu, sig_blur, mode="nearest")
         sd = (profile.noise_hu * profile.kernel.noise_factor * np.sqrt(5.0 / profile.slice_thickness)
               * _size_factor(lab_c, table_ids, ps_f))
-        wn = rng.standard_normal((N, N)).astype(np.float32)
-        if profile.kernel.noise_sigma_px > 0.05:
+        if nps:
+            wn = _nps_noise(rng, N, ps, float(nps[0]), float(nps[1]))
+        else:
+            wn = rng.standard_normal((N, N)).astype(np.float32)
+        if not nps and profile.kernel.noise_sigma_px > 0.05:
             wn = ndimage.gaussian_filter(wn, profile.kernel.noise_sigma_px)
             wn /= max(float(wn.std()), 1e-6)
         hu = hu + sd * wn + bias

@@ -21,6 +21,13 @@ existing training split changes:
 * ``chest_abd_arterial_noagent``: thorax to upper abdomen, arterial (aorta
   ~370 HU), 0.7 mm pixels, 2.5 mm slices, no contrast attribute.
 
+``realism`` (issue 19, :data:`REALISM_PROFILES`, ``likeness``) is evaluation-only and in no
+other list: a 120 kVp Siemens portal-venous abdomen-pelvis series at the real test CT's geometry
+(3 mm every 2 mm, ~0.98 mm pixels) whose noise has a filtered-back-projection spectrum
+(``noise_nps``), whose kernel blurs like the real Br38f, and whose fat, muscle and organs carry
+texture (``tissue_texture``); 2 x 2 in-plane supersampling. Its new fields default to values that
+leave every other profile's rendering byte-identical.
+
 ``contrast_in_header=False`` renders the phase's iodine but leaves
 ContrastBolusAgent / Route out of the header and the phase out of the series
 description (archives often lack them).
@@ -88,6 +95,18 @@ class ScannerProfile:
         samples (partial volume of coarse pixels); 1 samples pixel centres.
     evaluation_only : bool
         Never used for training splits or held-out tests (:data:`LOCALIZER_PROFILES`).
+    likeness : bool
+        A likeness profile (:data:`REALISM_PROFILES`, issue 19): evaluation-only, and not one of
+        the localizer's archive acquisitions either.
+    noise_nps : tuple of float
+        ``()`` (default): the kernel's Gaussian noise filter (``kernel.noise_sigma_px``).
+        ``(a, c)``: noise with the filtered-back-projection power spectrum
+        ``NPS(f) = (f + a) exp(-(f / c)^2)`` (``f``, ``a``, ``c`` in cycles/mm): a ramp rolled off
+        by the kernel, so the grain peaks at a middle frequency as on a real scanner.
+    tissue_texture : tuple of (str, float, float)
+        ``()`` (default): organs are flat. Each ``(structure tag, SD HU, wavelength mm)`` adds a
+        smooth 3-D random field of that SD (before the kernel blur) to the tissues of that tag
+        (``Scene.tissues.ids``): fat septa, muscle striation, liver parenchyma.
     """
 
     name: str
@@ -110,6 +129,9 @@ class ScannerProfile:
     contrast_in_header: bool = True
     supersample: int = 1
     evaluation_only: bool = False
+    likeness: bool = False
+    noise_nps: tuple[float, ...] = ()
+    tissue_texture: tuple[tuple[str, float, float], ...] = ()
 
     def with_(self, **kw: object) -> "ScannerProfile":
         """A copy with some fields replaced."""
@@ -123,6 +145,9 @@ BONE_GE = Kernel("BONE", 0.3, 0.5, 2.4)
 SOFT_CANON = Kernel("FC08", 0.6, 1.0, 0.9)
 PHILIPS_B = Kernel("B", 0.5, 0.85, 1.0)
 PHILIPS_YB = Kernel("YB", 0.3, 0.55, 2.2)
+#: the real CT of ../shared/data/ct-upper-abdomen-j2k: Siemens Br38f; the blur (sigma 0.9 mm) is set
+#: from its bone-edge width, the noise spectrum from its slice-difference NPS (eval_ct_likeness.py)
+REALISM_SIEMENS = Kernel("Br38f", 0.9, 0.0, 1.0)
 
 PROFILES: dict[str, ScannerProfile] = {p.name: p for p in [
     ScannerProfile("siemens_ap_pv", "SIEMENS", "SOMATOM Definition Edge", 120, SOFT_SIEMENS, 11.0, 5.0, 5.0,
@@ -159,13 +184,24 @@ PROFILES: dict[str, ScannerProfile] = {p.name: p for p in [
     ScannerProfile("chest_abd_arterial_noagent", "TOSHIBA", "Aquilion Prime", 120, SOFT_CANON, 12.0, 2.5, 2.5,
                    0.70, 512, "chest", "arterial", mas=180, contrast_in_header=False, evaluation_only=True,
                    station="CT6"),
+    # issue 19: the likeness profile, never trained on -- closer to the real CT where
+    # benchmarks/eval_ct_likeness.py found the cohort off (kernel-shaped noise grain, a blurrier
+    # kernel, organ / fat / muscle texture, 3 mm slices every 2 mm, 2 x 2 in-plane partial volume)
+    ScannerProfile("realism", "SIEMENS", "Biograph40_mCT", 120, REALISM_SIEMENS, 13.0, 3.0, 2.0, 0.98, 512,
+                   "abdomen_pelvis", "portal_venous", mas=253, pixel_signed=False, supersample=2,
+                   evaluation_only=True, likeness=True, station="CT7", noise_nps=(0.15, 0.256),
+                   tissue_texture=(("subcutaneous_fat", 60.0, 4.0), ("visceral_fat", 60.0, 4.0),
+                                   ("muscle", 18.0, 5.0), ("liver", 8.0, 6.0), ("spleen", 8.0, 6.0),
+                                   ("kidney", 8.0, 6.0), ("trabecular", 45.0, 4.0))),
 ]}
 
 #: profiles used for training splits (not held out, not evaluation-only)
 TRAINING_PROFILES: tuple[str, ...] = tuple(k for k, v in PROFILES.items() if not v.held_out and not v.evaluation_only)
 HELD_OUT: tuple[str, ...] = tuple(k for k, v in PROFILES.items() if v.held_out)
 #: evaluation-only archive acquisitions for the localizer / L1 ROI / contrast cohort checks (issue 14)
-LOCALIZER_PROFILES: tuple[str, ...] = tuple(k for k, v in PROFILES.items() if v.evaluation_only)
+LOCALIZER_PROFILES: tuple[str, ...] = tuple(k for k, v in PROFILES.items() if v.evaluation_only and not v.likeness)
+#: likeness profiles (issue 19): evaluation-only, never in a training split, a hold-out or the localizer set
+REALISM_PROFILES: tuple[str, ...] = tuple(k for k, v in PROFILES.items() if v.likeness)
 
 
 def get_profile(name: str) -> ScannerProfile:
