@@ -81,11 +81,47 @@ def _offsets(structure: np.ndarray) -> list[tuple[int, int]]:
     return [(int(y) - cy, int(x) - cx) for y, x in zip(*np.nonzero(st))]
 
 
-def _combine_shifted(mask: np.ndarray, offsets: list[tuple[int, int]], erode: bool) -> np.ndarray:
+def _row_widths(offsets: list[tuple[int, int]]) -> dict[int, int] | None:
+    """``{dy: w}`` when every row of the offsets is the run ``dx = -w .. w`` (a disk, a cross, a
+    square), else ``None``."""
+    rows: dict[int, list[int]] = {}
+    for dy, dx in offsets:
+        rows.setdefault(dy, []).append(dx)
+    widths = {}
+    for dy, dxs in rows.items():
+        w = max(dxs)
+        if sorted(dxs) != list(range(-w, w + 1)):
+            return None
+        widths[dy] = w
+    return widths
+
+
+def _combine_by_rows(mask: np.ndarray, widths: dict[int, int], erode: bool) -> np.ndarray:
+    """:func:`_combine_shifted` of a structure made of centred runs (``widths``, :func:`_row_widths`):
+    the runs first (the run of half-width ``w`` from that of ``w - 1`` and the two shifts ``+-w``),
+    then one shift per row: 2 max(w) + (rows) operations instead of one per element (21 instead of
+    81 for a disk of radius 5)."""
+    runs = [mask]
+    for w in range(1, max(widths.values()) + 1):
+        runs.append(_combine_shifted(mask, [(0, -w), (0, w)], erode, into=runs[-1].copy()))
+    out = np.full(mask.shape, erode, dtype=bool)
+    for dy, w in widths.items():
+        _combine_shifted(runs[w], [(dy, 0)], erode, into=out)
+    return out
+
+
+def _combine_shifted(mask: np.ndarray, offsets: list[tuple[int, int]], erode: bool,
+                     into: np.ndarray | None = None) -> np.ndarray:
     """AND (``erode``) or OR of ``mask[..., y + dy, x + dx]`` over ``offsets``, outside the array
-    False."""
+    False; combined into ``into`` (in place) when given."""
+    if into is None:
+        widths = _row_widths(offsets)
+        if widths is not None and 2 * max(widths.values()) + len(widths) < len(offsets):
+            return _combine_by_rows(mask, widths, erode)
     ny, nx = mask.shape[-2:]
-    if erode:
+    if into is not None:
+        out = into
+    elif erode:
         out = np.ones(mask.shape, dtype=bool)
     else:
         out = np.zeros(mask.shape, dtype=bool)
