@@ -110,7 +110,8 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
         protocols = default_protocols(config.protocols)
     names = [p.name for p in protocols]
     try:
-        info = read_series_info([Path(p) for p in paths])
+        # decode once (issue 21): the files are read whole here and the volume is decoded from them
+        info = read_series_info([Path(p) for p in paths], with_pixels=True)
     except SeriesUnusable as exc:
         return PipelineResult("skipped", f"series unusable: {exc.reason}",
                               [(n, False, f"series unusable: {exc.reason}") for n in names])
@@ -127,7 +128,7 @@ def process_series(paths: list[Path], *, config: Config, out_dir: Path,
     volume: Volume | None = None
     if any(p.needs_volume for p in accepted):
         try:
-            volume = load_volume(info.paths)
+            volume = load_volume(info.paths, datasets=info.datasets)
         except SeriesUnusable as exc:
             for p in accepted:
                 if p.needs_volume:
