@@ -16,6 +16,8 @@ finds each hip first:
    the patient's right hip.
    From 0.5.0 the maps are averaged with those of the left-right mirrored input (:func:`heatmaps`,
    test-time flip averaging; the card's ``decoding.flip_average`` can turn it off).
+   From 0.6.0 a second, fine stage (:func:`refine_hips`, the bundle's ``refine/`` sub-bundle) reads
+   the femoral-neck ROI centre again from a crop around each coarse femoral head.
 3. :func:`decode_heatmaps` -- per anatomical side: presence probability (peak of the head map),
    head and neck centres (peak with a local centroid), and a confidence.
 4. :func:`decide_side` -- which patient side a hip is: from ``PatientOrientation`` when the header
@@ -643,8 +645,9 @@ def find_hips(ds: Any, bundle: Any) -> tuple[list[HipLandmark], dict[str, HipLan
     thr = float((bundle.card.get("decoding") or {}).get("presence_threshold", PRESENCE_THRESHOLD))
     amb = float((bundle.card.get("decoding") or {}).get("ambiguity_limit", 0.6))
     metal_thr = float((bundle.card.get("decoding") or {}).get("metal_threshold", METAL_NET_THRESHOLD))
-    both = decode_heatmaps(heatmaps(bundle, inp), inp, threshold=thr)
-    refine_hips(bundle, inp, both)
+    heat = heatmaps(bundle, inp)
+    both = decode_heatmaps(heat, inp, threshold=thr)
+    refine_hips(bundle, inp, both, heat)
     image = inp.raw if inp.raw is not None else inp.display
     for h in both.values():
         if h.present or h.probability >= METAL_RESCUE * thr:
@@ -716,14 +719,17 @@ def _refine_bundle(bundle: Any) -> Any:
     return getattr(bundle, "_hip_refine", None)
 
 
-def refine_hips(bundle: Any, inp: LandmarkInput, hips: dict[str, HipLandmark]) -> None:
+def refine_hips(bundle: Any, inp: LandmarkInput, hips: dict[str, HipLandmark], heat: np.ndarray | None = None) -> None:
     """Re-read the femoral-neck ROI centre of each candidate hip with the refine network, in place.
 
     A patch of :data:`REFINE_CROP` input pixels around the coarse femoral head, resampled to
     :data:`REFINE_SIZE` and shown as a plus hip, gives a neck map at 1.25 input pixels (the coarse
-    map: 2); the neck is its peak within 70 mm of the head (and the head, when the refine head map's
-    peak lies within 6 mm of the coarse one, the refine head's).  The coarse reading stays in
-    ``details["coarse_neck_px"]``.  Nothing changes for a bundle without a refine stage.
+    map: 2).  With the coarse maps ``heat`` given (and the card's ``decoding.refine.combine`` =
+    ``"product"``, the default) the refine neck map is multiplied by the coarse neck map sampled on
+    the refine grid: each stage vetoes the other's stray lobe.  The neck is that map's peak within
+    70 mm of the head (and the head, when the refine head map's peak lies within 6 mm of the coarse
+    one, the refine head's).  The coarse reading stays in ``details["coarse_neck_px"]``.  Nothing
+    changes for a bundle without a refine stage.
     """
     ref = _refine_bundle(bundle)
     if ref is None:
@@ -747,8 +753,11 @@ def refine_hips(bundle: Any, inp: LandmarkInput, hips: dict[str, HipLandmark]) -
     y = y / len(ref.models)
     mm_in = inp.scale[0] * inp.spacing_mm[0]  # mm per landmark-input pixel
     step_out = OUTPUT_STRIDE  # patch pixels per refine-map pixel
+    combine = str(((bundle.card.get("decoding") or {}).get("refine") or {}).get("combine", "product"))
     for h, m, maps in zip(todo, mats, y):
         hm, nm = maps[0], maps[1].copy()
+        if heat is not None and combine == "product":
+            nm = nm * _coarse_on_refine_grid(heat[2 * ANATOMY.index(h.anatomy) + 1], m, nm.shape)
         hv, hi, hj = _peak(hm)
         ci, cj = ((REFINE_SIZE - 1) / 2.0 + 0.5) / step_out - 0.5, ((REFINE_SIZE - 1) / 2.0 + 0.5) / step_out - 0.5
         mm_out = step_out * REFINE_CROP / REFINE_SIZE * mm_in
@@ -768,6 +777,16 @@ def refine_hips(bundle: Any, inp: LandmarkInput, hips: dict[str, HipLandmark]) -
             h.details["coarse_head_px"] = tuple(round(v, 2) for v in h.head_px)
             h.head_px = to_stored(hi, hj)
         h.details["refine_neck_peak"] = round(float(nv), 3)
+
+
+def _coarse_on_refine_grid(cmap: np.ndarray, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A coarse map (stride :data:`OUTPUT_STRIDE` of the landmark input) sampled at the refine map's pixels."""
+    ii, jj = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    pi, pj = (ii + 0.5) * OUTPUT_STRIDE - 0.5, (jj + 0.5) * OUTPUT_STRIDE - 0.5
+    r = m[0, 0] * pi + m[0, 1] * pj + m[0, 2]
+    c = m[1, 0] * pi + m[1, 1] * pj + m[1, 2]
+    return ndimage.map_coordinates(np.asarray(cmap, dtype=np.float64), [(r + 0.5) / OUTPUT_STRIDE - 0.5,
+                                   (c + 0.5) / OUTPUT_STRIDE - 0.5], order=1, mode="constant", cval=0.0)
 
 
 __all__ += ["REFINE_CHANNELS", "REFINE_CROP", "REFINE_SIZE", "refine_hips", "refine_matrix", "refine_patch"]

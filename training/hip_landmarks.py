@@ -583,7 +583,8 @@ def refine_eval(model: torch.nn.Module, d: dict[str, np.ndarray], seed: int = 7)
 
 def train_refine(out: Path, *, minutes: float = 30.0, seed: int = 1516, batch: int = 16, lr: float = 2e-3,
                  widths: Sequence[int] = (16, 24, 32, 48, 64), workers: int = 1, oversample_hard: float = 2.5,
-                 init: Path | None = None, version: str = "0.6.0", command: str = "") -> dict[str, Any]:
+                 init: Path | None = None, version: str = "0.6.0", command: str = "",
+                 soft_tissue_p: float = 0.2) -> dict[str, Any]:
     """Train the refine stage on patches of the standard and ``wide`` training splits (never the variety
     profile) and write it as ``<out>/refine`` (a bundle of protocol ``hip_landmarks_refine``)."""
     from screener.bundles import InputSpec, load_bundle, save_bundle
@@ -610,7 +611,8 @@ def train_refine(out: Path, *, minutes: float = 30.0, seed: int = 1516, batch: i
         pick = rng.choice(len(hips), size=batch, p=w)
         xs, ps = [], []
         for i, k in hips[pick]:
-            x, p = refine_sample(tr["x"][i].astype(np.float32) / 255.0, tr["t"][i], int(k), rng)
+            x, p = refine_sample(tr["x"][i].astype(np.float32) / 255.0, tr["t"][i], int(k), rng,
+                                 soft_tissue_p=soft_tissue_p)
             xs.append(x)
             ps.append(p)
         logits = model(torch.from_numpy(np.stack(xs)[:, None]))
@@ -713,10 +715,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--lr", type=float, default=2e-3)
     r.add_argument("--oversample-hard", type=float, default=2.5)
     r.add_argument("--init", default="", help="continue from this refine bundle")
+    r.add_argument("--soft-tissue", type=float, default=0.2, help="share of patches given a thick soft-tissue look")
     args = ap.parse_args(argv)
     if args.cmd == "refine":
         train_refine(Path(args.out), minutes=args.minutes, lr=args.lr, oversample_hard=args.oversample_hard,
-                     init=Path(args.init) if args.init else None,
+                     init=Path(args.init) if args.init else None, soft_tissue_p=args.soft_tissue,
                      command="nice -n 19 python -m training.hip_landmarks " + " ".join(argv if argv is not None else sys.argv[1:]))
         return 0
     if args.cmd == "data":
