@@ -63,7 +63,7 @@ def _body_masks_slice_by_slice(hu: np.ndarray) -> np.ndarray:
 
 
 def _trunk_whole_slice(body: np.ndarray, canal_yx: tuple[float, float], r: int) -> np.ndarray:
-    """_trunk as it was: both distance transforms over the whole slice."""
+    """The arm cut-off as it was (anchors._trunk): both distance transforms over the whole slice."""
     from scipy import ndimage as ndi
 
     inside = ndi.distance_transform_edt(np.pad(body, 1))[1:-1, 1:-1] > r
@@ -108,10 +108,14 @@ def test_body_masks_of_the_stack_equal_slice_by_slice() -> None:
     assert not body_masks(np.full((3, 10, 10), -1000.0, np.float32)).any()
 
 
-def test_trunk_in_the_body_box_equals_the_whole_slice() -> None:
+def test_trunk_of_one_slice_equals_the_whole_slice_transforms() -> None:
     from types import SimpleNamespace
 
-    from screener.localizer.anchors import ARM_CUT_MM, _trunk
+    from screener.localizer.anchors import ARM_CUT_MM, _trunks
+
+    def _trunk(body: np.ndarray, col: SimpleNamespace, z: int, dx: float) -> np.ndarray:
+        return _trunks(body[None], SimpleNamespace(canal_y={0: col.canal_y[z]}, canal_x={0: col.canal_x[z]}),
+                       [0], dx)[0]
 
     dx = 1.5
     r = max(1, int(round(ARM_CUT_MM / dx)))
@@ -133,3 +137,28 @@ def test_trunk_in_the_body_box_equals_the_whole_slice() -> None:
     assert n_cut > 0  # the arm was cut off somewhere
     empty = np.zeros((20, 20), bool)
     assert not _trunk(empty, SimpleNamespace(canal_y={0: 5.0}, canal_x={0: 5.0}), 0, dx).any()
+
+
+def test_trunks_of_the_stack_equal_each_slice_alone() -> None:
+    from types import SimpleNamespace
+
+    from screener.localizer.anchors import ARM_CUT_MM, _trunks
+
+    dx = 1.5
+    r = max(1, int(round(ARM_CUT_MM / dx)))
+    hu = _blobs(11, (24, 64, 80))
+    yy, xx = np.mgrid[0:64, 0:80]
+    body = hu > -400.0
+    body |= (((yy - 32) / 25.0) ** 2 + ((xx - 30) / 24.0) ** 2 <= 1)[None]
+    body |= (((yy - 32) / 12.0) ** 2 + ((xx - 70) / 9.0) ** 2 <= 1)[None]
+    body[:, 30:34, 50:64] = True
+    body[5] = False  # an empty slice
+    canals = [(32.0, 30.0), (2.0, 2.0), (32.0, 70.0), (-5.0, 3.0), (70.0, 10.0)]
+    col = SimpleNamespace(canal_y={z: canals[z % 5][0] for z in range(24)},
+                          canal_x={z: canals[z % 5][1] for z in range(24)})
+    zs = [z for z in range(24) if z % 4 != 1]
+    got = _trunks(body, col, zs, dx)
+    assert len(got) == len(zs)
+    for z, trunk in zip(zs, got):
+        assert np.array_equal(trunk, _trunk_whole_slice(body[z], canals[z % 5], r)), z
+    assert _trunks(body, col, [], dx) == []

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from screener.localizer.column import BONE_HU, Column, ellipse_radius
-from screener.preprocess.morphology import dilate_2d, fill_holes, open_2d
+from screener.preprocess.morphology import dilate_2d, erode_2d, fill_holes, open_2d
 from screener.localizer.segments import Segment
 
 #: a rib reaches at least this far (mm) from the canal centre
@@ -397,31 +397,35 @@ PELVIS_OPEN_GAP_MM = 45.0
 ARM_CUT_MM = 15.0
 
 
-def _trunk(body: np.ndarray, col: Column, z: int, dx: float) -> np.ndarray:
-    """The part of one slice's body mask that holds the spine, with arms touching it cut off."""
+def _trunks(body: np.ndarray, col: Column, zs: list[int], dx: float) -> list[np.ndarray]:
+    """The part of each slice ``z`` in ``zs`` of the body mask that holds the spine, with arms
+    touching it cut off.
+
+    Erode by a disk of radius ``r`` (:data:`ARM_CUT_MM`), keep the spine's component (the one at
+    the canal), grow it back by the same disk: an arm joined by a neck narrower than the disk falls
+    away (an opening would keep the two touching).  Pixels outside the image count as outside the
+    body, so the erosion is exactly "the distance transform exceeds ``r``" and the growth "the
+    spine's component lies within ``r``"; all slices at once, as in-plane morphology of the stack
+    (:func:`~screener.preprocess.morphology.erode_2d`), the components labelled in plane.  A slice
+    whose canal is off the image or in no component keeps its whole body mask."""
+    if not zs:
+        return []
     r = max(1, int(round(ARM_CUT_MM / dx)))
-    # erode by a disk of radius r, keep the spine's component, grow it back by the same disk: an arm
-    # joined by a neck narrower than the disk falls away (an opening would keep the two touching).
-    # Both by exact distance transforms (a pixel survives the erosion when the nearest pixel
-    # outside the body, or outside the image, lies further than r), far faster than a large disk.
-    # Both are taken in the body's bounding box only: with a ring of background around it, every
-    # pixel's nearest background pixel (its clamp onto the ring is as close as any outside) and
-    # every pixel's nearest pixel of the spine's component lie inside, so the distances are those
-    # of the whole slice
-    rows, cols = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
-    if not rows.size:
-        return body
-    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    sub = body[y0:y1, x0:x1]
-    inside = ndi.distance_transform_edt(np.pad(sub, 1))[1:-1, 1:-1] > r
-    lab, _ = ndi.label(inside)
-    y, x = int(round(col.canal_y[z])) - y0, int(round(col.canal_x[z])) - x0
-    keep = lab[y, x] if 0 <= y < sub.shape[0] and 0 <= x < sub.shape[1] else 0
-    if keep == 0:
-        return body
-    out = np.zeros_like(body)
-    out[y0:y1, x0:x1] = sub & (ndi.distance_transform_edt(lab != keep) <= r)
-    return out
+    disk = _disk(r)
+    stack = body[zs]
+    st = np.zeros((3, 3, 3), bool)
+    st[1] = ndi.generate_binary_structure(2, 1)
+    lab, _ = ndi.label(erode_2d(stack, disk), structure=st, output=np.intp)
+    keep = np.zeros(len(zs), dtype=np.intp)
+    for n, z in enumerate(zs):
+        y, x = int(round(col.canal_y[z])), int(round(col.canal_x[z]))
+        if 0 <= y < body.shape[1] and 0 <= x < body.shape[2]:
+            keep[n] = lab[n, y, x]
+    chosen = np.zeros(int(lab.max()) + 1, dtype=bool)
+    chosen[keep[keep > 0]] = True
+    chosen[0] = False
+    grown = dilate_2d(chosen[lab], disk) & stack
+    return [grown[n] if keep[n] else stack[n] for n in range(len(zs))]
 
 
 def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[float, float, float],
@@ -429,7 +433,7 @@ def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[flo
     """Working slice of the iliac crests, when the ilia are in view below a rib-free gap.
 
     Lateral bone (beyond 50 mm from the canal on both sides, inside the trunk:
-    arms cut off, :func:`_trunk`) is present at every level
+    arms cut off, :func:`_trunks`) is present at every level
     of the rib cage and again from the iliac crests down. The run of lateral
     bone that reaches the inferior end of the column (or starts within
     :data:`PELVIS_BELOW_MM` of it: the column may run on along the sacrum and
@@ -447,13 +451,12 @@ def pelvis_top(hu: np.ndarray, body: np.ndarray, col: Column, spacing: tuple[flo
     def lateral_both(bone: np.ndarray, lat: np.ndarray) -> bool:
         return min(bone[:, lat >= 50.0].sum(), bone[:, lat <= -50.0].sum()) * dy * dx >= 40.0
 
-    for z in range(nz):
-        if not col.valid[z]:
-            continue
+    # the trunk is a part of the body: a slice without lateral bone in the body has none in it
+    need = [z for z in range(nz) if col.valid[z]
+            and lateral_both((hu[z] > rib_hu(scale)) & body[z], (xs - col.canal_x[z]) * dx)]
+    for z, trunk in zip(need, _trunks(body, col, need, dx)):
         bone = (hu[z] > rib_hu(scale)) & body[z]
-        lat = (xs - col.canal_x[z]) * dx
-        # the trunk is a part of the body: a slice without lateral bone in the body has none in it
-        present[z] = lateral_both(bone, lat) and lateral_both(bone & _trunk(body[z], col, z, dx), lat)
+        present[z] = lateral_both(bone & trunk, (xs - col.canal_x[z]) * dx)
     valid = np.nonzero(col.valid)[0]
     if valid.size == 0:
         return None
