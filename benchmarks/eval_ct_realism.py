@@ -128,8 +128,8 @@ def _truth_key(protocol: str) -> str:
 
 
 def report(rows: list[dict[str, Any]], args: Any) -> str:
-    lines = ["| model | truth | profile | estimates (per patient) | error vs truth: mean (MAE) | declined | "
-             f"change {args.kinds[0]} → profile (per patient) |", "|---|---|---|---|---|---|---|"]
+    lines = [("| model | truth | profile | estimates (per patient) | error vs truth: mean (MAE) | declined | "
+              f"change {args.kinds[0]} → profile (per patient) |"), "|---|---|---|---|---|---|---|"]
     idx = args.indices
     for protocol, _, _ in ESTIMATES:
         key = _truth_key(protocol)

@@ -3,11 +3,11 @@ every existing profile's rendering byte-identical."""
 from __future__ import annotations
 
 import hashlib
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 
 from training.phantoms import anatomy, ct, population, profiles
 
@@ -34,11 +34,11 @@ PIXEL_HASHES = {
 
 
 @pytest.fixture(scope="module")
-def scene():  # noqa: ANN201
+def scene():
     return anatomy.build_scene(population.make_patient(7, 2))
 
 
-def test_existing_profiles_render_byte_identically(scene) -> None:  # noqa: ANN001
+def test_existing_profiles_render_byte_identically(scene) -> None:
     assert set(PIXEL_HASHES) == set(profiles.PROFILES) - set(profiles.REALISM_PROFILES)
     z = scene.vertebra("L1").centroid_mm[2]
     for name, digest in PIXEL_HASHES.items():
@@ -67,7 +67,7 @@ def test_realism_is_never_trained_on() -> None:
     assert all(profile_for(i, s, None) != "realism" for i in range(40) for s in range(5))
 
 
-def test_realism_renders_with_kernel_noise_and_texture(scene) -> None:  # noqa: ANN001
+def test_realism_renders_with_kernel_noise_and_texture(scene) -> None:
     real = profiles.get_profile("realism")
     std = profiles.get_profile("siemens_ap_pv").with_(slice_thickness=3.0, slice_spacing=2.0)
     z = scene.vertebra("L1").centroid_mm[2]
