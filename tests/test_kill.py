@@ -264,13 +264,14 @@ class KillRun:
         db = self.db()
         try:
             def quiet() -> bool:
-                # every series received has a finished job (a series whose last instance came in
-                # under the quiet period ago has none yet, and is not "needing" one either)
+                # every series received has a finished job covering all its instances (quiet
+                # period 0: an instance re-sent at the drain just before this check still needs a
+                # job, which the daemon starts once its own quiet period has passed)
                 counts = db.counts()
                 finished = sum(n for st, n in counts["jobs"].items()
                                if st in ("done", "skipped", "failed"))
                 return (not db.jobs("pending") and not db.jobs("running")
-                        and not db.series_needing_jobs(0.5) and finished >= counts["series"]
+                        and not db.series_needing_jobs(0.0) and finished >= counts["series"]
                         and all(e["status"] == "sent" for e in db.exports()))
             wait_for(quiet, 120, 0.2, "jobs and exports drained")
             time.sleep(1.0)
