@@ -198,6 +198,27 @@ def _nps_noise(rng: np.random.Generator, n: int, ps: float, a: float, c: float) 
     return (out / max(float(out.std()), 1e-9)).astype(np.float32)
 
 
+def _field_of_view(scene: Scene, profile: ScannerProfile, rng: np.random.Generator
+                   ) -> tuple[float, tuple[float, float], tuple[float, float]]:
+    """Pixel spacing, field-of-view centre and the (x, y) of pixel [0, 0] of a series: the
+    technologist widens the display FOV to fit the body (all but lumbar-spine coverage) and centres
+    it with a few mm of jitter (``rng``'s next two normal draws)."""
+    N = profile.matrix
+    ps = profile.pixel_spacing
+    if profile.coverage != "lumbar_spine":
+        (x0, x1), (y0, y1), _ = scene.bounds()
+        need = max(x1 - x0, y1 - y0 + 30.0) + 24.0
+        ps = float(np.ceil(max(ps, need / N) * 100.0) / 100.0)
+    fov = ps * N
+    if profile.coverage == "lumbar_spine":
+        cx, cy = 0.0 + rng.normal(0, 4), scene.vertebra("L3").centroid_mm[1] + 25.0 + rng.normal(0, 4)
+    else:
+        cx = rng.normal(0, 8)
+        (_, _), (y0, y1), _ = scene.bounds()
+        cy = 0.5 * (y0 + y1) + 12.0 + rng.normal(0, 6)
+    return ps, (cx, cy), (cx - fov / 2 + ps / 2, cy - fov / 2 + ps / 2)
+
+
 def render_volume(scene: Scene, profile: ScannerProfile, seed: int,
                   z_range: tuple[float, float] | None = None) -> dict[str, Any]:
     """Render the HU volume of a series (no DICOM): arrays plus geometry.
@@ -214,26 +235,13 @@ def render_volume(scene: Scene, profile: ScannerProfile, seed: int,
     n = int(np.floor((z_top - z_bot) / profile.slice_spacing)) + 1
     zs = z_top - np.arange(n) * profile.slice_spacing
     N = profile.matrix
-    ps = profile.pixel_spacing
-    if profile.coverage != "lumbar_spine":  # the technologist widens the display FOV to fit the body
-        (x0, x1), (y0, y1), _ = scene.bounds()
-        need = max(x1 - x0, y1 - y0 + 30.0) + 24.0
-        ps = float(np.ceil(max(ps, need / N) * 100.0) / 100.0)
-    fov = ps * N
-    if profile.coverage == "lumbar_spine":
-        cx, cy = 0.0 + rng.normal(0, 4), scene.vertebra("L3").centroid_mm[1] + 25.0 + rng.normal(0, 4)
-    else:
-        cx = rng.normal(0, 8)
-        (_, _), (y0, y1), _ = scene.bounds()
-        cy = 0.5 * (y0 + y1) + 12.0 + rng.normal(0, 6)
-    ox, oy = cx - fov / 2 + ps / 2, cy - fov / 2 + ps / 2
-    origin = np.array([ox, oy, 0.0])
+    ps, (cx, cy), (ox, oy) = _field_of_view(scene, profile, rng)
     ss = max(1, int(getattr(profile, "supersample", 1)))
     if ss > 1:  # sub-pixel grid: pixel [j, i] is the mean of sub-pixels [j*ss:(j+1)*ss, i*ss:(i+1)*ss]
         ps_f, N_f = ps / ss, N * ss
         origin_f = np.array([ox - ps / 2 + ps_f / 2, oy - ps / 2 + ps_f / 2, 0.0])
     else:
-        ps_f, N_f, origin_f = ps, N, origin
+        ps_f, N_f, origin_f = ps, N, np.array([ox, oy, 0.0])
     u = np.array([1.0, 0.0, 0.0])
     v = np.array([0.0, 1.0, 0.0])
     n_sub = int(min(4, max(1, np.ceil(profile.slice_thickness / 1.3))))
