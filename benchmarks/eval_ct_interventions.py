@@ -35,29 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.phantoms.interventions import (VARIANTS, intervened_scene, map_mass_on_target,  # noqa: E402
-                                             render_for_ct_models)
+from training.phantoms.interventions import (ESTIMATES, VARIANTS, estimates, intervened_scene,  # noqa: E402
+                                             map_mass_on_target, render_for_ct_models)
 #: estimate read from each protocol's findings: (protocol, site, measurement name contains)
-ESTIMATES = (("l1_axial", "L1", "BMD"), ("lumbar_sagittal", "L1", "BMD"), ("femur_coronal", None, "P(osteoporosis)"),
-             ("l1_attenuation", "L1", "attenuation mean"))
-
-
-def _estimates(findings: list[Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for protocol, site, name in ESTIMATES:
-        for f in findings:
-            if f.protocol == protocol and (site is None or f.site == site):
-                for m in f.measurements:
-                    if name.lower() in m.name.lower():
-                        out[protocol] = float(m.value)
-                        break
-                break
-    return out
 
 
 def main() -> int:
@@ -79,7 +63,7 @@ def main() -> int:
                 folder = Path(tmp) / f"p{index}-{variant.replace(' ', '_')}"
                 paths = render_for_ct_models(scene, base, folder / "in", seed=args.seed)
                 res = process_series(paths, config=cfg, out_dir=folder / "out")
-                est = _estimates(res.findings)
+                est = estimates(res.findings)
                 mass = {f.protocol: map_mass_on_target(f, scene) for f in res.findings if f.plane_maps}
                 declined = {d[0]: d[2] for d in res.decisions if not d[1]}
                 rows.append({"patient": index, "variant": variant, "estimates": est, "map_mass": mass,

@@ -35,25 +35,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-#: (protocol, site, measurement name contains), as benchmarks/eval_ct_interventions.py reads them
-ESTIMATES = (("l1_axial", "L1", "BMD"), ("lumbar_sagittal", "L1", "BMD"), ("femur_coronal", None, "P(osteoporosis)"),
-             ("l1_attenuation", "L1", "attenuation mean"))
+# the estimate of each protocol (protocol, site, measurement name contains), as
+# benchmarks/eval_ct_interventions.py reads them
+from training.phantoms.interventions import ESTIMATES, estimates  # noqa: E402
+
 PROFILES = ("standard", "realism")
 #: ablations of the realism profile (``--profiles``): which of its additions moves the models
 ABLATIONS = ("realism_no_texture", "realism_no_bone_texture")
-
-
-def _estimates(findings: list[Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for protocol, site, name in ESTIMATES:
-        for f in findings:
-            if f.protocol == protocol and (site is None or f.site == site):
-                for m in f.measurements:
-                    if name.lower() in m.name.lower():
-                        out[protocol] = float(m.value)
-                        break
-                break
-    return out
 
 
 def _profile(kind: str) -> Any:
@@ -112,7 +100,7 @@ def main() -> int:
                 res = process_series(paths, config=cfg, out_dir=folder / "out")
                 declined = {d[0]: d[2] for d in res.decisions if not d[1]}
                 rows.append({"patient": index, "profile": kind, "age": patient.age, "sex": patient.sex,
-                             "truth": tr, "estimates": _estimates(res.findings), "declined": declined})
+                             "truth": tr, "estimates": estimates(res.findings), "declined": declined})
                 print(f"# patient {index} {kind}: {rows[-1]['estimates']} declined {sorted(declined)} "
                       f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     print(report(rows, args))

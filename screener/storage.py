@@ -214,20 +214,10 @@ def write_atomic(dest: Path, chunks: bytes | Iterable[bytes], tmp_dir: Path,
         Writing, fsync or rename failed (the temp file is removed).
     """
     dest = Path(dest)
-    if isinstance(chunks, (bytes, bytearray, memoryview)):
-        chunks = (bytes(chunks),)
     tmp_path = ""
     try:
         _makedirs_durable(dest.parent)
-        fd, tmp_path = tempfile.mkstemp(dir=str(tmp_dir), prefix=".rx-", suffix=".part")
-        os.fchmod(fd, PRIVATE_FILE_MODE)
-        size = 0
-        with os.fdopen(fd, "wb") as fh:
-            for c in chunks:
-                fh.write(c)
-                size += len(c)
-            fh.flush()
-            os.fdatasync(fh.fileno())  # data + size; the rename is made durable below
+        tmp_path, size = _write_synced(chunks, tmp_dir)  # data + size; the rename is made durable below
         os.replace(tmp_path, dest)
         tmp_path = ""
         if sync_dir:
@@ -241,6 +231,30 @@ def write_atomic(dest: Path, chunks: bytes | Iterable[bytes], tmp_dir: Path,
                 os.unlink(tmp_path)
             except OSError:
                 pass
+
+
+def _write_synced(chunks: bytes | Iterable[bytes], tmp_dir: Path) -> tuple[str, int]:
+    """A new private ``.rx-*.part`` file in ``tmp_dir`` holding ``chunks``, fdatasync'ed: its path and
+    size. On an error the file is removed and the ``OSError`` raised."""
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        chunks = (bytes(chunks),)
+    fd, tmp_path = tempfile.mkstemp(dir=str(tmp_dir), prefix=".rx-", suffix=".part")
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+        size = 0
+        with os.fdopen(fd, "wb") as fh:
+            for c in chunks:
+                fh.write(c)
+                size += len(c)
+            fh.flush()
+            os.fdatasync(fh.fileno())
+        return tmp_path, size
+    except OSError:
+        try:
+            os.unlink(tmp_path)
+        except OSError:
+            pass
+        raise
 
 
 def write_temp(chunks: bytes | Iterable[bytes], tmp_dir: Path) -> tuple[Path, int]:
@@ -268,29 +282,11 @@ def write_temp(chunks: bytes | Iterable[bytes], tmp_dir: Path) -> tuple[Path, in
     StorageError
         Writing or fdatasync failed (the temp file is removed).
     """
-    if isinstance(chunks, (bytes, bytearray, memoryview)):
-        chunks = (bytes(chunks),)
-    tmp_path = ""
     try:
-        fd, tmp_path = tempfile.mkstemp(dir=str(tmp_dir), prefix=".rx-", suffix=".part")
-        os.fchmod(fd, PRIVATE_FILE_MODE)
-        size = 0
-        with os.fdopen(fd, "wb") as fh:
-            for c in chunks:
-                fh.write(c)
-                size += len(c)
-            fh.flush()
-            os.fdatasync(fh.fileno())
-        done, tmp_path = Path(tmp_path), ""
-        return done, size
+        tmp_path, size = _write_synced(chunks, tmp_dir)
     except OSError as exc:
         raise StorageError(exc.errno, f"cannot write a temp file: {exc.strerror or exc}") from exc
-    finally:
-        if tmp_path:
-            try:
-                os.unlink(tmp_path)
-            except OSError:
-                pass
+    return Path(tmp_path), size
 
 
 _NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}

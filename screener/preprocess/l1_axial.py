@@ -249,6 +249,18 @@ def geometry_from_volume(volume: Volume, l1: VertebraLocation, margin_slices: in
     return L1Geometry(tuple(float(c) for c in l1.centroid_mm), (lo, hi), tuple(float(x) for x in z[a:b]))
 
 
+def _centre_level(hu: np.ndarray, spacing_mm: float
+                  ) -> tuple[np.ndarray, tuple[float, float], np.ndarray, float]:
+    """The smoothed image, its centre (row, column), the pixels within :data:`CENTRE_RADIUS_MM` of it
+    and their median HU (the trabecular level when the centre lies in a body)."""
+    sm = ndimage.gaussian_filter(hu.astype(np.float64), SELECT_SMOOTH_MM / spacing_mm)
+    rows, cols = sm.shape
+    cj, ci = (rows - 1) / 2.0, (cols - 1) / 2.0
+    jj, ii = np.ogrid[:rows, :cols]
+    near = ((jj - cj) ** 2 + (ii - ci) ** 2) * spacing_mm ** 2 <= CENTRE_RADIUS_MM ** 2
+    return sm, (cj, ci), near, float(np.median(sm[near]))
+
+
 def trabecular_area(hu: np.ndarray, spacing_mm: float) -> float:
     """Area (mm^2) of the trabecular region enclosed by cortex around the image centre.
 
@@ -265,12 +277,7 @@ def trabecular_area(hu: np.ndarray, spacing_mm: float) -> float:
         0 when the centre is not enclosed by cortex (disc, endplate) or the
         enclosed region is implausibly large.
     """
-    sm = ndimage.gaussian_filter(hu.astype(np.float64), SELECT_SMOOTH_MM / spacing_mm)
-    rows, cols = sm.shape
-    cj, ci = (rows - 1) / 2.0, (cols - 1) / 2.0
-    jj, ii = np.ogrid[:rows, :cols]
-    near = ((jj - cj) ** 2 + (ii - ci) ** 2) * spacing_mm ** 2 <= CENTRE_RADIUS_MM ** 2
-    t_c = float(np.median(sm[near]))
+    sm, (cj, ci), near, t_c = _centre_level(hu, spacing_mm)
     cortex = sm > max(CORTEX_MIN_HU, t_c + CORTEX_STEP_HU)
     cortex = ndimage.binary_closing(cortex, structure=np.ones((3, 3), bool), iterations=1)
     inner = fill_holes(cortex) & ~cortex
@@ -294,12 +301,7 @@ def outlined_trabecular_area(hu: np.ndarray, spacing_mm: float) -> float:
     """
     from screener.vertebral_body import DROP_MIN_HU, outline_slice
 
-    sm = ndimage.gaussian_filter(hu.astype(np.float64), SELECT_SMOOTH_MM / spacing_mm)
-    rows, cols = sm.shape
-    cj, ci = (rows - 1) / 2.0, (cols - 1) / 2.0
-    jj, ii = np.ogrid[:rows, :cols]
-    near = ((jj - cj) ** 2 + (ii - ci) ** 2) * spacing_mm ** 2 <= CENTRE_RADIUS_MM ** 2
-    t_c = float(np.median(sm[near]))
+    sm, (cj, ci), _, t_c = _centre_level(hu, spacing_mm)
     got = outline_slice(sm, (t_c - DROP_MIN_HU, max(CORTEX_MIN_HU, t_c + CORTEX_STEP_HU)),
                         (spacing_mm, spacing_mm), (cj, ci))
     if got is None:

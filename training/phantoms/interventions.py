@@ -12,6 +12,25 @@ from typing import Any
 
 #: the variants :func:`intervened_scene` makes
 VARIANTS = ("base", "bone x0.6", "muscle +30 HU", "fat -30 HU", "body x1.25", "bone x0.05")
+#: the estimate :func:`estimates` reads from each CT protocol's findings: (protocol, site or None,
+#: a word of the measurement's name)
+ESTIMATES = (("l1_axial", "L1", "BMD"), ("lumbar_sagittal", "L1", "BMD"), ("femur_coronal", None, "P(osteoporosis)"),
+             ("l1_attenuation", "L1", "attenuation mean"))
+
+
+def estimates(findings: list[Any]) -> dict[str, float]:
+    """Protocol -> its headline value among ``findings`` (:data:`ESTIMATES`): L1 BMD (g/cm2) of
+    l1_axial and lumbar_sagittal, femur_coronal's P(osteoporosis) (percent), l1_attenuation's mean HU."""
+    out: dict[str, float] = {}
+    for protocol, site, name in ESTIMATES:
+        for f in findings:
+            if f.protocol == protocol and (site is None or f.site == site):
+                for m in f.measurements:
+                    if name.lower() in m.name.lower():
+                        out[protocol] = float(m.value)
+                        break
+                break
+    return out
 
 
 def intervened_scene(seed: int, index: int, variant: str) -> tuple[Any, Any]:
