@@ -252,3 +252,17 @@ def test_parallel_rendering_gives_the_same_samples_as_one_process():
     assert list(one.patient_ids) == list(two.patient_ids)
     for key in ("pf_drr", "bone_drr", "image_jpeg", "pose", "side", "profile"):
         assert np.array_equal(one.attributes[key], two.attributes[key]), key
+
+
+def test_landmark_crop_data_cuts_bmdgan_inputs_around_true_heads_with_dxa_truth():
+    """BMD-GAN's fine-tuning data (issue 15): standard-profile renders of the training seed, one crop per
+    present hip, the head where the landmark crop puts it, and the femoral-neck aBMD truth of that side."""
+    from training.hip_xray import _crop_job
+
+    rows = _crop_job((1515, 3, 1, 0.7, 0.0))
+    assert 1 <= len(rows) <= 2
+    for img, bmd, index in rows:
+        assert img.shape == (128, 64) and 0.0 <= img.min() and img.max() <= 1.0
+        assert 0.3 < bmd < 1.5 and index == 3
+        # the femoral head (bright disc) sits where the crop places it: brighter there than at the crop's top corner
+        assert img[78:85, 28:35].mean() > img[:8, :8].mean()
