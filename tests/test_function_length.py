@@ -24,7 +24,6 @@ LIMIT = 80
 #: to be split at its seams or given a ``# long: <reason>`` by whoever next owns its file, and its
 #: line here removed. No function may join this list.
 NOT_YET_SPLIT = frozenset({
-    "screener/protocols/hip_xray.py:run",
     "training/hip_xray.py:train_recipe",
     "training/hip_landmarks.py:train",
     "training/phantoms/xray.py:render_hip_xray",

@@ -215,10 +215,9 @@ class HipXrayProtocol(ModelProtocol):
         import pydicom
         import torch
 
-        from screener.hip_landmarks import find_hips, landmark_crop, neck_box
+        from screener.hip_landmarks import landmark_crop, neck_box
         from screener.preprocess.hip_xray import HIP_PIXEL_MM
-        from screener.radiograph import RadiographError, read_radiograph
-        from screener.scores import bmd_measurement, flag, grade_category, t_score, t_score_measurement, who_grade
+        from screener.scores import bmd_measurement, grade_category, t_score, t_score_measurement, who_grade
 
         info = context.info
         if not info.paths:
@@ -230,27 +229,8 @@ class HipXrayProtocol(ModelProtocol):
         ds = pydicom.dcmread(Path(info.paths[0]))
         shape = tuple(int(v) for v in bundle.input_spec.shape[1:])
         pixel_mm = float((bundle.card.get("preprocessing") or {}).get("pixel_mm", HIP_PIXEL_MM))
-        try:
-            present, both, inp = find_hips(ds, landmarks)
-            rad = read_radiograph(ds, pixel_mm)
-        except RadiographError as exc:
-            raise ProtocolDeclined(str(exc)) from exc
-        if not present:
-            best = max(h.probability for h in both.values())
-            raise ProtocolDeclined(f"no hip found in the image (hip landmark model: highest femoral-head "
-                                   f"probability {best:.2f})")
-        names = {"R": "right", "L": "left", None: "side not determined"}
-        not_measured = []
-        hips = []
-        for h in sorted(present, key=lambda h: h.head_px[1]):
-            if h.metal:
-                how = h.details.get("metal_by") or f"{h.metal_fraction:.0%} of the head/neck ROI"
-                not_measured.append(f"{names[h.side]} hip not measured: metal in the femoral head or neck "
-                                    f"(arthroplasty, nail or screw; found by {how})")
-            else:
-                hips.append(h)
-        if not hips:
-            raise ProtocolDeclined("; ".join(not_measured))
+        present, hips, not_measured, inp, rad = _measurable_hips(ds, landmarks, pixel_mm)
+        names = _SIDE_NAMES
         crops = [landmark_crop(rad, h, inp.spacing_mm, shape) for h in hips]
         x = np.stack([c.image for c in crops])[:, None].astype(np.float32)
         t1 = time.perf_counter()
@@ -275,18 +255,7 @@ class HipXrayProtocol(ModelProtocol):
             t = t_score(value, mean, sd)
             grade = who_grade(t)
             category, category_code = grade_category(grade)
-            flags = [flag("BMD estimated from a plain radiograph by a model (BMD-GAN), not measured by DXA; "
-                          "trained on a synthetic virtual cohort")]
-            if h.side is None:
-                flags.append(flag(f"side not determined ({h.side_source.split(': ', 1)[-1]}): the reader must "
-                                  "say which hip this is"))
-            flags.extend(flag(n) for n in not_measured)
-            if not mask.any():
-                flags.append(flag(f"the decomposition found no proximal femur (PF-DRR below t = {thr:g}): "
-                                  "hip not in view or image atypical; do not use this estimate"))
-            elif abs(linear - stage3) > 0.1:
-                flags.append(flag(f"the PF-DRR linear estimate ({linear:.3f} g/cm2) differs from the regression "
-                                  f"by {abs(linear - stage3):.3f} g/cm2: atypical image, review"))
+            flags = _hip_flags(h, not_measured, bool(mask.any()), thr, linear, stage3)
             poly = neck_box(h, inp.spacing_mm) + 0.5  # pixel centres -> SR image coordinates
             roi = RoiGeometry(source_sop_instance_uid=uid, source_sop_class_uid=sop_class, polygon=poly,
                               centre_mm=(float(h.neck_px[1] + 0.5) * sc_mm, float(h.neck_px[0] + 0.5) * sr_mm, 0.0),
@@ -294,12 +263,7 @@ class HipXrayProtocol(ModelProtocol):
             site = f"{names[h.side]} femoral neck" if h.side else "femoral neck"
             label = site if h.side else "femoral neck (side not determined)"
             details: dict[str, Any] = {
-                **model_details(bundle), "side": h.side, "laterality": names[h.side], "side_source": h.side_source,
-                "hip_landmarks": {"bundle": landmarks.bundle_id, "anatomy": h.anatomy,
-                                  "probability": round(h.probability, 4), "confidence": round(h.confidence, 4),
-                                  "femoral_head_px": [round(v, 1) for v in h.head_px],
-                                  "femoral_neck_px": [round(v, 1) for v in h.neck_px],
-                                  "metal_fraction": round(h.metal_fraction, 4), **h.details},
+                **model_details(bundle), **_hip_details(h, landmarks.bundle_id),
                 "hips_not_measured": not_measured,
                 "bmd_regression_g_cm2": stage3, "bmd_pfdrr_linear_g_cm2": linear, "bmd_linear_weight": w_lin,
                 "pfdrr_threshold_t": thr, "pfdrr_pixels_above_t": int(mask.sum()),
@@ -317,21 +281,94 @@ class HipXrayProtocol(ModelProtocol):
                 study_uid=info.study_uid, series_uid=info.series_uid, referenced_sop_instance_uids=[uid],
                 details=details))
             results.append((h.side or "?", value, t, grade, linear))
-        overlay, ov_mm = render_hip_overlay([c.image for c in crops], list(pf), ["R"] * len(crops), thr, results,
-                                            crops[0].pixel_mm)
-        findings[0].overlay = overlay
-        t3 = time.perf_counter()
-        for f in findings:  # the model stage includes the decomposition; the overlay is the explanation
-            f.details["timing_ms"] = {"preprocess": 1000 * (t1 - t0), "model": 1000 * (t2 - t1),
-                                      "explain": 1000 * (t3 - t2)}
-        findings[0].details["overlay_description"] = (
-            "each hip as BMD-GAN saw it (cut around the femoral head the landmark model found; a hip whose pelvis "
-            "lies to the image left is mirrored) with the decomposed proximal-femur DRR (BMD-GAN stage 2) "
-            "colour-coded, and the BMD estimates")
-        findings[0].details["overlay_pixel_spacing_mm"] = [ov_mm, ov_mm]
+        _overlay_and_timing(findings, crops, pf, thr, results, (t0, t1, t2))
         log.info("hip_xray read", series_uid=info.series_uid, hips=len(present), measured=len(hips),
                  **{f"bmd_{s}": round(v, 3) for s, v, *_ in results})
         return findings
+
+
+def _overlay_and_timing(findings: list[Finding], crops: list[Any], pf: np.ndarray, thr: float,
+                        results: list[tuple[str, float, float, str, float]], times: tuple[float, float, float]) -> None:
+    """The overlay on the first finding (:func:`render_hip_overlay`) and every finding's timing: the
+    model stage includes the decomposition; the overlay is the explanation."""
+    t0, t1, t2 = times
+    overlay, ov_mm = render_hip_overlay([c.image for c in crops], list(pf), ["R"] * len(crops), thr, results,
+                                        crops[0].pixel_mm)
+    findings[0].overlay = overlay
+    t3 = time.perf_counter()
+    for f in findings:
+        f.details["timing_ms"] = {"preprocess": 1000 * (t1 - t0), "model": 1000 * (t2 - t1),
+                                  "explain": 1000 * (t3 - t2)}
+    findings[0].details["overlay_description"] = (
+        "each hip as BMD-GAN saw it (cut around the femoral head the landmark model found; a hip whose pelvis "
+        "lies to the image left is mirrored) with the decomposed proximal-femur DRR (BMD-GAN stage 2) "
+        "colour-coded, and the BMD estimates")
+    findings[0].details["overlay_pixel_spacing_mm"] = [ov_mm, ov_mm]
+
+
+#: side -> the word of a finding's site and laterality
+_SIDE_NAMES = {"R": "right", "L": "left", None: "side not determined"}
+
+
+def _measurable_hips(ds: Any, landmarks: Any, pixel_mm: float) -> tuple[list[Any], list[Any], list[str], Any, Any]:
+    """The hips the landmark model found, those without implant metal in head or neck (from the
+    image's right to left), the reasons the others are not measured, the landmark input and the
+    radiograph; a :class:`ProtocolDeclined` when no hip is found or none can be measured."""
+    from screener.hip_landmarks import find_hips
+    from screener.radiograph import RadiographError, read_radiograph
+
+    try:
+        present, both, inp = find_hips(ds, landmarks)
+        rad = read_radiograph(ds, pixel_mm)
+    except RadiographError as exc:
+        raise ProtocolDeclined(str(exc)) from exc
+    if not present:
+        best = max(h.probability for h in both.values())
+        raise ProtocolDeclined(f"no hip found in the image (hip landmark model: highest femoral-head "
+                               f"probability {best:.2f})")
+    not_measured = []
+    hips = []
+    for h in sorted(present, key=lambda h: h.head_px[1]):
+        if h.metal:
+            how = h.details.get("metal_by") or f"{h.metal_fraction:.0%} of the head/neck ROI"
+            not_measured.append(f"{_SIDE_NAMES[h.side]} hip not measured: metal in the femoral head or neck "
+                                f"(arthroplasty, nail or screw; found by {how})")
+        else:
+            hips.append(h)
+    if not hips:
+        raise ProtocolDeclined("; ".join(not_measured))
+    return present, hips, not_measured, inp, rad
+
+
+def _hip_flags(h: Any, not_measured: list[str], femur_found: bool, thr: float, linear: float,
+               stage3: float) -> list[str]:
+    """The caveats of one hip's estimate: its method, an undetermined side, the hips not measured,
+    and a decomposition that found no femur or disagrees with the regression."""
+    from screener.scores import flag
+
+    flags = [flag("BMD estimated from a plain radiograph by a model (BMD-GAN), not measured by DXA; "
+                  "trained on a synthetic virtual cohort")]
+    if h.side is None:
+        flags.append(flag(f"side not determined ({h.side_source.split(': ', 1)[-1]}): the reader must "
+                          "say which hip this is"))
+    flags.extend(flag(n) for n in not_measured)
+    if not femur_found:
+        flags.append(flag(f"the decomposition found no proximal femur (PF-DRR below t = {thr:g}): "
+                          "hip not in view or image atypical; do not use this estimate"))
+    elif abs(linear - stage3) > 0.1:
+        flags.append(flag(f"the PF-DRR linear estimate ({linear:.3f} g/cm2) differs from the regression "
+                          f"by {abs(linear - stage3):.3f} g/cm2: atypical image, review"))
+    return flags
+
+
+def _hip_details(h: Any, landmarks_bundle: str) -> dict[str, Any]:
+    """One hip's side (and how it was decided) and what the landmark model found."""
+    return {"side": h.side, "laterality": _SIDE_NAMES[h.side], "side_source": h.side_source,
+            "hip_landmarks": {"bundle": landmarks_bundle, "anatomy": h.anatomy,
+                              "probability": round(h.probability, 4), "confidence": round(h.confidence, 4),
+                              "femoral_head_px": [round(v, 1) for v in h.head_px],
+                              "femoral_neck_px": [round(v, 1) for v in h.neck_px],
+                              "metal_fraction": round(h.metal_fraction, 4), **h.details}}
 
 
 def render_hip_overlay(images: list[np.ndarray], pfdrrs: list[np.ndarray], sides: list[str], threshold: float,
