@@ -26,8 +26,6 @@ LIMIT = 80
 NOT_YET_SPLIT = frozenset({
     "training/hip_xray.py:train_recipe",
     "training/hip_landmarks.py:train",
-    "training/phantoms/xray.py:render_hip_xray",
-    "training/phantoms/xray_variety.py:_cut_view",
 })
 
 

@@ -605,6 +605,49 @@ def _zoom_to(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out[: shape[0], : shape[1]]
 
 
+def _detector_image(proj: dict[str, np.ndarray], kvp: float, rng: np.random.Generator, out_shape: tuple[int, int],
+                    *, pixel_mm: float, spectrum: str, kev: float | None, scatter: bool, noise: bool,
+                    quanta_per_pixel: float, processing: bool, processing_strength: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """What the detector records from the material line integrals ``proj``: the spectrum's
+    transmission, scatter, quantum noise at the automatic-exposure level (``rng``'s next normal
+    draws), scintillator blur and the presentation processing of a DX "for presentation" image.
+    Returns the noise-free ``-ln(I/I0)`` and the processed log image (see :func:`render_hip_xray`)."""
+    if spectrum == "mono":
+        energies = np.array([float(kev) if kev is not None else float(physics.effective_energy(kvp)
+                                                                        if kvp >= 60 else 50.0)])
+        weights = np.array([1.0])
+    elif spectrum == "poly":
+        energies, weights = xray_spectrum(kvp)
+    else:
+        raise ValueError(f"spectrum must be 'poly' or 'mono', not {spectrum!r}")
+    primary = transmission(proj, energies, weights)
+    log_clean = -np.log(np.maximum(primary, 1e-12))
+    intensity = primary
+    if scatter:
+        sigma_px = 40.0 / pixel_mm
+        small = ndimage.zoom(primary, 0.125, order=1)
+        blurred = ndimage.gaussian_filter(small, sigma_px * 0.125, mode="nearest")
+        intensity = primary + 0.35 * _zoom_to(blurred, out_shape)
+    if noise:
+        r0, r1 = out_shape[0] // 3, 2 * out_shape[0] // 3
+        c0, c1 = out_shape[1] // 3, 2 * out_shape[1] // 3
+        level = float(np.median(intensity[r0:r1, c0:c1]))
+        n0 = quanta_per_pixel / max(level, 1e-9)
+        counts = intensity * n0
+        counts = counts + np.sqrt(np.maximum(counts, 0.0)) * rng.standard_normal(out_shape)
+        intensity = np.maximum(counts, 0.5) / n0
+        intensity = ndimage.gaussian_filter(intensity, 0.6)  # detector blur (scintillator MTF)
+    log_img = -np.log(np.maximum(intensity, 1e-12))
+    if processing:
+        # presentation processing of a DX "for presentation" image: large-kernel unsharp masking
+        # (dynamic-range compression) so bone shows over the soft-tissue thickness gradient
+        low = ndimage.gaussian_filter(ndimage.zoom(log_img, 0.125, order=1), 25.0 / pixel_mm * 0.125,
+                                      mode="nearest")
+        log_img = log_img + processing_strength * (log_img - _zoom_to(low, out_shape))
+    return log_clean, log_img
+
+
 def render_hip_xray(scene: Any, seed: int, pose: str | Pose = "supine", *, kvp: float | None = None,
                     pixel_mm: float = 0.5, ray_mm: float = 1.0, dy_mm: float = 1.0,
                     field_mm: tuple[float, float] = (430.0, 350.0), spectrum: str = "poly",
@@ -693,38 +736,9 @@ def render_hip_xray(scene: Any, seed: int, pose: str | Pose = "supine", *, kvp: 
     if projection_hook is not None:
         projection_hook(proj, geom, sampler)
 
-    if spectrum == "mono":
-        energies = np.array([float(kev) if kev is not None else float(physics.effective_energy(kvp)
-                                                                        if kvp >= 60 else 50.0)])
-        weights = np.array([1.0])
-    elif spectrum == "poly":
-        energies, weights = xray_spectrum(kvp)
-    else:
-        raise ValueError(f"spectrum must be 'poly' or 'mono', not {spectrum!r}")
-    primary = transmission(proj, energies, weights)
-    log_clean = -np.log(np.maximum(primary, 1e-12))
-    intensity = primary
-    if scatter:
-        sigma_px = 40.0 / pixel_mm
-        small = ndimage.zoom(primary, 0.125, order=1)
-        blurred = ndimage.gaussian_filter(small, sigma_px * 0.125, mode="nearest")
-        intensity = primary + 0.35 * _zoom_to(blurred, out_shape)
-    if noise:
-        r0, r1 = out_shape[0] // 3, 2 * out_shape[0] // 3
-        c0, c1 = out_shape[1] // 3, 2 * out_shape[1] // 3
-        level = float(np.median(intensity[r0:r1, c0:c1]))
-        n0 = quanta_per_pixel / max(level, 1e-9)
-        counts = intensity * n0
-        counts = counts + np.sqrt(np.maximum(counts, 0.0)) * rng.standard_normal(out_shape)
-        intensity = np.maximum(counts, 0.5) / n0
-        intensity = ndimage.gaussian_filter(intensity, 0.6)  # detector blur (scintillator MTF)
-    log_img = -np.log(np.maximum(intensity, 1e-12))
-    if processing:
-        # presentation processing of a DX "for presentation" image: large-kernel unsharp masking
-        # (dynamic-range compression) so bone shows over the soft-tissue thickness gradient
-        low = ndimage.gaussian_filter(ndimage.zoom(log_img, 0.125, order=1), 25.0 / pixel_mm * 0.125,
-                                      mode="nearest")
-        log_img = log_img + processing_strength * (log_img - _zoom_to(low, out_shape))
+    log_clean, log_img = _detector_image(proj, kvp, rng, out_shape, pixel_mm=pixel_mm, spectrum=spectrum, kev=kev,
+                                         scatter=scatter, noise=noise, quanta_per_pixel=quanta_per_pixel,
+                                         processing=processing, processing_strength=processing_strength)
     log_scale = 500.0
     stored = np.clip(np.round(log_img * log_scale), 0, 4095).astype(np.uint16)
     body = stored[stored > 200]

@@ -598,6 +598,38 @@ def render_case(seed: int, index: int, profile: str, *, pixel_mm: float = 1.0, r
     return render_cases(seed, index, profile, pixel_mm=pixel_mm, ray_mm=ray_mm, dy_mm=dy_mm, spec=spec)[0]
 
 
+def _header_variety(ds: Any, spec: RadiographSpec, present: list[str], rng: np.random.Generator) -> None:
+    """The header as this acquisition's device writes it: photometric interpretation, orientation and
+    laterality (or their absence), body part, burned-in annotation, lossy compression, a child's age
+    (``rng``'s next draw)."""
+    if spec.monochrome1:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.PresentationLUTShape = "INVERSE"
+    if spec.mirror:
+        ds.PatientOrientation = ["R", "F"]
+    elif not spec.orientation_header:
+        del ds.PatientOrientation
+    if spec.laterality_header and len(present) == 1:
+        ds.ImageLaterality = present[0]
+    elif spec.laterality_header and len(present) == 2:
+        ds.ImageLaterality = "B"
+    else:
+        del ds.ImageLaterality
+    if spec.collimation != "pelvis":
+        ds.BodyPartExamined = "HIP"
+        ds.SeriesDescription = f"Hip AP ({spec.pose.name})"
+    if spec.markers or spec.text:
+        ds.BurnedInAnnotation = "YES"
+    if spec.jpeg_quality is not None:
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionRatio = "10"
+        ds.LossyImageCompressionMethod = "ISO_10918_1"
+    if spec.child_scale < 1.0:
+        age = int(rng.integers(6, 15))
+        ds.PatientAge = f"{age:03d}Y"
+        ds.PatientBirthDate = f"{int(str(ds.StudyDate)[:4]) - age}0601"
+
+
 def _cut_view(stored: np.ndarray, truth: dict[str, Any], spec: RadiographSpec, patient: Any, uid_seed: int,
               pixel_mm: float, rng: np.random.Generator) -> RadiographCase:
     """Collimate, mirror, annotate and encode one acquisition of a rendered field."""
@@ -652,32 +684,7 @@ def _cut_view(stored: np.ndarray, truth: dict[str, Any], spec: RadiographSpec, p
         sod_mm=spec.pose.sid_mm / float(truth["magnification"]), kvp=spec.kvp, pose=spec.pose.name,
         window=window, upright=spec.pose.upright, bits_stored=spec.bits,
         extra={"AcquisitionDeviceProcessingDescription": "-ln(I/I0), unsharp mask 25 mm"})
-    if spec.monochrome1:
-        ds.PhotometricInterpretation = "MONOCHROME1"
-        ds.PresentationLUTShape = "INVERSE"
-    if spec.mirror:
-        ds.PatientOrientation = ["R", "F"]
-    elif not spec.orientation_header:
-        del ds.PatientOrientation
-    if spec.laterality_header and len(present) == 1:
-        ds.ImageLaterality = present[0]
-    elif spec.laterality_header and len(present) == 2:
-        ds.ImageLaterality = "B"
-    else:
-        del ds.ImageLaterality
-    if spec.collimation != "pelvis":
-        ds.BodyPartExamined = "HIP"
-        ds.SeriesDescription = f"Hip AP ({spec.pose.name})"
-    if spec.markers or spec.text:
-        ds.BurnedInAnnotation = "YES"
-    if spec.jpeg_quality is not None:
-        ds.LossyImageCompression = "01"
-        ds.LossyImageCompressionRatio = "10"
-        ds.LossyImageCompressionMethod = "ISO_10918_1"
-    if spec.child_scale < 1.0:
-        age = int(rng.integers(6, 15))
-        ds.PatientAge = f"{age:03d}Y"
-        ds.PatientBirthDate = f"{int(str(ds.StudyDate)[:4]) - age}0601"
+    _header_variety(ds, spec, present, rng)
     spacing = mm * spec.child_scale
     log_info = {"box": box, "field_box": field_box, "rendered_shape": stored.shape}
     return RadiographCase(dataset=ds, spec=spec, hips=hips, pixel_spacing_mm=spacing, patient_id=patient.patient_id,
