@@ -291,17 +291,16 @@ def _write_seg(findings: list[Finding], sources: list[pydicom.Dataset], series_u
     if not any(str(ds.get("Modality", "")).upper() == "CT" for ds in sources[:1]):
         return []
     out: list[OutputObject] = []
-    for content, kind, number in (("rois", "SEG", SEG_SERIES_NUMBER), ("layers", "SEG", LAYER_SEG_SERIES_NUMBER)):
+    for content, tag, number in (("rois", "SEG", SEG_SERIES_NUMBER), ("layers", "SEG-layers", LAYER_SEG_SERIES_NUMBER)):
         try:
-            seg = build_seg(findings, sources, content=content,
-                            series_uid=output_series_uid(series_uid, "SEG" if content == "rois" else "SEG-layers"),
+            seg = build_seg(findings, sources, content=content, series_uid=output_series_uid(series_uid, tag),
                             series_number=number, instance_number=instance_number)
         except Exception as exc:  # noqa: BLE001 - the report is written; the SEG is an extra
             log.warning("SEG not written", series_uid=series_uid, content=content,
                         error=f"{type(exc).__name__}: {exc}")
             continue
         if seg is not None:
-            out.append(OutputObject(kind, write_private(seg, out_dir), str(seg.SOPInstanceUID), str(seg.SOPClassUID)))
+            out.append(OutputObject("SEG", write_private(seg, out_dir), str(seg.SOPInstanceUID), str(seg.SOPClassUID)))
     return out
 
 

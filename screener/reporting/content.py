@@ -175,12 +175,20 @@ def algorithm(finding: Finding) -> hd.sr.AlgorithmIdentification:
     params = [f"model bundle {d['bundle_id']}"] if d.get("bundle_id") else []
     if d.get("training_data"):
         params.append(f"trained on: {d['training_data']}"[:1024])
+    name, version = algorithm_name_version(finding)
+    return hd.sr.AlgorithmIdentification(name=name, version=version, parameters=params or None)
+
+
+def algorithm_name_version(finding: Finding) -> tuple[str, str]:
+    """The name and version :func:`algorithm` gives ``finding`` (each at most 64 characters): the
+    SEG's and the Parametric Map's algorithm identification reads the same."""
+    d = finding.details
     if d.get("bundle_id"):
         name = f"screener {finding.protocol} model bundle {str(d['bundle_id']).split('@')[0]}"
         version = str(d.get("bundle_version") or str(d["bundle_id"]).partition("@")[2] or finding.protocol_version)
     else:
         name, version = f"screener {finding.protocol}", finding.protocol_version
-    return hd.sr.AlgorithmIdentification(name=name[:64], version=version[:64], parameters=params or None)
+    return name[:64], version[:64]
 
 
 def study_items(result: StudyResult) -> list[Dataset]:

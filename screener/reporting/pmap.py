@@ -25,8 +25,8 @@ from pydicom.uid import generate_uid
 
 from screener import __version__
 from screener.findings import Finding, ImageLayer
-from screener.reporting.content import algorithm
-from screener.reporting.seg import _on_ct_slice
+from screener.reporting.content import algorithm_name_version
+from screener.reporting.seg import series_of
 
 PMAP_SERIES_DESCRIPTION = "Bone density screening explanation map"
 #: UCUM "no units" for the map's values
@@ -38,14 +38,8 @@ PROCESSING = Code("109102", "DCM", "Processing Equipment")
 def pmap_layers(findings: Sequence[Finding], sources: dict[str, Dataset]) -> list[tuple[Finding, ImageLayer]]:
     """``(finding, layer)`` of every map layer :func:`build_pmap` can write: all its planes on
     single-frame CT slices of one series among ``sources``."""
-    out = []
-    for f in findings:
-        for layer in f.layers:
-            if layer.kind == "map" and layer.planes \
-                    and all(_on_ct_slice(u, sources) for u in layer.planes) \
-                    and len({str(sources[u].SeriesInstanceUID) for u in layer.planes}) == 1:
-                out.append((f, layer))
-    return out
+    return [(f, layer) for f in findings for layer in f.layers
+            if layer.kind == "map" and series_of(layer, sources)]
 
 
 def build_pmap(finding: Finding, layer: ImageLayer, sources: Sequence[Dataset], *,
@@ -85,9 +79,7 @@ def build_pmap(finding: Finding, layer: ImageLayer, sources: Sequence[Dataset], 
     uids = list(layer.planes)
     source_images = [by_uid[u] for u in uids]
     pixels = np.stack([np.clip(np.asarray(layer.planes[u], dtype=np.float32), 0.0, 1.0) for u in uids])
-    algo = algorithm(finding)
-    name = str(algo[0].TextValue)
-    version = str(algo[1].TextValue) if len(algo) > 1 else finding.protocol_version
+    name, version = algorithm_name_version(finding)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=layer.label[:16].upper().replace(" ", "_") or "MAP",
         lut_explanation=layer.label[:64], unit=NO_UNITS, value_range=(0.0, 1.0), slope=1.0, intercept=0.0)

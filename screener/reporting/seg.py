@@ -29,9 +29,9 @@ from pydicom.sr.codedict import codes as pcodes
 from pydicom.uid import generate_uid
 
 from screener import __version__
-from screener.findings import Finding
+from screener.findings import Finding, ImageLayer
 from screener.radiograph import PROJECTION_MODALITIES
-from screener.reporting.content import algorithm
+from screener.reporting.content import algorithm_name_version
 
 SEG_SERIES_DESCRIPTION = "Bone density screening ROIs (SEG)"
 LAYER_SEG_SERIES_DESCRIPTION = "Bone density screening outlines (SEG)"
@@ -58,6 +58,16 @@ def _on_ct_slice(uid: str, sources: dict[str, Dataset]) -> bool:
     return src is not None and str(src.get("Modality", "")).strip().upper() not in PROJECTION_MODALITIES \
         and "FrameOfReferenceUID" in src and "ImagePositionPatient" in src \
         and int(src.get("NumberOfFrames", 1) or 1) == 1
+
+
+def series_of(layer: ImageLayer, sources: dict[str, Dataset]) -> str:
+    """The one series whose single-frame CT slices all of ``layer``'s planes lie on; ``""`` when
+    the layer is empty, lies on other images, or on slices of more than one series (a SEG or a
+    Parametric Map references the slices of one series)."""
+    if not layer.planes or not all(_on_ct_slice(u, sources) for u in layer.planes):
+        return ""
+    series = {str(sources[u].SeriesInstanceUID) for u in layer.planes}
+    return series.pop() if len(series) == 1 else ""
 
 
 def seg_findings(findings: Sequence[Finding], sources: dict[str, Dataset]) -> list[Finding]:
@@ -94,13 +104,11 @@ def _segments(findings: Sequence[Finding], sources: dict[str, Dataset], content:
             mask = roi_mask(f.roi.polygon, int(src.Rows), int(src.Columns))
             out.append((f, f"{f.site} ROI ({f.protocol})", {f.roi.source_sop_instance_uid: mask}))
         return out
-    series: set[str] = set()
+    series = ""
     for f in findings:
         for layer in f.layers:
-            if not layer.planes or not all(_on_ct_slice(u, sources) for u in layer.planes):
-                continue
-            layer_series = {str(sources[u].SeriesInstanceUID) for u in layer.planes}
-            if len(layer_series) != 1 or (series and layer_series != series):
+            layer_series = series_of(layer, sources)
+            if not layer_series or (series and layer_series != series):
                 continue
             series = layer_series
             if layer.kind == "mask":
@@ -124,9 +132,7 @@ def top_decile(planes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _algorithm(finding: Finding) -> hd.AlgorithmIdentificationSequence:
-    algo = algorithm(finding)
-    name = str(algo[0].TextValue)
-    version = str(algo[1].TextValue) if len(algo) > 1 else finding.protocol_version
+    name, version = algorithm_name_version(finding)
     family = pcodes.cid7162.ArtificialIntelligence if finding.details.get("bundle_id") \
         else pcodes.cid7162.MorphologicalOperations
     return hd.AlgorithmIdentificationSequence(name=name, family=family, version=version or "0")
