@@ -61,6 +61,18 @@ class Volume:
         offs = np.array([i * di, j * dj, k * dk], dtype=float)
         return np.asarray(self.origin, float) + np.asarray(self.direction, float) @ offs
 
+    def slice_points(self, k: float, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        """Patient coordinates (mm) of the pixel centres of slice ``k`` (``rows`` x ``cols`` of it):
+        ``(n_rows, n_cols, 3)`` float64, :meth:`index_to_patient` of every pixel at once."""
+        dk, dj, di = self.spacing
+        n_rows, n_cols = self.array.shape[1:]
+        jj = np.arange(n_rows, dtype=np.float64)[rows]
+        ii = np.arange(n_cols, dtype=np.float64)[cols]
+        d = np.asarray(self.direction, dtype=np.float64)
+        start = np.asarray(self.origin, dtype=np.float64) + d[:, 2] * (k * dk)
+        return (start[None, None, :] + (jj * dj)[:, None, None] * d[:, 1]
+                + (ii * di)[None, :, None] * d[:, 0])
+
     def slice_positions(self) -> np.ndarray:
         """Return the patient-space centre of each slice (``n_slices x 3``)."""
         return np.array([self.index_to_patient(k, 0, 0) for k in range(self.array.shape[0])])

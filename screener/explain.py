@@ -455,14 +455,8 @@ def map_onto_slice(values: np.ndarray, origin: Sequence[float], u: Sequence[floa
     """
     from scipy import ndimage
 
-    rows, cols = volume.array.shape[1:]
-    dk, dj, di = volume.spacing
-    direction = np.asarray(volume.direction, dtype=np.float64)
-    jj, ii = np.mgrid[0:rows, 0:cols].astype(np.float64)
     # patient position of every pixel centre of slice k, relative to the plane's origin
-    start = np.asarray(volume.origin, dtype=np.float64) + direction[:, 2] * (k * dk) \
-        - np.asarray(origin, dtype=np.float64)
-    rel = start[None, None, :] + (ii * di)[..., None] * direction[:, 0] + (jj * dj)[..., None] * direction[:, 1]
+    rel = volume.slice_points(k) - np.asarray(origin, dtype=np.float64)
     col = rel @ np.asarray(u, dtype=np.float64) / float(spacing[1])
     row = rel @ np.asarray(v, dtype=np.float64) / float(spacing[0])
     out = ndimage.map_coordinates(np.asarray(values, dtype=np.float32), [row, col], order=1,

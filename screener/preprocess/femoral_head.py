@@ -28,16 +28,7 @@ SIDES = {"R": "right", "L": "left"}
 
 def _distances(volume: Volume, centre: np.ndarray, ks: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
     """Distance (mm) from ``centre`` of every voxel of slices ``ks`` in the ``rows x cols`` box."""
-    dk, dj, di = volume.spacing
-    d = np.asarray(volume.direction, dtype=np.float64)
-    jj, ii = np.mgrid[rows, cols].astype(np.float64)
-    out = np.empty((len(ks), *jj.shape))
-    base = np.asarray(volume.origin, dtype=np.float64) - centre
-    for n, k in enumerate(ks):
-        p = base + d[:, 2] * (k * dk)
-        rel = p[None, None, :] + (ii * di)[..., None] * d[:, 0] + (jj * dj)[..., None] * d[:, 1]
-        out[n] = np.linalg.norm(rel, axis=-1)
-    return out
+    return np.stack([np.linalg.norm(volume.slice_points(k, rows, cols) - centre, axis=-1) for k in ks])
 
 
 def head_radius(bone: np.ndarray, dist: np.ndarray) -> float | None:

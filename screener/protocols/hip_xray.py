@@ -230,7 +230,6 @@ class HipXrayProtocol(ModelProtocol):
         shape = tuple(int(v) for v in bundle.input_spec.shape[1:])
         pixel_mm = float((bundle.card.get("preprocessing") or {}).get("pixel_mm", HIP_PIXEL_MM))
         present, hips, not_measured, inp, rad = _measurable_hips(ds, landmarks, pixel_mm)
-        names = _SIDE_NAMES
         crops = [landmark_crop(rad, h, inp.spacing_mm, shape) for h in hips]
         x = np.stack([c.image for c in crops])[:, None].astype(np.float32)
         t1 = time.perf_counter()
@@ -260,7 +259,7 @@ class HipXrayProtocol(ModelProtocol):
             roi = RoiGeometry(source_sop_instance_uid=uid, source_sop_class_uid=sop_class, polygon=poly,
                               centre_mm=(float(h.neck_px[1] + 0.5) * sc_mm, float(h.neck_px[0] + 0.5) * sr_mm, 0.0),
                               area_mm2=15.0 * 40.0, slice_index=0)
-            site = f"{names[h.side]} femoral neck" if h.side else "femoral neck"
+            site = f"{_SIDE_NAMES[h.side]} femoral neck" if h.side else "femoral neck"
             label = site if h.side else "femoral neck (side not determined)"
             details: dict[str, Any] = {
                 **model_details(bundle), **_hip_details(h, landmarks.bundle_id),

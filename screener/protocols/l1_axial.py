@@ -114,12 +114,9 @@ class L1AxialProtocol(ModelProtocol):
         details: dict[str, Any] = {
             **model_details(bundle),
             "bmd_per_fold": per_fold,
-            **_details(volume, info, images, per_slice, bundle, maps, size, fov, kvp),
-            "t_score_reference": tref,
-            "abnormal_t_below": ABNORMAL_T, "abnormal": bool(t < ABNORMAL_T),
-            "localizer": loc.method, "localizer_confidence": l1.confidence,
+            **_details(volume, info, images, per_slice, bundle, maps, (size, fov, kvp), (t, tref),
+                       (loc.method, l1.confidence)),
         }
-        details = _ordered(details)
         finding = Finding(
             protocol=self.name, protocol_version=self.version, site="L1", site_code=codes.site_code("L1"),
             measurements=measurements, category=category, category_code=category_code,
@@ -139,19 +136,6 @@ class L1AxialProtocol(ModelProtocol):
                                         "explain": 1000 * (t4 - t2), "explain_maps": 1000 * (t3 - t2)}
         log.info("l1_axial estimated", series_uid=context.info.series_uid, bmd=round(bmd, 3), t_score=round(t, 2))
         return [finding]
-
-
-#: the order of the finding's details (as the run built them before it was split at its seams)
-_DETAIL_ORDER = ("bmd_per_fold", "input_stats", "bmd_per_slice", "t_score_reference", "abnormal_t_below",
-                 "abnormal", "reference_slice_z_mm", "trabecular_area_mm2", "slice_fallback", "kvp",
-                 "energy_scale", "calibration", "explanation", "localizer", "localizer_confidence",
-                 "overlay_description", "overlay_pixel_spacing_mm")
-
-
-def _ordered(details: dict[str, Any]) -> dict[str, Any]:
-    """``details`` with the model's keys first, then :data:`_DETAIL_ORDER`."""
-    head = {k: v for k, v in details.items() if k not in _DETAIL_ORDER}
-    return {**head, **{k: details[k] for k in _DETAIL_ORDER if k in details}}
 
 
 def _inputs(volume: Volume, l1: Any, size: int, fov: float, n_nb: int, energy: bool,
@@ -235,15 +219,22 @@ def _flags(volume: Volume, info: Any, kvp: float | None, energy: bool, confidenc
 
 
 def _details(volume: Volume, info: Any, images: np.ndarray, per_slice: np.ndarray, bundle: Any,
-             maps: dict[str, np.ndarray], size: int, fov: float, kvp: float | None) -> dict[str, Any]:
-    """The finding's details about its input, slices, calibration and explanation."""
+             maps: dict[str, np.ndarray], crop: tuple[int, float, float | None], score: tuple[float, dict],
+             localizer: tuple[str, float]) -> dict[str, Any]:
+    """The finding's details about its input, slices, T-score reference, calibration, explanation
+    and localizer; ``crop`` is ``(size, fov, kvp)``, ``score`` ``(t, reference)``, ``localizer``
+    ``(method, confidence)``."""
     from screener.uncertainty import input_stats
 
+    size, fov, kvp = crop
+    t, tref = score
     return {
         "input_stats": input_stats(images),
         "bmd_per_slice": [{"z_mm": z, "bmd": float(b),
                            "sop_instance_uid": volume.sop_instance_uid(nearest_slice(volume, (*volume.origin[:2], z)))}
                           for z, b in zip(info.z_samples, per_slice)],
+        "t_score_reference": tref,
+        "abnormal_t_below": ABNORMAL_T, "abnormal": bool(t < ABNORMAL_T),
         "reference_slice_z_mm": info.z_reference,
         "trabecular_area_mm2": {f"{z:.2f}": a for z, a in info.areas_mm2.items()},
         "slice_fallback": info.fallback,
@@ -254,6 +245,7 @@ def _details(volume: Volume, info: Any, images: np.ndarray, per_slice: np.ndarra
                         "grad_ram_peak_rc": _peak(maps["ram"]), "grad_ramp_peak_rc": _peak(maps["ramp"]),
                         "grad_ramp_fine_peak_rc": _peak(maps["fine"]),
                         "feature_map_px": int(size // 32)},
+        "localizer": localizer[0], "localizer_confidence": localizer[1],
         "overlay_description": (f"Grad-RAMP (Kang et al. 2023, eq. 3; ensemble mean) on the deepest "
                                 f"{EXPLANATION_MIN_SIDE}x{EXPLANATION_MIN_SIDE} feature map, fused onto the "
                                 f"{fov:g} mm L1 crop of the reference slice"),
