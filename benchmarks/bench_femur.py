@@ -1,9 +1,9 @@
 """Time of protocol ``femur_coronal`` per CT study, and of its femoral-head locator (issue 21: <= 500 ms).
 
 Renders a few virtual-cohort abdomen-pelvis CTs (different scanners, slice thicknesses and patients),
-loads each as the daemon does, then runs :class:`~screener.protocols.femur_coronal.FemurCoronalProtocol`
+loads each as the daemon does, then runs :class:`~screener.protocols.femur_coronal.protocol.FemurCoronalProtocol`
 with the shipped bundle ``--repeats`` times (after one run that loads the bundle) and
-:func:`~screener.preprocess.femur_coronal.locate_femoral_heads` alone, and prints the median
+:func:`~screener.protocols.femur_coronal.preprocess.locate_femoral_heads` alone, and prints the median
 milliseconds of each (wall, and the CPU time of the protocol run: less moved by other jobs on a
 shared machine; run it with ``OMP_NUM_THREADS=1``), per CT and over all of them, with the located heads' distance to the phantom's
 truth; also the fastest run of each CT (wall and CPU: the run least disturbed by other jobs, as ``timeit``
@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from screener.config import Config
-    from screener.preprocess.femur_coronal import locate_femoral_heads
+    from screener.protocols.femur_coronal.preprocess import locate_femoral_heads
     from screener.protocols.base import ProtocolContext
-    from screener.protocols.femur_coronal import FemurCoronalProtocol
+    from screener.protocols.femur_coronal.protocol import FemurCoronalProtocol
     from screener.series import load_volume, read_series_info
     from training.phantoms.anatomy import build_scene
     from training.phantoms.ct import render_ct, write_series

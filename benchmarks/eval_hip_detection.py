@@ -126,7 +126,7 @@ def evaluate_cases(cases: list[Any], landmarks: Any, bmdgan: tuple[Any, Any, dic
     import torch
 
     from screener.hip_landmarks import find_hips, landmark_crop
-    from screener.protocols.hip_xray import combine_estimates
+    from screener.protocols.hip_xray.protocol import combine_estimates
     from screener.radiograph import read_radiograph
 
     rows: list[dict[str, Any]] = []
@@ -186,7 +186,7 @@ def evaluate_cases(cases: list[Any], landmarks: Any, bmdgan: tuple[Any, Any, dic
                                                             float(dec.get("linear_weight", 0.0)))[0])
             # reference: the old midline split on whole AP pelves (both hips present)
             if case.spec.collimation == "pelvis" and len(truth) == 2:
-                from screener.preprocess.hip_xray import preprocess_hip_radiograph
+                from screener.protocols.hip_xray.preprocess import preprocess_hip_radiograph
 
                 bundle, (gen, dec) = bmdgan
                 shape = tuple(int(v) for v in bundle.input_spec.shape[1:])

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from screener.config import Config  # noqa: E402
 from screener.domain import SpineLocalization, VertebraLocation, Volume  # noqa: E402
 from screener.protocols.base import ProtocolContext, ProtocolDeclined  # noqa: E402
-from screener.protocols.l1_attenuation import L1AttenuationProtocol  # noqa: E402
+from screener.protocols.l1_attenuation.protocol import L1AttenuationProtocol  # noqa: E402
 from screener.series import load_volume, read_series_info  # noqa: E402
 
 VARIANTS = ("none", "3mm", "6mm", "island", "lowdens")

@@ -826,10 +826,10 @@ def landmark_crop(rad: Any, hip: HipLandmark, spacing_mm: tuple[float, float], s
 
     Returns
     -------
-    screener.preprocess.hip_xray.HipInput
+    screener.protocols.hip_xray.preprocess.HipInput
         ``image`` and the matrix from input pixels to stored pixels.
     """
-    from screener.preprocess.hip_xray import HipInput
+    from screener.protocols.hip_xray.preprocess import HipInput
 
     sgn = 1.0 if hip.anatomy == "plus" else -1.0
     a_r = crop_mm / spacing_mm[0]

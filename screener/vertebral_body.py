@@ -1,6 +1,6 @@
 """Vertebral body segmentation and trabecular ROI placement on axial CT (pure functions).
 
-Used by :mod:`screener.protocols.l1_attenuation`; nothing here knows DICOM, only
+Used by :mod:`screener.protocols.l1_attenuation.protocol`; nothing here knows DICOM, only
 an HU array ``[k, j, i]`` (slice, row, column), its spacing and a seed.
 
 Method

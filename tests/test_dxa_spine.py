@@ -54,7 +54,7 @@ def _tiny_bundle(root: Path, preprocessing: dict) -> Path:
 # --- preprocessing -----------------------------------------------------------------------------
 
 def test_crop_is_150_square_centred_on_the_spine_and_follows_pixel_spacing(dxa_files):
-    from screener.preprocess.dxa_spine import dxa_spine_input
+    from screener.protocols.dxa_spine.preprocess import dxa_spine_input
 
     a = dxa_spine_input(pydicom.dcmread(dxa_files["prodigy"]))
     assert a.array.shape == (1, 150, 150) and a.array.dtype == np.float32
@@ -75,7 +75,7 @@ def test_crop_is_150_square_centred_on_the_spine_and_follows_pixel_spacing(dxa_f
 
 
 def test_uncalibrated_ot_export_is_normalised_and_reported(dxa_files):
-    from screener.preprocess.dxa_spine import dxa_spine_input
+    from screener.protocols.dxa_spine.preprocess import dxa_spine_input
 
     ds = pydicom.dcmread(dxa_files["prodigy"])
     ref = dxa_spine_input(ds)
@@ -91,7 +91,7 @@ def test_uncalibrated_ot_export_is_normalised_and_reported(dxa_files):
 # --- routing -----------------------------------------------------------------------------------
 
 def test_accepts_dxa_spine_and_declines_others_with_reasons(dxa_files, tmp_path):
-    from screener.protocols.dxa_spine import DxaSpineProtocol
+    from screener.protocols.dxa_spine.protocol import DxaSpineProtocol
 
     proto = DxaSpineProtocol()
     assert proto.accepts(_info(dxa_files["prodigy"])).accepted
@@ -129,7 +129,7 @@ def test_accepts_dxa_spine_and_declines_others_with_reasons(dxa_files, tmp_path)
 def test_run_gives_one_finding_with_probabilities_statement_roi_and_overlay(dxa_files, tmp_path):
     from screener.config import Config
     from screener.protocols.base import ProtocolContext, ProtocolDeclined
-    from screener.protocols.dxa_spine import UNRELIABLE_STATEMENT, DxaSpineProtocol
+    from screener.protocols.dxa_spine.protocol import UNRELIABLE_STATEMENT, DxaSpineProtocol
 
     info = _info(dxa_files["prodigy"])
     proto = DxaSpineProtocol()
@@ -157,7 +157,7 @@ def test_run_gives_one_finding_with_probabilities_statement_roi_and_overlay(dxa_
 def test_pipeline_writes_sr_and_sc_that_pass_dciodvfy(dxa_files, tmp_path):
     from screener.config import Config
     from screener.pipeline import process_series
-    from screener.protocols.dxa_spine import DxaSpineProtocol
+    from screener.protocols.dxa_spine.protocol import DxaSpineProtocol
 
     root = tmp_path / "models"
     _tiny_bundle(root, {"unreliable_threshold": 0.0})

@@ -21,7 +21,7 @@ from screener.config import Config, load_config
 from screener.db import Database
 from screener.pipeline import process_series
 from screener.protocols.base import ProtocolContext
-from screener.protocols.l1_attenuation import L1AttenuationProtocol
+from screener.protocols.l1_attenuation.protocol import L1AttenuationProtocol
 from screener.replay import replay
 from screener.results import finding_records
 from screener.series import frame_number, load_volume, read_series_info

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from screener.preprocess.femoral_head import femoral_head_layers, head_radius
-from screener.preprocess.femur_coronal import locate_femoral_heads
+from screener.protocols.femur_coronal.preprocess import locate_femoral_heads
 from screener.series import load_volume
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from screener.config import Config
-from screener.preprocess import femur_coronal as P
+from screener.protocols.femur_coronal import preprocess as P
 from screener.protocols.base import ProtocolContext, ProtocolDeclined
-from screener.protocols.femur_coronal import CLASSES, FemurCoronalProtocol
+from screener.protocols.femur_coronal.protocol import CLASSES, FemurCoronalProtocol
 from screener.series import load_volume, read_series_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def test_energy_correction_brings_80_kvp_to_120(hip_ct) -> None:
 
 
 def test_energy_correction_on_the_card_and_backward_compatible() -> None:
-    from screener.protocols.femur_coronal import preprocessing_options
+    from screener.protocols.femur_coronal.protocol import preprocessing_options
 
     c = P.constants()
     assert c["energy_correction"] is True and c["reference_kvp"] == 120.0
@@ -229,7 +229,7 @@ def test_bounding_box_distance_transform_equals_full_one():
     mask touches the array's faces (no background is invented there)."""
     from scipy import ndimage
 
-    from screener.preprocess.femur_coronal import _distance_in_bounding_box
+    from screener.protocols.femur_coronal.preprocess import _distance_in_bounding_box
 
     rng = np.random.default_rng(7)
     cases = [((40, 50, 60), (slice(5, 30), slice(10, 40), slice(0, 60))),
@@ -244,7 +244,7 @@ def test_bounding_box_distance_transform_equals_full_one():
 
 def test_head_sized_distances_are_the_full_transform_ones():
     """Coarse-then-boxed distance transform: the same head-sized voxels and values as the whole one."""
-    from screener.preprocess.femur_coronal import _distance_in_bounding_box, _head_sized_distances
+    from screener.protocols.femur_coronal.preprocess import _distance_in_bounding_box, _head_sized_distances
 
     g, radius = 2.0, (15.0, 34.0)
     zz, yy, xx = np.mgrid[0:61, 0:70, 0:90]
@@ -269,7 +269,7 @@ def test_grid_resampling_equals_the_volume_sampler(hip_volume):
     slice axis, and air outside the volume."""
     import dataclasses
 
-    from screener.preprocess.femur_coronal import _grid_hu
+    from screener.protocols.femur_coronal.preprocess import _grid_hu
     from screener.preprocess.sampling import VolumeSampler
 
     vol = dataclasses.replace(hip_volume, array=hip_volume.array[::3, ::4, ::4].copy(),
@@ -297,7 +297,7 @@ def test_sphere_refinement_equals_per_radius_fftconvolve(hip_ct, hip_volume):
     the inner and outer shells did (the locator before it was made fast)."""
     from scipy.signal import fftconvolve
 
-    from screener.preprocess.femur_coronal import _REFINE_RADII, _refine_sphere, _shell
+    from screener.protocols.femur_coronal.preprocess import _REFINE_RADII, _refine_sphere, _shell
     from screener.preprocess.sampling import VolumeSampler
 
     _, scene = hip_ct
@@ -331,7 +331,7 @@ def test_grid_interpolation_in_chunks_equals_whole_array_passes():
     over the whole array (what _grid_hu did before), for every axis order."""
     from itertools import permutations
 
-    from screener.preprocess.femur_coronal import _lerp_axis, _lerp_two_axes_in_chunks
+    from screener.protocols.femur_coronal.preprocess import _lerp_axis, _lerp_two_axes_in_chunks
 
     rng = np.random.default_rng(5)
     a = (rng.standard_normal((11, 23, 19)) * 400.0).astype(np.float32)
@@ -345,7 +345,7 @@ def test_grid_interpolation_in_chunks_equals_whole_array_passes():
 def _grid_hu_whole_array(volume, sampler, xs, ys, zs):
     """_grid_hu as it was before the chunks and the cut (no floor): one pass per axis over the
     whole array, the axis that shrinks it most first."""
-    from screener.preprocess.femur_coronal import _axis_map, _lerp_axis
+    from screener.protocols.femur_coronal.preprocess import _axis_map, _lerp_axis
 
     amap = _axis_map(volume)
     a = np.asarray(volume.array, dtype=np.float32)
@@ -373,7 +373,7 @@ def _grid_hu_whole_array(volume, sampler, xs, ys, zs):
 def test_grid_of_a_small_cube_reads_only_its_part_of_the_volume(hip_volume):
     """The sphere refinement's cube: _grid_hu cut to the part of the volume it reads gives the
     float32 values of the passes over the whole volume (cubes inside, across an edge, outside)."""
-    from screener.preprocess.femur_coronal import _grid_hu
+    from screener.protocols.femur_coronal.preprocess import _grid_hu
     from screener.preprocess.sampling import VolumeSampler
 
     s = VolumeSampler(hip_volume)

@@ -29,7 +29,7 @@ def _case(index: int, **spec_kw: object):
 def _run(ds, tmp_path: Path):
     from screener.config import Config
     from screener.protocols.base import ProtocolContext
-    from screener.protocols.hip_xray import HipXrayProtocol
+    from screener.protocols.hip_xray.protocol import HipXrayProtocol
     from screener.series import read_series_info
 
     f = tmp_path / f"{ds.SOPInstanceUID}.dcm"

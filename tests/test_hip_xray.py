@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from screener.preprocess.hip_xray import preprocess_hip_radiograph
+from screener.protocols.hip_xray.preprocess import preprocess_hip_radiograph
 from training.phantoms.population import make_patient
 from training.phantoms.projection_dicom import dx_dataset
 
@@ -91,7 +91,7 @@ def _info(path: Path):
 
 
 def test_router_accepts_ap_pelvis_and_declines_chest_lateral_and_ct(tmp_path):
-    from screener.protocols.hip_xray import HipXrayProtocol
+    from screener.protocols.hip_xray.protocol import HipXrayProtocol
 
     proto = HipXrayProtocol()
     cases = {"ap": {}, "chest": {"BodyPartExamined": "CHEST", "SeriesDescription": "PA chest",
@@ -115,7 +115,7 @@ def test_router_accepts_ap_pelvis_and_declines_chest_lateral_and_ct(tmp_path):
 
 
 def test_combined_estimate_weights_stage3_and_linear_by_hand():
-    from screener.protocols.hip_xray import combine_estimates
+    from screener.protocols.hip_xray.protocol import combine_estimates
 
     stage3, linear = np.array([0.80, 0.60, 0.70]), np.array([0.90, np.nan, 0.50])
     # w = 0.25: 0.75 x 0.80 + 0.25 x 0.90 = 0.825; no linear estimate -> stage 3; 0.75 x 0.70 + 0.25 x 0.50
@@ -130,7 +130,7 @@ def test_tiny_training_run_writes_a_bundle_the_protocol_reads(tmp_path, monkeypa
     monkeypatch.setenv("SCREENER_DATASET_CACHE", str(tmp_path / "cache"))
     from screener.config import Config
     from screener.protocols.base import ProtocolContext
-    from screener.protocols.hip_xray import HipXrayProtocol
+    from screener.protocols.hip_xray.protocol import HipXrayProtocol
     from training.datasets.hip_xray import render_sample
     from training.hip_xray import load_aux, train_recipe
     from training.recipes import load_recipe

@@ -120,7 +120,7 @@ def test_case02_replay_lists_empty_random_and_cut_files_and_exits_1(tmp_path: Pa
 # ---------------------------------------------------------------------- cases 3 and 11
 def _report_run(tmp_path: Path, **header: Any) -> Any:
     from screener.pipeline import process_series
-    from screener.protocols.l1_attenuation import L1AttenuationProtocol
+    from screener.protocols.l1_attenuation.protocol import L1AttenuationProtocol
     from tests.ct_factory import make_ct_series as make_phantom
 
     ct = make_phantom(tmp_path / "in", rows=160, cols=160, pixel_spacing=1.2, n_slices=30,

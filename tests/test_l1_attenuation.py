@@ -10,7 +10,7 @@ from screener.config import Config
 from screener.domain import SpineLocalization
 from screener.pipeline import process_series
 from screener.protocols.base import ProtocolContext, ProtocolDeclined
-from screener.protocols.l1_attenuation import L1AttenuationProtocol, categorize, hu_per_mg
+from screener.protocols.l1_attenuation.protocol import L1AttenuationProtocol, categorize, hu_per_mg
 from screener.series import load_volume, read_series_info
 from tests.ct_factory import copy_with_fresh_uids, make_ct_series
 

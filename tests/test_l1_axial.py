@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from screener.preprocess import l1_axial as P
+from screener.protocols.l1_axial import preprocess as P
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "models" / "l1_axial"
@@ -142,7 +142,7 @@ def _info(**kw: Any) -> Any:
 
 
 def test_accepts_and_declines_with_reasons() -> None:
-    from screener.protocols.l1_axial import L1AxialProtocol
+    from screener.protocols.l1_axial.protocol import L1AxialProtocol
 
     proto = L1AxialProtocol()
     assert proto.accepts(_info()).accepted, proto.accepts(_info()).reason
@@ -177,7 +177,7 @@ def test_manifest_and_protocol_give_identical_tensors_and_a_sane_estimate(render
     from screener.bundles import Bundle
     from screener.config import Config
     from screener.protocols.base import ProtocolContext
-    from screener.protocols.l1_axial import L1AxialProtocol
+    from screener.protocols.l1_axial.protocol import L1AxialProtocol
     from screener.series import load_volume, read_series_info
     from training.datasets.l1_axial import build
     from training.recipes import recipe_from_dict
@@ -242,9 +242,9 @@ def test_a_card_without_energy_correction_or_calibration_runs_without_them(rende
     from screener.bundles import Bundle
     from screener.config import Config
     from screener.localizer import locate_spine
-    from screener.preprocess.l1_axial import preprocess_volume
+    from screener.protocols.l1_axial.preprocess import preprocess_volume
     from screener.protocols.base import ProtocolContext
-    from screener.protocols.l1_axial import L1AxialProtocol
+    from screener.protocols.l1_axial.protocol import L1AxialProtocol
     from screener.series import load_volume, read_series_info
 
     old = tmp_path / "models" / "l1_axial"
@@ -288,7 +288,7 @@ def test_an_input_without_an_enclosed_trabecular_body_is_declined_not_estimated(
     # enclosed, so the preprocessing can only fall back to the centroid slice; the protocol says why
     from screener.config import Config
     from screener.protocols.base import ProtocolContext, ProtocolDeclined
-    from screener.protocols.l1_axial import L1AxialProtocol
+    from screener.protocols.l1_axial.protocol import L1AxialProtocol
     from screener.series import load_volume, read_series_info
     from tests.ct_factory import make_ct_series
 
@@ -310,7 +310,7 @@ def test_a_dotted_cortex_is_outlined_rather_than_declined() -> None:
     """Coarse pixels point-sampling a thin cortex leave it a dotted line (a 25 % heavier cohort
     patient at 0.94 mm pixels): the one-pixel closing finds no enclosed body, the outline with
     wider closings and rays (as l1_attenuation's) does -- and l1_axial measures instead of declining."""
-    from screener.preprocess.l1_axial import outlined_trabecular_area, trabecular_area
+    from screener.protocols.l1_axial.preprocess import outlined_trabecular_area, trabecular_area
 
     sp = 0.7
     n = 100

@@ -10,7 +10,7 @@ import pytest
 
 from screener.config import Config
 from screener.protocols.base import ProtocolContext, ProtocolDeclined
-from screener.protocols.l1_attenuation import L1AttenuationProtocol
+from screener.protocols.l1_attenuation.protocol import L1AttenuationProtocol
 from screener.series import load_volume, read_series_info
 
 N_PATIENTS = 12

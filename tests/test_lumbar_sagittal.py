@@ -10,9 +10,9 @@ import torch
 
 from screener.config import Config
 from screener.domain import SpineLocalization, VertebraLocation
-from screener.preprocess import lumbar_sagittal as pp
+from screener.protocols.lumbar_sagittal import preprocess as pp
 from screener.protocols.base import ProtocolContext, ProtocolDeclined
-from screener.protocols.lumbar_sagittal import LumbarSagittalProtocol
+from screener.protocols.lumbar_sagittal.protocol import LumbarSagittalProtocol
 from screener.scores import jos_grade
 from screener.series import load_volume, read_series_info
 

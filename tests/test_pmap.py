@@ -20,7 +20,7 @@ from screener.config import Config
 from screener.explain import map_onto_slice
 from screener.findings import ImageLayer
 from screener.pipeline import process_series
-from screener.protocols.l1_attenuation import L1AttenuationProtocol
+from screener.protocols.l1_attenuation.protocol import L1AttenuationProtocol
 from screener.reporting.pmap import PMAP_SERIES_DESCRIPTION, build_pmap
 from screener.reporting.seg import top_decile
 from screener.series import load_volume

@@ -20,7 +20,7 @@ import pytest
 
 from screener.config import ConfigError, load_config
 from screener.pipeline import process_series
-from screener.protocols import BUILTIN, default_protocols, registry
+from screener.protocols import builtin, default_protocols, registry
 from screener.series import load_volume
 from tests.ct_factory import make_ct_series
 
@@ -77,8 +77,8 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_an_installed_entry_point_is_routed_run_and_reported(plugin: str, tmp_path: Path) -> None:
     reg = registry()
-    assert list(reg)[:len(BUILTIN)] == list(BUILTIN) and reg[plugin] == "site_protocols:CentreMeanProtocol"
-    assert reg["l1_attenuation"] == BUILTIN["l1_attenuation"]  # not replaced
+    assert list(reg)[:len(builtin())] == list(builtin()) and reg[plugin] == "site_protocols:CentreMeanProtocol"
+    assert reg["l1_attenuation"] == builtin()["l1_attenuation"]  # not replaced
     cfg = load_config(env={"SCREENER_PROTOCOLS": f"{plugin},l1_attenuation"}, data_dir=tmp_path / "d")
     assert cfg.protocols == [plugin, "l1_attenuation"]
     paths = make_ct_series(tmp_path / "ct", n_slices=12).paths

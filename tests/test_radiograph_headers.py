@@ -294,7 +294,7 @@ def test_results_and_the_sr_carry_the_bundle_version(radiograph: Dataset, tmp_pa
     study, *records = finding_records(db)  # the study-level result comes first (issue 16)
     assert study["protocol"] == "study result" and study["methods"] == ["hip_xray"]
     assert len(records) >= 1 and {r["protocol_version"] for r in records} == {version}
-    from screener.protocols.hip_xray import HipXrayProtocol
+    from screener.protocols.hip_xray.protocol import HipXrayProtocol
     assert version != HipXrayProtocol.version  # the bundle's, not the module's
     [sr_row] = [r for r in db.iter_table("results") if r["kind"] == "SR"]
     versions = {str(i.TextValue) for i in _content_items(pydicom.dcmread(sr_row["path"]))

@@ -15,7 +15,7 @@ from screener import scores
 from screener.config import Config
 from screener.findings import Finding, Measurement, RoiGeometry
 from screener.pipeline import OutputObject, PipelineResult, output_series_uid, process_series
-from screener.protocols.l1_attenuation import L1AttenuationProtocol
+from screener.protocols.l1_attenuation.protocol import L1AttenuationProtocol
 from screener.reporting import codes
 from screener.reporting.sc import build_sc, render_overlay, write_sc
 from screener.reporting.sr import DEVICE_UID, build_sr, write_sr

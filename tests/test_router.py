@@ -9,7 +9,7 @@ import pytest
 from screener.config import Config
 from screener.pipeline import process_series
 from screener.protocols.base import Decision, Protocol
-from screener.protocols.l1_attenuation import L1AttenuationProtocol
+from screener.protocols.l1_attenuation.protocol import L1AttenuationProtocol
 from screener.router import Router
 from screener.series import SeriesInfo, read_series_info
 from tests.ct_factory import make_ct_series

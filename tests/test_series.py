@@ -218,7 +218,7 @@ def _converted(tmp_path: Path, kind: str, n_slices: int = 24, **kwargs) -> tuple
 @pytest.mark.parametrize("kind", ["legacy", "enhanced"])
 def test_multiframe_ct_reads_kvp_agent_thickness_and_body_part_from_functional_groups(
         tmp_path: Path, kind: str) -> None:
-    from screener.protocols.l1_attenuation import L1AttenuationProtocol
+    from screener.protocols.l1_attenuation.protocol import L1AttenuationProtocol
     from screener.series import header_kvp
 
     classic, mf = _converted(tmp_path, kind, kvp=100.0, contrast_agent="IOPAMIDOL")

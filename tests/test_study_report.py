@@ -13,8 +13,8 @@ from screener import references, scores
 from screener.config import Config, ConfigError, load_config
 from screener.findings import Finding
 from screener.pipeline import process_series
-from screener.protocols.l1_attenuation import L1AttenuationProtocol
-from screener.protocols.l1_axial import L1AxialProtocol
+from screener.protocols.l1_attenuation.protocol import L1AttenuationProtocol
+from screener.protocols.l1_axial.protocol import L1AxialProtocol
 from screener.reporting import codes
 from screener.reporting.sr import build_sr, dxa_loinc_codes, write_sr
 from screener.study_result import DISCORDANT, study_result

@@ -32,8 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from training.plan import (CUSTOM_TRAINERS, EXTRA_EVALUATIONS, POST_TRAIN, DatasetFactory,
-                           SetupError, build_dataset, evaluation_tables, limit_torch_threads,
+from training import plan as registries
+from training.plan import (DatasetFactory, SetupError, build_dataset, evaluation_tables, limit_torch_threads,
                            markdown_sections, resolve_ref, split_plan)
 from training.recipes import DataSpec, Recipe, RecipeError, load_recipe, recipe_from_dict
 
@@ -75,8 +75,9 @@ def _train(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] | N
     recipe = load_recipe(args.recipe)
     if recipe.training.torch_threads:
         limit_torch_threads(recipe.training.torch_threads)
-    if factories is None and recipe.protocol in CUSTOM_TRAINERS:
-        return int(resolve_ref(CUSTOM_TRAINERS[recipe.protocol])(recipe, args))
+    custom = registries.CUSTOM_TRAINERS
+    if factories is None and recipe.protocol in custom:
+        return int(resolve_ref(custom[recipe.protocol])(recipe, args))
     ds = build_dataset(recipe, factories)
     plan = split_plan(ds, recipe)
     out_root = Path(args.out)
@@ -138,8 +139,9 @@ def _train(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] | N
                                "profiles": list(recipe.data.profiles),
                                "holdout_profiles": list(recipe.data.holdout_profiles)}},
     )
-    if factories is None and recipe.protocol in POST_TRAIN:
-        resolve_ref(POST_TRAIN[recipe.protocol])(bundle_dir, device="cpu")
+    post_train = registries.POST_TRAIN
+    if factories is None and recipe.protocol in post_train:
+        resolve_ref(post_train[recipe.protocol])(bundle_dir, device="cpu")
     for name, md in metrics["tables"].items():
         print(f"\n## {name}\n\n{md}")
     print(f"bundle written to {bundle_dir}")
@@ -243,9 +245,10 @@ def _evaluate(args: argparse.Namespace, factories: Mapping[str, DatasetFactory] 
     header = (f"# {bundle.bundle_id} evaluation\n\n{card.get('training_data', '')}. "
               "Numbers on synthetic data are not clinical accuracy.\n\n")
     print(header + text)
-    if factories is None and bundle.protocol in EXTRA_EVALUATIONS and data in ("test", "holdout"):
+    extra = registries.EXTRA_EVALUATIONS
+    if factories is None and bundle.protocol in extra and data in ("test", "holdout"):
         sys.stdout.flush()
-        status = resolve_ref(EXTRA_EVALUATIONS[bundle.protocol])(["evaluate", str(args.bundle), "--data", data])
+        status = resolve_ref(extra[bundle.protocol])(["evaluate", str(args.bundle), "--data", data])
         if status:
             return int(status)
     if args.out:

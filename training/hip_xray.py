@@ -39,7 +39,7 @@ Recipe mapping
 direct baseline's learning rate, default ``[optimizer] lr``), ``gan_lr``, ``ema_decay`` (stage 2 keeps an
 exponential moving average of the generator's weights with this per-step decay, and the average is the
 generator used and shipped; default none), ``linear_weight`` (w: the bundle's BMD is (1 - w) x stage 3 +
-w x the PF-DRR linear estimate, :func:`screener.protocols.hip_xray.combine_estimates`; default 0).
+w x the PF-DRR linear estimate, :func:`screener.protocols.hip_xray.protocol.combine_estimates`; default 0).
 ``[augmentation]`` (``rotation_deg``, ``scale_frac``, ``shear_deg``, ``shift_frac``, flips, ``brightness``,
 ``contrast``; the paper's list, section 4.1): the same random geometry of radiograph and target DRR
 (GAN stages) or of the radiograph alone (end-to-end regression and the baseline), rigid in pixel
@@ -71,7 +71,7 @@ from torch import nn
 
 from screener.bundles import BUNDLE_FORMAT, InputSpec, load_bundle, save_bundle
 from screener.nets.bmdgan import BMDGenerator, BMDRegressor, MultiscaleDiscriminator
-from screener.protocols.hip_xray import combine_estimates
+from screener.protocols.hip_xray.protocol import combine_estimates
 from training import bmdgan as B
 from training import losses as L
 from training.recipes import AugmentationSpec
@@ -296,7 +296,7 @@ def predict_all(regressor: nn.Module | Sequence[nn.Module], generator: nn.Module
     -------
     dict
         ``decomposition_regression`` (the bundle's estimate:
-        :func:`~screener.protocols.hip_xray.combine_estimates` of the stage-3 regression and the
+        :func:`~screener.protocols.hip_xray.protocol.combine_estimates` of the stage-3 regression and the
         PF-DRR linear estimate with the card's ``linear_weight``),
         ``stage3_regression`` (only when that weight is not 0), ``pfdrr_linear`` (mean PF-DRR above
         ``t``, linear fit) and ``direct_baseline`` (when given).

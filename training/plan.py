@@ -25,28 +25,36 @@ __all__ = ["CUSTOM_TRAINERS", "DATASET_FACTORIES", "DatasetFactory", "EXTRA_EVAL
 
 DatasetFactory = Callable[[Recipe], Any]  # -> training.trainer.ArrayDataset
 
-# The registries below are read from the training specs (training/protocols/<name>.py, found by
-# training.protocols.specs); no protocol is listed here by hand.
+# The registries below are read from the training specs (training/protocols/<name>.py and the
+# site packages' ``screener.training_protocols`` entry points, found by training.protocols.specs)
+# each time they are asked for, so a spec installed after this import is seen; no protocol is
+# listed here by hand.
+#
+# DATASET_FACTORIES: protocol -> data-set builder, ``"module:function"`` (imported on first use) or a
+#   callable; each builder lives in ``training/datasets/<protocol>.py`` (or the site's package).
+# CUSTOM_TRAINERS: protocol -> its own training entry point (``"module:function"``) for protocols whose
+#   recipe is not a plain fold ensemble (the BMD-GAN of ``hip_xray``); ``fn(recipe, args)`` -> exit status.
+# EXTRA_EVALUATIONS: protocol -> extra tables printed by ``screener evaluate`` after the paper table
+#   (``fn(["evaluate", BUNDLE, "--data", DATA])`` -> exit status): ``hip_xray`` compares decomposition +
+#   regression with the PF-DRR fit and the direct baseline, by pose and after JPEG.
+# POST_TRAIN: protocol -> step run on the written bundle after training (``fn(bundle_dir, device=...)``):
+#   ``dxa_spine`` matches its fracture threshold to the minimum-T-score sensitivity (Nissinen);
+#   ``l1_axial`` fits the linear calibration of its BMD when the recipe asks for it.
+# PAPER_PROTOCOLS: protocols whose spec carries a paper table.
+_REGISTRIES: dict[str, Callable[[], Any]] = {
+    "DATASET_FACTORIES": lambda: {n: s.dataset for n, s in specs().items()},
+    "CUSTOM_TRAINERS": lambda: {n: s.trainer for n, s in specs().items() if s.trainer},
+    "EXTRA_EVALUATIONS": lambda: {n: s.extra_evaluation for n, s in specs().items() if s.extra_evaluation},
+    "POST_TRAIN": lambda: {n: s.post_train for n, s in specs().items() if s.post_train},
+    "PAPER_PROTOCOLS": lambda: tuple(n for n, s in specs().items() if s.paper_table is not None),
+}
 
-#: protocol -> dataset builder, as ``"module:function"`` (imported on first use) or a callable.
-#: Each builder lives in ``training/datasets/<protocol>.py``.
-DATASET_FACTORIES: dict[str, DatasetFactory | str] = {n: s.dataset for n, s in specs().items()}
 
-#: protocol -> its own training entry point (``"module:function"``), for protocols whose recipe
-#: is not a plain fold ensemble (the BMD-GAN of ``hip_xray``).  Called as ``fn(recipe, args)``
-#: and returns the exit status.
-CUSTOM_TRAINERS: dict[str, str] = {n: s.trainer for n, s in specs().items() if s.trainer}
-
-#: protocol -> extra tables printed by ``screener evaluate`` after the paper table
-#: (``fn(["evaluate", BUNDLE, "--data", DATA]) -> exit status``): ``hip_xray`` compares
-#: decomposition + regression with the PF-DRR fit and the direct baseline, by pose and after JPEG.
-EXTRA_EVALUATIONS: dict[str, str] = {n: s.extra_evaluation for n, s in specs().items() if s.extra_evaluation}
-
-#: protocol -> step run on the written bundle after training (``fn(bundle_dir, device=...)``):
-#: ``dxa_spine`` matches its fracture threshold to the minimum-T-score sensitivity (Nissinen);
-#: ``l1_axial`` fits the linear calibration of its BMD on the validation predictions when the recipe
-#: asks for it (``[bundle] preprocessing = { calibration = "linear" }``, :mod:`training.calibration`).
-POST_TRAIN: dict[str, str] = {n: s.post_train for n, s in specs().items() if s.post_train}
+def __getattr__(name: str) -> Any:
+    """The registries of ``_REGISTRIES``, read from the training specs when asked for."""
+    if name in _REGISTRIES:
+        return _REGISTRIES[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_ref(ref: Any) -> Any:
@@ -61,8 +69,6 @@ def resolve_ref(ref: Any) -> Any:
     except (ImportError, AttributeError) as exc:
         raise SetupError(f"cannot load {ref}: {exc}") from exc
 
-#: protocols whose spec carries a paper table
-PAPER_PROTOCOLS: tuple[str, ...] = tuple(n for n, s in specs().items() if s.paper_table is not None)
 
 
 class SetupError(Exception):
@@ -71,7 +77,7 @@ class SetupError(Exception):
 
 
 def _factory(protocol: str, factories: Mapping[str, DatasetFactory] | None) -> DatasetFactory:
-    table = DATASET_FACTORIES if factories is None else factories
+    table = _REGISTRIES["DATASET_FACTORIES"]() if factories is None else factories
     if protocol not in table:
         known = ", ".join(sorted(table)) or "none yet"
         raise SetupError(f"protocol {protocol!r} has no dataset builder yet (registered: {known}); "
@@ -90,14 +96,24 @@ def dataset_cache_dir() -> Path | None:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "screener" / "datasets"
 
 
+def _preprocessing_sources() -> list[Path]:
+    """The files a cached cohort data set depends on besides its builder: the shared preprocessing
+    (``screener/preprocess``), every protocol's own (``screener/protocols/<name>/preprocess.py``)
+    and the phantom (``training/phantoms``)."""
+    screener_root = Path(__file__).resolve().parents[1] / "screener"
+    return (sorted((screener_root / "preprocess").rglob("*.py"))
+            + sorted((screener_root / "protocols").glob("*/preprocess.py"))
+            + sorted((Path(__file__).resolve().parent / "phantoms").rglob("*.py")))
+
+
 def build_dataset(recipe: Recipe, factories: Mapping[str, DatasetFactory] | None = None) -> Any:
     """The recipe's data set from its protocol's builder, cached for cohort sources.
 
     Rendering the virtual cohort is the slow part of ``screener train``; ``screener evaluate
     --data test|holdout`` rebuilds the same samples, so a cohort data set is cached as
     ``.npz`` keyed by the protocol, the ``[data]`` section, the builder's source code and
-    the sources of the shared preprocessing (``screener/preprocess``) and the phantom
-    (``training/phantoms``), so a changed builder, preprocessing step or phantom never reads
+    the sources of the preprocessing (``screener/preprocess``, ``screener/protocols/*/preprocess.py``)
+    and the phantom (``training/phantoms``), so a changed builder, preprocessing step or phantom never reads
     a stale cache.  Site manifests are never cached.
     """
     import hashlib
@@ -113,8 +129,7 @@ def build_dataset(recipe: Recipe, factories: Mapping[str, DatasetFactory] | None
         code = inspect.getsource(inspect.getmodule(factory))  # type: ignore[arg-type]
     except (OSError, TypeError):
         return factory(recipe)
-    roots = [Path(__file__).resolve().parents[1] / "screener" / "preprocess", Path(__file__).resolve().parent / "phantoms"]
-    code += "".join(f.read_text() for root in roots for f in sorted(root.rglob("*.py")))
+    code += "".join(f.read_text() for f in _preprocessing_sources())
     key = hashlib.sha256(json.dumps([recipe.protocol, dataclasses.asdict(recipe.data), code],
                                     sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = cache / f"{recipe.protocol}-{key}.npz"

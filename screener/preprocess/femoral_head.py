@@ -1,6 +1,6 @@
 """The femoral heads femur_coronal found, as masks on the axial slices (for the outlines SEG).
 
-:func:`screener.preprocess.femur_coronal.locate_femoral_heads` gives each head's centre.  The head's
+:func:`screener.protocols.femur_coronal.preprocess.locate_femoral_heads` gives each head's centre.  The head's
 radius is read from the image around it: the joint space is the thin shell around the head with the
 least bone, so the radius is the inner edge of the sphere shell (1.5 mm thick, radii 15-32 mm) whose
 voxels are least often bone.  The mask is then the bone (HU >= :data:`BONE_HU`)

@@ -1,6 +1,7 @@
 """Protocols: analyses the router can send a series to.
 
-The registry is built, not edited: the built-in protocols of :data:`BUILTIN`,
+The registry is built, not edited: the built-in protocols, one folder each
+(``screener/protocols/<name>/``, its ``__init__`` exporting ``PROTOCOL``; :func:`builtin`),
 then every protocol a site has installed under the entry-point group
 :data:`ENTRY_POINT_GROUP` (``screener.protocols``), e.g. in the site package's
 ``pyproject.toml``::
@@ -15,42 +16,59 @@ narrows the list). The deep-learning protocols subclass
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
+import pkgutil
 
 import structlog
 
 from screener.protocols.base import (Decision, Protocol, ProtocolContext, ProtocolDeclined,
                                      axial_ct_decision)
 
-__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "Decision", "Protocol", "ProtocolContext", "ProtocolDeclined",
-           "axial_ct_decision", "default_protocols", "registry"]
+__all__ = ["ENTRY_POINT_GROUP", "Decision", "Protocol", "ProtocolContext", "ProtocolDeclined",
+           "axial_ct_decision", "builtin", "default_protocols", "registry"]
 
 log = structlog.get_logger(__name__)
-
-#: Built-in protocols in routing order: name -> "module:class".
-BUILTIN: dict[str, str] = {
-    "l1_attenuation": "screener.protocols.l1_attenuation:L1AttenuationProtocol",
-    "l1_axial": "screener.protocols.l1_axial:L1AxialProtocol",
-    "femur_coronal": "screener.protocols.femur_coronal:FemurCoronalProtocol",
-    "lumbar_sagittal": "screener.protocols.lumbar_sagittal:LumbarSagittalProtocol",
-    "hip_xray": "screener.protocols.hip_xray:HipXrayProtocol",
-    "dxa_spine": "screener.protocols.dxa_spine:DxaSpineProtocol",
-}
 
 #: entry-point group under which installed packages register further protocols
 ENTRY_POINT_GROUP = "screener.protocols"
 
 
+@functools.lru_cache(maxsize=1)
+def builtin() -> dict[str, str]:
+    """The built-in protocols, found rather than listed: name -> ``"module:class"``.
+
+    Every sub-package ``screener/protocols/<name>/`` whose ``__init__`` exports
+    ``PROTOCOL`` (a :class:`Protocol` subclass whose ``name`` is the folder's), in
+    ascending :attr:`Protocol.routing_order`.
+
+    Raises
+    ------
+    TypeError
+        For a folder whose ``PROTOCOL`` is missing, not a Protocol, or named otherwise.
+    """
+    found: list[tuple[int, str, str]] = []
+    for info in pkgutil.iter_modules(__path__):
+        if not info.ispkg:
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        cls = getattr(module, "PROTOCOL", None)
+        if not (isinstance(cls, type) and issubclass(cls, Protocol) and cls.name == info.name):
+            raise TypeError(f"{module.__name__}.PROTOCOL must be the Protocol subclass named {info.name!r}")
+        found.append((cls.routing_order, info.name, f"{cls.__module__}:{cls.__qualname__}"))
+    return {name: path for _, name, path in sorted(found)}
+
+
 def registry() -> dict[str, str]:
     """Every protocol the router can use, in routing order: name -> ``"module:class"``.
 
-    The built-ins first, then the installed entry points of
+    The built-ins first (:func:`builtin`), then the installed entry points of
     :data:`ENTRY_POINT_GROUP` in name order. An entry point whose name is a
     built-in's is ignored with a warning (a plug-in cannot replace a protocol
     silently).
     """
-    out = dict(BUILTIN)
+    out = dict(builtin())
     for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         if ep.name in out:
             if out[ep.name] != ep.value:

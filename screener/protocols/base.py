@@ -71,6 +71,10 @@ class Protocol(ABC):
     adults_only : bool
         Whether the router declines patients under 20 (default yes: every
         protocol here compares with adult reference data).
+    routing_order : int
+        Where a built-in protocol stands in the registry (ascending): the order the
+        router lists decisions and the reports list findings. Installed protocols
+        come after the built-ins in name order whatever theirs.
     """
 
     name: str = "protocol"
@@ -78,6 +82,7 @@ class Protocol(ABC):
     accepts_derived: bool = False
     needs_volume: bool = True
     adults_only: bool = True
+    routing_order: int = 1000
 
     @abstractmethod
     def accepts(self, info: "SeriesInfo") -> Decision:

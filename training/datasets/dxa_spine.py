@@ -1,7 +1,7 @@
 """Dataset builder of ``dxa_spine`` (Nissinen et al. 2021, seed ``003``): DXA spine images -> crops.
 
 ``build(recipe)`` returns an :class:`~training.trainer.ArrayDataset` with one sample per patient:
-the 150 x 150 centre-line crop of the DXA image (:func:`screener.preprocess.dxa_spine.dxa_spine_input`,
+the 150 x 150 centre-line crop of the DXA image (:func:`screener.protocols.dxa_spine.preprocess.dxa_spine_input`,
 the function the protocol calls at inference) and three binary targets, in the order of
 :data:`OUTPUTS`:
 
@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 import structlog
 
-from screener.preprocess.dxa_spine import dxa_spine_input, preprocessing_constants
+from screener.protocols.dxa_spine.preprocess import dxa_spine_input, preprocessing_constants
 
 log = structlog.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """Dataset builder of protocol ``femur_coronal`` (Ha et al. 2024): cohort or site manifest -> ArrayDataset.
 
-Both sources go through :func:`screener.preprocess.femur_coronal.preprocess`:
+Both sources go through :func:`screener.protocols.femur_coronal.preprocess.preprocess`:
 
 * ``source = "cohort"``: patients from :func:`training.phantoms.population.sample_population`
   (``[data] n``, ``seed``), one scanner profile each drawn from ``profiles`` +
@@ -10,7 +10,7 @@ Both sources go through :func:`screener.preprocess.femur_coronal.preprocess`:
   centres, kernel blur, per-slice correlated noise, air below the coverage).  Geometry = the
   phantom's femoral-head truth.  Demographics are rounded as the DICOM header writes them.
 * ``source = "manifest"``: each row's DICOM series is loaded, the heads located and the inputs
-  computed by :func:`screener.preprocess.femur_coronal.volume_inputs` (the daemon's path).
+  computed by :func:`screener.protocols.femur_coronal.preprocess.volume_inputs` (the daemon's path).
 
 Label (``[data] options.label``): the WHO class of a DXA T-score.  Ha et al. label with "the
 T-score from DXA" without naming the site; the default ``"hip"`` is the lower of the left
@@ -23,7 +23,7 @@ voltage drawn uniformly from the range (Ha et al.'s scans span 80-140 kVp); the 
 profiles keep their own kVp.
 
 ``[data] options.energy_correction`` (default
-:data:`screener.preprocess.femur_coronal.ENERGY_CORRECTION`, written into the model card's
+:data:`screener.protocols.femur_coronal.preprocess.ENERGY_CORRECTION`, written into the model card's
 preprocessing constants): the HU are rescaled to their 120 kVp equivalent by the tube voltage
 of the sample's series before windowing -- the rendered kVp in the cohort (attribute ``kvp``),
 the first image's ``KVP`` of a manifest row, as the daemon reads it.
@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import structlog
 
-from screener.preprocess import femur_coronal as P
+from screener.protocols.femur_coronal import preprocess as P
 from screener.scores import who_grade
 
 log = structlog.get_logger(__name__)

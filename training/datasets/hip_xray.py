@@ -3,10 +3,10 @@
 One sample per hip (two per radiograph).  Each patient of the cohort gets one AP pelvis
 radiograph (:func:`training.phantoms.xray.render_hip_xray`) in one of the paper's four poses
 (``supine``, ``standing``, ``abduction``, ``adduction``, round robin by patient index, with the
-renderer's per-image jitter), preprocessed by :func:`screener.preprocess.hip_xray.preprocess_hip_radiograph`
+renderer's per-image jitter), preprocessed by :func:`screener.protocols.hip_xray.preprocess.preprocess_hip_radiograph`
 -- the function the daemon calls.  The paired ground-truth DRRs (pelvis + femur bone DRR for
 stage 1, the proximal-femur PF-DRR of that side for stage 2; g/cm^2 of hydroxyapatite) are split
-on the same grid with :func:`screener.preprocess.hip_xray.hip_halves`.
+on the same grid with :func:`screener.protocols.hip_xray.preprocess.hip_halves`.
 
 * ``images`` ``(N, 1, H, W)`` in ``[0, 1]``; ``targets`` ``(N,)`` DXA-style femoral-neck aBMD of
   that side (g/cm^2, :func:`training.phantoms.dxa.hip_truth`, the ``abmd_femoral_neck_{R,L}``
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from screener.preprocess.hip_xray import hip_halves, preprocess_hip_radiograph
+from screener.protocols.hip_xray.preprocess import hip_halves, preprocess_hip_radiograph
 
 __all__ = ["POSES", "XRAY_PROFILES", "assemble", "build", "render_sample"]
 
@@ -216,7 +216,7 @@ def assemble(samples: list[dict[str, Any]], opts: dict[str, Any]) -> Any:
         },
         meta={"outputs": ["femoral_neck_bmd"], "units": ["g/cm2"], "value_range": (0.0, 1.0),
               "spacing_mm": (), "source": "virtual cohort (synthetic)",
-              "preprocessing": {"function": "screener.preprocess.hip_xray.preprocess_hip_radiograph",
+              "preprocessing": {"function": "screener.protocols.hip_xray.preprocess.preprocess_hip_radiograph",
                                 "shape": list(opts["shape"]), "pixel_mm": opts["pixel_mm"],
                                 "split": "midline, left hip mirrored (Gu et al. 2023 section 3.1)",
                                 "intensity": "DICOM VOI window to [0, 1], bone bright"},

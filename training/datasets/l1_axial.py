@@ -3,7 +3,7 @@
 ``build(recipe)`` returns an :class:`~training.trainer.ArrayDataset` with one
 sample per slice: the reference slice (largest L1 trabecular area) and its
 neighbours, each an ``(1, size, size)`` crop from
-:func:`screener.preprocess.l1_axial.preprocess`; the target is the patient's
+:func:`screener.protocols.l1_axial.preprocess.preprocess`; the target is the patient's
 L1 aBMD (g/cm^2).
 
 * ``[data] source = "cohort"``: ``n`` virtual-cohort patients
@@ -19,7 +19,7 @@ L1 aBMD (g/cm^2).
 * ``[data] source = "manifest"``: a site CSV (``patient_id``, ``dicom_path``
   = one axial CT series, ``bmd`` = L1 DXA aBMD); each series goes through the
   daemon's own path -- :func:`screener.series.load_volume`, the spine localizer,
-  :func:`screener.preprocess.l1_axial.preprocess_volume` -- so site training
+  :func:`screener.protocols.l1_axial.preprocess.preprocess_volume` -- so site training
   sees exactly what inference sees.
 
 ``[data] options``: ``size`` (crop pixels = the network's ``input_size``),
@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from screener.preprocess import l1_axial as P
+from screener.protocols.l1_axial import preprocess as P
 from training.metrics import KANG_T_REFERENCE
 from training.trainer import ArrayDataset
 

@@ -1,7 +1,7 @@
 """Dataset builder of ``lumbar_sagittal`` (Yoshida et al. 2023): sagittal L1-L4 -> BMD, TBS.
 
 One sample per vertebra: the input is its mid-vertebral sagittal image made by
-:func:`screener.preprocess.lumbar_sagittal.preprocess`, the targets are
+:func:`screener.protocols.lumbar_sagittal.preprocess.preprocess`, the targets are
 ``[aBMD of that vertebra (g/cm^2), the patient's TBS]``; the four samples of a
 patient share its id (splits never separate them; the patient value is the
 mean of L1-L4).
@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from screener.preprocess import lumbar_sagittal as pp
+from screener.protocols.lumbar_sagittal import preprocess as pp
 
 __all__ = ["OUTPUTS", "UNITS", "build", "build_cohort", "build_manifest", "phantom_source", "spine_abmd"]
 
@@ -159,7 +159,7 @@ def build_cohort(n: int, seed: int, profiles: Sequence[str], holdout_profiles: S
         Scanner profiles (``training.phantoms.profiles``); each patient gets one of
         either list (the held-out ones are kept out of training by ``screener train``).
     fov_mm, size, slab_mm, slab_planes, windows, energy_correction
-        Preprocessing constants (:mod:`screener.preprocess.lumbar_sagittal`); the energy
+        Preprocessing constants (:mod:`screener.protocols.lumbar_sagittal.preprocess`); the energy
         correction uses each profile's kVp.
     progress : bool
         Print a line every 50 patients (stderr).

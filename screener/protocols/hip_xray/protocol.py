@@ -154,6 +154,7 @@ class HipXrayProtocol(ModelProtocol):
     """Femoral-neck BMD, T-score and WHO grade per hip from an AP pelvis radiograph."""
 
     name = "hip_xray"
+    routing_order = 50
     version = "0.2.0"
     bundle_name = "hip_xray"
     needs_volume = False
@@ -216,7 +217,7 @@ class HipXrayProtocol(ModelProtocol):
         import torch
 
         from screener.hip_landmarks import landmark_crop, neck_box
-        from screener.preprocess.hip_xray import HIP_PIXEL_MM
+        from screener.protocols.hip_xray.preprocess import HIP_PIXEL_MM
         from screener.scores import bmd_measurement, grade_category, t_score, t_score_measurement, who_grade
 
         info = context.info

@@ -108,6 +108,7 @@ class L1AttenuationProtocol(Protocol):
     """
 
     name = "l1_attenuation"
+    routing_order = 10
     version = "0.2.0"
 
     def __init__(self, localizer: Localizer | None = None, *, roi_area_mm2: float = 200.0,

@@ -8,11 +8,11 @@ Steps
 -----
 1. Headers (:meth:`FemurCoronalProtocol.accepts`): an axial CT volume (``axial_ct_decision``)
    of a body part that can contain the hips, covering at least 100 mm.
-2. :func:`screener.preprocess.femur_coronal.locate_femoral_heads` finds both femoral heads or the
+2. :func:`screener.protocols.femur_coronal.preprocess.locate_femoral_heads` finds both femoral heads or the
    protocol declines ``"femoral heads not in coverage"``; the demographics come from the DICOM
    header (PatientAge, PatientSex, PatientSize, PatientWeight) and a missing one declines with
    its name -- never defaulted.
-3. :func:`screener.preprocess.femur_coronal.volume_inputs` (the function the training builder
+3. :func:`screener.protocols.femur_coronal.preprocess.volume_inputs` (the function the training builder
    uses): per side a coronal crop through the femoral neck, windowed, pooled; right = channel 0,
    left mirrored = channel 1.  When the bundle card's preprocessing says ``energy_correction``
    the HU are first rescaled to 120 kVp by the series' ``KVP`` (hydroxyapatite HU-per-mg
@@ -37,7 +37,7 @@ import structlog
 from screener import scores
 from screener.domain import Volume
 from screener.findings import Finding, PlaneMap, RoiGeometry
-from screener.preprocess import femur_coronal as pp
+from screener.protocols.femur_coronal import preprocess as pp
 from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined, axial_ct_decision
 from screener.protocols.model import ModelProtocol, axial_rectangle_roi, model_details, nearest_slice
 from screener.reporting import codes
@@ -77,6 +77,7 @@ class FemurCoronalProtocol(ModelProtocol):
     """Ha et al. 2024 3-class grading from coronal femur crops + demographics (module docstring)."""
 
     name = "femur_coronal"
+    routing_order = 30
     version = "1.0.0"
     bundle_name = "femur_coronal"
 

@@ -4,7 +4,7 @@ One function, :func:`dxa_spine_input`, turns a lumbar-spine DXA image (a pydicom
 network input: the paper's 150 x 150 crop around the spine centre line ("searching the centre line
 of the spine and including 75 pixels on both sides", section 2.2), as a ``(1, 150, 150)``
 ``float32`` array.  The training data set builder (:mod:`training.datasets.dxa_spine`) and the
-protocol (:mod:`screener.protocols.dxa_spine`) both call it, so training and inference see
+protocol (:mod:`screener.protocols.dxa_spine.protocol`) both call it, so training and inference see
 identical tensors.
 
 Steps

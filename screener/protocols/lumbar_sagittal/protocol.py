@@ -4,7 +4,7 @@ Method (seed 002)
 -----------------
 1. The spine localizer (shared with the other spine protocols of the series)
    finds L1-L4; without all four the protocol declines naming the missing levels.
-2. :func:`screener.preprocess.lumbar_sagittal.preprocess` samples a 5 mm sagittal
+2. :func:`screener.protocols.lumbar_sagittal.preprocess.preprocess` samples a 5 mm sagittal
    slab through each vertebral centroid (FOV / size from the bundle's card;
    the paper: 300 mm, 256 x 256), windowed to 0..1 -- the very function the
    training data set was made with.  When the bundle's card says
@@ -36,7 +36,7 @@ import structlog
 from screener import scores
 from screener.domain import Volume
 from screener.findings import Finding, PlaneMap, RoiGeometry
-from screener.preprocess import lumbar_sagittal as pp
+from screener.protocols.lumbar_sagittal import preprocess as pp
 from screener.protocols.base import Decision, ProtocolContext, ProtocolDeclined, axial_ct_decision
 from screener.protocols.model import (ModelProtocol, axial_rectangle_roi, model_details, nearest_slice,
                                       spine_localization)
@@ -76,6 +76,7 @@ class LumbarSagittalProtocol(ModelProtocol):
     """Yoshida et al. 2023 BMD / TBS from sagittal L1-L4 reformats (see module docstring)."""
 
     name = "lumbar_sagittal"
+    routing_order = 40
     version = "1.0.0"
     bundle_name = "lumbar_sagittal"
 

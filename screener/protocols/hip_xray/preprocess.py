@@ -1,7 +1,7 @@
 """Hip radiograph -> per-hip network inputs (Gu et al. 2023, BMD-GAN, seed ``004``).
 
 The one preprocessing path of the ``hip_xray`` protocol, shared by the training-set builder
-(:mod:`training.datasets.hip_xray`) and the protocol (:mod:`screener.protocols.hip_xray`):
+(:mod:`training.datasets.hip_xray`) and the protocol (:mod:`screener.protocols.hip_xray.protocol`):
 
 1. :func:`screener.radiograph.read_radiograph` -- Modality + VOI LUT to ``[0, 1]`` (bone bright),
    resampled to square pixels of ``pixel_mm`` at the patient;

@@ -4,7 +4,7 @@ Method
 ------
 1. The spine localizer (shared, cached per series) finds L1; without it the
    protocol declines (``"L1 not in view"``).
-2. :func:`screener.preprocess.l1_axial.preprocess_volume` picks the native
+2. :func:`screener.protocols.l1_axial.preprocess.preprocess_volume` picks the native
    slice with the largest enclosed L1 trabecular area, adds its nearest
    neighbour on each side, and crops/scales each as the bundle was trained
    (constants from the bundle's model card).  When the card says
@@ -56,13 +56,14 @@ class L1AxialProtocol(ModelProtocol):
     """Kang et al.'s L1 axial-slice BMD regressor (see module docstring)."""
 
     name = "l1_axial"
+    routing_order = 20
     version = "1.1.0"
     bundle_name = "l1_axial"
 
     # ------------------------------------------------------------------ routing
     def accepts(self, info: SeriesInfo) -> Decision:
         """Axial CT volume (>= 10 slices, <= 5 mm) of a body part that can hold L1."""
-        from screener.protocols.l1_attenuation import EXCLUDED_BODY_PARTS
+        from screener.protocols.l1_attenuation.protocol import EXCLUDED_BODY_PARTS
 
         d = axial_ct_decision(info, max_thickness_mm=MAX_THICKNESS_MM, excluded_body_parts=EXCLUDED_BODY_PARTS)
         if not d.accepted:
@@ -140,9 +141,9 @@ class L1AxialProtocol(ModelProtocol):
 
 def _inputs(volume: Volume, l1: Any, size: int, fov: float, n_nb: int, energy: bool,
             kvp: float | None) -> tuple[np.ndarray, Any]:
-    """The network's input crops around L1 (:func:`screener.preprocess.l1_axial.preprocess_volume`);
+    """The network's input crops around L1 (:func:`screener.protocols.l1_axial.preprocess.preprocess_volume`);
     a :class:`ProtocolDeclined` when L1 cannot be cropped or its crop holds no trabecular body."""
-    from screener.preprocess.l1_axial import preprocess_volume
+    from screener.protocols.l1_axial.preprocess import preprocess_volume
 
     try:
         images, info = preprocess_volume(volume, l1, size=size, fov_mm=fov, n_neighbours=n_nb,

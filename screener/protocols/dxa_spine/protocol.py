@@ -2,7 +2,7 @@
 
 Nissinen et al., Bone Reports 14:101070 (2021), seed ``003``: a 4-convolution network
 (:class:`screener.nets.NissinenCNN`) reads the 150 x 150 crop around the spine centre line of the
-lumbar-spine DXA image (:func:`screener.preprocess.dxa_spine.dxa_spine_input`) and gives three
+lumbar-spine DXA image (:func:`screener.protocols.dxa_spine.preprocess.dxa_spine_input`) and gives three
 probabilities: scoliosis, "BMD measurement unreliable" (3-4 of L1-L4 affected by degeneration,
 fracture or other structural change, so that the spine BMD of that scan should not be used) and
 fracture.  Decision thresholds are the paper's: 0.5 for scoliosis and unreliability, and for
@@ -67,6 +67,7 @@ class DxaSpineProtocol(ModelProtocol):
     """Nissinen et al.'s DXA spine image reader (see the module docstring)."""
 
     name = "dxa_spine"
+    routing_order = 60
     version = "1.0.0"
     bundle_name = "dxa_spine"
     needs_volume = False
@@ -116,7 +117,7 @@ class DxaSpineProtocol(ModelProtocol):
         """Read the DXA image of ``context.info.paths``; one finding with an overlay."""
         import pydicom
 
-        from screener.preprocess.dxa_spine import dxa_spine_input
+        from screener.protocols.dxa_spine.preprocess import dxa_spine_input
         from screener.radiograph import RadiographError
         from screener.scores import flag, probability_measurement
 
@@ -225,7 +226,7 @@ def render_dxa_overlay(bundle: Any, inp: Any, index: int, p: dict[str, float], t
     Parameters
     ----------
     bundle : screener.bundles.Bundle
-    inp : screener.preprocess.dxa_spine.DxaInput
+    inp : screener.protocols.dxa_spine.preprocess.DxaInput
     index : int
         Output column explained.
     p, thr : dict
