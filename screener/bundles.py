@@ -572,6 +572,53 @@ def _check_calibration(card: Mapping[str, Any], card_path: Path) -> None:
                           f"(got {slope}, {intercept})")
 
 
+def load_networks(weights_path: str | Path, name: str, kwargs: Mapping[str, Any] | None,
+                  device: str | torch.device = "cpu", *,
+                  networks: Mapping[str, Callable[..., nn.Module]] | None = None,
+                  class_path: str | None = None) -> list[nn.Module]:
+    """The networks of one weights file of a bundle (one per fold), float32, eval mode.
+
+    The one reader of a bundle's weight files: :func:`load_bundle` reads ``weights.pt`` with it,
+    and a protocol whose card names a further network (``hip_xray``'s decomposition generator)
+    reads that file with it too.
+
+    Parameters
+    ----------
+    weights_path : path
+        A ``{"format": BUNDLE_FORMAT, "folds": [state dict, ...]}`` file (float16 tensors).
+    name, kwargs : str, mapping
+        The network and its constructor arguments (:func:`build_network`).
+    device : str or torch.device
+        Where the networks go.
+    networks : mapping, optional
+        Extra network factories.
+    class_path : str, optional
+        ``"module:Class"`` as a model card's ``architecture.class`` names it.
+
+    Raises
+    ------
+    BundleError
+        When the file is not plain tensors in the bundle format or a fold does not fit the network.
+    """
+    try:
+        blob = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors vary by torch version
+        raise BundleError(f"{weights_path}: cannot be read with torch.load(weights_only=True) -- "
+                          f"only plain tensors are accepted ({type(exc).__name__})") from exc
+    if not isinstance(blob, dict) or blob.get("format") != BUNDLE_FORMAT or not blob.get("folds"):
+        raise BundleError(f"{weights_path}: not a {BUNDLE_FORMAT} weights file")
+    dev = torch.device(resolve_device(device)) if isinstance(device, str) else device
+    models: list[nn.Module] = []
+    for i, state in enumerate(blob["folds"]):
+        m = build_network(name, kwargs or {}, networks, class_path=class_path)
+        try:
+            m.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+        except RuntimeError as exc:
+            raise BundleError(f"{weights_path}: fold {i} does not fit {name}: {exc}") from exc
+        models.append(m.eval().to(dev))
+    return models
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu", *,
                 networks: Mapping[str, Callable[..., nn.Module]] | None = None,
                 check: bool = True) -> Bundle:
@@ -615,22 +662,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", *,
     spec = InputSpec.from_dict(card["input_spec"])
     _check_calibration(card, card_path)
     dev = torch.device(resolve_device(device))
-    try:
-        blob = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors vary by torch version
-        raise BundleError(f"{weights_path}: cannot be read with torch.load(weights_only=True) -- "
-                          f"only plain tensors are accepted ({type(exc).__name__})") from exc
-    if not isinstance(blob, dict) or blob.get("format") != BUNDLE_FORMAT or not blob.get("folds"):
-        raise BundleError(f"{weights_path}: not a {BUNDLE_FORMAT} weights file")
     arch = card["architecture"]
-    models: list[nn.Module] = []
-    for i, state in enumerate(blob["folds"]):
-        m = build_network(arch["name"], arch.get("kwargs", {}), networks, class_path=arch.get("class"))
-        try:
-            m.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
-        except RuntimeError as exc:
-            raise BundleError(f"{weights_path}: fold {i} does not fit {arch['name']}: {exc}") from exc
-        models.append(m.eval().to(dev))
+    models = load_networks(weights_path, arch["name"], arch.get("kwargs", {}), dev, networks=networks,
+                           class_path=arch.get("class"))
     bundle = Bundle(path=p, card=card, models=models, input_spec=spec, device=dev)
     if check:
         n_out = len(card["outputs"]["names"])

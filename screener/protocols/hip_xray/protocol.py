@@ -169,10 +169,7 @@ class HipXrayProtocol(ModelProtocol):
 
     def load_generator(self, bundle: Any) -> tuple[Any, dict[str, Any]]:
         """The stage-2 generator and the card's ``decomposition`` entry (cached)."""
-        import torch
-
-        from screener.bundles import BUNDLE_FORMAT
-        from screener.nets.bmdgan import BMDGenerator
+        from screener.bundles import BundleError, load_networks
 
         key = (str(Path(bundle.path).resolve()), str(bundle.device))
         with _AUX_LOCK:
@@ -183,12 +180,10 @@ class HipXrayProtocol(ModelProtocol):
             if not dec or not f.is_file():
                 raise ProtocolDeclined(f"model bundle {bundle.path} has no decomposition generator "
                                        "(card 'decomposition' entry / file missing): retrain it")
-            blob = torch.load(f, map_location="cpu", weights_only=True)
-            if not isinstance(blob, dict) or blob.get("format") != BUNDLE_FORMAT:
-                raise ProtocolDeclined(f"{f}: not a {BUNDLE_FORMAT} weights file")
-            gen = BMDGenerator(**dec["generator_kwargs"])
-            gen.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in blob["folds"][0].items()})
-            gen = gen.eval().to(bundle.device)
+            try:
+                gen = load_networks(f, "BMDGenerator", dec["generator_kwargs"], bundle.device)[0]
+            except BundleError as exc:
+                raise ProtocolDeclined(f"model bundle {bundle.path} unusable: {exc}") from exc
             _AUX[key] = (gen, dec)
             return gen, dec
 
