@@ -61,6 +61,7 @@ from pynetdicom import (AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContext
 from pynetdicom import sop_class as sc
 from pynetdicom.transport import ThreadedAssociationServer
 
+from screener import scp_reactor
 from screener.config import Config
 from screener.db import Database
 from screener.logs import accession_hash
@@ -602,10 +603,14 @@ def _recv_exact(self: Any, nr_bytes: int) -> bytearray:
 
 
 def handle_conn_open(event: evt.Event, committer: GroupCommitter | None = None) -> None:
-    """``EVT_CONN_OPEN``: shorten the network loop's idle poll for this association, read
-    its PDUs with :func:`_recv_exact`, and count it for ``committer``'s groups."""
+    """``EVT_CONN_OPEN``: count the association for ``committer``'s groups and give it
+    the blocking reactor loops and the C-STORE fast path (:mod:`screener.scp_reactor`);
+    where those do not fit this pynetdicom, shorten its network loop's idle poll and
+    read its PDUs with :func:`_recv_exact`."""
     if committer is not None:
         committer.association_opened()
+    if scp_reactor.install(event.assoc):
+        return
     dul = getattr(event.assoc, "dul", None)
     if dul is not None and hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_POLL_SECONDS
@@ -829,6 +834,7 @@ def start_scp(config: Config, db: Database) -> IngestServer:
         committer.stop()
         syncer.shutdown(wait=False)
         raise
+    scp_reactor.speed_up_server(server)
     srv = IngestServer(ae=ae, server=server, syncer=syncer, rejections=counter,
                        committer=committer)
     log.info("SCP listening", ae_title=config.ae_title, host=config.host, port=srv.port,
