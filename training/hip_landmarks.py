@@ -350,52 +350,40 @@ def val_report(heat: np.ndarray, t: np.ndarray, mm_per_input: np.ndarray | None 
             "clean_metal_probs_p99": float(np.percentile(metal_neg, 99)) if metal_neg else None}
 
 
-def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16, lr: float = 2e-3,
-          widths: Sequence[int] = (16, 24, 32, 48, 64, 96), workers: int = 2, init: Path | None = None,
-          version: str = "0.1.0", changelog: dict[str, str] | None = None, steps: int | None = None,
-          command: str = "nice -n 5 python -m training.hip_landmarks train --out models/hip_landmarks",
-          soft_tissue_p: float = 0.0, wide: bool = False, metal_p: float = 0.15,
-          oversample_hard: float = 0.0) -> dict[str, Any]:
-    """Build the splits, train, pick the presence threshold and write the bundle to ``out``.
+def _start_model(init: Path | None, widths: Sequence[int], n_out: int
+                 ) -> tuple[HipLandmarkNet, tuple[int, ...], list[Any]]:
+    """A fresh network, or (``init``) one that starts from that bundle's weights (a 4-map bundle's output
+    conv copied into the landmark maps, the metal maps keeping their fresh start); its widths and the
+    bundle's training history."""
+    if init is None:
+        return HipLandmarkNet(tuple(widths), out_channels=n_out), tuple(widths), []
+    from screener.hip_landmarks import load_landmark_bundle
 
-    ``init``: start from this bundle's weights (a continued run; the card's ``history`` says so);
-    ``steps``: a fixed number of optimiser steps instead of the wall-clock budget; ``wide``: train on
-    the standard and the ``wide`` profile together (:data:`WIDE_TRAIN`) and add the two metal maps
-    (a 4-map ``init`` bundle gets them freshly initialised); ``oversample_hard``: draw each epoch's
-    images with :func:`hard_weights` (frog-leg, heavy obesity, single hips more often; 0: uniform).
-    """
-    from screener.bundles import InputSpec, save_bundle
+    prev = load_landmark_bundle(init)
+    widths = tuple(prev.card["architecture"]["kwargs"]["widths"])
+    model = HipLandmarkNet(tuple(widths), out_channels=n_out)
+    state = prev.models[0].state_dict()
+    own = model.state_dict()
+    for k, v in state.items():
+        if own[k].shape == v.shape:
+            own[k] = v
+        else:  # the 1x1 output conv: copy the landmark maps, keep the new metal maps' fresh start
+            own[k][: v.shape[0]] = v
+    model.load_state_dict(own)
+    return model, widths, list((prev.card.get("metrics") or {}).get("history", []))
 
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    tr = _joined(WIDE_TRAIN if wide else ("train",), workers, metal=wide, weights=oversample_hard)
-    va = _joined(WIDE_VAL if wide else ("val",), workers, metal=wide)
-    n_out = len(CHANNELS) + (len(METAL_CHANNELS) if wide else 0)
-    previous: list[Any] = []
-    if init is not None:
-        from screener.hip_landmarks import load_landmark_bundle
 
-        prev = load_landmark_bundle(init)
-        widths = tuple(prev.card["architecture"]["kwargs"]["widths"])
-        model = HipLandmarkNet(tuple(widths), out_channels=n_out)
-        state = prev.models[0].state_dict()
-        own = model.state_dict()
-        for k, v in state.items():
-            if own[k].shape == v.shape:
-                own[k] = v
-            else:  # the 1x1 output conv: copy the landmark maps, keep the new metal maps' fresh start
-                own[k][: v.shape[0]] = v
-        model.load_state_dict(own)
-        previous = list((prev.card.get("metrics") or {}).get("history", []))
-    else:
-        model = HipLandmarkNet(tuple(widths), out_channels=n_out)
+def _fit_landmarks(model: torch.nn.Module, tr: dict[str, np.ndarray], va: dict[str, np.ndarray],
+                   rng: np.random.Generator, *, minutes: float, steps: int | None, batch: int, lr: float,
+                   oversample_hard: float, metal_p: float, soft_tissue_p: float, run: int) -> list[dict[str, Any]]:
+    """The training loop of :func:`train`: epochs of augmented batches (drawn by ``tr["weight"]`` with
+    ``oversample_hard``), AdamW with a cosine learning rate over ``steps`` (or as many as ``minutes``
+    allow, timed on the first 20 steps), a validation report after each epoch (the history)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     n = len(tr["x"])
     # time one step to plan the schedule inside the budget
     t_start = time.time()
     step, epoch = 0, 0
-    budget = minutes * 60.0
     total_steps = steps
     history = []
     while True:
@@ -419,7 +407,7 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
             ep_loss.append(float(loss.detach()))
             if steps is None and step == 20:
                 per = (time.time() - t_start) / 20
-                total_steps = int(budget / per)
+                total_steps = int(minutes * 60.0 / per)
                 print(f"{per:.3f} s/step -> {total_steps} steps ({total_steps * batch / n:.1f} epochs)", flush=True)
             if total_steps:
                 frac = min(step / total_steps, 1.0)
@@ -429,10 +417,16 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
                     break
         epoch += 1
         rep = _brief(val_report(predict_heat(model, va["x"]), va["t"]))
-        history.append({"run": len({h.get("run", 0) for h in previous}) if previous else 0, "epoch": epoch, "loss": float(np.mean(ep_loss)), **rep, "elapsed_s": round(time.time() - t_start)})
+        history.append({"run": run, "epoch": epoch, "loss": float(np.mean(ep_loss)), **rep,
+                        "elapsed_s": round(time.time() - t_start)})
         print(json.dumps(history[-1]), flush=True)
         if total_steps and step >= total_steps:
-            break
+            return history
+
+
+def _decoding(model: torch.nn.Module, va: dict[str, np.ndarray], wide: bool) -> tuple[float, dict[str, Any], dict[str, Any]]:
+    """The presence threshold (between every absent validation hip's head peak and the present ones'), with
+    ``wide`` the metal threshold (just above every clean validation hip), and the validation report."""
     heat = predict_heat(model, va["x"])
     rep = val_report(heat, va["t"])
     lo, hi = rep["absent_peak_max"] or 0.0, rep["present_peak_min"] or 1.0
@@ -443,7 +437,48 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
         mpos = np.array(rep["metal_probs"] or [1.0])
         decoding["metal_threshold"] = float(np.clip((rep["clean_metal_probs_max"] or 0.0) + 0.01, 0.5, 0.95))
         rep["metal_recall_at_threshold"] = float(np.mean(mpos >= decoding["metal_threshold"]))
-    rep = _brief(rep)
+    return threshold, decoding, _brief(rep)
+
+
+def _training_data(wide: bool) -> str:
+    """The card's ``training_data`` sentence."""
+    wt = SPLITS["wide_train"]
+    return ("virtual cohort radiographs, profile 'standard' of training.phantoms.xray_variety "
+            f"(seed {SPLITS['train']['seed']}, {SPLITS['train']['n']} patients x {SPLITS['train']['views']} "
+            "acquisitions)" + (f" and profile 'wide' (seed {wt['seed']}, patients "
+                               f"{wt['first']}-{wt['first'] + wt['n'] - 1}"
+                               f" x {wt['views']}); the variety profile (seed 1517) is "
+                               "never trained on" if wide else "")
+            + "; synthetic patients, not clinical accuracy")
+
+
+def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16, lr: float = 2e-3,
+          widths: Sequence[int] = (16, 24, 32, 48, 64, 96), workers: int = 2, init: Path | None = None,
+          version: str = "0.1.0", changelog: dict[str, str] | None = None, steps: int | None = None,
+          command: str = "nice -n 5 python -m training.hip_landmarks train --out models/hip_landmarks",
+          soft_tissue_p: float = 0.0, wide: bool = False, metal_p: float = 0.15,
+          oversample_hard: float = 0.0) -> dict[str, Any]:
+    """Build the splits, train, pick the presence threshold and write the bundle to ``out``.
+
+    ``init``: start from this bundle's weights (a continued run; the card's ``history`` says so);
+    ``steps``: a fixed number of optimiser steps instead of the wall-clock budget; ``wide``: train on
+    the standard and the ``wide`` profile together (:data:`WIDE_TRAIN`) and add the two metal maps
+    (a 4-map ``init`` bundle gets them freshly initialised); ``oversample_hard``: draw each epoch's
+    images with :func:`hard_weights` (frog-leg, heavy obesity, single hips more often; 0: uniform).
+    """
+    from screener.bundles import InputSpec, save_bundle
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tr = _joined(WIDE_TRAIN if wide else ("train",), workers, metal=wide, weights=oversample_hard)
+    va = _joined(WIDE_VAL if wide else ("val",), workers, metal=wide)
+    n_out = len(CHANNELS) + (len(METAL_CHANNELS) if wide else 0)
+    model, widths, previous = _start_model(init, widths, n_out)
+    history = _fit_landmarks(model, tr, va, rng, minutes=minutes, steps=steps, batch=batch, lr=lr,
+                             oversample_hard=oversample_hard, metal_p=metal_p, soft_tissue_p=soft_tissue_p,
+                             run=len({h.get("run", 0) for h in previous}) if previous else 0)
+    threshold, decoding, rep = _decoding(model, va, wide)
     arch = {"name": "HipLandmarkNet", "kwargs": {"widths": list(widths), "out_channels": n_out}}
     save_bundle(
         out, protocol="hip_landmarks", models=[model.eval()], architecture=arch,
@@ -454,13 +489,7 @@ def train(out: Path, *, minutes: float = 20.0, seed: int = 1515, batch: int = 16
                        "output_stride": OUTPUT_STRIDE, "intensity": "VOI LUT, then 1st-99.5th percentile to [0, 1]",
                        "geometry": "longer side to the input size, top-left, zero padding; not re-oriented"},
         command=command, seed=seed, metrics={"validation": rep, "history": previous + history},
-        training_data=("virtual cohort radiographs, profile 'standard' of training.phantoms.xray_variety "
-                       f"(seed {SPLITS['train']['seed']}, {SPLITS['train']['n']} patients x {SPLITS['train']['views']} "
-                       "acquisitions)" + (f" and profile 'wide' (seed {SPLITS['wide_train']['seed']}, patients "
-                                          f"{SPLITS['wide_train']['first']}-{SPLITS['wide_train']['first'] + SPLITS['wide_train']['n'] - 1}"
-                                          f" x {SPLITS['wide_train']['views']}); the variety profile (seed 1517) is "
-                                          "never trained on" if wide else "")
-                       + "; synthetic patients, not clinical accuracy"),
+        training_data=_training_data(wide),
         version=version, changelog=changelog or {"0.1.0": "first release (issue 15): head and neck heat maps per anatomical side"},
         differences_from_paper=("not from a paper: a small U-Net heat-map landmark detector that finds the hips "
                                 "before BMD-GAN measures them"),

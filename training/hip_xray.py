@@ -62,6 +62,7 @@ import copy
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -398,6 +399,177 @@ def _evaluate_sets(ds: Any, plan: Any, regressor: nn.Module | Sequence[nn.Module
     return rows, md, estimates
 
 
+@dataclass
+class _Settings:
+    """What one ``hip_xray`` recipe sets for :func:`train_recipe` (module docstring: Recipe mapping)."""
+
+    seed: int
+    kw: dict[str, Any]
+    weights: Any
+    gan_mode: str
+    batch: int
+    gen_kw: dict[str, int]
+    disc_kw: dict[str, int]
+    head_kw: dict[str, Any]
+    gan_lr: float
+    epochs: tuple[int, int, int, int]  # stage 1, stage 2, stage 3 frozen encoder, stage 3 end to end
+    lr: float
+    wd: float
+    aug: Any
+    channels_last: bool
+    linear_weight: float
+
+
+def _settings(recipe: Any) -> _Settings:
+    """The recipe read into :class:`_Settings` (``[network] kwargs`` checked by :func:`_kw`)."""
+    kw = _kw(recipe)
+    lk = dict(recipe.loss.kwargs or {})
+    weights = B.LossWeights(l1=float(lk.get("lambda_l1", B.LAMBDA_L1)), gc=float(lk.get("lambda_gc", B.LAMBDA_GC)),
+                            fm=float(lk.get("lambda_fm", B.LAMBDA_FM)))
+    w_lin = float(kw.get("linear_weight", 0.0))
+    if not 0.0 <= w_lin <= 1.0:
+        raise ValueError(f"hip_xray: [network] kwargs linear_weight must be in [0, 1], got {w_lin}")
+    return _Settings(
+        seed=int(recipe.seed), kw=kw, weights=weights, gan_mode=str(lk.get("gan_mode", "lsgan")),
+        batch=int(recipe.training.batch_size), gen_kw={k: int(kw[k]) for k in _GEN_KEYS if k in kw},
+        disc_kw={"ndf": int(kw.get("ndf", 16)), "n_layers": int(kw.get("n_layers", 3)),
+                 "num_scales": int(kw.get("num_scales", 3))},
+        head_kw={k: (tuple(kw[k]) if isinstance(kw[k], list) else kw[k]) for k in _HEAD_KEYS if k in kw},
+        gan_lr=float(kw.get("gan_lr", B.PAPER_LR)),
+        epochs=(int(kw.get("stage1_epochs", 10)), int(kw.get("stage2_epochs", 10)),
+                int(kw.get("stage3_frozen_epochs", 5)), int(recipe.training.epochs)),
+        lr=float(recipe.optimizer.lr), wd=float(recipe.optimizer.weight_decay), aug=recipe.augmentation,
+        channels_last=bool(kw.get("channels_last", False)), linear_weight=w_lin)
+
+
+def _decompose(st: _Settings, x: np.ndarray, bone: np.ndarray, pf: np.ndarray
+               ) -> tuple[BMDGenerator, dict[str, Any], bool]:
+    """Stages 1 and 2 (hierarchical decomposition) on the training radiographs ``x``: the generator
+    everything after stage 2 uses (with ``ema_decay``: the moving average of its stage-2 weights), the
+    last epochs' histories and wall times, and whether it is the moving average."""
+    e1, e2 = st.epochs[0], st.epochs[1]
+    g1, d1 = BMDGenerator(**st.gen_kw), MultiscaleDiscriminator(2, **st.disc_kw)
+    t0 = time.time()
+    h1 = B.run_decomposition_stage(g1, d1, _Shuffled(x, bone, st.batch, st.seed + 1, st.aug), e1, lr=st.gan_lr,
+                                   weights=st.weights, gan_mode=st.gan_mode, first_cycle_epochs=max(1, e1),
+                                   channels_last=st.channels_last)
+    t1 = time.time() - t0
+    g2, d2 = B.start_stage2(g1, d1)
+    # ema_decay: stage 2 keeps an exponential moving average of the generator's weights, and the
+    # average is the generator everything after stage 2 uses (and the bundle ships)
+    ema_decay = st.kw.get("ema_decay")
+    ema = copy.deepcopy(g2) if ema_decay is not None else None
+    t0 = time.time()
+    h2 = B.run_decomposition_stage(g2, d2, _Shuffled(x, pf, st.batch, st.seed + 2, st.aug), e2, lr=st.gan_lr,
+                                   weights=st.weights, gan_mode=st.gan_mode, first_cycle_epochs=max(1, e2),
+                                   channels_last=st.channels_last, ema=ema, ema_decay=float(ema_decay or 0.0))
+    t2 = time.time() - t0
+    if ema is not None:
+        g2 = ema
+    print(f"hip_xray: stage 1 L1 {h1[-1]['l1']:.4f} ({t1:.0f} s), stage 2 L1 {h2[-1]['l1']:.4f} ({t2:.0f} s)",
+          file=sys.stderr)
+    return g2, {"stage1": h1[-1], "stage2": h2[-1], "t1": t1, "t2": t2}, ema is not None
+
+
+def _regressors(st: _Settings, g2: BMDGenerator, shape: tuple[int, ...], x_tr: np.ndarray, y_tr: np.ndarray,
+                x_va: np.ndarray, y_va: np.ndarray) -> tuple[list[BMDRegressor], list[Any], BMDRegressor, Any, int]:
+    """Stage 3 and the direct baseline: the stage-3 regressors (one, or an ensemble of ``stage3_heads``
+    from the same encoder with other seeds, head k > 0 drawing from seed + 100 k; the bundle predicts
+    their mean) with their histories, the baseline, its history and its stem stride."""
+    e3a, e3b = st.epochs[2], st.epochs[3]
+    regs, h3 = [], []
+    for k in range(int(st.kw.get("stage3_heads", 1))):
+        if k:
+            torch.manual_seed(st.seed + 100 * k)
+        reg = BMDRegressor.from_generator(g2, shape, **st.head_kw)
+        _start_at_mean(reg, float(y_tr.mean()))
+        reg, hk = _fit_regressor(reg, x_tr, y_tr, x_va, y_va,
+                                 [("frozen_encoder", e3a, st.lr), ("end_to_end", e3b, st.lr / 5.0)], st.batch, st.wd,
+                                 st.seed + 3 + 100 * k, f"stage3 head {k + 1}" if k else "stage3", st.aug,
+                                 channels_last=st.channels_last)
+        regs.append(reg)
+        h3.append(hk)
+    torch.manual_seed(st.seed + 4)
+    # the baseline is the stage-3 regressor's architecture, but may keep HRNet's stride-4 stem
+    # (baseline_stem_stride), which is cheaper to train from random weights
+    stem = int(st.kw.get("baseline_stem_stride", st.gen_kw.get("stem_stride", 4)))
+    base = BMDRegressor(shape, **{**st.gen_kw, "stem_stride": stem}, **st.head_kw)
+    _start_at_mean(base, float(y_tr.mean()))
+    e_base = int(st.kw.get("baseline_epochs", e3a + e3b))
+    lr_base = float(st.kw.get("baseline_lr", st.lr))
+    base, hb = _fit_regressor(base, x_tr, y_tr, x_va, y_va, [("scratch", e_base, lr_base)], st.batch, st.wd,
+                              st.seed + 5, "baseline", st.aug, channels_last=st.channels_last)
+    return regs, h3, base, hb, stem
+
+
+def _decomposition_entry(st: _Settings, tun: Any, n_heads: int, ema: bool, stem: int, jpeg_quality: int
+                         ) -> dict[str, Any]:
+    """The model card's ``decomposition`` entry: the extra weight files, the PF-DRR -> BMD line, what each file holds."""
+    w_lin = st.linear_weight
+    ema_decay = st.kw.get("ema_decay")
+    return {"file": DECOMPOSITION_FILE, "baseline_file": BASELINE_FILE, "generator_kwargs": st.gen_kw,
+            "baseline_kwargs": {"stem_stride": stem},
+            "threshold_t": tun.threshold, "slope": tun.slope, "intercept": tun.intercept,
+            "linear_weight": w_lin,
+            "drr_units": "g/cm2 hydroxyapatite (drr_scale 1)",
+            "jpeg_quality": jpeg_quality,
+            "holds": {"weights.pt": "stage-3 regressor R = {M_E, M_R} (BMDRegressor): the bundle's BMD"
+                                    + (f" (an ensemble of {n_heads} heads on the same encoder; their mean)"
+                                       if n_heads > 1 else "")
+                                    + (" together with the PF-DRR linear estimate (linear_weight)" if w_lin else ""),
+                      DECOMPOSITION_FILE: "stage-2 generator G (BMDGenerator): radiograph half -> PF-DRR"
+                                          + (f" (exponential moving average of its stage-2 weights, decay {ema_decay:g}"
+                                             "; stage 3 starts from it)" if ema else ""),
+                      BASELINE_FILE: "direct-regression baseline (BMDRegressor from scratch), evaluation only"}}
+
+
+def _recipe_metrics(ds: Any, plan: Any, hold_label: str, rows: dict[str, Any], md: dict[str, str],
+                    estimates: dict[str, np.ndarray], run: dict[str, Any]) -> dict[str, Any]:
+    """The card's ``metrics``: the split, the paper tables of the test and held-out sets, the method
+    comparison, wall times, the last epochs' histories and the threshold search (``run``)."""
+    from training.plan import evaluation_tables, markdown_sections
+
+    metrics: dict[str, Any] = {"split": plan.to_dict(), "tables": {}, "rows": {}, "comparison": rows, **run}
+    for label, idx in (("test", plan.test), (hold_label, plan.excluded)):
+        if label not in estimates:
+            continue
+        tables = evaluation_tables("hip_xray", "regression", ds.subset(idx).targets, estimates[label][:, None])
+        metrics["rows"][label] = tables
+        metrics["tables"].update(markdown_sections(tables, f"{label} ({idx.size} hips, synthetic)"))
+    metrics["tables"].update(md)
+    return metrics
+
+
+def _write_recipe_bundle(recipe: Any, args: argparse.Namespace, st: _Settings, ds: Any, shape: tuple[int, ...],
+                         regs: list[BMDRegressor], g2: BMDGenerator, base: BMDRegressor, dec: dict[str, Any],
+                         metrics: dict[str, Any]) -> Path:
+    """Write ``<out>/hip_xray/``: the card and ``weights.pt`` (:func:`screener.bundles.save_bundle`), the
+    stage-2 generator and the baseline beside them, the file list in the README."""
+    out_dir = Path(args.out) / "hip_xray"
+    b = recipe.bundle
+    spec = InputSpec(shape=(1, *shape), spacing_mm=(), window={}, extras=(), value_range=(0.0, 1.0))
+    arch_kw = {"input_shape": list(shape), **st.gen_kw, **{k: list(v) if isinstance(v, tuple) else v
+                                                          for k, v in st.head_kw.items()}}
+    save_bundle(
+        out_dir, protocol="hip_xray", models=regs, architecture={"name": "BMDRegressor", "kwargs": arch_kw},
+        input_spec=spec, outputs=list(b.outputs) or ["femoral_neck_bmd"], units=list(b.units) or ["g/cm2"],
+        task="regression", preprocessing={**ds.meta.get("preprocessing", {}), **b.preprocessing},
+        t_score_reference={"mean": b.t_score_mean or 0.858, "sd": b.t_score_sd or 0.120,
+                           "source": b.t_score_reference or "NHANES III femoral neck, white women 20-29"},
+        recipe=recipe.to_dict(), command=f"screener train {args.recipe} --out {args.out}", seed=st.seed,
+        metrics=metrics, version=b.version, differences_from_paper=b.differences_from_paper,
+        changelog={str(k): str(v) for k, v in b.changelog.items()} or None,
+        extra={"decomposition": dec,
+               "data_source": {"source": recipe.data.source, "n": recipe.data.n, "seed": recipe.data.seed,
+                               "profiles": list(recipe.data.profiles),
+                               "holdout_profiles": list(recipe.data.holdout_profiles)}},
+    )
+    _save_aux(out_dir / DECOMPOSITION_FILE, g2)
+    _save_aux(out_dir / BASELINE_FILE, base)
+    append_files_section(out_dir, dec)
+    return out_dir
+
+
 def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     """Train the BMD-GAN pipeline of a ``hip_xray`` recipe and write the bundle (module docstring).
 
@@ -415,14 +587,8 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     from training.plan import build_dataset, split_plan
 
     t_start = time.time()
-    kw = _kw(recipe)
-    seed = int(recipe.seed)
-    torch.manual_seed(seed)
-    lk = dict(recipe.loss.kwargs or {})
-    weights = B.LossWeights(l1=float(lk.get("lambda_l1", B.LAMBDA_L1)), gc=float(lk.get("lambda_gc", B.LAMBDA_GC)),
-                            fm=float(lk.get("lambda_fm", B.LAMBDA_FM)))
-    gan_mode = str(lk.get("gan_mode", "lsgan"))
-
+    st = _settings(recipe)
+    torch.manual_seed(st.seed)
     ds = build_dataset(recipe)  # training.datasets.hip_xray.build, cached like every cohort data set
     plan = split_plan(ds, recipe)
     fold = plan.folds[0]
@@ -436,126 +602,22 @@ def train_recipe(recipe: Any, args: argparse.Namespace) -> int:
     pf = ds.attributes["pf_drr"][:, None].astype(np.float32)
     tr, va = fold.train, fold.val
     shape = tuple(int(s) for s in x.shape[2:])
-    batch = int(recipe.training.batch_size)
-    gen_kw = {k: int(kw[k]) for k in _GEN_KEYS if k in kw}
-    disc_kw = {"ndf": int(kw.get("ndf", 16)), "n_layers": int(kw.get("n_layers", 3)),
-               "num_scales": int(kw.get("num_scales", 3))}
-    head_kw = {k: (tuple(kw[k]) if isinstance(kw[k], list) else kw[k]) for k in _HEAD_KEYS if k in kw}
-    gan_lr = float(kw.get("gan_lr", B.PAPER_LR))
-    e1, e2 = int(kw.get("stage1_epochs", 10)), int(kw.get("stage2_epochs", 10))
-    e3a, e3b = int(kw.get("stage3_frozen_epochs", 5)), int(recipe.training.epochs)
-    lr, wd = float(recipe.optimizer.lr), float(recipe.optimizer.weight_decay)
-    aug = recipe.augmentation
-    cl = bool(kw.get("channels_last", False))
-    w_lin = float(kw.get("linear_weight", 0.0))
-    if not 0.0 <= w_lin <= 1.0:
-        raise ValueError(f"hip_xray: [network] kwargs linear_weight must be in [0, 1], got {w_lin}")
-
-    # stages 1 and 2 (hierarchical decomposition)
-    g1, d1 = BMDGenerator(**gen_kw), MultiscaleDiscriminator(2, **disc_kw)
-    t0 = time.time()
-    h1 = B.run_decomposition_stage(g1, d1, _Shuffled(x[tr], bone[tr], batch, seed + 1, aug), e1, lr=gan_lr,
-                                   weights=weights, gan_mode=gan_mode, first_cycle_epochs=max(1, e1),
-                                   channels_last=cl)
-    t1 = time.time() - t0
-    g2, d2 = B.start_stage2(g1, d1)
-    # ema_decay: stage 2 keeps an exponential moving average of the generator's weights, and the
-    # average is the generator everything after stage 2 uses (and the bundle ships)
-    ema_decay = kw.get("ema_decay")
-    ema = copy.deepcopy(g2) if ema_decay is not None else None
-    t0 = time.time()
-    h2 = B.run_decomposition_stage(g2, d2, _Shuffled(x[tr], pf[tr], batch, seed + 2, aug), e2, lr=gan_lr,
-                                   weights=weights, gan_mode=gan_mode, first_cycle_epochs=max(1, e2),
-                                   channels_last=cl, ema=ema, ema_decay=float(ema_decay or 0.0))
-    t2 = time.time() - t0
-    if ema is not None:
-        g2 = ema
-    print(f"hip_xray: stage 1 L1 {h1[-1]['l1']:.4f} ({t1:.0f} s), stage 2 L1 {h2[-1]['l1']:.4f} ({t2:.0f} s)",
-          file=sys.stderr)
+    g2, hist, ema = _decompose(st, x[tr], bone[tr], pf[tr])
     # PF-DRR -> BMD on predicted training PF-DRRs
     pf_pred = _run(g2, x[tr])
     tun = B.tune_threshold(pf_pred, y[tr], PF_THRESHOLDS)
     print(f"hip_xray: threshold t = {tun.threshold:g} (training PCC {np.nanmax(tun.pcc):.3f})", file=sys.stderr)
-
-    # stage 3 and the direct baseline
-    # stage 3: one regressor, or an ensemble of ``stage3_heads`` trained from the same encoder with
-    # other seeds (the bundle predicts their mean); head k > 0 draws from seed + 100 k
-    regs, h3 = [], []
-    for k in range(int(kw.get("stage3_heads", 1))):
-        if k:
-            torch.manual_seed(seed + 100 * k)
-        reg = BMDRegressor.from_generator(g2, shape, **head_kw)
-        _start_at_mean(reg, float(y[tr].mean()))
-        reg, hk = _fit_regressor(reg, x[tr], y[tr], x[va], y[va],
-                                 [("frozen_encoder", e3a, lr), ("end_to_end", e3b, lr / 5.0)], batch, wd,
-                                 seed + 3 + 100 * k, f"stage3 head {k + 1}" if k else "stage3", aug,
-                                 channels_last=cl)
-        regs.append(reg)
-        h3.append(hk)
-    torch.manual_seed(seed + 4)
-    # the baseline is the stage-3 regressor's architecture, but may keep HRNet's stride-4 stem
-    # (baseline_stem_stride), which is cheaper to train from random weights
-    base_kw = {**gen_kw, "stem_stride": int(kw.get("baseline_stem_stride", gen_kw.get("stem_stride", 4)))}
-    base = BMDRegressor(shape, **base_kw, **head_kw)
-    _start_at_mean(base, float(y[tr].mean()))
-    e_base = int(kw.get("baseline_epochs", e3a + e3b))
-    lr_base = float(kw.get("baseline_lr", lr))
-    base, hb = _fit_regressor(base, x[tr], y[tr], x[va], y[va], [("scratch", e_base, lr_base)], batch, wd,
-                              seed + 5, "baseline", aug, channels_last=cl)
-    dec = {"file": DECOMPOSITION_FILE, "baseline_file": BASELINE_FILE, "generator_kwargs": gen_kw,
-           "baseline_kwargs": {"stem_stride": base_kw["stem_stride"]},
-           "threshold_t": tun.threshold, "slope": tun.slope, "intercept": tun.intercept,
-           "linear_weight": w_lin,
-           "drr_units": "g/cm2 hydroxyapatite (drr_scale 1)",
-           "jpeg_quality": int(ds.meta.get("render", {}).get("jpeg_quality", 50)),
-           "holds": {"weights.pt": "stage-3 regressor R = {M_E, M_R} (BMDRegressor): the bundle's BMD"
-                                   + (f" (an ensemble of {len(regs)} heads on the same encoder; their mean)"
-                                      if len(regs) > 1 else "")
-                                   + (" together with the PF-DRR linear estimate (linear_weight)" if w_lin else ""),
-                     DECOMPOSITION_FILE: "stage-2 generator G (BMDGenerator): radiograph half -> PF-DRR"
-                                         + (f" (exponential moving average of its stage-2 weights, decay {ema_decay:g}"
-                                            "; stage 3 starts from it)" if ema is not None else ""),
-                     BASELINE_FILE: "direct-regression baseline (BMDRegressor from scratch), evaluation only"}}
+    regs, h3, base, hb, stem = _regressors(st, g2, shape, x[tr], y[tr], x[va], y[va])
+    dec = _decomposition_entry(st, tun, len(regs), ema, stem, int(ds.meta.get("render", {}).get("jpeg_quality", 50)))
     hold_label = "holdout profile " + ",".join(recipe.data.holdout_profiles)
     rows, md, estimates = _evaluate_sets(ds, plan, regs, g2, base, dec, hold_label)
     wall = time.time() - t_start
-
-    from training.plan import evaluation_tables, markdown_sections
-
-    metrics: dict[str, Any] = {"split": plan.to_dict(), "tables": {}, "rows": {}, "comparison": rows,
-                               "wall_s": {"total": wall, "data": t_data, "stage1": t1, "stage2": t2},
-                               "history": {"stage1": h1[-1], "stage2": h2[-1], "stage3": h3[0] if len(h3) == 1 else h3,
-                                           "baseline": hb},
-                               "threshold_pcc": {"t": tun.thresholds.tolist(), "pcc": tun.pcc.tolist()}}
-    for label, idx in (("test", plan.test), (hold_label, plan.excluded)):
-        if label not in estimates:
-            continue
-        tables = evaluation_tables("hip_xray", "regression", ds.subset(idx).targets, estimates[label][:, None])
-        metrics["rows"][label] = tables
-        metrics["tables"].update(markdown_sections(tables, f"{label} ({idx.size} hips, synthetic)"))
-    metrics["tables"].update(md)
-    out_dir = Path(args.out) / "hip_xray"
-    b = recipe.bundle
-    spec = InputSpec(shape=(1, *shape), spacing_mm=(), window={}, extras=(), value_range=(0.0, 1.0))
-    arch_kw = {"input_shape": list(shape), **gen_kw, **{k: list(v) if isinstance(v, tuple) else v
-                                                       for k, v in head_kw.items()}}
-    save_bundle(
-        out_dir, protocol="hip_xray", models=regs, architecture={"name": "BMDRegressor", "kwargs": arch_kw},
-        input_spec=spec, outputs=list(b.outputs) or ["femoral_neck_bmd"], units=list(b.units) or ["g/cm2"],
-        task="regression", preprocessing={**ds.meta.get("preprocessing", {}), **b.preprocessing},
-        t_score_reference={"mean": b.t_score_mean or 0.858, "sd": b.t_score_sd or 0.120,
-                           "source": b.t_score_reference or "NHANES III femoral neck, white women 20-29"},
-        recipe=recipe.to_dict(), command=f"screener train {args.recipe} --out {args.out}", seed=seed,
-        metrics=metrics, version=b.version, differences_from_paper=b.differences_from_paper,
-        changelog={str(k): str(v) for k, v in b.changelog.items()} or None,
-        extra={"decomposition": dec,
-               "data_source": {"source": recipe.data.source, "n": recipe.data.n, "seed": recipe.data.seed,
-                               "profiles": list(recipe.data.profiles),
-                               "holdout_profiles": list(recipe.data.holdout_profiles)}},
-    )
-    _save_aux(out_dir / DECOMPOSITION_FILE, g2)
-    _save_aux(out_dir / BASELINE_FILE, base)
-    append_files_section(out_dir, dec)
+    run = {"wall_s": {"total": wall, "data": t_data, "stage1": hist["t1"], "stage2": hist["t2"]},
+           "history": {"stage1": hist["stage1"], "stage2": hist["stage2"], "stage3": h3[0] if len(h3) == 1 else h3,
+                       "baseline": hb},
+           "threshold_pcc": {"t": tun.thresholds.tolist(), "pcc": tun.pcc.tolist()}}
+    metrics = _recipe_metrics(ds, plan, hold_label, rows, md, estimates, run)
+    out_dir = _write_recipe_bundle(recipe, args, st, ds, shape, regs, g2, base, dec, metrics)
     for name, text in metrics["tables"].items():
         print(f"\n## {name}\n\n{text}")
     print(f"bundle written to {out_dir} (wall {wall:.0f} s)")
