@@ -25,7 +25,8 @@ K = 4) to
 the disk: write + ``fdatasync`` + folder fsync of one instance-sized file, and
 one SQLite ``synchronous=FULL`` commit (the per-instance durability costs that
 a group commit shares). Prints instances/s and the ratios (medians of the
-repeats) and the load average. Run from the project root::
+repeats), the receiver's CPU time per instance (user + system, all its threads,
+from ``/proc``) and the load average. Run from the project root::
 
     nice -n -10 python benchmarks/bench_ingest.py [--n 300] [--repeats 3] [--assocs 1,4] [--j2k]
 """
@@ -137,6 +138,26 @@ def send(port: int, files: list[Path], ts_flag: str, assocs: int = 1) -> float:
     return dt
 
 
+#: CPU seconds the receiver of the last run spent while the files were sent (``None``
+#: where not measured).
+LAST_CPU: list[float | None] = [None]
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def send_measured(proc: subprocess.Popen[bytes], port: int, files: list[Path], ts_flag: str,
+                  assocs: int) -> float:
+    """:func:`send`, noting the receiver's CPU seconds meanwhile in :data:`LAST_CPU`."""
+    before = proc_cpu(proc.pid)
+    dt = send(port, files, ts_flag, assocs)
+    LAST_CPU[0] = proc_cpu(proc.pid) - before
+    return dt
+
+
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
     proc.send_signal(sig)
     try:
@@ -158,7 +179,7 @@ def run_storescp(files: list[Path], ts_flag: str, work: Path, assocs: int) -> fl
                             stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        return send(port, files, ts_flag, assocs)
+        return send_measured(proc, port, files, ts_flag, assocs)
     finally:
         _stop(proc)
 
@@ -170,14 +191,17 @@ def fsync_receiver(port: int, out: Path, write: bool = True) -> None:
     renamed to ``<SOP Instance UID>.dcm`` and the folder fsync'ed before
     success is returned: per-instance durability, no checks, no database.
     With ``write=False`` it only takes the data set's bytes and answers
-    success: what pynetdicom itself costs. Its associations are tuned as the
-    screener's are (network poll, PDU reads).
+    success: what the receive path itself costs. Its associations take the
+    screener's network path (:mod:`screener.scp_reactor`: blocking loops, the
+    C-STORE fast path).
     """
+    import threading
     import types
 
     from pynetdicom import AE, AllStoragePresentationContexts, evt
     from pynetdicom.sop_class import Verification
 
+    from screener import scp_reactor
     from screener.ingest import DUL_POLL_SECONDS, TRANSFER_SYNTAXES, _recv_exact
 
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +226,9 @@ def fsync_receiver(port: int, out: Path, write: bool = True) -> None:
             os.close(dfd)
         return 0x0000
 
-    def on_open(event: evt.Event) -> None:  # the same network tuning as the screener's SCP
+    def on_open(event: evt.Event) -> None:  # the same network path as the screener's SCP
+        if scp_reactor.install(event.assoc):
+            return
         event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
         sock = event.assoc.dul.socket
         sock.recv = types.MethodType(_recv_exact, sock)
@@ -213,8 +239,11 @@ def fsync_receiver(port: int, out: Path, write: bool = True) -> None:
     ae.add_supported_context(Verification)
     ae.maximum_pdu_size = 0
     ae.maximum_associations = 16
-    ae.start_server(("127.0.0.1", port), block=True,
-                    evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_open)])
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store),
+                                           (evt.EVT_CONN_OPEN, on_open)])
+    scp_reactor.speed_up_server(server)
+    threading.Event().wait()
 
 
 def run_fsync_rx(files: list[Path], ts_flag: str, work: Path, assocs: int,
@@ -228,7 +257,7 @@ def run_fsync_rx(files: list[Path], ts_flag: str, work: Path, assocs: int,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        return send(port, files, ts_flag, assocs)
+        return send_measured(proc, port, files, ts_flag, assocs)
     finally:
         _stop(proc, signal.SIGKILL)
 
@@ -263,7 +292,7 @@ def run_screener(files: list[Path], ts_flag: str, work: Path, assocs: int) -> fl
             if time.monotonic() > deadline or proc.poll() is not None:
                 break
             time.sleep(0.1)
-        return send(port, files, ts_flag, assocs)
+        return send_measured(proc, port, files, ts_flag, assocs)
     finally:
         _stop(proc)
 
@@ -328,11 +357,13 @@ def main() -> int:
         size = probe[0].stat().st_size
         t_file, t_db = disk_costs(work, size)
         times: dict[tuple[str, int], list[float]] = {}
+        cpus: dict[tuple[str, int], list[float]] = {}
         for _ in range(args.repeats):
             for k in ks:
                 files = make(work / "in", args.n)
                 for name, run in SERVERS.items():
                     times.setdefault((name, k), []).append(run(files, flag, work, k))
+                    cpus.setdefault((name, k), []).append(LAST_CPU[0] or 0.0)
                 shutil.rmtree(work / "in")
         kind = "real CT JPEG 2000" if args.j2k else "synthetic CT 512x512 explicit LE"
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -348,8 +379,9 @@ def main() -> int:
                   f" {k} ways):")
             for name in SERVERS:
                 runs = ", ".join(f"{x:.2f}" for x in times[(name, k)])
+                cpu = statistics.median(cpus[(name, k)]) / args.n * 1e3
                 print(f"    {name:9s}: {med[name]:6.2f} s {args.n / med[name]:7.1f} instances/s"
-                      f"   runs {runs}")
+                      f"   receiver CPU {cpu:4.2f} ms/instance   runs {runs}")
             print(f"    ratio screener/storescp {med['storescp'] / med['screener']:.2f}x;"
                   f" screener/fsync-rx {med['fsync-rx'] / med['screener']:.2f}x;"
                   f" fsync-rx/storescp {med['storescp'] / med['fsync-rx']:.2f}x;"

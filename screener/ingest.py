@@ -1,13 +1,15 @@
 """DICOM ingest: the C-ECHO / C-STORE SCP of ``screener serve`` (pynetdicom).
 
-The C-STORE handler is thin and runs inline in the association thread, so the
-sender waits for exactly this: check -> save durably -> record -> status.
-Success (0x0000) is returned only after the file is fsync'ed under its final
-name and its row is committed, so an acknowledged instance survives a crash.
-Saving and recording are a group commit (:class:`GroupCommitter`): the
-instances that the open associations deliver within ``ingest_group_window_ms``
-are renamed into place, their folders fsync'ed and their rows committed in
-one transaction, and each handler answers only after its group is durable.
+The C-STORE handler is thin and runs inline in the association's network
+thread (:mod:`screener.scp_reactor`), so the sender waits for exactly this:
+check -> save durably -> record -> status. Success (0x0000) is returned only
+after the file is fdatasync'ed under its final name, its folder fsync'ed and
+its row committed, so an acknowledged instance survives a crash. Saving and
+recording are a group commit (:class:`GroupCommitter`): the instances that the
+open associations deliver within ``ingest_group_window_ms`` are renamed into
+place, then their files fdatasync'ed, their folders fsync'ed and their rows
+committed in one transaction, all at once (one flush), and each handler
+answers only after all of that is done for its group.
 
 Every storage SOP class is accepted at negotiation (a PACS forwarding a whole
 study must not fail on our own SR or on an MR); instances of classes the
@@ -41,6 +43,7 @@ import errno
 import os
 import queue
 import ssl
+import tempfile
 import threading
 import time
 import types
@@ -65,8 +68,8 @@ from screener import scp_reactor
 from screener.config import Config
 from screener.db import Database
 from screener.logs import accession_hash
-from screener.storage import (StorageError, commit_rename, encode_file_meta, free_mb,
-                              fsync_dir, instance_path, write_temp)
+from screener.storage import (PRIVATE_FILE_MODE, StorageError, commit_rename, encode_file_meta,
+                              free_mb, fsync_dir, instance_path)
 from screener.validation import (STATUS_BAD_PIXEL_DATA, STATUS_CANNOT_PARSE,  # noqa: F401
                                  STATUS_DATASET_MISMATCH, STATUS_DUPLICATE_CONFLICT,
                                  STATUS_INVALID_VALUE, STATUS_OUT_OF_DISK,
@@ -216,8 +219,8 @@ def _ignore(event: evt.Event, db: Database, uids: dict[str, str], sop_class: str
 
 def _store(event: evt.Event, db: Database, config: Config, committer: "GroupCommitter",
            ds: Dataset, uids: dict[str, str], ts: str, calling_ae: str) -> int | Dataset:
-    """Write and fdatasync an accepted instance to a temp file, hand it to the group
-    commit and wait until its group is durable; returns 0x0000 (or the duplicate status
+    """Write an accepted instance to a temp file, hand it to the group commit and
+    wait until its group is durable; returns 0x0000 (or the duplicate status
     when another association stored the same SOP Instance UID first)."""
     sop_class = str(event.request.AffectedSOPClassUID or "")
     study_uid, series_uid = uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
@@ -226,16 +229,16 @@ def _store(event: evt.Event, db: Database, config: Config, committer: "GroupComm
     try:
         meta = encode_file_meta(sop_class, sop_uid, ts, PYNETDICOM_IMPLEMENTATION_UID,
                                 PYNETDICOM_IMPLEMENTATION_VERSION, calling_ae)
-        tmp, size = write_temp((meta, event.encoded_dataset(include_meta=False)),
-                               config.tmp_dir)
-    except StorageError as exc:
+        tmp, fd, size = _write_temp((meta, event.encoded_dataset(include_meta=False)),
+                                    config.tmp_dir)
+    except OSError as exc:
         status = STATUS_OUT_OF_DISK if exc.errno == errno.ENOSPC else STATUS_WRITE_FAILED
         raise Rejected(status, f"cannot write the file: {exc.strerror}") from exc
     row = dict(sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_uid=study_uid,
                series_uid=series_uid, path=str(path), transfer_syntax=ts, calling_ae=calling_ae,
                source="scp", modality=str(ds.get("Modality") or ""),
                accession_hash=accession_hash(str(ds.get("AccessionNumber") or "")), size=size)
-    outcome = committer.commit(_Pending(tmp=tmp, dest=path, row=row))
+    outcome = committer.commit(_Pending(tmp=tmp, dest=path, row=row, fd=fd))
     if outcome == DUPLICATE:
         existing = _existing(db, sop_uid)
         if existing is not None:
@@ -250,6 +253,30 @@ def _store(event: evt.Event, db: Database, config: Config, committer: "GroupComm
     log.debug("stored", sop_instance_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
               transfer_syntax=ts, size=size, calling_ae=calling_ae)
     return STATUS_SUCCESS
+
+
+def _write_temp(chunks: tuple[bytes, ...], tmp_dir: Path) -> tuple[Path, int, int]:
+    """A new private ``.rx-*.part`` file in ``tmp_dir`` holding ``chunks``, NOT yet
+    fdatasync'ed (the group commit does that, see :meth:`GroupCommitter._durable`):
+    its path, its open descriptor and its size. On an error the file is removed and
+    the ``OSError`` raised."""
+    fd, name = tempfile.mkstemp(dir=str(tmp_dir), prefix=".rx-", suffix=".part")
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+        views = [memoryview(c) for c in chunks]
+        size = sum(len(v) for v in views)
+        while views:
+            n = os.writev(fd, views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+        return Path(name), fd, size
+    except OSError:
+        os.close(fd)
+        _unlink(Path(name))
+        raise
 
 
 #: :meth:`GroupCommitter.commit` outcomes.
@@ -268,32 +295,65 @@ _WAKE = object()
 
 @dataclass
 class _Pending:
-    """One received instance waiting in a group: its fdatasync'ed temp file, its final
-    name, its ``instances`` row, and the future its handler waits on."""
+    """One received instance waiting in a group: its temp file (and the descriptor it
+    was written through, ``None`` once closed: the commit then opens the file to
+    fdatasync it), its final name, its ``instances`` row, and the future its handler
+    waits on."""
 
     tmp: Path
     dest: Path
     row: dict[str, Any]
+    fd: int | None = None
     done: Future[str] = field(default_factory=Future)
+
+    def close(self) -> None:
+        """Close the descriptor (if still open)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def discard(self) -> None:
+        """Close the descriptor and remove the temp file."""
+        self.close()
+        _unlink(self.tmp)
+
+
+def _datasync(p: _Pending) -> None:
+    """fdatasync ``p``'s file (now at ``p.dest``) and close its descriptor."""
+    fd = p.fd if p.fd is not None else os.open(p.dest, os.O_RDONLY)
+    p.fd = None
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 class GroupCommitter:
     """The commit thread of the SCP: instances of all associations, one group at a time.
 
-    Each C-STORE handler writes and fdatasyncs its instance to a temp file
-    (in its own association thread, in parallel with the others), then
+    Each C-STORE handler writes its instance to a temp file (in its own
+    association thread, in parallel with the others; not yet synced), then
     :meth:`commit` queues it here and waits. The commit thread takes the first
     waiting instance and gathers more for up to ``window`` seconds, but no
     longer than needed: it stops waiting as soon as every open association
     has an instance in the group (an association has at most one C-STORE
     outstanding: asynchronous operations are not negotiated), so a single
     sender never waits for the window. Then, for the whole group: renames
-    into ``store/`` (folders created durably), one fsync per folder beside ONE
-    SQLite transaction for every row, and only then are the handlers released
+    into ``store/`` (folders created durably), then at once each file's
+    fdatasync, one fsync per folder and ONE SQLite transaction for every row
+    (:meth:`_durable`), and only when all are done are the handlers released
     to answer 0x0000. Nothing is acknowledged before that. A crash while a
     group is open leaves temp files only (:func:`screener.storage.clean_tmp`
     removes them at start); one during the commit itself can leave a placed
-    file without its row, which is written again when the sender re-sends it.
+    file without its row (written again when the sender re-sends it), or a
+    row whose file did not reach the disk: missing or shorter than recorded,
+    which a re-send also writes again ("stored" means recorded *and* in place
+    with the recorded size). This relies on the file system not exposing a
+    file's size before its data (ext4 ``data=ordered``, the default, XFS and
+    btrfs do not).
 
     Parameters
     ----------
@@ -357,7 +417,7 @@ class GroupCommitter:
         """
         with self._lock:
             if self._stopped:
-                _unlink(pending.tmp)
+                pending.discard()
                 raise Rejected(STATUS_WRITE_FAILED, "the service is stopping; send it again")
             self._queue.put(pending)
         try:
@@ -412,14 +472,22 @@ class GroupCommitter:
                 log.exception("group commit failed")
                 for p in group:
                     if not p.done.done():
-                        _unlink(p.tmp)
+                        p.discard()
                         p.done.set_exception(Rejected(
                             STATUS_WRITE_FAILED, f"internal error: {type(exc).__name__}"))
             if stop:
                 return
 
     def _commit(self, group: list[_Pending]) -> None:
-        """Rename, fsync the folders, record every row in one transaction, release."""
+        """Place the group's files, make them durable and record them, release."""
+        live = self._place(group)
+        if live:
+            self._durable(live)
+
+    def _place(self, group: list[_Pending]) -> list[_Pending]:
+        """Rename each temp file to its name under ``store/``; the ones placed (a name
+        taken by the same SOP Instance UID in the group or by a stored instance is
+        answered as a duplicate, the temp file removed)."""
         live: list[_Pending] = []
         seen: set[str] = set()
         for p in group:
@@ -433,24 +501,31 @@ class GroupCommitter:
                     placed = not (row is not None and _in_place(row)) and commit_rename(
                         p.tmp, p.dest)
             except StorageError as exc:
-                _unlink(p.tmp)
+                p.discard()
                 p.done.set_exception(Rejected(
                     STATUS_OUT_OF_DISK if exc.errno == errno.ENOSPC else STATUS_WRITE_FAILED,
                     f"cannot write the file: {exc.strerror}"))
                 continue
             if not placed:
-                _unlink(p.tmp)        # answered as a duplicate of the stored one
+                p.discard()           # answered as a duplicate of the stored one
                 p.done.set_result(DUPLICATE)
                 continue
             seen.add(sop)
             live.append(p)
-        if not live:
-            return
+        return live
+
+    def _durable(self, live: list[_Pending]) -> None:
+        """ONE flush for the group: every file's fdatasync, every folder's fsync and the
+        SQLite transaction of every row at once; each handler is released when all
+        three are done for its instance. A file or folder that fails to sync is
+        removed and its instance refused: its row then names a missing file, which a
+        re-send writes again (as after a power cut before the folder fsync)."""
+        files = [self.syncer.submit(_datasync, p) for p in live]
         folders = {d: self.syncer.submit(fsync_dir, d) for d in {p.dest.parent for p in live}}
         try:
             self.db.record_instances([p.row for p in live])
         except Exception as exc:  # noqa: BLE001 - e.g. "database or disk is full"
-            for f in folders.values():
+            for f in [*files, *folders.values()]:
                 f.exception()
             rej_status = STATUS_OUT_OF_DISK if "full" in str(exc) else STATUS_WRITE_FAILED
             for p in live:
@@ -460,12 +535,13 @@ class GroupCommitter:
         failed = {d: f.exception() for d, f in folders.items()}
         self.groups += 1
         self.committed += len(live)
-        for p in live:
-            exc = failed[p.dest.parent]
+        for p, f in zip(live, files):
+            exc = f.exception() or failed[p.dest.parent]
             if exc is not None:
+                _unlink(p.dest)
                 p.done.set_exception(Rejected(
                     STATUS_WRITE_FAILED,
-                    f"cannot sync the folder: {getattr(exc, 'strerror', None) or exc}"))
+                    f"cannot sync the file: {getattr(exc, 'strerror', None) or exc}"))
             else:
                 p.done.set_result(STORED)
 
@@ -490,13 +566,13 @@ def handle_store(event: evt.Event, db: Database, config: Config,
     """``EVT_C_STORE`` handler: check, store durably, record, return the status.
 
     Durability (group commit, :class:`GroupCommitter`): the file is written to
-    a temp name and fdatasync'ed in this association's thread; the commit
-    thread then renames it into place with the other instances of its group,
-    fsyncs their folders beside ONE database transaction for all of their
-    rows, and only then does this handler return success. A power cut between
-    the folder fsync and the commit can leave a row whose file is missing; a
-    re-sent instance is then written again, because "already stored" means
-    recorded *and* the file present with its recorded size.
+    a temp name in this association's thread; the commit thread then renames
+    it into place with the other instances of its group and fdatasyncs their
+    files and fsyncs their folders beside ONE database transaction for all of
+    their rows, and only then does this handler return success. A power cut
+    during that can leave a row whose file is missing or short; a re-sent
+    instance is then written again, because "already stored" means recorded
+    *and* the file present with its recorded size.
 
     Parameters
     ----------
@@ -816,7 +892,7 @@ def start_scp(config: Config, db: Database) -> IngestServer:
     ae = build_ae(config)
     if config.allow_any_ae:
         log.warning("allow_any_ae is set: any calling AE title is accepted")
-    syncer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="screener-fsync")
+    syncer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="screener-fsync")
     committer = GroupCommitter(db, syncer, config.ingest_group_window_ms / 1000.0)
     counter = RejectionCounter(db)
     handlers: list[Any] = [
