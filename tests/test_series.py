@@ -312,3 +312,21 @@ def test_series_read_once_loads_the_volume_read_twice(tmp_path: Path, monkeypatc
         assert "PixelData" not in vol.datasets[0]
     with pytest.raises(ValueError, match="datasets given"):
         load_volume(ct.paths, datasets=[])
+
+
+def test_volume_buffer_is_reused_only_when_nothing_refers_to_it() -> None:
+    import gc
+
+    from screener import series
+    a = series._volume_buffer((3, 4, 5))
+    b = series._volume_buffer((3, 4, 5))
+    assert not np.shares_memory(a, b)           # the kept one is in use: a new one
+    view = b[1]
+    del b
+    c = series._volume_buffer((3, 4, 5))
+    assert not np.shares_memory(c, view)        # a view of it is alive: a new one
+    del view, a, c
+    gc.collect()
+    kept = id(series._spare)
+    d = series._volume_buffer((2, 4, 5))        # free and large enough: reused
+    assert id(d.base) == kept and d.shape == (2, 4, 5) and d.dtype == np.float32
