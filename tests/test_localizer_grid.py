@@ -162,3 +162,16 @@ def test_trunks_of_the_stack_equal_each_slice_alone() -> None:
     for z, trunk in zip(zs, got):
         assert np.array_equal(trunk, _trunk_whole_slice(body[z], canals[z % 5], r)), z
     assert _trunks(body, col, [], dx) == []
+
+
+def test_ellipse_radius_equals_the_mgrid_form_bit_for_bit() -> None:
+    from screener.localizer.column import ellipse_radius
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        shape = (int(rng.integers(1, 120)), int(rng.integers(1, 120)))
+        by, bx = rng.uniform(-20, 140, size=2)
+        hd, hw = rng.uniform(0.5, 60, size=2)
+        yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+        want = np.sqrt(((yy - by) / hd) ** 2 + ((xx - bx) / hw) ** 2)
+        got = ellipse_radius(shape, float(by), float(bx), float(hd), float(hw))
+        assert got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got, want)
