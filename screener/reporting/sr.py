@@ -36,6 +36,7 @@ from typing import Sequence
 
 import highdicom as hd
 import highdicom.sr.content as _hd_sr_content
+import highdicom.sr.templates as _hd_sr_templates
 import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
@@ -72,6 +73,9 @@ def _iod_has_attribute_cached(attribute: str, sop_class_uid: str,
 
 _is_attribute_in_iod = _hd_sr_content.is_attribute_in_iod
 _hd_sr_content.is_attribute_in_iod = _iod_has_attribute
+# the Image Library asks, per referenced image, whether its IOD has pixel data (three such scans)
+_hd_sr_templates.does_iod_have_pixel_data = functools.lru_cache(maxsize=256)(
+    _hd_sr_templates.does_iod_have_pixel_data)
 
 
 class _ComprehensiveSR(hd.sr.ComprehensiveSR):
