@@ -719,30 +719,32 @@ def _refine_bundle(bundle: Any) -> Any:
     return getattr(bundle, "_hip_refine", None)
 
 
-def refine_hips(bundle: Any, inp: LandmarkInput, hips: dict[str, HipLandmark], heat: np.ndarray | None = None) -> None:
-    """Re-read the femoral-neck ROI centre of each candidate hip with the refine network, in place.
+#: test-time views of the refine crop, ``(angle_deg, zoom, stretch)`` (the card's ``decoding.refine.tta``; default:
+#: the crop as it is); ``stretch`` 1: the crop's own 1st-99.5th percentiles to ``[0, 1]`` (:func:`_normalise`, local
+#: contrast where thick soft tissue compresses the bone's); their maps are resampled onto the plain crop's grid and averaged
+REFINE_TTA: tuple[tuple[float, float, float], ...] = ((0.0, 1.0, 0.0),)
+_PLAIN = (0.0, 1.0, 0.0)
 
-    A patch of :data:`REFINE_CROP` input pixels around the coarse femoral head, resampled to
-    :data:`REFINE_SIZE` and shown as a plus hip, gives a neck map at 1.25 input pixels (the coarse
-    map: 2).  With the coarse maps ``heat`` given (and the card's ``decoding.refine.combine`` =
-    ``"product"``, the default) the refine neck map is multiplied by the coarse neck map sampled on
-    the refine grid: each stage vetoes the other's stray lobe.  The neck is that map's peak within
-    70 mm of the head (and the head, when the refine head map's peak lies within 6 mm of the coarse
-    one, the refine head's).  The coarse reading stays in ``details["coarse_neck_px"]``.  Nothing
-    changes for a bundle without a refine stage.
-    """
-    ref = _refine_bundle(bundle)
-    if ref is None:
-        return
-    todo = [h for h in hips.values() if h.probability > 0.05]
-    if not todo:
-        return
-    mats, batch = [], []
+
+def _refine_views(card: dict[str, Any]) -> list[tuple[float, float, float]]:
+    """The card's ``decoding.refine.tta`` as ``(angle_deg, zoom, stretch)`` triples (a missing ``stretch``: 0)."""
+    tta = ((card.get("decoding") or {}).get("refine") or {}).get("tta") or REFINE_TTA
+    return [(float(v[0]), float(v[1]), float(v[2]) if len(v) > 2 else 0.0) for v in tta]
+
+
+def _refine_maps(ref: Any, inp: LandmarkInput, todo: list[HipLandmark], views: list[tuple[float, float, float]]
+                 ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each hip's plain refine matrix and its refine maps ``(n, 2, S, S)``: the mean over the bundle's folds and
+    over ``views``, each view's maps resampled onto the plain crop's grid (:func:`_map_on_grid`)."""
+    plain, mats, batch = [], [], []
     for h in todo:
         hr, hc = inp.from_stored(h.head_px[0], h.head_px[1])
-        m = refine_matrix((float(hr), float(hc)), h.anatomy)
-        mats.append(m)
-        batch.append(refine_patch(inp.image, m))
+        plain.append(refine_matrix((float(hr), float(hc)), h.anatomy))
+        for a, z, st in views:
+            m = refine_matrix((float(hr), float(hc)), h.anatomy, angle_deg=a, zoom=z)
+            mats.append(m)
+            patch = refine_patch(inp.image, m)
+            batch.append(_normalise(patch) if st else patch)
     x = torch.from_numpy(np.stack(batch)[:, None]).to(ref.device)
     with torch.no_grad():
         y = None
@@ -751,6 +753,49 @@ def refine_hips(bundle: Any, inp: LandmarkInput, hips: dict[str, HipLandmark], h
             y = p if y is None else y + p
     assert y is not None
     y = y / len(ref.models)
+    k = len(views)
+    if views == [_PLAIN]:
+        return plain, y
+    out = np.zeros((len(todo), *y.shape[1:]), dtype=np.float64)
+    for n, m0 in enumerate(plain):
+        for v in range(k):
+            i = n * k + v
+            out[n] += y[i] if views[v][:2] == (0.0, 1.0) else np.stack([_map_on_grid(c.astype(np.float64), mats[i], m0)
+                                                                     for c in y[i]])
+    return plain, out / k
+
+
+def _map_on_grid(rmap: np.ndarray, m: np.ndarray, m0: np.ndarray) -> np.ndarray:
+    """A refine map of the crop of matrix ``m`` sampled at the refine-map pixels of the crop of matrix ``m0``."""
+    ii, jj = np.mgrid[0 : rmap.shape[0], 0 : rmap.shape[1]].astype(np.float64)
+    pi, pj = (ii + 0.5) * OUTPUT_STRIDE - 0.5, (jj + 0.5) * OUTPUT_STRIDE - 0.5
+    q = np.linalg.inv(m) @ m0
+    qi = q[0, 0] * pi + q[0, 1] * pj + q[0, 2]
+    qj = q[1, 0] * pi + q[1, 1] * pj + q[1, 2]
+    return ndimage.map_coordinates(rmap, [(qi + 0.5) / OUTPUT_STRIDE - 0.5, (qj + 0.5) / OUTPUT_STRIDE - 0.5],
+                                   order=1, mode="constant", cval=0.0)
+
+
+def refine_hips(bundle: Any, inp: LandmarkInput, hips: dict[str, HipLandmark], heat: np.ndarray | None = None) -> None:
+    """Re-read the femoral-neck ROI centre of each candidate hip with the refine network, in place.
+
+    A patch of :data:`REFINE_CROP` input pixels around the coarse femoral head, resampled to
+    :data:`REFINE_SIZE` and shown as a plus hip, gives a neck map at 1.25 input pixels (the coarse
+    map: 2).  With the card's ``decoding.refine.tta`` (``[[angle_deg, zoom], ...]``) the maps are the
+    mean over those turned / zoomed crops too, resampled onto the plain crop's grid.  With the coarse
+    maps ``heat`` given (and the card's ``decoding.refine.combine`` = ``"product"``, the default) the
+    refine neck map is multiplied by the coarse neck map sampled on the refine grid: each stage vetoes
+    the other's stray lobe.  The neck is that map's peak within 70 mm of the head (and the head, when
+    the refine head map's peak lies within 6 mm of the coarse one, the refine head's).  The coarse
+    reading stays in ``details["coarse_neck_px"]``.  Nothing changes for a bundle without a refine stage.
+    """
+    ref = _refine_bundle(bundle)
+    if ref is None:
+        return
+    todo = [h for h in hips.values() if h.probability > 0.05]
+    if not todo:
+        return
+    mats, y = _refine_maps(ref, inp, todo, _refine_views(bundle.card))
     mm_in = inp.scale[0] * inp.spacing_mm[0]  # mm per landmark-input pixel
     step_out = OUTPUT_STRIDE  # patch pixels per refine-map pixel
     combine = str(((bundle.card.get("decoding") or {}).get("refine") or {}).get("combine", "product"))

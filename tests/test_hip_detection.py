@@ -327,3 +327,53 @@ def test_refine_stage_moves_the_neck_only_with_a_refine_bundle():
     before = {k: v.neck_px for k, v in both.items()}
     refine_hips(NoRefine(), inp, both)
     assert {k: v.neck_px for k, v in both.items()} == before
+
+
+def test_refine_views_map_back_onto_the_plain_crop():
+    """A turned / zoomed refine view's map, resampled onto the plain crop's grid (_map_on_grid), puts a
+    landmark where the plain crop's map has it; the identity view is returned as it is."""
+    from screener.hip_landmarks import OUTPUT_STRIDE, REFINE_SIZE, _map_on_grid, refine_matrix, refine_patch
+
+    img = np.zeros((256, 256), dtype=np.float32)
+    img[110, 150] = 1.0
+    img = ndimage_blur(img)
+    m0 = refine_matrix((100.0, 120.0), "plus")
+    s = REFINE_SIZE // OUTPUT_STRIDE
+
+    def as_map(m):  # a stand-in refine map: the patch at the map's stride
+        return refine_patch(img, m)[OUTPUT_STRIDE // 2 - 1 :: OUTPUT_STRIDE, OUTPUT_STRIDE // 2 - 1 :: OUTPUT_STRIDE][:s, :s]
+
+    plain = as_map(m0).astype(np.float64)
+    assert np.allclose(_map_on_grid(plain, m0, m0), plain, atol=1e-9)
+    p0 = np.array(divmod(int(plain.argmax()), s))
+    for angle, zoom in ((-10.0, 1.0), (10.0, 1.0), (0.0, 1.1), (15.0, 0.9)):
+        m = refine_matrix((100.0, 120.0), "plus", angle_deg=angle, zoom=zoom)
+        back = _map_on_grid(as_map(m).astype(np.float64), m, m0)
+        assert np.hypot(*(np.array(divmod(int(back.argmax()), s)) - p0)) <= 1.0
+
+
+def test_refine_tta_of_the_card_and_its_default():
+    """decoding.refine.tta: no entry reads the plain crop alone; entries give (angle, zoom, stretch) views;
+    a bundle read with views keeps every hip within 5 mm on an AP pelvis."""
+    import copy
+
+    from screener.hip_landmarks import _refine_views, find_hips, load_landmark_bundle
+
+    assert _refine_views({}) == [(0.0, 1.0, 0.0)]
+    assert _refine_views({"decoding": {"refine": {"tta": [[0, 1], [-10, 1, 1]]}}}) == [(0.0, 1.0, 0.0), (-10.0, 1.0, 1.0)]
+    bundle = load_landmark_bundle(MODELS / "hip_landmarks")
+    if getattr(bundle, "_hip_refine", None) is None:
+        pytest.skip("bundle without a refine stage")
+    case = _case(4, collimation="pelvis")
+    card = copy.deepcopy(bundle.card)
+    try:
+        bundle.card["decoding"]["refine"]["tta"] = [[0, 1, 0], [-10, 1, 0], [10, 1, 0], [0, 1, 1]]
+        present, _, inp = find_hips(case.dataset, bundle)
+    finally:
+        bundle.card.clear()
+        bundle.card.update(card)
+    assert len(present) == 2
+    for h in present:
+        truth = case.hips[h.side]
+        sp = inp.spacing_mm
+        assert np.hypot((h.neck_px[0] - truth.neck_px[0]) * sp[0], (h.neck_px[1] - truth.neck_px[1]) * sp[1]) < 5.0
