@@ -488,6 +488,9 @@ def _serve_store(dul: Any, store: _Store) -> None:
     context = assoc._accepted_cx[store.cx_id]
     assoc.dimse.cancel_req = {}
     assoc.abort = assoc._abort_nonblocking  # the DUL thread must not wait for itself
+    # the network timeout does not run while the handler works (as when pynetdicom's association
+    # thread ran it): a group commit may take longer than the timeout
+    dul._idle_timer.stop()
     try:
         status = evt.trigger(assoc, evt.EVT_C_STORE, {"request": req, "context": context.as_tuple})
     except Exception:  # noqa: BLE001 - as pynetdicom: 0xC211
