@@ -394,20 +394,23 @@ def build_sr(findings: Sequence[Finding], sources: Sequence[Dataset], *,
     """
     if not findings:
         raise ValueError("an SR needs at least one finding (TID 1500 requires a measurement group)")
-    by_uid = {str(ds.SOPInstanceUID): fix_type2(ds) for ds in sources}
+    given = {str(ds.SOPInstanceUID): ds for ds in sources}
     notes = sorted({n for ds in sources for n in demographic_problems(ds).values()})
     wanted: list[str] = []
     for f in findings:
         uids = ([f.roi.source_sop_instance_uid] if f.roi is not None else []) + \
             list(f.referenced_sop_instance_uids)
         for u in uids:
-            if u not in by_uid:
+            if u not in given:
                 raise ValueError(f"finding {f.protocol}/{f.site} references instance {u} that is "
                                  "not among the source datasets given to build_sr")
             if u not in wanted:
                 wanted.append(u)
     if not wanted:
-        wanted = [next(iter(by_uid))]
+        wanted = [next(iter(given))]
+    # copies made report-ready only of the instances the report refers to (the groups look up
+    # nothing else), not of every slice of the series
+    by_uid = {u: fix_type2(given[u]) for u in wanted}
     evidence = [by_uid[u] for u in wanted]
     study_uid = str(evidence[0].StudyInstanceUID)
     if previous is not None and str(previous.get("StudyInstanceUID", "")) != study_uid:
