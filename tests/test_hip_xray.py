@@ -266,3 +266,22 @@ def test_landmark_crop_data_cuts_bmdgan_inputs_around_true_heads_with_dxa_truth(
         assert 0.3 < bmd < 1.5 and index == 3
         # the femoral head (bright disc) sits where the crop places it: brighter there than at the crop's top corner
         assert img[78:85, 28:35].mean() > img[:8, :8].mean()
+
+
+def test_finetune_data_is_read_in_cached_chunks_of_patients(monkeypatch):
+    """finetune-landmarks --n 600 --chunk 240 reads patients 0-239, 240-479 and 480-599 (each its own cache
+    file, so a larger run reuses a smaller one's crops) and concatenates them in that order."""
+    import training.hip_xray as hx
+
+    calls = []
+
+    def fake(seed, first, n, **kw):
+        calls.append((seed, first, n))
+        return {"x": np.zeros((n, 2, 2), np.float16), "y": np.arange(first, first + n, dtype=float),
+                "patient": np.arange(first, first + n)}
+
+    monkeypatch.setattr(hx, "landmark_crop_data", fake)
+    args = hx._finetune_parser().parse_args(["finetune-landmarks", "--out", "x", "--n", "600", "--chunk", "240"])
+    data = hx._finetune_data(args)
+    assert calls == [(1515, 0, 240), (1515, 240, 240), (1515, 480, 120)]
+    assert np.array_equal(data["patient"], np.arange(600)) and data["x"].shape == (600, 2, 2)

@@ -54,6 +54,12 @@ the paper's 6e-5 -> 8e-6 ratio is 7.5), ``weight_decay``.
 
 Evaluate the comparison and robustness tables of a trained bundle with
 ``python -m training.hip_xray evaluate models/hip_xray --data test|holdout``.
+
+The daemon feeds BMD-GAN crops cut around the landmark model's femoral heads (issue 15):
+``python -m training.hip_xray finetune-landmarks --out DIR --n 600 --epochs 8 --lr 1e-4 --augment --refit-line``
+continues the stage-3 regressors on such crops of standard-profile cohort radiographs (seed 1515, cached in
+chunks of ``--chunk`` patients), and ``python -m training.hip_xray interval-landmarks DIR --first 1200 --n 200``
+refits the bundle's split-conformal interval on crops of patients neither step saw (hip_xray 0.6.0).
 """
 from __future__ import annotations
 
@@ -728,25 +734,51 @@ def _pcc(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def landmark_finetune_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m training.hip_xray finetune-landmarks --out DIR``: continue the stage-3 regressors of a
-    hip_xray bundle end to end on landmark crops of standard-profile cohort radiographs (training seed
-    1515 only; the landmark benchmark's seed 1516 stays held out), pick the PF-DRR linear weight on the
-    validation patients, write the bundle to ``--out`` when its validation PCC beats the input bundle's."""
+def _finetune_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training.hip_xray finetune-landmarks")
     ap.add_argument("command", choices=["finetune-landmarks"])
     ap.add_argument("--bundle", default="models/hip_xray")
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=300, help="patients of seed 1515 (from --first), 3 views each")
     ap.add_argument("--first", type=int, default=0)
+    ap.add_argument("--chunk", type=int, default=240, help="patients per cached crop file")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--augment", action="store_true",
+                    help="the bundle recipe's [augmentation] on the crops (rotation, scale, shift, brightness, contrast)")
+    ap.add_argument("--refit-line", action="store_true",
+                    help="refit the PF-DRR -> BMD line (slope, intercept; t kept) on the training crops")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--version", default="0.6.0")
-    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return ap
+
+
+def _finetune_data(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """Landmark crops of patients ``first .. first + n - 1`` of seed 1515, cached in ``--chunk``-patient files."""
+    parts = []
+    for a in range(args.first, args.first + args.n, args.chunk):
+        parts.append(landmark_crop_data(1515, a, min(args.chunk, args.first + args.n - a), workers=args.workers))
+    return {k: np.concatenate([d[k] for d in parts]) for k in parts[0]}
+
+
+def _linear_estimate(gen: nn.Module, dec: dict[str, Any], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PF-DRR feature (mean PF-DRR above ``t``) and the card line's BMD (the mean estimate where no pixel is above ``t``)."""
+    feats = B.pfdrr_bmd_features(_run(gen, x), dec["threshold_t"])
+    linear = B.apply_linear_bmd(feats, dec["slope"], dec["intercept"])
+    return feats, np.where(np.isfinite(linear), linear, np.nanmean(linear))
+
+
+def landmark_finetune_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.hip_xray finetune-landmarks --out DIR``: continue the stage-3 regressors of a
+    hip_xray bundle end to end on landmark crops of standard-profile cohort radiographs (training seed
+    1515 only; the landmark benchmark's seed 1516 stays held out), optionally refit the PF-DRR line on
+    the training crops, pick the PF-DRR linear weight on the validation patients, and write the bundle
+    to ``--out`` (with its split-conformal interval refitted on the validation patients' crops) when its
+    validation PCC beats the input bundle's."""
+    args = _finetune_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(1)
     torch.manual_seed(4)
-    data = landmark_crop_data(1515, args.first, args.n, workers=args.workers)
+    data = _finetune_data(args)
     x = data["x"].astype(np.float32)[:, None]
     y = data["y"].astype(np.float64)
     pats = np.unique(data["patient"])
@@ -754,20 +786,30 @@ def landmark_finetune_main(argv: Sequence[str] | None = None) -> int:
     va = np.array([p in val_p for p in data["patient"]])
     bundle = load_bundle(args.bundle, "cpu", networks=NETWORKS)
     gen, _, dec = load_aux(args.bundle)
-    pf = _run(gen, x)
-    linear = B.apply_linear_bmd(B.pfdrr_bmd_features(pf, dec["threshold_t"]), dec["slope"], dec["intercept"])
-    linear = np.where(np.isfinite(linear), linear, np.nanmean(linear))
+    dec = copy.deepcopy(dec)
+    feats, linear = _linear_estimate(gen, dec, x)
     w0 = float(dec.get("linear_weight", 0.0))
     before = _run_heads(bundle.models, x)
     report: dict[str, Any] = {"hips": int(len(y)), "val_hips": int(va.sum()), "patients": int(len(pats)),
                               "val_pcc_before": _pcc(combine_estimates(before[va], linear[va], w0), y[va]),
                               "val_pcc_stage3_before": _pcc(before[va], y[va]), "val_pcc_linear": _pcc(linear[va], y[va])}
+    if args.refit_line:
+        ok = ~va & np.isfinite(feats)
+        slope, intercept = np.polyfit(feats[ok], y[ok], 1)
+        dec.update(slope=float(slope), intercept=float(intercept))
+        feats, linear = _linear_estimate(gen, dec, x)
+        report["refit_line"] = {"slope": float(slope), "intercept": float(intercept)}
     print(json.dumps(report), flush=True)
+    spec = None
+    if args.augment:
+        from training.recipes import recipe_from_dict
+
+        spec = recipe_from_dict(bundle.card["recipe"], where="recipe").augmentation
     models = []
     for k, m in enumerate(bundle.models):
         m = copy.deepcopy(m)
         m, hist = _fit_regressor(m, x[~va], y[~va], x[va], y[va], [("end_to_end", args.epochs, args.lr)], batch=32,
-                                 weight_decay=1e-4, seed=4 + k, tag=f"landmark fold {k}")
+                                 weight_decay=1e-4, seed=4 + k, tag=f"landmark fold {k}", augmentation=spec)
         models.append(m)
         report[f"fold{k}_history"] = hist
     after = _run_heads(models, x)
@@ -782,6 +824,21 @@ def landmark_finetune_main(argv: Sequence[str] | None = None) -> int:
     if best <= report["val_pcc_before"]:
         print("not better on the validation patients: no bundle written", flush=True)
         return 1
+    from training.intervals import fit_conformal
+
+    dec["linear_weight"] = best_w
+    interval = fit_conformal(y[va], combine_estimates(after[va], linear[va], best_w), level=0.9)
+    interval["unit"] = "hip (one estimate per femoral neck, as the daemon reports it)"
+    interval["fitted_on"] = (f"landmark crops (true heads, 0.7 mm jitter) of the {len(val_p)} validation patients' "
+                             f"{int(va.sum())} hips (seed 1515, standard profile; not trained on)")
+    _write_finetuned(args, models, dec, report, interval, argv)
+    return 0
+
+
+def _write_finetuned(args: argparse.Namespace, models: list[nn.Module], dec: dict[str, Any], report: dict[str, Any],
+                     interval: dict[str, Any], argv: Sequence[str] | None) -> None:
+    """Copy the input bundle to ``--out`` with the continued regressors, the new ``decomposition`` entry
+    (linear weight, the line when refitted), interval, version, changelog and command."""
     import shutil
 
     out = Path(args.out)
@@ -790,13 +847,19 @@ def landmark_finetune_main(argv: Sequence[str] | None = None) -> int:
     torch.save({"format": BUNDLE_FORMAT, "folds": [_state16(m) for m in models]}, out / "weights.pt")
     card = json.loads((out / "model_card.json").read_text(encoding="utf-8"))
     card["version"] = args.version
-    card["decomposition"]["linear_weight"] = best_w
+    card["decomposition"] = dec
+    card.setdefault("intervals", {})["femoral_neck_bmd"] = interval
     card.setdefault("metrics", {})["landmark_finetune"] = {k: v for k, v in report.items() if "history" not in k}
+    line = (f"; PF-DRR -> BMD line refitted on the training crops (slope {dec['slope']:.4f}, intercept "
+            f"{dec['intercept']:.4f})" if "refit_line" in report else "")
     card["changelog"] = {args.version: (
-        f"stage-3 regressors continued end to end ({args.epochs} epochs, lr {args.lr:g}) on BMD-GAN crops cut around the "
-        f"femoral head (screener.hip_landmarks.landmark_crop) of {report['hips']} hips of {len(pats)} standard-profile cohort "
-        f"radiographs (training.phantoms.xray_variety, seed 1515); PF-DRR linear weight {best_w:g}; validation "
-        f"patients' PCC {report['val_pcc_before']:.3f} -> {best:.3f}"), **card.get("changelog", {})}
+        f"stage-3 regressors continued end to end ({args.epochs} epochs, lr {args.lr:g}"
+        f"{', recipe augmentation' if args.augment else ''}) on BMD-GAN crops cut around the "
+        f"femoral head (screener.hip_landmarks.landmark_crop) of {report['hips']} hips of {report['patients']} "
+        f"standard-profile cohort radiographs (training.phantoms.xray_variety, seed 1515){line}; PF-DRR linear weight "
+        f"{dec['linear_weight']:g}; validation patients' PCC {report['val_pcc_before']:.3f} -> {report['val_pcc_after']:.3f}; "
+        f"interval refitted on those patients' crops (half-width {interval['half_width']:.3f} g/cm2)"),
+        **card.get("changelog", {})}
     card["command"] = "nice -n 19 python -m training.hip_xray " + " ".join(list(sys.argv[1:] if argv is None else argv)) \
         + f" (after: {card.get('command', '')})"
     (out / "model_card.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
@@ -805,10 +868,45 @@ def landmark_finetune_main(argv: Sequence[str] | None = None) -> int:
     (out / "README.md").write_text(render_readme(card), encoding="utf-8")
     append_files_section(out, card["decomposition"])
     print(f"bundle written to {out}", flush=True)
+
+
+def landmark_interval_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.hip_xray interval-landmarks BUNDLE --first 1200 --n 200``: refit the bundle's
+    split-conformal interval (``intervals.femoral_neck_bmd``) on landmark crops of standard-profile patients
+    of seed 1515 that neither its training nor its validation saw (a calibration set of its own), with the
+    estimate as served (:func:`predict_all`'s decomposition + regression)."""
+    ap = argparse.ArgumentParser(prog="python -m training.hip_xray interval-landmarks")
+    ap.add_argument("command", choices=["interval-landmarks"])
+    ap.add_argument("bundle")
+    ap.add_argument("--first", type=int, default=1200)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--level", type=float, default=0.9)
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    from training.intervals import fit_conformal
+
+    torch.set_num_threads(1)
+    data = landmark_crop_data(1515, args.first, args.n, workers=args.workers)
+    bundle = load_bundle(args.bundle, "cpu", networks=NETWORKS)
+    gen, _, dec = load_aux(args.bundle)
+    served = predict_all(bundle.models, gen, None, dec, data["x"].astype(np.float32)[:, None])["decomposition_regression"]
+    rec = fit_conformal(data["y"].astype(np.float64), served, level=args.level)
+    rec["unit"] = "hip (one estimate per femoral neck, as the daemon reports it)"
+    rec["fitted_on"] = (f"landmark crops (true heads, 0.7 mm jitter) of {len(data['y'])} hips of standard-profile patients "
+                        f"{args.first}-{args.first + args.n - 1} of seed 1515 (training.phantoms.xray_variety), neither "
+                        "trained nor validated on")
+    rec["calibration_pcc"] = _pcc(served, data["y"])
+    card_path = Path(args.bundle) / "model_card.json"
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card.setdefault("intervals", {})["femoral_neck_bmd"] = rec
+    card_path.write_text(json.dumps(card, indent=2), encoding="utf-8")
+    print(json.dumps({k: v for k, v in rec.items() if k != "method"}), flush=True)
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
     if len(sys.argv) > 1 and sys.argv[1] == "finetune-landmarks":
         sys.exit(landmark_finetune_main())
+    if len(sys.argv) > 1 and sys.argv[1] == "interval-landmarks":
+        sys.exit(landmark_interval_main())
     sys.exit(evaluate_main())
