@@ -496,8 +496,44 @@ def _ts_name(uid: str) -> str:
         return uid
 
 
+#: little-endian uncompressed syntaxes :func:`_native_frame` reads itself
+_LE_NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+
+
+def _native_frame(ds: Dataset, ts: str) -> np.ndarray | None:
+    """The pixels of a single-frame, one-sample, 16-bit little-endian uncompressed image as
+    pydicom's ``pixel_array`` gives them (bits above Bits Stored cleared, or sign-extended when
+    signed, by the same left and right shifts), read straight from the buffer: pydicom's decoder
+    machinery took about 0.4 ms a slice for what is a reinterpretation. ``None`` for anything
+    else (compressed, multi-frame, colour, 8- or 32-bit, a length that is not exactly
+    Rows x Columns x 2): pydicom decodes those."""
+    if ts not in _LE_NATIVE or "PixelData" not in ds:
+        return None
+    try:
+        if (int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.BitsAllocated) != 16
+                or int(ds.get("NumberOfFrames", 1) or 1) != 1):
+            return None
+        rows, cols, stored = int(ds.Rows), int(ds.Columns), int(ds.BitsStored)
+        signed = int(ds.PixelRepresentation)
+        raw = ds.PixelData
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if signed not in (0, 1) or not 1 <= stored <= 16 or not isinstance(raw, (bytes, bytearray)) \
+            or len(raw) != rows * cols * 2:
+        return None
+    arr = np.frombuffer(raw, dtype="<i2" if signed else "<u2").reshape(rows, cols).copy()
+    shift = 16 - stored
+    if shift:
+        np.left_shift(arr, shift, out=arr)
+        np.right_shift(arr, shift, out=arr)
+    return arr
+
+
 def _decode(ds: Dataset, path: Path) -> np.ndarray:
     ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    fast = _native_frame(ds, ts)
+    if fast is not None:
+        return fast
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a decline reason

@@ -330,3 +330,32 @@ def test_volume_buffer_is_reused_only_when_nothing_refers_to_it() -> None:
     kept = id(series._spare)
     d = series._volume_buffer((2, 4, 5))        # free and large enough: reused
     assert id(d.base) == kept and d.shape == (2, 4, 5) and d.dtype == np.float32
+
+
+@pytest.mark.parametrize("ts", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+@pytest.mark.parametrize("signed,stored", [(0, 16), (0, 12), (1, 16), (1, 12), (1, 13), (0, 10)])
+def test_native_frame_is_pydicoms_pixel_array(tmp_path: Path, ts: str, signed: int, stored: int) -> None:
+    from pydicom.dataset import FileMetaDataset
+
+    from screener import series
+    rng = np.random.default_rng(signed * 100 + stored)
+    raw = rng.integers(0, 65536, (37, 29), dtype=np.uint16)  # high bits set: they must be corrected
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 37, 29, 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, stored, stored - 1
+    ds.PixelRepresentation, ds.PhotometricInterpretation = signed, "MONOCHROME2"
+    ds.PixelData = raw.astype("<u2").tobytes()
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True, implicit_vr=ts == "1.2.840.10008.1.2")
+    back = pydicom.dcmread(path)
+    fast = series._native_frame(back, ts)
+    want = pydicom.dcmread(path).pixel_array
+    assert fast is not None and fast.dtype == want.dtype and np.array_equal(fast, want)
+    back.PixelData = back.PixelData + b"\0\0"      # not exactly Rows x Columns x 2: pydicom's
+    assert series._native_frame(back, ts) is None
+    assert series._native_frame(back, "1.2.840.10008.1.2.4.90") is None
