@@ -175,3 +175,19 @@ def test_ellipse_radius_equals_the_mgrid_form_bit_for_bit() -> None:
         want = np.sqrt(((yy - by) / hd) ** 2 + ((xx - bx) / hw) ** 2)
         got = ellipse_radius(shape, float(by), float(bx), float(hd), float(hw))
         assert got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_closings_equal_scipys_binary_closing() -> None:
+    import scipy.ndimage as ndi
+
+    from screener.localizer.anchors import _CROSS_3, _SQUARE_3, _close_2d
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        m = rng.random(shape) < rng.uniform(0.05, 0.95)
+        assert np.array_equal(_close_2d(m, _CROSS_3), ndi.binary_closing(m, iterations=1))
+        assert np.array_equal(_close_2d(m, _SQUARE_3),
+                              ndi.binary_closing(m, structure=np.ones((3, 3), bool), iterations=1))
+        stack = rng.random((int(rng.integers(1, 5)),) + shape) < rng.uniform(0.05, 0.95)
+        assert np.array_equal(_close_2d(stack, _SQUARE_3),
+                              ndi.binary_closing(stack, structure=np.ones((1, 3, 3), bool), border_value=0))

@@ -85,7 +85,16 @@ MIN_RIB_SCALE = 0.55
 MIN_SACRAL_SCALE = 0.65
 
 
-_CLOSE_2D = np.ones((1, 3, 3), bool)
+_SQUARE_3 = np.ones((3, 3), bool)
+_CROSS_3 = ndi.generate_binary_structure(2, 1)
+
+
+def _close_2d(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_closing(mask, structure)`` of a slice, or of each slice of a stack
+    with an in-plane ``structure`` (border pixels count as False, as scipy's ``border_value=0``):
+    the same masks by shifted ANDs and ORs (:mod:`screener.preprocess.morphology`), ten times
+    faster on the working grid's slices."""
+    return erode_2d(dilate_2d(mask, structure), structure)
 
 
 def rib_hu(scale: float = 1.0) -> float:
@@ -134,7 +143,7 @@ def rib_evidence(hu: np.ndarray, body: np.ndarray, col: Column, seg: Segment,
     thr = rib_hu(scale) if hu_threshold is None else hu_threshold
     sub = hu[zs[0]:zs[-1] + 1, y0:y1, x0:x1] > thr
     if close_gaps:
-        sub = ndi.binary_closing(sub, structure=_CLOSE_2D, border_value=0)
+        sub = _close_2d(sub, _SQUARE_3)  # scipy's closing with ones((1, 3, 3)), border_value=0
     sub &= body[zs[0]:zs[-1] + 1, y0:y1, x0:x1]
     contact, lateral, posterior, side = _rib_geometry(sub, col, seg, zs[0], top, (y0, y1), (x0, x1), spacing)
     _drop_thick(sub, spacing)
@@ -292,8 +301,7 @@ def short_rib_sides(reach: dict[str, float], reach_below: dict[str, float]) -> l
 
 def _sacral_bone(hu_z: np.ndarray, body_z: np.ndarray, scale: float) -> np.ndarray:
     """One slice's bone for the sacral tests (closed, holes filled; threshold follows the skeleton)."""
-    return fill_holes(ndi.binary_closing((hu_z > BONE_HU * max(scale, MIN_SACRAL_SCALE))
-                                                    & body_z, iterations=1))
+    return fill_holes(_close_2d((hu_z > BONE_HU * max(scale, MIN_SACRAL_SCALE)) & body_z, _CROSS_3))
 
 
 def _ala_thickness(comp: np.ndarray, canal_x: float, body_hw: float, dy: float, dx: float) -> float:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from screener.preprocess.morphology import fill_holes, fill_holes_per_slice, open_2d
+from screener.preprocess.morphology import dilate_2d, erode_2d, fill_holes, fill_holes_per_slice, open_2d
 
 #: HU above which a voxel of the working grid counts as bone
 BONE_HU = 180.0
@@ -286,7 +286,7 @@ def find_column(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, f
         if not cands:
             # thin laminae of a small or osteoporotic patient leave the arch open by a pixel or two
             # at the working grid's resolution: close gaps up to ~2 pixels and look again
-            cands = _slab_candidates(ndi.binary_closing(U, structure=_CLOSE, iterations=1), body[c], dy, dx)
+            cands = _slab_candidates(erode_2d(dilate_2d(U, _CLOSE), _CLOSE), body[c], dy, dx)  # closing
         if not cands:
             continue
         best = max(cands, key=lambda d: d["score"])
