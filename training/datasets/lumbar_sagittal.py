@@ -31,9 +31,15 @@ Sources (``[data] source``)
 ``energy_correction`` (the preprocessing constants, written into the model card).  With
 ``energy_correction`` the HU are rescaled to 120 kVp by the kVp of the sample's series: the
 scanner profile's ``kvp`` in the cohort, the DICOM ``KVP`` of a manifest row (as in the daemon).
+``habitus_copies`` (cohort only, default 0): the share of patients rendered a second time with
+another habitus and the same bone -- weight x 0.8-1.35 (body size, fat, noise), muscle and fat
+density x 0.97-1.03 -- and the same targets, so that body size and soft tissue stop predicting
+BMD (issue 19: the model read a 25 % heavier patient's L1 0.087 g/cm² higher). A copy keeps its
+patient's id (the splits keep it with the original) and has attribute ``habitus`` ``"copy"``.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import zlib
 from pathlib import Path
@@ -48,7 +54,10 @@ __all__ = ["OUTPUTS", "UNITS", "build", "build_cohort", "build_manifest", "phant
 
 OUTPUTS = ("bmd", "tbs")
 UNITS = ("g/cm2", "")
-_OPTION_KEYS = {"fov_mm", "size", "slab_mm", "slab_planes", "windows", "energy_correction"}
+_OPTION_KEYS = {"fov_mm", "size", "slab_mm", "slab_planes", "windows", "energy_correction", "habitus_copies"}
+#: range of the weight factor and of the muscle / fat density factors of a habitus copy
+HABITUS_WEIGHT = (0.8, 1.35)
+HABITUS_DENSITY = (0.97, 1.03)
 
 
 def _pp_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -57,6 +66,7 @@ def _pp_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"lumbar_sagittal [data] options: unknown key(s) {unknown}; "
                          f"known: {', '.join(sorted(_OPTION_KEYS))}")
     return {"fov_mm": float(options.get("fov_mm", pp.FOV_MM)), "size": int(options.get("size", pp.SIZE)),
+            "habitus_copies": float(options.get("habitus_copies", 0.0)),
             "slab_mm": float(options.get("slab_mm", pp.SLAB_MM)),
             "slab_planes": int(options.get("slab_planes", pp.SLAB_PLANES)),
             "windows": tuple((float(c), float(w)) for c, w in options.get("windows", pp.WINDOWS)),
@@ -148,7 +158,8 @@ def _profile_for(seed: int, index: int, names: Sequence[str]) -> str:
 def build_cohort(n: int, seed: int, profiles: Sequence[str], holdout_profiles: Sequence[str] = (), *,
                  fov_mm: float = pp.FOV_MM, size: int = pp.SIZE, slab_mm: float = pp.SLAB_MM,
                  slab_planes: int = pp.SLAB_PLANES, windows: Sequence[Sequence[float]] = pp.WINDOWS,
-                 energy_correction: bool = pp.ENERGY_CORRECTION, progress: bool = False) -> Any:
+                 energy_correction: bool = pp.ENERGY_CORRECTION, habitus_copies: float = 0.0,
+                 progress: bool = False) -> Any:
     """Virtual-cohort data set (see module docstring).
 
     Parameters
@@ -161,17 +172,19 @@ def build_cohort(n: int, seed: int, profiles: Sequence[str], holdout_profiles: S
     fov_mm, size, slab_mm, slab_planes, windows, energy_correction
         Preprocessing constants (:mod:`screener.protocols.lumbar_sagittal.preprocess`); the energy
         correction uses each profile's kVp.
+    habitus_copies : float
+        Share of patients rendered again with another habitus and the same bone (module docstring).
     progress : bool
         Print a line every 50 patients (stderr).
 
     Returns
     -------
     training.trainer.ArrayDataset
-        ``4 n`` samples ``(len(windows), size, size)``; targets ``(4 n, 2)``; attributes
-        ``profile``, ``vertebra``, ``grade_jos`` (of the patient's L1-L4 %YAM).
+        ``4 n`` samples (and 4 per habitus copy) ``(len(windows), size, size)``; targets ``(4 n, 2)``;
+        attributes ``profile``, ``vertebra``, ``grade_jos`` (of the patient's L1-L4 %YAM), ``habitus``
+        (``"drawn"`` or ``"copy"``).
     """
-    from training.phantoms.anatomy import build_scene
-    from training.phantoms.labels import YAM_L1L4, jos_grade, tbs_score
+    from training.phantoms.labels import YAM_L1L4, jos_grade
     from training.phantoms.population import make_patient
     from training.phantoms.profiles import get_profile
     from training.trainer import ArrayDataset
@@ -181,42 +194,67 @@ def build_cohort(n: int, seed: int, profiles: Sequence[str], holdout_profiles: S
         raise ValueError("lumbar_sagittal cohort: [data] profiles is empty; name at least one CT profile")
     for nm in names:
         get_profile(nm)  # fails with the list of valid names
-    images, targets, pids, prof, level, grade = [], [], [], [], [], []
+    pp_kwargs = dict(fov_mm=fov_mm, size=size, slab_mm=slab_mm, slab_planes=slab_planes, windows=windows,
+                     energy_correction=energy_correction)
+    images, targets, pids, prof, level, grade, habitus = [], [], [], [], [], [], []
     for i in range(int(n)):
-        patient = make_patient(int(seed), i)
-        full = build_scene(patient)
-        verts = {v.label: v for v in full.vertebrae}
-        cz = [verts[lv].centroid_mm[2] for lv in pp.LEVELS]
-        half = fov_mm / 2.0 + 10.0
-        scene = build_scene(patient, z_window=(min(cz) - half, max(cz) + half))
         name = _profile_for(seed, i, names)
-        prof_obj = get_profile(name)
-        src = phantom_source(scene, prof_obj, zlib.crc32(f"{seed}:{i}:{name}".encode()))
-        geom = {lv: verts[lv].centroid_mm for lv in pp.LEVELS}
-        x, _ = pp.preprocess(src, geom, fov_mm=fov_mm, size=size, slab_mm=slab_mm, slab_planes=slab_planes,
-                             windows=windows, energy_correction=energy_correction, kvp=float(prof_obj.kvp))
-        abmd = spine_abmd(full)
-        tbs = tbs_score(full)
-        g = jos_grade(100.0 * abmd["L1-L4"] / YAM_L1L4)
-        for j, lv in enumerate(pp.LEVELS):
-            images.append(x[j])
-            targets.append((abmd[lv], tbs))
-            pids.append(patient.patient_id)
-            prof.append(name)
-            level.append(lv)
-            grade.append(g)
+        patient = make_patient(int(seed), i)
+        variants = [("drawn", patient, None)]
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i, 0x4AB])
+        if rng.uniform() < habitus_copies:
+            factors = (float(rng.uniform(*HABITUS_DENSITY)), float(rng.uniform(*HABITUS_DENSITY)))
+            variants.append(("copy", dataclasses.replace(patient, weight_kg=patient.weight_kg
+                                                         * float(rng.uniform(*HABITUS_WEIGHT))), factors))
+        for tag, who, densities in variants:
+            x, abmd, tbs = _patient_samples(who, get_profile(name), f"{seed}:{i}:{name}" + ("" if tag == "drawn" else ":copy"),
+                                            densities, pp_kwargs)
+            g = jos_grade(100.0 * abmd["L1-L4"] / YAM_L1L4)
+            for j, lv in enumerate(pp.LEVELS):
+                images.append(x[j])
+                targets.append((abmd[lv], tbs))
+                pids.append(patient.patient_id)
+                prof.append(name)
+                level.append(lv)
+                grade.append(g)
+                habitus.append(tag)
         if progress and (i + 1) % 50 == 0:
             print(f"lumbar_sagittal cohort: {i + 1}/{n} patients rendered", file=sys.stderr)
     return ArrayDataset(
         images=np.stack(images), targets=np.asarray(targets, dtype=np.float32), patient_ids=np.asarray(pids),
         strata=np.asarray(grade),
-        attributes={"profile": np.asarray(prof), "vertebra": np.asarray(level), "grade_jos": np.asarray(grade)},
+        attributes={"profile": np.asarray(prof), "vertebra": np.asarray(level), "grade_jos": np.asarray(grade),
+                    "habitus": np.asarray(habitus)},
         meta={"source": f"virtual cohort seed {seed}, {n} patients (synthetic)", "outputs": list(OUTPUTS),
               "units": list(UNITS),
               "preprocessing": pp.constants(fov_mm=fov_mm, size=size, slab_mm=slab_mm, slab_planes=slab_planes,
                                             windows=windows, energy_correction=energy_correction),
               "targets": "per-vertebra DXA-style aBMD (phantom truth) and the patient's TBS-like score"},
     )
+
+
+def _patient_samples(patient: Any, profile: Any, noise_key: str, densities: tuple[float, float] | None,
+                     pp_kwargs: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, float], float]:
+    """One patient's four sagittal inputs, per-vertebra aBMD and TBS, rendered in ``profile``.
+
+    ``densities`` = (muscle, fat) factors on those tissues' densities (a habitus copy), or None.
+    """
+    from training.phantoms.anatomy import build_scene
+    from training.phantoms.labels import tbs_score
+
+    full = build_scene(patient)
+    verts = {v.label: v for v in full.vertebrae}
+    cz = [verts[lv].centroid_mm[2] for lv in pp.LEVELS]
+    half = float(pp_kwargs["fov_mm"]) / 2.0 + 10.0
+    scene = build_scene(patient, z_window=(min(cz) - half, max(cz) + half))
+    if densities is not None:
+        for tag, key, factor in (("muscle", "soft", densities[0]), ("fat", "fat", densities[1])):
+            for t in scene.tissues.ids(tag):
+                scene.tissues.comp[int(t)][key] = scene.tissues.comp[int(t)].get(key, 0.0) * factor
+    src = phantom_source(scene, profile, zlib.crc32(noise_key.encode()))
+    geom = {lv: verts[lv].centroid_mm for lv in pp.LEVELS}
+    x, _ = pp.preprocess(src, geom, kvp=float(profile.kvp), **pp_kwargs)
+    return x, spine_abmd(full), tbs_score(full)
 
 
 def _series_files(paths: Sequence[Path]) -> list[Path]:
@@ -299,6 +337,7 @@ def build(recipe: Any) -> Any:
     d = recipe.data
     opts = _pp_options(d.options)
     if d.source == "manifest":
+        opts.pop("habitus_copies")
         return build_manifest(d.path, **opts)
     if d.source != "cohort":
         raise ValueError(f"lumbar_sagittal: [data] source {d.source!r} unknown (cohort or manifest)")
