@@ -165,7 +165,7 @@ def test_radiographs_hip_and_dxa_reported_chest_and_lateral_declined(tmp_path: P
         text = subprocess.run([require_tool("dsr2html"), sr_path], capture_output=True, text=True).stdout
         assert "Laterality = Right" in text and "Laterality = Left" in text
         assert "Estimated by algorithm from radiograph" in text and "90 % prediction interval" in text
-        assert 'Algorithm Version = "0.6.0"' in text
+        assert 'Algorithm Version = "0.6.1"' in text
         assert text.index("Qualitative Evaluations") < text.index("Study result: likely ")
         dxa_text = subprocess.run([require_tool("dsr2html"), [r["path"] for r in _results(db, uid["dxa"])
                                                               if r["kind"] == "SR"][0]],
