@@ -5,7 +5,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -68,6 +68,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[tuple[Any, Any, Any]]:
+    """An in-process SCP (``screener.ingest.start_scp``: no worker, no scheduler) that accepts
+    the calling AE TESTSCU: ``(config, database, server)``."""
+    from screener.config import load_config
+    from screener.db import Database
+    from screener.ingest import start_scp
+
+    cfg = load_config(env={}, data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(),
+                      min_free_mb=1, allowed_calling_aes=["TESTSCU"], quiet_seconds=3600)
+    db = Database(cfg.db_path)
+    srv = start_scp(cfg, db)
+    yield cfg, db, srv
+    srv.stop()
+    db.close()
 
 
 def require_tool(name: str) -> str:

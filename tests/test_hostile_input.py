@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pydicom
 import pytest
@@ -30,23 +30,14 @@ from screener.db import Database
 from screener.pipeline import PipelineResult
 from screener.ingest import IMAGE_STORAGE_CLASSES, start_scp
 from screener.replay import format_table, scan
-from screener.storage import copy_atomic, encode_file_meta
+from screener.storage import copy_atomic
 from screener.worker import WorkerPool, run_job
 from tests.conftest import ROOT, free_port
 from tests.daemon_helpers import fake_process_series, make_ct_series, pynet_send, wait_for
 
 
 # ----------------------------------------------------------------------------- helpers
-@pytest.fixture
-def scp(tmp_path: Path) -> Iterator[tuple[Config, Database, Any]]:
-    """An in-process SCP that accepts the calling AE TESTSCU."""
-    cfg = load_config(env={}, data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(),
-                      min_free_mb=1, allowed_calling_aes=["TESTSCU"], quiet_seconds=3600)
-    db = Database(cfg.db_path)
-    srv = start_scp(cfg, db)
-    yield cfg, db, srv
-    srv.stop()
-    db.close()
+# the in-process SCP: tests/conftest.py's ``scp`` fixture
 
 
 def _edit(path: Path, **values: Any) -> Path:

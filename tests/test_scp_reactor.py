@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from io import BytesIO
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from pynetdicom import AE, evt
@@ -13,10 +12,8 @@ from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 
 from screener import scp_reactor
-from screener.config import Config, load_config
+from screener.config import Config
 from screener.db import Database
-from screener.ingest import start_scp
-from tests.conftest import free_port
 from tests.daemon_helpers import make_ct_series, pynet_send
 
 
@@ -60,15 +57,7 @@ def test_store_request_command_is_read_as_pynetdicom_writes_it() -> None:
     assert scp_reactor._command(b"\x00\x00\x00\x00\xff") is None
 
 
-@pytest.fixture
-def scp(tmp_path: Path) -> Iterator[tuple[Config, Database, object]]:
-    cfg = load_config(env={}, data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(),
-                      min_free_mb=1, allowed_calling_aes=["TESTSCU"], quiet_seconds=5)
-    db = Database(cfg.db_path)
-    srv = start_scp(cfg, db)
-    yield cfg, db, srv
-    srv.stop()
-    db.close()
+# the in-process SCP: tests/conftest.py's ``scp`` fixture
 
 
 def test_the_scp_stores_on_the_fast_path(tmp_path: Path,
