@@ -240,6 +240,7 @@ def _patient_samples(patient: Any, profile: Any, noise_key: str, densities: tupl
     ``densities`` = (muscle, fat) factors on those tissues' densities (a habitus copy), or None.
     """
     from training.phantoms.anatomy import build_scene
+    from training.phantoms.interventions import scale_tissue_density
     from training.phantoms.labels import tbs_score
 
     full = build_scene(patient)
@@ -248,9 +249,8 @@ def _patient_samples(patient: Any, profile: Any, noise_key: str, densities: tupl
     half = float(pp_kwargs["fov_mm"]) / 2.0 + 10.0
     scene = build_scene(patient, z_window=(min(cz) - half, max(cz) + half))
     if densities is not None:
-        for tag, key, factor in (("muscle", "soft", densities[0]), ("fat", "fat", densities[1])):
-            for t in scene.tissues.ids(tag):
-                scene.tissues.comp[int(t)][key] = scene.tissues.comp[int(t)].get(key, 0.0) * factor
+        scale_tissue_density(scene, "muscle", densities[0])
+        scale_tissue_density(scene, "fat", densities[1])
     src = phantom_source(scene, profile, zlib.crc32(noise_key.encode()))
     geom = {lv: verts[lv].centroid_mm for lv in pp.LEVELS}
     x, _ = pp.preprocess(src, geom, kvp=float(profile.kvp), **pp_kwargs)

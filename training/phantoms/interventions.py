@@ -64,12 +64,23 @@ def intervened_scene(seed: int, index: int, variant: str) -> tuple[Any, Any]:
     if variant == "body x1.25":
         patient = dataclasses.replace(patient, weight_kg=patient.weight_kg * 1.25)
     scene = anatomy.build_scene(patient)
-    changes = {"muscle +30 HU": ("muscle", "soft", 1.03), "fat -30 HU": ("fat", "fat", 0.97)}
+    changes = {"muscle +30 HU": ("muscle", 1.03), "fat -30 HU": ("fat", 0.97)}
     if variant in changes:
-        tag, key, factor = changes[variant]
-        for i in scene.tissues.ids(tag):
-            scene.tissues.comp[int(i)][key] = scene.tissues.comp[int(i)].get(key, 0.0) * factor
+        scale_tissue_density(scene, *changes[variant])
     return scene, base
+
+
+#: the basis material whose partial density :func:`scale_tissue_density` scales, per soft tissue
+TISSUE_MATERIAL = {"muscle": "soft", "fat": "fat"}
+
+
+def scale_tissue_density(scene: Any, tissue: str, factor: float) -> None:
+    """Multiply the density of every ``tissue`` (``"muscle"`` or ``"fat"``: its
+    :data:`TISSUE_MATERIAL` partial density) of ``scene`` by ``factor``, in place; nothing else
+    changes (the soft-tissue interventions, and the habitus copies of a training cohort)."""
+    key = TISSUE_MATERIAL[tissue]
+    for i in scene.tissues.ids(tissue):
+        scene.tissues.comp[int(i)][key] = scene.tissues.comp[int(i)].get(key, 0.0) * factor
 
 
 def render_for_ct_models(scene: Any, base: Any, out: Path, seed: int) -> list[Path]:
