@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from screener.bundles import BUNDLE_FORMAT, InputSpec, load_bundle, save_bundle
+from screener.bundles import BUNDLE_FORMAT, InputSpec, load_bundle, load_networks, save_bundle
 from screener.nets.bmdgan import BMDGenerator, BMDRegressor, MultiscaleDiscriminator
 from screener.protocols.hip_xray.protocol import combine_estimates
 from training import bmdgan as B
@@ -263,14 +263,6 @@ def _save_aux(path: Path, model: nn.Module) -> None:
     torch.save({"format": BUNDLE_FORMAT, "folds": [_state16(model)]}, path)
 
 
-def _load_aux(path: Path, model: nn.Module) -> nn.Module:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{path}: not a {BUNDLE_FORMAT} weights file")
-    model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in blob["folds"][0].items()})
-    return model.eval()
-
-
 def load_aux(bundle_dir: str | Path) -> tuple[BMDGenerator, BMDRegressor | None, dict[str, Any]]:
     """The stage-2 generator, the baseline regressor (``None`` if absent) and the card's
     ``decomposition`` entry of a ``hip_xray`` bundle."""
@@ -279,12 +271,11 @@ def load_aux(bundle_dir: str | Path) -> tuple[BMDGenerator, BMDRegressor | None,
     dec = card.get("decomposition")
     if not dec:
         raise ValueError(f"{p}: model card has no 'decomposition' entry; not a hip_xray bundle")
-    gen = _load_aux(p / dec["file"], BMDGenerator(**dec["generator_kwargs"]))
+    gen = load_networks(p / dec["file"], "BMDGenerator", dec["generator_kwargs"])[0]
     base = None
     if dec.get("baseline_file") and (p / dec["baseline_file"]).is_file():
         kwargs = {**card["architecture"]["kwargs"], **dec.get("baseline_kwargs", {})}
-        base = _load_aux(p / dec["baseline_file"], BMDRegressor(**{k: tuple(v) if isinstance(v, list) else v
-                                                                     for k, v in kwargs.items()}))
+        base = load_networks(p / dec["baseline_file"], "BMDRegressor", kwargs)[0]
     return gen, base, dec
 
 

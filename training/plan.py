@@ -70,7 +70,6 @@ def resolve_ref(ref: Any) -> Any:
         raise SetupError(f"cannot load {ref}: {exc}") from exc
 
 
-
 class SetupError(Exception):
     """A user-facing error in a recipe, a registry entry or the environment (the command line prints it
     without a traceback, exit status 2)."""
