@@ -43,7 +43,6 @@ import errno
 import os
 import queue
 import ssl
-import tempfile
 import threading
 import time
 import types
@@ -68,8 +67,8 @@ from screener import scp_reactor
 from screener.config import Config
 from screener.db import Database
 from screener.logs import accession_hash
-from screener.storage import (PRIVATE_FILE_MODE, StorageError, commit_rename, encode_file_meta,
-                              free_mb, fsync_dir, instance_path)
+from screener.storage import (StorageError, commit_rename, encode_file_meta, free_mb, fsync_dir,
+                              instance_path, remove_quietly, write_unsynced)
 from screener.validation import (STATUS_BAD_PIXEL_DATA, STATUS_CANNOT_PARSE,  # noqa: F401
                                  STATUS_DATASET_MISMATCH, STATUS_DUPLICATE_CONFLICT,
                                  STATUS_INVALID_VALUE, STATUS_OUT_OF_DISK,
@@ -229,8 +228,8 @@ def _store(event: evt.Event, db: Database, config: Config, committer: "GroupComm
     try:
         meta = encode_file_meta(sop_class, sop_uid, ts, PYNETDICOM_IMPLEMENTATION_UID,
                                 PYNETDICOM_IMPLEMENTATION_VERSION, calling_ae)
-        tmp, fd, size = _write_temp((meta, event.encoded_dataset(include_meta=False)),
-                                    config.tmp_dir)
+        tmp, fd, size = write_unsynced((meta, event.encoded_dataset(include_meta=False)),
+                                        config.tmp_dir)
     except OSError as exc:
         status = STATUS_OUT_OF_DISK if exc.errno == errno.ENOSPC else STATUS_WRITE_FAILED
         raise Rejected(status, f"cannot write the file: {exc.strerror}") from exc
@@ -253,30 +252,6 @@ def _store(event: evt.Event, db: Database, config: Config, committer: "GroupComm
     log.debug("stored", sop_instance_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
               transfer_syntax=ts, size=size, calling_ae=calling_ae)
     return STATUS_SUCCESS
-
-
-def _write_temp(chunks: tuple[bytes, ...], tmp_dir: Path) -> tuple[Path, int, int]:
-    """A new private ``.rx-*.part`` file in ``tmp_dir`` holding ``chunks``, NOT yet
-    fdatasync'ed (the group commit does that, see :meth:`GroupCommitter._durable`):
-    its path, its open descriptor and its size. On an error the file is removed and
-    the ``OSError`` raised."""
-    fd, name = tempfile.mkstemp(dir=str(tmp_dir), prefix=".rx-", suffix=".part")
-    try:
-        os.fchmod(fd, PRIVATE_FILE_MODE)
-        views = [memoryview(c) for c in chunks]
-        size = sum(len(v) for v in views)
-        while views:
-            n = os.writev(fd, views)
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
-        return Path(name), fd, size
-    except OSError:
-        os.close(fd)
-        _unlink(Path(name))
-        raise
 
 
 #: :meth:`GroupCommitter.commit` outcomes.
@@ -318,7 +293,7 @@ class _Pending:
     def discard(self) -> None:
         """Close the descriptor and remove the temp file."""
         self.close()
-        _unlink(self.tmp)
+        remove_quietly(self.tmp)
 
 
 def _datasync(p: _Pending) -> None:
@@ -529,7 +504,7 @@ class GroupCommitter:
                 f.exception()
             rej_status = STATUS_OUT_OF_DISK if "full" in str(exc) else STATUS_WRITE_FAILED
             for p in live:
-                _unlink(p.dest)       # not recorded, not acknowledged: no orphan in store/
+                remove_quietly(p.dest)       # not recorded, not acknowledged: no orphan in store/
                 p.done.set_exception(Rejected(rej_status, f"cannot record the instance: {exc}"))
             return
         failed = {d: f.exception() for d, f in folders.items()}
@@ -538,7 +513,7 @@ class GroupCommitter:
         for p, f in zip(live, files):
             exc = f.exception() or failed[p.dest.parent]
             if exc is not None:
-                _unlink(p.dest)
+                remove_quietly(p.dest)
                 p.done.set_exception(Rejected(
                     STATUS_WRITE_FAILED,
                     f"cannot sync the file: {getattr(exc, 'strerror', None) or exc}"))
@@ -552,13 +527,6 @@ def _in_place(row: dict[str, Any]) -> bool:
         return os.stat(row["path"]).st_size == int(row["size"] or 0)
     except OSError:
         return False
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def handle_store(event: evt.Event, db: Database, config: Config,

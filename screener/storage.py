@@ -227,34 +227,54 @@ def write_atomic(dest: Path, chunks: bytes | Iterable[bytes], tmp_dir: Path,
         raise StorageError(exc.errno, f"cannot store {dest.name}: {exc.strerror or exc}") from exc
     finally:
         if tmp_path:
-            try:
-                os.unlink(tmp_path)
-            except OSError:
-                pass
+            remove_quietly(tmp_path)
+
+
+def write_unsynced(chunks: bytes | Iterable[bytes], tmp_dir: Path) -> tuple[Path, int, int]:
+    """A new private ``.rx-*.part`` file in ``tmp_dir`` holding ``chunks``, not yet synced: its
+    path, its still-open descriptor (the caller syncs and closes it, e.g. the ingest's group
+    commit) and its size. On an error the file is removed and the ``OSError`` raised."""
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        chunks = (chunks,)
+    fd, name = tempfile.mkstemp(dir=str(tmp_dir), prefix=".rx-", suffix=".part")
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+        views = [memoryview(c) for c in chunks]
+        size = sum(len(v) for v in views)
+        while views:
+            n = os.writev(fd, views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+        return Path(name), fd, size
+    except OSError:
+        os.close(fd)
+        remove_quietly(name)
+        raise
 
 
 def _write_synced(chunks: bytes | Iterable[bytes], tmp_dir: Path) -> tuple[str, int]:
-    """A new private ``.rx-*.part`` file in ``tmp_dir`` holding ``chunks``, fdatasync'ed: its path and
-    size. On an error the file is removed and the ``OSError`` raised."""
-    if isinstance(chunks, (bytes, bytearray, memoryview)):
-        chunks = (bytes(chunks),)
-    fd, tmp_path = tempfile.mkstemp(dir=str(tmp_dir), prefix=".rx-", suffix=".part")
+    """:func:`write_unsynced`, then fdatasync'ed and closed: its path and size. On an error the
+    file is removed and the ``OSError`` raised."""
+    path, fd, size = write_unsynced(chunks, tmp_dir)
     try:
-        os.fchmod(fd, PRIVATE_FILE_MODE)
-        size = 0
-        with os.fdopen(fd, "wb") as fh:
-            for c in chunks:
-                fh.write(c)
-                size += len(c)
-            fh.flush()
-            os.fdatasync(fh.fileno())
-        return tmp_path, size
+        os.fdatasync(fd)
     except OSError:
-        try:
-            os.unlink(tmp_path)
-        except OSError:
-            pass
+        os.close(fd)
+        remove_quietly(path)
         raise
+    os.close(fd)
+    return str(path), size
+
+
+def remove_quietly(path: str | Path) -> None:
+    """Remove a file if it is there; an error (already gone, no permission) is not raised."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def write_temp(chunks: bytes | Iterable[bytes], tmp_dir: Path) -> tuple[Path, int]:
