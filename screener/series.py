@@ -852,6 +852,9 @@ def _slice_spacing(headers: list[Dataset], pos: np.ndarray, proj: np.ndarray, no
 #: volume is 315 MB, and the first write to freshly allocated memory (page faults, the kernel's
 #: huge-page compaction) took 0.1-0.5 s of a load, more than converting the pixels.
 _spare: np.ndarray | None = None
+#: ``sys.getrefcount`` of the kept buffer with nothing but the global and the local name on it,
+#: measured when it was made (reference counts differ between CPython versions: not a constant)
+_spare_free_refs = 0
 _spare_lock = threading.Lock()
 
 
@@ -859,14 +862,15 @@ def _volume_buffer(shape: tuple[int, int, int]) -> np.ndarray:
     """An uninitialised float32 array of ``shape``: the kept buffer when it is large enough and
     nothing refers to it any more (no volume and no view of one: a view holds a reference to
     the buffer it shows), else a new one, which is kept instead."""
-    global _spare
+    global _spare, _spare_free_refs
     n = shape[0] * shape[1] * shape[2]
     with _spare_lock:
         buf = _spare
-        # referrers: the global, ``buf`` and getrefcount's argument; a live volume or view adds one
-        if buf is not None and buf.size >= n and sys.getrefcount(buf) == 3:
+        # referrers when free: the global and ``buf``, as when it was made; a live volume or view adds one
+        if buf is not None and buf.size >= n and sys.getrefcount(buf) == _spare_free_refs:
             return buf[:n].reshape(shape)
         _spare = buf = np.empty(n, dtype=np.float32)
+        _spare_free_refs = sys.getrefcount(buf)
         return buf.reshape(shape)
 
 
